@@ -1,0 +1,158 @@
+//! The running service: [`Application::build`] opens the store, loads the demo seed if configured, binds the
+//! listener; [`Application::run_until_stopped`] serves until the shutdown signal, then lets requests in flight
+//! finish (up to the grace period) and closes the database.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::http::auth::KeyRing;
+use crate::http::{self, AppState, Limits};
+use crate::intake::{self, SeedError};
+use crate::store::{self, Store, StoreError};
+use crate::telemetry;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open the database: {0}")]
+    Database(#[source] StoreError),
+    /// The seed directory could not be loaded.
+    #[error("cannot load the seed records: {0}")]
+    Seed(#[from] SeedError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A built service, bound and ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    store: Arc<dyn Store>,
+    grace: Duration,
+}
+
+impl Application {
+    /// Opens the store, loads the seed, builds the router and binds the listener.
+    ///
+    /// # Errors
+    /// When the database, the seed or the address fails.
+    pub async fn build(settings: &Settings) -> Result<Self, StartError> {
+        // One TLS provider for every client in the process (sqlx to PostgreSQL today); a second call is a no-op.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let store = store::connect(
+            &settings.database.url,
+            settings.database.max_connections,
+            settings.acquire_timeout(),
+        )
+        .await
+        .map_err(StartError::Database)?;
+        if let Some(dir) = &settings.seed.dir {
+            let report = intake::seed(&*store, dir, OffsetDateTime::now_utc()).await?;
+            tracing::info!(
+                created = report.created,
+                kept = report.kept,
+                "Seed records loaded."
+            );
+        }
+        let state = AppState {
+            store: store.clone(),
+            api: settings.api.clone(),
+            metrics: telemetry::metrics_handle(),
+        };
+        let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
+        if settings.api_keys.is_empty() {
+            tracing::warn!("No API keys are configured; every /api/v1 call will be refused.");
+        }
+        let router = http::router(state, keys, Limits::from_settings(settings));
+        let addr = settings.listen_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Application {
+            listener,
+            router,
+            store,
+            grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then gives requests in flight up to the grace period.
+    ///
+    /// # Errors
+    /// When the listener fails.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("Shutdown requested; finishing requests in flight.");
+            let _ = stopping_tx.send(());
+        };
+        let serve = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(signal)
+            .into_future();
+        let grace = self.grace;
+        let deadline = async move {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = serve => result?,
+            () = deadline => tracing::warn!(grace_secs = grace.as_secs(), "Requests still in flight after the grace period; stopping anyway."),
+        }
+        self.store.close().await;
+        tracing::info!("Stopped.");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

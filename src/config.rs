@@ -1,0 +1,361 @@
+//! One `Settings` tree, layered: embedded `defaults.toml` → the `--config` file → `CAREBRIDGE_<SECTION>__<KEY>`
+//! environment variables → command-line flags. Every problem is reported at once, before a port is bound.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+/// The built-in defaults, documented line by line.
+pub const DEFAULTS: &str = include_str!("defaults.toml");
+
+/// Prefix of every environment variable the gateway reads.
+const ENV_PREFIX: &str = "CAREBRIDGE";
+
+/// Everything the gateway can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The HTTP listener.
+    pub server: ServerSettings,
+    /// The store.
+    pub database: DatabaseSettings,
+    /// Log output.
+    pub log: LogSettings,
+    /// Internal API limits.
+    pub api: ApiSettings,
+    /// Demo records loaded at start.
+    pub seed: SeedSettings,
+    /// Keys that may call `/api/v1`.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeySettings>,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// Largest request body, in bytes.
+    pub body_limit_bytes: usize,
+    /// Longest a request may take, in seconds.
+    pub request_timeout_secs: u64,
+    /// How long requests in flight get to finish on shutdown, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+/// The store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite:PATH` or `postgres://…`.
+    pub url: String,
+    /// Connections per pool.
+    pub max_connections: u32,
+    /// Longest wait for a free connection, in seconds.
+    pub acquire_timeout_secs: u64,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Line format.
+    pub format: LogFormat,
+    /// tracing filter directives (`RUST_LOG` overrides them).
+    pub filter: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// Internal API limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Page size when the caller names none.
+    pub default_page_size: u32,
+    /// Largest page size a caller may ask for.
+    pub max_page_size: u32,
+}
+
+/// Demo records loaded at start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSettings {
+    /// Directory of `<kind>/<id>.json` files, relative to the working directory.
+    pub dir: Option<PathBuf>,
+}
+
+/// One API key, as kept in the configuration: a name, a salted hash, and its scopes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySettings {
+    /// Who holds it; recorded in the audit log and version history.
+    pub name: String,
+    /// `sha256:<salt hex>:<digest hex>` of salt ‖ key.
+    pub hash: String,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Read records, lists and history.
+    Read,
+    /// Create and replace records, change referral status.
+    Write,
+    /// Read the audit log.
+    Admin,
+}
+
+impl Scope {
+    /// The scope's name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// Values given on the command line (or their `CAREBRIDGE_LISTEN` / `CAREBRIDGE_DATABASE` variables).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--database`.
+    pub database: Option<String>,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Settings {
+    /// Loads and checks the settings from every layer.
+    ///
+    /// # Errors
+    /// Every problem found: unreadable or malformed file, unknown keys, wrong types, and values that make no sense.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigErrors> {
+        Self::load_with_env(file, overrides, std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment given, for tests.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigErrors> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigErrors(vec![format!(
+                    "{}: no such configuration file",
+                    path.display()
+                )]));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        // Only CAREBRIDGE_<SECTION>__<KEY> belongs to the settings tree; CAREBRIDGE_LISTEN and friends are flags.
+        let section_vars: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .and_then(|r| r.strip_prefix('_'))
+                    .is_some_and(|r| r.contains("__"))
+            })
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(section_vars)),
+        );
+        let set = |b: config::ConfigBuilder<_>, key: &str, v: &Option<String>| match v {
+            Some(v) => b.set_override(key, v.as_str()),
+            None => Ok(b),
+        };
+        let built = set(builder, "server.listen", &overrides.listen)
+            .and_then(|b| set(b, "database.url", &overrides.database))
+            .and_then(|b| b.build())
+            .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let settings: Settings = built
+            .try_deserialize()
+            .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Checks the values serde cannot, collecting every problem.
+    fn check(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            errors.push(format!(
+                "server.listen: `{}` is not HOST:PORT (e.g. 127.0.0.1:8080)",
+                self.server.listen
+            ));
+        }
+        if !(1..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
+            errors.push("server.body_limit_bytes: must be between 1 and 67108864".into());
+        }
+        if self.server.request_timeout_secs == 0 {
+            errors.push("server.request_timeout_secs: must be at least 1".into());
+        }
+        let url = &self.database.url;
+        if url.starts_with("sqlite:") {
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                errors.push("database.url: an in-memory SQLite database loses every record on exit; name a file".into());
+            }
+        } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            errors.push("database.url: expected sqlite:PATH or postgres://USER@HOST/DB".into());
+        }
+        if self.database.max_connections == 0 {
+            errors.push("database.max_connections: must be at least 1".into());
+        }
+        if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
+            errors.push("api.default_page_size: must be between 1 and api.max_page_size".into());
+        }
+        if let Some(dir) = &self.seed.dir {
+            if !dir.is_dir() {
+                errors.push(format!("seed.dir: {} is not a directory", dir.display()));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, key) in self.api_keys.iter().enumerate() {
+            let at = format!("api_keys[{i}]");
+            if key.name.trim().is_empty() {
+                errors.push(format!("{at}.name: must not be empty"));
+            } else if !names.insert(key.name.as_str()) {
+                errors.push(format!("{at}.name: `{}` is used by another key", key.name));
+            }
+            if let Err(e) = crate::http::auth::KeyHash::parse(&key.hash) {
+                errors.push(format!("{at}.hash: {e}"));
+            }
+            if key.scopes.is_empty() {
+                errors.push(format!("{at}.scopes: a key needs at least one scope"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// `server.listen` as an address (checked at load).
+    #[must_use]
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// `database.acquire_timeout_secs` as a duration.
+    #[must_use]
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_secs(self.database.acquire_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Settings::load_with_env(Some(&path), &Overrides::default(), env)
+    }
+
+    #[test]
+    fn the_embedded_defaults_load_on_their_own() {
+        let s = Settings::load_with_env(None, &Overrides::default(), []).expect("defaults load");
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert!(s.api_keys.is_empty());
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
+        let s = load(
+            "[server]\nlisten = \"127.0.0.1:9000\"\nbody_limit_bytes = 10\n",
+            &[
+                ("CAREBRIDGE_SERVER__BODY_LIMIT_BYTES", "20"),
+                ("CAREBRIDGE_TEST_POSTGRES_URL", "x"),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(s.server.listen, "127.0.0.1:9000");
+        assert_eq!(s.server.body_limit_bytes, 20);
+    }
+
+    #[test]
+    fn flags_override_everything() {
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:1".into()),
+            database: Some("sqlite:x.db".into()),
+        };
+        let env = [(
+            "CAREBRIDGE_DATABASE__URL".to_owned(),
+            "sqlite:y.db".to_owned(),
+        )];
+        let s = Settings::load_with_env(None, &overrides, env).expect("loads");
+        assert_eq!(s.server.listen, "127.0.0.1:1");
+        assert_eq!(s.database.url, "sqlite:x.db");
+    }
+
+    #[test]
+    fn a_typo_in_a_key_is_an_error() {
+        let e = load("[server]\nlisen = \"127.0.0.1:9000\"\n", &[]).expect_err("unknown key");
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let e = load(
+            "[server]\nlisten = \"nowhere\"\n[database]\nurl = \"mysql://x\"\n\
+             [[api_keys]]\nname = \"a\"\nhash = \"md5:00\"\nscopes = []\n",
+            &[],
+        )
+        .expect_err("bad values");
+        let text = e.to_string();
+        for needle in [
+            "server.listen",
+            "database.url",
+            "api_keys[0].hash",
+            "api_keys[0].scopes",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        assert_eq!(e.0.len(), 4);
+    }
+
+    #[test]
+    fn a_malformed_file_names_its_line() {
+        let e = load("[server]\nlisten = \n", &[]).expect_err("bad toml");
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,123 @@
+//! The agency's concepts as validated types: what a case-management system sends us, checked at the edge.
+//!
+//! Every record kind is a serde struct that rejects unknown fields, plus a `validate` pass for the rules a type
+//! cannot say (score ranges, references inside a care plan, periods that end before they start). Codes are the
+//! agency's own vocabulary; translating them to FHIR terminology is the mapping layer's job.
+
+mod assessment;
+mod care_plan;
+mod client;
+mod consent;
+mod referral;
+mod values;
+
+pub use assessment::{Assessment, AssessmentItem, Instrument, Interpretation};
+pub use care_plan::{
+    CarePlan, CarePlanStatus, Goal, GoalAchievement, GoalLifecycle, GoalProgress, Intervention,
+    InterventionStatus, Need, NeedStatus,
+};
+pub use client::{Address, Client, Gender, Identifier};
+pub use consent::{Consent, ConsentCategory, ConsentPurpose, ConsentStatus};
+pub use referral::{
+    Priority, Referral, ReferralNote, ReferralStatus, ReferralTarget, Requester, StatusChange,
+};
+pub use values::{
+    Date, FieldError, NeedCode, Period, RecordId, Redacted, ServiceCode, Timestamp, Validator,
+};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The five kinds of agency record the gateway accepts.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordKind {
+    /// A person the agency serves.
+    Client,
+    /// A screening or assessment instrument administered to a client.
+    Assessment,
+    /// A client's care plan: needs, goals and interventions.
+    CarePlan,
+    /// A referral of a client to a service.
+    Referral,
+    /// A client's consent to share data with a partner.
+    Consent,
+}
+
+impl RecordKind {
+    /// Every kind, in the order the API documents them.
+    pub const ALL: [RecordKind; 5] = [
+        RecordKind::Client,
+        RecordKind::Assessment,
+        RecordKind::CarePlan,
+        RecordKind::Referral,
+        RecordKind::Consent,
+    ];
+
+    /// The stable name stored in the database and used in fixtures (`care-plan`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Client => "client",
+            RecordKind::Assessment => "assessment",
+            RecordKind::CarePlan => "care-plan",
+            RecordKind::Referral => "referral",
+            RecordKind::Consent => "consent",
+        }
+    }
+
+    /// The collection segment of the API path (`care-plans`).
+    #[must_use]
+    pub fn plural(self) -> &'static str {
+        match self {
+            RecordKind::Client => "clients",
+            RecordKind::Assessment => "assessments",
+            RecordKind::CarePlan => "care-plans",
+            RecordKind::Referral => "referrals",
+            RecordKind::Consent => "consents",
+        }
+    }
+
+    /// Parses the stored name back into a kind.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What every agency record offers the intake path: its kind, its id, its indexed fields and its rules.
+pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The kind of this record.
+    const KIND: RecordKind;
+
+    /// The id carried in the body, if the sender put one there.
+    fn body_id(&self) -> Option<&RecordId>;
+
+    /// Sets the id from the request path, so the stored body always names itself.
+    fn set_id(&mut self, id: RecordId);
+
+    /// The client this record belongs to (a client belongs to itself).
+    fn client_id(&self) -> Option<&RecordId>;
+
+    /// The record's status code, for list filters; `None` for kinds without a status.
+    fn status_code(&self) -> Option<&'static str>;
+
+    /// Whether `code` is one of this kind's status codes (for list filters).
+    fn is_known_status(_code: &str) -> bool {
+        false
+    }
+
+    /// True when the status may only change through a status endpoint, never through a replacing `PUT`.
+    const STATUS_HAS_ITS_OWN_ENDPOINT: bool = false;
+
+    /// Checks the rules a type cannot express, adding every violation to `v`.
+    fn validate(&self, v: &mut Validator);
+}

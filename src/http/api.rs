@@ -1,0 +1,634 @@
+//! `/api/v1`: the agency's records by their own ids. `PUT` creates or replaces (idempotently), `GET` reads with an
+//! `ETag`, lists page by cursor, history shows every version; a referral's status moves through its own endpoint.
+//!
+//! The handlers for each kind are stamped out by `record_routes!` so each gets its own typed OpenAPI operation;
+//! the work is in the generic functions below, which call one intake or store function each.
+
+use std::sync::LazyLock;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+
+use super::AppState;
+use super::extract::{ApiQuery, CallerActor, Conditions, IdPath, JsonBody, etag};
+use super::problem::{ApiError, Problem, ProblemType};
+use crate::domain::{self, AgencyRecord, RecordId, RecordKind, StatusChange, Timestamp};
+use crate::intake::{self, IntakeError};
+use crate::store::{Change, ListQuery, RecordMeta, SaveOutcome, StoreError, StoredRecord};
+
+/// Query of a list request.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only records of this client.
+    client: Option<String>,
+    /// Only records with this status code (kinds with a status: care plans, referrals, consents).
+    status: Option<String>,
+    /// Only records changed at or after this instant (RFC 3339).
+    updated_since: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size (default and maximum set in the configuration).
+    limit: Option<u32>,
+}
+
+/// One record in a list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListedRecord {
+    /// The record's id.
+    id: String,
+    /// Its current version (the `ETag` of `GET` without quotes).
+    version: i64,
+    /// When the current version was written.
+    #[schema(value_type = String, format = DateTime)]
+    updated_at: String,
+    /// The record itself, as `GET` returns it.
+    #[schema(value_type = Object)]
+    record: Box<RawValue>,
+}
+
+/// One page of records, in id order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecordPage {
+    /// The records of this page.
+    items: Vec<ListedRecord>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Every version of a record.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct History {
+    /// The record's id.
+    id: String,
+    /// Its kind.
+    kind: RecordKind,
+    /// Versions, oldest first.
+    versions: Vec<HistoryEntry>,
+}
+
+/// One version of a record: who made it, when, how.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryEntry {
+    /// Version number, from 1.
+    version: i64,
+    /// `created`, `replaced`, `status_changed` or `seeded`.
+    action: String,
+    /// When.
+    #[schema(value_type = String, format = DateTime)]
+    changed_at: String,
+    /// Name of the API key that made it.
+    changed_by: String,
+    /// Request id of the call that made it.
+    request_id: String,
+}
+
+/// Query of the audit log.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// Only entries after this sequence number (`next_after` of the previous page).
+    after: Option<i64>,
+    /// Page size (default and maximum set in the configuration).
+    limit: Option<u32>,
+}
+
+/// A page of the audit log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    /// Entries, oldest first.
+    events: Vec<AuditEntry>,
+    /// Pass as `after` for the next page.
+    next_after: i64,
+}
+
+/// One audited write.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEntry {
+    /// Position in the log.
+    seq: i64,
+    /// When.
+    #[schema(value_type = String, format = DateTime)]
+    at: String,
+    /// Name of the API key.
+    actor: String,
+    /// `created`, `replaced`, `unchanged`, `status_changed` or `seeded`.
+    action: String,
+    /// Kind of record.
+    kind: String,
+    /// Record id.
+    record_id: String,
+    /// Version after the action.
+    version: i64,
+    /// Request id of the call.
+    request_id: String,
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    Timestamp(t).to_string()
+}
+
+/// `Last-Modified` form of an instant.
+fn http_date(t: OffsetDateTime) -> Option<HeaderValue> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(format)
+        .ok()
+        .and_then(|s| HeaderValue::from_str(&s).ok())
+}
+
+fn record_response(
+    status: StatusCode,
+    kind: RecordKind,
+    id: &str,
+    meta: RecordMeta,
+    body: String,
+) -> Response {
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let headers = response.headers_mut();
+    if let Ok(tag) = HeaderValue::from_str(&etag(meta.version)) {
+        headers.insert(header::ETAG, tag);
+    }
+    if let Some(date) = http_date(meta.updated_at) {
+        headers.insert(header::LAST_MODIFIED, date);
+    }
+    if status == StatusCode::CREATED {
+        if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/{}/{id}", kind.plural())) {
+            headers.insert(header::LOCATION, location);
+        }
+    }
+    response
+}
+
+fn store_problem(e: StoreError) -> ApiError {
+    match e {
+        StoreError::PreconditionFailed { current } => {
+            intake_problem(IntakeError::PreconditionFailed { current })
+        }
+        StoreError::Database(
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+        ) => ApiError::internal(ProblemType::Unavailable, e),
+        other => ApiError::internal(ProblemType::Internal, other),
+    }
+}
+
+fn intake_problem(e: IntakeError) -> ApiError {
+    let problem = match e {
+        IntakeError::Invalid(errors) => Problem::new(ProblemType::InvalidRecord)
+            .detail(format!("{} rule(s) broken", errors.len()))
+            .errors(errors),
+        IntakeError::IdMismatch => Problem::new(ProblemType::IdMismatch).errors(vec![domain::FieldError {
+            path: "$.id".into(),
+            detail: "must equal the id in the path, or be left out".into(),
+        }]),
+        IntakeError::StatusChangeNotAllowed { current, requested } => Problem::new(ProblemType::StatusChangeNotAllowed)
+            .detail(format!(
+                "the referral is {current}; POST {{\"status\":\"{requested}\"}} to /api/v1/referrals/{{id}}/status to change it"
+            )),
+        IntakeError::NotFound => Problem::new(ProblemType::NotFound).detail("no record with this id"),
+        IntakeError::PreconditionFailed { current } => Problem::new(ProblemType::PreconditionFailed).detail(match current {
+            Some(v) => format!("the record is at version {v} (ETag {})", etag(v)),
+            None => "the record does not exist, or changed while this request was checked".into(),
+        }),
+        IntakeError::Store(e) => return store_problem(e),
+        e @ IntakeError::Corrupt { .. } => return ApiError::internal(ProblemType::Internal, e),
+    };
+    problem.into()
+}
+
+fn not_found() -> ApiError {
+    Problem::new(ProblemType::NotFound)
+        .detail("no record with this id")
+        .into()
+}
+
+fn invalid_query(detail: impl Into<String>) -> ApiError {
+    Problem::new(ProblemType::InvalidQuery)
+        .detail(detail)
+        .into()
+}
+
+async fn put_record<T: AgencyRecord>(
+    state: &AppState,
+    actor: CallerActor,
+    path: IdPath,
+    pre: Conditions,
+    record: T,
+) -> Result<Response, ApiError> {
+    let saved = intake::put(
+        &*state.store,
+        path.id.clone(),
+        record,
+        pre.0,
+        &actor.0,
+        Change::Put,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .map_err(intake_problem)?;
+    let status = if matches!(saved.outcome, SaveOutcome::Created(_)) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(record_response(
+        status,
+        T::KIND,
+        path.id.as_str(),
+        saved.outcome.meta(),
+        saved.body,
+    ))
+}
+
+async fn get_record(
+    state: &AppState,
+    kind: RecordKind,
+    path: IdPath,
+) -> Result<Response, ApiError> {
+    let found = match path.version {
+        None => state.store.get_record(kind, &path.id).await,
+        Some(v) => state.store.get_version(kind, &path.id, v).await,
+    };
+    let stored = found.map_err(store_problem)?.ok_or_else(not_found)?;
+    Ok(record_response(
+        StatusCode::OK,
+        kind,
+        &stored.id,
+        stored.meta,
+        stored.body,
+    ))
+}
+
+fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQuery, ApiError> {
+    let client_id = p
+        .client
+        .map(|c| RecordId::parse(&c))
+        .transpose()
+        .map_err(|e| invalid_query(format!("client: {e}")))?;
+    if let Some(status) = &p.status {
+        if !T::is_known_status(status) {
+            return Err(invalid_query(format!(
+                "status: not a status code of {} records",
+                T::KIND
+            )));
+        }
+    }
+    let updated_since = p
+        .updated_since
+        .map(|s| Timestamp::parse(&s))
+        .transpose()
+        .map_err(|e| invalid_query(format!("updated_since: {e}")))?
+        .map(|t| t.0);
+    let after = p
+        .cursor
+        .map(|c| {
+            hex::decode(&c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| RecordId::parse(s).is_ok())
+                .ok_or_else(|| invalid_query("cursor: not a cursor this API issued"))
+        })
+        .transpose()?;
+    let limit = p.limit.unwrap_or(state.api.default_page_size);
+    if limit == 0 || limit > state.api.max_page_size {
+        return Err(invalid_query(format!(
+            "limit: between 1 and {}",
+            state.api.max_page_size
+        )));
+    }
+    Ok(ListQuery {
+        kind: T::KIND,
+        client_id,
+        status: p.status,
+        updated_since,
+        after,
+        limit,
+    })
+}
+
+fn listed(record: StoredRecord) -> Result<ListedRecord, ApiError> {
+    let body = RawValue::from_string(record.body)
+        .map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
+    Ok(ListedRecord {
+        id: record.id,
+        version: record.meta.version,
+        updated_at: rfc3339(record.meta.updated_at),
+        record: body,
+    })
+}
+
+async fn list_records<T: AgencyRecord>(
+    state: &AppState,
+    params: ListParams,
+) -> Result<Json<RecordPage>, ApiError> {
+    let query = list_query::<T>(state, params)?;
+    let page = state
+        .store
+        .list_records(&query)
+        .await
+        .map_err(store_problem)?;
+    let items = page
+        .items
+        .into_iter()
+        .map(listed)
+        .collect::<Result<_, _>>()?;
+    Ok(Json(RecordPage {
+        items,
+        next_cursor: page.next_after.map(hex::encode),
+    }))
+}
+
+async fn record_history(
+    state: &AppState,
+    kind: RecordKind,
+    path: IdPath,
+) -> Result<Json<History>, ApiError> {
+    let versions = state
+        .store
+        .history(kind, &path.id)
+        .await
+        .map_err(store_problem)?;
+    if versions.is_empty() {
+        return Err(not_found());
+    }
+    let versions = versions
+        .into_iter()
+        .map(|v| HistoryEntry {
+            version: v.version,
+            action: v.change,
+            changed_at: rfc3339(v.changed_at),
+            changed_by: v.changed_by,
+            request_id: v.request_id,
+        })
+        .collect();
+    Ok(Json(History {
+        id: path.id.to_string(),
+        kind,
+        versions,
+    }))
+}
+
+/// Declares the typed, documented handlers of one record kind.
+macro_rules! record_routes {
+    ($module:ident, $ty:ty, $tag:literal, $item:literal, $collection:literal, $history:literal, $version:literal) => {
+        /// Handlers of one record kind.
+        pub mod $module {
+            use super::*;
+
+            /// Creates (201) or replaces (200) the record with this id; an identical body changes nothing.
+            #[utoipa::path(put, path = $item, tag = $tag, request_body = $ty,
+                params(("id" = String, Path, description = "The agency's id of the record"),
+                       ("If-Match" = Option<String>, Header, description = "Only replace this version (its ETag), or any existing version (*)"),
+                       ("If-None-Match" = Option<String>, Header, description = "* to only create")),
+                responses(
+                    (status = 201, description = "Created", body = $ty, headers(("ETag" = String), ("Location" = String))),
+                    (status = 200, description = "Replaced, or already identical", body = $ty, headers(("ETag" = String))),
+                    (status = 400, description = "Malformed JSON or id", body = Problem, content_type = "application/problem+json"),
+                    (status = 409, description = "A referral's status may only change through its status endpoint", body = Problem, content_type = "application/problem+json"),
+                    (status = 412, description = "The record is not at the expected version", body = Problem, content_type = "application/problem+json"),
+                    (status = 413, description = "Body over the size limit", body = Problem, content_type = "application/problem+json"),
+                    (status = 415, description = "Body not application/json", body = Problem, content_type = "application/problem+json"),
+                    (status = 422, description = "Invalid record; errors name each bad field's JSON path", body = Problem, content_type = "application/problem+json")),
+                security(("api_key" = ["write"])))]
+            pub async fn put(
+                State(state): State<AppState>,
+                actor: CallerActor,
+                path: IdPath,
+                pre: Conditions,
+                JsonBody(record): JsonBody<$ty>,
+            ) -> Result<Response, ApiError> {
+                put_record::<$ty>(&state, actor, path, pre, record).await
+            }
+
+            /// Reads the current version of the record.
+            #[utoipa::path(get, path = $item, tag = $tag,
+                params(("id" = String, Path, description = "The agency's id of the record")),
+                responses(
+                    (status = 200, description = "The record", body = $ty, headers(("ETag" = String), ("Last-Modified" = String))),
+                    (status = 404, description = "No such record", body = Problem, content_type = "application/problem+json")),
+                security(("api_key" = ["read"])))]
+            pub async fn get(State(state): State<AppState>, path: IdPath) -> Result<Response, ApiError> {
+                get_record(&state, <$ty as AgencyRecord>::KIND, path).await
+            }
+
+            /// Lists records in id order, a page at a time.
+            #[utoipa::path(get, path = $collection, tag = $tag, params(ListParams),
+                responses(
+                    (status = 200, description = "One page", body = RecordPage),
+                    (status = 400, description = "Unknown or malformed query parameter", body = Problem, content_type = "application/problem+json")),
+                security(("api_key" = ["read"])))]
+            pub async fn list(
+                State(state): State<AppState>,
+                ApiQuery(params): ApiQuery<ListParams>,
+            ) -> Result<Json<RecordPage>, ApiError> {
+                list_records::<$ty>(&state, params).await
+            }
+
+            /// Lists every version of the record: who changed it, when, in which request.
+            #[utoipa::path(get, path = $history, tag = $tag,
+                params(("id" = String, Path, description = "The agency's id of the record")),
+                responses(
+                    (status = 200, description = "The versions, oldest first", body = History),
+                    (status = 404, description = "No such record", body = Problem, content_type = "application/problem+json")),
+                security(("api_key" = ["read"])))]
+            pub async fn history(State(state): State<AppState>, path: IdPath) -> Result<Json<History>, ApiError> {
+                record_history(&state, <$ty as AgencyRecord>::KIND, path).await
+            }
+
+            /// Reads one past version of the record.
+            #[utoipa::path(get, path = $version, tag = $tag,
+                params(("id" = String, Path, description = "The agency's id of the record"),
+                       ("version" = i64, Path, description = "Version number, from 1")),
+                responses(
+                    (status = 200, description = "That version", body = $ty, headers(("ETag" = String))),
+                    (status = 404, description = "No such record or version", body = Problem, content_type = "application/problem+json")),
+                security(("api_key" = ["read"])))]
+            pub async fn version(State(state): State<AppState>, path: IdPath) -> Result<Response, ApiError> {
+                get_record(&state, <$ty as AgencyRecord>::KIND, path).await
+            }
+        }
+    };
+}
+
+record_routes!(
+    clients,
+    domain::Client,
+    "clients",
+    "/api/v1/clients/{id}",
+    "/api/v1/clients",
+    "/api/v1/clients/{id}/history",
+    "/api/v1/clients/{id}/history/{version}"
+);
+record_routes!(
+    assessments,
+    domain::Assessment,
+    "assessments",
+    "/api/v1/assessments/{id}",
+    "/api/v1/assessments",
+    "/api/v1/assessments/{id}/history",
+    "/api/v1/assessments/{id}/history/{version}"
+);
+record_routes!(
+    care_plans,
+    domain::CarePlan,
+    "care-plans",
+    "/api/v1/care-plans/{id}",
+    "/api/v1/care-plans",
+    "/api/v1/care-plans/{id}/history",
+    "/api/v1/care-plans/{id}/history/{version}"
+);
+record_routes!(
+    referrals,
+    domain::Referral,
+    "referrals",
+    "/api/v1/referrals/{id}",
+    "/api/v1/referrals",
+    "/api/v1/referrals/{id}/history",
+    "/api/v1/referrals/{id}/history/{version}"
+);
+record_routes!(
+    consents,
+    domain::Consent,
+    "consents",
+    "/api/v1/consents/{id}",
+    "/api/v1/consents",
+    "/api/v1/consents/{id}/history",
+    "/api/v1/consents/{id}/history/{version}"
+);
+
+/// Moves a referral to a new status.
+#[utoipa::path(post, path = "/api/v1/referrals/{id}/status", tag = "referrals", request_body = StatusChange,
+    params(("id" = String, Path, description = "The agency's id of the referral"),
+           ("If-Match" = Option<String>, Header, description = "Only change this version (its ETag)")),
+    responses(
+        (status = 200, description = "The referral after the change", body = domain::Referral, headers(("ETag" = String))),
+        (status = 404, description = "No such referral", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "The referral is not at the expected version", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown status, or a reason missing", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["write"])))]
+pub async fn change_referral_status(
+    State(state): State<AppState>,
+    actor: CallerActor,
+    path: IdPath,
+    pre: Conditions,
+    JsonBody(change): JsonBody<StatusChange>,
+) -> Result<Response, ApiError> {
+    let saved = intake::change_referral_status(
+        &*state.store,
+        &path.id,
+        &change,
+        pre.0,
+        &actor.0,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .map_err(intake_problem)?;
+    Ok(record_response(
+        StatusCode::OK,
+        RecordKind::Referral,
+        path.id.as_str(),
+        saved.outcome.meta(),
+        saved.body,
+    ))
+}
+
+/// Reads the audit log: every write, by which key, in which request.
+#[utoipa::path(get, path = "/api/v1/audit-events", tag = "audit", params(AuditParams),
+    responses((status = 200, description = "Entries, oldest first", body = AuditPage),
+              (status = 403, description = "The key lacks the admin scope", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["admin"])))]
+pub async fn audit_events(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<AuditParams>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let limit = params.limit.unwrap_or(state.api.default_page_size);
+    if limit == 0 || limit > state.api.max_page_size {
+        return Err(invalid_query(format!(
+            "limit: between 1 and {}",
+            state.api.max_page_size
+        )));
+    }
+    let after = params.after.unwrap_or(0);
+    let events = state
+        .store
+        .audit_events(after, limit)
+        .await
+        .map_err(store_problem)?;
+    let next_after = events.last().map_or(after, |e| e.seq);
+    let events = events
+        .into_iter()
+        .map(|e| AuditEntry {
+            seq: e.seq,
+            at: rfc3339(e.at),
+            actor: e.actor,
+            action: e.action,
+            kind: e.kind,
+            record_id: e.record_id,
+            version: e.version,
+            request_id: e.request_id,
+        })
+        .collect();
+    Ok(Json(AuditPage { events, next_after }))
+}
+
+/// The OpenAPI 3.1 document of this API.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json")),
+    security(("api_key" = ["read"])))]
+pub async fn openapi_json() -> Response {
+    static DOC: LazyLock<String> = LazyLock::new(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|_| "{}".to_owned())
+    });
+    ([(header::CONTENT_TYPE, "application/json")], DOC.as_str()).into_response()
+}
+
+struct BearerKey;
+
+impl Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key from the gateway's configuration; scopes: read, write, admin",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers and types above.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "carebridge internal API", description = "The agency's records (clients, assessments, care plans, referrals, consents) by the agency's own ids. Every call needs `Authorization: Bearer <api key>`. Errors are application/problem+json with a stable `type` and the JSON path of each bad field."),
+    paths(
+        clients::put, clients::get, clients::list, clients::history, clients::version,
+        assessments::put, assessments::get, assessments::list, assessments::history, assessments::version,
+        care_plans::put, care_plans::get, care_plans::list, care_plans::history, care_plans::version,
+        referrals::put, referrals::get, referrals::list, referrals::history, referrals::version,
+        change_referral_status,
+        consents::put, consents::get, consents::list, consents::history, consents::version,
+        audit_events, openapi_json,
+    ),
+    components(schemas(Problem, domain::FieldError)),
+    modifiers(&BearerKey),
+)]
+pub struct ApiDoc;

@@ -1,0 +1,307 @@
+//! Errors of the internal API as RFC 9457 `application/problem+json`.
+//!
+//! Policy: a handler returns a [`Problem`] (or something that converts into one); `IntoResponse` renders it
+//! purely and attaches it, with the source error of a 5xx, as response extensions. One middleware,
+//! [`finish_problems`], adds the request id to the body and logs the problem once: 4xx at INFO with its type,
+//! 5xx at ERROR with the source. Bodies of 5xx say "internal error" and nothing else. No problem text ever
+//! contains a value from a record: details name fields and rules, never names, dates or notes.
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::FieldError;
+
+/// Media type of problem documents.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The stable kinds of error the API answers with; `type` is `urn:carebridge:problem:<slug>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemType {
+    /// The body is not JSON.
+    MalformedJson,
+    /// The body is JSON but not a valid record (wrong type, missing or unknown field, broken rule).
+    InvalidRecord,
+    /// An id in the path is not a valid record id.
+    InvalidId,
+    /// The id in the body differs from the id in the path.
+    IdMismatch,
+    /// A query parameter is unknown or malformed.
+    InvalidQuery,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
+    /// The body is larger than the configured limit.
+    PayloadTooLarge,
+    /// No valid API key.
+    Unauthorized,
+    /// The key lacks the scope.
+    Forbidden,
+    /// No such record or route.
+    NotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// `If-Match` / `If-None-Match` does not hold.
+    PreconditionFailed,
+    /// A malformed `If-Match` / `If-None-Match` header.
+    InvalidPrecondition,
+    /// A referral `PUT` tried to move the status.
+    StatusChangeNotAllowed,
+    /// The request took longer than the configured timeout.
+    Timeout,
+    /// The database is unreachable or overloaded.
+    Unavailable,
+    /// A fault of ours.
+    Internal,
+}
+
+impl ProblemType {
+    /// The slug, stable across releases.
+    #[must_use]
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed-json",
+            Self::InvalidRecord => "invalid-record",
+            Self::InvalidId => "invalid-id",
+            Self::IdMismatch => "id-mismatch",
+            Self::InvalidQuery => "invalid-query",
+            Self::UnsupportedMediaType => "unsupported-media-type",
+            Self::PayloadTooLarge => "payload-too-large",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::PreconditionFailed => "precondition-failed",
+            Self::InvalidPrecondition => "invalid-precondition",
+            Self::StatusChangeNotAllowed => "status-change-not-allowed",
+            Self::Timeout => "timeout",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// HTTP status of this kind of problem.
+    #[must_use]
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::MalformedJson
+            | Self::InvalidId
+            | Self::InvalidQuery
+            | Self::InvalidPrecondition => StatusCode::BAD_REQUEST,
+            Self::InvalidRecord | Self::IdMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Self::StatusChangeNotAllowed => StatusCode::CONFLICT,
+            Self::Timeout | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short, fixed summary of the kind.
+    #[must_use]
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "The request body is not well-formed JSON",
+            Self::InvalidRecord => "The record is not valid",
+            Self::InvalidId => "The id in the path is not a valid record id",
+            Self::IdMismatch => "The id in the body differs from the id in the path",
+            Self::InvalidQuery => "A query parameter is not valid",
+            Self::UnsupportedMediaType => "The request body must be application/json",
+            Self::PayloadTooLarge => "The request body is too large",
+            Self::Unauthorized => "A valid API key is required",
+            Self::Forbidden => "The API key lacks the scope this call needs",
+            Self::NotFound => "Not found",
+            Self::MethodNotAllowed => "Method not allowed",
+            Self::PreconditionFailed => "The record is not at the version the request expects",
+            Self::InvalidPrecondition => "A conditional request header is not valid",
+            Self::StatusChangeNotAllowed => {
+                "A referral's status changes only through its status endpoint"
+            }
+            Self::Timeout => "The request took too long",
+            Self::Unavailable => "The service is temporarily unavailable",
+            Self::Internal => "Internal error",
+        }
+    }
+}
+
+/// A problem document (RFC 9457) as the API renders it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// Stable URI of the kind of problem, `urn:carebridge:problem:<slug>`.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    /// Short summary of the kind of problem.
+    pub title: &'static str,
+    /// HTTP status code.
+    pub status: u16,
+    /// What went wrong in this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Every offending field, with its JSON path.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    /// The request id (also in the `x-request-id` header): quote it when reporting a problem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    kind: Option<ProblemType>,
+}
+
+/// The source error of a 5xx, kept on the response for the logging middleware only.
+#[derive(Clone)]
+pub struct ProblemSource(pub Arc<dyn std::error::Error + Send + Sync>);
+
+/// A [`Problem`] with the error behind it.
+#[derive(Debug)]
+pub struct ApiError {
+    problem: Problem,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Problem {
+    /// A problem of this kind.
+    #[must_use]
+    pub fn new(kind: ProblemType) -> Self {
+        Problem {
+            type_uri: format!("urn:carebridge:problem:{}", kind.slug()),
+            title: kind.title(),
+            status: kind.status().as_u16(),
+            detail: None,
+            errors: Vec::new(),
+            request_id: None,
+            kind: Some(kind),
+        }
+    }
+
+    /// With a sentence about this request.
+    #[must_use]
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// With the offending fields.
+    #[must_use]
+    pub fn errors(mut self, errors: Vec<FieldError>) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    /// The kind of problem.
+    #[must_use]
+    pub fn kind(&self) -> Option<ProblemType> {
+        self.kind
+    }
+
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn render(&self) -> Response {
+        let body = serde_json::to_vec(self)
+            .unwrap_or_else(|_| br#"{"title":"Internal error","status":500}"#.to_vec());
+        let mut response = (
+            self.status_code(),
+            [(header::CONTENT_TYPE, PROBLEM_JSON)],
+            body,
+        )
+            .into_response();
+        if self.kind == Some(ProblemType::Unauthorized) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"carebridge\""),
+            );
+        }
+        response
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut response = self.render();
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+impl ApiError {
+    /// A 5xx for a fault of ours (or of the database), keeping the source for the log.
+    pub fn internal(
+        kind: ProblemType,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        ApiError {
+            problem: Problem::new(kind),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+impl From<Problem> for ApiError {
+    fn from(problem: Problem) -> Self {
+        ApiError {
+            problem,
+            source: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = self.problem.into_response();
+        if let Some(source) = self.source {
+            response.extensions_mut().insert(ProblemSource(source));
+        }
+        response
+    }
+}
+
+/// Adds the request id to every problem body and logs each problem once.
+pub async fn finish_problems(request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(super::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut response = next.run(request).await;
+    let Some(mut problem) = response.extensions_mut().remove::<Problem>() else {
+        return response;
+    };
+    let source = response.extensions_mut().remove::<ProblemSource>();
+    let slug = problem.kind.map_or("unknown", ProblemType::slug);
+    let id = request_id.as_deref().unwrap_or_default();
+    let status = problem.status;
+    if status >= 500 {
+        match &source {
+            Some(ProblemSource(e)) => {
+                tracing::error!(request_id = id, problem = slug, status, error = %e, "Request failed on our side.");
+            }
+            None => tracing::error!(
+                request_id = id,
+                problem = slug,
+                status,
+                "Request failed on our side."
+            ),
+        }
+    } else {
+        tracing::info!(request_id = id, problem = slug, status, "Request refused.");
+    }
+    problem.request_id = request_id;
+    let mut rendered = problem.render();
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_LENGTH && name != header::CONTENT_TYPE {
+            rendered.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rendered
+}

@@ -1,0 +1,370 @@
+//! Intake of agency records: validate, then keep durably with history and audit (one transaction per record).
+//!
+//! Every write path of the internal API, and the demo seed, comes through here, so the rules are the same
+//! whoever writes: the body must be valid, its id must match the path, and a referral's status only moves
+//! through [`change_referral_status`].
+
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+
+use crate::domain::{
+    AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordId, RecordKind,
+    Referral, StatusChange, Validator,
+};
+use crate::store::{Actor, Change, Precondition, RecordWrite, SaveOutcome, Store, StoreError};
+
+/// How often a read-check-write cycle is repeated when another writer changes the record in between.
+const CONFLICT_ATTEMPTS: usize = 3;
+
+/// Why a record was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The record breaks rules its type cannot express.
+    #[error("the record is invalid")]
+    Invalid(Vec<FieldError>),
+    /// The body names another id than the path.
+    #[error("the id in the body differs from the id in the path")]
+    IdMismatch,
+    /// A `PUT` tried to change a status that has its own endpoint.
+    #[error("the status changes only through the status endpoint")]
+    StatusChangeNotAllowed {
+        /// Status the record has.
+        current: String,
+        /// Status the request asked for.
+        requested: String,
+    },
+    /// No record with this id.
+    #[error("no such record")]
+    NotFound,
+    /// `If-Match` / `If-None-Match` does not hold.
+    #[error("precondition failed")]
+    PreconditionFailed {
+        /// The version the record is at, if it exists.
+        current: Option<i64>,
+    },
+    /// A stored body no longer parses as its kind: the database was changed behind our back.
+    #[error("stored {kind} record does not parse")]
+    Corrupt {
+        /// Its kind.
+        kind: RecordKind,
+        /// The parse error (it names fields, never values).
+        source: serde_json::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for IntakeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::PreconditionFailed { current } => {
+                IntakeError::PreconditionFailed { current }
+            }
+            other => IntakeError::Store(other),
+        }
+    }
+}
+
+/// A record as kept: what the write did, and the canonical body now stored.
+#[derive(Debug)]
+pub struct Saved {
+    /// Created, replaced, or unchanged, with version and time.
+    pub outcome: SaveOutcome,
+    /// The body as stored (canonical JSON).
+    pub body: String,
+}
+
+/// Validates `record` and keeps it under `id`.
+///
+/// # Errors
+/// `Invalid` or `IdMismatch` for a bad record, `StatusChangeNotAllowed` for a referral `PUT` that moves the
+/// status, `PreconditionFailed` when `pre` does not hold, `Store` when the database fails.
+pub async fn put<T: AgencyRecord>(
+    store: &dyn Store,
+    id: RecordId,
+    mut record: T,
+    pre: Precondition,
+    actor: &Actor,
+    change: Change,
+    now: OffsetDateTime,
+) -> Result<Saved, IntakeError> {
+    if record.body_id().is_some_and(|b| *b != id) {
+        return Err(IntakeError::IdMismatch);
+    }
+    let mut v = Validator::new();
+    record.validate(&mut v);
+    v.finish().map_err(IntakeError::Invalid)?;
+    record.set_id(id.clone());
+    let body = canonical(&record);
+
+    if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
+        let write = record_write(&record, &id, body, change);
+        let outcome = store.save_record(&write, pre, actor, now).await?;
+        return Ok(Saved {
+            outcome,
+            body: write.body,
+        });
+    }
+    // The status may not move here: read the current one, and write only over the version we checked.
+    for attempt in 1..=CONFLICT_ATTEMPTS {
+        let guard = match load::<T>(store, &id).await? {
+            None => Precondition::Absent,
+            Some((_, version)) if pre == Precondition::Absent => {
+                return Err(IntakeError::PreconditionFailed {
+                    current: Some(version),
+                });
+            }
+            Some((current, version)) => {
+                if current.status_code() != record.status_code() {
+                    return Err(IntakeError::StatusChangeNotAllowed {
+                        current: current.status_code().unwrap_or_default().to_owned(),
+                        requested: record.status_code().unwrap_or_default().to_owned(),
+                    });
+                }
+                Precondition::Version(version)
+            }
+        };
+        // Write over exactly the version whose status we checked, unless the caller named a version itself.
+        let effective = match (pre, guard) {
+            (Precondition::None | Precondition::Exists, Precondition::Version(v)) => {
+                Precondition::Version(v)
+            }
+            (Precondition::None, guard) => guard,
+            (caller, _) => caller,
+        };
+        let write = record_write(&record, &id, body.clone(), change);
+        match store.save_record(&write, effective, actor, now).await {
+            Err(StoreError::PreconditionFailed { .. })
+                if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
+            result => {
+                return Ok(Saved {
+                    outcome: result?,
+                    body,
+                });
+            }
+        }
+    }
+    Err(IntakeError::PreconditionFailed { current: None })
+}
+
+/// Moves a referral to a new status (the state machine's rules come with partner delivery).
+///
+/// # Errors
+/// `Invalid` for a change without a required reason, `NotFound`, `PreconditionFailed`, `Store`.
+pub async fn change_referral_status(
+    store: &dyn Store,
+    id: &RecordId,
+    change: &StatusChange,
+    pre: Precondition,
+    actor: &Actor,
+    now: OffsetDateTime,
+) -> Result<Saved, IntakeError> {
+    let mut v = Validator::new();
+    change.validate(&mut v);
+    v.finish().map_err(IntakeError::Invalid)?;
+    for attempt in 1..=CONFLICT_ATTEMPTS {
+        let (mut referral, version) = load::<Referral>(store, id)
+            .await?
+            .ok_or(IntakeError::NotFound)?;
+        if let Precondition::Version(expected) = pre {
+            if expected != version {
+                return Err(IntakeError::PreconditionFailed {
+                    current: Some(version),
+                });
+            }
+        }
+        referral.apply(change);
+        let body = canonical(&referral);
+        let write = record_write(&referral, id, body.clone(), Change::StatusChanged);
+        match store
+            .save_record(&write, Precondition::Version(version), actor, now)
+            .await
+        {
+            Err(StoreError::PreconditionFailed { .. })
+                if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
+            result => {
+                return Ok(Saved {
+                    outcome: result?,
+                    body,
+                });
+            }
+        }
+    }
+    Err(IntakeError::PreconditionFailed { current: None })
+}
+
+/// Whether a conflict with another writer may be resolved by reading again: only when the caller did not pin a
+/// version or demand absence.
+fn retryable(pre: Precondition) -> bool {
+    matches!(pre, Precondition::None | Precondition::Exists)
+}
+
+async fn load<T: AgencyRecord>(
+    store: &dyn Store,
+    id: &RecordId,
+) -> Result<Option<(T, i64)>, IntakeError> {
+    let Some(stored) = store.get_record(T::KIND, id).await? else {
+        return Ok(None);
+    };
+    let record = serde_json::from_str(&stored.body).map_err(|source| IntakeError::Corrupt {
+        kind: T::KIND,
+        source,
+    })?;
+    Ok(Some((record, stored.meta.version)))
+}
+
+fn record_write<'a, T: AgencyRecord>(
+    record: &'a T,
+    id: &'a RecordId,
+    body: String,
+    change: Change,
+) -> RecordWrite<'a> {
+    RecordWrite {
+        kind: T::KIND,
+        id,
+        body,
+        client_id: record.client_id(),
+        status: record.status_code(),
+        change,
+    }
+}
+
+/// The stored form of a record: serde's field order, absent options left out.
+fn canonical<T: AgencyRecord>(record: &T) -> String {
+    // Serialising our own derive-generated types into a String has no failure path (no maps with non-string
+    // keys, no I/O); should it ever fail, storing an empty body would be worse than stopping.
+    serde_json::to_string(record).expect("agency record types always serialise to JSON")
+}
+
+/// What loading a seed directory did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SeedReport {
+    /// Records created.
+    pub created: usize,
+    /// Records that already existed and were left as they are (they may have changed since the seed).
+    pub kept: usize,
+}
+
+/// Why a seed directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not a valid record of its kind.
+    #[error("{path}: {detail}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Keeping a record failed.
+    #[error("{path}: {source}")]
+    Intake {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: IntakeError,
+    },
+}
+
+/// Loads `dir/<kind>/<id>.json` for every kind through the same intake as the API (so fixtures obey the same
+/// rules). Only missing records are created: what the API changed since an earlier start is left alone.
+///
+/// # Errors
+/// The first file that cannot be read, parsed or kept.
+pub async fn seed(
+    store: &dyn Store,
+    dir: &Path,
+    now: OffsetDateTime,
+) -> Result<SeedReport, SeedError> {
+    let mut report = SeedReport::default();
+    for kind in RecordKind::ALL {
+        let kind_dir = dir.join(kind.as_str());
+        if !kind_dir.is_dir() {
+            continue;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&kind_dir)
+            .map_err(|source| SeedError::Io {
+                path: kind_dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for path in files {
+            if seed_file(store, kind, &path, now).await? {
+                report.created += 1;
+            } else {
+                report.kept += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Creates the record of one seed file; `false` when it already existed.
+async fn seed_file(
+    store: &dyn Store,
+    kind: RecordKind,
+    path: &Path,
+    now: OffsetDateTime,
+) -> Result<bool, SeedError> {
+    let invalid = |detail: String| SeedError::Invalid {
+        path: path.to_owned(),
+        detail,
+    };
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    let id =
+        RecordId::parse(stem).map_err(|e| invalid(format!("file name is not a record id: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|source| SeedError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let actor = Actor {
+        key_name: "seed".into(),
+        request_id: format!("seed-{}", kind.as_str()),
+    };
+    macro_rules! seed_as {
+        ($t:ty) => {{
+            let record: $t = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+            put(
+                store,
+                id,
+                record,
+                Precondition::Absent,
+                &actor,
+                Change::Seeded,
+                now,
+            )
+            .await
+        }};
+    }
+    let saved = match kind {
+        RecordKind::Client => seed_as!(Client),
+        RecordKind::Assessment => seed_as!(Assessment),
+        RecordKind::CarePlan => seed_as!(CarePlan),
+        RecordKind::Referral => seed_as!(Referral),
+        RecordKind::Consent => seed_as!(Consent),
+    };
+    match saved {
+        Ok(_) => Ok(true),
+        Err(IntakeError::PreconditionFailed { .. }) => Ok(false),
+        Err(source) => Err(SeedError::Intake {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}

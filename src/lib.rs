@@ -1,0 +1,22 @@
+//! carebridge: a FHIR R4 integration gateway for mental-health case management.
+//!
+//! Where things live (one line a module, in the order data flows through them):
+//!
+//! - [`cli`]: the command line (`serve`, `check`, `keys`); thin, dispatches to the modules below.
+//! - [`config`]: the `Settings` tree, layered defaults → file → `CAREBRIDGE_*` environment → flags.
+//! - [`app`]: builds the service (store, seed, router, listener) and runs it until shutdown.
+//! - [`http`]: the router and its layers; `api` (`/api/v1`), `auth` (API keys), `extract` (bad input → problem),
+//!   `problem` (problem+json), `ops` (`/healthz`, `/readyz`, `/metrics`).
+//! - [`intake`]: the write use cases: validate an agency record, keep it with history and audit.
+//! - [`domain`]: the agency's records as validated types (client, assessment, care plan, referral, consent).
+//! - [`store`]: the `Store` trait and its SQLite/PostgreSQL implementation, with migrations.
+//! - [`telemetry`]: JSON logs without PHI, and the Prometheus recorder.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod intake;
+pub mod store;
+pub mod telemetry;

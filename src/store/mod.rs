@@ -1,0 +1,307 @@
+//! Durable storage of agency records: every write is one transaction holding the record, its version-history row
+//! and its audit entry, so an answer given is a record kept.
+//!
+//! [`Store`] offers whole use cases; [`sql::SqlStore`] implements them on SQLite (embedded default, WAL, one
+//! writer connection) and PostgreSQL (several replicas), chosen by the database URL in [`connect`].
+
+mod sql;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::domain::{RecordId, RecordKind};
+
+pub use sql::{SqlStore, connect};
+
+/// Failures of the store itself, or a write refused for its precondition.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The caller's precondition (`If-Match`, `If-None-Match`, or the version it read) no longer holds.
+    #[error("precondition failed: the record is at version {current:?}")]
+    PreconditionFailed {
+        /// The version the record is at now; `None` when it does not exist.
+        current: Option<i64>,
+    },
+    /// The database refused or could not be reached.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// Schema migrations could not be applied.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL names no backend we support.
+    #[error("unsupported database URL: expected sqlite:… or postgres://…")]
+    UnsupportedUrl,
+    /// Migrations this binary expects are not applied.
+    #[error("database schema is at migration {applied:?}; this build needs {expected}")]
+    NotMigrated {
+        /// Newest migration applied.
+        applied: Option<i64>,
+        /// Newest migration this build knows.
+        expected: i64,
+    },
+}
+
+/// What a write expects of the record before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Create or replace, whatever is there.
+    None,
+    /// Only create: the record must not exist (`If-None-Match: *`).
+    Absent,
+    /// Only replace, whatever the version (`If-Match: *`).
+    Exists,
+    /// Only replace this version (`If-Match`, or the version a read-modify-write started from).
+    Version(i64),
+}
+
+/// How a record changed, kept in its version history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Created or replaced by a `PUT`.
+    Put,
+    /// A referral's status moved through the status endpoint.
+    StatusChanged,
+    /// Loaded from the demo seed directory at start.
+    Seeded,
+}
+
+impl Change {
+    /// The name stored in the history and audit tables.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Put => "put",
+            Change::StatusChanged => "status_changed",
+            Change::Seeded => "seeded",
+        }
+    }
+}
+
+/// A validated record ready to be kept.
+#[derive(Debug)]
+pub struct RecordWrite<'a> {
+    /// Its kind.
+    pub kind: RecordKind,
+    /// Its agency id.
+    pub id: &'a RecordId,
+    /// Canonical JSON of the record.
+    pub body: String,
+    /// The client it belongs to, for filtering.
+    pub client_id: Option<&'a RecordId>,
+    /// Its status code, for filtering.
+    pub status: Option<&'static str>,
+    /// What kind of change this is.
+    pub change: Change,
+}
+
+/// Who made a change, and in which request.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Name of the API key used.
+    pub key_name: String,
+    /// Request id of the call that made it.
+    pub request_id: String,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// A new record, at version 1.
+    Created(RecordMeta),
+    /// A new version of an existing record.
+    Replaced(RecordMeta),
+    /// The body was identical to the current version: nothing changed (the write is idempotent).
+    Unchanged(RecordMeta),
+}
+
+impl SaveOutcome {
+    /// The record's version and time after the write.
+    #[must_use]
+    pub fn meta(self) -> RecordMeta {
+        match self {
+            SaveOutcome::Created(m) | SaveOutcome::Replaced(m) | SaveOutcome::Unchanged(m) => m,
+        }
+    }
+}
+
+/// Version and last change time of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// Version number, from 1.
+    pub version: i64,
+    /// When the current version was written.
+    pub updated_at: OffsetDateTime,
+}
+
+/// A record as stored.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    /// Its agency id.
+    pub id: String,
+    /// Version and time.
+    pub meta: RecordMeta,
+    /// Canonical JSON body.
+    pub body: String,
+}
+
+/// Filters and position of a list request.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// The kind listed.
+    pub kind: RecordKind,
+    /// Only records of this client.
+    pub client_id: Option<RecordId>,
+    /// Only records with this status code.
+    pub status: Option<String>,
+    /// Only records changed at or after this instant.
+    pub updated_since: Option<OffsetDateTime>,
+    /// Only records whose id sorts after this one (the cursor).
+    pub after: Option<String>,
+    /// At most this many records.
+    pub limit: u32,
+}
+
+/// One page of a list, in id order.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The records.
+    pub items: Vec<StoredRecord>,
+    /// Id to continue after, when more records may follow.
+    pub next_after: Option<String>,
+}
+
+/// One entry of a record's version history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: i64,
+    /// What kind of change made it.
+    pub change: String,
+    /// When.
+    pub changed_at: OffsetDateTime,
+    /// Name of the API key used.
+    pub changed_by: String,
+    /// Request id of the call.
+    pub request_id: String,
+}
+
+/// One audit entry: a write (or an idempotent no-op) by an API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Position in the audit log, increasing.
+    pub seq: i64,
+    /// When.
+    pub at: OffsetDateTime,
+    /// Name of the API key used.
+    pub actor: String,
+    /// `created`, `replaced`, `unchanged`, `status_changed` or `seeded`.
+    pub action: String,
+    /// Kind of record.
+    pub kind: String,
+    /// Agency id of the record.
+    pub record_id: String,
+    /// Version after the action.
+    pub version: i64,
+    /// Request id of the call.
+    pub request_id: String,
+}
+
+/// Connection-pool gauges for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    /// `writer` or `reader`.
+    pub pool: &'static str,
+    /// Open connections.
+    pub size: u32,
+    /// Idle connections.
+    pub idle: u32,
+}
+
+/// The gateway's durable state, as whole use cases.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Keeps a record: the record, its history row and its audit entry in one transaction, committed before it
+    /// returns. An identical body is a no-op (`Unchanged`) and still audited.
+    ///
+    /// # Errors
+    /// `PreconditionFailed` when `pre` does not hold; `Database` when the write could not be made durable.
+    async fn save_record(
+        &self,
+        write: &RecordWrite<'_>,
+        pre: Precondition,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<SaveOutcome, StoreError>;
+
+    /// The current version of a record.
+    ///
+    /// # Errors
+    /// `Database` when it could not be read.
+    async fn get_record(
+        &self,
+        kind: RecordKind,
+        id: &RecordId,
+    ) -> Result<Option<StoredRecord>, StoreError>;
+
+    /// One past version of a record.
+    ///
+    /// # Errors
+    /// `Database` when it could not be read.
+    async fn get_version(
+        &self,
+        kind: RecordKind,
+        id: &RecordId,
+        version: i64,
+    ) -> Result<Option<StoredRecord>, StoreError>;
+
+    /// A page of records matching the query, in id order.
+    ///
+    /// # Errors
+    /// `Database` when they could not be read.
+    async fn list_records(&self, query: &ListQuery) -> Result<Page, StoreError>;
+
+    /// Every version of a record, oldest first (empty when it does not exist).
+    ///
+    /// # Errors
+    /// `Database` when it could not be read.
+    async fn history(
+        &self,
+        kind: RecordKind,
+        id: &RecordId,
+    ) -> Result<Vec<VersionInfo>, StoreError>;
+
+    /// Audit entries after `after_seq`, oldest first.
+    ///
+    /// # Errors
+    /// `Database` when they could not be read.
+    async fn audit_events(&self, after_seq: i64, limit: u32)
+    -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Whether the database answers and carries every migration this build needs.
+    ///
+    /// # Errors
+    /// `Database` or `NotMigrated`.
+    async fn readiness(&self) -> Result<(), StoreError>;
+
+    /// Pool gauges.
+    fn pool_stats(&self) -> Vec<PoolStats>;
+
+    /// Closes the pools, waiting for connections in use to come back.
+    async fn close(&self);
+}
+
+/// Microseconds since the Unix epoch, as stored.
+#[must_use]
+pub fn to_micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// The instant of a stored microsecond count.
+#[must_use]
+pub fn from_micros(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}

@@ -1,0 +1,403 @@
+//! The [`Store`] on sqlx, for SQLite and PostgreSQL alike.
+//!
+//! The schema uses only `TEXT` and `BIGINT` (times as microseconds since the epoch) and the SQL only what both
+//! engines share (`$n` parameters, `ON CONFLICT DO NOTHING`), so one body of code, instantiated per backend by
+//! `impl_store!`, serves both. SQLite gets one writer connection (`BEGIN IMMEDIATE`, `synchronous=FULL` in WAL
+//! mode: a commit is on disk before we answer) and a pool of read-only connections; PostgreSQL one pool.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Database, Pool, Postgres, Row, Sqlite};
+use time::OffsetDateTime;
+
+use super::{
+    Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite,
+    SaveOutcome, Store, StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
+};
+use crate::domain::{RecordId, RecordKind};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// How many times a write is retried when another writer changed the same record between our read and our write.
+const WRITE_ATTEMPTS: usize = 5;
+
+/// A store on one sqlx backend: a pool for writes and one for reads (the same pool on PostgreSQL).
+pub struct SqlStore<DB: Database> {
+    writer: Pool<DB>,
+    reader: Pool<DB>,
+    migrator: &'static Migrator,
+}
+
+/// Opens the database named by `url` (`sqlite:PATH` or `postgres://…`), applies migrations, and returns the store.
+///
+/// # Errors
+/// `UnsupportedUrl` for another scheme, `Database` when it cannot be reached or opened, `Migrate` when the
+/// schema cannot be brought up to date.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        // One writer: SQLite takes one write transaction at a time anyway, and a single connection makes
+        // waiting for it a queue in our pool instead of SQLITE_BUSY retries.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(options.clone())
+            .await?;
+        SQLITE_MIGRATIONS.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(acquire_timeout)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Arc::new(SqlStore::<Sqlite> {
+            writer,
+            reader,
+            migrator: &SQLITE_MIGRATIONS,
+        }))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(acquire_timeout)
+            .connect(url)
+            .await?;
+        // sqlx takes an advisory lock here, so replicas starting together apply each migration once.
+        POSTGRES_MIGRATIONS.run(&pool).await?;
+        Ok(Arc::new(SqlStore::<Postgres> {
+            writer: pool.clone(),
+            reader: pool,
+            migrator: &POSTGRES_MIGRATIONS,
+        }))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}
+
+fn audit_action(change: Change, outcome: &SaveOutcome) -> &'static str {
+    match (outcome, change) {
+        (SaveOutcome::Unchanged(_), _) => "unchanged",
+        (SaveOutcome::Created(_), Change::Seeded) => "seeded",
+        (SaveOutcome::Created(_), _) => "created",
+        (SaveOutcome::Replaced(_), Change::StatusChanged) => "status_changed",
+        (SaveOutcome::Replaced(_), _) => "replaced",
+    }
+}
+
+/// What the precondition check decided about the row we read.
+enum Plan {
+    Insert,
+    Update { version: i64 },
+    Unchanged(RecordMeta),
+}
+
+fn plan(
+    current: Option<(i64, String, i64)>,
+    pre: Precondition,
+    body: &str,
+) -> Result<Plan, StoreError> {
+    match (current, pre) {
+        (None, Precondition::Version(_) | Precondition::Exists) => {
+            Err(StoreError::PreconditionFailed { current: None })
+        }
+        (None, _) => Ok(Plan::Insert),
+        (Some((version, _, _)), Precondition::Absent) => Err(StoreError::PreconditionFailed {
+            current: Some(version),
+        }),
+        (Some((version, _, _)), Precondition::Version(expected)) if version != expected => {
+            Err(StoreError::PreconditionFailed {
+                current: Some(version),
+            })
+        }
+        (Some((version, stored, updated_at)), _) if stored == body => {
+            Ok(Plan::Unchanged(RecordMeta {
+                version,
+                updated_at: from_micros(updated_at),
+            }))
+        }
+        (Some((version, _, _)), _) => Ok(Plan::Update { version }),
+    }
+}
+
+macro_rules! impl_store {
+    ($db:ty, $backend:literal, $begin:literal) => {
+        impl SqlStore<$db> {
+            /// One attempt at a write; `Ok(None)` when another writer got in between and we should read again.
+            async fn try_save(
+                &self,
+                write: &RecordWrite<'_>,
+                pre: Precondition,
+                actor: &Actor,
+                now: i64,
+            ) -> Result<Option<SaveOutcome>, StoreError> {
+                let mut tx = self.writer.begin_with($begin).await?;
+                let current: Option<(i64, String, i64)> =
+                    sqlx::query_as("SELECT version, body, updated_at FROM records WHERE kind = $1 AND id = $2")
+                        .bind(write.kind.as_str())
+                        .bind(write.id.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let outcome = match plan(current, pre, &write.body)? {
+                    Plan::Unchanged(meta) => SaveOutcome::Unchanged(meta),
+                    Plan::Insert => {
+                        let done = sqlx::query(
+                            "INSERT INTO records (kind, id, version, body, client_id, status, created_at, updated_at, updated_by) \
+                             VALUES ($1, $2, 1, $3, $4, $5, $6, $6, $7) ON CONFLICT (kind, id) DO NOTHING",
+                        )
+                        .bind(write.kind.as_str())
+                        .bind(write.id.as_str())
+                        .bind(&write.body)
+                        .bind(write.client_id.map(RecordId::as_str))
+                        .bind(write.status)
+                        .bind(now)
+                        .bind(&actor.key_name)
+                        .execute(&mut *tx)
+                        .await?;
+                        if done.rows_affected() == 0 {
+                            return Ok(None);
+                        }
+                        SaveOutcome::Created(RecordMeta { version: 1, updated_at: from_micros(now) })
+                    }
+                    Plan::Update { version } => {
+                        let done = sqlx::query(
+                            "UPDATE records SET version = $3, body = $4, client_id = $5, status = $6, updated_at = $7, \
+                             updated_by = $8 WHERE kind = $1 AND id = $2 AND version = $9",
+                        )
+                        .bind(write.kind.as_str())
+                        .bind(write.id.as_str())
+                        .bind(version + 1)
+                        .bind(&write.body)
+                        .bind(write.client_id.map(RecordId::as_str))
+                        .bind(write.status)
+                        .bind(now)
+                        .bind(&actor.key_name)
+                        .bind(version)
+                        .execute(&mut *tx)
+                        .await?;
+                        if done.rows_affected() == 0 {
+                            return Ok(None);
+                        }
+                        SaveOutcome::Replaced(RecordMeta { version: version + 1, updated_at: from_micros(now) })
+                    }
+                };
+                let action = audit_action(write.change, &outcome);
+                let version = outcome.meta().version;
+                if !matches!(outcome, SaveOutcome::Unchanged(_)) {
+                    sqlx::query(
+                        "INSERT INTO record_versions (kind, id, version, body, action, changed_at, changed_by, request_id) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(write.kind.as_str())
+                    .bind(write.id.as_str())
+                    .bind(version)
+                    .bind(&write.body)
+                    .bind(action)
+                    .bind(now)
+                    .bind(&actor.key_name)
+                    .bind(&actor.request_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO audit_events (at, actor, action, kind, record_id, version, request_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(now)
+                .bind(&actor.key_name)
+                .bind(action)
+                .bind(write.kind.as_str())
+                .bind(write.id.as_str())
+                .bind(version)
+                .bind(&actor.request_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Some(outcome))
+            }
+        }
+
+        #[async_trait]
+        impl Store for SqlStore<$db> {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn save_record(
+                &self,
+                write: &RecordWrite<'_>,
+                pre: Precondition,
+                actor: &Actor,
+                now: OffsetDateTime,
+            ) -> Result<SaveOutcome, StoreError> {
+                let now = to_micros(now);
+                for _ in 1..WRITE_ATTEMPTS {
+                    if let Some(outcome) = self.try_save(write, pre, actor, now).await? {
+                        return Ok(outcome);
+                    }
+                }
+                match self.try_save(write, pre, actor, now).await? {
+                    Some(outcome) => Ok(outcome),
+                    None => Err(StoreError::PreconditionFailed { current: None }),
+                }
+            }
+
+            async fn get_record(&self, kind: RecordKind, id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {
+                let row = sqlx::query("SELECT id, version, updated_at, body FROM records WHERE kind = $1 AND id = $2")
+                    .bind(kind.as_str())
+                    .bind(id.as_str())
+                    .fetch_optional(&self.reader)
+                    .await?;
+                row.map(|r| stored_record(&r)).transpose()
+            }
+
+            async fn get_version(
+                &self,
+                kind: RecordKind,
+                id: &RecordId,
+                version: i64,
+            ) -> Result<Option<StoredRecord>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT id, version, changed_at, body FROM record_versions WHERE kind = $1 AND id = $2 AND version = $3",
+                )
+                .bind(kind.as_str())
+                .bind(id.as_str())
+                .bind(version)
+                .fetch_optional(&self.reader)
+                .await?;
+                row.map(|r| stored_record(&r)).transpose()
+            }
+
+            async fn list_records(&self, q: &ListQuery) -> Result<Page, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, version, updated_at, body FROM records WHERE kind = $1 \
+                     AND ($2 IS NULL OR client_id = $2) AND ($3 IS NULL OR status = $3) \
+                     AND ($4 IS NULL OR updated_at >= $4) AND ($5 IS NULL OR id > $5) \
+                     ORDER BY id LIMIT $6",
+                )
+                .bind(q.kind.as_str())
+                .bind(q.client_id.as_ref().map(RecordId::as_str))
+                .bind(q.status.as_deref())
+                .bind(q.updated_since.map(to_micros))
+                .bind(q.after.as_deref())
+                .bind(i64::from(q.limit) + 1)
+                .fetch_all(&self.reader)
+                .await?;
+                let mut items = rows.iter().map(stored_record).collect::<Result<Vec<_>, _>>()?;
+                let more = items.len() > q.limit as usize;
+                items.truncate(q.limit as usize);
+                let next_after = if more { items.last().map(|r| r.id.clone()) } else { None };
+                Ok(Page { items, next_after })
+            }
+
+            async fn history(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<VersionInfo>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT version, action, changed_at, changed_by, request_id FROM record_versions \
+                     WHERE kind = $1 AND id = $2 ORDER BY version",
+                )
+                .bind(kind.as_str())
+                .bind(id.as_str())
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(VersionInfo {
+                            version: r.try_get(0)?,
+                            change: r.try_get(1)?,
+                            changed_at: from_micros(r.try_get(2)?),
+                            changed_by: r.try_get(3)?,
+                            request_id: r.try_get(4)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn audit_events(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT seq, at, actor, action, kind, record_id, version, request_id FROM audit_events \
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(AuditEvent {
+                            seq: r.try_get(0)?,
+                            at: from_micros(r.try_get(1)?),
+                            actor: r.try_get(2)?,
+                            action: r.try_get(3)?,
+                            kind: r.try_get(4)?,
+                            record_id: r.try_get(5)?,
+                            version: r.try_get(6)?,
+                            request_id: r.try_get(7)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn readiness(&self) -> Result<(), StoreError> {
+                let applied: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                        .fetch_one(&self.reader)
+                        .await?;
+                let expected = self.migrator.iter().map(|m| m.version).max().unwrap_or(0);
+                if applied.unwrap_or(0) < expected {
+                    return Err(StoreError::NotMigrated { applied, expected });
+                }
+                Ok(())
+            }
+
+            fn pool_stats(&self) -> Vec<PoolStats> {
+                let stats = |pool: &'static str, p: &Pool<$db>| PoolStats {
+                    pool,
+                    size: p.size(),
+                    idle: u32::try_from(p.num_idle()).unwrap_or(u32::MAX),
+                };
+                if $backend == "sqlite" {
+                    vec![stats("writer", &self.writer), stats("reader", &self.reader)]
+                } else {
+                    vec![stats("shared", &self.writer)]
+                }
+            }
+
+            async fn close(&self) {
+                self.writer.close().await;
+                self.reader.close().await;
+            }
+        }
+    };
+}
+
+fn stored_record<R: Row>(r: &R) -> Result<StoredRecord, StoreError>
+where
+    usize: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(StoredRecord {
+        id: r.try_get(0)?,
+        meta: RecordMeta {
+            version: r.try_get(1)?,
+            updated_at: from_micros(r.try_get(2)?),
+        },
+        body: r.try_get(3)?,
+    })
+}
+
+impl_store!(Sqlite, "sqlite", "BEGIN IMMEDIATE");
+impl_store!(Postgres, "postgres", "BEGIN");
