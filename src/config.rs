@@ -236,10 +236,10 @@ impl Settings {
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             errors.push("api.default_page_size: must be between 1 and api.max_page_size".into());
         }
-        if let Some(dir) = &self.seed.dir {
-            if !dir.is_dir() {
-                errors.push(format!("seed.dir: {} is not a directory", dir.display()));
-            }
+        if let Some(dir) = &self.seed.dir
+            && !dir.is_dir()
+        {
+            errors.push(format!("seed.dir: {} is not a directory", dir.display()));
         }
         let mut names = HashSet::new();
         for (i, key) in self.api_keys.iter().enumerate() {

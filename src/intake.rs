@@ -168,12 +168,12 @@ pub async fn change_referral_status(
         let (mut referral, version) = load::<Referral>(store, id)
             .await?
             .ok_or(IntakeError::NotFound)?;
-        if let Precondition::Version(expected) = pre {
-            if expected != version {
-                return Err(IntakeError::PreconditionFailed {
-                    current: Some(version),
-                });
-            }
+        if let Precondition::Version(expected) = pre
+            && expected != version
+        {
+            return Err(IntakeError::PreconditionFailed {
+                current: Some(version),
+            });
         }
         referral.apply(change);
         let body = canonical(&referral);

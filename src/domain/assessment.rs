@@ -239,6 +239,7 @@ impl Assessment {
             );
         }
         let mut sum: u16 = 0;
+        let mut items_ok = true;
         for (i, item) in self.items.iter().enumerate() {
             if item.number == 0 || item.number > scoring.items {
                 v.error(
@@ -248,17 +249,25 @@ impl Assessment {
             }
             match item.score {
                 Some(s) if s <= scoring.max_item => sum += u16::from(s),
-                Some(_) => v.error(
-                    format!("$.items[{i}].score"),
-                    format!("{name} items score 0 to {}", scoring.max_item),
-                ),
-                None => v.error(
-                    format!("$.items[{i}].score"),
-                    format!("{name} is scored: every item needs a score"),
-                ),
+                Some(_) => {
+                    items_ok = false;
+                    v.error(
+                        format!("$.items[{i}].score"),
+                        format!("{name} items score 0 to {}", scoring.max_item),
+                    );
+                }
+                None => {
+                    items_ok = false;
+                    v.error(
+                        format!("$.items[{i}].score"),
+                        format!("{name} is scored: every item needs a score"),
+                    );
+                }
             }
         }
         match self.total_score {
+            // The total can only be checked against items that are themselves valid.
+            Some(_) if !items_ok => {}
             None => v.error(
                 "$.total_score",
                 format!("{name} is scored: total_score is required"),

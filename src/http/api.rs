@@ -164,10 +164,10 @@ fn record_response(
     if let Some(date) = http_date(meta.updated_at) {
         headers.insert(header::LAST_MODIFIED, date);
     }
-    if status == StatusCode::CREATED {
-        if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/{}/{id}", kind.plural())) {
-            headers.insert(header::LOCATION, location);
-        }
+    if status == StatusCode::CREATED
+        && let Ok(location) = HeaderValue::from_str(&format!("/api/v1/{}/{id}", kind.plural()))
+    {
+        headers.insert(header::LOCATION, location);
     }
     response
 }
@@ -277,13 +277,13 @@ fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQu
         .map(|c| RecordId::parse(&c))
         .transpose()
         .map_err(|e| invalid_query(format!("client: {e}")))?;
-    if let Some(status) = &p.status {
-        if !T::is_known_status(status) {
-            return Err(invalid_query(format!(
-                "status: not a status code of {} records",
-                T::KIND
-            )));
-        }
+    if let Some(status) = &p.status
+        && !T::is_known_status(status)
+    {
+        return Err(invalid_query(format!(
+            "status: not a status code of {} records",
+            T::KIND
+        )));
     }
     let updated_since = p
         .updated_since

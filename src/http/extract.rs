@@ -58,14 +58,14 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// # Errors
 /// A `malformed-json` or `invalid-record` problem.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    // Syntax first (a cheap pass that builds nothing), so broken JSON is always a 400, whatever field it breaks in.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| syntax_problem(&e))?;
+    // The syntax is sound, so whatever the typed pass refuses is a schema error (serde_json files some of them,
+    // such as a number where an enum belongs, under its syntax category).
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = json_path(e.path());
-        let inner = e.into_inner();
-        match inner.classify() {
-            Category::Data => schema_problem(path, &inner),
-            Category::Syntax | Category::Eof | Category::Io => syntax_problem(&inner),
-        }
+        schema_problem(path, &e.into_inner())
     })?;
     de.end().map_err(|e| syntax_problem(&e))?;
     Ok(value)
@@ -256,7 +256,7 @@ mod tests {
     #[test]
     fn a_wrong_type_deep_in_the_body_names_its_json_path() {
         let body = br#"{"client_id":"c1","notes":[{"at":5}]}"#;
-        let problem = parse_json::<Referral>(body).err().expect("invalid");
+        let problem = parse_json::<Referral>(body).expect_err("invalid");
         assert_eq!(problem.kind(), Some(ProblemType::InvalidRecord));
         assert_eq!(problem.errors[0].path, "$.notes[0].at");
     }
@@ -264,8 +264,7 @@ mod tests {
     #[test]
     fn an_unknown_field_is_refused_with_its_name() {
         let problem = parse_json::<crate::domain::StatusChange>(br#"{"status":"sent","colour":1}"#)
-            .err()
-            .expect("invalid");
+            .expect_err("invalid");
         assert_eq!(problem.kind(), Some(ProblemType::InvalidRecord));
         assert!(
             problem.errors[0].detail.contains("colour"),
@@ -276,13 +275,10 @@ mod tests {
 
     #[test]
     fn broken_json_is_a_syntax_problem_with_a_position() {
-        let problem = parse_json::<Referral>(b"{\"client_id\": ")
-            .err()
-            .expect("invalid");
+        let problem = parse_json::<Referral>(b"{\"client_id\": ").expect_err("invalid");
         assert_eq!(problem.kind(), Some(ProblemType::MalformedJson));
         let trailing = parse_json::<crate::domain::StatusChange>(br#"{"status":"sent"} x"#)
-            .err()
-            .expect("invalid");
+            .expect_err("invalid");
         assert_eq!(trailing.kind(), Some(ProblemType::MalformedJson));
     }
 

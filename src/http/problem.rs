@@ -164,7 +164,7 @@ pub struct ProblemSource(pub Arc<dyn std::error::Error + Send + Sync>);
 /// A [`Problem`] with the error behind it.
 #[derive(Debug)]
 pub struct ApiError {
-    problem: Problem,
+    problem: Box<Problem>,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -241,7 +241,7 @@ impl ApiError {
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         ApiError {
-            problem: Problem::new(kind),
+            problem: Box::new(Problem::new(kind)),
             source: Some(Arc::new(source)),
         }
     }
@@ -250,7 +250,7 @@ impl ApiError {
 impl From<Problem> for ApiError {
     fn from(problem: Problem) -> Self {
         ApiError {
-            problem,
+            problem: Box::new(problem),
             source: None,
         }
     }

@@ -3,7 +3,8 @@
 //! The schema uses only `TEXT` and `BIGINT` (times as microseconds since the epoch) and the SQL only what both
 //! engines share (`$n` parameters, `ON CONFLICT DO NOTHING`), so one body of code, instantiated per backend by
 //! `impl_store!`, serves both. SQLite gets one writer connection (`BEGIN IMMEDIATE`, `synchronous=FULL` in WAL
-//! mode: a commit is on disk before we answer) and a pool of read-only connections; PostgreSQL one pool.
+//! mode: a commit is on disk before we answer) and a pool of read-only connections; PostgreSQL one pool, with
+//! the record's row locked (`FOR UPDATE`) for the length of a write.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -134,7 +135,7 @@ fn plan(
 }
 
 macro_rules! impl_store {
-    ($db:ty, $backend:literal, $begin:literal) => {
+    ($db:ty, $backend:literal, $begin:literal, $lock:literal) => {
         impl SqlStore<$db> {
             /// One attempt at a write; `Ok(None)` when another writer got in between and we should read again.
             async fn try_save(
@@ -145,8 +146,10 @@ macro_rules! impl_store {
                 now: i64,
             ) -> Result<Option<SaveOutcome>, StoreError> {
                 let mut tx = self.writer.begin_with($begin).await?;
-                let current: Option<(i64, String, i64)> =
-                    sqlx::query_as("SELECT version, body, updated_at FROM records WHERE kind = $1 AND id = $2")
+                let current: Option<(i64, String, i64)> = sqlx::query_as(concat!(
+                    "SELECT version, body, updated_at FROM records WHERE kind = $1 AND id = $2",
+                    $lock
+                ))
                         .bind(write.kind.as_str())
                         .bind(write.id.as_str())
                         .fetch_optional(&mut *tx)
@@ -399,5 +402,7 @@ where
     })
 }
 
-impl_store!(Sqlite, "sqlite", "BEGIN IMMEDIATE");
-impl_store!(Postgres, "postgres", "BEGIN");
+// SQLite: the write transaction itself is the lock (one writer connection, BEGIN IMMEDIATE).
+impl_store!(Sqlite, "sqlite", "BEGIN IMMEDIATE", "");
+// PostgreSQL: writers of the same record queue on its row lock instead of racing and retrying.
+impl_store!(Postgres, "postgres", "BEGIN", " FOR UPDATE");

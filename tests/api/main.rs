@@ -1,0 +1,8 @@
+//! Integration tests of the gateway, in one binary so it links once.
+
+mod errors;
+mod helpers;
+mod ops;
+mod process;
+mod records;
+mod store_contract;
