@@ -3,6 +3,7 @@
 //! Log lines carry ids, codes, routes and statuses; record bodies never reach them (PHI fields are
 //! [`crate::domain::Redacted`], and no code logs a body).
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -21,7 +22,8 @@ pub fn init_logs(settings: &LogSettings) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests build several apps in one process) fails harmlessly: the first subscriber stays.
     let _ = match settings.format {
         LogFormat::Json => builder

@@ -163,6 +163,24 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         ]))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unsafe_request_id))
+}
+
+/// A caller's `x-request-id` is kept when it looks like an id (up to 64 of `A-Z a-z 0-9 . _ -`), so callers can
+/// trace a call end to end; anything else is dropped and a fresh one minted, so a caller cannot put text (or PHI)
+/// into our logs and audit trail through it.
+async fn drop_unsafe_request_id(mut request: Request, next: Next) -> Response {
+    let safe = request.headers().get(REQUEST_ID_HEADER).is_none_or(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 64
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b".-_".contains(c))
+    });
+    if !safe {
+        request.headers_mut().remove(REQUEST_ID_HEADER);
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> Problem {

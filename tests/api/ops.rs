@@ -142,3 +142,34 @@ async fn the_seed_directory_is_loaded_at_start_and_never_overwrites() {
     second.stop().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_callers_request_id_is_kept_when_it_looks_like_an_id_and_replaced_otherwise() {
+    let app = spawn_app().await;
+    let url = format!("{}/healthz", app.base);
+    let kept = app
+        .client
+        .get(&url)
+        .header("x-request-id", "agency-cms.42_a")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(kept.headers()["x-request-id"], "agency-cms.42_a");
+    let replaced = app
+        .client
+        .get(&url)
+        .header("x-request-id", "Maria Lopez 1987-03-14")
+        .send()
+        .await
+        .expect("sent");
+    let id = replaced.headers()["x-request-id"].to_str().expect("ascii");
+    assert!(
+        !id.contains("Maria") && uuid::Uuid::parse_str(id).is_ok(),
+        "{id}"
+    );
+    let minted = app.client.get(&url).send().await.expect("sent");
+    assert!(
+        uuid::Uuid::parse_str(minted.headers()["x-request-id"].to_str().expect("ascii")).is_ok()
+    );
+    app.stop().await;
+}
