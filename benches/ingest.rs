@@ -32,12 +32,7 @@ struct Options {
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut o = Options {
-        backend: "sqlite".into(),
-        seconds: 20,
-        warmup: 3,
-        concurrency: 32,
-    };
+    let mut o = Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32 };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("a value is missing after a flag");
@@ -61,9 +56,7 @@ fn database_url(o: &Options, dir: &std::path::Path) -> anyhow::Result<(String, O
     let admin = std::env::var("CAREBRIDGE_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let name = format!("carebridge_bench_{}", std::process::id());
-    let status = Command::new("psql")
-        .args([&admin, "-qc", &format!("CREATE DATABASE {name}")])
-        .status()?;
+    let status = Command::new("psql").args([&admin, "-qc", &format!("CREATE DATABASE {name}")]).status()?;
     anyhow::ensure!(status.success(), "cannot create database {name} on {admin}");
     let root = admin.rsplit_once('/').map_or(admin.as_str(), |(r, _)| r);
     Ok((format!("{root}/{name}"), Some(name)))
@@ -90,9 +83,7 @@ fn main() -> anyhow::Result<()> {
         .spawn()?;
     let mut lines = BufReader::new(server.stderr.take().context("stderr")?).lines();
     let addr = loop {
-        let line = lines
-            .next()
-            .context("the server stopped before listening")??;
+        let line = lines.next().context("the server stopped before listening")??;
         if line.contains("Listening.") {
             let event: Value = serde_json::from_str(&line)?;
             break event["addr"].as_str().context("addr")?.to_owned();
@@ -105,40 +96,26 @@ fn main() -> anyhow::Result<()> {
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/agency/referral/ref-4001.json"
     ))?)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let result = rt.block_on(run(&o, &addr, template));
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
     let _ = server.wait();
     if let Some(name) = pg_db {
         let admin = std::env::var("CAREBRIDGE_BENCH_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let _ = Command::new("psql")
-            .args([&admin, "-qc", &format!("DROP DATABASE IF EXISTS {name}")])
-            .status();
+        let _ = Command::new("psql").args([&admin, "-qc", &format!("DROP DATABASE IF EXISTS {name}")]).status();
     }
     result
 }
 
 async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(o.concurrency)
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build()?;
     let template = Arc::new(template);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for worker in 0..o.concurrency {
-        let (client, template, measuring, stop) = (
-            client.clone(),
-            template.clone(),
-            measuring.clone(),
-            stop.clone(),
-        );
+        let (client, template, measuring, stop) = (client.clone(), template.clone(), measuring.clone(), stop.clone());
         let base = format!("http://{addr}/api/v1/referrals");
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -150,22 +127,13 @@ async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
                 let mut body = (*template).clone();
                 body["id"] = Value::String(id.clone());
                 let started = Instant::now();
-                let response = client
-                    .put(format!("{base}/{id}"))
-                    .bearer_auth(KEY)
-                    .json(&body)
-                    .send()
-                    .await;
+                let response = client.put(format!("{base}/{id}")).bearer_auth(KEY).json(&body).send().await;
                 let ok = matches!(&response, Ok(r) if r.status() == 201);
                 if let Ok(r) = response {
                     let _ = r.bytes().await;
                 }
                 if measuring.load(Ordering::Relaxed) {
-                    if ok {
-                        latencies.push(started.elapsed())
-                    } else {
-                        failures += 1
-                    }
+                    if ok { latencies.push(started.elapsed()) } else { failures += 1 }
                 }
             }
             (latencies, failures)
@@ -186,9 +154,7 @@ async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
         failures += f;
     }
     all.sort_unstable();
-    let pct = |p: f64| {
-        all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1].as_secs_f64() * 1000.0
-    };
+    let pct = |p: f64| all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1].as_secs_f64() * 1000.0;
     anyhow::ensure!(!all.is_empty(), "no request succeeded");
     println!(
         "ingest backend={} concurrency={} seconds={:.1}: {} writes, {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, failures {}",

@@ -53,41 +53,23 @@ impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
         // One TLS provider for every client in the process (sqlx to PostgreSQL today); a second call is a no-op.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let store = store::connect(
-            &settings.database.url,
-            settings.database.max_connections,
-            settings.acquire_timeout(),
-        )
-        .await
-        .map_err(StartError::Database)?;
+        let store =
+            store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
+                .await
+                .map_err(StartError::Database)?;
         if let Some(dir) = &settings.seed.dir {
             let report = intake::seed(&*store, dir, OffsetDateTime::now_utc()).await?;
-            tracing::info!(
-                created = report.created,
-                kept = report.kept,
-                "Seed records loaded."
-            );
+            tracing::info!(created = report.created, kept = report.kept, "Seed records loaded.");
         }
-        let state = AppState {
-            store: store.clone(),
-            api: settings.api.clone(),
-            metrics: telemetry::metrics_handle(),
-        };
+        let state = AppState { store: store.clone(), api: settings.api.clone(), metrics: telemetry::metrics_handle() };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {
             tracing::warn!("No API keys are configured; every /api/v1 call will be refused.");
         }
         let router = http::router(state, keys, Limits::from_settings(settings));
         let addr = settings.listen_addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Application {
-            listener,
-            router,
-            store,
-            grace: Duration::from_secs(settings.server.shutdown_grace_secs),
-        })
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Application { listener, router, store, grace: Duration::from_secs(settings.server.shutdown_grace_secs) })
     }
 
     /// The address actually bound (useful with port 0).
@@ -102,19 +84,14 @@ impl Application {
     ///
     /// # Errors
     /// When the listener fails.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             tracing::info!("Shutdown requested; finishing requests in flight.");
             let _ = stopping_tx.send(());
         };
-        let serve = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(signal)
-            .into_future();
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal).into_future();
         let grace = self.grace;
         let deadline = async move {
             if stopping_rx.await.is_ok() {

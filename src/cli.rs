@@ -79,24 +79,17 @@ pub enum ScopeArg {
 /// # Errors
 /// Whatever stopped the command, for `main` to print.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let overrides = |listen: Option<String>| Overrides {
-        listen,
-        database: cli.database.clone(),
-    };
+    let overrides = |listen: Option<String>| Overrides { listen, database: cli.database.clone() };
     match cli.command {
         Command::Serve { listen } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(listen)) else {
                 return Ok(ExitCode::from(2));
             };
             telemetry::init_logs(&settings.log);
-            let application = Application::build(&settings)
-                .await
-                .context("carebridge could not start")?;
+            let application = Application::build(&settings).await.context("carebridge could not start")?;
             let addr = application.local_addr()?;
             tracing::info!(%addr, database = backend_name(&settings.database.url), "Listening.");
-            application
-                .run_until_stopped(app::shutdown_signal())
-                .await?;
+            application.run_until_stopped(app::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
@@ -111,37 +104,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keys {
-            command: KeysCommand::Generate { name, scopes },
-        } => {
+        Command::Keys { command: KeysCommand::Generate { name, scopes } } => {
             let key = new_key().context("no randomness available")?;
             let hash = KeyHash::generate(&key).context("no randomness available")?;
-            let scopes: Vec<String> = scopes
-                .iter()
-                .map(|s| format!("{:?}", format!("{s:?}").to_lowercase()))
-                .collect();
-            println!(
-                "# API key for {name} (give it to the caller; it is not stored anywhere):\n# {key}"
-            );
-            println!(
-                "[[api_keys]]\nname = {name:?}\nhash = \"{hash}\"\nscopes = [{}]",
-                scopes.join(", ")
-            );
+            let scopes: Vec<String> = scopes.iter().map(|s| format!("{:?}", format!("{s:?}").to_lowercase())).collect();
+            println!("# API key for {name} (give it to the caller; it is not stored anywhere):\n# {key}");
+            println!("[[api_keys]]\nname = {name:?}\nhash = \"{hash}\"\nscopes = [{}]", scopes.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keys {
-            command: KeysCommand::Hash,
-        } => {
+        Command::Keys { command: KeysCommand::Hash } => {
             let mut key = String::new();
-            std::io::stdin()
-                .read_to_string(&mut key)
-                .context("cannot read the key from standard input")?;
+            std::io::stdin().read_to_string(&mut key).context("cannot read the key from standard input")?;
             let key = key.trim();
             anyhow::ensure!(!key.is_empty(), "no key on standard input");
-            println!(
-                "{}",
-                KeyHash::generate(key).context("no randomness available")?
-            );
+            println!("{}", KeyHash::generate(key).context("no randomness available")?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -152,10 +128,7 @@ fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Option<Setting
     match Settings::load(file, overrides) {
         Ok(settings) => Some(settings),
         Err(errors) => {
-            let source = file.map_or_else(
-                || "built-in defaults".to_owned(),
-                |f| f.display().to_string(),
-            );
+            let source = file.map_or_else(|| "built-in defaults".to_owned(), |f| f.display().to_string());
             eprintln!("carebridge: invalid configuration ({source}):");
             for e in &errors.0 {
                 eprintln!("  - {e}");
@@ -167,9 +140,5 @@ fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Option<Setting
 
 /// The backend named by a database URL, never the URL itself (it may hold a password).
 fn backend_name(url: &str) -> &'static str {
-    if url.starts_with("sqlite:") {
-        "sqlite"
-    } else {
-        "postgres"
-    }
+    if url.starts_with("sqlite:") { "sqlite" } else { "postgres" }
 }

@@ -169,10 +169,7 @@ impl Settings {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(ConfigErrors(vec![format!(
-                    "{}: no such configuration file",
-                    path.display()
-                )]));
+                return Err(ConfigErrors(vec![format!("{}: no such configuration file", path.display())]));
             }
             builder = builder.add_source(File::from(path).format(FileFormat::Toml));
         }
@@ -180,9 +177,7 @@ impl Settings {
         let section_vars: HashMap<String, String> = env
             .into_iter()
             .filter(|(k, _)| {
-                k.strip_prefix(ENV_PREFIX)
-                    .and_then(|r| r.strip_prefix('_'))
-                    .is_some_and(|r| r.contains("__"))
+                k.strip_prefix(ENV_PREFIX).and_then(|r| r.strip_prefix('_')).is_some_and(|r| r.contains("__"))
             })
             .collect();
         builder = builder.add_source(
@@ -200,9 +195,7 @@ impl Settings {
             .and_then(|b| set(b, "database.url", &overrides.database))
             .and_then(|b| b.build())
             .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-        let settings: Settings = built
-            .try_deserialize()
-            .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let settings: Settings = built.try_deserialize().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
         settings.check()?;
         Ok(settings)
     }
@@ -211,10 +204,7 @@ impl Settings {
     fn check(&self) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         if self.server.listen.parse::<SocketAddr>().is_err() {
-            errors.push(format!(
-                "server.listen: `{}` is not HOST:PORT (e.g. 127.0.0.1:8080)",
-                self.server.listen
-            ));
+            errors.push(format!("server.listen: `{}` is not HOST:PORT (e.g. 127.0.0.1:8080)", self.server.listen));
         }
         if !(1..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
             errors.push("server.body_limit_bytes: must be between 1 and 67108864".into());
@@ -225,7 +215,8 @@ impl Settings {
         let url = &self.database.url;
         if url.starts_with("sqlite:") {
             if url.contains(":memory:") || url.contains("mode=memory") {
-                errors.push("database.url: an in-memory SQLite database loses every record on exit; name a file".into());
+                errors
+                    .push("database.url: an in-memory SQLite database loses every record on exit; name a file".into());
             }
         } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             errors.push("database.url: expected sqlite:PATH or postgres://USER@HOST/DB".into());
@@ -256,20 +247,13 @@ impl Settings {
                 errors.push(format!("{at}.scopes: a key needs at least one scope"));
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
     }
 
     /// `server.listen` as an address (checked at load).
     #[must_use]
     pub fn listen_addr(&self) -> SocketAddr {
-        self.server
-            .listen
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+        self.server.listen.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
     }
 
     /// `database.acquire_timeout_secs` as a duration.
@@ -302,10 +286,7 @@ mod tests {
     fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
         let s = load(
             "[server]\nlisten = \"127.0.0.1:9000\"\nbody_limit_bytes = 10\n",
-            &[
-                ("CAREBRIDGE_SERVER__BODY_LIMIT_BYTES", "20"),
-                ("CAREBRIDGE_TEST_POSTGRES_URL", "x"),
-            ],
+            &[("CAREBRIDGE_SERVER__BODY_LIMIT_BYTES", "20"), ("CAREBRIDGE_TEST_POSTGRES_URL", "x")],
         )
         .expect("loads");
         assert_eq!(s.server.listen, "127.0.0.1:9000");
@@ -314,14 +295,8 @@ mod tests {
 
     #[test]
     fn flags_override_everything() {
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:1".into()),
-            database: Some("sqlite:x.db".into()),
-        };
-        let env = [(
-            "CAREBRIDGE_DATABASE__URL".to_owned(),
-            "sqlite:y.db".to_owned(),
-        )];
+        let overrides = Overrides { listen: Some("127.0.0.1:1".into()), database: Some("sqlite:x.db".into()) };
+        let env = [("CAREBRIDGE_DATABASE__URL".to_owned(), "sqlite:y.db".to_owned())];
         let s = Settings::load_with_env(None, &overrides, env).expect("loads");
         assert_eq!(s.server.listen, "127.0.0.1:1");
         assert_eq!(s.database.url, "sqlite:x.db");
@@ -342,12 +317,7 @@ mod tests {
         )
         .expect_err("bad values");
         let text = e.to_string();
-        for needle in [
-            "server.listen",
-            "database.url",
-            "api_keys[0].hash",
-            "api_keys[0].scopes",
-        ] {
+        for needle in ["server.listen", "database.url", "api_keys[0].hash", "api_keys[0].scopes"] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
         assert_eq!(e.0.len(), 4);

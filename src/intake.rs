@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 
 use crate::domain::{
-    AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordId, RecordKind,
-    Referral, StatusChange, Validator,
+    AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordId, RecordKind, Referral, StatusChange,
+    Validator,
 };
 use crate::store::{Actor, Change, Precondition, RecordWrite, SaveOutcome, Store, StoreError};
 
@@ -59,9 +59,7 @@ pub enum IntakeError {
 impl From<StoreError> for IntakeError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::PreconditionFailed { current } => {
-                IntakeError::PreconditionFailed { current }
-            }
+            StoreError::PreconditionFailed { current } => IntakeError::PreconditionFailed { current },
             other => IntakeError::Store(other),
         }
     }
@@ -102,19 +100,14 @@ pub async fn put<T: AgencyRecord>(
     if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
         let write = record_write(&record, &id, body, change);
         let outcome = store.save_record(&write, pre, actor, now).await?;
-        return Ok(Saved {
-            outcome,
-            body: write.body,
-        });
+        return Ok(Saved { outcome, body: write.body });
     }
     // The status may not move here: read the current one, and write only over the version we checked.
     for attempt in 1..=CONFLICT_ATTEMPTS {
         let guard = match load::<T>(store, &id).await? {
             None => Precondition::Absent,
             Some((_, version)) if pre == Precondition::Absent => {
-                return Err(IntakeError::PreconditionFailed {
-                    current: Some(version),
-                });
+                return Err(IntakeError::PreconditionFailed { current: Some(version) });
             }
             Some((current, version)) => {
                 if current.status_code() != record.status_code() {
@@ -128,21 +121,15 @@ pub async fn put<T: AgencyRecord>(
         };
         // Write over exactly the version whose status we checked, unless the caller named a version itself.
         let effective = match (pre, guard) {
-            (Precondition::None | Precondition::Exists, Precondition::Version(v)) => {
-                Precondition::Version(v)
-            }
+            (Precondition::None | Precondition::Exists, Precondition::Version(v)) => Precondition::Version(v),
             (Precondition::None, guard) => guard,
             (caller, _) => caller,
         };
         let write = record_write(&record, &id, body.clone(), change);
         match store.save_record(&write, effective, actor, now).await {
-            Err(StoreError::PreconditionFailed { .. })
-                if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
+            Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => {
-                return Ok(Saved {
-                    outcome: result?,
-                    body,
-                });
+                return Ok(Saved { outcome: result?, body });
             }
         }
     }
@@ -165,30 +152,19 @@ pub async fn change_referral_status(
     change.validate(&mut v);
     v.finish().map_err(IntakeError::Invalid)?;
     for attempt in 1..=CONFLICT_ATTEMPTS {
-        let (mut referral, version) = load::<Referral>(store, id)
-            .await?
-            .ok_or(IntakeError::NotFound)?;
+        let (mut referral, version) = load::<Referral>(store, id).await?.ok_or(IntakeError::NotFound)?;
         if let Precondition::Version(expected) = pre
             && expected != version
         {
-            return Err(IntakeError::PreconditionFailed {
-                current: Some(version),
-            });
+            return Err(IntakeError::PreconditionFailed { current: Some(version) });
         }
         referral.apply(change);
         let body = canonical(&referral);
         let write = record_write(&referral, id, body.clone(), Change::StatusChanged);
-        match store
-            .save_record(&write, Precondition::Version(version), actor, now)
-            .await
-        {
-            Err(StoreError::PreconditionFailed { .. })
-                if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
+        match store.save_record(&write, Precondition::Version(version), actor, now).await {
+            Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => {
-                return Ok(Saved {
-                    outcome: result?,
-                    body,
-                });
+                return Ok(Saved { outcome: result?, body });
             }
         }
     }
@@ -201,34 +177,16 @@ fn retryable(pre: Precondition) -> bool {
     matches!(pre, Precondition::None | Precondition::Exists)
 }
 
-async fn load<T: AgencyRecord>(
-    store: &dyn Store,
-    id: &RecordId,
-) -> Result<Option<(T, i64)>, IntakeError> {
+async fn load<T: AgencyRecord>(store: &dyn Store, id: &RecordId) -> Result<Option<(T, i64)>, IntakeError> {
     let Some(stored) = store.get_record(T::KIND, id).await? else {
         return Ok(None);
     };
-    let record = serde_json::from_str(&stored.body).map_err(|source| IntakeError::Corrupt {
-        kind: T::KIND,
-        source,
-    })?;
+    let record = serde_json::from_str(&stored.body).map_err(|source| IntakeError::Corrupt { kind: T::KIND, source })?;
     Ok(Some((record, stored.meta.version)))
 }
 
-fn record_write<'a, T: AgencyRecord>(
-    record: &'a T,
-    id: &'a RecordId,
-    body: String,
-    change: Change,
-) -> RecordWrite<'a> {
-    RecordWrite {
-        kind: T::KIND,
-        id,
-        body,
-        client_id: record.client_id(),
-        status: record.status_code(),
-        change,
-    }
+fn record_write<'a, T: AgencyRecord>(record: &'a T, id: &'a RecordId, body: String, change: Change) -> RecordWrite<'a> {
+    RecordWrite { kind: T::KIND, id, body, client_id: record.client_id(), status: record.status_code(), change }
 }
 
 /// The stored form of a record: serde's field order, absent options left out.
@@ -281,11 +239,7 @@ pub enum SeedError {
 ///
 /// # Errors
 /// The first file that cannot be read, parsed or kept.
-pub async fn seed(
-    store: &dyn Store,
-    dir: &Path,
-    now: OffsetDateTime,
-) -> Result<SeedReport, SeedError> {
+pub async fn seed(store: &dyn Store, dir: &Path, now: OffsetDateTime) -> Result<SeedReport, SeedError> {
     let mut report = SeedReport::default();
     for kind in RecordKind::ALL {
         let kind_dir = dir.join(kind.as_str());
@@ -293,10 +247,7 @@ pub async fn seed(
             continue;
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(&kind_dir)
-            .map_err(|source| SeedError::Io {
-                path: kind_dir.clone(),
-                source,
-            })?
+            .map_err(|source| SeedError::Io { path: kind_dir.clone(), source })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .collect();
@@ -313,43 +264,16 @@ pub async fn seed(
 }
 
 /// Creates the record of one seed file; `false` when it already existed.
-async fn seed_file(
-    store: &dyn Store,
-    kind: RecordKind,
-    path: &Path,
-    now: OffsetDateTime,
-) -> Result<bool, SeedError> {
-    let invalid = |detail: String| SeedError::Invalid {
-        path: path.to_owned(),
-        detail,
-    };
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default();
-    let id =
-        RecordId::parse(stem).map_err(|e| invalid(format!("file name is not a record id: {e}")))?;
-    let text = std::fs::read_to_string(path).map_err(|source| SeedError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let actor = Actor {
-        key_name: "seed".into(),
-        request_id: format!("seed-{}", kind.as_str()),
-    };
+async fn seed_file(store: &dyn Store, kind: RecordKind, path: &Path, now: OffsetDateTime) -> Result<bool, SeedError> {
+    let invalid = |detail: String| SeedError::Invalid { path: path.to_owned(), detail };
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let id = RecordId::parse(stem).map_err(|e| invalid(format!("file name is not a record id: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|source| SeedError::Io { path: path.to_owned(), source })?;
+    let actor = Actor { key_name: "seed".into(), request_id: format!("seed-{}", kind.as_str()) };
     macro_rules! seed_as {
         ($t:ty) => {{
             let record: $t = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-            put(
-                store,
-                id,
-                record,
-                Precondition::Absent,
-                &actor,
-                Change::Seeded,
-                now,
-            )
-            .await
+            put(store, id, record, Precondition::Absent, &actor, Change::Seeded, now).await
         }};
     }
     let saved = match kind {
@@ -362,9 +286,6 @@ async fn seed_file(
     match saved {
         Ok(_) => Ok(true),
         Err(IntakeError::PreconditionFailed { .. }) => Ok(false),
-        Err(source) => Err(SeedError::Intake {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(SeedError::Intake { path: path.to_owned(), source }),
     }
 }

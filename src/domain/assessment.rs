@@ -93,19 +93,11 @@ struct Scoring {
 }
 
 fn band(total: u16, bands: &[(u16, Interpretation)]) -> Interpretation {
-    bands
-        .iter()
-        .rev()
-        .find(|(from, _)| total >= *from)
-        .map_or(bands[0].1, |(_, i)| *i)
+    bands.iter().rev().find(|(from, _)| total >= *from).map_or(bands[0].1, |(_, i)| *i)
 }
 
 fn positive_if(ok: bool) -> Interpretation {
-    if ok {
-        Interpretation::Positive
-    } else {
-        Interpretation::Negative
-    }
+    if ok { Interpretation::Positive } else { Interpretation::Negative }
 }
 
 impl Instrument {
@@ -118,63 +110,30 @@ impl Instrument {
                 read: |t, _| {
                     band(
                         t,
-                        &[
-                            (0, I::Minimal),
-                            (5, I::Mild),
-                            (10, I::Moderate),
-                            (15, I::ModeratelySevere),
-                            (20, I::Severe),
-                        ],
+                        &[(0, I::Minimal), (5, I::Mild), (10, I::Moderate), (15, I::ModeratelySevere), (20, I::Severe)],
                     )
                 },
             },
             Instrument::Gad7 => Scoring {
                 items: 7,
                 max_item: 3,
-                read: |t, _| {
-                    band(
-                        t,
-                        &[
-                            (0, I::Minimal),
-                            (5, I::Mild),
-                            (10, I::Moderate),
-                            (15, I::Severe),
-                        ],
-                    )
-                },
+                read: |t, _| band(t, &[(0, I::Minimal), (5, I::Mild), (10, I::Moderate), (15, I::Severe)]),
             },
             Instrument::Dast10 => Scoring {
                 items: 10,
                 max_item: 1,
                 read: |t, _| {
-                    band(
-                        t,
-                        &[
-                            (0, I::None),
-                            (1, I::Low),
-                            (3, I::Moderate),
-                            (6, I::Substantial),
-                            (9, I::Severe),
-                        ],
-                    )
+                    band(t, &[(0, I::None), (1, I::Low), (3, I::Moderate), (6, I::Substantial), (9, I::Severe)])
                 },
             },
-            Instrument::Phq2 => Scoring {
-                items: 2,
-                max_item: 3,
-                read: |t, _| positive_if(t >= 3),
-            },
+            Instrument::Phq2 => Scoring { items: 2, max_item: 3, read: |t, _| positive_if(t >= 3) },
             Instrument::HungerVitalSign => Scoring {
                 items: 2,
                 max_item: 2,
                 read: |_, items| positive_if(items.iter().any(|i| i.score.unwrap_or(0) >= 1)),
             },
             // AUDIT-C's cut-off depends on sex (3 for women, 4 for men): the agency's reading stands.
-            Instrument::AuditC => Scoring {
-                items: 3,
-                max_item: 4,
-                read: |_, _| I::Positive,
-            },
+            Instrument::AuditC => Scoring { items: 3, max_item: 4, read: |_, _| I::Positive },
             Instrument::AhcHousing => return None,
         };
         Some(scoring)
@@ -202,18 +161,10 @@ impl AgencyRecord for Assessment {
 
     fn validate(&self, v: &mut Validator) {
         let today = time::OffsetDateTime::now_utc().date();
-        v.check(
-            self.date.0 <= today + time::Duration::days(1),
-            "$.date",
-            "the assessment date is in the future",
-        );
+        v.check(self.date.0 <= today + time::Duration::days(1), "$.date", "the assessment date is in the future");
         let mut numbers = std::collections::HashSet::new();
         for (i, item) in self.items.iter().enumerate() {
-            v.check(
-                numbers.insert(item.number),
-                format!("$.items[{i}].number"),
-                "this question is answered twice",
-            );
+            v.check(numbers.insert(item.number), format!("$.items[{i}].number"), "this question is answered twice");
             if let Some(answer) = &item.answer {
                 v.text(answer, format!("$.items[{i}].answer"), 500);
             }
@@ -229,14 +180,7 @@ impl Assessment {
     fn validate_scored(&self, scoring: &Scoring, v: &mut Validator) {
         let name = self.instrument.as_str();
         if self.items.len() != usize::from(scoring.items) {
-            v.error(
-                "$.items",
-                format!(
-                    "{name} has {} questions; {} answered",
-                    scoring.items,
-                    self.items.len()
-                ),
-            );
+            v.error("$.items", format!("{name} has {} questions; {} answered", scoring.items, self.items.len()));
         }
         let mut sum: u16 = 0;
         let mut items_ok = true;
@@ -251,50 +195,32 @@ impl Assessment {
                 Some(s) if s <= scoring.max_item => sum += u16::from(s),
                 Some(_) => {
                     items_ok = false;
-                    v.error(
-                        format!("$.items[{i}].score"),
-                        format!("{name} items score 0 to {}", scoring.max_item),
-                    );
+                    v.error(format!("$.items[{i}].score"), format!("{name} items score 0 to {}", scoring.max_item));
                 }
                 None => {
                     items_ok = false;
-                    v.error(
-                        format!("$.items[{i}].score"),
-                        format!("{name} is scored: every item needs a score"),
-                    );
+                    v.error(format!("$.items[{i}].score"), format!("{name} is scored: every item needs a score"));
                 }
             }
         }
         match self.total_score {
             // The total can only be checked against items that are themselves valid.
             Some(_) if !items_ok => {}
-            None => v.error(
-                "$.total_score",
-                format!("{name} is scored: total_score is required"),
-            ),
+            None => v.error("$.total_score", format!("{name} is scored: total_score is required")),
             Some(total) if total != sum => {
-                v.error(
-                    "$.total_score",
-                    format!("total_score is {total} but the items add up to {sum}"),
-                );
+                v.error("$.total_score", format!("total_score is {total} but the items add up to {sum}"));
             }
             Some(total) => {
                 let expected = (scoring.read)(total, &self.items);
                 // AUDIT-C's reading depends on sex, which the score alone cannot tell.
                 let checkable = self.instrument != Instrument::AuditC;
                 let allowed = [Interpretation::Positive, Interpretation::Negative];
-                let ok = if checkable {
-                    self.interpretation == expected
-                } else {
-                    allowed.contains(&self.interpretation)
-                };
+                let ok =
+                    if checkable { self.interpretation == expected } else { allowed.contains(&self.interpretation) };
                 v.check(
                     ok,
                     "$.interpretation",
-                    format!(
-                        "a {name} total of {total} reads as {expected}, not {}",
-                        self.interpretation
-                    ),
+                    format!("a {name} total of {total} reads as {expected}, not {}", self.interpretation),
                 );
             }
         }
@@ -302,33 +228,14 @@ impl Assessment {
 
     fn validate_unscored(&self, v: &mut Validator) {
         let name = self.instrument.as_str();
-        v.check(
-            self.total_score.is_none(),
-            "$.total_score",
-            format!("{name} is not scored"),
-        );
-        v.check(
-            !self.items.is_empty(),
-            "$.items",
-            "at least one answer is required",
-        );
+        v.check(self.total_score.is_none(), "$.total_score", format!("{name} is not scored"));
+        v.check(!self.items.is_empty(), "$.items", "at least one answer is required");
         for (i, item) in self.items.iter().enumerate() {
-            v.check(
-                item.score.is_none(),
-                format!("$.items[{i}].score"),
-                format!("{name} is not scored"),
-            );
-            v.check(
-                item.answer.is_some(),
-                format!("$.items[{i}].answer"),
-                "an answer in words is required",
-            );
+            v.check(item.score.is_none(), format!("$.items[{i}].score"), format!("{name} is not scored"));
+            v.check(item.answer.is_some(), format!("$.items[{i}].answer"), "an answer in words is required");
         }
         v.check(
-            matches!(
-                self.interpretation,
-                Interpretation::Positive | Interpretation::Negative
-            ),
+            matches!(self.interpretation, Interpretation::Positive | Interpretation::Negative),
             "$.interpretation",
             format!("{name} reads as positive or negative"),
         );
@@ -348,11 +255,7 @@ mod tests {
             performed_by: None,
             items: (1..=9)
                 .zip(scores)
-                .map(|(number, s)| AssessmentItem {
-                    number,
-                    score: Some(s),
-                    answer: None,
-                })
+                .map(|(number, s)| AssessmentItem { number, score: Some(s), answer: None })
                 .collect(),
             total_score: Some(total),
             interpretation,
@@ -363,51 +266,26 @@ mod tests {
     fn errors(a: &Assessment) -> Vec<String> {
         let mut v = Validator::new();
         a.validate(&mut v);
-        v.finish()
-            .err()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.path)
-            .collect()
+        v.finish().err().unwrap_or_default().into_iter().map(|e| e.path).collect()
     }
 
     #[test]
     fn a_consistent_phq9_is_accepted() {
-        assert!(
-            errors(&phq9(
-                [2, 2, 2, 2, 2, 2, 2, 2, 1],
-                17,
-                Interpretation::ModeratelySevere
-            ))
-            .is_empty()
-        );
+        assert!(errors(&phq9([2, 2, 2, 2, 2, 2, 2, 2, 1], 17, Interpretation::ModeratelySevere)).is_empty());
     }
 
     #[test]
     fn a_total_that_is_not_the_sum_of_the_items_is_refused() {
-        assert_eq!(
-            errors(&phq9([1; 9], 10, Interpretation::Moderate)),
-            ["$.total_score"]
-        );
+        assert_eq!(errors(&phq9([1; 9], 10, Interpretation::Moderate)), ["$.total_score"]);
     }
 
     #[test]
     fn an_interpretation_outside_the_score_band_is_refused() {
-        assert_eq!(
-            errors(&phq9([1; 9], 9, Interpretation::Severe)),
-            ["$.interpretation"]
-        );
+        assert_eq!(errors(&phq9([1; 9], 9, Interpretation::Severe)), ["$.interpretation"]);
     }
 
     #[test]
     fn an_item_score_above_the_instrument_range_is_refused() {
-        assert_eq!(
-            errors(&phq9(
-                [4, 0, 0, 0, 0, 0, 0, 0, 0],
-                4,
-                Interpretation::Minimal
-            )),
-            ["$.items[0].score"]
-        );
+        assert_eq!(errors(&phq9([4, 0, 0, 0, 0, 0, 0, 0, 0], 4, Interpretation::Minimal)), ["$.items[0].score"]);
     }
 }

@@ -6,9 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::values::vocabulary;
-use super::{
-    AgencyRecord, Date, NeedCode, Period, RecordId, RecordKind, Redacted, ServiceCode, Validator,
-};
+use super::{AgencyRecord, Date, NeedCode, Period, RecordId, RecordKind, Redacted, ServiceCode, Validator};
 
 vocabulary! {
     /// Where the plan stands: `draft`, `active`, `on_hold`, `completed`, `revoked`, `entered_in_error`.
@@ -193,19 +191,9 @@ pub struct Intervention {
     pub referral_id: Option<RecordId>,
 }
 
-fn check_refs(
-    v: &mut Validator,
-    refs: &[RecordId],
-    known: &HashSet<&RecordId>,
-    path: &str,
-    what: &str,
-) {
+fn check_refs(v: &mut Validator, refs: &[RecordId], known: &HashSet<&RecordId>, path: &str, what: &str) {
     for (i, id) in refs.iter().enumerate() {
-        v.check(
-            known.contains(id),
-            format!("{path}[{i}]"),
-            format!("no {what} with this id in the plan"),
-        );
+        v.check(known.contains(id), format!("{path}[{i}]"), format!("no {what} with this id in the plan"));
     }
 }
 
@@ -235,11 +223,7 @@ impl AgencyRecord for CarePlan {
     fn validate(&self, v: &mut Validator) {
         v.text(&self.title, "$.title", 200);
         self.period.validate("$.period", v);
-        v.check(
-            !self.needs.is_empty(),
-            "$.needs",
-            "a care plan addresses at least one need",
-        );
+        v.check(!self.needs.is_empty(), "$.needs", "a care plan addresses at least one need");
         v.unique_ids(self.needs.iter().map(|n| &n.id), "$.needs");
         v.unique_ids(self.goals.iter().map(|g| &g.id), "$.goals");
         v.unique_ids(self.interventions.iter().map(|x| &x.id), "$.interventions");
@@ -253,24 +237,10 @@ impl AgencyRecord for CarePlan {
         for (i, goal) in self.goals.iter().enumerate() {
             let at = format!("$.goals[{i}]");
             v.text(&goal.description, format!("{at}.description"), 1000);
-            v.check(
-                !goal.need_ids.is_empty(),
-                format!("{at}.need_ids"),
-                "a goal addresses at least one need",
-            );
-            check_refs(
-                v,
-                &goal.need_ids,
-                &need_ids,
-                &format!("{at}.need_ids"),
-                "need",
-            );
+            v.check(!goal.need_ids.is_empty(), format!("{at}.need_ids"), "a goal addresses at least one need");
+            check_refs(v, &goal.need_ids, &need_ids, &format!("{at}.need_ids"), "need");
             if let (Some(start), Some(target)) = (goal.start_date, goal.target_date) {
-                v.check(
-                    target >= start,
-                    format!("{at}.target_date"),
-                    "the target date is before the start date",
-                );
+                v.check(target >= start, format!("{at}.target_date"), "the target date is before the start date");
             }
             v.check(
                 goal.progress.windows(2).all(|w| w[0].date <= w[1].date),

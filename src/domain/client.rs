@@ -104,27 +104,13 @@ impl AgencyRecord for Client {
         v.text(&self.given_name, "$.given_name", 200);
         v.text(&self.family_name, "$.family_name", 200);
         let today = time::OffsetDateTime::now_utc().date();
-        v.check(
-            self.birth_date.0.0 <= today,
-            "$.birth_date",
-            "the birth date is in the future",
-        );
-        v.check(
-            self.birth_date.0.0.year() >= 1880,
-            "$.birth_date",
-            "the birth date is before 1880",
-        );
+        v.check(self.birth_date.0.0 <= today, "$.birth_date", "the birth date is in the future");
+        v.check(self.birth_date.0.0.year() >= 1880, "$.birth_date", "the birth date is before 1880");
         if let Some(lang) = &self.preferred_language {
             let ok = !lang.is_empty()
                 && lang.len() <= 35
-                && lang
-                    .split('-')
-                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()));
-            v.check(
-                ok,
-                "$.preferred_language",
-                "expected a BCP 47 language tag such as en or es-MX",
-            );
+                && lang.split('-').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()));
+            v.check(ok, "$.preferred_language", "expected a BCP 47 language tag such as en or es-MX");
         }
         if let Some(phone) = &self.phone {
             v.text(phone, "$.phone", 40);
@@ -133,19 +119,11 @@ impl AgencyRecord for Client {
             v.check(email.contains('@'), "$.email", "expected an e-mail address");
         }
         for (i, ident) in self.identifiers.iter().enumerate() {
-            v.check(
-                ident.system.contains(':'),
-                format!("$.identifiers[{i}].system"),
-                "expected an absolute URI",
-            );
+            v.check(ident.system.contains(':'), format!("$.identifiers[{i}].system"), "expected an absolute URI");
             v.text(&ident.value, format!("$.identifiers[{i}].value"), 200);
         }
         if let Some(address) = &self.address {
-            v.check(
-                !address.lines.is_empty(),
-                "$.address.lines",
-                "an address has at least one line",
-            );
+            v.check(!address.lines.is_empty(), "$.address.lines", "an address has at least one line");
             v.text(&address.city, "$.address.city", 100);
             v.text(&address.state, "$.address.state", 100);
             v.text(&address.postal_code, "$.address.postal_code", 20);

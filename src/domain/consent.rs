@@ -91,17 +91,9 @@ impl AgencyRecord for Consent {
     }
 
     fn validate(&self, v: &mut Validator) {
-        v.check(
-            !self.categories.is_empty(),
-            "$.categories",
-            "a consent covers at least one category",
-        );
+        v.check(!self.categories.is_empty(), "$.categories", "a consent covers at least one category");
         for (i, c) in self.categories.iter().enumerate() {
-            v.check(
-                !self.categories[..i].contains(c),
-                format!("$.categories[{i}]"),
-                "this category is listed twice",
-            );
+            v.check(!self.categories[..i].contains(c), format!("$.categories[{i}]"), "this category is listed twice");
         }
         self.period.validate("$.period", v);
         let today = time::OffsetDateTime::now_utc().date();

@@ -13,25 +13,19 @@ mod values;
 
 pub use assessment::{Assessment, AssessmentItem, Instrument, Interpretation};
 pub use care_plan::{
-    CarePlan, CarePlanStatus, Goal, GoalAchievement, GoalLifecycle, GoalProgress, Intervention,
-    InterventionStatus, Need, NeedStatus,
+    CarePlan, CarePlanStatus, Goal, GoalAchievement, GoalLifecycle, GoalProgress, Intervention, InterventionStatus,
+    Need, NeedStatus,
 };
 pub use client::{Address, Client, Gender, Identifier};
 pub use consent::{Consent, ConsentCategory, ConsentPurpose, ConsentStatus};
-pub use referral::{
-    Priority, Referral, ReferralNote, ReferralStatus, ReferralTarget, Requester, StatusChange,
-};
-pub use values::{
-    Date, FieldError, NeedCode, Period, RecordId, Redacted, ServiceCode, Timestamp, Validator,
-};
+pub use referral::{Priority, Referral, ReferralNote, ReferralStatus, ReferralTarget, Requester, StatusChange};
+pub use values::{Date, FieldError, NeedCode, Period, RecordId, Redacted, ServiceCode, Timestamp, Validator};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The five kinds of agency record the gateway accepts.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RecordKind {
     /// A person the agency serves.
@@ -48,13 +42,8 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// Every kind, in the order the API documents them.
-    pub const ALL: [RecordKind; 5] = [
-        RecordKind::Client,
-        RecordKind::Assessment,
-        RecordKind::CarePlan,
-        RecordKind::Referral,
-        RecordKind::Consent,
-    ];
+    pub const ALL: [RecordKind; 5] =
+        [RecordKind::Client, RecordKind::Assessment, RecordKind::CarePlan, RecordKind::Referral, RecordKind::Consent];
 
     /// The stable name stored in the database and used in fixtures (`care-plan`).
     #[must_use]

@@ -4,9 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::values::vocabulary;
-use super::{
-    AgencyRecord, NeedCode, RecordId, RecordKind, Redacted, ServiceCode, Timestamp, Validator,
-};
+use super::{AgencyRecord, NeedCode, RecordId, RecordKind, Redacted, ServiceCode, Timestamp, Validator};
 
 vocabulary! {
     /// How soon the client must be seen: `routine`, `urgent`, or `crisis` (same day; raises a safety alert).
@@ -39,10 +37,7 @@ impl ReferralStatus {
     /// Whether moving to this status must say why (FHIR `Task.statusReason`).
     #[must_use]
     pub fn needs_reason(self) -> bool {
-        matches!(
-            self,
-            Self::Declined | Self::Cancelled | Self::OnHold | Self::Failed
-        )
+        matches!(self, Self::Declined | Self::Cancelled | Self::OnHold | Self::Failed)
     }
 }
 
@@ -201,11 +196,7 @@ impl AgencyRecord for Referral {
             "goal ids name goals of a care plan: care_plan_id is required with them",
         );
         v.text(&self.requester.name, "$.requester.name", 200);
-        v.text(
-            &self.requester.organization,
-            "$.requester.organization",
-            200,
-        );
+        v.text(&self.requester.organization, "$.requester.organization", 200);
         match &self.status_reason {
             Some(reason) => v.text(reason, "$.status_reason", 1000),
             None => v.check(
@@ -220,10 +211,6 @@ impl AgencyRecord for Referral {
         for (i, note) in self.notes.iter().enumerate() {
             v.text(&note.text, format!("$.notes[{i}].text"), 4000);
         }
-        v.check(
-            self.notes.windows(2).all(|w| w[0].at <= w[1].at),
-            "$.notes",
-            "notes are listed oldest first",
-        );
+        v.check(self.notes.windows(2).all(|w| w[0].at <= w[1].at), "$.notes", "notes are listed oldest first");
     }
 }

@@ -63,10 +63,7 @@ impl RecordId {
         if s.len() > MAX_ID_LEN {
             return Err(format!("an id has at most {MAX_ID_LEN} characters"));
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
+        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
             return Err("an id may only contain letters A-Z, a-z, digits, '-' and '.'".into());
         }
         Ok(Self(s.to_owned()))
@@ -106,9 +103,7 @@ impl Date {
     /// # Errors
     /// When the text is not a real calendar date in that form.
     pub fn parse(s: &str) -> Result<Self, String> {
-        time::Date::parse(s, DATE_FORMAT)
-            .map(Date)
-            .map_err(|_| "expected a date as YYYY-MM-DD".to_owned())
+        time::Date::parse(s, DATE_FORMAT).map(Date).map_err(|_| "expected a date as YYYY-MM-DD".to_owned())
     }
 }
 
@@ -196,11 +191,7 @@ impl Period {
     /// Adds an error at `path` when the period ends before it starts.
     pub fn validate(&self, path: &str, v: &mut Validator) {
         if let Some(end) = self.end {
-            v.check(
-                end >= self.start,
-                format!("{path}.end"),
-                "the period ends before it starts",
-            );
+            v.check(end >= self.start, format!("{path}.end"), "the period ends before it starts");
         }
     }
 }
@@ -248,10 +239,7 @@ impl Validator {
 
     /// Records an error at `path`.
     pub fn error(&mut self, path: impl Into<String>, detail: impl Into<String>) {
-        self.errors.push(FieldError {
-            path: path.into(),
-            detail: detail.into(),
-        });
+        self.errors.push(FieldError { path: path.into(), detail: detail.into() });
     }
 
     /// Records an error at `path` unless `ok`.
@@ -276,10 +264,7 @@ impl Validator {
         let mut seen = std::collections::HashSet::new();
         for (i, id) in ids.enumerate() {
             if !seen.insert(id) {
-                self.error(
-                    format!("{path}[{i}].id"),
-                    "this id is used twice in the same list",
-                );
+                self.error(format!("{path}[{i}].id"), "this id is used twice in the same list");
             }
         }
     }
@@ -289,11 +274,7 @@ impl Validator {
     /// # Errors
     /// Every violation collected, in the order found.
     pub fn finish(self) -> Result<(), Vec<FieldError>> {
-        if self.errors.is_empty() {
-            Ok(())
-        } else {
-            Err(self.errors)
-        }
+        if self.errors.is_empty() { Ok(()) } else { Err(self.errors) }
     }
 }
 
@@ -366,10 +347,7 @@ mod tests {
     fn redacted_values_never_show_in_debug_output() {
         let name = Redacted("Zebulon".to_owned());
         assert_eq!(format!("{name:?}"), "[redacted]");
-        assert_eq!(
-            serde_json::to_string(&name).expect("serialise"),
-            "\"Zebulon\""
-        );
+        assert_eq!(serde_json::to_string(&name).expect("serialise"), "\"Zebulon\"");
     }
 
     #[test]

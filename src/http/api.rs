@@ -143,19 +143,10 @@ fn http_date(t: OffsetDateTime) -> Option<HeaderValue> {
     let format = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
-    t.to_offset(time::UtcOffset::UTC)
-        .format(format)
-        .ok()
-        .and_then(|s| HeaderValue::from_str(&s).ok())
+    t.to_offset(time::UtcOffset::UTC).format(format).ok().and_then(|s| HeaderValue::from_str(&s).ok())
 }
 
-fn record_response(
-    status: StatusCode,
-    kind: RecordKind,
-    id: &str,
-    meta: RecordMeta,
-    body: String,
-) -> Response {
+fn record_response(status: StatusCode, kind: RecordKind, id: &str, meta: RecordMeta, body: String) -> Response {
     let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     let headers = response.headers_mut();
     if let Ok(tag) = HeaderValue::from_str(&etag(meta.version)) {
@@ -174,12 +165,10 @@ fn record_response(
 
 fn store_problem(e: StoreError) -> ApiError {
     match e {
-        StoreError::PreconditionFailed { current } => {
-            intake_problem(IntakeError::PreconditionFailed { current })
+        StoreError::PreconditionFailed { current } => intake_problem(IntakeError::PreconditionFailed { current }),
+        StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
+            ApiError::internal(ProblemType::Unavailable, e)
         }
-        StoreError::Database(
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
-        ) => ApiError::internal(ProblemType::Unavailable, e),
         other => ApiError::internal(ProblemType::Internal, other),
     }
 }
@@ -209,15 +198,11 @@ fn intake_problem(e: IntakeError) -> ApiError {
 }
 
 fn not_found() -> ApiError {
-    Problem::new(ProblemType::NotFound)
-        .detail("no record with this id")
-        .into()
+    Problem::new(ProblemType::NotFound).detail("no record with this id").into()
 }
 
 fn invalid_query(detail: impl Into<String>) -> ApiError {
-    Problem::new(ProblemType::InvalidQuery)
-        .detail(detail)
-        .into()
+    Problem::new(ProblemType::InvalidQuery).detail(detail).into()
 }
 
 async fn put_record<T: AgencyRecord>(
@@ -227,63 +212,30 @@ async fn put_record<T: AgencyRecord>(
     pre: Conditions,
     record: T,
 ) -> Result<Response, ApiError> {
-    let saved = intake::put(
-        &*state.store,
-        path.id.clone(),
-        record,
-        pre.0,
-        &actor.0,
-        Change::Put,
-        OffsetDateTime::now_utc(),
-    )
-    .await
-    .map_err(intake_problem)?;
-    let status = if matches!(saved.outcome, SaveOutcome::Created(_)) {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(record_response(
-        status,
-        T::KIND,
-        path.id.as_str(),
-        saved.outcome.meta(),
-        saved.body,
-    ))
+    let saved =
+        intake::put(&*state.store, path.id.clone(), record, pre.0, &actor.0, Change::Put, OffsetDateTime::now_utc())
+            .await
+            .map_err(intake_problem)?;
+    let status = if matches!(saved.outcome, SaveOutcome::Created(_)) { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(record_response(status, T::KIND, path.id.as_str(), saved.outcome.meta(), saved.body))
 }
 
-async fn get_record(
-    state: &AppState,
-    kind: RecordKind,
-    path: IdPath,
-) -> Result<Response, ApiError> {
+async fn get_record(state: &AppState, kind: RecordKind, path: IdPath) -> Result<Response, ApiError> {
     let found = match path.version {
         None => state.store.get_record(kind, &path.id).await,
         Some(v) => state.store.get_version(kind, &path.id, v).await,
     };
     let stored = found.map_err(store_problem)?.ok_or_else(not_found)?;
-    Ok(record_response(
-        StatusCode::OK,
-        kind,
-        &stored.id,
-        stored.meta,
-        stored.body,
-    ))
+    Ok(record_response(StatusCode::OK, kind, &stored.id, stored.meta, stored.body))
 }
 
 fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQuery, ApiError> {
-    let client_id = p
-        .client
-        .map(|c| RecordId::parse(&c))
-        .transpose()
-        .map_err(|e| invalid_query(format!("client: {e}")))?;
+    let client_id =
+        p.client.map(|c| RecordId::parse(&c)).transpose().map_err(|e| invalid_query(format!("client: {e}")))?;
     if let Some(status) = &p.status
         && !T::is_known_status(status)
     {
-        return Err(invalid_query(format!(
-            "status: not a status code of {} records",
-            T::KIND
-        )));
+        return Err(invalid_query(format!("status: not a status code of {} records", T::KIND)));
     }
     let updated_since = p
         .updated_since
@@ -303,24 +255,13 @@ fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQu
         .transpose()?;
     let limit = p.limit.unwrap_or(state.api.default_page_size);
     if limit == 0 || limit > state.api.max_page_size {
-        return Err(invalid_query(format!(
-            "limit: between 1 and {}",
-            state.api.max_page_size
-        )));
+        return Err(invalid_query(format!("limit: between 1 and {}", state.api.max_page_size)));
     }
-    Ok(ListQuery {
-        kind: T::KIND,
-        client_id,
-        status: p.status,
-        updated_since,
-        after,
-        limit,
-    })
+    Ok(ListQuery { kind: T::KIND, client_id, status: p.status, updated_since, after, limit })
 }
 
 fn listed(record: StoredRecord) -> Result<ListedRecord, ApiError> {
-    let body = RawValue::from_string(record.body)
-        .map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
+    let body = RawValue::from_string(record.body).map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
     Ok(ListedRecord {
         id: record.id,
         version: record.meta.version,
@@ -329,37 +270,15 @@ fn listed(record: StoredRecord) -> Result<ListedRecord, ApiError> {
     })
 }
 
-async fn list_records<T: AgencyRecord>(
-    state: &AppState,
-    params: ListParams,
-) -> Result<Json<RecordPage>, ApiError> {
+async fn list_records<T: AgencyRecord>(state: &AppState, params: ListParams) -> Result<Json<RecordPage>, ApiError> {
     let query = list_query::<T>(state, params)?;
-    let page = state
-        .store
-        .list_records(&query)
-        .await
-        .map_err(store_problem)?;
-    let items = page
-        .items
-        .into_iter()
-        .map(listed)
-        .collect::<Result<_, _>>()?;
-    Ok(Json(RecordPage {
-        items,
-        next_cursor: page.next_after.map(hex::encode),
-    }))
+    let page = state.store.list_records(&query).await.map_err(store_problem)?;
+    let items = page.items.into_iter().map(listed).collect::<Result<_, _>>()?;
+    Ok(Json(RecordPage { items, next_cursor: page.next_after.map(hex::encode) }))
 }
 
-async fn record_history(
-    state: &AppState,
-    kind: RecordKind,
-    path: IdPath,
-) -> Result<Json<History>, ApiError> {
-    let versions = state
-        .store
-        .history(kind, &path.id)
-        .await
-        .map_err(store_problem)?;
+async fn record_history(state: &AppState, kind: RecordKind, path: IdPath) -> Result<Json<History>, ApiError> {
+    let versions = state.store.history(kind, &path.id).await.map_err(store_problem)?;
     if versions.is_empty() {
         return Err(not_found());
     }
@@ -373,11 +292,7 @@ async fn record_history(
             request_id: v.request_id,
         })
         .collect();
-    Ok(Json(History {
-        id: path.id.to_string(),
-        kind,
-        versions,
-    }))
+    Ok(Json(History { id: path.id.to_string(), kind, versions }))
 }
 
 /// Declares the typed, documented handlers of one record kind.
@@ -525,23 +440,11 @@ pub async fn change_referral_status(
     pre: Conditions,
     JsonBody(change): JsonBody<StatusChange>,
 ) -> Result<Response, ApiError> {
-    let saved = intake::change_referral_status(
-        &*state.store,
-        &path.id,
-        &change,
-        pre.0,
-        &actor.0,
-        OffsetDateTime::now_utc(),
-    )
-    .await
-    .map_err(intake_problem)?;
-    Ok(record_response(
-        StatusCode::OK,
-        RecordKind::Referral,
-        path.id.as_str(),
-        saved.outcome.meta(),
-        saved.body,
-    ))
+    let saved =
+        intake::change_referral_status(&*state.store, &path.id, &change, pre.0, &actor.0, OffsetDateTime::now_utc())
+            .await
+            .map_err(intake_problem)?;
+    Ok(record_response(StatusCode::OK, RecordKind::Referral, path.id.as_str(), saved.outcome.meta(), saved.body))
 }
 
 /// Reads the audit log: every write, by which key, in which request.
@@ -555,17 +458,10 @@ pub async fn audit_events(
 ) -> Result<Json<AuditPage>, ApiError> {
     let limit = params.limit.unwrap_or(state.api.default_page_size);
     if limit == 0 || limit > state.api.max_page_size {
-        return Err(invalid_query(format!(
-            "limit: between 1 and {}",
-            state.api.max_page_size
-        )));
+        return Err(invalid_query(format!("limit: between 1 and {}", state.api.max_page_size)));
     }
     let after = params.after.unwrap_or(0);
-    let events = state
-        .store
-        .audit_events(after, limit)
-        .await
-        .map_err(store_problem)?;
+    let events = state.store.audit_events(after, limit).await.map_err(store_problem)?;
     let next_after = events.last().map_or(after, |e| e.seq);
     let events = events
         .into_iter()
@@ -588,11 +484,8 @@ pub async fn audit_events(
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json")),
     security(("api_key" = ["read"])))]
 pub async fn openapi_json() -> Response {
-    static DOC: LazyLock<String> = LazyLock::new(|| {
-        ApiDoc::openapi()
-            .to_pretty_json()
-            .unwrap_or_else(|_| "{}".to_owned())
-    });
+    static DOC: LazyLock<String> =
+        LazyLock::new(|| ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".to_owned()));
     ([(header::CONTENT_TYPE, "application/json")], DOC.as_str()).into_response()
 }
 
@@ -606,9 +499,7 @@ impl Modify for BearerKey {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "An API key from the gateway's configuration; scopes: read, write, admin",
-                    ))
+                    .description(Some("An API key from the gateway's configuration; scopes: read, write, admin"))
                     .build(),
             ),
         );

@@ -35,8 +35,7 @@ impl KeyHash {
     /// A sentence naming what is malformed.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.split(':');
-        let (Some("sha256"), Some(salt), Some(digest), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some("sha256"), Some(salt), Some(digest), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err("expected sha256:<salt hex>:<digest hex> (make one with `carebridge keys generate`)".into());
         };
@@ -78,12 +77,7 @@ fn digest(salt: &[u8], key: &str) -> [u8; 32] {
 
 impl fmt::Display for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "sha256:{}:{}",
-            hex::encode(&self.salt),
-            hex::encode(self.digest)
-        )
+        write!(f, "sha256:{}:{}", hex::encode(&self.salt), hex::encode(self.digest))
     }
 }
 
@@ -133,13 +127,7 @@ impl KeyRing {
             .iter()
             .filter_map(|k| {
                 let hash = KeyHash::parse(&k.hash).ok()?;
-                Some((
-                    hash,
-                    Caller {
-                        name: Arc::from(k.name.as_str()),
-                        scopes: k.scopes.iter().copied().collect(),
-                    },
-                ))
+                Some((hash, Caller { name: Arc::from(k.name.as_str()), scopes: k.scopes.iter().copied().collect() }))
             })
             .collect();
         KeyRing { keys }
@@ -148,10 +136,7 @@ impl KeyRing {
     /// The caller holding `key`, if any.
     #[must_use]
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
-        self.keys
-            .iter()
-            .find(|(hash, _)| hash.matches(key))
-            .map(|(_, caller)| caller.clone())
+        self.keys.iter().find(|(hash, _)| hash.matches(key)).map(|(_, caller)| caller.clone())
     }
 }
 
@@ -170,20 +155,12 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(caller) = presented.and_then(|key| guard.keys.authenticate(key)) else {
-        let detail = if presented.is_some() {
-            "the API key is not valid"
-        } else {
-            "send Authorization: Bearer <api key>"
-        };
-        return Problem::new(ProblemType::Unauthorized)
-            .detail(detail)
-            .into_response();
+        let detail =
+            if presented.is_some() { "the API key is not valid" } else { "send Authorization: Bearer <api key>" };
+        return Problem::new(ProblemType::Unauthorized).detail(detail).into_response();
     };
     let scope = guard.scope.unwrap_or(match *request.method() {
         Method::GET | Method::HEAD => Scope::Read,
@@ -221,13 +198,7 @@ mod tests {
 
     #[test]
     fn malformed_hashes_are_refused() {
-        for bad in [
-            "",
-            "sha256:00",
-            "md5:0011223344556677:00",
-            "sha256:zz:00",
-            "sha256:0011223344556677:abcd",
-        ] {
+        for bad in ["", "sha256:00", "md5:0011223344556677:00", "sha256:zz:00", "sha256:0011223344556677:abcd"] {
             assert!(KeyHash::parse(bad).is_err(), "{bad}");
         }
     }

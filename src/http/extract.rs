@@ -27,8 +27,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Problem::new(ProblemType::PayloadTooLarge)
-                    .detail("the body exceeds server.body_limit_bytes")
+                Problem::new(ProblemType::PayloadTooLarge).detail("the body exceeds server.body_limit_bytes")
             } else {
                 Problem::new(ProblemType::MalformedJson).detail("the body could not be read")
             }
@@ -38,10 +37,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     let mut parts = value.split(';');
@@ -92,10 +88,7 @@ fn schema_problem(path: String, e: &serde_json::Error) -> Problem {
     // serde's messages name types, fields and expected values; for "invalid type/value" they also quote the
     // received value, which is the caller's own input and goes back only to the caller (never into logs).
     let message = e.to_string();
-    let detail = message
-        .rsplit_once(" at line ")
-        .map_or(message.as_str(), |(m, _)| m)
-        .to_owned();
+    let detail = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m).to_owned();
     Problem::new(ProblemType::InvalidRecord)
         .detail("the body does not match the record's schema")
         .errors(vec![FieldError { path, detail }])
@@ -136,22 +129,18 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
         let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, state)
             .await
-            .map_err(|_| {
-                Problem::new(ProblemType::InvalidId).detail("the path could not be decoded")
-            })?;
-        let get = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+            .map_err(|_| Problem::new(ProblemType::InvalidId).detail("the path could not be decoded"))?;
+        let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let id = RecordId::parse(get("id").unwrap_or_default())
             .map_err(|e| Problem::new(ProblemType::InvalidId).detail(e))?;
         let version = match get("version") {
             None => None,
-            Some(v) => Some(v.parse::<i64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
-                Problem::new(ProblemType::NotFound).detail("versions are numbered from 1")
-            })?),
+            Some(v) => Some(
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|v| *v >= 1)
+                    .ok_or_else(|| Problem::new(ProblemType::NotFound).detail("versions are numbered from 1"))?,
+            ),
         };
         Ok(IdPath { id, version })
     }
@@ -182,11 +171,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Conditions {
             parts
                 .headers
                 .get(name)
-                .map(|v| {
-                    v.to_str()
-                        .map(str::trim)
-                        .map_err(|_| bad_precondition("is not ASCII"))
-                })
+                .map(|v| v.to_str().map(str::trim).map_err(|_| bad_precondition("is not ASCII")))
                 .transpose()
         };
         let if_match = header_text(header::IF_MATCH)?;
@@ -200,9 +185,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Conditions {
                 return Err(bad_precondition("If-None-Match accepts only * on writes"));
             }
             (Some("*"), None) => Precondition::Exists,
-            (Some(tag), None) => Precondition::Version(parse_etag(tag).ok_or_else(|| {
-                bad_precondition("If-Match takes the ETag of a version, e.g. \"3\"")
-            })?),
+            (Some(tag), None) => Precondition::Version(
+                parse_etag(tag).ok_or_else(|| bad_precondition("If-Match takes the ETag of a version, e.g. \"3\""))?,
+            ),
             (None, None) => Precondition::None,
         };
         Ok(Conditions(pre))
@@ -232,19 +217,13 @@ impl<S: Send + Sync> FromRequestParts<S> for CallerActor {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
-        let caller = parts.extensions.get::<Caller>().ok_or_else(|| {
-            Problem::new(ProblemType::Unauthorized).detail("send Authorization: Bearer <api key>")
-        })?;
-        let request_id = parts
-            .headers
-            .get(super::REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        Ok(CallerActor(Actor {
-            key_name: caller.name.to_string(),
-            request_id,
-        }))
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .ok_or_else(|| Problem::new(ProblemType::Unauthorized).detail("send Authorization: Bearer <api key>"))?;
+        let request_id =
+            parts.headers.get(super::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        Ok(CallerActor(Actor { key_name: caller.name.to_string(), request_id }))
     }
 }
 
@@ -263,22 +242,17 @@ mod tests {
 
     #[test]
     fn an_unknown_field_is_refused_with_its_name() {
-        let problem = parse_json::<crate::domain::StatusChange>(br#"{"status":"sent","colour":1}"#)
-            .expect_err("invalid");
+        let problem =
+            parse_json::<crate::domain::StatusChange>(br#"{"status":"sent","colour":1}"#).expect_err("invalid");
         assert_eq!(problem.kind(), Some(ProblemType::InvalidRecord));
-        assert!(
-            problem.errors[0].detail.contains("colour"),
-            "{:?}",
-            problem.errors
-        );
+        assert!(problem.errors[0].detail.contains("colour"), "{:?}", problem.errors);
     }
 
     #[test]
     fn broken_json_is_a_syntax_problem_with_a_position() {
         let problem = parse_json::<Referral>(b"{\"client_id\": ").expect_err("invalid");
         assert_eq!(problem.kind(), Some(ProblemType::MalformedJson));
-        let trailing = parse_json::<crate::domain::StatusChange>(br#"{"status":"sent"} x"#)
-            .expect_err("invalid");
+        let trailing = parse_json::<crate::domain::StatusChange>(br#"{"status":"sent"} x"#).expect_err("invalid");
         assert_eq!(trailing.kind(), Some(ProblemType::MalformedJson));
     }
 

@@ -63,78 +63,30 @@ impl Limits {
 
 /// Builds the whole HTTP application.
 pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
-    let by_method = Guard {
-        keys: keys.clone(),
-        scope: None,
-    };
-    let admin = Guard {
-        keys,
-        scope: Some(Scope::Admin),
-    };
+    let by_method = Guard { keys: keys.clone(), scope: None };
+    let admin = Guard { keys, scope: Some(Scope::Admin) };
     let records = Router::new()
         .route("/api/v1/clients", get(api::clients::list))
-        .route(
-            "/api/v1/clients/{id}",
-            put(api::clients::put).get(api::clients::get),
-        )
+        .route("/api/v1/clients/{id}", put(api::clients::put).get(api::clients::get))
         .route("/api/v1/clients/{id}/history", get(api::clients::history))
-        .route(
-            "/api/v1/clients/{id}/history/{version}",
-            get(api::clients::version),
-        )
+        .route("/api/v1/clients/{id}/history/{version}", get(api::clients::version))
         .route("/api/v1/assessments", get(api::assessments::list))
-        .route(
-            "/api/v1/assessments/{id}",
-            put(api::assessments::put).get(api::assessments::get),
-        )
-        .route(
-            "/api/v1/assessments/{id}/history",
-            get(api::assessments::history),
-        )
-        .route(
-            "/api/v1/assessments/{id}/history/{version}",
-            get(api::assessments::version),
-        )
+        .route("/api/v1/assessments/{id}", put(api::assessments::put).get(api::assessments::get))
+        .route("/api/v1/assessments/{id}/history", get(api::assessments::history))
+        .route("/api/v1/assessments/{id}/history/{version}", get(api::assessments::version))
         .route("/api/v1/care-plans", get(api::care_plans::list))
-        .route(
-            "/api/v1/care-plans/{id}",
-            put(api::care_plans::put).get(api::care_plans::get),
-        )
-        .route(
-            "/api/v1/care-plans/{id}/history",
-            get(api::care_plans::history),
-        )
-        .route(
-            "/api/v1/care-plans/{id}/history/{version}",
-            get(api::care_plans::version),
-        )
+        .route("/api/v1/care-plans/{id}", put(api::care_plans::put).get(api::care_plans::get))
+        .route("/api/v1/care-plans/{id}/history", get(api::care_plans::history))
+        .route("/api/v1/care-plans/{id}/history/{version}", get(api::care_plans::version))
         .route("/api/v1/referrals", get(api::referrals::list))
-        .route(
-            "/api/v1/referrals/{id}",
-            put(api::referrals::put).get(api::referrals::get),
-        )
-        .route(
-            "/api/v1/referrals/{id}/status",
-            post(api::change_referral_status),
-        )
-        .route(
-            "/api/v1/referrals/{id}/history",
-            get(api::referrals::history),
-        )
-        .route(
-            "/api/v1/referrals/{id}/history/{version}",
-            get(api::referrals::version),
-        )
+        .route("/api/v1/referrals/{id}", put(api::referrals::put).get(api::referrals::get))
+        .route("/api/v1/referrals/{id}/status", post(api::change_referral_status))
+        .route("/api/v1/referrals/{id}/history", get(api::referrals::history))
+        .route("/api/v1/referrals/{id}/history/{version}", get(api::referrals::version))
         .route("/api/v1/consents", get(api::consents::list))
-        .route(
-            "/api/v1/consents/{id}",
-            put(api::consents::put).get(api::consents::get),
-        )
+        .route("/api/v1/consents/{id}", put(api::consents::put).get(api::consents::get))
         .route("/api/v1/consents/{id}/history", get(api::consents::history))
-        .route(
-            "/api/v1/consents/{id}/history/{version}",
-            get(api::consents::version),
-        )
+        .route("/api/v1/consents/{id}/history/{version}", get(api::consents::version))
         .route("/api/v1/openapi.json", get(api::openapi_json))
         .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
     let audit = Router::new()
@@ -153,14 +105,10 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
-        .layer(CatchPanicLayer::custom(|_| {
-            Problem::new(ProblemType::Internal).into_response()
-        }))
+        .layer(CatchPanicLayer::custom(|_| Problem::new(ProblemType::Internal).into_response()))
         .layer(middleware::from_fn_with_state(limits, observe))
         .layer(middleware::from_fn(problem::finish_problems))
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            axum::http::header::AUTHORIZATION,
-        ]))
+        .layer(SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(drop_unsafe_request_id))
@@ -172,10 +120,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
 async fn drop_unsafe_request_id(mut request: Request, next: Next) -> Response {
     let safe = request.headers().get(REQUEST_ID_HEADER).is_none_or(|v| {
         let b = v.as_bytes();
-        !b.is_empty()
-            && b.len() <= 64
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b".-_".contains(c))
+        !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || b".-_".contains(c))
     });
     if !safe {
         request.headers_mut().remove(REQUEST_ID_HEADER);
@@ -194,48 +139,26 @@ async fn method_not_allowed() -> Problem {
 /// Runs a request inside a span carrying its request id, route and caller; enforces the timeout; counts it and
 /// times it in `/metrics`; logs one line when it ends. Routes are matched paths (`/api/v1/referrals/{id}`), never
 /// ids, so neither logs nor metric labels carry them.
-async fn observe(
-    axum::extract::State(limits): axum::extract::State<Limits>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn observe(axum::extract::State(limits): axum::extract::State<Limits>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let request_id =
+        request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let span = tracing::info_span!("request", %request_id, %method, %route, caller = tracing::field::Empty);
-    let response = match tokio::time::timeout(
-        limits.request_timeout,
-        next.run(request).instrument(span.clone()),
-    )
-    .await
+    let response = match tokio::time::timeout(limits.request_timeout, next.run(request).instrument(span.clone())).await
     {
         Ok(response) => response,
         Err(_) => Problem::new(ProblemType::Timeout)
-            .detail(format!(
-                "no answer within {} s",
-                limits.request_timeout.as_secs()
-            ))
+            .detail(format!("no answer within {} s", limits.request_timeout.as_secs()))
             .into_response(),
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = [
-        ("method", method),
-        ("route", route),
-        ("status", status.to_string()),
-    ];
+    let labels = [("method", method), ("route", route), ("status", status.to_string())];
     metrics::counter!("carebridge_http_requests_total", &labels).increment(1);
-    metrics::histogram!("carebridge_http_request_duration_seconds", &labels)
-        .record(elapsed.as_secs_f64());
+    metrics::histogram!("carebridge_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "Request served."));
     response

@@ -17,14 +17,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// The database answers and carries every migration: the gateway can take traffic.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    state
-        .store
-        .readiness()
-        .await
-        .map_err(|e| ApiError::internal(ProblemType::Unavailable, e))?;
-    Ok(Json(
-        json!({ "status": "ready", "database": state.store.backend() }),
-    ))
+    state.store.readiness().await.map_err(|e| ApiError::internal(ProblemType::Unavailable, e))?;
+    Ok(Json(json!({ "status": "ready", "database": state.store.backend() })))
 }
 
 /// Prometheus text: request counts and latencies by route and status, database pool gauges.
@@ -33,8 +27,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         let busy = pool.size.saturating_sub(pool.idle);
         metrics::gauge!("carebridge_db_pool_connections", "pool" => pool.pool, "state" => "idle")
             .set(f64::from(pool.idle));
-        metrics::gauge!("carebridge_db_pool_connections", "pool" => pool.pool, "state" => "busy")
-            .set(f64::from(busy));
+        metrics::gauge!("carebridge_db_pool_connections", "pool" => pool.pool, "state" => "busy").set(f64::from(busy));
     }
     let text = state.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

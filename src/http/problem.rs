@@ -88,10 +88,9 @@ impl ProblemType {
     #[must_use]
     pub fn status(self) -> StatusCode {
         match self {
-            Self::MalformedJson
-            | Self::InvalidId
-            | Self::InvalidQuery
-            | Self::InvalidPrecondition => StatusCode::BAD_REQUEST,
+            Self::MalformedJson | Self::InvalidId | Self::InvalidQuery | Self::InvalidPrecondition => {
+                StatusCode::BAD_REQUEST
+            }
             Self::InvalidRecord | Self::IdMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -123,9 +122,7 @@ impl ProblemType {
             Self::MethodNotAllowed => "Method not allowed",
             Self::PreconditionFailed => "The record is not at the version the request expects",
             Self::InvalidPrecondition => "A conditional request header is not valid",
-            Self::StatusChangeNotAllowed => {
-                "A referral's status changes only through its status endpoint"
-            }
+            Self::StatusChangeNotAllowed => "A referral's status changes only through its status endpoint",
             Self::Timeout => "The request took too long",
             Self::Unavailable => "The service is temporarily unavailable",
             Self::Internal => "Internal error",
@@ -208,19 +205,12 @@ impl Problem {
     }
 
     fn render(&self) -> Response {
-        let body = serde_json::to_vec(self)
-            .unwrap_or_else(|_| br#"{"title":"Internal error","status":500}"#.to_vec());
-        let mut response = (
-            self.status_code(),
-            [(header::CONTENT_TYPE, PROBLEM_JSON)],
-            body,
-        )
-            .into_response();
+        let body = serde_json::to_vec(self).unwrap_or_else(|_| br#"{"title":"Internal error","status":500}"#.to_vec());
+        let mut response = (self.status_code(), [(header::CONTENT_TYPE, PROBLEM_JSON)], body).into_response();
         if self.kind == Some(ProblemType::Unauthorized) {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"carebridge\""),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carebridge\""));
         }
         response
     }
@@ -236,23 +226,14 @@ impl IntoResponse for Problem {
 
 impl ApiError {
     /// A 5xx for a fault of ours (or of the database), keeping the source for the log.
-    pub fn internal(
-        kind: ProblemType,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
-        ApiError {
-            problem: Box::new(Problem::new(kind)),
-            source: Some(Arc::new(source)),
-        }
+    pub fn internal(kind: ProblemType, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ApiError { problem: Box::new(Problem::new(kind)), source: Some(Arc::new(source)) }
     }
 }
 
 impl From<Problem> for ApiError {
     fn from(problem: Problem) -> Self {
-        ApiError {
-            problem: Box::new(problem),
-            source: None,
-        }
+        ApiError { problem: Box::new(problem), source: None }
     }
 }
 
@@ -268,11 +249,7 @@ impl IntoResponse for ApiError {
 
 /// Adds the request id to every problem body and logs each problem once.
 pub async fn finish_problems(request: Request, next: Next) -> Response {
-    let request_id = request
-        .headers()
-        .get(super::REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let request_id = request.headers().get(super::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut response = next.run(request).await;
     let Some(mut problem) = response.extensions_mut().remove::<Problem>() else {
         return response;
@@ -286,12 +263,7 @@ pub async fn finish_problems(request: Request, next: Next) -> Response {
             Some(ProblemSource(e)) => {
                 tracing::error!(request_id = id, problem = slug, status, error = %e, "Request failed on our side.");
             }
-            None => tracing::error!(
-                request_id = id,
-                problem = slug,
-                status,
-                "Request failed on our side."
-            ),
+            None => tracing::error!(request_id = id, problem = slug, status, "Request failed on our side."),
         }
     } else {
         tracing::info!(request_id = id, problem = slug, status, "Request refused.");

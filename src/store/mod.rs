@@ -240,11 +240,7 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Database` when it could not be read.
-    async fn get_record(
-        &self,
-        kind: RecordKind,
-        id: &RecordId,
-    ) -> Result<Option<StoredRecord>, StoreError>;
+    async fn get_record(&self, kind: RecordKind, id: &RecordId) -> Result<Option<StoredRecord>, StoreError>;
 
     /// One past version of a record.
     ///
@@ -267,18 +263,13 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Database` when it could not be read.
-    async fn history(
-        &self,
-        kind: RecordKind,
-        id: &RecordId,
-    ) -> Result<Vec<VersionInfo>, StoreError>;
+    async fn history(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<VersionInfo>, StoreError>;
 
     /// Audit entries after `after_seq`, oldest first.
     ///
     /// # Errors
     /// `Database` when they could not be read.
-    async fn audit_events(&self, after_seq: i64, limit: u32)
-    -> Result<Vec<AuditEvent>, StoreError>;
+    async fn audit_events(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// Whether the database answers and carries every migration this build needs.
     ///
@@ -302,6 +293,5 @@ pub fn to_micros(t: OffsetDateTime) -> i64 {
 /// The instant of a stored microsecond count.
 #[must_use]
 pub fn from_micros(us: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }

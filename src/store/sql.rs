@@ -18,8 +18,8 @@ use sqlx::{Database, Pool, Postgres, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::{
-    Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite,
-    SaveOutcome, Store, StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
+    Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store,
+    StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
 };
 use crate::domain::{RecordId, RecordKind};
 
@@ -41,11 +41,7 @@ pub struct SqlStore<DB: Database> {
 /// # Errors
 /// `UnsupportedUrl` for another scheme, `Database` when it cannot be reached or opened, `Migrate` when the
 /// schema cannot be brought up to date.
-pub async fn connect(
-    url: &str,
-    max_connections: u32,
-    acquire_timeout: Duration,
-) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -66,11 +62,7 @@ pub async fn connect(
             .acquire_timeout(acquire_timeout)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Arc::new(SqlStore::<Sqlite> {
-            writer,
-            reader,
-            migrator: &SQLITE_MIGRATIONS,
-        }))
+        Ok(Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS }))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
@@ -79,11 +71,7 @@ pub async fn connect(
             .await?;
         // sqlx takes an advisory lock here, so replicas starting together apply each migration once.
         POSTGRES_MIGRATIONS.run(&pool).await?;
-        Ok(Arc::new(SqlStore::<Postgres> {
-            writer: pool.clone(),
-            reader: pool,
-            migrator: &POSTGRES_MIGRATIONS,
-        }))
+        Ok(Arc::new(SqlStore::<Postgres> { writer: pool.clone(), reader: pool, migrator: &POSTGRES_MIGRATIONS }))
     } else {
         Err(StoreError::UnsupportedUrl)
     }
@@ -106,29 +94,18 @@ enum Plan {
     Unchanged(RecordMeta),
 }
 
-fn plan(
-    current: Option<(i64, String, i64)>,
-    pre: Precondition,
-    body: &str,
-) -> Result<Plan, StoreError> {
+fn plan(current: Option<(i64, String, i64)>, pre: Precondition, body: &str) -> Result<Plan, StoreError> {
     match (current, pre) {
         (None, Precondition::Version(_) | Precondition::Exists) => {
             Err(StoreError::PreconditionFailed { current: None })
         }
         (None, _) => Ok(Plan::Insert),
-        (Some((version, _, _)), Precondition::Absent) => Err(StoreError::PreconditionFailed {
-            current: Some(version),
-        }),
+        (Some((version, _, _)), Precondition::Absent) => Err(StoreError::PreconditionFailed { current: Some(version) }),
         (Some((version, _, _)), Precondition::Version(expected)) if version != expected => {
-            Err(StoreError::PreconditionFailed {
-                current: Some(version),
-            })
+            Err(StoreError::PreconditionFailed { current: Some(version) })
         }
         (Some((version, stored, updated_at)), _) if stored == body => {
-            Ok(Plan::Unchanged(RecordMeta {
-                version,
-                updated_at: from_micros(updated_at),
-            }))
+            Ok(Plan::Unchanged(RecordMeta { version, updated_at: from_micros(updated_at) }))
         }
         (Some((version, _, _)), _) => Ok(Plan::Update { version }),
     }
@@ -394,10 +371,7 @@ where
 {
     Ok(StoredRecord {
         id: r.try_get(0)?,
-        meta: RecordMeta {
-            version: r.try_get(1)?,
-            updated_at: from_micros(r.try_get(2)?),
-        },
+        meta: RecordMeta { version: r.try_get(1)?, updated_at: from_micros(r.try_get(2)?) },
         body: r.try_get(3)?,
     })
 }

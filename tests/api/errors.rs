@@ -13,10 +13,7 @@ fn write_routes() -> Vec<(&'static str, Value)> {
         ("/api/v1/care-plans/p-1", fixture("care-plan", "cp-3001")),
         ("/api/v1/referrals/p-1", fixture("referral", "ref-4001")),
         ("/api/v1/consents/p-1", fixture("consent", "co-5001")),
-        (
-            "/api/v1/referrals/ref-4001/status",
-            json!({"status": "completed"}),
-        ),
+        ("/api/v1/referrals/ref-4001/status", json!({"status": "completed"})),
     ]
 }
 
@@ -27,43 +24,19 @@ fn strip_id(mut v: Value) -> Value {
     v
 }
 
-async fn send_raw(
-    app: &TestApp,
-    path: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> reqwest::Response {
-    let method = if path.ends_with("/status") {
-        reqwest::Method::POST
-    } else {
-        reqwest::Method::PUT
-    };
-    app.request(method, path)
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("sent")
+async fn send_raw(app: &TestApp, path: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+    let method = if path.ends_with("/status") { reqwest::Method::POST } else { reqwest::Method::PUT };
+    app.request(method, path).header("content-type", content_type).body(body).send().await.expect("sent")
 }
 
 /// Asserts a 4xx problem document and returns it.
 async fn assert_problem(response: reqwest::Response, status: u16, what: &str) -> Value {
     assert_eq!(response.status().as_u16(), status, "{what}");
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json",
-        "{what}"
-    );
+    assert_eq!(response.headers()["content-type"], "application/problem+json", "{what}");
     assert!(response.headers().contains_key("x-request-id"), "{what}");
     let problem: Value = response.json().await.expect("problem JSON");
     assert_eq!(problem["status"], status, "{what}");
-    assert!(
-        problem["type"]
-            .as_str()
-            .expect("type")
-            .starts_with("urn:carebridge:problem:"),
-        "{what}"
-    );
+    assert!(problem["type"].as_str().expect("type").starts_with("urn:carebridge:problem:"), "{what}");
     assert!(problem["request_id"].is_string(), "{what}");
     problem
 }
@@ -71,65 +44,29 @@ async fn assert_problem(response: reqwest::Response, status: u16, what: &str) ->
 #[tokio::test]
 async fn malformed_json_wrong_types_and_unknown_fields_are_4xx_on_every_write_route() {
     let app = spawn_app().await;
-    assert_eq!(
-        app.put(
-            "/api/v1/referrals/ref-4001",
-            &fixture("referral", "ref-4001")
-        )
-        .await
-        .status(),
-        201
-    );
+    assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     for (path, valid) in write_routes() {
         let valid = strip_id(valid);
-        let p = assert_problem(
-            send_raw(&app, path, "application/json", b"{\"client_id\": ".to_vec()).await,
-            400,
-            path,
-        )
-        .await;
+        let p = assert_problem(send_raw(&app, path, "application/json", b"{\"client_id\": ".to_vec()).await, 400, path)
+            .await;
         assert_eq!(p["type"], "urn:carebridge:problem:malformed-json");
-        assert_problem(
-            send_raw(&app, path, "application/json", b"".to_vec()).await,
-            400,
-            path,
-        )
-        .await;
-        assert_problem(
-            send_raw(&app, path, "application/json", b"[1,2]".to_vec()).await,
-            422,
-            path,
-        )
-        .await;
-        assert_problem(
-            send_raw(&app, path, "application/json", vec![0xff, 0xfe, 0x00]).await,
-            400,
-            path,
-        )
-        .await;
+        assert_problem(send_raw(&app, path, "application/json", b"".to_vec()).await, 400, path).await;
+        assert_problem(send_raw(&app, path, "application/json", b"[1,2]".to_vec()).await, 422, path).await;
+        assert_problem(send_raw(&app, path, "application/json", vec![0xff, 0xfe, 0x00]).await, 400, path).await;
 
         let mut unknown = valid.clone();
         unknown["favourite_colour"] = json!("blue");
         let p = assert_problem(app.put_or_post(path, &unknown).await, 422, path).await;
         assert_eq!(p["errors"][0]["path"], "$.favourite_colour", "{path}");
 
-        let (field, _) = valid
-            .as_object()
-            .expect("object")
-            .iter()
-            .next()
-            .expect("a field");
+        let (field, _) = valid.as_object().expect("object").iter().next().expect("a field");
         let mut wrong_type = valid.clone();
         wrong_type[field] = json!(true);
         let p = assert_problem(app.put_or_post(path, &wrong_type).await, 422, path).await;
         assert_eq!(p["errors"][0]["path"], format!("$.{field}"), "{path}");
 
-        let p = assert_problem(
-            send_raw(&app, path, "text/plain", valid.to_string().into_bytes()).await,
-            415,
-            path,
-        )
-        .await;
+        let p =
+            assert_problem(send_raw(&app, path, "text/plain", valid.to_string().into_bytes()).await, 415, path).await;
         assert_eq!(p["type"], "urn:carebridge:problem:unsupported-media-type");
     }
     app.stop().await;
@@ -137,11 +74,7 @@ async fn malformed_json_wrong_types_and_unknown_fields_are_4xx_on_every_write_ro
 
 impl TestApp {
     async fn put_or_post(&self, path: &str, body: &Value) -> reqwest::Response {
-        if path.ends_with("/status") {
-            self.post(path, body).await
-        } else {
-            self.put(path, body).await
-        }
+        if path.ends_with("/status") { self.post(path, body).await } else { self.put(path, body).await }
     }
 }
 
@@ -150,31 +83,14 @@ async fn ids_with_spaces_or_10_kb_long_are_refused() {
     let app = spawn_app().await;
     let client = strip_id(fixture("client", "cl-1001"));
     let long = "a".repeat(10_000);
-    for id in [
-        "has%20space",
-        "tab%09id",
-        "under_score",
-        "%C3%A9t%C3%A9",
-        long.as_str(),
-        "a%2Fb",
-    ] {
-        let p = assert_problem(
-            app.put(&format!("/api/v1/clients/{id}"), &client).await,
-            400,
-            id,
-        )
-        .await;
+    for id in ["has%20space", "tab%09id", "under_score", "%C3%A9t%C3%A9", long.as_str(), "a%2Fb"] {
+        let p = assert_problem(app.put(&format!("/api/v1/clients/{id}"), &client).await, 400, id).await;
         assert_eq!(p["type"], "urn:carebridge:problem:invalid-id");
         assert_problem(app.get(&format!("/api/v1/clients/{id}")).await, 400, id).await;
     }
     let mut body_id = fixture("client", "cl-1001");
     body_id["id"] = json!("bad id");
-    let p = assert_problem(
-        app.put("/api/v1/clients/cl-1001", &body_id).await,
-        422,
-        "body id",
-    )
-    .await;
+    let p = assert_problem(app.put("/api/v1/clients/cl-1001", &body_id).await, 422, "body id").await;
     assert_eq!(p["errors"][0]["path"], "$.id");
     app.stop().await;
 }
@@ -184,12 +100,7 @@ async fn a_body_over_the_configured_limit_gets_413() {
     let app = spawn_app_with(|s| s.server.body_limit_bytes = 4096).await;
     let mut referral = fixture("referral", "ref-4001");
     referral["reason"] = json!("x".repeat(8000));
-    let p = assert_problem(
-        app.put("/api/v1/referrals/ref-4001", &referral).await,
-        413,
-        "oversized",
-    )
-    .await;
+    let p = assert_problem(app.put("/api/v1/referrals/ref-4001", &referral).await, 413, "oversized").await;
     assert_eq!(p["type"], "urn:carebridge:problem:payload-too-large");
     // Without a Content-Length (chunked), the limit holds as the body streams in.
     let head = format!(
@@ -214,51 +125,19 @@ async fn missing_wrong_or_underscoped_keys_are_refused() {
     let app = spawn_app().await;
     let url = format!("{}/api/v1/clients/cl-1001", app.base);
     let none = app.client.get(&url).send().await.expect("sent");
-    assert_eq!(
-        none.headers()["www-authenticate"],
-        "Bearer realm=\"carebridge\""
-    );
+    assert_eq!(none.headers()["www-authenticate"], "Bearer realm=\"carebridge\"");
     assert_problem(none, 401, "no key").await;
-    let wrong = app
-        .client
-        .get(&url)
-        .bearer_auth("not-a-key")
-        .send()
-        .await
-        .expect("sent");
+    let wrong = app.client.get(&url).bearer_auth("not-a-key").send().await.expect("sent");
     assert_problem(wrong, 401, "wrong key").await;
-    let basic = app
-        .client
-        .get(&url)
-        .basic_auth("admin", Some(ADMIN_KEY))
-        .send()
-        .await
-        .expect("sent");
+    let basic = app.client.get(&url).basic_auth("admin", Some(ADMIN_KEY)).send().await.expect("sent");
     assert_problem(basic, 401, "basic auth").await;
-    let reader_put = app
-        .client
-        .put(&url)
-        .bearer_auth(READER_KEY)
-        .json(&fixture("client", "cl-1001"))
-        .send()
-        .await
-        .expect("sent");
+    let reader_put =
+        app.client.put(&url).bearer_auth(READER_KEY).json(&fixture("client", "cl-1001")).send().await.expect("sent");
     let p = assert_problem(reader_put, 403, "reader writes").await;
     assert!(p["detail"].as_str().expect("detail").contains("write"));
-    let reader_get = app
-        .client
-        .get(&url)
-        .bearer_auth(READER_KEY)
-        .send()
-        .await
-        .expect("sent");
+    let reader_get = app.client.get(&url).bearer_auth(READER_KEY).send().await.expect("sent");
     assert_problem(reader_get, 404, "reader reads a missing record").await;
-    let openapi = app
-        .client
-        .get(format!("{}/api/v1/openapi.json", app.base))
-        .send()
-        .await
-        .expect("sent");
+    let openapi = app.client.get(format!("{}/api/v1/openapi.json", app.base)).send().await.expect("sent");
     assert_eq!(openapi.status(), 401);
     app.stop().await;
 }
@@ -268,26 +147,13 @@ async fn unknown_routes_and_methods_answer_with_problems() {
     let app = spawn_app().await;
     assert_problem(app.get("/api/v1/nothing-here").await, 404, "route").await;
     assert_problem(
-        app.request(reqwest::Method::DELETE, "/api/v1/clients/cl-1")
-            .send()
-            .await
-            .expect("sent"),
+        app.request(reqwest::Method::DELETE, "/api/v1/clients/cl-1").send().await.expect("sent"),
         405,
         "DELETE",
     )
     .await;
-    assert_problem(
-        app.get("/api/v1/clients/cl-1/history").await,
-        404,
-        "history of nothing",
-    )
-    .await;
-    assert_problem(
-        app.get("/api/v1/clients/cl-1/history/0").await,
-        404,
-        "version 0",
-    )
-    .await;
+    assert_problem(app.get("/api/v1/clients/cl-1/history").await, 404, "history of nothing").await;
+    assert_problem(app.get("/api/v1/clients/cl-1/history/0").await, 404, "version 0").await;
     let bad_if_match = app
         .request(reqwest::Method::PUT, "/api/v1/clients/cl-1001")
         .header("if-match", "seven")
@@ -317,9 +183,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
         "\\PC{0,40}".prop_map(Value::String),
         Just(json!("2026-10-01")),
         Just(json!("active")),
@@ -327,8 +191,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 48, 8, move |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(key.clone(), inner, 0..8)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(key.clone(), inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -359,10 +222,7 @@ fn mutate(valid: &Value, pick: usize, replacement: Option<Value>) -> Value {
     };
     let pointer = format!("/{}", path.join("/"));
     let (parent, last) = pointer.rsplit_once('/').expect("a slash");
-    match (
-        body.pointer_mut(if parent.is_empty() { "" } else { parent }),
-        replacement,
-    ) {
+    match (body.pointer_mut(if parent.is_empty() { "" } else { parent }), replacement) {
         (Some(Value::Object(o)), None) => {
             o.remove(last);
         }
@@ -374,16 +234,8 @@ fn mutate(valid: &Value, pick: usize, replacement: Option<Value>) -> Value {
     body
 }
 
-fn run_cases<S: Strategy>(
-    app: &TestApp,
-    strategy: S,
-    check: impl Fn(&TestApp, S::Value) -> Result<(), TestCaseError>,
-) {
-    let config = ProptestConfig {
-        cases: 64,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
+fn run_cases<S: Strategy>(app: &TestApp, strategy: S, check: impl Fn(&TestApp, S::Value) -> Result<(), TestCaseError>) {
+    let config = ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() };
     let mut runner = proptest::test_runner::TestRunner::new(config);
     tokio::task::block_in_place(|| {
         if let Err(e) = runner.run(&strategy, |value| check(app, value)) {
@@ -395,32 +247,16 @@ fn run_cases<S: Strategy>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_json_on_every_write_route_is_a_4xx_problem_never_a_5xx() {
     let app = spawn_app().await;
-    assert_eq!(
-        app.put(
-            "/api/v1/referrals/ref-4001",
-            &fixture("referral", "ref-4001")
-        )
-        .await
-        .status(),
-        201
-    );
+    assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     let handle = tokio::runtime::Handle::current();
     run_cases(&app, prop::collection::vec(arb_json(), 6), |app, bodies| {
         handle.block_on(async {
             for ((path, _), body) in write_routes().into_iter().zip(bodies) {
                 let response = app.put_or_post(path, &body).await;
                 let status = response.status().as_u16();
-                prop_assert!(
-                    (400..500).contains(&status),
-                    "{} answered {} to {}",
-                    path,
-                    status,
-                    body
-                );
+                prop_assert!((400..500).contains(&status), "{} answered {} to {}", path, status, body);
                 prop_assert_eq!(
-                    response.headers()["content-type"]
-                        .to_str()
-                        .unwrap_or_default(),
+                    response.headers()["content-type"].to_str().unwrap_or_default(),
                     "application/problem+json"
                 );
                 let problem: Value = response.json().await.expect("problem JSON");
@@ -435,15 +271,7 @@ async fn random_json_on_every_write_route_is_a_4xx_problem_never_a_5xx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_records_are_kept_whole_or_refused_whole() {
     let app = spawn_app().await;
-    assert_eq!(
-        app.put(
-            "/api/v1/referrals/ref-4001",
-            &fixture("referral", "ref-4001")
-        )
-        .await
-        .status(),
-        201
-    );
+    assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     let handle = tokio::runtime::Handle::current();
     let picks = prop::collection::vec((any::<usize>(), prop::option::of(arb_json())), 6);
     run_cases(&app, picks, |app, picks| {
@@ -455,20 +283,13 @@ async fn mutated_records_are_kept_whole_or_refused_whole() {
                 prop_assert!(status < 500, "{} answered {} to {}", path, status, body);
                 if status >= 400 {
                     prop_assert_eq!(
-                        response.headers()["content-type"]
-                            .to_str()
-                            .unwrap_or_default(),
+                        response.headers()["content-type"].to_str().unwrap_or_default(),
                         "application/problem+json"
                     );
                 } else {
                     // Accepted: what is stored is what a GET returns.
                     let stored: Value = response.json().await.expect("record JSON");
-                    let read: Value = app
-                        .get(path.trim_end_matches("/status"))
-                        .await
-                        .json()
-                        .await
-                        .expect("JSON");
+                    let read: Value = app.get(path.trim_end_matches("/status")).await.json().await.expect("JSON");
                     prop_assert_eq!(stored, read);
                 }
             }

@@ -24,11 +24,7 @@ pub const READER_KEY: &str = "test-reader-key";
 /// The three test keys, hashed as the configuration keeps them.
 pub fn test_keys() -> Vec<ApiKeySettings> {
     [
-        (
-            "admin",
-            ADMIN_KEY,
-            vec![Scope::Read, Scope::Write, Scope::Admin],
-        ),
+        ("admin", ADMIN_KEY, vec![Scope::Read, Scope::Write, Scope::Admin]),
         ("writer", WRITER_KEY, vec![Scope::Read, Scope::Write]),
         ("reader", READER_KEY, vec![Scope::Read]),
     ]
@@ -74,55 +70,34 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = test_settings(dir.path());
     adjust(&mut settings);
-    let app = Application::build(&settings)
-        .await
-        .expect("the gateway starts");
+    let app = Application::build(&settings).await.expect("the gateway starts");
     let addr = app.local_addr().expect("bound");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    TestApp {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        dir,
-        stop: Some(stop),
-        task: Some(task),
-    }
+    TestApp { base: format!("http://{addr}"), client: reqwest::Client::new(), dir, stop: Some(stop), task: Some(task) }
 }
 
 impl TestApp {
     /// A request with the admin key.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(ADMIN_KEY)
+        self.client.request(method, format!("{}{path}", self.base)).bearer_auth(ADMIN_KEY)
     }
 
     /// `PUT` a JSON body with the admin key.
     pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.request(reqwest::Method::PUT, path)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        self.request(reqwest::Method::PUT, path).json(body).send().await.expect("request sent")
     }
 
     /// `GET` with the admin key.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .expect("request sent")
+        self.request(reqwest::Method::GET, path).send().await.expect("request sent")
     }
 
     /// `POST` a JSON body with the admin key.
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.request(reqwest::Method::POST, path)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        self.request(reqwest::Method::POST, path).json(body).send().await.expect("request sent")
     }
 
     /// Stores every fixture record through the API, as a newcomer's curl loop would.
@@ -130,12 +105,7 @@ impl TestApp {
         let mut n = 0;
         for (kind, id, body) in fixtures() {
             let response = self.put(&format!("/api/v1/{kind}s/{id}"), &body).await;
-            assert_eq!(
-                response.status(),
-                201,
-                "fixture {kind}/{id}: {}",
-                response.text().await.unwrap_or_default()
-            );
+            assert_eq!(response.status(), 201, "fixture {kind}/{id}: {}", response.text().await.unwrap_or_default());
             n += 1;
         }
         n
@@ -147,9 +117,7 @@ impl TestApp {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await
-                .expect("server task")
-                .expect("server stopped cleanly");
+            task.await.expect("server task").expect("server stopped cleanly");
         }
     }
 }
@@ -159,19 +127,13 @@ pub fn fixtures() -> Vec<(String, String, Value)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agency");
     let mut out = Vec::new();
     for kind in ["client", "assessment", "care-plan", "referral", "consent"] {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(kind))
-            .expect("fixture directory")
-            .map(|e| e.expect("entry").path())
-            .collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(root.join(kind)).expect("fixture directory").map(|e| e.expect("entry").path()).collect();
         files.sort();
         for path in files {
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .expect("file name")
-                .to_owned();
-            let body: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
-                .expect("fixture JSON");
+            let id = path.file_stem().and_then(|s| s.to_str()).expect("file name").to_owned();
+            let body: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("fixture JSON");
             out.push((kind.to_owned(), id, body));
         }
     }
@@ -180,11 +142,7 @@ pub fn fixtures() -> Vec<(String, String, Value)> {
 
 /// One fixture record.
 pub fn fixture(kind: &str, id: &str) -> Value {
-    fixtures()
-        .into_iter()
-        .find(|(k, i, _)| k == kind && i == id)
-        .map(|(_, _, b)| b)
-        .expect("fixture exists")
+    fixtures().into_iter().find(|(k, i, _)| k == kind && i == id).map(|(_, _, b)| b).expect("fixture exists")
 }
 
 /// The real `carebridge` binary, serving with a config file in a temporary directory.
@@ -206,11 +164,7 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
         dir.join("carebridge.db").display()
     );
     for key in test_keys() {
-        let scopes: Vec<String> = key
-            .scopes
-            .iter()
-            .map(|s| format!("\"{}\"", s.as_str()))
-            .collect();
+        let scopes: Vec<String> = key.scopes.iter().map(|s| format!("\"{}\"", s.as_str())).collect();
         text.push_str(&format!(
             "[[api_keys]]\nname = \"{}\"\nhash = \"{}\"\nscopes = [{}]\n",
             key.name,
@@ -245,19 +199,10 @@ impl ServerProcess {
                 }
             }
         });
-        let mut server = ServerProcess {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            lines,
-            seen: Vec::new(),
-        };
+        let mut server = ServerProcess { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), lines, seen: Vec::new() };
         let line = server.wait_for_line("Listening.");
         let event: Value = serde_json::from_str(&line).expect("JSON log line");
-        server.addr = event["addr"]
-            .as_str()
-            .expect("addr field")
-            .parse()
-            .expect("socket address");
+        server.addr = event["addr"].as_str().expect("addr field").parse().expect("socket address");
         server
     }
 
@@ -272,10 +217,7 @@ impl ServerProcess {
                         return line;
                     }
                 }
-                Err(e) => panic!(
-                    "no log line with {needle:?} ({e}); saw:\n{}",
-                    self.seen.join("\n")
-                ),
+                Err(e) => panic!("no log line with {needle:?} ({e}); saw:\n{}", self.seen.join("\n")),
             }
         }
     }
@@ -295,11 +237,8 @@ impl ServerProcess {
 
     /// Sends a signal with kill(1).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
+        let status =
+            Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("kill runs");
         assert!(status.success(), "kill -{name} failed");
     }
 }
@@ -321,4 +260,21 @@ pub async fn raw_http(base: &str, request: &[u8]) -> String {
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+impl TestApp {
+    /// `GET` with the admin key, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.expect("JSON body")
+    }
+}
+
+/// `field` of every element of `list[array]`, e.g. the ids of a page or the actions of a history.
+pub fn pluck(list: &Value, array: &str, field: &str) -> Vec<String> {
+    list[array]
+        .as_array()
+        .unwrap_or_else(|| panic!("no array {array} in {list}"))
+        .iter()
+        .map(|item| item[field].as_str().map_or_else(|| item[field].to_string(), str::to_owned))
+        .collect()
 }

@@ -18,11 +18,7 @@ fn a_record_answered_201_survives_kill_9() {
     let mut sent = Vec::new();
     {
         let server = ServerProcess::start(&config);
-        for (kind, id) in [
-            ("referral", "ref-4003"),
-            ("client", "cl-1002"),
-            ("consent", "co-5003"),
-        ] {
+        for (kind, id) in [("referral", "ref-4003"), ("client", "cl-1002"), ("consent", "co-5003")] {
             let response = client()
                 .put(format!("{}/api/v1/{kind}s/{id}", server.base()))
                 .bearer_auth(ADMIN_KEY)
@@ -39,17 +35,10 @@ fn a_record_answered_201_survives_kill_9() {
     }
     let server = ServerProcess::start(&config);
     for (kind, id, body) in sent {
-        let response = client()
-            .get(format!("{}/api/v1/{kind}s/{id}", server.base()))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .expect("sent");
+        let response =
+            client().get(format!("{}/api/v1/{kind}s/{id}", server.base())).bearer_auth(ADMIN_KEY).send().expect("sent");
         assert_eq!(response.status(), 200, "{kind}/{id} lost");
-        assert_eq!(
-            response.json::<Value>().expect("JSON"),
-            body,
-            "{kind}/{id} changed"
-        );
+        assert_eq!(response.json::<Value>().expect("JSON"), body, "{kind}/{id} changed");
     }
 }
 
@@ -72,10 +61,7 @@ fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
     stream.flush().expect("flush");
     // Make sure the server is inside this request before the signal: it has logged nothing for it yet, so wait
     // for the request span to exist by asking for readiness on another connection first.
-    let ready = client()
-        .get(format!("{}/readyz", server.base()))
-        .send()
-        .expect("sent");
+    let ready = client().get(format!("{}/readyz", server.base())).send().expect("sent");
     assert_eq!(ready.status(), 200);
     server.signal("TERM");
     server.wait_for_line("Shutdown requested");
@@ -85,10 +71,7 @@ fn sigterm_lets_a_request_in_flight_finish_then_exits_cleanly() {
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     let status = server.child.wait().expect("exits");
     assert!(status.success(), "exit status {status:?}");
-    assert!(
-        std::net::TcpStream::connect(server.addr).is_err(),
-        "still listening after shutdown"
-    );
+    assert!(std::net::TcpStream::connect(server.addr).is_err(), "still listening after shutdown");
 }
 
 #[test]
@@ -97,14 +80,7 @@ fn logs_never_contain_names_birth_dates_or_notes() {
     let config = write_config(dir.path(), "");
     let mut server = ServerProcess::start(&config);
     let base = server.base();
-    let secrets = [
-        "Zebulon",
-        "Quackenbush",
-        "1966-04-17",
-        "Xyzzy-confidential-note",
-        "+1-555-0199",
-        "97999",
-    ];
+    let secrets = ["Zebulon", "Quackenbush", "1966-04-17", "Xyzzy-confidential-note", "+1-555-0199", "97999"];
     let mut client_record = fixture("client", "cl-1001");
     client_record["given_name"] = json!("Zebulon");
     client_record["family_name"] = json!("Quackenbush");
@@ -116,13 +92,7 @@ fn logs_never_contain_names_birth_dates_or_notes() {
     referral["reason"] = json!("Zebulon Quackenbush asked for help");
     let http = client();
     let put = |path: &str, body: &Value| {
-        http.put(format!("{base}{path}"))
-            .bearer_auth(ADMIN_KEY)
-            .json(body)
-            .send()
-            .expect("sent")
-            .status()
-            .as_u16()
+        http.put(format!("{base}{path}")).bearer_auth(ADMIN_KEY).json(body).send().expect("sent").status().as_u16()
     };
     assert_eq!(put("/api/v1/clients/cl-1001", &client_record), 201);
     assert_eq!(put("/api/v1/referrals/ref-4001", &referral), 201);
@@ -155,24 +125,14 @@ fn logs_never_contain_names_birth_dates_or_notes() {
     assert!(text.contains("Zebulon"), "the record itself keeps the name");
     server.signal("TERM");
     let lines = server.drain();
-    assert!(
-        lines.iter().any(|l| l.contains("Request served.")),
-        "request logging is on"
-    );
-    assert!(
-        lines.iter().any(|l| l.contains("invalid-record")),
-        "refusals are logged by type"
-    );
+    assert!(lines.iter().any(|l| l.contains("Request served.")), "request logging is on");
+    assert!(lines.iter().any(|l| l.contains("invalid-record")), "refusals are logged by type");
     for line in &lines {
         for secret in secrets {
             assert!(!line.contains(secret), "log line holds {secret:?}: {line}");
         }
-        assert!(
-            !line.contains(ADMIN_KEY),
-            "log line holds the API key: {line}"
-        );
-        serde_json::from_str::<Value>(line)
-            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(!line.contains(ADMIN_KEY), "log line holds the API key: {line}");
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
     }
 }
 
@@ -187,52 +147,28 @@ fn check_reports_every_configuration_error_at_once_and_serve_refuses_to_start() 
     )
     .expect("write");
     let bin = env!("CARGO_BIN_EXE_carebridge");
-    let check = Command::new(bin)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let check = Command::new(bin).args(["check", "--config"]).arg(&path).output().expect("runs");
     assert_eq!(check.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&check.stderr);
     for needle in ["server.listen", "database.url", "api_keys[0].hash"] {
         assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
     }
-    let serve = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let serve = Command::new(bin).args(["serve", "--config"]).arg(&path).output().expect("runs");
     assert_eq!(serve.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&serve.stderr).contains("Listening"));
 
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "[server]\nlisen = \"127.0.0.1:1\"\n").expect("write");
-    let check = Command::new(bin)
-        .args(["check", "--config"])
-        .arg(&typo)
-        .output()
-        .expect("runs");
+    let check = Command::new(bin).args(["check", "--config"]).arg(&typo).output().expect("runs");
     assert_eq!(check.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&check.stderr).contains("lisen"));
 
     let good = write_config(dir.path(), "");
-    let check = Command::new(bin)
-        .args(["check", "--config"])
-        .arg(&good)
-        .output()
-        .expect("runs");
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let check = Command::new(bin).args(["check", "--config"]).arg(&good).output().expect("runs");
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
     // --database is global and checked like the file's value.
-    let check = Command::new(bin)
-        .args(["check", "--database", "ftp://x", "--config"])
-        .arg(&good)
-        .output()
-        .expect("runs");
+    let check =
+        Command::new(bin).args(["check", "--database", "ftp://x", "--config"]).arg(&good).output().expect("runs");
     assert_eq!(check.status.code(), Some(2));
 }
 
@@ -245,32 +181,17 @@ fn the_demo_configuration_is_valid_and_its_keys_work() {
         .args(["check", "--config", demo])
         .output()
         .expect("runs");
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
     // Integration tests run in the package root, where the README runs the demo (seed.dir is relative to it).
-    let settings = carebridge::config::Settings::load(
-        Some(std::path::Path::new(demo)),
-        &carebridge::config::Overrides::default(),
-    )
-    .expect("demo config loads");
+    let settings =
+        carebridge::config::Settings::load(Some(std::path::Path::new(demo)), &carebridge::config::Overrides::default())
+            .expect("demo config loads");
     let ring = carebridge::http::auth::KeyRing::from_settings(&settings.api_keys);
-    let admin = ring
-        .authenticate("demo-agency-key")
-        .expect("demo-agency-key is configured");
-    for scope in [
-        carebridge::config::Scope::Read,
-        carebridge::config::Scope::Write,
-        carebridge::config::Scope::Admin,
-    ] {
+    let admin = ring.authenticate("demo-agency-key").expect("demo-agency-key is configured");
+    for scope in [carebridge::config::Scope::Read, carebridge::config::Scope::Write, carebridge::config::Scope::Admin] {
         assert!(admin.may(scope));
     }
-    let reader = ring
-        .authenticate("demo-reader-key")
-        .expect("demo-reader-key is configured");
+    let reader = ring.authenticate("demo-reader-key").expect("demo-reader-key is configured");
     assert!(!reader.may(carebridge::config::Scope::Write));
     assert!(ring.authenticate("demo-writer-key").is_some());
 }

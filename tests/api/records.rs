@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{fixture, spawn_app};
+use crate::helpers::{fixture, pluck, spawn_app};
 
 #[tokio::test]
 async fn every_fixture_is_accepted_and_reads_back_identical() {
@@ -30,51 +30,22 @@ async fn a_put_creates_then_replaces_and_an_identical_put_changes_nothing() {
 
     let again = app.put("/api/v1/referrals/ref-4002", &referral).await;
     assert_eq!(again.status(), 200);
-    assert_eq!(
-        again.headers()["etag"],
-        "\"1\"",
-        "an identical body must not make a new version"
-    );
+    assert_eq!(again.headers()["etag"], "\"1\"", "an identical body must not make a new version");
 
     referral["priority"] = json!("routine");
     let replaced = app.put("/api/v1/referrals/ref-4002", &referral).await;
     assert_eq!(replaced.status(), 200);
     assert_eq!(replaced.headers()["etag"], "\"2\"");
-    let read: Value = app
-        .get("/api/v1/referrals/ref-4002")
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let read: Value = app.get_json("/api/v1/referrals/ref-4002").await;
     assert_eq!(read["priority"], "routine");
 
-    let history: Value = app
-        .get("/api/v1/referrals/ref-4002/history")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let actions: Vec<&str> = history["versions"]
-        .as_array()
-        .expect("versions")
-        .iter()
-        .map(|v| v["action"].as_str().expect("action"))
-        .collect();
+    let history: Value = app.get_json("/api/v1/referrals/ref-4002/history").await;
+    let actions = pluck(&history, "versions", "action");
     assert_eq!(actions, ["created", "replaced"]);
     assert_eq!(history["versions"][1]["changed_by"], "admin");
-    let v1: Value = app
-        .get("/api/v1/referrals/ref-4002/history/1")
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let v1: Value = app.get_json("/api/v1/referrals/ref-4002/history/1").await;
     assert_eq!(v1["priority"], "urgent", "version 1 is kept as it was");
-    assert_eq!(
-        app.get("/api/v1/referrals/ref-4002/history/3")
-            .await
-            .status(),
-        404
-    );
+    assert_eq!(app.get("/api/v1/referrals/ref-4002/history/3").await.status(), 404);
     app.stop().await;
 }
 
@@ -101,16 +72,10 @@ async fn an_id_in_the_body_must_match_the_path() {
 async fn a_stale_if_match_is_refused_with_412_and_a_current_one_is_applied() {
     let app = spawn_app().await;
     let mut consent = fixture("consent", "co-5001");
-    assert_eq!(
-        app.put("/api/v1/consents/co-5001", &consent).await.status(),
-        201
-    );
+    assert_eq!(app.put("/api/v1/consents/co-5001", &consent).await.status(), 201);
     consent["status"] = json!("revoked");
     let put_if = |tag: &'static str, body: Value| {
-        let request = app
-            .request(reqwest::Method::PUT, "/api/v1/consents/co-5001")
-            .header("if-match", tag)
-            .json(&body);
+        let request = app.request(reqwest::Method::PUT, "/api/v1/consents/co-5001").header("if-match", tag).json(&body);
         async move { request.send().await.expect("sent") }
     };
     let ok = put_if("\"1\"", consent.clone()).await;
@@ -120,26 +85,10 @@ async fn a_stale_if_match_is_refused_with_412_and_a_current_one_is_applied() {
     let stale = put_if("W/\"1\"", consent.clone()).await;
     assert_eq!(stale.status(), 412);
     let problem: Value = stale.json().await.expect("JSON");
-    assert_eq!(
-        problem["type"],
-        "urn:carebridge:problem:precondition-failed"
-    );
-    assert!(
-        problem["detail"]
-            .as_str()
-            .expect("detail")
-            .contains("version 2")
-    );
-    let read: Value = app
-        .get("/api/v1/consents/co-5001")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    assert_eq!(
-        read["purpose"], "treatment",
-        "the stale write changed nothing"
-    );
+    assert_eq!(problem["type"], "urn:carebridge:problem:precondition-failed");
+    assert!(problem["detail"].as_str().expect("detail").contains("version 2"));
+    let read: Value = app.get_json("/api/v1/consents/co-5001").await;
+    assert_eq!(read["purpose"], "treatment", "the stale write changed nothing");
 
     let create_only = app
         .request(reqwest::Method::PUT, "/api/v1/consents/co-5001")
@@ -173,7 +122,7 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
             Some(c) => format!("/api/v1/referrals?limit=3&cursor={c}"),
             None => "/api/v1/referrals?limit=3".to_owned(),
         };
-        let page: Value = app.get(&path).await.json().await.expect("JSON");
+        let page: Value = app.get_json(&path).await;
         for item in page["items"].as_array().expect("items") {
             assert_eq!(item["record"]["id"], item["id"]);
             assert_eq!(item["version"], 1);
@@ -187,45 +136,15 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
     let expected: Vec<String> = (4001..=4007).map(|n| format!("ref-{n}")).collect();
     assert_eq!(ids, expected, "every referral once, in id order");
 
-    let of_client: Value = app
-        .get("/api/v1/referrals?client=cl-1001")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let ids: Vec<&str> = of_client["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|i| i["id"].as_str().expect("id"))
-        .collect();
+    let of_client: Value = app.get_json("/api/v1/referrals?client=cl-1001").await;
+    let ids = pluck(&of_client, "items", "id");
     assert_eq!(ids, ["ref-4001", "ref-4002"]);
-    let accepted: Value = app
-        .get("/api/v1/referrals?status=accepted")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let ids: Vec<&str> = accepted["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|i| i["id"].as_str().expect("id"))
-        .collect();
+    let accepted: Value = app.get_json("/api/v1/referrals?status=accepted").await;
+    let ids = pluck(&accepted, "items", "id");
     assert_eq!(ids, ["ref-4001", "ref-4006"]);
-    let future: Value = app
-        .get("/api/v1/referrals?updated_since=2999-01-01T00:00:00Z")
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let future: Value = app.get_json("/api/v1/referrals?updated_since=2999-01-01T00:00:00Z").await;
     assert!(future["items"].as_array().expect("items").is_empty());
-    let past: Value = app
-        .get("/api/v1/clients?updated_since=2000-01-01T00:00:00Z")
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let past: Value = app.get_json("/api/v1/clients?updated_since=2000-01-01T00:00:00Z").await;
     assert_eq!(past["items"].as_array().expect("items").len(), 5);
 
     for bad in [
@@ -240,11 +159,7 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
     ] {
         let response = app.get(bad).await;
         assert_eq!(response.status(), 400, "{bad}");
-        assert_eq!(
-            response.headers()["content-type"],
-            "application/problem+json",
-            "{bad}"
-        );
+        assert_eq!(response.headers()["content-type"], "application/problem+json", "{bad}");
     }
     app.stop().await;
 }
@@ -253,58 +168,32 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
 async fn a_referral_status_changes_through_its_endpoint_only() {
     let app = spawn_app().await;
     let mut referral = fixture("referral", "ref-4002");
-    assert_eq!(
-        app.put("/api/v1/referrals/ref-4002", &referral)
-            .await
-            .status(),
-        201
-    );
+    assert_eq!(app.put("/api/v1/referrals/ref-4002", &referral).await.status(), 201);
 
     referral["status"] = json!("accepted");
     let via_put = app.put("/api/v1/referrals/ref-4002", &referral).await;
     assert_eq!(via_put.status(), 409);
     let problem: Value = via_put.json().await.expect("JSON");
-    assert_eq!(
-        problem["type"],
-        "urn:carebridge:problem:status-change-not-allowed"
-    );
+    assert_eq!(problem["type"], "urn:carebridge:problem:status-change-not-allowed");
 
-    let accepted = app
-        .post(
-            "/api/v1/referrals/ref-4002/status",
-            &json!({"status": "accepted"}),
-        )
-        .await;
+    let accepted = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "accepted"})).await;
     assert_eq!(accepted.status(), 200);
     assert_eq!(accepted.headers()["etag"], "\"2\"");
     let body: Value = accepted.json().await.expect("JSON");
     assert_eq!(body["status"], "accepted");
 
-    let no_reason = app
-        .post(
-            "/api/v1/referrals/ref-4002/status",
-            &json!({"status": "on_hold"}),
-        )
-        .await;
+    let no_reason = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "on_hold"})).await;
     assert_eq!(no_reason.status(), 422);
     let problem: Value = no_reason.json().await.expect("JSON");
     assert_eq!(problem["errors"][0]["path"], "$.reason");
 
-    let unknown = app
-        .post(
-            "/api/v1/referrals/ref-4002/status",
-            &json!({"status": "teleported"}),
-        )
-        .await;
+    let unknown = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "teleported"})).await;
     assert_eq!(unknown.status(), 422);
     let problem: Value = unknown.json().await.expect("JSON");
     assert_eq!(problem["errors"][0]["path"], "$.status");
 
     let held = app
-        .post(
-            "/api/v1/referrals/ref-4002/status",
-            &json!({"status": "on_hold", "reason": "client in hospital"}),
-        )
+        .post("/api/v1/referrals/ref-4002/status", &json!({"status": "on_hold", "reason": "client in hospital"}))
         .await;
     assert_eq!(held.status(), 200);
     let body: Value = held.json().await.expect("JSON");
@@ -318,48 +207,17 @@ async fn a_referral_status_changes_through_its_endpoint_only() {
         .await
         .expect("sent");
     assert_eq!(stale.status(), 412);
-    assert_eq!(
-        app.post(
-            "/api/v1/referrals/ref-0000/status",
-            &json!({"status": "accepted"})
-        )
-        .await
-        .status(),
-        404
-    );
+    assert_eq!(app.post("/api/v1/referrals/ref-0000/status", &json!({"status": "accepted"})).await.status(), 404);
 
     // A PUT that keeps the new status is an ordinary replacement.
-    let current: Value = app
-        .get("/api/v1/referrals/ref-4002")
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let current: Value = app.get_json("/api/v1/referrals/ref-4002").await;
     let mut edited = current.clone();
     edited["reason"] = json!("Evaluate for antidepressant; prefers mornings");
-    assert_eq!(
-        app.put("/api/v1/referrals/ref-4002", &edited)
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.put("/api/v1/referrals/ref-4002", &edited).await.status(), 200);
 
-    let history: Value = app
-        .get("/api/v1/referrals/ref-4002/history")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let actions: Vec<&str> = history["versions"]
-        .as_array()
-        .expect("versions")
-        .iter()
-        .map(|v| v["action"].as_str().expect("action"))
-        .collect();
-    assert_eq!(
-        actions,
-        ["created", "status_changed", "status_changed", "replaced"]
-    );
+    let history: Value = app.get_json("/api/v1/referrals/ref-4002/history").await;
+    let actions = pluck(&history, "versions", "action");
+    assert_eq!(actions, ["created", "status_changed", "status_changed", "replaced"]);
     app.stop().await;
 }
 
@@ -373,20 +231,9 @@ async fn rules_a_type_cannot_express_are_reported_with_every_path() {
     let response = app.put("/api/v1/care-plans/cp-3001", &plan).await;
     assert_eq!(response.status(), 422);
     let problem: Value = response.json().await.expect("JSON");
-    let paths: Vec<&str> = problem["errors"]
-        .as_array()
-        .expect("errors")
-        .iter()
-        .map(|e| e["path"].as_str().expect("path"))
-        .collect();
-    assert_eq!(
-        paths,
-        [
-            "$.period.end",
-            "$.goals[0].need_ids[0]",
-            "$.interventions[1].goal_ids[0]"
-        ]
-    );
+    let paths: Vec<&str> =
+        problem["errors"].as_array().expect("errors").iter().map(|e| e["path"].as_str().expect("path")).collect();
+    assert_eq!(paths, ["$.period.end", "$.goals[0].need_ids[0]", "$.interventions[1].goal_ids[0]"]);
 
     let mut phq9 = fixture("assessment", "as-2001");
     phq9["total_score"] = json!(3);
@@ -403,18 +250,8 @@ async fn the_audit_log_records_every_write_and_needs_the_admin_scope() {
     let client = fixture("client", "cl-1002");
     app.put("/api/v1/clients/cl-1002", &client).await;
     app.put("/api/v1/clients/cl-1002", &client).await;
-    let page: Value = app
-        .get("/api/v1/audit-events")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let actions: Vec<&str> = page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["action"].as_str().expect("action"))
-        .collect();
+    let page: Value = app.get_json("/api/v1/audit-events").await;
+    let actions = pluck(&page, "events", "action");
     assert_eq!(actions, ["created", "unchanged"]);
     assert_eq!(page["events"][0]["actor"], "admin");
     assert_eq!(page["events"][0]["record_id"], "cl-1002");
@@ -436,34 +273,15 @@ async fn concurrent_puts_of_one_record_each_get_their_own_version() {
     let writes = (0..12).map(|i| {
         let mut body = base.clone();
         body["phone"] = json!(format!("+1-503-555-{:04}", 1000 + i));
-        let request = app
-            .request(reqwest::Method::PUT, "/api/v1/clients/cl-1003")
-            .json(&body);
+        let request = app.request(reqwest::Method::PUT, "/api/v1/clients/cl-1003").json(&body);
         async move { request.send().await.expect("sent").status().as_u16() }
     });
     let statuses = futures_join_all(writes).await;
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        11,
-        "{statuses:?}"
-    );
-    let history: Value = app
-        .get("/api/v1/clients/cl-1003/history")
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let versions: Vec<i64> = history["versions"]
-        .as_array()
-        .expect("versions")
-        .iter()
-        .map(|v| v["version"].as_i64().expect("n"))
-        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 11, "{statuses:?}");
+    let history: Value = app.get_json("/api/v1/clients/cl-1003/history").await;
+    let versions: Vec<i64> =
+        history["versions"].as_array().expect("versions").iter().map(|v| v["version"].as_i64().expect("n")).collect();
     assert_eq!(versions, (1..=12).collect::<Vec<_>>());
     app.stop().await;
 }

@@ -6,9 +6,7 @@
 use std::sync::Arc;
 
 use carebridge::domain::{RecordId, RecordKind};
-use carebridge::store::{
-    Actor, Change, ListQuery, Precondition, RecordWrite, SaveOutcome, Store, StoreError, connect,
-};
+use carebridge::store::{Actor, Change, ListQuery, Precondition, RecordWrite, SaveOutcome, Store, StoreError, connect};
 use time::{Duration, OffsetDateTime};
 
 fn id(s: &str) -> RecordId {
@@ -16,20 +14,14 @@ fn id(s: &str) -> RecordId {
 }
 
 fn actor() -> Actor {
-    Actor {
-        key_name: "contract".into(),
-        request_id: "req-1".into(),
-    }
+    Actor { key_name: "contract".into(), request_id: "req-1".into() }
 }
 
 fn t0() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_790_000_000).expect("time")
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "a test helper naming every column a write sets"
-)]
+#[allow(clippy::too_many_arguments, reason = "a test helper naming every column a write sets")]
 async fn save(
     store: &dyn Store,
     kind: RecordKind,
@@ -40,110 +32,37 @@ async fn save(
     pre: Precondition,
     now: OffsetDateTime,
 ) -> Result<SaveOutcome, StoreError> {
-    let write = RecordWrite {
-        kind,
-        id: rid,
-        body: body.to_owned(),
-        client_id: client,
-        status,
-        change: Change::Put,
-    };
+    let write = RecordWrite { kind, id: rid, body: body.to_owned(), client_id: client, status, change: Change::Put };
     store.save_record(&write, pre, &actor(), now).await
 }
 
 async fn writes_create_replace_and_leave_identical_bodies_unchanged(store: Arc<dyn Store>) {
     let r = id("ref-1");
     let s = &*store;
-    let created = save(
-        s,
-        RecordKind::Referral,
-        &r,
-        r#"{"v":1}"#,
-        None,
-        Some("sent"),
-        Precondition::None,
-        t0(),
-    )
-    .await;
-    assert!(
-        matches!(created, Ok(SaveOutcome::Created(m)) if m.version == 1),
-        "{created:?}"
-    );
-    let same = save(
-        s,
-        RecordKind::Referral,
-        &r,
-        r#"{"v":1}"#,
-        None,
-        Some("sent"),
-        Precondition::None,
-        t0(),
-    )
-    .await;
-    assert!(
-        matches!(same, Ok(SaveOutcome::Unchanged(m)) if m.version == 1),
-        "{same:?}"
-    );
+    let created = save(s, RecordKind::Referral, &r, r#"{"v":1}"#, None, Some("sent"), Precondition::None, t0()).await;
+    assert!(matches!(created, Ok(SaveOutcome::Created(m)) if m.version == 1), "{created:?}");
+    let same = save(s, RecordKind::Referral, &r, r#"{"v":1}"#, None, Some("sent"), Precondition::None, t0()).await;
+    assert!(matches!(same, Ok(SaveOutcome::Unchanged(m)) if m.version == 1), "{same:?}");
     let later = t0() + Duration::minutes(5);
-    let replaced = save(
-        s,
-        RecordKind::Referral,
-        &r,
-        r#"{"v":2}"#,
-        None,
-        Some("sent"),
-        Precondition::None,
-        later,
-    )
-    .await;
+    let replaced = save(s, RecordKind::Referral, &r, r#"{"v":2}"#, None, Some("sent"), Precondition::None, later).await;
     assert!(
         matches!(replaced, Ok(SaveOutcome::Replaced(m)) if m.version == 2 && m.updated_at == later),
         "{replaced:?}"
     );
 
-    let current = s
-        .get_record(RecordKind::Referral, &r)
-        .await
-        .expect("read")
-        .expect("exists");
-    assert_eq!(
-        (current.meta.version, current.body.as_str()),
-        (2, r#"{"v":2}"#)
-    );
-    let v1 = s
-        .get_version(RecordKind::Referral, &r, 1)
-        .await
-        .expect("read")
-        .expect("kept");
+    let current = s.get_record(RecordKind::Referral, &r).await.expect("read").expect("exists");
+    assert_eq!((current.meta.version, current.body.as_str()), (2, r#"{"v":2}"#));
+    let v1 = s.get_version(RecordKind::Referral, &r, 1).await.expect("read").expect("kept");
     assert_eq!(v1.body, r#"{"v":1}"#);
-    assert!(
-        s.get_version(RecordKind::Referral, &r, 3)
-            .await
-            .expect("read")
-            .is_none()
-    );
+    assert!(s.get_version(RecordKind::Referral, &r, 3).await.expect("read").is_none());
     // Kinds are separate namespaces.
-    assert!(
-        s.get_record(RecordKind::Client, &r)
-            .await
-            .expect("read")
-            .is_none()
-    );
+    assert!(s.get_record(RecordKind::Client, &r).await.expect("read").is_none());
 
     let history = s.history(RecordKind::Referral, &r).await.expect("history");
-    let actions: Vec<_> = history
-        .iter()
-        .map(|h| (h.version, h.change.as_str(), h.changed_by.as_str()))
-        .collect();
-    assert_eq!(
-        actions,
-        [(1, "created", "contract"), (2, "replaced", "contract")]
-    );
+    let actions: Vec<_> = history.iter().map(|h| (h.version, h.change.as_str(), h.changed_by.as_str())).collect();
+    assert_eq!(actions, [(1, "created", "contract"), (2, "replaced", "contract")]);
     let audit = s.audit_events(0, 100).await.expect("audit");
-    let actions: Vec<_> = audit
-        .iter()
-        .map(|a| (a.action.as_str(), a.version))
-        .collect();
+    let actions: Vec<_> = audit.iter().map(|a| (a.action.as_str(), a.version)).collect();
     assert_eq!(actions, [("created", 1), ("unchanged", 1), ("replaced", 2)]);
     assert!(audit.windows(2).all(|w| w[0].seq < w[1].seq));
     let after_first = s.audit_events(audit[0].seq, 100).await.expect("audit");
@@ -157,97 +76,20 @@ async fn preconditions_are_enforced(store: Arc<dyn Store>) {
         Err(StoreError::PreconditionFailed { current }) => current,
         other => panic!("expected a precondition failure, got {other:?}"),
     };
+    assert_eq!(pf(save(s, RecordKind::Consent, &c, "{}", None, None, Precondition::Version(1), t0()).await), None);
+    assert_eq!(pf(save(s, RecordKind::Consent, &c, "{}", None, None, Precondition::Exists, t0()).await), None);
+    save(s, RecordKind::Consent, &c, "{}", None, None, Precondition::Absent, t0()).await.expect("absent: created");
     assert_eq!(
-        pf(save(
-            s,
-            RecordKind::Consent,
-            &c,
-            "{}",
-            None,
-            None,
-            Precondition::Version(1),
-            t0()
-        )
-        .await),
-        None
-    );
-    assert_eq!(
-        pf(save(
-            s,
-            RecordKind::Consent,
-            &c,
-            "{}",
-            None,
-            None,
-            Precondition::Exists,
-            t0()
-        )
-        .await),
-        None
-    );
-    save(
-        s,
-        RecordKind::Consent,
-        &c,
-        "{}",
-        None,
-        None,
-        Precondition::Absent,
-        t0(),
-    )
-    .await
-    .expect("absent: created");
-    assert_eq!(
-        pf(save(
-            s,
-            RecordKind::Consent,
-            &c,
-            "{\"a\":1}",
-            None,
-            None,
-            Precondition::Absent,
-            t0()
-        )
-        .await),
+        pf(save(s, RecordKind::Consent, &c, "{\"a\":1}", None, None, Precondition::Absent, t0()).await),
         Some(1)
     );
     assert_eq!(
-        pf(save(
-            s,
-            RecordKind::Consent,
-            &c,
-            "{\"a\":1}",
-            None,
-            None,
-            Precondition::Version(7),
-            t0()
-        )
-        .await),
+        pf(save(s, RecordKind::Consent, &c, "{\"a\":1}", None, None, Precondition::Version(7), t0()).await),
         Some(1)
     );
-    let ok = save(
-        s,
-        RecordKind::Consent,
-        &c,
-        "{\"a\":1}",
-        None,
-        None,
-        Precondition::Version(1),
-        t0(),
-    )
-    .await;
+    let ok = save(s, RecordKind::Consent, &c, "{\"a\":1}", None, None, Precondition::Version(1), t0()).await;
     assert!(matches!(ok, Ok(SaveOutcome::Replaced(m)) if m.version == 2));
-    let ok = save(
-        s,
-        RecordKind::Consent,
-        &c,
-        "{\"a\":2}",
-        None,
-        None,
-        Precondition::Exists,
-        t0(),
-    )
-    .await;
+    let ok = save(s, RecordKind::Consent, &c, "{\"a\":2}", None, None, Precondition::Exists, t0()).await;
     assert!(matches!(ok, Ok(SaveOutcome::Replaced(m)) if m.version == 3));
     let history = s.history(RecordKind::Consent, &c).await.expect("history");
     assert_eq!(history.len(), 3, "refused writes leave no version");
@@ -274,18 +116,7 @@ async fn lists_filter_and_page_in_id_order(store: Arc<dyn Store>) {
         .await
         .expect("saved");
     }
-    save(
-        s,
-        RecordKind::Client,
-        &alice,
-        "{}",
-        Some(&alice),
-        None,
-        Precondition::None,
-        t0(),
-    )
-    .await
-    .expect("saved");
+    save(s, RecordKind::Client, &alice, "{}", Some(&alice), None, Precondition::None, t0()).await.expect("saved");
     let query = |client: Option<&RecordId>,
                  status: Option<&str>,
                  since: Option<OffsetDateTime>,
@@ -301,10 +132,7 @@ async fn lists_filter_and_page_in_id_order(store: Arc<dyn Store>) {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = s
-            .list_records(&query(None, None, None, after.clone(), 10))
-            .await
-            .expect("page");
+        let page = s.list_records(&query(None, None, None, after.clone(), 10)).await.expect("page");
         assert!(page.items.len() <= 10);
         seen.extend(page.items.iter().map(|r| r.id.clone()));
         match page.next_after {
@@ -314,42 +142,17 @@ async fn lists_filter_and_page_in_id_order(store: Arc<dyn Store>) {
     }
     let expected: Vec<String> = (0..25).map(|n| format!("ref-{n:03}")).collect();
     assert_eq!(seen, expected);
-    let exact = s
-        .list_records(&query(None, None, None, None, 25))
-        .await
-        .expect("page");
-    assert_eq!(
-        (exact.items.len(), exact.next_after),
-        (25, None),
-        "a full last page says there is no more"
-    );
+    let exact = s.list_records(&query(None, None, None, None, 25)).await.expect("page");
+    assert_eq!((exact.items.len(), exact.next_after), (25, None), "a full last page says there is no more");
 
-    let of_bob = s
-        .list_records(&query(Some(&bob), None, None, None, 100))
-        .await
-        .expect("page");
+    let of_bob = s.list_records(&query(Some(&bob), None, None, None, 100)).await.expect("page");
     assert_eq!(of_bob.items.len(), 12);
-    let completed = s
-        .list_records(&query(None, Some("completed"), None, None, 100))
-        .await
-        .expect("page");
+    let completed = s.list_records(&query(None, Some("completed"), None, None, 100)).await.expect("page");
     let ids: Vec<_> = completed.items.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["ref-000", "ref-005", "ref-010", "ref-015", "ref-020"]);
-    let alice_completed = s
-        .list_records(&query(Some(&alice), Some("completed"), None, None, 100))
-        .await
-        .expect("page");
+    let alice_completed = s.list_records(&query(Some(&alice), Some("completed"), None, None, 100)).await.expect("page");
     assert_eq!(alice_completed.items.len(), 3);
-    let recent = s
-        .list_records(&query(
-            None,
-            None,
-            Some(t0() + Duration::hours(20)),
-            None,
-            100,
-        ))
-        .await
-        .expect("page");
+    let recent = s.list_records(&query(None, None, Some(t0() + Duration::hours(20)), None, 100)).await.expect("page");
     assert_eq!(recent.items.len(), 5);
     assert_eq!(recent.items[0].meta.updated_at, t0() + Duration::hours(20));
 }
@@ -361,36 +164,18 @@ async fn concurrent_writers_never_lose_a_version(store: Arc<dyn Store>) {
             let store = store.clone();
             let rid = rid.clone();
             tokio::spawn(async move {
-                save(
-                    &*store,
-                    RecordKind::Client,
-                    &rid,
-                    &format!("{{\"n\":{n}}}"),
-                    None,
-                    None,
-                    Precondition::None,
-                    t0(),
-                )
-                .await
+                save(&*store, RecordKind::Client, &rid, &format!("{{\"n\":{n}}}"), None, None, Precondition::None, t0())
+                    .await
             })
         })
         .collect();
     let mut versions = Vec::new();
     for t in tasks {
-        versions.push(
-            t.await
-                .expect("task")
-                .expect("every write lands")
-                .meta()
-                .version,
-        );
+        versions.push(t.await.expect("task").expect("every write lands").meta().version);
     }
     versions.sort_unstable();
     assert_eq!(versions, (1..=16).collect::<Vec<i64>>());
-    let history = store
-        .history(RecordKind::Client, &rid)
-        .await
-        .expect("history");
+    let history = store.history(RecordKind::Client, &rid).await.expect("history");
     assert_eq!(history.len(), 16);
 
     // Sixteen writers that all start from version 16: exactly one wins.
@@ -435,12 +220,7 @@ async fn the_schema_is_ready_and_pools_are_reported(store: Arc<dyn Store>) {
 async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite:{}", dir.path().join("contract.db").display());
-    (
-        connect(&url, 4, std::time::Duration::from_secs(5))
-            .await
-            .expect("sqlite opens"),
-        dir,
-    )
+    (connect(&url, 4, std::time::Duration::from_secs(5)).await.expect("sqlite opens"), dir)
 }
 
 /// A PostgreSQL database of its own, dropped when the test ends.
@@ -457,17 +237,12 @@ async fn postgres_store() -> Option<PgDatabase> {
     };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let name = format!("carebridge_test_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap_or_else(|e| {
-        panic!("CAREBRIDGE_TEST_POSTGRES_URL is set but PostgreSQL is unreachable: {e}")
-    });
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
+    let admin = sqlx::PgPool::connect(&admin_url)
         .await
-        .expect("create database");
+        .unwrap_or_else(|e| panic!("CAREBRIDGE_TEST_POSTGRES_URL is set but PostgreSQL is unreachable: {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("create database");
     admin.close().await;
-    let (base, query) = admin_url
-        .split_once('?')
-        .map_or((admin_url.as_str(), None), |(b, q)| (b, Some(q)));
+    let (base, query) = admin_url.split_once('?').map_or((admin_url.as_str(), None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
     let root = match base[scheme_end..].find('/') {
         Some(slash) => &base[..scheme_end + slash],
@@ -477,37 +252,22 @@ async fn postgres_store() -> Option<PgDatabase> {
         Some(q) => format!("{root}/{name}?{q}"),
         None => format!("{root}/{name}"),
     };
-    let store = connect(&url, 8, std::time::Duration::from_secs(10))
-        .await
-        .expect("postgres store opens");
-    Some(PgDatabase {
-        admin_url,
-        name,
-        store,
-    })
+    let store = connect(&url, 8, std::time::Duration::from_secs(10)).await.expect("postgres store opens");
+    Some(PgDatabase { admin_url, name, store })
 }
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
-        let (url, name, store) = (
-            self.admin_url.clone(),
-            self.name.clone(),
-            self.store.clone(),
-        );
+        let (url, name, store) = (self.admin_url.clone(), self.name.clone(), self.store.clone());
         // Async cleanup from Drop: a thread with its own runtime, joined so the database is gone when we return.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
                 store.close().await;
                 if let Ok(admin) = sqlx::PgPool::connect(&url).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&admin)
-                    .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&admin)
+                        .await;
                 }
             });
         })
