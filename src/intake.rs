@@ -185,8 +185,15 @@ async fn load<T: AgencyRecord>(store: &dyn Store, id: &RecordId) -> Result<Optio
     Ok(Some((record, stored.meta.version)))
 }
 
-fn record_write<'a, T: AgencyRecord>(record: &'a T, id: &'a RecordId, body: String, change: Change) -> RecordWrite<'a> {
-    RecordWrite { kind: T::KIND, id, body, client_id: record.client_id(), status: record.status_code(), change }
+fn record_write<T: AgencyRecord>(record: &T, id: &RecordId, body: String, change: Change) -> RecordWrite {
+    RecordWrite {
+        kind: T::KIND,
+        id: id.clone(),
+        body,
+        client_id: record.client_id().cloned(),
+        status: record.status_code(),
+        change,
+    }
 }
 
 /// The stored form of a record: serde's field order, absent options left out.

@@ -4,6 +4,7 @@
 //! [`Store`] offers whole use cases; [`sql::SqlStore`] implements them on SQLite (embedded default, WAL, one
 //! writer connection) and PostgreSQL (several replicas), chosen by the database URL in [`connect`].
 
+mod group_commit;
 mod sql;
 
 use async_trait::async_trait;
@@ -31,6 +32,9 @@ pub enum StoreError {
     /// The database URL names no backend we support.
     #[error("unsupported database URL: expected sqlite:… or postgres://…")]
     UnsupportedUrl,
+    /// The SQLite writer thread is gone (it stops only when the store is dropped, or failed to start).
+    #[error("the database writer has stopped")]
+    WriterStopped,
     /// Migrations this binary expects are not applied.
     #[error("database schema is at migration {applied:?}; this build needs {expected}")]
     NotMigrated {
@@ -78,16 +82,16 @@ impl Change {
 }
 
 /// A validated record ready to be kept.
-#[derive(Debug)]
-pub struct RecordWrite<'a> {
+#[derive(Debug, Clone)]
+pub struct RecordWrite {
     /// Its kind.
     pub kind: RecordKind,
     /// Its agency id.
-    pub id: &'a RecordId,
+    pub id: RecordId,
     /// Canonical JSON of the record.
     pub body: String,
     /// The client it belongs to, for filtering.
-    pub client_id: Option<&'a RecordId>,
+    pub client_id: Option<RecordId>,
     /// Its status code, for filtering.
     pub status: Option<&'static str>,
     /// What kind of change this is.
@@ -230,7 +234,7 @@ pub trait Store: Send + Sync + 'static {
     /// `PreconditionFailed` when `pre` does not hold; `Database` when the write could not be made durable.
     async fn save_record(
         &self,
-        write: &RecordWrite<'_>,
+        write: &RecordWrite,
         pre: Precondition,
         actor: &Actor,
         now: OffsetDateTime,

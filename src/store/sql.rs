@@ -17,6 +17,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Database, Pool, Postgres, Row, Sqlite};
 use time::OffsetDateTime;
 
+use super::group_commit::GroupCommit;
 use super::{
     Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store,
     StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
@@ -34,6 +35,8 @@ pub struct SqlStore<DB: Database> {
     writer: Pool<DB>,
     reader: Pool<DB>,
     migrator: &'static Migrator,
+    /// SQLite only: the writer thread that commits concurrent writes together.
+    batcher: Option<GroupCommit>,
 }
 
 /// Opens the database named by `url` (`sqlite:PATH` or `postgres://…`), applies migrations, and returns the store.
@@ -62,7 +65,8 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
             .acquire_timeout(acquire_timeout)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS }))
+        let batcher = Some(GroupCommit::start(writer.clone()));
+        Ok(Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS, batcher }))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
@@ -71,7 +75,12 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
             .await?;
         // sqlx takes an advisory lock here, so replicas starting together apply each migration once.
         POSTGRES_MIGRATIONS.run(&pool).await?;
-        Ok(Arc::new(SqlStore::<Postgres> { writer: pool.clone(), reader: pool, migrator: &POSTGRES_MIGRATIONS }))
+        Ok(Arc::new(SqlStore::<Postgres> {
+            writer: pool.clone(),
+            reader: pool,
+            migrator: &POSTGRES_MIGRATIONS,
+            batcher: None,
+        }))
     } else {
         Err(StoreError::UnsupportedUrl)
     }
@@ -114,15 +123,32 @@ fn plan(current: Option<(i64, String, i64)>, pre: Precondition, body: &str) -> R
 macro_rules! impl_store {
     ($db:ty, $backend:literal, $begin:literal, $lock:literal) => {
         impl SqlStore<$db> {
-            /// One attempt at a write; `Ok(None)` when another writer got in between and we should read again.
+            /// One attempt at a write in its own transaction; `Ok(None)` when another writer got in between and
+            /// we should read again.
             async fn try_save(
                 &self,
-                write: &RecordWrite<'_>,
+                write: &RecordWrite,
                 pre: Precondition,
                 actor: &Actor,
                 now: i64,
             ) -> Result<Option<SaveOutcome>, StoreError> {
                 let mut tx = self.writer.begin_with($begin).await?;
+                let outcome = Self::apply(&mut tx, write, pre, actor, now).await?;
+                if outcome.is_some() {
+                    tx.commit().await?;
+                }
+                Ok(outcome)
+            }
+
+            /// The statements of one write (record, history row, audit entry) on a connection inside a
+            /// transaction the caller opened and will commit. Refused preconditions write nothing.
+            pub(super) async fn apply(
+                tx: &mut <$db as Database>::Connection,
+                write: &RecordWrite,
+                pre: Precondition,
+                actor: &Actor,
+                now: i64,
+            ) -> Result<Option<SaveOutcome>, StoreError> {
                 let current: Option<(i64, String, i64)> = sqlx::query_as(concat!(
                     "SELECT version, body, updated_at FROM records WHERE kind = $1 AND id = $2",
                     $lock
@@ -141,7 +167,7 @@ macro_rules! impl_store {
                         .bind(write.kind.as_str())
                         .bind(write.id.as_str())
                         .bind(&write.body)
-                        .bind(write.client_id.map(RecordId::as_str))
+                        .bind(write.client_id.as_ref().map(RecordId::as_str))
                         .bind(write.status)
                         .bind(now)
                         .bind(&actor.key_name)
@@ -161,7 +187,7 @@ macro_rules! impl_store {
                         .bind(write.id.as_str())
                         .bind(version + 1)
                         .bind(&write.body)
-                        .bind(write.client_id.map(RecordId::as_str))
+                        .bind(write.client_id.as_ref().map(RecordId::as_str))
                         .bind(write.status)
                         .bind(now)
                         .bind(&actor.key_name)
@@ -205,7 +231,6 @@ macro_rules! impl_store {
                 .bind(&actor.request_id)
                 .execute(&mut *tx)
                 .await?;
-                tx.commit().await?;
                 Ok(Some(outcome))
             }
         }
@@ -218,12 +243,15 @@ macro_rules! impl_store {
 
             async fn save_record(
                 &self,
-                write: &RecordWrite<'_>,
+                write: &RecordWrite,
                 pre: Precondition,
                 actor: &Actor,
                 now: OffsetDateTime,
             ) -> Result<SaveOutcome, StoreError> {
                 let now = to_micros(now);
+                if let Some(batcher) = &self.batcher {
+                    return batcher.save(write.clone(), pre, actor.clone(), now).await;
+                }
                 for _ in 1..WRITE_ATTEMPTS {
                     if let Some(outcome) = self.try_save(write, pre, actor, now).await? {
                         return Ok(outcome);

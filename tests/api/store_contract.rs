@@ -32,7 +32,14 @@ async fn save(
     pre: Precondition,
     now: OffsetDateTime,
 ) -> Result<SaveOutcome, StoreError> {
-    let write = RecordWrite { kind, id: rid, body: body.to_owned(), client_id: client, status, change: Change::Put };
+    let write = RecordWrite {
+        kind,
+        id: rid.clone(),
+        body: body.to_owned(),
+        client_id: client.cloned(),
+        status,
+        change: Change::Put,
+    };
     store.save_record(&write, pre, &actor(), now).await
 }
 

@@ -1,0 +1,121 @@
+//! SQLite group commit: one thread owns the single writer connection and commits the writes that arrive together
+//! in one transaction, answering each caller only after that commit.
+//!
+//! SQLite takes one write transaction at a time, so throughput is set by how long each one holds the lock. Alone,
+//! a write costs a `BEGIN`, its statements, a `COMMIT` with its `fsync`, and a round trip through the async
+//! scheduler between each of them, queued behind whatever else the server is doing. Here the statements run on a
+//! thread of their own, and writes that queued up while one transaction ran share the next one. Every write is
+//! still whole (record, history row and audit entry together) and durable before its caller hears back. If a
+//! batch fails as a whole, each of its writes is retried in a transaction of its own, so one bad write never fails
+//! its neighbours.
+
+use sqlx::{Sqlite, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use super::sql::SqlStore;
+use super::{Actor, Precondition, RecordWrite, SaveOutcome, StoreError};
+
+/// Most writes committed in one transaction; keeps a batch's lock time (and the latency of its first write) short.
+const MAX_BATCH: usize = 64;
+
+/// Writes waiting for the writer thread before callers wait to enqueue (backpressure).
+const QUEUE: usize = 1024;
+
+/// Handle to the writer thread.
+pub(super) struct GroupCommit {
+    jobs: mpsc::Sender<Job>,
+}
+
+struct Job {
+    write: RecordWrite,
+    pre: Precondition,
+    actor: Actor,
+    now: i64,
+    reply: oneshot::Sender<Result<SaveOutcome, StoreError>>,
+}
+
+impl GroupCommit {
+    /// Starts the writer thread on `pool` (one connection); it stops when the last handle is dropped.
+    pub(super) fn start(pool: SqlitePool) -> Self {
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        let spawned = std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(run(pool, queue)),
+                // Dropping the queue makes every write answer WriterStopped: loud, and nothing is half-kept.
+                Err(e) => tracing::error!(error = %e, "The SQLite writer could not start; writes will fail."),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "The SQLite writer thread could not be spawned; writes will fail.");
+        }
+        GroupCommit { jobs }
+    }
+
+    /// Keeps one write; answers after the transaction holding it has committed.
+    pub(super) async fn save(
+        &self,
+        write: RecordWrite,
+        pre: Precondition,
+        actor: Actor,
+        now: i64,
+    ) -> Result<SaveOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { write, pre, actor, now, reply }).await.map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        metrics::histogram!("carebridge_db_commit_batch_writes").record(batch.len() as f64);
+        match together(&pool, &batch).await {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, writes = batch.len(), "A group commit failed; retrying its writes one by one.");
+                for job in batch.drain(..) {
+                    let outcome = alone(&pool, &job).await;
+                    let _ = job.reply.send(outcome);
+                }
+            }
+        }
+    }
+}
+
+/// Every write of the batch in one transaction. A refused precondition writes nothing and is that write's answer;
+/// any other error rolls the whole batch back.
+async fn together(pool: &SqlitePool, batch: &[Job]) -> Result<Vec<Result<SaveOutcome, StoreError>>, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch {
+        let mut applied = SqlStore::<Sqlite>::apply(&mut tx, &job.write, job.pre, &job.actor, job.now).await;
+        if matches!(applied, Ok(None)) {
+            // With one writer an insert cannot lose a race; should it ever, reading again settles it.
+            applied = SqlStore::<Sqlite>::apply(&mut tx, &job.write, job.pre, &job.actor, job.now).await;
+        }
+        match applied {
+            Ok(Some(outcome)) => outcomes.push(Ok(outcome)),
+            Ok(None) => outcomes.push(Err(StoreError::PreconditionFailed { current: None })),
+            Err(refused @ StoreError::PreconditionFailed { .. }) => outcomes.push(Err(refused)),
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// One write in a transaction of its own.
+async fn alone(pool: &SqlitePool, job: &Job) -> Result<SaveOutcome, StoreError> {
+    for _ in 0..2 {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(outcome) = SqlStore::<Sqlite>::apply(&mut tx, &job.write, job.pre, &job.actor, job.now).await? {
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+    }
+    Err(StoreError::PreconditionFailed { current: None })
+}
