@@ -195,3 +195,49 @@ fn the_demo_configuration_is_valid_and_its_keys_work() {
     assert!(!reader.may(carebridge::config::Scope::Write));
     assert!(ring.authenticate("demo-writer-key").is_some());
 }
+
+#[test]
+fn concurrent_writes_answered_201_survive_kill_9_too() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let server = ServerProcess::start(&config);
+    let base = server.base();
+    let template = fixture("referral", "ref-4001");
+    // Many writers at once, so the writer commits them in shared transactions.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (base, template) = (base.clone(), template.clone());
+            std::thread::spawn(move || {
+                let http = client();
+                let mut acknowledged = Vec::new();
+                for n in 0..25 {
+                    let id = format!("w{w}-{n}");
+                    let mut body = template.clone();
+                    body["id"] = json!(id);
+                    let response = http
+                        .put(format!("{base}/api/v1/referrals/{id}"))
+                        .bearer_auth(ADMIN_KEY)
+                        .json(&body)
+                        .send()
+                        .expect("sent");
+                    assert_eq!(response.status(), 201);
+                    acknowledged.push(id);
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let acknowledged: Vec<String> = writers.into_iter().flat_map(|w| w.join().expect("writer")).collect();
+    let mut server = server;
+    server.child.kill().expect("kill -9");
+    server.child.wait().expect("reaped");
+    drop(server);
+    let server = ServerProcess::start(&config);
+    let http = client();
+    for id in &acknowledged {
+        let response =
+            http.get(format!("{}/api/v1/referrals/{id}", server.base())).bearer_auth(ADMIN_KEY).send().expect("sent");
+        assert_eq!(response.status(), 200, "{id} was acknowledged and then lost");
+    }
+    assert_eq!(acknowledged.len(), 200);
+}
