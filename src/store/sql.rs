@@ -2,9 +2,10 @@
 //!
 //! The schema uses only `TEXT` and `BIGINT` (times as microseconds since the epoch) and the SQL only what both
 //! engines share (`$n` parameters, `ON CONFLICT DO NOTHING`), so one body of code, instantiated per backend by
-//! `impl_store!`, serves both. SQLite gets one writer connection (`BEGIN IMMEDIATE`, `synchronous=FULL` in WAL
-//! mode: a commit is on disk before we answer) and a pool of read-only connections; PostgreSQL one pool, with
-//! the record's row locked (`FOR UPDATE`) for the length of a write.
+//! `impl_store!`, serves both. SQLite gets one writer connection, driven by the group-commit thread
+//! ([`super::group_commit`]; `BEGIN IMMEDIATE`, `synchronous=FULL` in WAL mode: a commit is on disk before we
+//! answer) and a pool of read-only connections; PostgreSQL one pool, each write in its own transaction with the
+//! record's row locked (`FOR UPDATE`).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::domain::{RecordId, RecordKind};
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// How many times a write is retried when another writer changed the same record between our read and our write.
+/// PostgreSQL: how many times a write is tried when a concurrent insert of the same new record won the race.
 const WRITE_ATTEMPTS: usize = 5;
 
 /// A store on one sqlx backend: a pool for writes and one for reads (the same pool on PostgreSQL).
