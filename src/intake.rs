@@ -51,6 +51,14 @@ pub enum IntakeError {
         /// The parse error (it names fields, never values).
         source: serde_json::Error,
     },
+    /// A record could not be written as JSON (our types always can: this is a bug, never bad input).
+    #[error("{kind} record does not serialise")]
+    Encode {
+        /// Its kind.
+        kind: RecordKind,
+        /// The serialisation error.
+        source: serde_json::Error,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -95,7 +103,7 @@ pub async fn put<T: AgencyRecord>(
     record.validate(&mut v);
     v.finish().map_err(IntakeError::Invalid)?;
     record.set_id(id.clone());
-    let body = canonical(&record);
+    let body = canonical(&record)?;
 
     if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
         let write = record_write(&record, &id, body, change);
@@ -159,7 +167,7 @@ pub async fn change_referral_status(
             return Err(IntakeError::PreconditionFailed { current: Some(version) });
         }
         referral.apply(change);
-        let body = canonical(&referral);
+        let body = canonical(&referral)?;
         let write = record_write(&referral, id, body.clone(), Change::StatusChanged);
         match store.save_record(&write, Precondition::Version(version), actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
@@ -197,10 +205,8 @@ fn record_write<T: AgencyRecord>(record: &T, id: &RecordId, body: String, change
 }
 
 /// The stored form of a record: serde's field order, absent options left out.
-fn canonical<T: AgencyRecord>(record: &T) -> String {
-    // Serialising our own derive-generated types into a String has no failure path (no maps with non-string
-    // keys, no I/O); should it ever fail, storing an empty body would be worse than stopping.
-    serde_json::to_string(record).expect("agency record types always serialise to JSON")
+fn canonical<T: AgencyRecord>(record: &T) -> Result<String, IntakeError> {
+    serde_json::to_string(record).map_err(|source| IntakeError::Encode { kind: T::KIND, source })
 }
 
 /// What loading a seed directory did.

@@ -192,7 +192,7 @@ fn intake_problem(e: IntakeError) -> ApiError {
             None => "the record does not exist, or changed while this request was checked".into(),
         }),
         IntakeError::Store(e) => return store_problem(e),
-        e @ IntakeError::Corrupt { .. } => return ApiError::internal(ProblemType::Internal, e),
+        e @ (IntakeError::Corrupt { .. } | IntakeError::Encode { .. }) => return ApiError::internal(ProblemType::Internal, e),
     };
     problem.into()
 }
