@@ -231,13 +231,16 @@ async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
 }
 
 /// A PostgreSQL database of its own, dropped when the test ends.
-struct PgDatabase {
+pub struct PgDatabase {
     admin_url: String,
     name: String,
-    store: Arc<dyn Store>,
+    /// URL of the test's own database.
+    pub url: String,
+    /// A store on it.
+    pub store: Arc<dyn Store>,
 }
 
-async fn postgres_store() -> Option<PgDatabase> {
+pub async fn postgres_store() -> Option<PgDatabase> {
     let Ok(admin_url) = std::env::var("CAREBRIDGE_TEST_POSTGRES_URL") else {
         eprintln!("CAREBRIDGE_TEST_POSTGRES_URL is not set: PostgreSQL contract test skipped");
         return None;
@@ -260,7 +263,7 @@ async fn postgres_store() -> Option<PgDatabase> {
         None => format!("{root}/{name}"),
     };
     let store = connect(&url, 8, std::time::Duration::from_secs(10)).await.expect("postgres store opens");
-    Some(PgDatabase { admin_url, name, store })
+    Some(PgDatabase { admin_url, name, url, store })
 }
 
 impl Drop for PgDatabase {
@@ -312,3 +315,32 @@ contract!(
     concurrent_writers_never_lose_a_version,
     the_schema_is_ready_and_pools_are_reported,
 );
+
+/// The whole API on PostgreSQL: the fixtures go in and come back, and readiness follows the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_the_fixtures_from_postgres_and_readiness_follows_the_database() {
+    let Some(db) = postgres_store().await else { return };
+    let url = db.url.clone();
+    let app = crate::helpers::spawn_app_with(|s| s.database.url = url).await;
+    app.load_fixtures().await;
+    for (kind, id, body) in crate::helpers::fixtures() {
+        assert_eq!(app.get_json(&format!("/api/v1/{kind}s/{id}")).await, body, "{kind}/{id}");
+    }
+    let ready = app.client.get(format!("{}/readyz", app.base)).send().await.expect("sent");
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<serde_json::Value>().await.expect("JSON")["database"], "postgres");
+
+    // The database goes away under the running gateway: readiness says so, and writes fail with a problem document.
+    let admin = sqlx::PgPool::connect(&db.admin_url).await.expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {} WITH (FORCE)", db.name)))
+        .execute(&admin)
+        .await
+        .expect("drop database");
+    let ready = app.client.get(format!("{}/readyz", app.base)).send().await.expect("sent");
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.headers()["content-type"], "application/problem+json");
+    let write = app.put("/api/v1/clients/cl-1001", &crate::helpers::fixture("client", "cl-1001")).await;
+    assert!(write.status().is_server_error(), "{}", write.status());
+    assert_eq!(write.headers()["content-type"], "application/problem+json");
+    app.stop().await;
+}
