@@ -159,7 +159,8 @@ async fn observe(axum::extract::State(limits): axum::extract::State<Limits>, req
     let labels = [("method", method), ("route", route), ("status", status.to_string())];
     metrics::counter!("carebridge_http_requests_total", &labels).increment(1);
     metrics::histogram!("carebridge_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    // Whole microseconds, so the log shows 6.206 rather than 6.206297999999999.
+    let latency_ms = u32::try_from(elapsed.as_micros()).map_or(f64::MAX, f64::from) / 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "Request served."));
     response
 }

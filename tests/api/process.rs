@@ -80,13 +80,13 @@ fn logs_never_contain_names_birth_dates_or_notes() {
     let config = write_config(dir.path(), "");
     let mut server = ServerProcess::start(&config);
     let base = server.base();
-    let secrets = ["Zebulon", "Quackenbush", "1966-04-17", "Xyzzy-confidential-note", "+1-555-0199", "97999"];
+    let secrets = ["Zebulon", "Quackenbush", "1966-04-17", "Xyzzy-confidential-note", "+1-555-0199", "97999-0042"];
     let mut client_record = fixture("client", "cl-1001");
     client_record["given_name"] = json!("Zebulon");
     client_record["family_name"] = json!("Quackenbush");
     client_record["birth_date"] = json!("1966-04-17");
     client_record["phone"] = json!("+1-555-0199");
-    client_record["address"]["postal_code"] = json!("97999");
+    client_record["address"]["postal_code"] = json!("97999-0042");
     let mut referral = fixture("referral", "ref-4001");
     referral["notes"][0]["text"] = json!("Xyzzy-confidential-note");
     referral["reason"] = json!("Zebulon Quackenbush asked for help");
