@@ -110,35 +110,34 @@ pub async fn put<T: AgencyRecord>(
         let outcome = store.save_record(&write, pre, actor, now).await?;
         return Ok(Saved { outcome, body: write.body });
     }
-    // The status may not move here: read the current one, and write only over the version we checked.
+    // The status may not move here: read the current one, and write only over exactly the version we checked, so a
+    // status change that lands in between makes this write fail instead of undoing it.
     for attempt in 1..=CONFLICT_ATTEMPTS {
-        let guard = match load::<T>(store, &id).await? {
-            None => Precondition::Absent,
-            Some((_, version)) if pre == Precondition::Absent => {
+        let checked = match (load::<T>(store, &id).await?, pre) {
+            (None, Precondition::None | Precondition::Absent) => Precondition::Absent,
+            (None, Precondition::Exists | Precondition::Version(_)) => {
+                return Err(IntakeError::PreconditionFailed { current: None });
+            }
+            (Some((_, version)), Precondition::Absent) => {
                 return Err(IntakeError::PreconditionFailed { current: Some(version) });
             }
-            Some((current, version)) => {
+            (Some((_, version)), Precondition::Version(expected)) if expected != version => {
+                return Err(IntakeError::PreconditionFailed { current: Some(version) });
+            }
+            (Some((current, version)), _) => {
                 if current.status_code() != record.status_code() {
                     return Err(IntakeError::StatusChangeNotAllowed {
-                        current: current.status_code().unwrap_or_default().to_owned(),
-                        requested: record.status_code().unwrap_or_default().to_owned(),
+                        current: current.status_code().unwrap_or("none").to_owned(),
+                        requested: record.status_code().unwrap_or("none").to_owned(),
                     });
                 }
                 Precondition::Version(version)
             }
         };
-        // Write over exactly the version whose status we checked, unless the caller named a version itself.
-        let effective = match (pre, guard) {
-            (Precondition::None | Precondition::Exists, Precondition::Version(v)) => Precondition::Version(v),
-            (Precondition::None, guard) => guard,
-            (caller, _) => caller,
-        };
         let write = record_write(&record, &id, body.clone(), change);
-        match store.save_record(&write, effective, actor, now).await {
+        match store.save_record(&write, checked, actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
-            result => {
-                return Ok(Saved { outcome: result?, body });
-            }
+            result => return Ok(Saved { outcome: result?, body }),
         }
     }
     Err(IntakeError::PreconditionFailed { current: None })
