@@ -11,7 +11,10 @@ use axum::Router;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
+use std::collections::HashMap;
+
 use crate::config::Settings;
+use crate::directories::{self, DirectorySource, SyncMode};
 use crate::http::auth::KeyRing;
 use crate::http::{self, AppState, Limits};
 use crate::intake::{self, SeedError};
@@ -27,6 +30,9 @@ pub enum StartError {
     /// The seed directory could not be loaded.
     #[error("cannot load the seed records: {0}")]
     Seed(#[from] SeedError),
+    /// A directory source could not be set up.
+    #[error("cannot set up a directory source: {0}")]
+    Directory(#[source] directories::SourceError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -61,7 +67,24 @@ impl Application {
             let report = intake::seed(&*store, dir, OffsetDateTime::now_utc()).await?;
             tracing::info!(created = report.created, kept = report.kept, "Seed records loaded.");
         }
-        let state = AppState { store: store.clone(), api: settings.api.clone(), metrics: telemetry::metrics_handle() };
+        let mut sources = HashMap::new();
+        for d in &settings.directories {
+            let source = directories::source_from_settings(d).map_err(StartError::Directory)?;
+            if d.sync_interval_secs() > 0 {
+                tokio::spawn(sync_on_schedule(
+                    store.clone(),
+                    source.clone(),
+                    Duration::from_secs(d.sync_interval_secs()),
+                ));
+            }
+            sources.insert(d.name().to_owned(), source);
+        }
+        let state = AppState {
+            store: store.clone(),
+            api: settings.api.clone(),
+            metrics: telemetry::metrics_handle(),
+            sources: Arc::new(sources),
+        };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {
             tracing::warn!("No API keys are configured; every /api/v1 call will be refused.");
@@ -107,6 +130,39 @@ impl Application {
         self.store.close().await;
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+/// How often a scheduled directory sync is a full one (which also finds services that vanished).
+const FULL_SYNC_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Syncs a directory every `interval`: fully at start and once a day, incrementally in between. A failed sync is
+/// logged and tried again at the next interval; it never stops the gateway.
+async fn sync_on_schedule(store: Arc<dyn Store>, source: Arc<dyn DirectorySource>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full: Option<tokio::time::Instant> = None;
+    loop {
+        ticker.tick().await;
+        let full = last_full.is_none_or(|t| t.elapsed() >= FULL_SYNC_EVERY);
+        let mode = if full { SyncMode::Full } else { SyncMode::Incremental };
+        match directories::sync(&*store, &*source, mode, OffsetDateTime::now_utc(), &|_| {}).await {
+            Ok(r) => {
+                if full {
+                    last_full = Some(tokio::time::Instant::now());
+                }
+                tracing::info!(
+                    source = source.name(),
+                    full,
+                    added = r.added,
+                    updated = r.updated,
+                    deactivated = r.deactivated,
+                    rejected = r.rejected.len(),
+                    "Directory synced."
+                );
+            }
+            Err(e) => tracing::warn!(source = source.name(), error = %e, "Directory sync failed; will retry."),
+        }
     }
 }
 

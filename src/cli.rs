@@ -8,9 +8,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use indicatif::{ProgressBar, ProgressStyle};
+use time::OffsetDateTime;
+
 use crate::app::{self, Application};
 use crate::config::{Overrides, Settings};
+use crate::directories::{self, ServiceQuery, SyncMode};
 use crate::http::auth::{KeyHash, new_key};
+use crate::store::{self, Store};
 use crate::telemetry;
 
 /// carebridge: FHIR R4 integration gateway for mental-health case management.
@@ -39,12 +44,60 @@ pub enum Command {
     },
     /// Check the configuration and exit: 0 when it is valid, 2 with every error otherwise.
     Check,
+    /// Sync and search community service directories.
+    Directory {
+        /// Which directory command.
+        #[command(subcommand)]
+        command: DirectoryCommand,
+    },
     /// Make API keys.
     Keys {
         /// Which key command.
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// Directory subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DirectoryCommand {
+    /// Sync one configured directory, or all of them, and print what changed.
+    Sync {
+        /// The directory's configured name; all directories when left out.
+        source: Option<String>,
+        /// Only what changed since the last sync (a full sync also deactivates services that vanished).
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// Search the catalog as `GET /api/v1/services` does.
+    Search {
+        /// Words to find in name and description.
+        #[arg(long)]
+        q: Option<String>,
+        /// Agency service category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Taxonomy term code.
+        #[arg(long)]
+        taxonomy_term: Option<String>,
+        /// Centre of a radius search, `LAT,LON`.
+        #[arg(long, value_parser = parse_near, allow_hyphen_values = true)]
+        near: Option<(f64, f64)>,
+        /// Radius in km.
+        #[arg(long, default_value_t = 25.0)]
+        radius_km: f64,
+        /// Language (BCP 47).
+        #[arg(long)]
+        language: Option<String>,
+        /// How many results.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+fn parse_near(s: &str) -> Result<(f64, f64), String> {
+    let (lat, lon) = s.split_once(',').ok_or("expected LAT,LON")?;
+    Ok((lat.trim().parse().map_err(|_| "bad latitude")?, lon.trim().parse().map_err(|_| "bad longitude")?))
 }
 
 /// Key subcommands.
@@ -104,6 +157,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Directory { command } => {
+            let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
+                return Ok(ExitCode::from(2));
+            };
+            telemetry::init_logs(&settings.log);
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let store =
+                store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
+                    .await
+                    .context("cannot open the database")?;
+            let code = match command {
+                DirectoryCommand::Sync { source, incremental } => {
+                    directory_sync(&*store, &settings, source.as_deref(), incremental).await?
+                }
+                DirectoryCommand::Search { q, category, taxonomy_term, near, radius_km, language, limit } => {
+                    let query = ServiceQuery {
+                        text: q,
+                        category,
+                        taxonomy_term,
+                        near,
+                        radius_km,
+                        language,
+                        include_inactive: false,
+                        page: 1,
+                        per_page: limit.clamp(1, 100),
+                    };
+                    let (hits, total) = store.search_services(&query).await?;
+                    for h in &hits {
+                        let distance = h.distance_km.map(|d| format!("{d:.1} km  ")).unwrap_or_default();
+                        println!("{distance}{}  {}  [{}]", h.id, h.name, h.categories.join(","));
+                    }
+                    println!("{} of {total} shown", hits.len());
+                    ExitCode::SUCCESS
+                }
+            };
+            store.close().await;
+            Ok(code)
+        }
         Command::Keys { command: KeysCommand::Generate { name, scopes } } => {
             let key = new_key().context("no randomness available")?;
             let hash = KeyHash::generate(&key).context("no randomness available")?;
@@ -121,6 +212,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Syncs the named directory (or all), with a progress line per source and a summary; exit 1 if any failed.
+async fn directory_sync(
+    store: &dyn Store,
+    settings: &Settings,
+    only: Option<&str>,
+    incremental: bool,
+) -> anyhow::Result<ExitCode> {
+    let chosen: Vec<_> = settings.directories.iter().filter(|d| only.is_none_or(|n| d.name() == n)).collect();
+    if chosen.is_empty() {
+        anyhow::bail!("no directory named {} in the configuration", only.unwrap_or("(any)"));
+    }
+    let mode = if incremental { SyncMode::Incremental } else { SyncMode::Full };
+    let mut failed = false;
+    for d in chosen {
+        let source = directories::source_from_settings(d)?;
+        let bar = ProgressBar::new_spinner().with_message(format!("{}: syncing", d.name()));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {pos} records read")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        let progress = |n: usize| bar.set_position(n as u64);
+        match directories::sync(store, &*source, mode, OffsetDateTime::now_utc(), &progress).await {
+            Ok(r) => {
+                bar.finish_and_clear();
+                println!(
+                    "{}: {} added, {} updated, {} unchanged, {} deactivated, {} rejected",
+                    r.source,
+                    r.added,
+                    r.updated,
+                    r.unchanged,
+                    r.deactivated,
+                    r.rejected.len()
+                );
+                for rejection in &r.rejected {
+                    println!(
+                        "  rejected {}: {}",
+                        rejection.source_id.as_deref().unwrap_or("(no id)"),
+                        rejection.reason
+                    );
+                }
+            }
+            Err(e) => {
+                bar.finish_and_clear();
+                eprintln!("{}: sync failed: {e}", d.name());
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Loads the settings, printing every error on stderr when they are invalid.

@@ -32,6 +32,72 @@ pub struct Settings {
     /// Keys that may call `/api/v1`.
     #[serde(default)]
     pub api_keys: Vec<ApiKeySettings>,
+    /// Community service directories to sync.
+    #[serde(default)]
+    pub directories: Vec<DirectorySettings>,
+}
+
+/// One community service directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DirectorySettings {
+    /// An Open Referral HSDS 3.0 API.
+    HsdsApi {
+        /// Name of the source (`a-z 0-9 -`), the prefix of its services' gateway ids.
+        name: String,
+        /// API root; services are read from `<base_url>/services`.
+        base_url: String,
+        /// Services per page.
+        #[serde(default = "default_per_page")]
+        per_page: u32,
+        /// Seconds between scheduled syncs; 0 syncs only on demand.
+        #[serde(default)]
+        sync_interval_secs: u64,
+        /// Header carrying the source's credential, if it needs one.
+        auth_header: Option<String>,
+        /// Environment variable holding that credential (kept out of the file).
+        auth_value_env: Option<String>,
+        /// Seconds before a request to the source is abandoned.
+        #[serde(default = "default_source_timeout")]
+        timeout_secs: u64,
+    },
+    /// An HSDS data package on disk (a JSON file, or a directory of them).
+    HsdsPackage {
+        /// Name of the source.
+        name: String,
+        /// The file or directory, relative to the working directory.
+        path: PathBuf,
+        /// Seconds between scheduled syncs; 0 syncs only on demand.
+        #[serde(default)]
+        sync_interval_secs: u64,
+    },
+}
+
+fn default_per_page() -> u32 {
+    100
+}
+
+fn default_source_timeout() -> u64 {
+    30
+}
+
+impl DirectorySettings {
+    /// The source's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            DirectorySettings::HsdsApi { name, .. } | DirectorySettings::HsdsPackage { name, .. } => name,
+        }
+    }
+
+    /// Seconds between scheduled syncs (0: on demand only).
+    #[must_use]
+    pub fn sync_interval_secs(&self) -> u64 {
+        match self {
+            DirectorySettings::HsdsApi { sync_interval_secs, .. }
+            | DirectorySettings::HsdsPackage { sync_interval_secs, .. } => *sync_interval_secs,
+        }
+    }
 }
 
 /// The HTTP listener.
@@ -245,6 +311,34 @@ impl Settings {
             }
             if key.scopes.is_empty() {
                 errors.push(format!("{at}.scopes: a key needs at least one scope"));
+            }
+        }
+        let mut sources = HashSet::new();
+        for (i, d) in self.directories.iter().enumerate() {
+            let at = format!("directories[{i}]");
+            let name = d.name();
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                errors.push(format!("{at}.name: use a-z, 0-9 and '-' (it prefixes the ids of its services)"));
+            } else if !sources.insert(name) {
+                errors.push(format!("{at}.name: `{name}` names another directory too"));
+            }
+            match d {
+                DirectorySettings::HsdsApi { base_url, per_page, auth_header, auth_value_env, .. } => {
+                    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                        errors.push(format!("{at}.base_url: expected an http:// or https:// URL"));
+                    }
+                    if !(1..=1000).contains(per_page) {
+                        errors.push(format!("{at}.per_page: between 1 and 1000"));
+                    }
+                    if auth_header.is_some() != auth_value_env.is_some() {
+                        errors.push(format!("{at}: auth_header and auth_value_env go together"));
+                    }
+                }
+                DirectorySettings::HsdsPackage { path, .. } => {
+                    if !path.exists() {
+                        errors.push(format!("{at}.path: {} does not exist", path.display()));
+                    }
+                }
             }
         }
         if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }

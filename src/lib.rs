@@ -7,6 +7,7 @@
 //! - [`app`]: builds the service (store, seed, router, listener) and runs it until shutdown.
 //! - [`http`]: the router and its layers; `api` (`/api/v1`), `auth` (API keys), `extract` (bad input → problem),
 //!   `problem` (problem+json), `ops` (`/healthz`, `/readyz`, `/metrics`).
+//! - [`directories`]: community service directories (HSDS 3.0 API or data package) synced into the catalog.
 //! - [`intake`]: the write use cases: validate an agency record, keep it with history and audit.
 //! - [`domain`]: the agency's records as validated types (client, assessment, care plan, referral, consent).
 //! - [`store`]: the `Store` trait and its SQLite/PostgreSQL implementation, with migrations.
@@ -15,6 +16,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod directories;
 pub mod domain;
 pub mod http;
 pub mod intake;

@@ -163,7 +163,8 @@ fn record_response(status: StatusCode, kind: RecordKind, id: &str, meta: RecordM
     response
 }
 
-fn store_problem(e: StoreError) -> ApiError {
+/// The problem a store failure becomes.
+pub(super) fn store_problem(e: StoreError) -> ApiError {
     match e {
         StoreError::PreconditionFailed { current } => intake_problem(IntakeError::PreconditionFailed { current }),
         StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
@@ -518,6 +519,7 @@ impl Modify for BearerKey {
         change_referral_status,
         consents::put, consents::get, consents::list, consents::history, consents::version,
         audit_events, openapi_json,
+        super::directory::search, super::directory::sync_now,
     ),
     components(schemas(Problem, domain::FieldError)),
     modifiers(&BearerKey),

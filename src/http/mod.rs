@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod directory;
 pub mod extract;
 pub mod ops;
 pub mod problem;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub api: ApiSettings,
     /// The Prometheus recorder's handle, rendered by `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Configured directory sources, by name.
+    pub sources: directory::Sources,
 }
 
 /// Limits the router enforces, from the settings.
@@ -88,9 +91,11 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/consents/{id}/history", get(api::consents::history))
         .route("/api/v1/consents/{id}/history/{version}", get(api::consents::version))
         .route("/api/v1/openapi.json", get(api::openapi_json))
+        .route("/api/v1/services", get(directory::search))
         .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))
+        .route("/api/v1/directories/{source}/sync", post(directory::sync_now))
         .route_layer(middleware::from_fn_with_state(admin, auth::require_key));
     let ops = Router::new()
         .route("/healthz", get(ops::healthz))

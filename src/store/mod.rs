@@ -4,6 +4,8 @@
 //! [`Store`] offers whole use cases; [`sql::SqlStore`] implements them on SQLite (embedded default, WAL, one
 //! writer connection) and PostgreSQL (several replicas), chosen by the database URL in [`connect`].
 
+mod catalog;
+mod catalog_sql;
 mod group_commit;
 mod sql;
 
@@ -12,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{RecordId, RecordKind};
 
+pub use catalog::Catalog;
 pub use sql::{SqlStore, connect};
 
 /// Failures of the store itself, or a write refused for its precondition.
@@ -32,6 +35,9 @@ pub enum StoreError {
     /// The database URL names no backend we support.
     #[error("unsupported database URL: expected sqlite:… or postgres://…")]
     UnsupportedUrl,
+    /// A kept catalog document no longer parses, or a service could not be encoded.
+    #[error("catalog document does not parse")]
+    CorruptCatalog(#[source] serde_json::Error),
     /// The SQLite writer thread is gone (it stops only when the store is dropped, or failed to start).
     #[error("the database writer has stopped")]
     WriterStopped,
@@ -221,9 +227,9 @@ pub struct PoolStats {
     pub idle: u32,
 }
 
-/// The gateway's durable state, as whole use cases.
+/// The gateway's durable state, as whole use cases (agency records here, the service catalog in [`Catalog`]).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Catalog + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

@@ -87,6 +87,18 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
     }
 }
 
+impl<DB: Database> SqlStore<DB> {
+    /// The pool writes go through.
+    pub(super) fn writer(&self) -> &Pool<DB> {
+        &self.writer
+    }
+
+    /// The pool reads go through.
+    pub(super) fn reader(&self) -> &Pool<DB> {
+        &self.reader
+    }
+}
+
 fn audit_action(change: Change, outcome: &SaveOutcome) -> &'static str {
     match (outcome, change) {
         (SaveOutcome::Unchanged(_), _) => "unchanged",

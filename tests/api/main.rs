@@ -1,5 +1,6 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
+mod directories;
 mod errors;
 mod helpers;
 mod ops;

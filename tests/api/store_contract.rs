@@ -344,3 +344,11 @@ async fn the_api_serves_the_fixtures_from_postgres_and_readiness_follows_the_dat
     assert_eq!(write.headers()["content-type"], "application/problem+json");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_is_searched_the_same_way_on_postgres() {
+    let Some(db) = postgres_store().await else { return };
+    let app = crate::directories::catalog_app(Some(db.url.clone())).await;
+    crate::directories::search_finds_by_text_category_term_language_and_distance(&app).await;
+    app.stop().await;
+}

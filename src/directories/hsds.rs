@@ -1,0 +1,418 @@
+//! Open Referral HSDS 3.0 sources: an HSDS API (`GET /services?page=&per_page=&modified_after=`, full service
+//! objects) or an HSDS data package of JSON files on disk, and the mapping of an HSDS service into the catalog.
+//!
+//! Only the parts of HSDS the catalog uses are read; the whole record is kept as received.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{
+    CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Schedule, SourceError, SourcePage,
+    TaxonomyTerm, gateway_id,
+};
+
+/// HSDS service statuses.
+const STATUSES: [&str; 4] = ["active", "inactive", "defunct", "temporarily closed"];
+
+#[derive(Debug, Deserialize)]
+struct Service {
+    id: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    url: Option<String>,
+    email: Option<String>,
+    status: Option<String>,
+    eligibility_description: Option<String>,
+    minimum_age: Option<f64>,
+    maximum_age: Option<f64>,
+    last_modified: Option<String>,
+    #[serde(default)]
+    languages: Vec<Language>,
+    #[serde(default)]
+    schedules: Vec<HsdsSchedule>,
+    #[serde(default)]
+    phones: Vec<Phone>,
+    organization: Option<Organization>,
+    #[serde(default)]
+    service_at_locations: Vec<ServiceAtLocation>,
+    #[serde(default)]
+    attributes: Vec<Attribute>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Language {
+    code: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HsdsSchedule {
+    byday: Option<String>,
+    opens_at: Option<String>,
+    closes_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Phone {
+    number: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Organization {
+    id: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    website: Option<String>,
+    email: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ServiceAtLocation {
+    location: Option<Location>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Location {
+    id: Option<String>,
+    name: Option<String>,
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+    #[serde(default)]
+    addresses: Vec<Address>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Address {
+    address_1: Option<String>,
+    city: Option<String>,
+    state_province: Option<String>,
+    postal_code: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Attribute {
+    taxonomy_term: Option<Term>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Term {
+    code: Option<String>,
+    name: Option<String>,
+    taxonomy: Option<String>,
+    taxonomy_detail: Option<TaxonomyDetail>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TaxonomyDetail {
+    name: Option<String>,
+}
+
+fn present(s: Option<String>) -> Option<String> {
+    s.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+/// Maps one HSDS 3.0 service object into the catalog.
+///
+/// # Errors
+/// A sentence naming the field that makes the record unusable (missing id or name, unknown status, coordinates
+/// off the globe, a field of the wrong type).
+pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, String> {
+    let service: Service = serde_path_to_error::deserialize(raw).map_err(|e| {
+        let inner = e.inner().to_string();
+        let message = inner.rsplit_once(" at line ").map_or(inner.as_str(), |(m, _)| m);
+        format!("{}: {message}", e.path())
+    })?;
+    let source_id = present(service.id).ok_or("id: missing")?;
+    let name = present(service.name).ok_or("name: missing")?;
+    let status = present(service.status).ok_or("status: missing")?;
+    if !STATUSES.contains(&status.as_str()) {
+        return Err(format!("status: `{status}` is not one of {}", STATUSES.join(", ")));
+    }
+    let source_modified = match present(service.last_modified) {
+        None => None,
+        Some(t) => Some(OffsetDateTime::parse(&t, &Rfc3339).map_err(|_| "last_modified: not an RFC 3339 date-time")?),
+    };
+    let mut locations = Vec::new();
+    for (i, sal) in service.service_at_locations.into_iter().enumerate() {
+        let Some(l) = sal.location else { continue };
+        let location_id = present(l.id).ok_or(format!("service_at_locations[{i}].location.id: missing"))?;
+        if l.latitude.is_some_and(|v| !(-90.0..=90.0).contains(&v))
+            || l.longitude.is_some_and(|v| !(-180.0..=180.0).contains(&v))
+        {
+            return Err(format!("service_at_locations[{i}].location: latitude/longitude off the globe"));
+        }
+        let address = l.addresses.into_iter().next();
+        locations.push(CatalogLocation {
+            id: gateway_id(source, &location_id),
+            source_id: location_id,
+            name: present(l.name),
+            latitude: l.latitude,
+            longitude: l.longitude,
+            address: address.as_ref().and_then(|a| present(a.address_1.clone())),
+            city: address.as_ref().and_then(|a| present(a.city.clone())),
+            state: address.as_ref().and_then(|a| present(a.state_province.clone())),
+            postal_code: address.and_then(|a| present(a.postal_code)),
+        });
+    }
+    let organization = match service.organization {
+        None => None,
+        Some(o) => {
+            let org_id = present(o.id).ok_or("organization.id: missing")?;
+            Some(CatalogOrganization {
+                id: gateway_id(source, &org_id),
+                source_id: org_id,
+                name: present(o.name).ok_or("organization.name: missing")?,
+                description: present(o.description),
+                url: present(o.website),
+                email: present(o.email),
+            })
+        }
+    };
+    let mut terms: Vec<TaxonomyTerm> = service
+        .attributes
+        .into_iter()
+        .filter_map(|a| a.taxonomy_term)
+        .filter_map(|t| {
+            let taxonomy = present(t.taxonomy).or_else(|| t.taxonomy_detail.and_then(|d| present(d.name)))?;
+            let code = present(t.code)?;
+            let name = present(t.name).unwrap_or_else(|| code.clone());
+            Some(TaxonomyTerm { taxonomy, code, name })
+        })
+        .collect();
+    terms.sort_by(|a, b| (&a.taxonomy, &a.code).cmp(&(&b.taxonomy, &b.code)));
+    terms.dedup_by(|a, b| a.taxonomy == b.taxonomy && a.code == b.code);
+    let mut languages: Vec<String> =
+        service.languages.into_iter().filter_map(|l| present(l.code)).map(|c| c.to_ascii_lowercase()).collect();
+    languages.sort();
+    languages.dedup();
+    let schedules = service
+        .schedules
+        .into_iter()
+        .map(|s| Schedule {
+            days: s.byday.map(|d| d.split(',').map(|x| x.trim().to_ascii_uppercase()).collect()).unwrap_or_default(),
+            opens_at: present(s.opens_at),
+            closes_at: present(s.closes_at),
+        })
+        .collect();
+    Ok(CatalogService {
+        id: gateway_id(source, &source_id),
+        source: source.to_owned(),
+        source_id,
+        name,
+        description: present(service.description).unwrap_or_default(),
+        status,
+        url: present(service.url),
+        email: present(service.email),
+        eligibility: present(service.eligibility_description),
+        minimum_age: service.minimum_age,
+        maximum_age: service.maximum_age,
+        organization,
+        locations,
+        terms,
+        languages,
+        schedules,
+        phones: service.phones.into_iter().filter_map(|p| present(p.number)).collect(),
+        source_modified,
+    })
+}
+
+/// Records of a JSON document: one service, an array of them, or an API page (`contents`).
+fn records_of(doc: Value) -> Result<Vec<Value>, String> {
+    match doc {
+        Value::Array(items) => Ok(items),
+        Value::Object(mut o) if o.contains_key("contents") => match o.remove("contents") {
+            Some(Value::Array(items)) => Ok(items),
+            _ => Err("`contents` is not an array".into()),
+        },
+        Value::Object(o) => Ok(vec![Value::Object(o)]),
+        _ => Err("expected a service object, an array of them, or a page with `contents`".into()),
+    }
+}
+
+/// An HSDS 3.0 API.
+pub struct HsdsApi {
+    name: String,
+    base_url: String,
+    per_page: u32,
+    auth: Option<(String, String)>,
+    client: reqwest::Client,
+}
+
+impl HsdsApi {
+    /// A source reading `base_url` (the API root, without `/services`).
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        per_page: u32,
+        auth: Option<(String, String)>,
+        timeout: Duration,
+    ) -> Result<Self, SourceError> {
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        Ok(HsdsApi {
+            name: name.to_owned(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            per_page,
+            auth,
+            client,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiPage {
+    #[serde(default)]
+    contents: Vec<Value>,
+    total_pages: Option<u64>,
+    page_number: Option<u64>,
+    last_page: Option<bool>,
+}
+
+#[async_trait]
+impl DirectorySource for HsdsApi {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn page(&self, page: u32, modified_after: Option<OffsetDateTime>) -> Result<SourcePage, SourceError> {
+        let mut query = vec![("page", page.to_string()), ("per_page", self.per_page.to_string())];
+        if let Some(t) = modified_after {
+            query.push(("modified_after", t.format(&Rfc3339).map_err(|e| SourceError::Malformed(e.to_string()))?));
+        }
+        let mut request = self.client.get(format!("{}/services", self.base_url)).query(&query);
+        if let Some((header, value)) = &self.auth {
+            request = request.header(header.as_str(), value.as_str());
+        }
+        let response = request.send().await?;
+        if !response.status().is_success() {
+            return Err(SourceError::Status { status: response.status().as_u16() });
+        }
+        let body: ApiPage = response.json().await?;
+        let more = match (body.last_page, body.total_pages, body.page_number) {
+            (Some(last), _, _) => !last,
+            (None, Some(total), Some(number)) => number < total,
+            _ => !body.contents.is_empty(),
+        };
+        Ok(SourcePage { records: body.contents, more })
+    }
+
+    fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
+        normalise_service(&self.name, raw)
+    }
+}
+
+/// An HSDS data package on disk: a JSON file, or a directory of them (each a service, an array, or an API page).
+pub struct HsdsPackage {
+    name: String,
+    path: PathBuf,
+}
+
+impl HsdsPackage {
+    /// A source reading `path`.
+    #[must_use]
+    pub fn new(name: &str, path: PathBuf) -> Self {
+        HsdsPackage { name: name.to_owned(), path }
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let err = |detail: String| SourceError::File { path: self.path.display().to_string(), detail };
+        if self.path.is_file() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
+            .map_err(|e| err(e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+}
+
+#[async_trait]
+impl DirectorySource for HsdsPackage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A package is read whole, as one page; `modified_after` filters on `last_modified`.
+    async fn page(&self, page: u32, modified_after: Option<OffsetDateTime>) -> Result<SourcePage, SourceError> {
+        if page > 1 {
+            return Ok(SourcePage::default());
+        }
+        let mut records = Vec::new();
+        for file in self.files()? {
+            let err = |detail: String| SourceError::File { path: file.display().to_string(), detail };
+            let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
+            let doc: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+            records.extend(records_of(doc).map_err(err)?);
+        }
+        if let Some(since) = modified_after {
+            records.retain(|r| {
+                r.get("last_modified")
+                    .and_then(Value::as_str)
+                    .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+                    .is_none_or(|t| t > since)
+            });
+        }
+        Ok(SourcePage { records, more: false })
+    }
+
+    fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
+        normalise_service(&self.name, raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Value {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/interop/data/hsds-3.0/examples/service_full.json"
+        ));
+        // The reference example lives beside the repository; without it, a minimal service stands in.
+        text.ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| {
+            serde_json::json!({"id": "ac148810", "name": "Community Counselling", "status": "active",
+                "description": "Counselling", "languages": [{"code": "UR"}],
+                "organization": {"id": "d9d5e0f5", "name": "Example Organization Inc."}})
+        })
+    }
+
+    #[test]
+    fn the_reference_service_maps_into_the_catalog_once_its_coordinates_are_on_the_globe() {
+        let mut raw = example();
+        if raw.pointer("/service_at_locations/0/location").is_some() {
+            // The published example places its location at latitude 100, which no real place has.
+            assert!(normalise_service("ref", &raw).expect_err("off the globe").contains("latitude"));
+            raw["service_at_locations"][0]["location"]["latitude"] = Value::from(45.52);
+            raw["service_at_locations"][0]["location"]["longitude"] = Value::from(-122.68);
+        }
+        let service = normalise_service("ref", &raw).expect("valid");
+        assert_eq!(service.name, "Community Counselling");
+        assert_eq!(service.status, "active");
+        assert_eq!(service.organization.as_ref().map(|o| o.name.as_str()), Some("Example Organization Inc."));
+        assert!(service.languages.iter().all(|l| l == &l.to_ascii_lowercase()));
+    }
+
+    #[test]
+    fn records_without_id_name_or_a_known_status_are_refused_with_the_field() {
+        let mut raw = example();
+        raw["status"] = Value::from("open");
+        assert!(normalise_service("s", &raw).expect_err("bad status").starts_with("status:"));
+        raw["status"] = Value::from("active");
+        raw["name"] = Value::from(" ");
+        assert!(normalise_service("s", &raw).expect_err("no name").starts_with("name:"));
+        raw["name"] = Value::from(42);
+        assert!(normalise_service("s", &raw).expect_err("wrong type").starts_with("name:"));
+    }
+}

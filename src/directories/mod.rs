@@ -1,0 +1,420 @@
+//! Community service directories: pull services from their sources, normalise them into the catalog, and search it.
+//!
+//! A [`DirectorySource`] yields pages of raw source records; [`sync`] normalises each one ([`CatalogService`]),
+//! keeps the valid ones (each in one transaction, never half-stored), reports the invalid ones with their reasons,
+//! and on a full sync marks the services that vanished from the source as inactive (tombstones; nothing is
+//! deleted). Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk).
+
+pub mod hsds;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use crate::store::{Store, StoreError};
+
+/// A service as the catalog keeps it, whatever its source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogService {
+    /// The gateway's stable id (`<source>.<source id>`, or a hash when that would not be a valid id).
+    pub id: String,
+    /// Name of the configured source.
+    pub source: String,
+    /// The source's own id.
+    pub source_id: String,
+    /// Service name.
+    pub name: String,
+    /// Description (searched as full text).
+    pub description: String,
+    /// `active`, `inactive`, `defunct` or `temporarily closed`, as the source says.
+    pub status: String,
+    /// Web page.
+    pub url: Option<String>,
+    /// Contact e-mail.
+    pub email: Option<String>,
+    /// Who may use it.
+    pub eligibility: Option<String>,
+    /// Youngest age served.
+    pub minimum_age: Option<f64>,
+    /// Oldest age served.
+    pub maximum_age: Option<f64>,
+    /// The organisation running it.
+    pub organization: Option<CatalogOrganization>,
+    /// Where it is offered.
+    pub locations: Vec<CatalogLocation>,
+    /// Taxonomy terms describing it.
+    pub terms: Vec<TaxonomyTerm>,
+    /// Languages it is offered in (BCP 47 codes, lower case).
+    pub languages: Vec<String>,
+    /// Opening hours.
+    pub schedules: Vec<Schedule>,
+    /// Phone numbers.
+    pub phones: Vec<String>,
+    /// When the source last changed it.
+    pub source_modified: Option<OffsetDateTime>,
+}
+
+/// An organisation running services.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogOrganization {
+    /// The gateway's id.
+    pub id: String,
+    /// The source's id.
+    pub source_id: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Web site.
+    pub url: Option<String>,
+    /// Contact e-mail.
+    pub email: Option<String>,
+}
+
+/// A place where services are offered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogLocation {
+    /// The gateway's id.
+    pub id: String,
+    /// The source's id.
+    pub source_id: String,
+    /// Name.
+    pub name: Option<String>,
+    /// WGS 84 latitude.
+    pub latitude: Option<f64>,
+    /// WGS 84 longitude.
+    pub longitude: Option<f64>,
+    /// Street address.
+    pub address: Option<String>,
+    /// City.
+    pub city: Option<String>,
+    /// State or province.
+    pub state: Option<String>,
+    /// Postal code.
+    pub postal_code: Option<String>,
+}
+
+/// A taxonomy term: `(taxonomy, code)` with a display name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaxonomyTerm {
+    /// The taxonomy (e.g. `carebridge-service-category`, `open-eligibility`).
+    pub taxonomy: String,
+    /// The term's code.
+    pub code: String,
+    /// Display name.
+    pub name: String,
+}
+
+/// Weekly opening hours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Schedule {
+    /// Days (`MO`…`SU`).
+    pub days: Vec<String>,
+    /// Opening time, `HH:MM`.
+    pub opens_at: Option<String>,
+    /// Closing time, `HH:MM`.
+    pub closes_at: Option<String>,
+}
+
+/// The taxonomy whose codes are the agency's service categories (the `category` search filter).
+pub const CATEGORY_TAXONOMY: &str = "carebridge-service-category";
+
+/// The longest gateway id (FHIR's id limit, as for agency records).
+const MAX_ID: usize = 64;
+
+/// The gateway's id for a source object: `<source>.<source id>` when that is a valid id, else a stable hash.
+#[must_use]
+pub fn gateway_id(source: &str, source_id: &str) -> String {
+    let plain = format!("{source}.{source_id}");
+    if plain.len() <= MAX_ID && plain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        return plain;
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{source}\n{source_id}").as_bytes());
+    format!("{source}.{}", &hex::encode(digest)[..24])
+}
+
+/// One page of raw records from a source.
+#[derive(Debug, Default)]
+pub struct SourcePage {
+    /// The records, as JSON values.
+    pub records: Vec<serde_json::Value>,
+    /// Whether another page follows.
+    pub more: bool,
+}
+
+/// Why a source could not be read (a value: the sync reports it and stops).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source answered with an error status.
+    #[error("the source answered HTTP {status}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+    },
+    /// The source could not be reached or its answer not read.
+    #[error("the source could not be reached: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A file of a data package could not be read.
+    #[error("cannot read {path}: {detail}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The answer is not what the standard describes.
+    #[error("the source's answer is malformed: {0}")]
+    Malformed(String),
+}
+
+/// A directory to pull services from.
+#[async_trait]
+pub trait DirectorySource: Send + Sync {
+    /// The configured name of the source.
+    fn name(&self) -> &str;
+
+    /// Page `page` (from 1) of the services changed since `modified_after` (all of them when `None`).
+    ///
+    /// # Errors
+    /// When the source cannot be read.
+    async fn page(&self, page: u32, modified_after: Option<OffsetDateTime>) -> Result<SourcePage, SourceError>;
+
+    /// Turns one raw record into a catalog service, or says why it cannot be kept.
+    ///
+    /// # Errors
+    /// A sentence naming the offending field.
+    fn normalise(&self, raw: &serde_json::Value) -> Result<CatalogService, String>;
+}
+
+/// A full sync reads everything and marks what vanished; an incremental one reads what changed since the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Read every service; services not seen are marked inactive.
+    Full,
+    /// Read what changed since the last successful sync (a full sync when there was none).
+    Incremental,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
+pub struct SyncReport {
+    /// Source name.
+    pub source: String,
+    /// Services seen for the first time.
+    pub added: usize,
+    /// Services that changed.
+    pub updated: usize,
+    /// Services already as the source has them.
+    pub unchanged: usize,
+    /// Services marked inactive because they vanished from the source.
+    pub deactivated: usize,
+    /// Records refused, each with its reason.
+    pub rejected: Vec<Rejection>,
+}
+
+/// A source record that was not kept, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Rejection {
+    /// The source's id of the record, when it has one.
+    pub source_id: Option<String>,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// What upserting one service did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// A new service.
+    Added,
+    /// A changed service.
+    Updated,
+    /// Identical to what was kept.
+    Unchanged,
+}
+
+/// Why a sync stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The source failed; nothing after the failing page was read, and nothing was deactivated.
+    #[error("{source_name}: {error}")]
+    Source {
+        /// The source.
+        source_name: String,
+        /// The failure.
+        error: SourceError,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Most pages a sync reads, so a source that never says "last page" cannot keep it going forever.
+const MAX_PAGES: u32 = 100_000;
+
+/// Pulls `source` into the catalog. `progress` is told the running count of records read.
+///
+/// # Errors
+/// When the source or the store fails; services kept before the failure stay kept, and nothing is deactivated.
+pub async fn sync(
+    store: &dyn Store,
+    source: &dyn DirectorySource,
+    mode: SyncMode,
+    now: OffsetDateTime,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<SyncReport, SyncError> {
+    let name = source.name().to_owned();
+    let since = match mode {
+        SyncMode::Full => None,
+        SyncMode::Incremental => store.directory_watermark(&name).await?,
+    };
+    let mut report = SyncReport { source: name.clone(), ..SyncReport::default() };
+    let mut read = 0;
+    let mut newest = since;
+    for page in 1..=MAX_PAGES {
+        let batch =
+            source.page(page, since).await.map_err(|error| SyncError::Source { source_name: name.clone(), error })?;
+        for raw in &batch.records {
+            read += 1;
+            match source.normalise(raw) {
+                Ok(service) => {
+                    newest = newest.max(service.source_modified);
+                    match store.upsert_directory_service(&service, raw, now).await? {
+                        Upserted::Added => report.added += 1,
+                        Upserted::Updated => report.updated += 1,
+                        Upserted::Unchanged => report.unchanged += 1,
+                    }
+                }
+                Err(reason) => {
+                    let source_id = raw.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+                    if let Some(id) = &source_id {
+                        store.mark_directory_service_seen(&name, id, now).await?;
+                    }
+                    tracing::warn!(source = %name, source_id = source_id.as_deref().unwrap_or("-"), %reason, "Directory record rejected.");
+                    report.rejected.push(Rejection { source_id, reason });
+                }
+            }
+        }
+        progress(read);
+        if !batch.more {
+            break;
+        }
+    }
+    if mode == SyncMode::Full || since.is_none() {
+        report.deactivated = store.deactivate_vanished_services(&name, now).await?;
+    }
+    store.set_directory_watermark(&name, newest, now).await?;
+    metrics::counter!("carebridge_directory_records_total", "source" => name.clone(), "outcome" => "kept")
+        .increment((report.added + report.updated + report.unchanged) as u64);
+    metrics::counter!("carebridge_directory_records_total", "source" => name, "outcome" => "rejected")
+        .increment(report.rejected.len() as u64);
+    Ok(report)
+}
+
+/// A catalog search.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceQuery {
+    /// Full-text query over name and description.
+    pub text: Option<String>,
+    /// Agency service category (a code of [`CATEGORY_TAXONOMY`]).
+    pub category: Option<String>,
+    /// Any taxonomy term code.
+    pub taxonomy_term: Option<String>,
+    /// Centre of a radius search, `(latitude, longitude)`.
+    pub near: Option<(f64, f64)>,
+    /// Radius around `near`, in km.
+    pub radius_km: f64,
+    /// Language the service is offered in.
+    pub language: Option<String>,
+    /// Also list services gone from their source or not `active` there.
+    pub include_inactive: bool,
+    /// Page, from 1.
+    pub page: u32,
+    /// Services per page.
+    pub per_page: u32,
+}
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ServiceHit {
+    /// Gateway id (usable as a referral's `target.service_id`).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Source status.
+    pub status: String,
+    /// Whether the gateway still sees it at its source.
+    pub active: bool,
+    /// Organisation name.
+    pub organization: Option<String>,
+    /// Agency categories.
+    pub categories: Vec<String>,
+    /// Languages.
+    pub languages: Vec<String>,
+    /// Distance from `near` to its nearest location, in km.
+    pub distance_km: Option<f64>,
+    /// The source it came from.
+    pub source: String,
+}
+
+/// Great-circle distance in km.
+#[must_use]
+pub fn haversine_km(a: (f64, f64), b: (f64, f64)) -> f64 {
+    const EARTH_RADIUS_KM: f64 = 6371.0088;
+    let (lat1, lat2) = (a.0.to_radians(), b.0.to_radians());
+    let (dlat, dlon) = ((b.0 - a.0).to_radians(), (b.1 - a.1).to_radians());
+    let h = (dlat / 2.0).sin().powi(2) + lat1.cos() * lat2.cos() * (dlon / 2.0).sin().powi(2);
+    2.0 * EARTH_RADIUS_KM * h.sqrt().asin()
+}
+
+/// The source a configuration entry describes.
+///
+/// # Errors
+/// When its credential variable is unset or its HTTP client cannot be built.
+pub fn source_from_settings(
+    settings: &crate::config::DirectorySettings,
+) -> Result<std::sync::Arc<dyn DirectorySource>, SourceError> {
+    use crate::config::DirectorySettings;
+    Ok(match settings {
+        DirectorySettings::HsdsApi { name, base_url, per_page, auth_header, auth_value_env, timeout_secs, .. } => {
+            let auth = match (auth_header, auth_value_env) {
+                (Some(header), Some(var)) => {
+                    let value = std::env::var(var).map_err(|_| {
+                        SourceError::Malformed(format!("the credential variable {var} of directory {name} is not set"))
+                    })?;
+                    Some((header.clone(), value))
+                }
+                _ => None,
+            };
+            let timeout = std::time::Duration::from_secs(*timeout_secs);
+            std::sync::Arc::new(hsds::HsdsApi::new(name, base_url, *per_page, auth, timeout)?)
+        }
+        DirectorySettings::HsdsPackage { name, path, .. } => {
+            std::sync::Arc::new(hsds::HsdsPackage::new(name, path.clone()))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_ids_are_readable_when_they_can_be_and_stable_hashes_otherwise() {
+        assert_eq!(gateway_id("pdx211", "pdx-eastside-pantry"), "pdx211.pdx-eastside-pantry");
+        let hashed = gateway_id("pdx211", "ac148810 d857/441c");
+        assert!(hashed.starts_with("pdx211.") && hashed.len() == 7 + 24, "{hashed}");
+        assert_eq!(hashed, gateway_id("pdx211", "ac148810 d857/441c"));
+        assert_ne!(hashed, gateway_id("sea211", "ac148810 d857/441c"));
+    }
+
+    #[test]
+    fn haversine_matches_a_known_distance() {
+        // Portland (45.5152, -122.6784) to Seattle (47.6062, -122.3321): about 233 km.
+        let d = haversine_km((45.5152, -122.6784), (47.6062, -122.3321));
+        assert!((d - 233.0).abs() < 3.0, "{d}");
+    }
+}

@@ -1,0 +1,157 @@
+//! `/api/v1/services`: search the service catalog; `/api/v1/directories/{source}/sync`: sync a source on demand.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::extract::ApiQuery;
+use super::problem::{ApiError, Problem, ProblemType};
+use crate::directories::{self, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncReport};
+
+/// The configured directory sources, by name.
+pub type Sources = Arc<HashMap<String, Arc<dyn DirectorySource>>>;
+
+/// Largest search radius.
+const MAX_RADIUS_KM: f64 = 500.0;
+
+/// Query of a catalog search.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SearchParams {
+    /// Words to find in the name and description (all must match; the last may be a prefix).
+    q: Option<String>,
+    /// Agency service category (`therapy`, `psychiatry`, `crisis_care`, `housing_assistance`, …).
+    category: Option<String>,
+    /// A taxonomy term code of any taxonomy the sources use.
+    taxonomy_term: Option<String>,
+    /// `LAT,LON` (WGS 84) to search around; results carry their distance.
+    near: Option<String>,
+    /// Radius around `near` in km (default 25, at most 500).
+    radius_km: Option<f64>,
+    /// A language the service is offered in (BCP 47, e.g. `es`).
+    language: Option<String>,
+    /// Also list services that are not active: gone from their source, or marked inactive, defunct or closed there.
+    include_inactive: Option<bool>,
+    /// Page, from 1.
+    page: Option<u32>,
+    /// Results per page (default 20, at most 100).
+    per_page: Option<u32>,
+}
+
+/// A page of search results, best first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchPage {
+    /// Results of this page.
+    items: Vec<ServiceHit>,
+    /// Results in all.
+    total: usize,
+    /// This page.
+    page: u32,
+    /// Results per page.
+    per_page: u32,
+}
+
+fn bad_query(detail: impl Into<String>) -> ApiError {
+    Problem::new(ProblemType::InvalidQuery).detail(detail).into()
+}
+
+fn service_query(p: SearchParams) -> Result<ServiceQuery, ApiError> {
+    let near = match &p.near {
+        None => None,
+        Some(text) => {
+            let (lat, lon) = text.split_once(',').ok_or_else(|| bad_query("near: expected LAT,LON"))?;
+            let lat: f64 = lat.trim().parse().map_err(|_| bad_query("near: latitude is not a number"))?;
+            let lon: f64 = lon.trim().parse().map_err(|_| bad_query("near: longitude is not a number"))?;
+            if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+                return Err(bad_query("near: off the globe"));
+            }
+            Some((lat, lon))
+        }
+    };
+    let radius_km = p.radius_km.unwrap_or(25.0);
+    if !(radius_km > 0.0 && radius_km <= MAX_RADIUS_KM) {
+        return Err(bad_query(format!("radius_km: between 0 and {MAX_RADIUS_KM}")));
+    }
+    if p.radius_km.is_some() && near.is_none() {
+        return Err(bad_query("radius_km: needs near"));
+    }
+    let per_page = p.per_page.unwrap_or(20);
+    if !(1..=100).contains(&per_page) {
+        return Err(bad_query("per_page: between 1 and 100"));
+    }
+    let page = p.page.unwrap_or(1);
+    if page == 0 {
+        return Err(bad_query("page: from 1"));
+    }
+    Ok(ServiceQuery {
+        text: p.q.filter(|q| !q.trim().is_empty()),
+        category: p.category,
+        taxonomy_term: p.taxonomy_term,
+        near,
+        radius_km,
+        language: p.language,
+        include_inactive: p.include_inactive.unwrap_or(false),
+        page,
+        per_page,
+    })
+}
+
+/// Searches the service catalog: full text, category, taxonomy term, language, distance; ranked and paged.
+#[utoipa::path(get, path = "/api/v1/services", tag = "directory", params(SearchParams),
+    responses((status = 200, description = "One page of results, best first", body = SearchPage),
+              (status = 400, description = "A malformed parameter", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["read"])))]
+pub async fn search(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<SearchParams>,
+) -> Result<Json<SearchPage>, ApiError> {
+    let query = service_query(params)?;
+    let (items, total) = state.store.search_services(&query).await.map_err(super::api::store_problem)?;
+    Ok(Json(SearchPage { items, total, page: query.page, per_page: query.per_page }))
+}
+
+/// Query of an on-demand sync.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SyncParams {
+    /// `full` (read everything, deactivate what vanished) or `incremental` (what changed since the last sync).
+    mode: Option<String>,
+}
+
+/// Syncs one configured directory now and reports what changed.
+#[utoipa::path(post, path = "/api/v1/directories/{source}/sync", tag = "directory", params(SyncParams,
+        ("source" = String, Path, description = "Configured name of the directory")),
+    responses((status = 200, description = "What the sync did", body = SyncReport),
+              (status = 404, description = "No directory of that name", body = Problem, content_type = "application/problem+json"),
+              (status = 503, description = "The directory could not be read", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["admin"])))]
+pub async fn sync_now(
+    State(state): State<AppState>,
+    Path(source): Path<String>,
+    ApiQuery(params): ApiQuery<SyncParams>,
+) -> Result<Json<SyncReport>, ApiError> {
+    let mode = match params.mode.as_deref() {
+        None | Some("full") => SyncMode::Full,
+        Some("incremental") => SyncMode::Incremental,
+        Some(_) => return Err(bad_query("mode: full or incremental")),
+    };
+    let source = state
+        .sources
+        .get(&source)
+        .ok_or_else(|| ApiError::from(Problem::new(ProblemType::NotFound).detail("no directory of that name")))?;
+    let report = directories::sync(&*state.store, &**source, mode, OffsetDateTime::now_utc(), &|_| {}).await.map_err(
+        |e| match e {
+            SyncError::Store(e) => super::api::store_problem(e),
+            source_failure @ SyncError::Source { .. } => ApiError::internal(ProblemType::Unavailable, source_failure),
+        },
+    )?;
+    Ok(Json(report))
+}
