@@ -1,6 +1,8 @@
 //! The [`Catalog`] on sqlx, for SQLite and PostgreSQL. Writes and filters share their SQL; only full-text search
 //! differs (FTS5 `MATCH` and `bm25` on SQLite, a generated `tsvector` with `websearch_to_tsquery` and `ts_rank`
-//! on PostgreSQL), passed to `impl_catalog!` as fragments.
+//! on PostgreSQL), added by `sqlite_text` / `postgres_text`. A search is built from only the filters it uses, each
+//! an `IN` over an index (terms, languages) or a join over the bounding box of the radius (locations), so the
+//! most selective one drives the query; `total` counts up to `MAX_COUNTED`.
 //!
 //! Distance uses the equirectangular approximation with the cosine of the search latitude computed here, so the
 //! SQL needs only arithmetic (SQLite has no trigonometry): within a 100 km radius it is off by well under 1 %.
@@ -18,6 +20,31 @@ use crate::directories::{CATEGORY_TAXONOMY, CatalogService, ServiceHit, ServiceQ
 /// Kilometres per degree of latitude.
 const KM_PER_DEGREE: f64 = 111.195;
 
+/// SQLite: words through FTS5, ranked by BM25 with the name weighing ten times the description.
+fn sqlite_text(sql: &mut SearchSql, text: &str) {
+    if let Some(expr) = fts5_query(text) {
+        let p = sql.bind(Arg::Text(expr));
+        // The matches first, then their services (CROSS JOIN fixes that order): joined the other way round, SQLite
+        // may scan the services and run the MATCH once per row, which is quadratic.
+        sql.from = format!(
+            "(SELECT rowid AS fts_rowid, bm25(directory_services_fts, 10.0, 1.0) AS score FROM directory_services_fts \
+              WHERE directory_services_fts MATCH {p}) ft CROSS JOIN directory_services s ON s.rowid = ft.fts_rowid"
+        );
+        sql.order.push("ft.score".into());
+    }
+}
+
+/// PostgreSQL: words through the generated `tsvector` (name weighted A, description B), ranked by `ts_rank`.
+fn postgres_text(sql: &mut SearchSql, text: &str) {
+    let text = text.trim();
+    if text.is_empty() {
+        return;
+    }
+    let p = sql.bind(Arg::Text(text.to_owned()));
+    sql.conditions.push(format!("s.search @@ websearch_to_tsquery('english', {p})"));
+    sql.order.push(format!("ts_rank(s.search, websearch_to_tsquery('english', {p})) DESC"));
+}
+
 /// The FTS5 query for free text: every word must match, the last one as a prefix; `None` when there is no word.
 fn fts5_query(text: &str) -> Option<String> {
     let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
@@ -27,66 +54,104 @@ fn fts5_query(text: &str) -> Option<String> {
     Some(q.join(" "))
 }
 
-/// Bound parameters of a search, in the order the SQL numbers them.
-struct SearchArgs {
-    text: Option<String>,
-    active_only: i64,
-    category: Option<String>,
-    term: Option<String>,
-    language: Option<String>,
-    lat: Option<f64>,
-    lon: Option<f64>,
-    lon_scale: f64,
-    max_d2: f64,
-    min_lat: f64,
-    max_lat: f64,
-    min_lon: f64,
-    max_lon: f64,
+/// Most matches a search counts; `total` stops there, so a broad query costs no more than a narrow one.
+pub const MAX_COUNTED: i64 = 10_000;
+
+/// A bound value of a search.
+enum Arg {
+    Text(String),
+    Float(f64),
 }
 
-impl SearchArgs {
-    fn new(q: &ServiceQuery, text: Option<String>) -> Self {
-        let (lat, lon) = q.near.map_or((None, None), |(a, b)| (Some(a), Some(b)));
-        let lat0 = lat.unwrap_or(0.0);
-        let lon_scale = lat0.to_radians().cos().max(0.01);
-        let dlat = q.radius_km / KM_PER_DEGREE;
-        let dlon = dlat / lon_scale;
-        SearchArgs {
-            text,
-            active_only: i64::from(!q.include_inactive),
-            category: q.category.clone(),
-            term: q.taxonomy_term.clone(),
-            language: q.language.as_ref().map(|l| l.to_ascii_lowercase()),
-            lat,
-            lon,
-            lon_scale,
-            max_d2: dlat * dlat,
-            min_lat: lat0 - dlat,
-            max_lat: lat0 + dlat,
-            min_lon: lon.unwrap_or(0.0) - dlon,
-            max_lon: lon.unwrap_or(0.0) + dlon,
+/// The SQL of one search, built from only the filters it uses (so each can drive its index), with every value
+/// bound, never spliced: fragments are fixed text, values become `$n`.
+struct SearchSql {
+    args: Vec<Arg>,
+    from: String,
+    conditions: Vec<String>,
+    order: Vec<String>,
+    distance: &'static str,
+}
+
+impl SearchSql {
+    fn bind(&mut self, arg: Arg) -> String {
+        self.args.push(arg);
+        format!("${}", self.args.len())
+    }
+
+    /// Everything but the text condition, which differs per backend and is added by the caller first.
+    fn new() -> Self {
+        SearchSql {
+            args: Vec::new(),
+            from: "directory_services s".into(),
+            conditions: Vec::new(),
+            order: Vec::new(),
+            distance: "CAST(NULL AS DOUBLE PRECISION)",
         }
     }
-}
 
-/// The filtered, ranked candidates as a subquery; `$1`…`$13` as in [`SearchArgs`].
-fn search_inner(text_join: &str, text_where: &str, rank: &str) -> String {
-    format!(
-        "SELECT s.id, s.name, s.description, s.status, s.active, s.source, s.doc, {rank} AS rank, \
-           (SELECT MIN((l.latitude - $6) * (l.latitude - $6) + ($8 * (l.longitude - $7)) * ($8 * (l.longitude - $7))) \
-              FROM directory_service_locations sl JOIN directory_locations l ON l.id = sl.location_id \
-             WHERE sl.service_id = s.id AND l.latitude BETWEEN $10 AND $11 AND l.longitude BETWEEN $12 AND $13) AS d2 \
-         FROM directory_services s {text_join} \
-         WHERE {text_where} AND ($2 = 0 OR (s.active = 1 AND s.status = 'active')) \
-           AND ($3 IS NULL OR EXISTS (SELECT 1 FROM directory_service_terms t \
-                WHERE t.service_id = s.id AND t.taxonomy = '{CATEGORY_TAXONOMY}' AND t.code = $3)) \
-           AND ($4 IS NULL OR EXISTS (SELECT 1 FROM directory_service_terms t WHERE t.service_id = s.id AND t.code = $4)) \
-           AND ($5 IS NULL OR EXISTS (SELECT 1 FROM directory_service_languages g \
-                WHERE g.service_id = s.id AND g.language = $5))"
-    )
-}
+    fn filters(&mut self, q: &ServiceQuery) {
+        if !q.include_inactive {
+            self.conditions.push("s.active = 1 AND s.status = 'active'".into());
+        }
+        if let Some(category) = &q.category {
+            let p = self.bind(Arg::Text(category.clone()));
+            self.conditions.push(format!(
+                "s.id IN (SELECT service_id FROM directory_service_terms WHERE code = {p} AND taxonomy = '{CATEGORY_TAXONOMY}')"
+            ));
+        }
+        if let Some(term) = &q.taxonomy_term {
+            let p = self.bind(Arg::Text(term.clone()));
+            self.conditions.push(format!("s.id IN (SELECT service_id FROM directory_service_terms WHERE code = {p})"));
+        }
+        if let Some(language) = &q.language {
+            let p = self.bind(Arg::Text(language.to_ascii_lowercase()));
+            self.conditions
+                .push(format!("s.id IN (SELECT service_id FROM directory_service_languages WHERE language = {p})"));
+        }
+        if let Some((lat, lon)) = q.near {
+            let scale = lat.to_radians().cos().max(0.01);
+            let dlat = q.radius_km / KM_PER_DEGREE;
+            let dlon = dlat / scale;
+            let (plat, plon, pk) =
+                (self.bind(Arg::Float(lat)), self.bind(Arg::Float(lon)), self.bind(Arg::Float(scale)));
+            let (lat0, lat1) = (self.bind(Arg::Float(lat - dlat)), self.bind(Arg::Float(lat + dlat)));
+            let (lon0, lon1) = (self.bind(Arg::Float(lon - dlon)), self.bind(Arg::Float(lon + dlon)));
+            let max = self.bind(Arg::Float(dlat * dlat));
+            // Locations inside the bounding box (the geo index), nearest per service, then the exact radius.
+            self.from.push_str(&format!(
+                " JOIN (SELECT sl.service_id AS sid, MIN((l.latitude - {plat}) * (l.latitude - {plat}) \
+                   + ({pk} * (l.longitude - {plon})) * ({pk} * (l.longitude - {plon}))) AS d2 \
+                   FROM directory_locations l JOIN directory_service_locations sl ON sl.location_id = l.id \
+                   WHERE l.latitude BETWEEN {lat0} AND {lat1} AND l.longitude BETWEEN {lon0} AND {lon1} \
+                   GROUP BY sl.service_id) nb ON nb.sid = s.id"
+            ));
+            self.conditions.push(format!("nb.d2 <= {max}"));
+            self.distance = "nb.d2";
+            self.order.push("nb.d2".into());
+        }
+        self.order.push("s.name".into());
+        self.order.push("s.id".into());
+    }
 
-const NEAR_FILTER: &str = "($6 IS NULL OR (q.d2 IS NOT NULL AND q.d2 <= $9))";
+    fn where_clause(&self) -> String {
+        if self.conditions.is_empty() { String::new() } else { format!(" WHERE {}", self.conditions.join(" AND ")) }
+    }
+
+    fn count_sql(&self) -> String {
+        format!("SELECT COUNT(*) FROM (SELECT 1 FROM {}{} LIMIT {MAX_COUNTED}) c", self.from, self.where_clause())
+    }
+
+    fn page_sql(&self, limit: i64, offset: i64) -> String {
+        format!(
+            "SELECT s.doc, s.active, {} AS d2 FROM {}{} ORDER BY {} LIMIT {limit} OFFSET {offset}",
+            self.distance,
+            self.from,
+            self.where_clause(),
+            self.order.join(", ")
+        )
+    }
+}
 
 fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, StoreError> {
     let service: CatalogService = serde_json::from_str(row_doc).map_err(StoreError::CorruptCatalog)?;
@@ -106,7 +171,7 @@ fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, Store
 }
 
 macro_rules! impl_catalog {
-    ($db:ty, $begin:literal, $text_join:literal, $text_where:literal, $rank:literal, $text_arg:expr) => {
+    ($db:ty, $begin:literal, $text:expr) => {
         #[async_trait]
         impl Catalog for SqlStore<$db> {
             async fn upsert_directory_service(
@@ -292,42 +357,22 @@ macro_rules! impl_catalog {
             }
 
             async fn search_services(&self, q: &ServiceQuery) -> Result<(Vec<ServiceHit>, usize), StoreError> {
-                let text_fn: fn(&str) -> Option<String> = $text_arg;
-                let text = q.text.as_deref().and_then(text_fn);
-                let args = SearchArgs::new(q, text);
-                let inner = if args.text.is_some() {
-                    search_inner($text_join, $text_where, $rank)
-                } else {
-                    search_inner("", "$1 IS NULL", "0.0")
+                let mut sql = SearchSql::new();
+                if let Some(text) = &q.text {
+                    let add_text: fn(&mut SearchSql, &str) = $text;
+                    add_text(&mut sql, text);
+                }
+                sql.filters(q);
+                let bound = |text: String| {
+                    sql.args.iter().fold(sqlx::query(sqlx::AssertSqlSafe(text)), |query, arg| match arg {
+                        Arg::Text(t) => query.bind(t.clone()),
+                        Arg::Float(f) => query.bind(*f),
+                    })
                 };
-                let bind = |sql: String| {
-                    sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .bind(args.text.clone())
-                        .bind(args.active_only)
-                        .bind(args.category.clone())
-                        .bind(args.term.clone())
-                        .bind(args.language.clone())
-                        .bind(args.lat)
-                        .bind(args.lon)
-                        .bind(args.lon_scale)
-                        .bind(args.max_d2)
-                        .bind(args.min_lat)
-                        .bind(args.max_lat)
-                        .bind(args.min_lon)
-                        .bind(args.max_lon)
-                };
-                let total: i64 = bind(format!("SELECT COUNT(*) FROM ({inner}) q WHERE {NEAR_FILTER}"))
-                    .fetch_one(self.reader())
-                    .await?
-                    .try_get(0)?;
+                let total: i64 = bound(sql.count_sql()).fetch_one(self.reader()).await?.try_get(0)?;
                 let per_page = i64::from(q.per_page.max(1));
                 let offset = i64::from(q.page.max(1) - 1) * per_page;
-                let rows = bind(format!(
-                    "SELECT q.doc, q.active, q.d2 FROM ({inner}) q WHERE {NEAR_FILTER} \
-                     ORDER BY q.rank, q.d2, q.name, q.id LIMIT {per_page} OFFSET {offset}"
-                ))
-                .fetch_all(self.reader())
-                .await?;
+                let rows = bound(sql.page_sql(per_page, offset)).fetch_all(self.reader()).await?;
                 let hits = rows
                     .iter()
                     .map(|r| {
@@ -355,22 +400,8 @@ macro_rules! impl_catalog {
     };
 }
 
-impl_catalog!(
-    Sqlite,
-    "BEGIN IMMEDIATE",
-    "JOIN directory_services_fts ON directory_services_fts.rowid = s.rowid",
-    "directory_services_fts MATCH $1",
-    "bm25(directory_services_fts, 10.0, 1.0)",
-    fts5_query
-);
-impl_catalog!(
-    Postgres,
-    "BEGIN",
-    "",
-    "s.search @@ websearch_to_tsquery('english', $1)",
-    "-ts_rank(s.search, websearch_to_tsquery('english', $1))",
-    |t: &str| Some(t.trim().to_owned()).filter(|t| !t.is_empty())
-);
+impl_catalog!(Sqlite, "BEGIN IMMEDIATE", sqlite_text);
+impl_catalog!(Postgres, "BEGIN", postgres_text);
 
 #[cfg(test)]
 mod tests {
