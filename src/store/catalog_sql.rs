@@ -24,12 +24,13 @@ const KM_PER_DEGREE: f64 = 111.195;
 fn sqlite_text(sql: &mut SearchSql, text: &str) {
     if let Some(expr) = fts5_query(text) {
         let p = sql.bind(Arg::Text(expr));
-        // The matches first, then their services (CROSS JOIN fixes that order): joined the other way round, SQLite
-        // may scan the services and run the MATCH once per row, which is quadratic.
-        sql.from = format!(
-            "(SELECT rowid AS fts_rowid, bm25(directory_services_fts, 10.0, 1.0) AS score FROM directory_services_fts \
-              WHERE directory_services_fts MATCH {p}) ft CROSS JOIN directory_services s ON s.rowid = ft.fts_rowid"
-        );
+        // The matches as a set of their own: joined to the services the other way round, SQLite may scan the
+        // services and run the MATCH once per row, which is quadratic.
+        sql.ctes.push(format!(
+            "ft AS MATERIALIZED (SELECT rowid AS fts_rowid, bm25(directory_services_fts, 10.0, 1.0) AS score \
+               FROM directory_services_fts WHERE directory_services_fts MATCH {p})"
+        ));
+        sql.sets.push(("ft", "s.rowid = ft.fts_rowid"));
         sql.order.push("ft.score".into());
     }
 }
@@ -67,7 +68,12 @@ enum Arg {
 /// bound, never spliced: fragments are fixed text, values become `$n`.
 struct SearchSql {
     args: Vec<Arg>,
-    from: String,
+    /// Materialised subqueries (`name AS MATERIALIZED (…)`).
+    ctes: Vec<String>,
+    /// Materialised sets joined to the services, `(name, join condition)`; the first drives the query.
+    sets: Vec<(&'static str, &'static str)>,
+    /// The join that makes the first set drive: `CROSS JOIN` on SQLite (it fixes the order), `JOIN` elsewhere.
+    driving_join: &'static str,
     conditions: Vec<String>,
     order: Vec<String>,
     distance: &'static str,
@@ -80,10 +86,12 @@ impl SearchSql {
     }
 
     /// Everything but the text condition, which differs per backend and is added by the caller first.
-    fn new() -> Self {
+    fn new(driving_join: &'static str) -> Self {
         SearchSql {
             args: Vec::new(),
-            from: "directory_services s".into(),
+            ctes: Vec::new(),
+            sets: Vec::new(),
+            driving_join,
             conditions: Vec::new(),
             order: Vec::new(),
             distance: "CAST(NULL AS DOUBLE PRECISION)",
@@ -118,14 +126,16 @@ impl SearchSql {
             let (lat0, lat1) = (self.bind(Arg::Float(lat - dlat)), self.bind(Arg::Float(lat + dlat)));
             let (lon0, lon1) = (self.bind(Arg::Float(lon - dlon)), self.bind(Arg::Float(lon + dlon)));
             let max = self.bind(Arg::Float(dlat * dlat));
-            // Locations inside the bounding box (the geo index), nearest per service, then the exact radius.
-            self.from.push_str(&format!(
-                " JOIN (SELECT sl.service_id AS sid, MIN((l.latitude - {plat}) * (l.latitude - {plat}) \
+            // Locations inside the bounding box (the geo index), nearest per service, then the exact radius. The
+            // box is the smallest set a search has, so it drives.
+            self.ctes.push(format!(
+                "nb AS MATERIALIZED (SELECT sl.service_id AS sid, MIN((l.latitude - {plat}) * (l.latitude - {plat}) \
                    + ({pk} * (l.longitude - {plon})) * ({pk} * (l.longitude - {plon}))) AS d2 \
                    FROM directory_locations l JOIN directory_service_locations sl ON sl.location_id = l.id \
                    WHERE l.latitude BETWEEN {lat0} AND {lat1} AND l.longitude BETWEEN {lon0} AND {lon1} \
-                   GROUP BY sl.service_id) nb ON nb.sid = s.id"
+                   GROUP BY sl.service_id)"
             ));
+            self.sets.insert(0, ("nb", "s.id = nb.sid"));
             self.conditions.push(format!("nb.d2 <= {max}"));
             self.distance = "nb.d2";
             self.order.push("nb.d2".into());
@@ -138,16 +148,29 @@ impl SearchSql {
         if self.conditions.is_empty() { String::new() } else { format!(" WHERE {}", self.conditions.join(" AND ")) }
     }
 
+    /// `WITH … FROM …`: the driving set, then the services, then the other sets.
+    fn from(&self) -> String {
+        let with = if self.ctes.is_empty() { String::new() } else { format!("WITH {} ", self.ctes.join(", ")) };
+        let mut from = match self.sets.first() {
+            None => "directory_services s".to_owned(),
+            Some((name, on)) => format!("{name} {} directory_services s ON {on}", self.driving_join),
+        };
+        for (name, on) in self.sets.iter().skip(1) {
+            from.push_str(&format!(" JOIN {name} ON {on}"));
+        }
+        format!("{with}SELECT {{columns}} FROM {from}{}", self.where_clause())
+    }
+
     fn count_sql(&self) -> String {
-        format!("SELECT COUNT(*) FROM (SELECT 1 FROM {}{} LIMIT {MAX_COUNTED}) c", self.from, self.where_clause())
+        let inner = self.from().replace("{columns}", "1");
+        format!("SELECT COUNT(*) FROM ({inner} LIMIT {MAX_COUNTED}) c")
     }
 
     fn page_sql(&self, limit: i64, offset: i64) -> String {
+        let columns = format!("s.doc, s.active, {} AS d2", self.distance);
         format!(
-            "SELECT s.doc, s.active, {} AS d2 FROM {}{} ORDER BY {} LIMIT {limit} OFFSET {offset}",
-            self.distance,
-            self.from,
-            self.where_clause(),
+            "{} ORDER BY {} LIMIT {limit} OFFSET {offset}",
+            self.from().replace("{columns}", &columns),
             self.order.join(", ")
         )
     }
@@ -171,7 +194,7 @@ fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, Store
 }
 
 macro_rules! impl_catalog {
-    ($db:ty, $begin:literal, $text:expr) => {
+    ($db:ty, $begin:literal, $driving_join:literal, $text:expr) => {
         #[async_trait]
         impl Catalog for SqlStore<$db> {
             async fn upsert_directory_service(
@@ -357,7 +380,7 @@ macro_rules! impl_catalog {
             }
 
             async fn search_services(&self, q: &ServiceQuery) -> Result<(Vec<ServiceHit>, usize), StoreError> {
-                let mut sql = SearchSql::new();
+                let mut sql = SearchSql::new($driving_join);
                 if let Some(text) = &q.text {
                     let add_text: fn(&mut SearchSql, &str) = $text;
                     add_text(&mut sql, text);
@@ -400,8 +423,8 @@ macro_rules! impl_catalog {
     };
 }
 
-impl_catalog!(Sqlite, "BEGIN IMMEDIATE", sqlite_text);
-impl_catalog!(Postgres, "BEGIN", postgres_text);
+impl_catalog!(Sqlite, "BEGIN IMMEDIATE", "CROSS JOIN", sqlite_text);
+impl_catalog!(Postgres, "BEGIN", "JOIN", postgres_text);
 
 #[cfg(test)]
 mod tests {
