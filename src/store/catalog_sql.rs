@@ -2,7 +2,7 @@
 //! differs (FTS5 `MATCH` and `bm25` on SQLite, a generated `tsvector` with `websearch_to_tsquery` and `ts_rank`
 //! on PostgreSQL), added by `sqlite_text` / `postgres_text`. A search is built from only the filters it uses, each
 //! an `IN` over an index (terms, languages) or a join over the bounding box of the radius (locations), so the
-//! most selective one drives the query; `total` counts up to `MAX_COUNTED`.
+//! most selective one drives the query; the page and the number of matches come from one pass.
 //!
 //! Distance uses the equirectangular approximation with the cosine of the search latitude computed here, so the
 //! SQL needs only arithmetic (SQLite has no trigonometry): within a 100 km radius it is off by well under 1 %.
@@ -55,7 +55,7 @@ fn fts5_query(text: &str) -> Option<String> {
     Some(q.join(" "))
 }
 
-/// Most matches a search counts; `total` stops there, so a broad query costs no more than a narrow one.
+/// Most matches counted when a page lies past the last one.
 pub const MAX_COUNTED: i64 = 10_000;
 
 /// A bound value of a search.
@@ -166,8 +166,9 @@ impl SearchSql {
         format!("SELECT COUNT(*) FROM ({inner} LIMIT {MAX_COUNTED}) c")
     }
 
+    /// One page, each row carrying the number of matches in all (one pass instead of a count and a page).
     fn page_sql(&self, limit: i64, offset: i64) -> String {
-        let columns = format!("s.doc, s.active, {} AS d2", self.distance);
+        let columns = format!("s.doc, s.active, {} AS d2, COUNT(*) OVER () AS total", self.distance);
         format!(
             "{} ORDER BY {} LIMIT {limit} OFFSET {offset}",
             self.from().replace("{columns}", &columns),
@@ -392,10 +393,17 @@ macro_rules! impl_catalog {
                         Arg::Float(f) => query.bind(*f),
                     })
                 };
-                let total: i64 = bound(sql.count_sql()).fetch_one(self.reader()).await?.try_get(0)?;
                 let per_page = i64::from(q.per_page.max(1));
                 let offset = i64::from(q.page.max(1) - 1) * per_page;
                 let rows = bound(sql.page_sql(per_page, offset)).fetch_all(self.reader()).await?;
+                let mut total: i64 = match rows.first() {
+                    Some(row) => row.try_get(3)?,
+                    None => 0,
+                };
+                if rows.is_empty() && offset > 0 {
+                    // Past the last page: the total still says how many there are.
+                    total = bound(sql.count_sql()).fetch_one(self.reader()).await?.try_get(0)?;
+                }
                 let hits = rows
                     .iter()
                     .map(|r| {
