@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use crate::store::{Store, StoreError};
 
 /// A service as the catalog keeps it, whatever its source.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogService {
     /// The gateway's stable id (`<source>.<source id>`, or a hash when that would not be a valid id).
     pub id: String,
@@ -53,11 +53,13 @@ pub struct CatalogService {
     /// Phone numbers.
     pub phones: Vec<String>,
     /// When the source last changed it.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub source_modified: Option<OffsetDateTime>,
 }
 
 /// An organisation running services.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogOrganization {
     /// The gateway's id.
     pub id: String,
@@ -74,7 +76,7 @@ pub struct CatalogOrganization {
 }
 
 /// A place where services are offered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogLocation {
     /// The gateway's id.
     pub id: String,

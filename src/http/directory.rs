@@ -12,7 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::extract::ApiQuery;
 use super::problem::{ApiError, Problem, ProblemType};
-use crate::directories::{self, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncReport};
+use crate::directories::{
+    self, CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncReport,
+};
 
 /// The configured directory sources, by name.
 pub type Sources = Arc<HashMap<String, Arc<dyn DirectorySource>>>;
@@ -115,6 +117,32 @@ pub async fn search(
     let query = service_query(params)?;
     let (items, total) = state.store.search_services(&query).await.map_err(super::api::store_problem)?;
     Ok(Json(SearchPage { items, total, page: query.page, per_page: query.per_page }))
+}
+
+/// One service of the catalog.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceDetail {
+    /// Whether it is offered: still listed by its source, and `active` there.
+    active: bool,
+    /// The service as normalised from its source.
+    service: CatalogService,
+}
+
+/// Reads one service of the catalog by its gateway id (as a referral's `target.service_id` names it).
+#[utoipa::path(get, path = "/api/v1/services/{id}", tag = "directory",
+    params(("id" = String, Path, description = "Gateway id of the service")),
+    responses((status = 200, description = "The service", body = ServiceDetail),
+              (status = 404, description = "No such service", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["read"])))]
+pub async fn service(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ServiceDetail>, ApiError> {
+    let (service, in_source) = state
+        .store
+        .directory_service(&id)
+        .await
+        .map_err(super::api::store_problem)?
+        .ok_or_else(|| ApiError::from(Problem::new(ProblemType::NotFound).detail("no service with this id")))?;
+    let active = in_source && service.status == "active";
+    Ok(Json(ServiceDetail { active, service }))
 }
 
 /// Query of an on-demand sync.

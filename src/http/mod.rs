@@ -92,6 +92,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/consents/{id}/history/{version}", get(api::consents::version))
         .route("/api/v1/openapi.json", get(api::openapi_json))
         .route("/api/v1/services", get(directory::search))
+        .route("/api/v1/services/{id}", get(directory::service))
         .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))

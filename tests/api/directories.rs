@@ -240,6 +240,14 @@ async fn the_catalog_is_searched_by_text_category_term_language_and_distance_on_
 #[tokio::test]
 async fn a_data_package_resync_changes_nothing_and_search_needs_a_key() {
     let app = catalog_app(None).await;
+    let first: Value = app.get_json("/api/v1/services?q=rapid%20re-housing").await;
+    let id = first["items"][0]["id"].as_str().expect("an id").to_owned();
+    assert_eq!(id, "demo.90c222ee-1bb6-5031-8619-e8106d347960", "gateway ids are stable: <source>.<source id>");
+    let detail: Value = app.get_json(&format!("/api/v1/services/{id}")).await;
+    assert_eq!(detail["active"], true);
+    assert_eq!(detail["service"]["locations"][0]["city"], "Portland");
+    assert!(detail["service"]["source_modified"].as_str().is_some_and(|t| t.starts_with("2026-")));
+    assert_eq!(app.get("/api/v1/services/demo.nope").await.status(), 404);
     let report = sync(&app, "demo", "full").await;
     assert_eq!((report["unchanged"].as_u64(), report["deactivated"].as_u64()), (Some(24), Some(0)));
     let anonymous = app.client.get(format!("{}/api/v1/services", app.base)).send().await.expect("sent");
