@@ -123,14 +123,12 @@ pub struct Schedule {
 /// The taxonomy whose codes are the agency's service categories (the `category` search filter).
 pub const CATEGORY_TAXONOMY: &str = "carebridge-service-category";
 
-/// The longest gateway id (FHIR's id limit, as for agency records).
-const MAX_ID: usize = 64;
-
 /// The gateway's id for a source object: `<source>.<source id>` when that is a valid id, else a stable hash.
 #[must_use]
 pub fn gateway_id(source: &str, source_id: &str) -> String {
+    // The same rules as agency record ids (FHIR's id alphabet and length), so a referral can name it as a target.
     let plain = format!("{source}.{source_id}");
-    if plain.len() <= MAX_ID && plain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+    if crate::domain::RecordId::parse(&plain).is_ok() {
         return plain;
     }
     use sha2::{Digest, Sha256};
@@ -363,16 +361,6 @@ pub struct ServiceHit {
     pub source: String,
 }
 
-/// Great-circle distance in km.
-#[must_use]
-pub fn haversine_km(a: (f64, f64), b: (f64, f64)) -> f64 {
-    const EARTH_RADIUS_KM: f64 = 6371.0088;
-    let (lat1, lat2) = (a.0.to_radians(), b.0.to_radians());
-    let (dlat, dlon) = ((b.0 - a.0).to_radians(), (b.1 - a.1).to_radians());
-    let h = (dlat / 2.0).sin().powi(2) + lat1.cos() * lat2.cos() * (dlon / 2.0).sin().powi(2);
-    2.0 * EARTH_RADIUS_KM * h.sqrt().asin()
-}
-
 /// The source a configuration entry describes.
 ///
 /// # Errors
@@ -412,12 +400,5 @@ mod tests {
         assert!(hashed.starts_with("pdx211.") && hashed.len() == 7 + 24, "{hashed}");
         assert_eq!(hashed, gateway_id("pdx211", "ac148810 d857/441c"));
         assert_ne!(hashed, gateway_id("sea211", "ac148810 d857/441c"));
-    }
-
-    #[test]
-    fn haversine_matches_a_known_distance() {
-        // Portland (45.5152, -122.6784) to Seattle (47.6062, -122.3321): about 233 km.
-        let d = haversine_km((45.5152, -122.6784), (47.6062, -122.3321));
-        assert!((d - 233.0).abs() < 3.0, "{d}");
     }
 }

@@ -230,6 +230,15 @@ async fn get_record(state: &AppState, kind: RecordKind, path: IdPath) -> Result<
     Ok(record_response(StatusCode::OK, kind, &stored.id, stored.meta, stored.body))
 }
 
+/// The page size a caller asked for, or the configured default; refused outside 1..=`api.max_page_size`.
+fn page_limit(state: &AppState, asked: Option<u32>) -> Result<u32, ApiError> {
+    let limit = asked.unwrap_or(state.api.default_page_size);
+    if limit == 0 || limit > state.api.max_page_size {
+        return Err(invalid_query(format!("limit: between 1 and {}", state.api.max_page_size)));
+    }
+    Ok(limit)
+}
+
 fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQuery, ApiError> {
     let client_id =
         p.client.map(|c| RecordId::parse(&c)).transpose().map_err(|e| invalid_query(format!("client: {e}")))?;
@@ -254,10 +263,7 @@ fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQu
                 .ok_or_else(|| invalid_query("cursor: not a cursor this API issued"))
         })
         .transpose()?;
-    let limit = p.limit.unwrap_or(state.api.default_page_size);
-    if limit == 0 || limit > state.api.max_page_size {
-        return Err(invalid_query(format!("limit: between 1 and {}", state.api.max_page_size)));
-    }
+    let limit = page_limit(state, p.limit)?;
     Ok(ListQuery { kind: T::KIND, client_id, status: p.status, updated_since, after, limit })
 }
 
@@ -457,10 +463,7 @@ pub async fn audit_events(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    let limit = params.limit.unwrap_or(state.api.default_page_size);
-    if limit == 0 || limit > state.api.max_page_size {
-        return Err(invalid_query(format!("limit: between 1 and {}", state.api.max_page_size)));
-    }
+    let limit = page_limit(&state, params.limit)?;
     let after = params.after.unwrap_or(0);
     let events = state.store.audit_events(after, limit).await.map_err(store_problem)?;
     let next_after = events.last().map_or(after, |e| e.seq);

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::extract::{Query, State};
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app_with};
@@ -23,6 +24,8 @@ fn slug(service: &Value) -> String {
 struct FakeHsds {
     services: Arc<Mutex<Vec<Value>>>,
     requests: Arc<Mutex<Vec<String>>>,
+    /// Pages from this one on answer 503.
+    fail_from_page: Arc<Mutex<Option<usize>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -32,8 +35,15 @@ struct PageQuery {
     modified_after: Option<String>,
 }
 
-async fn services_page(State(fake): State<FakeHsds>, uri: axum::http::Uri, Query(q): Query<PageQuery>) -> Json<Value> {
+async fn services_page(
+    State(fake): State<FakeHsds>,
+    uri: axum::http::Uri,
+    Query(q): Query<PageQuery>,
+) -> axum::response::Response {
     fake.requests.lock().expect("lock").push(uri.to_string());
+    if fake.fail_from_page.lock().expect("lock").is_some_and(|from| q.page.unwrap_or(1) >= from) {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let all: Vec<Value> = fake
         .services
         .lock()
@@ -53,6 +63,7 @@ async fn services_page(State(fake): State<FakeHsds>, uri: axum::http::Uri, Query
         "total_items": all.len(), "total_pages": total_pages, "page_number": page, "size": contents.len(),
         "first_page": page == 1, "last_page": page >= total_pages, "empty": contents.is_empty(), "contents": contents,
     }))
+    .into_response()
 }
 
 impl FakeHsds {
@@ -136,20 +147,31 @@ async fn an_hsds_api_is_synced_page_by_page_and_vanished_services_become_inactiv
 
 #[tokio::test]
 async fn a_source_that_fails_mid_sync_deactivates_nothing() {
+    let fake = FakeHsds::default();
+    *fake.services.lock().expect("lock") = fixture_services();
+    let base = fake.start().await;
     let app = spawn_app_with(|s| {
         s.directories = vec![DirectorySettings::HsdsApi {
-            name: "down".into(),
-            base_url: "http://127.0.0.1:9".into(),
+            name: "flaky".into(),
+            base_url: base.clone(),
             per_page: 10,
             sync_interval_secs: 0,
             auth_header: None,
             auth_value_env: None,
-            timeout_secs: 2,
+            timeout_secs: 5,
         }];
     })
     .await;
-    let response = app.post("/api/v1/directories/down/sync", &json!({})).await;
+    assert_eq!(sync(&app, "flaky", "full").await["added"], 24);
+    let before: Value = app.get_json("/api/v1/services?per_page=100").await;
+
+    // The next full sync reads page 1, then the source fails: the services of pages 2 and 3 were not seen, but
+    // a sync that did not finish must not take them for vanished.
+    *fake.fail_from_page.lock().expect("lock") = Some(2);
+    let response = app.post("/api/v1/directories/flaky/sync?mode=full", &json!({})).await;
     assert_eq!(response.status(), 503);
+    let after: Value = app.get_json("/api/v1/services?per_page=100").await;
+    assert_eq!(after["total"], before["total"], "{after}");
     assert_eq!(app.post("/api/v1/directories/nowhere/sync", &json!({})).await.status(), 404);
     app.stop().await;
 }
