@@ -18,6 +18,7 @@ use crate::directories::{self, DirectorySource, SyncMode};
 use crate::http::auth::KeyRing;
 use crate::http::{self, AppState, Limits};
 use crate::intake::{self, SeedError};
+use crate::mapping::Mappings;
 use crate::store::{self, Store, StoreError};
 use crate::telemetry;
 
@@ -31,6 +32,8 @@ pub enum StartError {
     #[error("cannot load the seed records: {0}")]
     Seed(#[from] SeedError),
     /// A directory source could not be set up.
+    #[error("the mapping files have errors:\n{0}")]
+    Mappings(#[source] crate::mapping::LoadErrors),
     #[error("cannot set up a directory source: {0}")]
     Directory(#[source] directories::SourceError),
     /// The listen address could not be bound.
@@ -67,6 +70,7 @@ impl Application {
             let report = intake::seed(&*store, dir, OffsetDateTime::now_utc()).await?;
             tracing::info!(created = report.created, kept = report.kept, "Seed records loaded.");
         }
+        let mappings = Arc::new(Mappings::load(&settings.mappings.dir).map_err(StartError::Mappings)?);
         let mut sources = HashMap::new();
         for d in &settings.directories {
             let source = directories::source_from_settings(d).map_err(StartError::Directory)?;
@@ -84,6 +88,7 @@ impl Application {
             api: settings.api.clone(),
             metrics: telemetry::metrics_handle(),
             sources: Arc::new(sources),
+            mappings,
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {

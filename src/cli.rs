@@ -14,7 +14,9 @@ use time::OffsetDateTime;
 use crate::app::{self, Application};
 use crate::config::{Overrides, Settings};
 use crate::directories::{self, ServiceQuery, SyncMode};
+use crate::domain::RecordKind;
 use crate::http::auth::{KeyHash, new_key};
+use crate::mapping::{self, Mappings};
 use crate::store::{self, Store};
 use crate::telemetry;
 
@@ -42,8 +44,29 @@ pub enum Command {
         #[arg(long, env = "CAREBRIDGE_LISTEN", value_name = "ADDR")]
         listen: Option<String>,
     },
-    /// Check the configuration and exit: 0 when it is valid, 2 with every error otherwise.
+    /// Check the configuration and the mapping files and exit: 0 when valid, 2 with every error (file:line) otherwise.
     Check,
+    /// Map one agency record (JSON file) to FHIR and print it: a transaction Bundle for care plans and referrals.
+    Map {
+        /// The record's kind.
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// The agency record, as JSON.
+        file: PathBuf,
+        /// Map as this partner's overlay does (mappings/partners/NAME.toml).
+        #[arg(long)]
+        partner: Option<String>,
+        /// The client record, for the Patient entry of a care plan or referral Bundle (default: the
+        /// `client/<client_id>.json` beside the record's directory, when there is one).
+        #[arg(long, value_name = "FILE")]
+        client: Option<PathBuf>,
+    },
+    /// Work with the mapping files.
+    Mappings {
+        /// Which mappings command.
+        #[command(subcommand)]
+        command: MappingsCommand,
+    },
     /// Sync and search community service directories.
     Directory {
         /// Which directory command.
@@ -98,6 +121,44 @@ pub enum DirectoryCommand {
 fn parse_near(s: &str) -> Result<(f64, f64), String> {
     let (lat, lon) = s.split_once(',').ok_or("expected LAT,LON")?;
     Ok((lat.trim().parse().map_err(|_| "bad latitude")?, lon.trim().parse().map_err(|_| "bad longitude")?))
+}
+
+/// Mapping subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MappingsCommand {
+    /// Run the golden cases (`<dir>/<mapping>/<case>.input.json` → `.expected.json` or `.expected.txt`).
+    Test {
+        /// Where the golden cases live.
+        #[arg(long, default_value = "fixtures/mappings")]
+        dir: PathBuf,
+    },
+}
+
+/// An agency record kind on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KindArg {
+    /// A client.
+    Client,
+    /// A scored assessment.
+    Assessment,
+    /// A care plan.
+    CarePlan,
+    /// A referral.
+    Referral,
+    /// A consent.
+    Consent,
+}
+
+impl From<KindArg> for RecordKind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Client => RecordKind::Client,
+            KindArg::Assessment => RecordKind::Assessment,
+            KindArg::CarePlan => RecordKind::CarePlan,
+            KindArg::Referral => RecordKind::Referral,
+            KindArg::Consent => RecordKind::Consent,
+        }
+    }
 }
 
 /// Key subcommands.
@@ -155,7 +216,60 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 backend_name(&settings.database.url),
                 settings.api_keys.len()
             );
+            let Some(mappings) = load_mappings(&settings) else {
+                return Ok(ExitCode::from(2));
+            };
+            let (files, maps, profiles) = mappings.counts();
+            let partners: Vec<&str> = mappings.partners().collect();
+            println!(
+                "mappings OK: {files} mapping file(s), {maps} ConceptMap(s), {profiles} profile(s), partners: {}",
+                if partners.is_empty() { "none".to_owned() } else { partners.join(", ") }
+            );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Map { kind, file, partner, client } => {
+            let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
+                return Ok(ExitCode::from(2));
+            };
+            let Some(mappings) = load_mappings(&settings) else {
+                return Ok(ExitCode::from(2));
+            };
+            let read = |p: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
+            };
+            let record = read(&file)?;
+            let kind = RecordKind::from(kind);
+            let client_file = client.or_else(|| beside_client(&file, &record));
+            let related = mapping::Related { client: client_file.as_deref().map(read).transpose()? };
+            match mapping::golden::document(&mappings, kind, &record, partner.as_deref(), &related) {
+                Ok((doc, _)) => {
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(text) => {
+                    eprintln!("{}: cannot map:\n{text}", file.display());
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Mappings { command: MappingsCommand::Test { dir } } => {
+            let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
+                return Ok(ExitCode::from(2));
+            };
+            let Some(mappings) = load_mappings(&settings) else {
+                return Ok(ExitCode::from(2));
+            };
+            let results = mapping::golden::run(&mappings, &dir);
+            let failed = results.iter().filter(|r| r.failure.is_some()).count();
+            for r in &results {
+                match &r.failure {
+                    None => println!("ok     {}", r.name),
+                    Some(why) => println!("FAILED {}\n{why}", r.name),
+                }
+            }
+            println!("{} golden case(s): {} passed, {failed} failed", results.len(), results.len() - failed);
+            Ok(if failed == 0 && !results.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Directory { command } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
@@ -283,4 +397,22 @@ fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Option<Setting
 /// The backend named by a database URL, never the URL itself (it may hold a password).
 fn backend_name(url: &str) -> &'static str {
     if url.starts_with("sqlite:") { "sqlite" } else { "postgres" }
+}
+
+/// Loads the mapping files, printing every error with file:line.
+fn load_mappings(settings: &Settings) -> Option<Mappings> {
+    match Mappings::load(&settings.mappings.dir) {
+        Ok(m) => Some(m),
+        Err(errors) => {
+            eprintln!("mapping files have errors:\n{errors}");
+            None
+        }
+    }
+}
+
+/// `<dir>/../client/<client_id>.json` for a record kept as `<dir>/<id>.json` (the fixtures' layout).
+fn beside_client(file: &std::path::Path, record: &serde_json::Value) -> Option<PathBuf> {
+    let id = record.get("client_id")?.as_str()?;
+    let candidate = file.parent()?.parent()?.join("client").join(format!("{id}.json"));
+    candidate.is_file().then_some(candidate)
 }

@@ -35,6 +35,16 @@ pub struct Settings {
     /// Community service directories to sync.
     #[serde(default)]
     pub directories: Vec<DirectorySettings>,
+    /// Mapping files (agency records ⇄ FHIR).
+    pub mappings: MappingSettings,
+}
+
+/// Where the mapping files live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSettings {
+    /// The `mappings/` directory, relative to the working directory.
+    pub dir: PathBuf,
 }
 
 /// One community service directory.

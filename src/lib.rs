@@ -8,6 +8,8 @@
 //! - [`http`]: the router and its layers; `api` (`/api/v1`), `auth` (API keys), `extract` (bad input → problem),
 //!   `problem` (problem+json), `ops` (`/healthz`, `/readyz`, `/metrics`).
 //! - [`directories`]: community service directories (HSDS 3.0 API or data package) synced into the catalog.
+//! - [`mapping`]: declarative mappings (`mappings/`) agency records ⇄ FHIR R4, ConceptMaps, profile rules.
+//! - [`fhir`]: FHIR URI constants and the fhir-sdk typed-model check of what we emit.
 //! - [`intake`]: the write use cases: validate an agency record, keep it with history and audit.
 //! - [`domain`]: the agency's records as validated types (client, assessment, care plan, referral, consent).
 //! - [`store`]: the `Store` trait and its SQLite/PostgreSQL implementation, with migrations.
@@ -18,7 +20,9 @@ pub mod cli;
 pub mod config;
 pub mod directories;
 pub mod domain;
+pub mod fhir;
 pub mod http;
 pub mod intake;
+pub mod mapping;
 pub mod store;
 pub mod telemetry;

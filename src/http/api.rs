@@ -523,6 +523,7 @@ impl Modify for BearerKey {
         consents::put, consents::get, consents::list, consents::history, consents::version,
         audit_events, openapi_json,
         super::directory::search, super::directory::service, super::directory::sync_now,
+        super::preview::preview,
     ),
     components(schemas(Problem, domain::FieldError)),
     modifiers(&BearerKey),

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod directory;
 pub mod extract;
 pub mod ops;
+pub mod preview;
 pub mod problem;
 
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Configured directory sources, by name.
     pub sources: directory::Sources,
+    /// The mapping files, loaded and checked at start.
+    pub mappings: Arc<crate::mapping::Mappings>,
 }
 
 /// Limits the router enforces, from the settings.
@@ -93,6 +96,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/openapi.json", get(api::openapi_json))
         .route("/api/v1/services", get(directory::search))
         .route("/api/v1/services/{id}", get(directory::service))
+        .route("/api/v1/preview/{kind}", post(preview::preview))
         .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))

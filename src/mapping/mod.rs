@@ -1,0 +1,893 @@
+//! Declarative mappings between agency records and FHIR R4, loaded from `mappings/`.
+//!
+//! - `mappings/<kind>.<resource>.toml`: one file per (agency record kind, FHIR resource), a header
+//!   (version, profiles, per-item expansion, inverse) and a `[template]` of the resource
+//!   ([`template`] describes the language);
+//! - `mappings/terminology/*.json`: FHIR `ConceptMap`s ([`terminology`]);
+//! - `mappings/profiles/*.toml`: profile rules ([`profile`]);
+//! - `mappings/defaults.toml` and `mappings/partners/<name>.toml`: variables (identifier systems),
+//!   the pinned US Core version, and extra elements a partner wants, layered on the defaults.
+//!
+//! [`Mappings::load`] reads all of it and reports every problem with file:line; it also renders
+//! every mapping against a complete built-in record of its kind and runs the result through the
+//! fhir-sdk typed model, so an unknown FHIR element is reported at the template line that wrote it.
+
+pub mod bundle;
+pub mod expr;
+pub mod golden;
+pub mod profile;
+pub mod template;
+pub mod terminology;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::domain::{AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordKind, Referral, Validator};
+use crate::fhir;
+use profile::{Profile, Violation};
+use template::{Compiler, Env, Inverse, LineIndex, Node, Span, Trace};
+use terminology::ConceptMap;
+
+/// One problem in the mapping files, at file:line:column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The file.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+    }
+}
+
+/// Every problem found while loading.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct LoadErrors(pub Vec<LoadError>);
+
+impl fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a resource is written in a transaction Bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    /// Conditional update on the business identifier (`PUT Type?identifier=…`).
+    Upsert,
+    /// Conditional create (`POST` with `ifNoneExist`): never overwrite what the partner holds.
+    Create,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingHeader {
+    version: String,
+    kind: RecordKind,
+    resource: String,
+    profiles: Vec<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    for_each: Option<String>,
+    #[serde(default)]
+    when: Option<String>,
+    #[serde(default = "default_order")]
+    order: u32,
+    #[serde(default = "default_request")]
+    request: RequestKind,
+    inverse: bool,
+    #[serde(default)]
+    inverse_note: Option<String>,
+    #[allow(dead_code)]
+    template: toml::Value,
+}
+
+fn default_order() -> u32 {
+    100
+}
+
+fn default_request() -> RequestKind {
+    RequestKind::Upsert
+}
+
+/// One compiled mapping file.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// `<kind>.<resource>` (the file stem).
+    pub name: String,
+    /// The file.
+    pub file: String,
+    /// Its version.
+    pub version: String,
+    /// The agency record kind it reads.
+    pub kind: RecordKind,
+    /// The FHIR resource type it writes.
+    pub resource: String,
+    /// Profile names (files in `profiles/`).
+    pub profiles: Vec<String>,
+    for_each: Option<expr::Path>,
+    when: Option<expr::Cond>,
+    order: u32,
+    /// How the resource is written in a transaction.
+    pub request: RequestKind,
+    /// Whether FHIR → agency is supported.
+    pub inverse: bool,
+    /// Canonical URLs written to `meta.profile`.
+    claims: Vec<String>,
+    template: Node,
+    extras: Vec<(Node, String)>,
+}
+
+/// The mappings as one partner sees them.
+#[derive(Debug, Clone)]
+pub struct MappingSet {
+    /// The pinned US Core version (7.0.0 or 8.0.0).
+    pub us_core: String,
+    /// Compiled mappings, in bundle order.
+    pub mappings: Vec<Mapping>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerFile {
+    #[serde(default)]
+    us_core: Option<String>,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    extra: Vec<ExtraFile>,
+    #[serde(default)]
+    #[allow(dead_code)] // read by people: the file says what it is for
+    description: Option<String>,
+    #[serde(skip)]
+    file: String,
+    #[serde(skip)]
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtraFile {
+    mapping: String,
+    #[allow(dead_code)]
+    template: toml::Value,
+}
+
+/// Everything under `mappings/`, compiled for the defaults and for each partner.
+#[derive(Debug, Clone)]
+pub struct Mappings {
+    /// The directory it was loaded from.
+    pub dir: PathBuf,
+    maps: HashMap<String, ConceptMap>,
+    profiles: HashMap<String, Profile>,
+    default: MappingSet,
+    partners: BTreeMap<String, MappingSet>,
+}
+
+/// A resource produced from a record, with how it is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    /// The mapping that produced it.
+    pub mapping: String,
+    /// The FHIR resource.
+    pub resource: Value,
+    /// How it goes in a transaction.
+    pub request: RequestKind,
+}
+
+/// What mapping one record gave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// The resources, in bundle order.
+    pub resources: Vec<Emitted>,
+    /// Profile and typed-model violations; a resource with violations must not leave.
+    pub violations: Vec<Violation>,
+}
+
+impl Output {
+    /// The document that goes to a partner: one resource, or a transaction Bundle when a record gives
+    /// several (care plans and referrals always go as a Bundle).
+    #[must_use]
+    pub fn document(&self, kind: RecordKind) -> Value {
+        if self.resources.len() == 1 && !matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
+            self.resources[0].resource.clone()
+        } else {
+            bundle::transaction(&self.resources)
+        }
+    }
+}
+
+/// Why a record could not be mapped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// The agency record itself is invalid.
+    #[error("the record is invalid")]
+    Invalid(Vec<FieldError>),
+    /// No partner overlay of that name.
+    #[error("no partner `{0}` in the mappings")]
+    UnknownPartner(String),
+    /// A rule failed (an unmapped code…), at the mapping file's line.
+    #[error("{file}:{line}: {message}")]
+    Rule {
+        /// The mapping file.
+        file: String,
+        /// The line.
+        line: usize,
+        /// What failed (codes and field names only).
+        message: String,
+    },
+}
+
+/// Related records a mapping may include (the client's `Patient` in a Bundle).
+#[derive(Debug, Clone, Default)]
+pub struct Related {
+    /// The client record (agency JSON), when known.
+    pub client: Option<Value>,
+}
+
+/// Validates agency JSON as a record of `kind`; gives it back in canonical form.
+///
+/// # Errors
+/// Every field problem, with its JSON path.
+pub fn canonical(kind: RecordKind, record: &Value) -> Result<Value, Vec<FieldError>> {
+    fn check<T: AgencyRecord>(record: &Value) -> Result<Value, Vec<FieldError>> {
+        let parsed: T = serde_path_to_error::deserialize(record).map_err(|e| {
+            vec![FieldError { path: format!("$.{}", e.path()).replace("$..", "$"), detail: e.inner().to_string() }]
+        })?;
+        let mut v = Validator::new();
+        parsed.validate(&mut v);
+        v.finish()?;
+        serde_json::to_value(&parsed).map_err(|e| vec![FieldError { path: "$".into(), detail: e.to_string() }])
+    }
+    match kind {
+        RecordKind::Client => check::<Client>(record),
+        RecordKind::Assessment => check::<Assessment>(record),
+        RecordKind::CarePlan => check::<CarePlan>(record),
+        RecordKind::Referral => check::<Referral>(record),
+        RecordKind::Consent => check::<Consent>(record),
+    }
+}
+
+/// Complete records of each kind (every optional field set, every branch taken), rendered at load
+/// time to check templates.
+fn exemplars(kind: RecordKind) -> Vec<Value> {
+    let text = match kind {
+        RecordKind::Client => include_str!("exemplars/client.json"),
+        RecordKind::Assessment => include_str!("exemplars/assessment.json"),
+        RecordKind::CarePlan => include_str!("exemplars/care-plan.json"),
+        RecordKind::Referral => include_str!("exemplars/referral.json"),
+        RecordKind::Consent => include_str!("exemplars/consent.json"),
+    };
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn read_dir_sorted(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == ext)).collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> LoadError {
+    let span = e.span().map_or(Span { line: 1, column: 1 }, |s| LineIndex::new(text).span(s.start));
+    LoadError { file: file.to_owned(), line: span.line, column: span.column, message: e.message().to_owned() }
+}
+
+struct Source {
+    file: String,
+    text: String,
+}
+
+const US_CORE_VERSIONS: [&str; 2] = ["7.0.0", "8.0.0"];
+
+impl Mappings {
+    /// Loads and checks everything under `dir`.
+    ///
+    /// # Errors
+    /// Every problem in every file, with file:line.
+    pub fn load(dir: &Path) -> Result<Self, LoadErrors> {
+        let mut errors = Vec::new();
+        let at = |file: &Path| file.display().to_string();
+        if !dir.is_dir() {
+            return Err(LoadErrors(vec![LoadError {
+                file: at(dir),
+                line: 1,
+                column: 1,
+                message: "the mappings directory does not exist".into(),
+            }]));
+        }
+        let mut maps = HashMap::new();
+        for path in read_dir_sorted(&dir.join("terminology"), "json") {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    if let Some(map) = terminology::load(&path, &text, &mut errors) {
+                        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                        if map.id != stem {
+                            let (line, column) = terminology::line_of(&text, "\"id\"");
+                            errors.push(LoadError {
+                                file: at(&path),
+                                line,
+                                column,
+                                message: format!("the ConceptMap id `{}` differs from the file name `{stem}`", map.id),
+                            });
+                        }
+                        maps.insert(map.id.clone(), map);
+                    }
+                }
+                Err(e) => errors.push(LoadError { file: at(&path), line: 1, column: 1, message: e.to_string() }),
+            }
+        }
+        let mut profiles = HashMap::new();
+        for path in read_dir_sorted(&dir.join("profiles"), "toml") {
+            let file = at(&path);
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            match toml::from_str::<Profile>(&text) {
+                Ok(mut p) => {
+                    p.name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+                    profiles.insert(p.name.clone(), p);
+                }
+                Err(e) => errors.push(toml_error(&file, &text, &e)),
+            }
+        }
+        let sources: Vec<Source> = read_dir_sorted(dir, "toml")
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|n| n != "defaults.toml"))
+            .map(|p| Source { file: at(&p), text: std::fs::read_to_string(&p).unwrap_or_default() })
+            .collect();
+        let defaults_path = dir.join("defaults.toml");
+        let defaults = load_layer(&defaults_path, &mut errors).unwrap_or_default();
+        let default = compile_set(&sources, &defaults, None, &maps, &profiles, &mut errors);
+        let mut partners = BTreeMap::new();
+        for path in read_dir_sorted(&dir.join("partners"), "toml") {
+            let Some(layer) = load_layer(&path, &mut errors) else { continue };
+            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            let set = compile_set(&sources, &defaults, Some(&layer), &maps, &profiles, &mut errors);
+            partners.insert(name, set);
+        }
+        if errors.is_empty() {
+            Ok(Mappings { dir: dir.to_owned(), maps, profiles, default, partners })
+        } else {
+            errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            errors.dedup();
+            Err(LoadErrors(errors))
+        }
+    }
+
+    /// Partner names with an overlay.
+    pub fn partners(&self) -> impl Iterator<Item = &str> {
+        self.partners.keys().map(String::as_str)
+    }
+
+    /// How many mapping files, ConceptMaps and profiles were loaded.
+    #[must_use]
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.default.mappings.len(), self.maps.len(), self.profiles.len())
+    }
+
+    /// The mapping set a partner sees (the defaults when `partner` is `None`).
+    ///
+    /// # Errors
+    /// `UnknownPartner`.
+    pub fn set(&self, partner: Option<&str>) -> Result<&MappingSet, MapError> {
+        match partner {
+            None => Ok(&self.default),
+            Some(p) => self.partners.get(p).ok_or_else(|| MapError::UnknownPartner(p.to_owned())),
+        }
+    }
+
+    /// Maps one agency record (already canonical) to FHIR, checking every resource.
+    ///
+    /// # Errors
+    /// An unknown partner, or a rule that failed (an unmapped code).
+    pub fn to_fhir(
+        &self,
+        kind: RecordKind,
+        record: &Value,
+        partner: Option<&str>,
+        related: &Related,
+    ) -> Result<Output, MapError> {
+        let set = self.set(partner)?;
+        let mut resources = Vec::new();
+        if matches!(kind, RecordKind::CarePlan | RecordKind::Referral)
+            && let Some(client) = &related.client
+        {
+            self.render_kind(set, RecordKind::Client, client, &mut resources)?;
+        }
+        self.render_kind(set, kind, record, &mut resources)?;
+        let mut violations = Vec::new();
+        for e in &resources {
+            violations.extend(self.check_resource(set, e));
+        }
+        Ok(Output { resources, violations })
+    }
+
+    fn render_kind(
+        &self,
+        set: &MappingSet,
+        kind: RecordKind,
+        record: &Value,
+        out: &mut Vec<Emitted>,
+    ) -> Result<(), MapError> {
+        for m in set.mappings.iter().filter(|m| m.kind == kind) {
+            for resource in render_mapping(m, &self.maps, record, &mut None)? {
+                out.push(Emitted { mapping: m.name.clone(), resource, request: m.request });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_resource(&self, set: &MappingSet, e: &Emitted) -> Vec<Violation> {
+        let mut out = Vec::new();
+        if let Err(issue) = fhir::typed_check(&e.resource) {
+            out.push(Violation {
+                profile: "FHIR R4 (typed model)".into(),
+                path: String::new(),
+                message: issue.to_string(),
+            });
+        }
+        if let Some(m) = set.mappings.iter().find(|m| m.name == e.mapping) {
+            for p in m.profiles.iter().filter_map(|p| self.profiles.get(p)) {
+                out.extend(p.check(&e.resource, &set.us_core));
+            }
+        }
+        out
+    }
+
+    /// Reads a referral (and its client) back from FHIR resources: a `ServiceRequest`, its `Task`
+    /// and the `Patient`, loose or in a Bundle.
+    ///
+    /// # Errors
+    /// An unknown partner.
+    pub fn referral_from_fhir(&self, resources: &[Value], partner: Option<&str>) -> Result<Inbound, MapError> {
+        let set = self.set(partner)?;
+        let resources = bundle::unbundle(resources);
+        let mut referral = Inverse {
+            maps: &self.maps,
+            out: Value::Object(serde_json::Map::new()),
+            consumed: HashSet::new(),
+            issues: Vec::new(),
+            resource: String::new(),
+        };
+        let mut client = Inverse { out: Value::Object(serde_json::Map::new()), ..referral.clone_empty() };
+        let mut unmapped = Vec::new();
+        let mut seen_client = false;
+        for r in &resources {
+            let ty = r.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+            let (kind, inv) = match ty {
+                "Patient" => {
+                    seen_client = true;
+                    (RecordKind::Client, &mut client)
+                }
+                _ => (RecordKind::Referral, &mut referral),
+            };
+            let Some(m) = set.mappings.iter().find(|m| m.kind == kind && m.resource == ty && m.inverse) else {
+                unmapped.push(format!("{ty}: no inverse mapping for this resource type"));
+                continue;
+            };
+            inv.consumed.clear();
+            inv.resource = ty.to_owned();
+            m.template.invert(r, "", &[], inv);
+            for path in template::unread(r, "", &inv.consumed) {
+                if path != "resourceType" && !path.starts_with("meta.") && !path.starts_with("text.") {
+                    unmapped.push(format!("{ty}.{path}: not mapped"));
+                }
+            }
+        }
+        unmapped.append(&mut referral.issues);
+        unmapped.append(&mut client.issues);
+        Ok(Inbound { referral: referral.out, client: seen_client.then_some(client.out), unmapped })
+    }
+}
+
+impl Inverse<'_> {
+    fn clone_empty(&self) -> Self {
+        Inverse {
+            maps: self.maps,
+            out: Value::Null,
+            consumed: HashSet::new(),
+            issues: Vec::new(),
+            resource: String::new(),
+        }
+    }
+}
+
+/// What the inverse mapping read from FHIR.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    /// The referral as agency JSON (validate it with [`canonical`]).
+    pub referral: Value,
+    /// The client as agency JSON, when a `Patient` came along.
+    pub client: Option<Value>,
+    /// What could not be mapped back, by FHIR path (never dropped silently).
+    pub unmapped: Vec<String>,
+}
+
+fn render_mapping(
+    m: &Mapping,
+    maps: &HashMap<String, ConceptMap>,
+    record: &Value,
+    trace: &mut Option<Trace>,
+) -> Result<Vec<Value>, MapError> {
+    let env = Env { root: record, maps };
+    let fail =
+        |e: template::RenderError| MapError::Rule { file: m.file.clone(), line: e.span.line, message: e.message };
+    let items: Vec<&Value> = match &m.for_each {
+        Some(path) => {
+            path.get(record, record).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default()
+        }
+        None => vec![record],
+    };
+    let mut out = Vec::new();
+    for item in items {
+        if m.when.as_ref().is_some_and(|c| !c.holds(record, item)) {
+            continue;
+        }
+        let Some(mut v) = m.template.render(&env, item, trace).map_err(fail)? else { continue };
+        if !m.claims.is_empty()
+            && let Some(obj) = v.as_object_mut()
+        {
+            obj.insert("meta".into(), serde_json::json!({ "profile": m.claims }));
+        }
+        for (extra, file) in &m.extras {
+            let fail_extra =
+                |e: template::RenderError| MapError::Rule { file: file.clone(), line: e.span.line, message: e.message };
+            if let Some(x) = extra.render(&env, item, trace).map_err(fail_extra)? {
+                bundle::merge(&mut v, x);
+            }
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn load_layer(path: &Path, errors: &mut Vec<LoadError>) -> Option<LayerFile> {
+    let file = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push(LoadError { file, line: 1, column: 1, message: e.to_string() });
+            return None;
+        }
+    };
+    match toml::from_str::<LayerFile>(&text) {
+        Ok(mut layer) => {
+            layer.file.clone_from(&file);
+            layer.text.clone_from(&text);
+            if let Some(v) = &layer.us_core
+                && !US_CORE_VERSIONS.contains(&v.as_str())
+            {
+                let (line, column) = terminology::line_of(&text, "us_core");
+                errors.push(LoadError { file, line, column, message: format!("us_core is 7.0.0 or 8.0.0, not {v}") });
+            }
+            Some(layer)
+        }
+        Err(e) => {
+            errors.push(toml_error(&file, &text, &e));
+            None
+        }
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn compile_set(
+    sources: &[Source],
+    defaults: &LayerFile,
+    partner: Option<&LayerFile>,
+    maps: &HashMap<String, ConceptMap>,
+    profiles: &HashMap<String, Profile>,
+    errors: &mut Vec<LoadError>,
+) -> MappingSet {
+    let mut vars = defaults.vars.clone();
+    let mut us_core = defaults.us_core.clone().unwrap_or_else(|| "7.0.0".to_owned());
+    if let Some(p) = partner {
+        vars.extend(p.vars.clone());
+        if let Some(v) = &p.us_core {
+            us_core.clone_from(v);
+        }
+    }
+    vars.insert("us_core".into(), us_core.clone());
+    let lookup = |name: &str| vars.get(name).cloned();
+    let mut mappings = Vec::new();
+    for src in sources {
+        let err_at = |span: Span, message: String| LoadError {
+            file: src.file.clone(),
+            line: span.line,
+            column: span.column,
+            message,
+        };
+        let header: MappingHeader = match toml::from_str(&src.text) {
+            Ok(h) => h,
+            Err(e) => {
+                errors.push(toml_error(&src.file, &src.text, &e));
+                continue;
+            }
+        };
+        let lines = LineIndex::new(&src.text);
+        let stem = Path::new(&src.file).file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+        let Ok(doc) = toml::de::DeTable::parse(&src.text) else { continue };
+        let Some(tpl) = doc.get_ref().get("template") else { continue };
+        let tpl_span = lines.span(tpl.span().start);
+        let head_span = |key: &str| {
+            let (line, column) = terminology::line_of(&src.text, key);
+            Span { line, column }
+        };
+        let expected_stem = format!("{}.{}", header.kind.as_str().replace('-', "_"), snake(&header.resource));
+        if stem != expected_stem {
+            errors.push(err_at(
+                Span { line: 1, column: 1 },
+                format!("a mapping of {} to {} is named {expected_stem}.toml", header.kind, header.resource),
+            ));
+        }
+        let mut c = Compiler { vars: &lookup, lines: &lines, errors: Vec::new(), maps_used: Vec::new() };
+        let template = c.node(tpl, false);
+        let for_each = header
+            .for_each
+            .as_deref()
+            .and_then(|p| expr::Path::parse(p).map_err(|e| c.errors.push((head_span("for_each"), e))).ok());
+        let when = header
+            .when
+            .as_deref()
+            .and_then(|w| expr::Cond::parse(w, &lookup).map_err(|e| c.errors.push((head_span("when"), e))).ok());
+        let mut compile_errors = std::mem::take(&mut c.errors);
+        let mut maps_used = std::mem::take(&mut c.maps_used);
+        // Extras from the defaults and the partner layer, compiled against their own files.
+        let mut extras = Vec::new();
+        for layer in [Some(defaults), partner] {
+            let Some(layer) = layer else { continue };
+            if !layer.extra.iter().any(|x| x.mapping == stem) {
+                continue;
+            }
+            let file = layer.file.clone();
+            let xlines = LineIndex::new(&layer.text);
+            {
+                let Ok(xdoc) = toml::de::DeTable::parse(&layer.text) else { continue };
+                let Some(toml::de::DeValue::Array(list)) = xdoc.get_ref().get("extra").map(|v| v.get_ref()) else {
+                    continue;
+                };
+                for entry in list.iter() {
+                    let toml::de::DeValue::Table(t) = entry.get_ref() else { continue };
+                    let names_this = t
+                        .get("mapping")
+                        .is_some_and(|m| matches!(m.get_ref(), toml::de::DeValue::String(s) if *s == stem));
+                    let Some(xt) = t.get("template").filter(|_| names_this) else { continue };
+                    let mut xc = Compiler { vars: &lookup, lines: &xlines, errors: Vec::new(), maps_used: Vec::new() };
+                    let node = xc.node(xt, true);
+                    for (span, message) in xc.errors {
+                        errors.push(LoadError { file: file.clone(), line: span.line, column: span.column, message });
+                    }
+                    extras.push((node, file.clone()));
+                }
+            }
+        }
+        for (name, span, oneway) in maps_used.drain(..) {
+            match maps.get(&name) {
+                None => compile_errors.push((span, format!("no ConceptMap `{name}` in mappings/terminology"))),
+                Some(map) if header.inverse && !oneway && !map.reversible() => compile_errors.push((
+                    span,
+                    format!("ConceptMap `{name}` is not reversible: mark the element `$oneway = \"why\"` or the mapping `inverse = false`"),
+                )),
+                Some(_) => {}
+            }
+        }
+        if header.inverse && for_each.is_some() {
+            compile_errors.push((
+                head_span("inverse"),
+                "a mapping with for_each cannot be inverted (set inverse = false)".into(),
+            ));
+        }
+        if !header.inverse && header.inverse_note.as_deref().is_none_or(|n| n.trim().is_empty()) {
+            compile_errors.push((head_span("inverse"), "a one-way mapping says why in inverse_note".into()));
+        }
+        let mut produced = HashSet::new();
+        template.produced_paths("", &mut produced);
+        for p in &header.profiles {
+            match profiles.get(p) {
+                None => compile_errors.push((head_span("profiles"), format!("no profile `{p}` in mappings/profiles"))),
+                Some(profile) => {
+                    if profile.resource != header.resource {
+                        compile_errors.push((
+                            head_span("profiles"),
+                            format!("profile `{p}` constrains {}, not {}", profile.resource, header.resource),
+                        ));
+                    }
+                    for rule in profile.rules.iter().filter(|r| r.applies(&us_core)) {
+                        if matches!(rule, profile::Rule::Required { .. }) && !produced.contains(rule.path()) {
+                            compile_errors.push((
+                                tpl_span,
+                                format!("the template never writes `{}`, which profile `{p}` requires", rule.path()),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if !produced.contains("identifier.value") {
+            compile_errors.push((
+                tpl_span,
+                "the template writes no business identifier (identifier.system + identifier.value)".into(),
+            ));
+        }
+        if header.resource != template_resource_type(&template) {
+            compile_errors.push((tpl_span, format!("template.resourceType must be \"{}\"", header.resource)));
+        }
+        let _ = header.description;
+        for (span, message) in compile_errors.drain(..) {
+            errors.push(err_at(span, message));
+        }
+        let claims =
+            header.profiles.iter().filter_map(|p| profiles.get(p)).filter(|p| p.claim).map(|p| p.url.clone()).collect();
+        mappings.push(Mapping {
+            name: stem,
+            file: src.file.clone(),
+            version: header.version,
+            kind: header.kind,
+            resource: header.resource,
+            profiles: header.profiles,
+            for_each,
+            when,
+            order: header.order,
+            request: header.request,
+            inverse: header.inverse,
+            claims,
+            template,
+            extras,
+        });
+    }
+    for layer in partner.into_iter().chain(std::iter::once(defaults)) {
+        for x in layer.extra.iter().filter(|x| !mappings.iter().any(|m| m.name == x.mapping)) {
+            let (line, column) = terminology::line_of(&layer.text, &format!("\"{}\"", x.mapping));
+            errors.push(LoadError {
+                file: layer.file.clone(),
+                line,
+                column,
+                message: format!("no mapping `{}` to extend", x.mapping),
+            });
+        }
+    }
+    mappings.sort_by(|a, b| (a.order, &a.name).cmp(&(b.order, &b.name)));
+    let set = MappingSet { us_core, mappings };
+    self_check(&set, maps, profiles, errors);
+    set
+}
+
+fn template_resource_type(n: &Node) -> &str {
+    match n {
+        Node::Object { fields, .. } => fields
+            .iter()
+            .find(|(k, _)| k == "resourceType")
+            .and_then(|(_, v)| if let Node::Lit(Value::String(s), _) = v { Some(s.as_str()) } else { None })
+            .unwrap_or(""),
+        _ => "",
+    }
+}
+
+fn snake(resource: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in resource.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Renders every mapping against its kind's exemplar and runs the output through the typed model and
+/// the profiles, so a template that writes an unknown element or breaks its profile stops loading.
+fn self_check(
+    set: &MappingSet,
+    maps: &HashMap<String, ConceptMap>,
+    profiles: &HashMap<String, Profile>,
+    errors: &mut Vec<LoadError>,
+) {
+    for m in &set.mappings {
+        for record in exemplars(m.kind) {
+            self_check_one(set, m, &record, maps, profiles, errors);
+        }
+    }
+}
+
+fn self_check_one(
+    set: &MappingSet,
+    m: &Mapping,
+    record: &Value,
+    maps: &HashMap<String, ConceptMap>,
+    profiles: &HashMap<String, Profile>,
+    errors: &mut Vec<LoadError>,
+) {
+    {
+        let record = record.clone();
+        let mut trace = Some(Trace::default());
+        let rendered = match render_mapping(m, maps, &record, &mut trace) {
+            Ok(r) => r,
+            Err(MapError::Rule { file, line, message }) => {
+                errors.push(LoadError { file, line, column: 1, message });
+                return;
+            }
+            Err(_) => return,
+        };
+        let trace = trace.unwrap_or_default();
+        for r in rendered {
+            let at = |path: &str| trace.span_of(path).unwrap_or(Span { line: 1, column: 1 });
+            match fhir::typed_check(&r) {
+                Ok(()) => {}
+                Err(fhir::TypedIssue::Unknown(paths)) => {
+                    for p in paths {
+                        let s = at(&p);
+                        errors.push(LoadError {
+                            file: m.file.clone(),
+                            line: s.line,
+                            column: s.column,
+                            message: format!("unknown FHIR element `{p}` in {}", m.resource),
+                        });
+                    }
+                }
+                Err(fhir::TypedIssue::Refused { path, message }) => {
+                    let s = at(&path);
+                    errors.push(LoadError {
+                        file: m.file.clone(),
+                        line: s.line,
+                        column: s.column,
+                        message: format!("{}.{path}: {message}", m.resource),
+                    });
+                }
+                Err(other) => {
+                    errors.push(LoadError { file: m.file.clone(), line: 1, column: 1, message: other.to_string() })
+                }
+            }
+            for p in m.profiles.iter().filter_map(|p| profiles.get(p)) {
+                for v in p.check(&r, &set.us_core) {
+                    let s = at(&v.path);
+                    errors.push(LoadError {
+                        file: m.file.clone(),
+                        line: s.line,
+                        column: s.column,
+                        message: format!("profile {}: {}", p.name, v.message),
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+
+    #[test]
+    fn the_shipped_mappings_load_without_errors() {
+        if let Err(e) = Mappings::load(&repo("mappings")) {
+            panic!("{e}");
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Terminology: FHIR `ConceptMap` JSON files in `mappings/terminology/`, looked up both ways.
+//!
+//! A map is reversible when every element is `equivalent` (or `equal`) and no target code is reached
+//! from two source codes. A code with no element uses the group's `unmapped` fallback when one is
+//! declared (`mode: fixed`), and is an error otherwise, never an empty string. An element whose
+//! target is `unmatched` (no code) says on purpose that the concept has no counterpart: the
+//! element that would carry it is left out.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::LoadError;
+use crate::domain;
+
+/// The prefix of the source URIs that name agency vocabularies (`urn:carebridge:vocabulary:need`).
+pub const AGENCY_VOCABULARY: &str = "urn:carebridge:vocabulary:";
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConceptMapFile {
+    resource_type: String,
+    id: String,
+    url: String,
+    #[serde(default)]
+    group: Vec<GroupFile>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GroupFile {
+    source: String,
+    target: String,
+    #[serde(default)]
+    element: Vec<ElementFile>,
+    #[serde(default)]
+    unmapped: Option<UnmappedFile>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ElementFile {
+    code: String,
+    #[serde(default)]
+    target: Vec<TargetFile>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TargetFile {
+    code: Option<String>,
+    comment: Option<String>,
+    display: Option<String>,
+    equivalence: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct UnmappedFile {
+    mode: String,
+    code: Option<String>,
+    display: Option<String>,
+}
+
+/// A target concept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concept {
+    /// The code system.
+    pub system: String,
+    /// The code.
+    pub code: String,
+    /// Its display text, when the map gives one.
+    pub display: Option<String>,
+}
+
+impl Concept {
+    /// The concept as a FHIR `Coding`.
+    #[must_use]
+    pub fn coding(&self) -> Value {
+        let mut c = json!({"system": self.system, "code": self.code});
+        if let Some(d) = &self.display {
+            c["display"] = json!(d);
+        }
+        c
+    }
+}
+
+/// One loaded ConceptMap.
+#[derive(Debug, Clone)]
+pub struct ConceptMap {
+    /// Its id (the name mapping files use).
+    pub id: String,
+    /// Its canonical URL.
+    pub url: String,
+    /// The file it came from.
+    pub file: String,
+    forward: HashMap<String, Concept>,
+    unmatched: std::collections::HashSet<String>,
+    fallback: Option<Concept>,
+    reverse: HashMap<(String, String), Vec<String>>,
+    reversible: bool,
+}
+
+/// Why a lookup failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The code has no target and the map declares no fallback.
+    #[error("code `{code}` is not mapped by ConceptMap {map}")]
+    Unmapped {
+        /// The map.
+        map: String,
+        /// The code.
+        code: String,
+    },
+    /// The reverse lookup found no source, or more than one.
+    #[error("code `{code}` of {system} maps back to {count} agency codes in ConceptMap {map}")]
+    NotReversible {
+        /// The map.
+        map: String,
+        /// The target system.
+        system: String,
+        /// The target code.
+        code: String,
+        /// How many source codes it came from.
+        count: usize,
+    },
+}
+
+impl ConceptMap {
+    /// The target of `code`, or the declared fallback; `None` when the map declares it unmatched.
+    ///
+    /// # Errors
+    /// `Unmapped` when there is neither.
+    pub fn translate(&self, code: &str) -> Result<Option<&Concept>, LookupError> {
+        if self.unmatched.contains(code) {
+            return Ok(None);
+        }
+        self.forward
+            .get(code)
+            .or(self.fallback.as_ref())
+            .map(Some)
+            .ok_or_else(|| LookupError::Unmapped { map: self.id.clone(), code: code.to_owned() })
+    }
+
+    /// The one source code that maps to `system|code` with an equivalent meaning.
+    ///
+    /// # Errors
+    /// `NotReversible` when there is none or more than one.
+    pub fn reverse(&self, system: &str, code: &str) -> Result<&str, LookupError> {
+        let found = self.reverse.get(&(system.to_owned(), code.to_owned()));
+        match found.map(Vec::as_slice) {
+            Some([one]) => Ok(one),
+            other => Err(LookupError::NotReversible {
+                map: self.id.clone(),
+                system: system.to_owned(),
+                code: code.to_owned(),
+                count: other.map_or(0, <[String]>::len),
+            }),
+        }
+    }
+
+    /// The target system (one per map).
+    #[must_use]
+    pub fn target_system(&self) -> Option<&str> {
+        self.forward.values().next().map(|c| c.system.as_str())
+    }
+
+    /// Whether every element is equivalent and one-to-one, so the inverse mapping may use it.
+    #[must_use]
+    pub fn reversible(&self) -> bool {
+        self.reversible
+    }
+}
+
+/// Codes of the agency vocabulary a ConceptMap group names as its source.
+fn agency_codes(source: &str) -> Option<Vec<&'static str>> {
+    let name = source.strip_prefix(AGENCY_VOCABULARY)?;
+    fn all<T: Copy>(xs: &[T], f: fn(T) -> &'static str) -> Vec<&'static str> {
+        xs.iter().map(|x| f(*x)).collect()
+    }
+    Some(match name {
+        "need" => all(domain::NeedCode::ALL, domain::NeedCode::as_str),
+        "service" => all(domain::ServiceCode::ALL, domain::ServiceCode::as_str),
+        "priority" => all(domain::Priority::ALL, domain::Priority::as_str),
+        "referral-status" => all(domain::ReferralStatus::ALL, domain::ReferralStatus::as_str),
+        "care-plan-status" => all(domain::CarePlanStatus::ALL, domain::CarePlanStatus::as_str),
+        "need-status" => all(domain::NeedStatus::ALL, domain::NeedStatus::as_str),
+        "goal-lifecycle" => all(domain::GoalLifecycle::ALL, domain::GoalLifecycle::as_str),
+        "goal-achievement" => all(domain::GoalAchievement::ALL, domain::GoalAchievement::as_str),
+        "intervention-status" => all(domain::InterventionStatus::ALL, domain::InterventionStatus::as_str),
+        "gender" => all(domain::Gender::ALL, domain::Gender::as_str),
+        "instrument" => all(domain::Instrument::ALL, domain::Instrument::as_str),
+        "interpretation" => all(domain::Interpretation::ALL, domain::Interpretation::as_str),
+        "consent-status" => all(domain::ConsentStatus::ALL, domain::ConsentStatus::as_str),
+        "consent-category" => all(domain::ConsentCategory::ALL, domain::ConsentCategory::as_str),
+        "consent-purpose" => all(domain::ConsentPurpose::ALL, domain::ConsentPurpose::as_str),
+        _ => return None,
+    })
+}
+
+/// The 1-based line of the first occurrence of `needle` in `text` (1 when absent).
+pub(super) fn line_of(text: &str, needle: &str) -> (usize, usize) {
+    match text.find(needle) {
+        Some(at) => {
+            let before = &text[..at];
+            let line = before.matches('\n').count() + 1;
+            let col = at - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            (line, col)
+        }
+        None => (1, 1),
+    }
+}
+
+/// Loads one ConceptMap file, pushing every problem into `errors`.
+pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<ConceptMap> {
+    let file = path.display().to_string();
+    let err = |needle: &str, message: String| {
+        let (line, column) = line_of(text, needle);
+        LoadError { file: file.clone(), line, column, message }
+    };
+    let parsed: ConceptMapFile = match serde_json::from_str(text) {
+        Ok(p) => p,
+        Err(e) => {
+            errors.push(LoadError { file, line: e.line(), column: e.column(), message: e.to_string() });
+            return None;
+        }
+    };
+    if parsed.resource_type != "ConceptMap" {
+        errors.push(err("resourceType", format!("expected a ConceptMap, found {}", parsed.resource_type)));
+        return None;
+    }
+    let mut map = ConceptMap {
+        id: parsed.id.clone(),
+        url: parsed.url,
+        file: file.clone(),
+        forward: HashMap::new(),
+        unmatched: std::collections::HashSet::new(),
+        fallback: None,
+        reverse: HashMap::new(),
+        reversible: true,
+    };
+    let before = errors.len();
+    if parsed.group.len() != 1 {
+        errors.push(err("\"group\"", "a carebridge ConceptMap has exactly one group".into()));
+    }
+    for group in &parsed.group {
+        let listed: std::collections::HashSet<&str> = group.element.iter().map(|e| e.code.as_str()).collect();
+        let known = agency_codes(&group.source);
+        if known.is_none() && group.source.starts_with(AGENCY_VOCABULARY) {
+            errors.push(err(&group.source, format!("`{}` is not an agency vocabulary", group.source)));
+        }
+        for el in &group.element {
+            let needle = format!("\"{}\"", el.code);
+            if let Some(known) = &known
+                && !known.contains(&el.code.as_str())
+            {
+                errors.push(err(&needle, format!("`{}` is not a code of {}", el.code, group.source)));
+            }
+            if map.forward.contains_key(&el.code) || map.unmatched.contains(&el.code) {
+                errors.push(err(&needle, format!("`{}` is mapped twice", el.code)));
+            }
+            let [target] = el.target.as_slice() else {
+                errors.push(err(&needle, format!("`{}` needs exactly one target", el.code)));
+                continue;
+            };
+            if target.equivalence == "unmatched" && target.code.is_none() {
+                map.unmatched.insert(el.code.clone());
+                map.reversible = false;
+                continue;
+            }
+            let Some(code) = target.code.clone().filter(|c| !c.trim().is_empty()) else {
+                errors.push(err(
+                    &needle,
+                    format!("the target of `{}` has no code (say `unmatched` if on purpose)", el.code),
+                ));
+                continue;
+            };
+            if matches!(target.equivalence.as_str(), "narrower" | "inexact") && target.comment.is_none() {
+                errors.push(err(
+                    &needle,
+                    format!("`{}` maps {}ly: say why in a comment (FHIR cmd-1)", el.code, target.equivalence),
+                ));
+            }
+            let equivalent = matches!(target.equivalence.as_str(), "equivalent" | "equal");
+            if !equivalent {
+                map.reversible = false;
+            }
+            let concept = Concept { system: group.target.clone(), code, display: target.display.clone() };
+            if equivalent {
+                map.reverse.entry((concept.system.clone(), concept.code.clone())).or_default().push(el.code.clone());
+            }
+            map.forward.insert(el.code.clone(), concept);
+        }
+        match &group.unmapped {
+            Some(u) if u.mode == "fixed" => match &u.code {
+                Some(code) => {
+                    map.fallback =
+                        Some(Concept { system: group.target.clone(), code: code.clone(), display: u.display.clone() });
+                    map.reversible = false;
+                }
+                None => errors.push(err("\"unmapped\"", "an unmapped fallback of mode `fixed` needs a code".into())),
+            },
+            Some(u) => {
+                errors.push(err("\"unmapped\"", format!("unmapped mode `{}` is not supported (use fixed)", u.mode)))
+            }
+            None => {
+                if let Some(known) = &known {
+                    for code in known.iter().filter(|c| !listed.contains(**c)) {
+                        errors.push(err(
+                            "\"element\"",
+                            format!("agency code `{code}` of {} has no target and no unmapped fallback", group.source),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if map.reverse.values().any(|sources| sources.len() > 1) {
+        map.reversible = false;
+    }
+    (errors.len() == before).then_some(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIORITY: &str = r#"{
+  "resourceType": "ConceptMap", "id": "priority", "url": "urn:test:priority", "status": "active",
+  "group": [{
+    "source": "urn:carebridge:vocabulary:priority",
+    "target": "http://hl7.org/fhir/request-priority",
+    "element": [
+      {"code": "routine", "target": [{"code": "routine", "equivalence": "equivalent"}]},
+      {"code": "urgent", "target": [{"code": "urgent", "equivalence": "equivalent"}]},
+      {"code": "crisis", "target": [{"code": "stat", "equivalence": "equivalent"}]}
+    ]
+  }]
+}"#;
+
+    #[test]
+    fn a_complete_one_to_one_map_translates_both_ways() {
+        let mut errors = Vec::new();
+        let map = load(Path::new("priority.json"), PRIORITY, &mut errors).expect("loads");
+        assert!(errors.is_empty());
+        assert_eq!(map.translate("crisis").expect("mapped").map(|c| c.code.as_str()), Some("stat"));
+        assert_eq!(map.reverse("http://hl7.org/fhir/request-priority", "stat"), Ok("crisis"));
+        assert!(map.reversible());
+    }
+
+    #[test]
+    fn a_missing_agency_code_is_a_load_error_with_its_line() {
+        let text = PRIORITY.replace(
+            r#"      {"code": "crisis", "target": [{"code": "stat", "equivalence": "equivalent"}]}"#,
+            r#"      {"code": "crisis", "target": [{"code": "", "equivalence": "equivalent"}]}"#,
+        );
+        let mut errors = Vec::new();
+        assert!(load(Path::new("priority.json"), &text, &mut errors).is_none());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 9);
+        assert!(errors[0].message.contains("has no code"));
+    }
+}
