@@ -131,6 +131,9 @@ pub enum MappingsCommand {
         /// Where the golden cases live.
         #[arg(long, default_value = "fixtures/mappings")]
         dir: PathBuf,
+        /// Write what the mappings give now as each case's expected output (review the diff before committing).
+        #[arg(long)]
+        bless: bool,
     },
 }
 
@@ -253,14 +256,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Mappings { command: MappingsCommand::Test { dir } } => {
+        Command::Mappings { command: MappingsCommand::Test { dir, bless } } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
                 return Ok(ExitCode::from(2));
             };
             let Some(mappings) = load_mappings(&settings) else {
                 return Ok(ExitCode::from(2));
             };
-            let results = mapping::golden::run(&mappings, &dir);
+            let results = mapping::golden::run(&mappings, &dir, bless);
             let failed = results.iter().filter(|r| r.failure.is_some()).count();
             for r in &results {
                 match &r.failure {

@@ -54,7 +54,7 @@ fn read_json(path: &Path) -> Result<Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn run_case(mappings: &Mappings, dir_name: &str, input: &Path) -> Result<(), String> {
+fn run_case(mappings: &Mappings, dir_name: &str, input: &Path, bless: bool) -> Result<(), String> {
     let (name, partner) = match dir_name.split_once('@') {
         Some((n, p)) => (n, Some(p)),
         None => (dir_name, None),
@@ -87,7 +87,12 @@ fn run_case(mappings: &Mappings, dir_name: &str, input: &Path) -> Result<(), Str
             if rs.len() == 1 { rs.remove(0) } else { Value::Array(rs) }
         }
     };
-    let want = read_json(Path::new(&format!("{stem}.expected.json")))?;
+    let expected = PathBuf::from(format!("{stem}.expected.json"));
+    if bless {
+        let text = serde_json::to_string_pretty(&got).map_err(|e| e.to_string())? + "\n";
+        return std::fs::write(&expected, text).map_err(|e| format!("{}: {e}", expected.display()));
+    }
+    let want = read_json(&expected)?;
     if got == want {
         Ok(())
     } else {
@@ -98,9 +103,10 @@ fn run_case(mappings: &Mappings, dir_name: &str, input: &Path) -> Result<(), Str
     }
 }
 
-/// Runs every golden case under `dir`.
+/// Runs every golden case under `dir`; with `bless`, writes what the mappings give now as the expected
+/// output instead of comparing (bad cases keep their `.expected.txt` and are still checked).
 #[must_use]
-pub fn run(mappings: &Mappings, dir: &Path) -> Vec<CaseResult> {
+pub fn run(mappings: &Mappings, dir: &Path, bless: bool) -> Vec<CaseResult> {
     let mut out = Vec::new();
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect())
@@ -120,9 +126,25 @@ pub fn run(mappings: &Mappings, dir: &Path) -> Vec<CaseResult> {
             let case = input.file_name().and_then(|n| n.to_str()).unwrap_or_default().trim_end_matches(".input.json");
             out.push(CaseResult {
                 name: format!("{dir_name}/{case}"),
-                failure: run_case(mappings, &dir_name, &input).err(),
+                failure: run_case(mappings, &dir_name, &input, bless).err(),
             });
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_golden_case_gives_its_expected_output() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mappings = Mappings::load(&root.join("mappings")).expect("mappings load");
+        let results = run(&mappings, &root.join("fixtures/mappings"), false);
+        assert!(results.len() >= 15, "only {} golden cases", results.len());
+        let failed: Vec<String> =
+            results.into_iter().filter_map(|r| r.failure.map(|f| format!("{}: {f}", r.name))).collect();
+        assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+    }
 }

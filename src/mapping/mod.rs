@@ -483,7 +483,11 @@ impl Mappings {
                 _ => (RecordKind::Referral, &mut referral),
             };
             let Some(m) = set.mappings.iter().find(|m| m.kind == kind && m.resource == ty && m.inverse) else {
-                unmapped.push(format!("{ty}: no inverse mapping for this resource type"));
+                // A resource our own one-way mapping derives (the crisis Flag) says nothing new; anything else
+                // is reported, never dropped.
+                if !set.mappings.iter().any(|m| m.kind == kind && m.resource == ty) {
+                    unmapped.push(format!("{ty}: no inverse mapping for this resource type"));
+                }
                 continue;
             };
             inv.consumed.clear();
@@ -807,8 +811,28 @@ fn self_check(
     errors: &mut Vec<LoadError>,
 ) {
     for m in &set.mappings {
+        let mut reads: HashMap<(usize, usize, String), bool> = HashMap::new();
+        let mut rendered = 0;
         for record in exemplars(m.kind) {
-            self_check_one(set, m, &record, maps, profiles, errors);
+            rendered += self_check_one(set, m, &record, maps, profiles, errors, &mut reads);
+        }
+        if rendered == 0 {
+            errors.push(LoadError {
+                file: m.file.clone(),
+                line: 1,
+                column: 1,
+                message: "no built-in complete record reaches this template, so its elements cannot be checked".into(),
+            });
+        }
+        for ((line, column, path), found) in reads {
+            if !found {
+                errors.push(LoadError {
+                    file: m.file.clone(),
+                    line,
+                    column,
+                    message: format!("`{path}` is not a field of a {} record", m.kind),
+                });
+            }
         }
     }
 }
@@ -820,7 +844,9 @@ fn self_check_one(
     maps: &HashMap<String, ConceptMap>,
     profiles: &HashMap<String, Profile>,
     errors: &mut Vec<LoadError>,
-) {
+    reads: &mut HashMap<(usize, usize, String), bool>,
+) -> usize {
+    let count;
     {
         let record = record.clone();
         let mut trace = Some(Trace::default());
@@ -828,11 +854,15 @@ fn self_check_one(
             Ok(r) => r,
             Err(MapError::Rule { file, line, message }) => {
                 errors.push(LoadError { file, line, column: 1, message });
-                return;
+                return 0;
             }
-            Err(_) => return,
+            Err(_) => return 0,
         };
         let trace = trace.unwrap_or_default();
+        for (k, found) in &trace.reads {
+            *reads.entry(k.clone()).or_default() |= *found;
+        }
+        count = rendered.len();
         for r in rendered {
             let at = |path: &str| trace.span_of(path).unwrap_or(Span { line: 1, column: 1 });
             match fhir::typed_check(&r) {
@@ -874,6 +904,7 @@ fn self_check_one(
             }
         }
     }
+    count
 }
 
 #[cfg(test)]
@@ -889,5 +920,180 @@ mod tests {
         if let Err(e) = Mappings::load(&repo("mappings")) {
             panic!("{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod round_trip {
+    use super::*;
+
+    fn repo(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+
+    fn read(p: &Path) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("JSON")
+    }
+
+    #[test]
+    fn every_referral_fixture_comes_back_the_same_through_fhir() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let mut n = 0;
+        for path in read_dir_sorted(&repo("fixtures/agency/referral"), "json") {
+            let referral = canonical(RecordKind::Referral, &read(&path)).expect("valid fixture");
+            let client_id = referral["client_id"].as_str().expect("client id");
+            let client =
+                canonical(RecordKind::Client, &read(&repo(&format!("fixtures/agency/client/{client_id}.json"))))
+                    .expect("valid client");
+            let related = Related { client: Some(client.clone()) };
+            let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
+            assert!(output.violations.is_empty(), "{}: {:?}", path.display(), output.violations);
+            let bundle = output.document(RecordKind::Referral);
+            let back = mappings.referral_from_fhir(&[bundle], None).expect("inverts");
+            assert_eq!(back.unmapped, Vec::<String>::new(), "{}", path.display());
+            let again = canonical(RecordKind::Referral, &back.referral)
+                .unwrap_or_else(|e| panic!("{}: {e:?}\n{}", path.display(), back.referral));
+            assert_eq!(again, referral, "{}", path.display());
+            let client_back =
+                canonical(RecordKind::Client, &back.client.expect("a Patient came along")).expect("valid");
+            assert_eq!(client_back, client, "{}", path.display());
+            n += 1;
+        }
+        assert!(n >= 7, "only {n} referral fixtures");
+    }
+
+    #[test]
+    fn every_field_of_a_complete_referral_survives_the_round_trip() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let client = canonical(RecordKind::Client, &exemplars(RecordKind::Client)[0]).expect("valid");
+        for referral in exemplars(RecordKind::Referral) {
+            let referral = canonical(RecordKind::Referral, &referral).expect("valid");
+            let related = Related { client: Some(client.clone()) };
+            let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
+            let back = mappings.referral_from_fhir(&[output.document(RecordKind::Referral)], None).expect("inverts");
+            assert_eq!(back.unmapped, Vec::<String>::new());
+            assert_eq!(canonical(RecordKind::Referral, &back.referral).expect("valid"), referral);
+            assert_eq!(canonical(RecordKind::Client, &back.client.expect("patient")).expect("valid"), client);
+        }
+    }
+
+    #[test]
+    fn what_a_hospital_sends_beyond_the_mapping_is_reported_not_dropped() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let sr = serde_json::json!({
+            "resourceType": "ServiceRequest", "id": "h-1", "status": "active", "intent": "order",
+            "code": {"coding": [{"system": "https://agency.example.org/fhir/CodeSystem/service", "code": "therapy"}]},
+            "subject": {"reference": "Patient/p-1"},
+            "priority": "asap",
+            "occurrenceDateTime": "2026-12-01",
+            "intent_note": null
+        });
+        let back = mappings.referral_from_fhir(&[sr], None).expect("inverts");
+        assert_eq!(back.referral["service"], "therapy");
+        assert_eq!(back.referral["client_id"], "p-1");
+        assert!(
+            back.unmapped.iter().any(|u| u.starts_with("ServiceRequest.occurrenceDateTime")),
+            "{:?}",
+            back.unmapped
+        );
+        assert!(back.unmapped.iter().any(|u| u.starts_with("ServiceRequest.priority")), "{:?}", back.unmapped);
+    }
+}
+
+#[cfg(test)]
+mod broken_files {
+    use super::*;
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("readable") {
+            let e = e.expect("entry");
+            let target = to.join(e.file_name());
+            if e.path().is_dir() {
+                copy_dir(&e.path(), &target);
+            } else {
+                std::fs::copy(e.path(), target).expect("copy");
+            }
+        }
+    }
+
+    /// Copies the shipped mappings, replaces `old` by `new` in `file`, and loads the copy.
+    fn load_with(file: &str, old: &str, new: &str) -> (String, Vec<LoadError>) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("mappings");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"), &dir);
+        let path = dir.join(file);
+        let text = std::fs::read_to_string(&path).expect("readable");
+        assert!(text.contains(old), "{file} does not contain {old}");
+        std::fs::write(&path, text.replacen(old, new, 1)).expect("write");
+        let errors = Mappings::load(&dir).expect_err("the broken file is reported").0;
+        (path.display().to_string(), errors)
+    }
+
+    fn line_of(file: &str, needle: &str) -> usize {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings").join(file))
+            .expect("readable");
+        text.lines().position(|l| l.contains(needle)).expect("needle") + 1
+    }
+
+    #[test]
+    fn an_unknown_fhir_element_is_reported_at_its_line() {
+        let (file, errors) = load_with("referral.task.toml", "authoredOn = ", "authoredWhen = ");
+        let want = line_of("referral.task.toml", "authoredOn = ");
+        let hit = errors.iter().find(|e| e.file == file && e.message.contains("unknown FHIR element `authoredWhen`"));
+        assert_eq!(hit.map(|e| e.line), Some(want), "{errors:?}");
+    }
+
+    #[test]
+    fn a_nested_unknown_element_is_reported_at_its_line() {
+        let (file, errors) = load_with("client.patient.toml", "postalCode = ", "zipCode = ");
+        let want = line_of("client.patient.toml", "postalCode = ");
+        let hit = errors.iter().find(|e| e.file == file && e.message.contains("address[0].zipCode"));
+        assert_eq!(hit.map(|e| e.line), Some(want), "{errors:?}");
+    }
+
+    #[test]
+    fn a_missing_conceptmap_is_reported_where_it_is_named() {
+        let (file, errors) = load_with("referral.task.toml", "map referral-status-task", "map referral-status-tsak");
+        let want = line_of("referral.task.toml", "map referral-status-task");
+        let hit = errors.iter().find(|e| e.file == file && e.message.contains("no ConceptMap `referral-status-tsak`"));
+        assert_eq!(hit.map(|e| e.line), Some(want), "{errors:?}");
+    }
+
+    #[test]
+    fn bad_toml_is_reported_with_its_line() {
+        let (file, errors) =
+            load_with("consent.consent.toml", "dateTime = \"{signed_on}\"", "dateTime = \"{signed_on}");
+        let want = line_of("consent.consent.toml", "dateTime = ");
+        assert!(errors.iter().any(|e| e.file == file && e.line == want), "{errors:?}");
+    }
+
+    #[test]
+    fn an_incomplete_conceptmap_names_the_agency_code_it_misses() {
+        let (file, errors) = load_with(
+            "terminology/priority.json",
+            r#"{
+          "code": "crisis","#,
+            r#"{
+          "code": "urgent","#,
+        );
+        assert!(errors.iter().any(|e| e.file == file && e.message.contains("`urgent` is mapped twice")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.file == file && e.message.contains("agency code `crisis`")), "{errors:?}");
+    }
+
+    #[test]
+    fn a_field_the_record_does_not_have_is_an_unknown_source_field() {
+        let (file, errors) =
+            load_with("referral.task.toml", "text = \"{status_reason}\"", "text = \"{status_raeson}\"");
+        let want = line_of("referral.task.toml", "text = \"{status_reason}\"");
+        let hit = errors.iter().find(|e| e.file == file && e.message.contains("status_raeson"));
+        assert_eq!(hit.map(|e| e.line), Some(want), "{errors:?}");
+    }
+
+    #[test]
+    fn a_required_element_no_template_writes_is_reported() {
+        let (file, errors) =
+            load_with("referral.task.toml", "[template.for]\nreference = \"Patient/{client_id}\"\n", "");
+        assert!(errors.iter().any(|e| e.file == file && e.message.contains("never writes `for`")), "{errors:?}");
     }
 }

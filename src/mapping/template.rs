@@ -270,6 +270,8 @@ pub struct RenderError {
 pub struct Trace {
     /// Output path → span.
     pub spans: Vec<(String, Span)>,
+    /// Every record field a template read, where, and whether it held a value at least once.
+    pub reads: HashMap<(usize, usize, String), bool>,
     path: String,
 }
 
@@ -296,8 +298,18 @@ pub struct Env<'a> {
     pub maps: &'a HashMap<String, ConceptMap>,
 }
 
-fn eval(e: &Expr, env: &Env<'_>, item: &Value, span: Span) -> Result<Option<Value>, RenderError> {
-    let Some(mut v) = e.path.get(env.root, item).cloned() else { return Ok(None) };
+fn eval(
+    e: &Expr,
+    env: &Env<'_>,
+    item: &Value,
+    span: Span,
+    trace: &mut Option<Trace>,
+) -> Result<Option<Value>, RenderError> {
+    let found = e.path.get(env.root, item);
+    if let Some(t) = trace {
+        *t.reads.entry((span.line, span.column, e.path.to_string())).or_default() |= found.is_some();
+    }
+    let Some(mut v) = found.cloned() else { return Ok(None) };
     for f in &e.filters {
         v = match f {
             Filter::Map(m) | Filter::Coding(m) => {
@@ -352,13 +364,13 @@ impl Node {
             Node::Lit(v, _) => Some(v.clone()),
             Node::Text(parts, span) => {
                 if let [Part::Expr(e)] = parts.as_slice() {
-                    eval(e, env, item, *span)?
+                    eval(e, env, item, *span, trace)?
                 } else {
                     let mut s = String::new();
                     for part in parts {
                         match part {
                             Part::Lit(l) => s.push_str(l),
-                            Part::Expr(e) => match eval(e, env, item, *span)? {
+                            Part::Expr(e) => match eval(e, env, item, *span, trace)? {
                                 None => return Ok(None),
                                 Some(v) => s.push_str(&scalar_text(&v).ok_or_else(|| RenderError {
                                     span: *span,
