@@ -53,6 +53,45 @@ macro_rules! round_trip {
     }};
 }
 
+macro_rules! parse_only {
+    ($value:expr, $($name:literal => $ty:ident),+ $(,)?) => {{
+        use fhir_sdk::r4b::resources as r;
+        use serde::Deserialize;
+        let value: &Value = $value;
+        match value.get("resourceType").and_then(Value::as_str) {
+            $(Some($name) => r::$ty::deserialize(value).map(|_| ()).map_err(|_| ()),)+
+            _ => Err(()),
+        }
+    }};
+}
+
+/// Parses `resource` into the typed model (the check made on every resource before it leaves).
+///
+/// Cheaper than [`typed_check`]: no second pass to find dropped elements, because the templates that
+/// write element names are checked for unknown elements when the mapping files load.
+///
+/// # Errors
+/// What the model refused, with its path.
+pub fn typed_parse(resource: &Value) -> Result<(), TypedIssue> {
+    let ok = parse_only!(resource,
+        "Patient" => Patient,
+        "Observation" => Observation,
+        "Condition" => Condition,
+        "CarePlan" => CarePlan,
+        "Goal" => Goal,
+        "ServiceRequest" => ServiceRequest,
+        "Task" => Task,
+        "Flag" => Flag,
+        "Consent" => Consent,
+        "HealthcareService" => HealthcareService,
+        "Organization" => Organization,
+        "Location" => Location,
+        "OperationOutcome" => OperationOutcome,
+    );
+    // On failure, the full check finds the path (the slow path only runs for broken resources).
+    if ok.is_ok() { Ok(()) } else { typed_check(resource) }
+}
+
 /// Parses `resource` into the typed model and back; reports refused or unknown elements.
 ///
 /// # Errors
@@ -123,6 +162,15 @@ mod tests {
     fn an_unknown_element_is_reported_by_path() {
         let p = json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "X", "surname": "Y"}]});
         assert_eq!(typed_check(&p), Err(TypedIssue::Unknown(vec!["name[0].surname".into()])));
+    }
+
+    #[test]
+    fn the_quick_parse_refuses_what_the_full_check_refuses() {
+        assert_eq!(typed_parse(&json!({"resourceType": "Patient", "gender": "female"})), Ok(()));
+        assert!(matches!(
+            typed_parse(&json!({"resourceType": "Patient", "active": "yes"})),
+            Err(TypedIssue::Refused { .. })
+        ));
     }
 
     #[test]

@@ -67,9 +67,9 @@ pub async fn preview(
         }
         Err(e) => return Err(Problem::new(ProblemType::InvalidRecord).detail(e.to_string()).into()),
     };
-    let fhir = output.document(kind);
-    let sendable = output.violations.is_empty();
-    Ok(Json(Preview { fhir, violations: output.violations, sendable }))
+    let violations = output.violations.clone();
+    let sendable = violations.is_empty();
+    Ok(Json(Preview { fhir: output.into_document(kind), violations, sendable }))
 }
 
 /// The stored client a care plan or referral names, for the `Patient` entry of its Bundle.

@@ -44,6 +44,12 @@ fn rewrite_references(v: &mut Value, urls: &HashMap<String, String>) {
 /// Builds the transaction Bundle for the resources of one record.
 #[must_use]
 pub fn transaction(resources: &[Emitted]) -> Value {
+    into_transaction(resources.to_vec())
+}
+
+/// Builds the transaction Bundle, taking the resources (no copy).
+#[must_use]
+pub fn into_transaction(resources: Vec<Emitted>) -> Value {
     let key = |r: &Value| {
         let ty = r.get("resourceType").and_then(Value::as_str).unwrap_or_default();
         let id = r.get("id").and_then(Value::as_str).unwrap_or_default();
@@ -58,16 +64,16 @@ pub fn transaction(resources: &[Emitted]) -> Value {
         })
         .collect();
     let entries: Vec<Value> = resources
-        .iter()
+        .into_iter()
         .map(|e| {
             let k = key(&e.resource);
             let ty = e.resource.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_owned();
-            let mut resource = e.resource.clone();
+            let query = first_identifier(&e.resource).map(|(s, v)| format!("identifier={s}|{v}"));
+            let mut resource = e.resource;
             if let Some(m) = resource.as_object_mut() {
                 m.remove("id");
             }
             rewrite_references(&mut resource, &urls);
-            let query = first_identifier(&e.resource).map(|(s, v)| format!("identifier={s}|{v}"));
             let request = match (e.request, query) {
                 (RequestKind::Upsert, Some(q)) => json!({"method": "PUT", "url": format!("{ty}?{q}")}),
                 (RequestKind::Create, Some(q)) => json!({"method": "POST", "url": ty, "ifNoneExist": q}),

@@ -208,10 +208,16 @@ impl Output {
     /// several (care plans and referrals always go as a Bundle).
     #[must_use]
     pub fn document(&self, kind: RecordKind) -> Value {
+        self.clone().into_document(kind)
+    }
+
+    /// [`Output::document`], taking the output (no copy of the resources).
+    #[must_use]
+    pub fn into_document(mut self, kind: RecordKind) -> Value {
         if self.resources.len() == 1 && !matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
-            self.resources[0].resource.clone()
+            self.resources.remove(0).resource
         } else {
-            bundle::transaction(&self.resources)
+            bundle::into_transaction(self.resources)
         }
     }
 }
@@ -250,9 +256,13 @@ pub struct Related {
 /// Every field problem, with its JSON path.
 pub fn canonical(kind: RecordKind, record: &Value) -> Result<Value, Vec<FieldError>> {
     fn check<T: AgencyRecord>(record: &Value) -> Result<Value, Vec<FieldError>> {
-        let parsed: T = serde_path_to_error::deserialize(record).map_err(|e| {
-            vec![FieldError { path: format!("$.{}", e.path()).replace("$..", "$"), detail: e.inner().to_string() }]
-        })?;
+        // The path-tracking parse only runs for a record that failed the plain one.
+        let parsed = match T::deserialize(record) {
+            Ok(p) => p,
+            Err(_) => serde_path_to_error::deserialize::<_, T>(record).map_err(|e| {
+                vec![FieldError { path: format!("$.{}", e.path()).replace("$..", "$"), detail: e.inner().to_string() }]
+            })?,
+        };
         let mut v = Validator::new();
         parsed.validate(&mut v);
         v.finish()?;
@@ -440,7 +450,7 @@ impl Mappings {
 
     fn check_resource(&self, set: &MappingSet, e: &Emitted) -> Vec<Violation> {
         let mut out = Vec::new();
-        if let Err(issue) = fhir::typed_check(&e.resource) {
+        if let Err(issue) = fhir::typed_parse(&e.resource) {
             out.push(Violation {
                 profile: "FHIR R4 (typed model)".into(),
                 path: String::new(),

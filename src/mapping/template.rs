@@ -388,7 +388,10 @@ impl Node {
                 }
                 let mut map = Map::new();
                 for (k, child) in fields {
-                    let len = push_path(trace, &format!(".{k}"));
+                    let len = push_path(trace, |p| {
+                        p.push('.');
+                        p.push_str(k);
+                    });
                     let v = child.render(env, item, trace)?;
                     pop_path(trace, len);
                     if let Some(v) = v {
@@ -407,14 +410,16 @@ impl Node {
                         };
                         for x in list {
                             if when.as_ref().is_none_or(|c| c.holds(env.root, x)) {
-                                let len = push_path(trace, &format!("[{}]", out.len()));
+                                let at = out.len();
+                                let len = push_path(trace, |p| p.push_str(&format!("[{at}]")));
                                 let v = tpl.render(env, x, trace)?;
                                 pop_path(trace, len);
                                 out.extend(v);
                             }
                         }
                     } else {
-                        let len = push_path(trace, &format!("[{}]", out.len()));
+                        let at = out.len();
+                        let len = push_path(trace, |p| p.push_str(&format!("[{at}]")));
                         let v = n.render(env, item, trace)?;
                         pop_path(trace, len);
                         out.extend(v);
@@ -483,11 +488,12 @@ impl Node {
     }
 }
 
-fn push_path(trace: &mut Option<Trace>, seg: &str) -> usize {
+/// Extends the traced output path (only when tracing: rendering for real builds no paths).
+fn push_path(trace: &mut Option<Trace>, seg: impl FnOnce(&mut String)) -> usize {
     match trace {
         Some(t) => {
             let len = t.path.len();
-            t.path.push_str(seg);
+            seg(&mut t.path);
             len
         }
         None => 0,

@@ -3,6 +3,7 @@
 mod directories;
 mod errors;
 mod helpers;
+mod mappings;
 mod ops;
 mod process;
 mod records;

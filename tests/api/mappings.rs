@@ -1,0 +1,119 @@
+//! The mapping files through the gateway: the preview endpoint, and `check` on broken mapping files.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{fixture, spawn_app, write_config};
+
+#[tokio::test]
+async fn a_preview_shows_the_bundle_a_referral_becomes_with_the_stored_client_and_stores_nothing() {
+    let app = spawn_app().await;
+    let client = fixture("client", "cl-1002");
+    assert_eq!(app.put("/api/v1/clients/cl-1002", &client).await.status(), 201);
+
+    let referral = fixture("referral", "ref-4003");
+    let response = app.post("/api/v1/preview/referral", &referral).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["sendable"], true);
+    assert_eq!(body["violations"], json!([]));
+    let types: Vec<&str> = body["fhir"]["entry"]
+        .as_array()
+        .expect("a Bundle")
+        .iter()
+        .filter_map(|e| e["resource"]["resourceType"].as_str())
+        .collect();
+    assert_eq!(types, ["Patient", "Flag", "ServiceRequest", "Task"], "a crisis referral raises a Flag");
+    assert_eq!(body["fhir"]["type"], "transaction");
+
+    // Nothing was stored.
+    assert_eq!(app.get("/api/v1/referrals/ref-4003").await.status(), 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_preview_for_a_partner_uses_its_overlay() {
+    let app = spawn_app().await;
+    let plan = fixture("care-plan", "cp-3001");
+    let default: Value = app.post("/api/v1/preview/care-plan", &plan).await.json().await.expect("JSON");
+    let pinned: Value =
+        app.post("/api/v1/preview/care-plan?partner=st-marys-ehr", &plan).await.json().await.expect("JSON");
+    let careplan = |b: &Value| {
+        b["fhir"]["entry"]
+            .as_array()
+            .expect("Bundle")
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "CarePlan")
+            .cloned()
+    };
+    assert!(careplan(&default).expect("a CarePlan")["resource"]["category"].is_array(), "US Core 7 needs assess-plan");
+    assert!(careplan(&pinned).expect("a CarePlan")["resource"].get("category").is_none(), "US Core 8 goes without");
+    let unknown = app.post("/api/v1/preview/care-plan?partner=nobody", &plan).await;
+    assert_eq!(unknown.status(), 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_record_or_kind_gets_a_problem_not_fhir() {
+    let app = spawn_app().await;
+    let mut referral = fixture("referral", "ref-4001");
+    referral["priority"] = json!("whenever");
+    let response = app.post("/api/v1/preview/referral", &referral).await;
+    assert_eq!(response.status(), 422);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let body: Value = response.json().await.expect("JSON");
+    assert!(body["errors"][0]["path"].as_str().expect("path").contains("priority"), "{body}");
+    assert_eq!(app.post("/api/v1/preview/invoice", &referral).await.status(), 404);
+    app.stop().await;
+}
+
+#[test]
+fn check_stops_on_a_broken_mapping_file_with_its_line_and_serve_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mappings = dir.path().join("mappings");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+    let status = Command::new("cp").arg("-r").arg(&src).arg(&mappings).status().expect("cp runs");
+    assert!(status.success());
+    let task = mappings.join("referral.task.toml");
+    let text = std::fs::read_to_string(&task).expect("readable");
+    let line = text.lines().position(|l| l.starts_with("authoredOn")).expect("authoredOn") + 1;
+    std::fs::write(&task, text.replace("authoredOn =", "authoredWhen =")).expect("write");
+    let config = write_config(dir.path(), &format!("[mappings]\ndir = \"{}\"\n", mappings.display()));
+
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    let check = Command::new(bin).args(["check", "--config"]).arg(&config).output().expect("runs");
+    assert_eq!(check.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    let want = format!("referral.task.toml:{line}:");
+    assert!(stderr.contains(&want) && stderr.contains("authoredWhen"), "{want} missing from:\n{stderr}");
+
+    let serve = Command::new(bin).args(["serve", "--config"]).arg(&config).output().expect("runs");
+    assert_ne!(serve.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("authoredWhen"));
+}
+
+#[test]
+fn map_prints_fhir_for_a_fixture_and_fails_loudly_on_a_bad_record() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    let out = Command::new(bin)
+        .current_dir(root)
+        .args(["map", "--kind", "consent", "fixtures/agency/consent/co-5002.json"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let consent: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(consent["resourceType"], "Consent");
+    assert_eq!(consent["provision"]["securityLabel"][0]["code"], "SUD", "42 CFR Part 2 data is labelled");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("bad.json");
+    let mut referral = fixture("referral", "ref-4001");
+    referral["status"] = json!("declined");
+    std::fs::write(&bad, referral.to_string()).expect("write");
+    let out = Command::new(bin).current_dir(root).args(["map", "--kind", "referral"]).arg(&bad).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a status_reason"));
+}
