@@ -6,6 +6,7 @@
 //! deleted). Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk).
 
 pub mod hsds;
+pub mod publish;
 pub mod synthetic;
 
 use async_trait::async_trait;

@@ -7,6 +7,9 @@
 
 pub mod system;
 
+/// The FHIR JSON media type.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
 use serde_json::Value;
 
 /// What the typed model said about one resource.

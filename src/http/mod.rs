@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod directory;
 pub mod extract;
+pub mod fhir;
 pub mod ops;
 pub mod preview;
 pub mod problem;
@@ -97,6 +98,13 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/services", get(directory::search))
         .route("/api/v1/services/{id}", get(directory::service))
         .route("/api/v1/preview/{kind}", post(preview::preview))
+        .route("/fhir/HealthcareService", get(fhir::search_healthcare_services))
+        .route("/fhir/HealthcareService/{id}", get(fhir::read_healthcare_service))
+        .route("/fhir/Organization", get(fhir::search_organizations))
+        .route("/fhir/Organization/{id}", get(fhir::read_organization))
+        .route("/fhir/Location", get(fhir::search_locations))
+        .route("/fhir/Location/{id}", get(fhir::read_location))
+        .route("/fhir/metadata", get(fhir::capability_statement))
         .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))

@@ -216,6 +216,48 @@ impl Problem {
     }
 }
 
+impl Problem {
+    /// The same problem as a FHIR `OperationOutcome` (for `/fhir`).
+    fn render_operation_outcome(&self) -> Response {
+        let code = match self.kind {
+            Some(ProblemType::Unauthorized) => "login",
+            Some(ProblemType::Forbidden) => "forbidden",
+            Some(ProblemType::NotFound) => "not-found",
+            Some(ProblemType::MethodNotAllowed | ProblemType::UnsupportedMediaType) => "not-supported",
+            Some(ProblemType::Timeout) => "timeout",
+            Some(ProblemType::Unavailable) => "transient",
+            Some(ProblemType::Internal) | None => "exception",
+            Some(ProblemType::PayloadTooLarge) => "too-costly",
+            Some(_) => "invalid",
+        };
+        let mut diagnostics = self.detail.clone().unwrap_or_else(|| self.title.to_owned());
+        if let Some(id) = &self.request_id {
+            diagnostics.push_str(&format!(" (request id {id})"));
+        }
+        let mut issues: Vec<serde_json::Value> = self
+            .errors
+            .iter()
+            .map(|e| serde_json::json!({"severity": "error", "code": code, "diagnostics": e.detail, "expression": [e.path]}))
+            .collect();
+        if issues.is_empty() {
+            issues.push(serde_json::json!({"severity": "error", "code": code, "diagnostics": diagnostics}));
+        }
+        let body = serde_json::json!({"resourceType": "OperationOutcome", "issue": issues});
+        let mut response = (
+            self.status_code(),
+            [(header::CONTENT_TYPE, crate::fhir::FHIR_JSON)],
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
+            .into_response();
+        if self.kind == Some(ProblemType::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"carebridge\""));
+        }
+        response
+    }
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let mut response = self.render();
@@ -249,6 +291,8 @@ impl IntoResponse for ApiError {
 
 /// Adds the request id to every problem body and logs each problem once.
 pub async fn finish_problems(request: Request, next: Next) -> Response {
+    // FHIR endpoints answer errors with an OperationOutcome, everything else with problem+json.
+    let fhir = request.uri().path() == "/fhir" || request.uri().path().starts_with("/fhir/");
     let request_id = request.headers().get(super::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut response = next.run(request).await;
     let Some(mut problem) = response.extensions_mut().remove::<Problem>() else {
@@ -269,7 +313,7 @@ pub async fn finish_problems(request: Request, next: Next) -> Response {
         tracing::info!(request_id = id, problem = slug, status, "Request refused.");
     }
     problem.request_id = request_id;
-    let mut rendered = problem.render();
+    let mut rendered = if fhir { problem.render_operation_outcome() } else { problem.render() };
     for (name, value) in response.headers() {
         if name != header::CONTENT_LENGTH && name != header::CONTENT_TYPE {
             rendered.headers_mut().insert(name.clone(), value.clone());

@@ -8,6 +8,42 @@ use time::OffsetDateTime;
 use super::StoreError;
 use crate::directories::{CatalogService, ServiceHit, ServiceQuery, Upserted};
 
+/// Filters of a publication listing (the catalog as `/fhir` and `/hsds` serve it), in id order.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogListing {
+    /// One service by its gateway id.
+    pub id: Option<String>,
+    /// Part of the name, any case.
+    pub name: Option<String>,
+    /// A taxonomy term code (agency categories are terms too).
+    pub term: Option<String>,
+    /// Gateway id of the organisation.
+    pub organization: Option<String>,
+    /// Gateway id of a location.
+    pub location: Option<String>,
+    /// Changed in the catalog after this time.
+    pub updated_after: Option<OffsetDateTime>,
+    /// Changed in the catalog before this time.
+    pub updated_before: Option<OffsetDateTime>,
+    /// Also services that are no longer active.
+    pub include_inactive: bool,
+    /// Rows to skip.
+    pub offset: u32,
+    /// Rows to return.
+    pub limit: u32,
+}
+
+/// One row of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed<T> {
+    /// The item as normalised.
+    pub item: T,
+    /// Whether it is active (services: still listed by the source and active there).
+    pub active: bool,
+    /// When the catalog last changed it.
+    pub updated_at: OffsetDateTime,
+}
+
 /// Directory services, as whole use cases.
 #[async_trait]
 pub trait Catalog: Send + Sync {
@@ -74,4 +110,35 @@ pub trait Catalog: Send + Sync {
     /// # Errors
     /// `Database`, or `Corrupt` when the kept document no longer parses.
     async fn directory_service(&self, id: &str) -> Result<Option<(CatalogService, bool)>, StoreError>;
+
+    /// A page of services in id order, and how many match.
+    ///
+    /// # Errors
+    /// `Database` when the catalog cannot be read.
+    async fn list_services(&self, listing: &CatalogListing)
+    -> Result<(Vec<Listed<CatalogService>>, usize), StoreError>;
+
+    /// A page of organisations (by name part when given) in id order, and how many match.
+    ///
+    /// # Errors
+    /// `Database` when the catalog cannot be read.
+    async fn list_organizations(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+        offset: u32,
+        limit: u32,
+    ) -> Result<(Vec<Listed<crate::directories::CatalogOrganization>>, usize), StoreError>;
+
+    /// A page of locations (by name part when given) in id order, and how many match.
+    ///
+    /// # Errors
+    /// `Database` when the catalog cannot be read.
+    async fn list_locations(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+        offset: u32,
+        limit: u32,
+    ) -> Result<(Vec<Listed<crate::directories::CatalogLocation>>, usize), StoreError>;
 }

@@ -12,10 +12,12 @@ use serde_json::Value;
 use sqlx::{Postgres, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::catalog::Catalog;
+use super::catalog::{Catalog, CatalogListing, Listed};
 use super::sql::SqlStore;
 use super::{StoreError, from_micros, to_micros};
-use crate::directories::{CATEGORY_TAXONOMY, CatalogService, ServiceHit, ServiceQuery, Upserted};
+use crate::directories::{
+    CATEGORY_TAXONOMY, CatalogLocation, CatalogOrganization, CatalogService, ServiceHit, ServiceQuery, Upserted,
+};
 
 /// Kilometres per degree of latitude.
 const KM_PER_DEGREE: f64 = 111.195;
@@ -62,6 +64,7 @@ pub const MAX_COUNTED: i64 = 10_000;
 enum Arg {
     Text(String),
     Float(f64),
+    Int(i64),
 }
 
 /// The SQL of one search, built from only the filters it uses (so each can drive its index), with every value
@@ -177,6 +180,96 @@ impl SearchSql {
     }
 }
 
+/// The SQL and bound values of a publication listing; fixed fragments, values as `$n`.
+fn listing_sql(l: &CatalogListing) -> (String, String, Vec<Arg>) {
+    let mut args = Vec::new();
+    let mut conditions = Vec::new();
+    let bind = |args: &mut Vec<Arg>, a: Arg| {
+        args.push(a);
+        format!("${}", args.len())
+    };
+    if !l.include_inactive {
+        conditions.push("s.active = 1".to_owned());
+    }
+    if let Some(id) = &l.id {
+        let p = bind(&mut args, Arg::Text(id.clone()));
+        conditions.push(format!("s.id = {p}"));
+    }
+    if let Some(name) = &l.name {
+        let escaped = name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let p = bind(&mut args, Arg::Text(format!("%{escaped}%")));
+        conditions.push(format!("LOWER(s.name) LIKE {p} ESCAPE '\\'"));
+    }
+    if let Some(term) = &l.term {
+        let p = bind(&mut args, Arg::Text(term.clone()));
+        conditions.push(format!("s.id IN (SELECT service_id FROM directory_service_terms WHERE code = {p})"));
+    }
+    if let Some(org) = &l.organization {
+        let p = bind(&mut args, Arg::Text(org.clone()));
+        conditions.push(format!("s.organization_id = {p}"));
+    }
+    if let Some(loc) = &l.location {
+        let p = bind(&mut args, Arg::Text(loc.clone()));
+        conditions
+            .push(format!("s.id IN (SELECT service_id FROM directory_service_locations WHERE location_id = {p})"));
+    }
+    if let Some(t) = l.updated_after {
+        let p = bind(&mut args, Arg::Int(to_micros(t)));
+        conditions.push(format!("s.updated_at > {p}"));
+    }
+    if let Some(t) = l.updated_before {
+        let p = bind(&mut args, Arg::Int(to_micros(t)));
+        conditions.push(format!("s.updated_at < {p}"));
+    }
+    let where_clause =
+        if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) };
+    let limit = bind(&mut args, Arg::Int(i64::from(l.limit)));
+    let offset = bind(&mut args, Arg::Int(i64::from(l.offset)));
+    let page = format!(
+        "SELECT s.doc, s.active, s.updated_at, COUNT(*) OVER () FROM directory_services s{where_clause} \
+         ORDER BY s.id LIMIT {limit} OFFSET {offset}"
+    );
+    let count = format!("SELECT COUNT(*) FROM directory_services s{where_clause}");
+    (page, count, args)
+}
+
+/// Decodes one listed document.
+fn listed<T: serde::de::DeserializeOwned>(doc: &str, active: bool, updated_at: i64) -> Result<Listed<T>, StoreError> {
+    Ok(Listed {
+        item: serde_json::from_str(doc).map_err(StoreError::CorruptCatalog)?,
+        active,
+        updated_at: from_micros(updated_at),
+    })
+}
+
+/// The SQL of an organisation or location listing.
+fn named_sql(table: &str, id: Option<&str>, name: Option<&str>, offset: u32, limit: u32) -> (String, String, Vec<Arg>) {
+    let mut args = Vec::new();
+    let mut conditions = Vec::new();
+    if let Some(id) = id {
+        args.push(Arg::Text(id.to_owned()));
+        conditions.push(format!("id = ${}", args.len()));
+    }
+    if let Some(name) = name {
+        let escaped = name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        args.push(Arg::Text(format!("%{escaped}%")));
+        conditions.push(format!("LOWER(name) LIKE ${} ESCAPE '\\'", args.len()));
+    }
+    let where_clause =
+        if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) };
+    args.push(Arg::Int(i64::from(limit)));
+    let l = args.len();
+    args.push(Arg::Int(i64::from(offset)));
+    let o = args.len();
+    (
+        format!(
+            "SELECT doc, CAST(1 AS BIGINT), updated_at, COUNT(*) OVER () FROM {table}{where_clause} ORDER BY id LIMIT ${l} OFFSET ${o}"
+        ),
+        format!("SELECT COUNT(*) FROM {table}{where_clause}"),
+        args,
+    )
+}
+
 fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, StoreError> {
     let service: CatalogService = serde_json::from_str(row_doc).map_err(StoreError::CorruptCatalog)?;
     let categories = service.terms.iter().filter(|t| t.taxonomy == CATEGORY_TAXONOMY).map(|t| t.code.clone()).collect();
@@ -196,6 +289,40 @@ fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, Store
 
 macro_rules! impl_catalog {
     ($db:ty, $begin:literal, $driving_join:literal, $text:expr) => {
+        impl SqlStore<$db> {
+            /// Runs a listing: its page of `(doc, active, updated_at)` and the number of matches.
+            async fn listing_rows(
+                &self,
+                page: String,
+                count: String,
+                args: &[Arg],
+                offset: u32,
+            ) -> Result<(Vec<(String, bool, i64)>, usize), StoreError> {
+                let bound = |text: String, args: &[Arg]| {
+                    args.iter().fold(sqlx::query(sqlx::AssertSqlSafe(text)), |query, arg| match arg {
+                        Arg::Text(t) => query.bind(t.clone()),
+                        Arg::Float(f) => query.bind(*f),
+                        Arg::Int(i) => query.bind(*i),
+                    })
+                };
+                let rows = bound(page, args).fetch_all(self.reader()).await?;
+                let mut total: i64 = match rows.first() {
+                    Some(row) => row.try_get(3)?,
+                    None => 0,
+                };
+                if rows.is_empty() && offset > 0 {
+                    // The count takes every value but the page's limit and offset (bound last).
+                    let filters = &args[..args.len().saturating_sub(2)];
+                    total = bound(count, filters).fetch_one(self.reader()).await?.try_get(0)?;
+                }
+                let out = rows
+                    .iter()
+                    .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? == 1, r.try_get::<i64, _>(2)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok((out, usize::try_from(total).unwrap_or(0)))
+            }
+        }
+
         #[async_trait]
         impl Catalog for SqlStore<$db> {
             async fn upsert_directory_service(
@@ -391,6 +518,7 @@ macro_rules! impl_catalog {
                     sql.args.iter().fold(sqlx::query(sqlx::AssertSqlSafe(text)), |query, arg| match arg {
                         Arg::Text(t) => query.bind(t.clone()),
                         Arg::Float(f) => query.bind(*f),
+                        Arg::Int(i) => query.bind(*i),
                     })
                 };
                 let per_page = i64::from(q.per_page.max(1));
@@ -414,6 +542,39 @@ macro_rules! impl_catalog {
                     })
                     .collect::<Result<Vec<_>, StoreError>>()?;
                 Ok((hits, usize::try_from(total).unwrap_or(0)))
+            }
+
+            async fn list_services(
+                &self,
+                listing: &CatalogListing,
+            ) -> Result<(Vec<Listed<CatalogService>>, usize), StoreError> {
+                let (page, count, args) = listing_sql(listing);
+                let rows = self.listing_rows(page, count, &args, listing.offset).await?;
+                Ok((rows.0.iter().map(|(d, a, u)| listed(d, *a, *u)).collect::<Result<_, _>>()?, rows.1))
+            }
+
+            async fn list_organizations(
+                &self,
+                id: Option<&str>,
+                name: Option<&str>,
+                offset: u32,
+                limit: u32,
+            ) -> Result<(Vec<Listed<CatalogOrganization>>, usize), StoreError> {
+                let (page, count, args) = named_sql("directory_organizations", id, name, offset, limit);
+                let rows = self.listing_rows(page, count, &args, offset).await?;
+                Ok((rows.0.iter().map(|(d, a, u)| listed(d, *a, *u)).collect::<Result<_, _>>()?, rows.1))
+            }
+
+            async fn list_locations(
+                &self,
+                id: Option<&str>,
+                name: Option<&str>,
+                offset: u32,
+                limit: u32,
+            ) -> Result<(Vec<Listed<CatalogLocation>>, usize), StoreError> {
+                let (page, count, args) = named_sql("directory_locations", id, name, offset, limit);
+                let rows = self.listing_rows(page, count, &args, offset).await?;
+                Ok((rows.0.iter().map(|(d, a, u)| listed(d, *a, *u)).collect::<Result<_, _>>()?, rows.1))
             }
 
             async fn directory_service(&self, id: &str) -> Result<Option<(CatalogService, bool)>, StoreError> {

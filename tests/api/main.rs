@@ -6,5 +6,6 @@ mod helpers;
 mod mappings;
 mod ops;
 mod process;
+mod publication;
 mod records;
 mod store_contract;

@@ -350,5 +350,6 @@ async fn the_catalog_is_searched_the_same_way_on_postgres() {
     let Some(db) = postgres_store().await else { return };
     let app = crate::directories::catalog_app(Some(db.url.clone())).await;
     crate::directories::search_finds_by_text_category_term_language_and_distance(&app).await;
+    crate::publication::listings_filter_and_page_the_catalog(&app).await;
     app.stop().await;
 }

@@ -1,0 +1,254 @@
+//! `/fhir`: the service catalog as a read-only FHIR R4 server (`HealthcareService`, `Organization`,
+//! `Location`, and the `CapabilityStatement` at `/fhir/metadata`), so EHRs can read the directory.
+//!
+//! Search follows FHIR's lenient default: unknown parameters are ignored (and left out of the `self` link).
+//! Errors are `OperationOutcome`s (the problem layer renders them for every `/fhir` path).
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::AppState;
+use super::problem::{ApiError, Problem, ProblemType};
+use crate::directories::publish;
+use crate::fhir::FHIR_JSON;
+use crate::store::CatalogListing;
+
+const DEFAULT_COUNT: u32 = 20;
+const MAX_COUNT: u32 = 100;
+
+/// A FHIR JSON answer.
+fn fhir(status: StatusCode, body: &Value) -> Response {
+    (status, [(header::CONTENT_TYPE, FHIR_JSON)], serde_json::to_vec(body).unwrap_or_default()).into_response()
+}
+
+fn invalid(detail: impl Into<String>) -> ApiError {
+    Problem::new(ProblemType::InvalidQuery).detail(detail).into()
+}
+
+fn not_found(kind: &str, id: &str) -> ApiError {
+    Problem::new(ProblemType::NotFound).detail(format!("no {kind}/{id}")).into()
+}
+
+/// The base URL the caller used (`http(s)://host/fhir`), for absolute `fullUrl`s and links.
+fn base(headers: &HeaderMap) -> String {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+    let https = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
+    format!("{}://{host}/fhir", if https { "https" } else { "http" })
+}
+
+/// Query parameters by name (the last value of a repeated one wins).
+fn params(raw: Option<&str>) -> HashMap<String, String> {
+    raw.map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+fn number(p: &HashMap<String, String>, name: &str, default: u32, max: u32) -> Result<u32, ApiError> {
+    match p.get(name) {
+        None => Ok(default),
+        Some(v) => v.parse::<u32>().map(|n| n.min(max)).map_err(|_| invalid(format!("{name} must be a whole number"))),
+    }
+}
+
+/// `_lastUpdated=gt2026-10-01T00:00:00Z` (or a date): `(after, before)`.
+fn last_updated(value: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
+    let (prefix, rest) = value.split_at(value.len().min(2));
+    let (prefix, rest) = if prefix.bytes().all(|b| b.is_ascii_alphabetic()) { (prefix, rest) } else { ("", value) };
+    let at = OffsetDateTime::parse(rest, &Rfc3339)
+        .or_else(|_| crate::domain::Date::parse(rest).map(|d| d.0.midnight().assume_utc()))
+        .map_err(|_| invalid("_lastUpdated takes gt, ge, lt or le and an instant (2026-10-01T00:00:00Z) or a date"))?;
+    let tick = time::Duration::microseconds(1);
+    match prefix {
+        "gt" => Ok((Some(at), None)),
+        "ge" => Ok((Some(at - tick), None)),
+        "lt" => Ok((None, Some(at))),
+        "le" => Ok((None, Some(at + tick))),
+        _ => Err(invalid("_lastUpdated takes a gt, ge, lt or le prefix")),
+    }
+}
+
+/// `Type/id` or `id`, for reference search parameters.
+fn reference_id<'a>(value: &'a str, ty: &str) -> &'a str {
+    value.strip_prefix(ty).and_then(|r| r.strip_prefix('/')).unwrap_or(value)
+}
+
+/// A searchset Bundle with `self`, `next` and `previous` links.
+fn searchset(
+    base: &str,
+    ty: &str,
+    used: &[(String, String)],
+    entries: Vec<Value>,
+    total: usize,
+    offset: u32,
+    count: u32,
+) -> Value {
+    let link = |offset: u32| {
+        let mut q: Vec<String> = used
+            .iter()
+            .map(|(k, v)| format!("{k}={}", url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()))
+            .collect();
+        q.push(format!("_count={count}"));
+        q.push(format!("_offset={offset}"));
+        format!("{base}/{ty}?{}", q.join("&"))
+    };
+    let mut links = vec![json!({"relation": "self", "url": link(offset)})];
+    if (offset as usize) + entries.len() < total {
+        links.push(json!({"relation": "next", "url": link(offset + count)}));
+    }
+    if offset > 0 {
+        links.push(json!({"relation": "previous", "url": link(offset.saturating_sub(count))}));
+    }
+    let entry: Vec<Value> = entries
+        .into_iter()
+        .map(|r| {
+            let id = r["id"].as_str().unwrap_or_default().to_owned();
+            json!({"fullUrl": format!("{base}/{ty}/{id}"), "resource": r, "search": {"mode": "match"}})
+        })
+        .collect();
+    json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entry})
+}
+
+/// `GET /fhir/HealthcareService?name=&service-category=&organization=&location=&active=&_lastUpdated=&_count=&_offset=`
+///
+/// # Errors
+/// An `OperationOutcome` for a malformed parameter or an unreadable catalog.
+pub async fn search_healthcare_services(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = params(raw.as_deref());
+    let count = number(&p, "_count", DEFAULT_COUNT, MAX_COUNT)?;
+    let offset = number(&p, "_offset", 0, u32::MAX)?;
+    let mut listing = CatalogListing { include_inactive: true, offset, limit: count, ..CatalogListing::default() };
+    let mut used = Vec::new();
+    for (k, v) in &p {
+        match k.as_str() {
+            "name" => listing.name = Some(v.clone()),
+            "service-category" => listing.term = Some(v.rsplit('|').next().unwrap_or(v).to_owned()),
+            "organization" => listing.organization = Some(reference_id(v, "Organization").to_owned()),
+            "location" => listing.location = Some(reference_id(v, "Location").to_owned()),
+            "active" => match v.as_str() {
+                "true" => listing.include_inactive = false,
+                "false" => return Err(invalid("active=false is not supported; search without it and read `active`")),
+                _ => return Err(invalid("active is true or false")),
+            },
+            "_lastUpdated" => {
+                let (after, before) = last_updated(v)?;
+                listing.updated_after = after.or(listing.updated_after);
+                listing.updated_before = before.or(listing.updated_before);
+            }
+            _ => continue,
+        }
+        used.push((k.clone(), v.clone()));
+    }
+    used.sort();
+    let (rows, total) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
+    let entries = rows.iter().map(|l| publish::healthcare_service(&l.item, l.active, l.updated_at)).collect();
+    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "HealthcareService", &used, entries, total, offset, count)))
+}
+
+/// `GET /fhir/HealthcareService/{id}`.
+///
+/// # Errors
+/// 404 `OperationOutcome` when there is no such service.
+pub async fn read_healthcare_service(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let listing =
+        CatalogListing { id: Some(id.clone()), include_inactive: true, limit: 1, ..CatalogListing::default() };
+    let (rows, _) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
+    let l = rows.first().ok_or_else(|| not_found("HealthcareService", &id))?;
+    Ok(fhir(StatusCode::OK, &publish::healthcare_service(&l.item, l.active, l.updated_at)))
+}
+
+/// `GET /fhir/Organization?name=&_count=&_offset=`.
+///
+/// # Errors
+/// An `OperationOutcome` for a malformed parameter or an unreadable catalog.
+pub async fn search_organizations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = params(raw.as_deref());
+    let count = number(&p, "_count", DEFAULT_COUNT, MAX_COUNT)?;
+    let offset = number(&p, "_offset", 0, u32::MAX)?;
+    let name = p.get("name").map(String::as_str);
+    let used: Vec<(String, String)> = name.map(|n| vec![("name".to_owned(), n.to_owned())]).unwrap_or_default();
+    let (rows, total) =
+        state.store.list_organizations(None, name, offset, count).await.map_err(super::api::store_problem)?;
+    let entries = rows.iter().map(|l| publish::organization(&l.item, l.updated_at)).collect();
+    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Organization", &used, entries, total, offset, count)))
+}
+
+/// `GET /fhir/Organization/{id}`.
+///
+/// # Errors
+/// 404 `OperationOutcome` when there is no such organisation.
+pub async fn read_organization(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (rows, _) = state.store.list_organizations(Some(&id), None, 0, 1).await.map_err(super::api::store_problem)?;
+    let l = rows.first().ok_or_else(|| not_found("Organization", &id))?;
+    Ok(fhir(StatusCode::OK, &publish::organization(&l.item, l.updated_at)))
+}
+
+/// `GET /fhir/Location?name=&_count=&_offset=`.
+///
+/// # Errors
+/// An `OperationOutcome` for a malformed parameter or an unreadable catalog.
+pub async fn search_locations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = params(raw.as_deref());
+    let count = number(&p, "_count", DEFAULT_COUNT, MAX_COUNT)?;
+    let offset = number(&p, "_offset", 0, u32::MAX)?;
+    let name = p.get("name").map(String::as_str);
+    let used: Vec<(String, String)> = name.map(|n| vec![("name".to_owned(), n.to_owned())]).unwrap_or_default();
+    let (rows, total) =
+        state.store.list_locations(None, name, offset, count).await.map_err(super::api::store_problem)?;
+    let entries = rows.iter().map(|l| publish::location(&l.item, l.updated_at)).collect();
+    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Location", &used, entries, total, offset, count)))
+}
+
+/// `GET /fhir/Location/{id}`.
+///
+/// # Errors
+/// 404 `OperationOutcome` when there is no such location.
+pub async fn read_location(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (rows, _) = state.store.list_locations(Some(&id), None, 0, 1).await.map_err(super::api::store_problem)?;
+    let l = rows.first().ok_or_else(|| not_found("Location", &id))?;
+    Ok(fhir(StatusCode::OK, &publish::location(&l.item, l.updated_at)))
+}
+
+/// `GET /fhir/metadata`: what this FHIR endpoint offers.
+pub async fn capability_statement() -> Response {
+    let search =
+        |names: &[(&str, &str)]| -> Vec<Value> { names.iter().map(|(n, t)| json!({"name": n, "type": t})).collect() };
+    let resource = |ty: &str, params: Vec<Value>| json!({"type": ty, "interaction": [{"code": "read"}, {"code": "search-type"}], "searchParam": params});
+    let body = json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-29",
+        "kind": "instance",
+        "software": {"name": "carebridge", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "carebridge service directory (read only)"},
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "resource": [
+                resource("HealthcareService", search(&[("name", "string"), ("service-category", "token"), ("organization", "reference"), ("location", "reference"), ("active", "token"), ("_lastUpdated", "date")])),
+                resource("Organization", search(&[("name", "string")])),
+                resource("Location", search(&[("name", "string")])),
+            ]
+        }]
+    });
+    fhir(StatusCode::OK, &body)
+}

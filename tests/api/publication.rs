@@ -1,0 +1,144 @@
+//! The catalog published as FHIR (`/fhir/HealthcareService`, `Organization`, `Location`, `metadata`).
+
+use serde_json::Value;
+
+use crate::directories::catalog_app;
+
+async fn fhir_get(app: &crate::helpers::TestApp, path: &str) -> (u16, String, Value) {
+    let response = app.get(path).await;
+    let status = response.status().as_u16();
+    let ctype = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    (status, ctype, response.json().await.expect("JSON"))
+}
+
+fn ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|es| es.iter().filter_map(|e| e["resource"]["id"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_catalog_is_searchable_as_fhir_healthcare_services() {
+    let app = catalog_app(None).await;
+    listings_filter_and_page_the_catalog(&app).await;
+    app.stop().await;
+}
+
+/// The publication listing contract, run on SQLite here and on PostgreSQL in `store_contract`.
+pub async fn listings_filter_and_page_the_catalog(app: &crate::helpers::TestApp) {
+    let (status, ctype, all) = fhir_get(app, "/fhir/HealthcareService?_count=100").await;
+    assert_eq!(status, 200);
+    assert_eq!(ctype, "application/fhir+json");
+    assert_eq!(all["type"], "searchset");
+    assert_eq!(all["total"], 24);
+    assert_eq!(ids(&all).len(), 24);
+
+    // By agency category (plain code or system|code), by name part.
+    let (_, _, crisis) = fhir_get(app, "/fhir/HealthcareService?service-category=crisis_care").await;
+    let (_, _, crisis2) =
+        fhir_get(app, "/fhir/HealthcareService?service-category=urn:carebridge:vocabulary:service|crisis_care").await;
+    assert!(crisis["total"].as_u64().expect("total") >= 1);
+    assert_eq!(ids(&crisis), ids(&crisis2));
+    for e in crisis["entry"].as_array().expect("entries") {
+        let codes: Vec<&str> = e["resource"]["category"]
+            .as_array()
+            .expect("categories")
+            .iter()
+            .filter_map(|c| c["coding"][0]["code"].as_str())
+            .collect();
+        assert!(codes.contains(&"crisis_care"), "{codes:?}");
+    }
+    let first = &all["entry"][0]["resource"];
+    let word = first["name"].as_str().expect("name").split_whitespace().next().expect("a word").to_lowercase();
+    let (_, _, named) = fhir_get(app, &format!("/fhir/HealthcareService?name={word}")).await;
+    assert!(ids(&named).contains(&first["id"].as_str().expect("id").to_owned()));
+
+    // By organisation and location references, both forms.
+    let org_ref = first["providedBy"]["reference"].as_str().expect("providedBy");
+    let (_, _, by_org) = fhir_get(app, &format!("/fhir/HealthcareService?organization={org_ref}")).await;
+    assert!(ids(&by_org).contains(&first["id"].as_str().expect("id").to_owned()));
+    let loc_ref = first["location"][0]["reference"].as_str().expect("location");
+    let loc_id = loc_ref.trim_start_matches("Location/");
+    let (_, _, by_loc) = fhir_get(app, &format!("/fhir/HealthcareService?location={loc_id}")).await;
+    assert!(ids(&by_loc).contains(&first["id"].as_str().expect("id").to_owned()));
+
+    // _lastUpdated: everything is older than tomorrow, nothing is newer.
+    let (_, _, newer) = fhir_get(app, "/fhir/HealthcareService?_lastUpdated=gt2099-01-01T00:00:00Z").await;
+    assert_eq!(newer["total"], 0);
+    let (_, _, older) = fhir_get(app, "/fhir/HealthcareService?_lastUpdated=lt2099-01-01").await;
+    assert_eq!(older["total"], 24);
+    let (status, ctype, bad) = fhir_get(app, "/fhir/HealthcareService?_lastUpdated=soon").await;
+    assert_eq!((status, ctype.as_str()), (400, "application/fhir+json"));
+    assert_eq!(bad["resourceType"], "OperationOutcome");
+    let (_, _, orgs) = fhir_get(app, "/fhir/Organization?_count=100").await;
+    let org_name = orgs["entry"][0]["resource"]["name"].as_str().expect("name").to_uppercase();
+    let (_, _, found) = fhir_get(app, &format!("/fhir/Organization?name={}", &org_name[..4])).await;
+    assert!(found["total"].as_u64().expect("total") >= 1, "name search ignores case");
+    let (_, _, past_end) = fhir_get(app, "/fhir/HealthcareService?_count=10&_offset=100").await;
+    assert_eq!((past_end["total"].as_u64(), ids(&past_end).len()), (Some(24), 0));
+}
+
+#[tokio::test]
+async fn pages_link_to_each_other_and_cover_every_service_once() {
+    let app = catalog_app(None).await;
+    let mut seen = Vec::new();
+    let mut next = Some(format!("{}/fhir/HealthcareService?_count=10", app.base));
+    while let Some(url) = next.take() {
+        let path = url.strip_prefix(&app.base).expect("links point at this server").to_owned();
+        let (_, _, page) = fhir_get(&app, &path).await;
+        seen.extend(ids(&page));
+        next = page["link"]
+            .as_array()
+            .expect("links")
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str())
+            .map(str::to_owned);
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (24, 24));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn services_organizations_and_locations_read_by_id_and_unknown_ids_get_an_operation_outcome() {
+    let app = catalog_app(None).await;
+    let (_, _, all) = fhir_get(&app, "/fhir/HealthcareService?_count=1").await;
+    let service = &all["entry"][0]["resource"];
+    let id = service["id"].as_str().expect("id");
+    let (status, _, read) = fhir_get(&app, &format!("/fhir/HealthcareService/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(&read, service);
+
+    let org = service["providedBy"]["reference"].as_str().expect("org");
+    let (status, _, organization) = fhir_get(&app, &format!("/fhir/{org}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(organization["resourceType"], "Organization");
+    let loc = service["location"][0]["reference"].as_str().expect("loc");
+    let (status, _, location) = fhir_get(&app, &format!("/fhir/{loc}")).await;
+    assert_eq!(status, 200);
+    assert!(location["position"]["latitude"].is_number());
+
+    let (_, _, orgs) = fhir_get(&app, "/fhir/Organization?_count=100").await;
+    assert!(orgs["total"].as_u64().expect("total") >= 1);
+    let (_, _, locs) = fhir_get(&app, "/fhir/Location?_count=100").await;
+    assert!(locs["total"].as_u64().expect("total") >= 1);
+
+    for path in ["/fhir/HealthcareService/nope", "/fhir/Organization/nope", "/fhir/Location/nope"] {
+        let (status, ctype, body) = fhir_get(&app, path).await;
+        assert_eq!((status, ctype.as_str()), (404, "application/fhir+json"), "{path}");
+        assert_eq!(body["issue"][0]["code"], "not-found");
+    }
+    let (status, _, cap) = fhir_get(&app, "/fhir/metadata").await;
+    assert_eq!((status, cap["fhirVersion"].as_str()), (200, Some("4.0.1")));
+
+    // Without a key: an OperationOutcome, not a problem document.
+    let anonymous = reqwest::get(format!("{}/fhir/HealthcareService", app.base)).await.expect("sent");
+    assert_eq!(anonymous.status(), 401);
+    let body: Value = anonymous.json().await.expect("JSON");
+    assert_eq!(body["issue"][0]["code"], "login");
+    app.stop().await;
+}
