@@ -81,6 +81,24 @@ pub enum DirectorySettings {
         #[serde(default)]
         sync_interval_secs: u64,
     },
+    /// A FHIR R4 server listing `HealthcareService`s (HL7 Human Services Directory / Plan-Net shape).
+    FhirDirectory {
+        /// Name of the source (`a-z 0-9 -`), the prefix of its services' gateway ids.
+        name: String,
+        /// FHIR base URL; services are searched at `<base_url>/HealthcareService`.
+        base_url: String,
+        /// Services per page (`_count`).
+        #[serde(default = "default_per_page")]
+        per_page: u32,
+        /// Seconds between scheduled syncs; 0 syncs only on demand.
+        #[serde(default)]
+        sync_interval_secs: u64,
+        /// Environment variable holding a bearer token for the server, if it needs one (kept out of the file).
+        bearer_token_env: Option<String>,
+        /// Seconds before a request to the server is abandoned.
+        #[serde(default = "default_source_timeout")]
+        timeout_secs: u64,
+    },
 }
 
 fn default_per_page() -> u32 {
@@ -96,7 +114,9 @@ impl DirectorySettings {
     #[must_use]
     pub fn name(&self) -> &str {
         match self {
-            DirectorySettings::HsdsApi { name, .. } | DirectorySettings::HsdsPackage { name, .. } => name,
+            DirectorySettings::HsdsApi { name, .. }
+            | DirectorySettings::HsdsPackage { name, .. }
+            | DirectorySettings::FhirDirectory { name, .. } => name,
         }
     }
 
@@ -105,8 +125,19 @@ impl DirectorySettings {
     pub fn sync_interval_secs(&self) -> u64 {
         match self {
             DirectorySettings::HsdsApi { sync_interval_secs, .. }
-            | DirectorySettings::HsdsPackage { sync_interval_secs, .. } => *sync_interval_secs,
+            | DirectorySettings::HsdsPackage { sync_interval_secs, .. }
+            | DirectorySettings::FhirDirectory { sync_interval_secs, .. } => *sync_interval_secs,
         }
+    }
+}
+
+/// Checks what every directory read over HTTP needs: an http(s) base URL and a page size the servers accept.
+fn check_http_source(at: &str, base_url: &str, per_page: u32, errors: &mut Vec<String>) {
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        errors.push(format!("{at}.base_url: expected an http:// or https:// URL"));
+    }
+    if !(1..=1000).contains(&per_page) {
+        errors.push(format!("{at}.per_page: between 1 and 1000"));
     }
 }
 
@@ -334,14 +365,18 @@ impl Settings {
             }
             match d {
                 DirectorySettings::HsdsApi { base_url, per_page, auth_header, auth_value_env, .. } => {
-                    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-                        errors.push(format!("{at}.base_url: expected an http:// or https:// URL"));
-                    }
-                    if !(1..=1000).contains(per_page) {
-                        errors.push(format!("{at}.per_page: between 1 and 1000"));
-                    }
+                    check_http_source(&at, base_url, *per_page, &mut errors);
                     if auth_header.is_some() != auth_value_env.is_some() {
                         errors.push(format!("{at}: auth_header and auth_value_env go together"));
+                    }
+                }
+                DirectorySettings::FhirDirectory { base_url, per_page, bearer_token_env, timeout_secs, .. } => {
+                    check_http_source(&at, base_url, *per_page, &mut errors);
+                    if bearer_token_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                        errors.push(format!("{at}.bearer_token_env: name a variable, or leave it out"));
+                    }
+                    if *timeout_secs == 0 {
+                        errors.push(format!("{at}.timeout_secs: must be at least 1"));
                     }
                 }
                 DirectorySettings::HsdsPackage { path, .. } => {
@@ -425,6 +460,47 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
         assert_eq!(e.0.len(), 4);
+    }
+
+    #[test]
+    fn a_fhir_directory_takes_its_defaults_and_its_bad_values_are_reported() {
+        let s = load(
+            "[[directories]]\ntype = \"fhir_directory\"\nname = \"county-fhir\"\n\
+             base_url = \"https://fhir.county.example/r4\"\nbearer_token_env = \"COUNTY_FHIR_TOKEN\"\n",
+            &[],
+        )
+        .expect("loads");
+        let Some(DirectorySettings::FhirDirectory {
+            per_page, sync_interval_secs, timeout_secs, bearer_token_env, ..
+        }) = s.directories.first()
+        else {
+            panic!("not a FHIR directory: {:?}", s.directories);
+        };
+        assert_eq!((*per_page, *sync_interval_secs, *timeout_secs), (100, 0, 30));
+        assert_eq!(bearer_token_env.as_deref(), Some("COUNTY_FHIR_TOKEN"));
+        assert_eq!(s.directories[0].name(), "county-fhir");
+
+        let e = load(
+            "[[directories]]\ntype = \"fhir_directory\"\nname = \"county-fhir\"\nbase_url = \"fhir.example\"\n\
+             per_page = 0\ntimeout_secs = 0\nbearer_token_env = \" \"\n",
+            &[],
+        )
+        .expect_err("bad values");
+        let text = e.to_string();
+        for needle in [
+            "directories[0].base_url",
+            "directories[0].per_page",
+            "directories[0].timeout_secs",
+            "directories[0].bearer_token_env",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        let typo = load(
+            "[[directories]]\ntype = \"fhir_directory\"\nname = \"c\"\nbase_url = \"https://x\"\nbearer_token = \"t\"\n",
+            &[],
+        )
+        .expect_err("unknown key");
+        assert!(typo.to_string().contains("bearer_token"), "{typo}");
     }
 
     #[test]

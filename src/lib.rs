@@ -6,8 +6,10 @@
 //! - [`config`]: the `Settings` tree, layered defaults → file → `CAREBRIDGE_*` environment → flags.
 //! - [`app`]: builds the service (store, seed, router, listener) and runs it until shutdown.
 //! - [`http`]: the router and its layers; `api` (`/api/v1`), `auth` (API keys), `extract` (bad input → problem),
-//!   `problem` (problem+json), `ops` (`/healthz`, `/readyz`, `/metrics`).
-//! - [`directories`]: community service directories (HSDS 3.0 API or data package) synced into the catalog.
+//!   `problem` (problem+json / OperationOutcome), `ops` (`/healthz`, `/readyz`, `/metrics`), `fhir` and `hsds`
+//!   (the catalog published), `preview` (what a record becomes in FHIR).
+//! - [`directories`]: community service directories (HSDS 3.0 API or package, FHIR `HealthcareService`) synced
+//!   into the catalog, and published back as FHIR and HSDS.
 //! - [`mapping`]: declarative mappings (`mappings/`) agency records ⇄ FHIR R4, ConceptMaps, profile rules.
 //! - [`fhir`]: FHIR URI constants and the fhir-sdk typed-model check of what we emit.
 //! - [`intake`]: the write use cases: validate an agency record, keep it with history and audit.

@@ -3,8 +3,10 @@
 //! A [`DirectorySource`] yields pages of raw source records; [`sync`] normalises each one ([`CatalogService`]),
 //! keeps the valid ones (each in one transaction, never half-stored), reports the invalid ones with their reasons,
 //! and on a full sync marks the services that vanished from the source as inactive (tombstones; nothing is
-//! deleted). Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk).
+//! deleted). Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
+//! R4 server's `HealthcareService`s). [`publish`] turns the catalog back into FHIR and HSDS for others to read.
 
+pub mod fhir_directory;
 pub mod hsds;
 pub mod publish;
 pub mod synthetic;
@@ -386,6 +388,16 @@ pub fn source_from_settings(
         }
         DirectorySettings::HsdsPackage { name, path, .. } => {
             std::sync::Arc::new(hsds::HsdsPackage::new(name, path.clone()))
+        }
+        DirectorySettings::FhirDirectory { name, base_url, per_page, bearer_token_env, timeout_secs, .. } => {
+            let token = match bearer_token_env {
+                Some(var) => Some(std::env::var(var).map_err(|_| {
+                    SourceError::Malformed(format!("the credential variable {var} of directory {name} is not set"))
+                })?),
+                None => None,
+            };
+            let timeout = std::time::Duration::from_secs(*timeout_secs);
+            std::sync::Arc::new(fhir_directory::FhirDirectory::new(name, base_url, *per_page, token, timeout)?)
         }
     })
 }

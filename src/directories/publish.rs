@@ -1,5 +1,8 @@
 //! The catalog as others read it: FHIR R4 `HealthcareService`, `Organization` and `Location` (HL7 Human
-//! Services Directory shape), built from what the catalog keeps of each service.
+//! Services Directory shape), and Open Referral HSDS 3.0 services, built from what the catalog keeps.
+//!
+//! HSDS ids are UUIDs: each object is published under a UUID v5 of its gateway id (a taxonomy term under one
+//! of `taxonomy|code`), the same on every call and every replica.
 //!
 //! Ids are the gateway ids (already in FHIR's id alphabet); agency service categories travel as codings of the
 //! agency's service vocabulary, other taxonomy terms as codings of their taxonomy when it is a URI and as text
@@ -11,6 +14,132 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{CATEGORY_TAXONOMY, CatalogLocation, CatalogOrganization, CatalogService};
 use crate::mapping::terminology::AGENCY_VOCABULARY;
+
+/// Namespace of the UUIDs the catalog is published under as HSDS.
+const HSDS_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x2b0e_51a4_7c3d_4f6e_8a19_5d3c_0f7b_c4e2);
+
+/// The UUID a catalog object is published under as HSDS.
+#[must_use]
+pub fn public_uuid(gateway_id: &str) -> String {
+    uuid::Uuid::new_v5(&HSDS_NAMESPACE, gateway_id.as_bytes()).to_string()
+}
+
+/// The HSDS `status` of a service: the source's, or `inactive` once it vanished from its source.
+fn hsds_status(s: &CatalogService, active: bool) -> &str {
+    match s.status.as_str() {
+        _ if !active => "inactive",
+        "active" | "inactive" | "defunct" | "temporarily closed" => s.status.as_str(),
+        _ => "active",
+    }
+}
+
+/// The one-to-one fields of an HSDS service (`service_list` items), without empty values.
+#[must_use]
+pub fn hsds_service_summary(s: &CatalogService, active: bool, updated_at: OffsetDateTime) -> Value {
+    let mut r = json!({
+        "id": public_uuid(&s.id),
+        "name": s.name,
+        "status": hsds_status(s, active),
+        "last_modified": instant(s.source_modified.unwrap_or(updated_at)),
+    });
+    if !s.description.trim().is_empty() {
+        r["description"] = json!(s.description);
+    }
+    if let Some(org) = &s.organization {
+        r["organization_id"] = json!(public_uuid(&org.id));
+    }
+    if let Some(url) = &s.url {
+        r["url"] = json!(url);
+    }
+    if let Some(email) = &s.email {
+        r["email"] = json!(email);
+    }
+    if let Some(e) = &s.eligibility {
+        r["eligibility_description"] = json!(e);
+    }
+    if let Some(a) = s.minimum_age {
+        r["minimum_age"] = json!(a);
+    }
+    if let Some(a) = s.maximum_age {
+        r["maximum_age"] = json!(a);
+    }
+    r
+}
+
+/// A whole HSDS service with its organisation, locations, phones, languages and taxonomy terms.
+#[must_use]
+pub fn hsds_service(s: &CatalogService, active: bool, updated_at: OffsetDateTime) -> Value {
+    let mut r = hsds_service_summary(s, active, updated_at);
+    let sid = public_uuid(&s.id);
+    if let Some(org) = &s.organization {
+        let mut o = json!({
+            "id": public_uuid(&org.id),
+            "name": org.name,
+            "description": org.description.clone().unwrap_or_default(),
+        });
+        if let Some(url) = &org.url {
+            o["website"] = json!(url);
+        }
+        if let Some(email) = &org.email {
+            o["email"] = json!(email);
+        }
+        r["organization"] = o;
+    }
+    r["phones"] = s
+        .phones
+        .iter()
+        .map(|p| json!({"id": public_uuid(&format!("{}|phone|{p}", s.id)), "service_id": sid, "number": p}))
+        .collect();
+    r["languages"] = s
+        .languages
+        .iter()
+        .map(|l| json!({"id": public_uuid(&format!("{}|language|{l}", s.id)), "service_id": sid, "code": l}))
+        .collect();
+    r["service_at_locations"] = s
+        .locations
+        .iter()
+        .map(|l| {
+            let lid = public_uuid(&l.id);
+            let mut loc = json!({"id": lid, "location_type": "physical"});
+            if let Some(name) = &l.name {
+                loc["name"] = json!(name);
+            }
+            if let (Some(lat), Some(lon)) = (l.latitude, l.longitude) {
+                loc["latitude"] = json!(lat);
+                loc["longitude"] = json!(lon);
+            }
+            if let (Some(line), Some(city), Some(state), Some(pc)) = (&l.address, &l.city, &l.state, &l.postal_code) {
+                loc["addresses"] = json!([{
+                    "id": public_uuid(&format!("{}|address", l.id)),
+                    "location_id": lid,
+                    "address_1": line,
+                    "city": city,
+                    "state_province": state,
+                    "postal_code": pc,
+                    "country": "US",
+                    "address_type": "physical",
+                }]);
+            }
+            json!({"id": public_uuid(&format!("{}|{}", s.id, l.id)), "service_id": sid, "location_id": lid, "location": loc})
+        })
+        .collect();
+    r["attributes"] = s
+        .terms
+        .iter()
+        .map(|t| {
+            let term_id = public_uuid(&format!("{}|{}", t.taxonomy, t.code));
+            json!({
+                "id": public_uuid(&format!("{}|term|{}|{}", s.id, t.taxonomy, t.code)),
+                "link_id": sid,
+                "link_type": "service",
+                "link_entity": "service",
+                "taxonomy_term_id": term_id,
+                "taxonomy_term": {"id": term_id, "code": t.code, "name": t.name, "description": t.name, "taxonomy": t.taxonomy},
+            })
+        })
+        .collect();
+    r
+}
 
 fn instant(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod directory;
 pub mod extract;
 pub mod fhir;
+pub mod hsds;
 pub mod ops;
 pub mod preview;
 pub mod problem;
@@ -105,6 +106,9 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/fhir/Location", get(fhir::search_locations))
         .route("/fhir/Location/{id}", get(fhir::read_location))
         .route("/fhir/metadata", get(fhir::capability_statement))
+        .route("/hsds/", get(hsds::root))
+        .route("/hsds/services", get(hsds::services))
+        .route("/hsds/services/{id}", get(hsds::service))
         .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))

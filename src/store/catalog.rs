@@ -13,6 +13,8 @@ use crate::directories::{CatalogService, ServiceHit, ServiceQuery, Upserted};
 pub struct CatalogListing {
     /// One service by its gateway id.
     pub id: Option<String>,
+    /// One service by the UUID it is published under as HSDS.
+    pub public_id: Option<String>,
     /// Part of the name, any case.
     pub name: Option<String>,
     /// A taxonomy term code (agency categories are terms too).

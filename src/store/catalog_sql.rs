@@ -180,6 +180,11 @@ impl SearchSql {
     }
 }
 
+/// The HSDS id of a service: a UUID v5 of its gateway id.
+fn public_id(id: &str) -> String {
+    crate::directories::publish::public_uuid(id)
+}
+
 /// The SQL and bound values of a publication listing; fixed fragments, values as `$n`.
 fn listing_sql(l: &CatalogListing) -> (String, String, Vec<Arg>) {
     let mut args = Vec::new();
@@ -194,6 +199,10 @@ fn listing_sql(l: &CatalogListing) -> (String, String, Vec<Arg>) {
     if let Some(id) = &l.id {
         let p = bind(&mut args, Arg::Text(id.clone()));
         conditions.push(format!("s.id = {p}"));
+    }
+    if let Some(id) = &l.public_id {
+        let p = bind(&mut args, Arg::Text(id.clone()));
+        conditions.push(format!("s.public_id = {p}"));
     }
     if let Some(name) = &l.name {
         let escaped = name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
@@ -342,11 +351,15 @@ macro_rules! impl_catalog {
                         .await?;
                 if let Some((old_doc, old_raw, 1)) = &current {
                     if *old_doc == doc && *old_raw == raw {
-                        sqlx::query("UPDATE directory_services SET seen_at = $2 WHERE id = $1")
-                            .bind(&service.id)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
+                        sqlx::query(
+                            "UPDATE directory_services SET seen_at = $2, public_id = COALESCE(public_id, $3) \
+                             WHERE id = $1",
+                        )
+                        .bind(&service.id)
+                        .bind(now)
+                        .bind(public_id(&service.id))
+                        .execute(&mut *tx)
+                        .await?;
                         tx.commit().await?;
                         return Ok(Upserted::Unchanged);
                     }
@@ -386,13 +399,13 @@ macro_rules! impl_catalog {
                 }
                 sqlx::query(
                     "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
-                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11) \
+                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
                      status = excluded.status, organization_id = excluded.organization_id, active = 1, \
                      vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
                      source_modified = excluded.source_modified, seen_at = excluded.seen_at, \
-                     updated_at = excluded.updated_at",
+                     updated_at = excluded.updated_at, public_id = excluded.public_id",
                 )
                 .bind(&service.id)
                 .bind(&service.source)
@@ -405,6 +418,7 @@ macro_rules! impl_catalog {
                 .bind(&raw)
                 .bind(service.source_modified.map(to_micros))
                 .bind(now)
+                .bind(public_id(&service.id))
                 .execute(&mut *tx)
                 .await?;
                 for table in ["directory_service_locations", "directory_service_terms", "directory_service_languages"] {

@@ -1,6 +1,7 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
 mod directories;
+mod directories_fhir;
 mod errors;
 mod helpers;
 mod mappings;

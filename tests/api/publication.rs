@@ -142,3 +142,37 @@ async fn services_organizations_and_locations_read_by_id_and_unknown_ids_get_an_
     assert_eq!(body["issue"][0]["code"], "login");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_catalog_is_published_as_an_hsds_api_with_uuid_ids() {
+    let app = catalog_app(None).await;
+    let root: Value = app.get_json("/hsds/").await;
+    assert_eq!(root["version"], "3.0.1");
+
+    let page: Value = app.get_json("/hsds/services?per_page=10&page=2").await;
+    assert_eq!(page["total_items"], 24);
+    assert_eq!(page["total_pages"], 3);
+    assert_eq!((page["page_number"].as_u64(), page["size"].as_u64()), (Some(2), Some(10)));
+    assert_eq!((page["first_page"].as_bool(), page["last_page"].as_bool()), (Some(false), Some(false)));
+    let id = page["contents"][0]["id"].as_str().expect("id");
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "HSDS ids are UUIDs: {id}");
+
+    let service: Value = app.get_json(&format!("/hsds/services/{id}")).await;
+    assert_eq!(service["id"], id);
+    assert_eq!(service["name"], page["contents"][0]["name"]);
+    assert!(service["service_at_locations"][0]["location"]["latitude"].is_number(), "{service}");
+    assert_eq!(service["organization"]["id"], page["contents"][0]["organization_id"]);
+
+    let newer: Value = app.get_json("/hsds/services?modified_after=2099-01-01T00:00:00Z").await;
+    assert_eq!((newer["total_items"].as_u64(), newer["empty"].as_bool()), (Some(0), Some(true)));
+    let older: Value = app.get_json("/hsds/services?modified_after=2000-01-01T00:00:00Z&per_page=100").await;
+    assert_eq!(older["total_items"], 24);
+    let word = service["name"].as_str().expect("name").split_whitespace().next().expect("word").to_lowercase();
+    let found: Value = app.get_json(&format!("/hsds/services?search={word}")).await;
+    assert!(found["contents"].as_array().expect("contents").iter().any(|s| s["id"] == id));
+
+    assert_eq!(app.get("/hsds/services/00000000-0000-0000-0000-000000000000").await.status(), 404);
+    assert_eq!(app.get("/hsds/services?modified_after=yesterday").await.status(), 400);
+    assert_eq!(app.get("/hsds/services?colour=blue").await.status(), 400);
+    app.stop().await;
+}

@@ -1,0 +1,372 @@
+//! The FHIR directory source against the real FHIR R4 server of `../shared/interop` (Medplum's router, in memory):
+//! a full sync with references read one by one, search, tombstones after a DELETE, an incremental sync through
+//! `_lastUpdated`, odd services refused one by one, and a bearer token.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use carebridge::config::DirectorySettings;
+use carebridge::directories::fhir_directory::FhirDirectory;
+use carebridge::directories::{DirectorySource, SourceError};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+const FHIR_JSON: &str = "application/fhir+json";
+
+/// The interop tools beside the repository.
+fn interop() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop")
+}
+
+/// A FHIR peer (`ehr/start.sh PORT`) with its own run directory, stopped by `ehr/stop.sh PORT` when dropped, also
+/// when the test panics.
+struct Peer {
+    port: u16,
+    run_dir: TempDir,
+    /// `http://127.0.0.1:PORT/fhir`.
+    base: String,
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Peer {
+    /// Starts a peer with these `EHR_*` variables (and none inherited from the caller's environment).
+    fn start(env: &[(&str, &str)]) -> Peer {
+        let start = interop().join("ehr/start.sh");
+        assert!(
+            start.is_file(),
+            "The FHIR peer is missing: {} does not exist. These tests need the interop tools beside the \
+             repository (../shared/interop, see its README).",
+            start.display()
+        );
+        let node = Command::new("node").arg("--version").output();
+        assert!(
+            node.as_ref().is_ok_and(|o| o.status.success()),
+            "Node.js is missing (`node --version` failed: {node:?}); the FHIR peer of ../shared/interop needs it."
+        );
+        let token = env.iter().find(|(k, _)| *k == "EHR_BEARER_TOKEN").map(|(_, v)| (*v).to_owned());
+        let mut clashes = Vec::new();
+        // The port may be taken between the probe and the start (start.sh then exits 1 with EADDRINUSE).
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+            // The guard exists before the peer does, so it is stopped whatever happens next.
+            let mut peer = Peer {
+                port,
+                run_dir: tempfile::tempdir().expect("temp dir"),
+                base: String::new(),
+                client: reqwest::Client::new(),
+                token: token.clone(),
+            };
+            let mut command = Command::new(&start);
+            command.arg(port.to_string()).env("EHR_RUN_DIR", peer.run_dir.path());
+            for var in ["EHR_BEARER_TOKEN", "EHR_VALIDATE", "EHR_DEFAULT_COUNT", "EHR_BASE_PATH"] {
+                command.env_remove(var);
+            }
+            let output = command.envs(env.iter().copied()).output().expect("start.sh runs");
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            if output.status.success() {
+                peer.base = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+                assert!(peer.base.starts_with("http://127.0.0.1:"), "start.sh printed no base URL:\n{stderr}");
+                return peer;
+            }
+            assert!(stderr.contains("EADDRINUSE"), "The FHIR peer did not start:\n{stderr}");
+            clashes.push(stderr);
+        }
+        panic!("The FHIR peer found no free port:\n{}", clashes.join("\n"));
+    }
+
+    /// A request to the peer, with its token when it has one.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = if path.starts_with("/_harness") {
+            format!("{}{path}", self.base.trim_end_matches("/fhir"))
+        } else if path.is_empty() {
+            self.base.clone()
+        } else {
+            format!("{}/{path}", self.base)
+        };
+        let request = self.client.request(method, url).header(reqwest::header::ACCEPT, FHIR_JSON);
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends a FHIR request and returns the status and JSON body (`null` when there is none).
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.header(reqwest::header::CONTENT_TYPE, FHIR_JSON).body(body.to_string());
+        }
+        let response = request.send().await.expect("the peer answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// POSTs the fixture transaction; returns the server's id of each entry, in the order of the Bundle.
+    async fn load_fixture(&self) -> Vec<String> {
+        let bundle: Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/directory/fhir/directory.json"))
+                .expect("fixture"),
+        )
+        .expect("fixture JSON");
+        let (status, answer) = self.send(reqwest::Method::POST, "", Some(&bundle)).await;
+        assert_eq!(status, 200, "transaction refused: {answer}");
+        answer["entry"]
+            .as_array()
+            .expect("response entries")
+            .iter()
+            .map(|e| {
+                let location = e["response"]["location"].as_str().expect("a location");
+                location.split('/').nth(1).expect("Type/id/_history/v").to_owned()
+            })
+            .collect()
+    }
+
+    /// Creates one resource; returns its id.
+    async fn create(&self, resource: &Value) -> String {
+        let kind = resource["resourceType"].as_str().expect("resourceType");
+        let (status, created) = self.send(reqwest::Method::POST, kind, Some(resource)).await;
+        assert_eq!(status, 201, "create refused: {created}");
+        created["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// The requests the peer received (`method`, `url`, `headers`, `authorization`, `status`…), oldest first.
+    async fn requests(&self) -> Vec<Value> {
+        let (status, log) = self.send(reqwest::Method::GET, "/_harness/requests", None).await;
+        assert_eq!(status, 200);
+        log.as_array().expect("request log").clone()
+    }
+}
+
+/// `METHOD URL STATUS` of each logged request, for failure messages.
+fn summary(log: &[Value]) -> Vec<String> {
+    log.iter().map(|r| format!("{} {} {}", r["method"], r["url"], r["status"])).collect()
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let stopped = Command::new(interop().join("ehr/stop.sh"))
+            .arg(self.port.to_string())
+            .env("EHR_RUN_DIR", self.run_dir.path())
+            .output();
+        if !stopped.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("ehr/stop.sh {} failed: {stopped:?}", self.port);
+        }
+    }
+}
+
+fn fhir_source(name: &str, base: &str, per_page: u32) -> DirectorySettings {
+    DirectorySettings::FhirDirectory {
+        name: name.into(),
+        base_url: base.into(),
+        per_page,
+        sync_interval_secs: 0,
+        bearer_token_env: None,
+        timeout_secs: 10,
+    }
+}
+
+async fn sync(app: &TestApp, source: &str, mode: &str) -> Value {
+    let response = app.post(&format!("/api/v1/directories/{source}/sync?mode={mode}"), &json!({})).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+    response.json().await.expect("report")
+}
+
+fn counts(report: &Value) -> [u64; 5] {
+    let n = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
+    let rejected = report["rejected"].as_array().map_or(u64::MAX, |r| r.len() as u64);
+    [n("added"), n("updated"), n("unchanged"), n("deactivated"), rejected]
+}
+
+/// Indexes of the fixture Bundle's entries.
+const COUNSELING: usize = 5;
+const CRISIS_LINE: usize = 6;
+const FOOD_PANTRY: usize = 7;
+const HOUSING: usize = 8;
+
+#[tokio::test]
+async fn a_fhir_directory_is_synced_with_its_references_and_tracks_deletes_and_updates() {
+    let peer = Peer::start(&[]);
+    let ids = peer.load_fixture().await;
+    let app = spawn_app_with(|s| s.directories = vec![fhir_source("county-fhir", &peer.base, 3)]).await;
+
+    // Full sync: 4 services over two pages of 3, each with its Organization and Location read from the server.
+    let report = sync(&app, "county-fhir", "full").await;
+    assert_eq!(counts(&report), [4, 0, 0, 0, 0], "{report}");
+    let log = peer.requests().await;
+    let searches: Vec<&str> =
+        log.iter().filter_map(|r| r["url"].as_str()).filter(|u| u.starts_with("/fhir/HealthcareService?")).collect();
+    assert_eq!(searches.len(), 2, "{searches:?}");
+    for (search, offset) in searches.iter().zip(["_offset=0", "_offset=3"]) {
+        assert!(search.contains("_count=3") && search.contains(offset) && search.contains("_sort=_id"), "{search}");
+        assert!(!search.contains("_lastUpdated"), "a full sync asks for everything: {search}");
+    }
+    assert!(log.iter().all(|r| r["headers"]["accept"] == FHIR_JSON), "every request asks for FHIR JSON");
+    // `_include` is not relied on: each referenced resource is read on its own, at most once per page.
+    let mut reads = Vec::new();
+    let mut this_page = HashSet::new();
+    for url in log.iter().filter_map(|r| r["url"].as_str()) {
+        if url.starts_with("/fhir/HealthcareService?") {
+            this_page.clear();
+        } else if url.starts_with("/fhir/Organization/") || url.starts_with("/fhir/Location/") {
+            assert!(this_page.insert(url), "{url} read twice for one page: {:?}", summary(&log));
+            reads.push(url);
+        }
+    }
+    for (i, id) in ids.iter().enumerate().take(5) {
+        assert!(reads.iter().any(|u| u.ends_with(id.as_str())), "entry {i} was never read: {reads:?}");
+    }
+
+    // Search: text, then distance from a point 300 m from the Lents pantry (the clinics are 7+ km away).
+    let pantry: Value = app.get_json("/api/v1/services?q=pantry").await;
+    assert_eq!(pantry["total"], 1, "{pantry}");
+    let pantry_id = format!("county-fhir.{}", ids[FOOD_PANTRY]);
+    assert_eq!(pantry["items"][0]["id"], pantry_id.as_str());
+    assert_eq!(pantry["items"][0]["organization"], "Rose City Community Partners");
+    let near: Value = app.get_json("/api/v1/services?near=45.4845,-122.5668&radius_km=3").await;
+    assert_eq!(crate::helpers::pluck(&near, "items", "id"), std::slice::from_ref(&pantry_id), "{near}");
+    let distance = near["items"][0]["distance_km"].as_f64().expect("a distance");
+    assert!((0.2..0.5).contains(&distance), "about 300 m: {distance}");
+    let hawthorne: Value = app.get_json("/api/v1/services?near=45.5122,-122.6537&radius_km=1&language=es").await;
+    assert_eq!(hawthorne["items"][0]["name"], "Outpatient Mental Health Counseling", "{hawthorne}");
+
+    let detail: Value = app.get_json(&format!("/api/v1/services/{pantry_id}")).await;
+    let service = &detail["service"];
+    assert_eq!(detail["active"], true);
+    assert_eq!(service["source_id"], ids[FOOD_PANTRY].as_str());
+    assert_eq!(service["organization"]["source_id"], ids[1].as_str());
+    assert_eq!(service["locations"][0]["source_id"], ids[4].as_str());
+    assert_eq!(service["locations"][0]["address"], "9205 SE Foster Rd");
+    assert_eq!(service["locations"][0]["postal_code"], "97266");
+    assert_eq!(service["languages"], json!(["en", "vi"]));
+    assert_eq!(service["schedules"][0], json!({"days": ["TU", "TH"], "opens_at": "10:00", "closes_at": "16:00"}));
+    assert!(
+        service["terms"]
+            .as_array()
+            .expect("terms")
+            .iter()
+            .any(|t| t["code"] == "548" && t["taxonomy"] == "http://terminology.hl7.org/CodeSystem/service-type"),
+        "{service}"
+    );
+    assert!(service["source_modified"].as_str().is_some(), "meta.lastUpdated is kept: {service}");
+
+    // The crisis line is deleted on the server: the next full sync keeps it as a tombstone.
+    let (status, _) =
+        peer.send(reqwest::Method::DELETE, &format!("HealthcareService/{}", ids[CRISIS_LINE]), None).await;
+    assert_eq!(status, 200);
+    let report = sync(&app, "county-fhir", "full").await;
+    assert_eq!(counts(&report), [0, 0, 3, 1, 0], "{report}");
+    let crisis: Value = app.get_json("/api/v1/services?q=crisis").await;
+    assert_eq!(crisis["total"], 0, "a deleted service is not offered: {crisis}");
+    let tombstone: Value = app.get_json("/api/v1/services?q=crisis&include_inactive=true").await;
+    assert_eq!(tombstone["items"][0]["active"], false, "but it is kept as a tombstone: {tombstone}");
+    for i in [COUNSELING, FOOD_PANTRY, HOUSING] {
+        let kept: Value = app.get_json(&format!("/api/v1/services/county-fhir.{}", ids[i])).await;
+        assert_eq!(kept["active"], true, "entry {i} stays active: {kept}");
+    }
+
+    // The pantry is renamed on the server: an incremental sync asks only for what changed since the newest
+    // meta.lastUpdated it saw, and gets exactly that.
+    let (status, mut pantry_resource) =
+        peer.send(reqwest::Method::GET, &format!("HealthcareService/{}", ids[FOOD_PANTRY]), None).await;
+    assert_eq!(status, 200);
+    pantry_resource["name"] = json!("Lents Community Food Market");
+    let (status, updated) = peer
+        .send(reqwest::Method::PUT, &format!("HealthcareService/{}", ids[FOOD_PANTRY]), Some(&pantry_resource))
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(peer.send(reqwest::Method::DELETE, "/_harness/requests", None).await.0, 200);
+    let report = sync(&app, "county-fhir", "incremental").await;
+    assert_eq!(counts(&report), [0, 1, 0, 0, 0], "{report}");
+    let log = peer.requests().await;
+    let search = log.iter().filter_map(|r| r["url"].as_str()).find(|u| u.starts_with("/fhir/HealthcareService?"));
+    assert!(search.is_some_and(|s| s.contains("_lastUpdated=gt")), "{:?}", summary(&log));
+    let market: Value = app.get_json("/api/v1/services?q=market").await;
+    assert_eq!(crate::helpers::pluck(&market, "items", "id"), [pantry_id], "{market}");
+    let tombstone: Value = app.get_json("/api/v1/services?q=crisis&include_inactive=true").await;
+    assert_eq!(tombstone["items"][0]["active"], false, "an incremental sync brings back nothing deleted");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn odd_healthcare_services_are_rejected_one_by_one_while_the_rest_are_kept() {
+    // Validation off, so the server also keeps a service whose name is not a string.
+    let peer = Peer::start(&[("EHR_VALIDATE", "0")]);
+    let ids = peer.load_fixture().await;
+    let nameless = peer
+        .create(&json!({"resourceType": "HealthcareService", "active": true,
+            "providedBy": {"reference": format!("Organization/{}", ids[1])}, "comment": "Drop-in peer support."}))
+        .await;
+    let mistyped = peer.create(&json!({"resourceType": "HealthcareService", "name": ["Two", "names"]})).await;
+    let dangling = peer
+        .create(&json!({"resourceType": "HealthcareService", "name": "Mobile Outreach Van",
+            "providedBy": {"reference": "Organization/no-such-organization"},
+            "location": [{"reference": "Location/no-such-location"}, {"reference": format!("Location/{}", ids[3])},
+                         {"reference": "https://elsewhere.example/fhir/Location/1"}]}))
+        .await;
+    let app = spawn_app_with(|s| s.directories = vec![fhir_source("county-fhir", &peer.base, 100)]).await;
+
+    let report = sync(&app, "county-fhir", "full").await;
+    assert_eq!(counts(&report), [5, 0, 0, 0, 2], "{report}");
+    let mut rejected: Vec<(String, String)> = report["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .map(|r| (r["source_id"].as_str().unwrap_or("-").to_owned(), r["reason"].as_str().unwrap_or("-").to_owned()))
+        .collect();
+    rejected.sort();
+    let mut expected = vec![
+        (nameless, "healthcareService.name: missing".to_owned()),
+        (mistyped, "healthcareService.name: expected a string".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(rejected, expected);
+
+    let all: Value = app.get_json("/api/v1/services?per_page=100").await;
+    assert_eq!(all["total"], 5, "the four fixture services and the van: {all}");
+    let van: Value = app.get_json(&format!("/api/v1/services/county-fhir.{dangling}")).await;
+    assert_eq!(van["service"]["organization"], Value::Null, "a reference to nothing is left out: {van}");
+    assert_eq!(
+        crate::helpers::pluck(&van["service"], "locations", "source_id"),
+        [ids[3].clone()],
+        "only the location that exists on the server: {van}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_fhir_directory_behind_a_bearer_token_is_read_with_it_and_refused_without() {
+    let peer = Peer::start(&[("EHR_BEARER_TOKEN", "county-directory-token")]);
+    peer.load_fixture().await;
+    let with = FhirDirectory::new(
+        "county-fhir",
+        &peer.base,
+        10,
+        Some("county-directory-token".into()),
+        Duration::from_secs(10),
+    )
+    .expect("client");
+    let page = with.page(1, None).await.expect("the page is read");
+    assert_eq!(page.records.len(), 4);
+    assert!(!page.more, "4 services at 10 a page is one page");
+    for record in &page.records {
+        let service = with.normalise(record).expect("a valid service");
+        assert!(service.organization.is_some() && service.locations.len() == 1, "{record}");
+    }
+    let log = peer.requests().await;
+    let fhir: Vec<&Value> = log.iter().filter(|r| r["url"].as_str().is_some_and(|u| u.starts_with("/fhir/"))).collect();
+    assert!(fhir.len() > 4, "the search and the reference reads: {:?}", summary(&log));
+    assert!(fhir.iter().all(|r| r["authorization"] == "present" && r["status"] == 200), "{:?}", summary(&log));
+
+    let without = FhirDirectory::new("county-fhir", &peer.base, 10, None, Duration::from_secs(10)).expect("client");
+    match without.page(1, None).await {
+        Err(SourceError::Status { status: 401 }) => {}
+        other => panic!("expected a 401, got {:?}", other.map(|p| p.records.len())),
+    }
+}
