@@ -38,6 +38,27 @@ impl std::fmt::Display for TypedIssue {
     }
 }
 
+/// Calls `$m!` with the resource types carebridge emits, each as `"Name" => Type` (one list for both checks).
+macro_rules! with_emitted_types {
+    ($m:ident, $value:expr) => {
+        $m!($value,
+            "Patient" => Patient,
+            "Observation" => Observation,
+            "Condition" => Condition,
+            "CarePlan" => CarePlan,
+            "Goal" => Goal,
+            "ServiceRequest" => ServiceRequest,
+            "Task" => Task,
+            "Flag" => Flag,
+            "Consent" => Consent,
+            "HealthcareService" => HealthcareService,
+            "Organization" => Organization,
+            "Location" => Location,
+            "OperationOutcome" => OperationOutcome,
+        )
+    };
+}
+
 macro_rules! round_trip {
     ($value:expr, $($name:literal => $ty:ident),+ $(,)?) => {{
         use fhir_sdk::r4b::resources as r;
@@ -76,21 +97,7 @@ macro_rules! parse_only {
 /// # Errors
 /// What the model refused, with its path.
 pub fn typed_parse(resource: &Value) -> Result<(), TypedIssue> {
-    let ok = parse_only!(resource,
-        "Patient" => Patient,
-        "Observation" => Observation,
-        "Condition" => Condition,
-        "CarePlan" => CarePlan,
-        "Goal" => Goal,
-        "ServiceRequest" => ServiceRequest,
-        "Task" => Task,
-        "Flag" => Flag,
-        "Consent" => Consent,
-        "HealthcareService" => HealthcareService,
-        "Organization" => Organization,
-        "Location" => Location,
-        "OperationOutcome" => OperationOutcome,
-    );
+    let ok = with_emitted_types!(parse_only, resource);
     // On failure, the full check finds the path (the slow path only runs for broken resources).
     if ok.is_ok() { Ok(()) } else { typed_check(resource) }
 }
@@ -100,21 +107,7 @@ pub fn typed_parse(resource: &Value) -> Result<(), TypedIssue> {
 /// # Errors
 /// The first issue found: an unsupported type, a refused element, or the unknown elements.
 pub fn typed_check(resource: &Value) -> Result<(), TypedIssue> {
-    let back = round_trip!(resource,
-        "Patient" => Patient,
-        "Observation" => Observation,
-        "Condition" => Condition,
-        "CarePlan" => CarePlan,
-        "Goal" => Goal,
-        "ServiceRequest" => ServiceRequest,
-        "Task" => Task,
-        "Flag" => Flag,
-        "Consent" => Consent,
-        "HealthcareService" => HealthcareService,
-        "Organization" => Organization,
-        "Location" => Location,
-        "OperationOutcome" => OperationOutcome,
-    )?;
+    let back = with_emitted_types!(round_trip, resource)?;
     let mut lost = Vec::new();
     missing_in(resource, &back, String::new(), &mut lost);
     if lost.is_empty() { Ok(()) } else { Err(TypedIssue::Unknown(lost)) }

@@ -167,6 +167,28 @@ pub async fn read_healthcare_service(
     Ok(fhir(StatusCode::OK, &publish::healthcare_service(&l.item, l.active, l.updated_at)))
 }
 
+/// The parameters Organization and Location searches take: `name`, `_count`, `_offset`.
+struct NamedSearch {
+    name: Option<String>,
+    count: u32,
+    offset: u32,
+}
+
+impl NamedSearch {
+    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let p = params(raw);
+        Ok(NamedSearch {
+            count: number(&p, "_count", DEFAULT_COUNT, MAX_COUNT)?,
+            offset: number(&p, "_offset", 0, u32::MAX)?,
+            name: p.get("name").cloned(),
+        })
+    }
+
+    fn used(&self) -> Vec<(String, String)> {
+        self.name.iter().map(|n| ("name".to_owned(), n.clone())).collect()
+    }
+}
+
 /// `GET /fhir/Organization?name=&_count=&_offset=`.
 ///
 /// # Errors
@@ -176,15 +198,14 @@ pub async fn search_organizations(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p = params(raw.as_deref());
-    let count = number(&p, "_count", DEFAULT_COUNT, MAX_COUNT)?;
-    let offset = number(&p, "_offset", 0, u32::MAX)?;
-    let name = p.get("name").map(String::as_str);
-    let used: Vec<(String, String)> = name.map(|n| vec![("name".to_owned(), n.to_owned())]).unwrap_or_default();
-    let (rows, total) =
-        state.store.list_organizations(None, name, offset, count).await.map_err(super::api::store_problem)?;
+    let q = NamedSearch::parse(raw.as_deref())?;
+    let (rows, total) = state
+        .store
+        .list_organizations(None, q.name.as_deref(), q.offset, q.count)
+        .await
+        .map_err(super::api::store_problem)?;
     let entries = rows.iter().map(|l| publish::organization(&l.item, l.updated_at)).collect();
-    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Organization", &used, entries, total, offset, count)))
+    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Organization", &q.used(), entries, total, q.offset, q.count)))
 }
 
 /// `GET /fhir/Organization/{id}`.
@@ -206,15 +227,14 @@ pub async fn search_locations(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p = params(raw.as_deref());
-    let count = number(&p, "_count", DEFAULT_COUNT, MAX_COUNT)?;
-    let offset = number(&p, "_offset", 0, u32::MAX)?;
-    let name = p.get("name").map(String::as_str);
-    let used: Vec<(String, String)> = name.map(|n| vec![("name".to_owned(), n.to_owned())]).unwrap_or_default();
-    let (rows, total) =
-        state.store.list_locations(None, name, offset, count).await.map_err(super::api::store_problem)?;
+    let q = NamedSearch::parse(raw.as_deref())?;
+    let (rows, total) = state
+        .store
+        .list_locations(None, q.name.as_deref(), q.offset, q.count)
+        .await
+        .map_err(super::api::store_problem)?;
     let entries = rows.iter().map(|l| publish::location(&l.item, l.updated_at)).collect();
-    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Location", &used, entries, total, offset, count)))
+    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Location", &q.used(), entries, total, q.offset, q.count)))
 }
 
 /// `GET /fhir/Location/{id}`.
