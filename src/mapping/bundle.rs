@@ -79,10 +79,19 @@ pub fn into_transaction(resources: Vec<Emitted>) -> Value {
                 (RequestKind::Create, Some(q)) => json!({"method": "POST", "url": ty, "ifNoneExist": q}),
                 (_, None) => json!({"method": "POST", "url": ty}),
             };
-            json!({"fullUrl": urls[&k], "resource": resource, "request": request})
+            // Built field by field: `json!` would serialise the resource into a second copy.
+            let mut entry = serde_json::Map::new();
+            entry.insert("fullUrl".into(), Value::String(urls[&k].clone()));
+            entry.insert("resource".into(), resource);
+            entry.insert("request".into(), request);
+            Value::Object(entry)
         })
         .collect();
-    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    let mut bundle = serde_json::Map::new();
+    bundle.insert("resourceType".into(), Value::String("Bundle".into()));
+    bundle.insert("type".into(), Value::String("transaction".into()));
+    bundle.insert("entry".into(), Value::Array(entries));
+    Value::Object(bundle)
 }
 
 /// Takes the resources out of any Bundle, turning `urn:uuid:` references back into `Type/id`
