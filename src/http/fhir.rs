@@ -102,14 +102,25 @@ fn searchset(
     if offset > 0 {
         links.push(json!({"relation": "previous", "url": link(offset.saturating_sub(count))}));
     }
+    // Maps built field by field: `json!` would serialise each resource into a second copy.
     let entry: Vec<Value> = entries
         .into_iter()
         .map(|r| {
             let id = r["id"].as_str().unwrap_or_default().to_owned();
-            json!({"fullUrl": format!("{base}/{ty}/{id}"), "resource": r, "search": {"mode": "match"}})
+            let mut e = serde_json::Map::new();
+            e.insert("fullUrl".into(), Value::String(format!("{base}/{ty}/{id}")));
+            e.insert("resource".into(), r);
+            e.insert("search".into(), json!({"mode": "match"}));
+            Value::Object(e)
         })
         .collect();
-    json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entry})
+    let mut bundle = serde_json::Map::new();
+    bundle.insert("resourceType".into(), json!("Bundle"));
+    bundle.insert("type".into(), json!("searchset"));
+    bundle.insert("total".into(), json!(total));
+    bundle.insert("link".into(), Value::Array(links));
+    bundle.insert("entry".into(), Value::Array(entry));
+    Value::Object(bundle)
 }
 
 /// `GET /fhir/HealthcareService?name=&service-category=&organization=&location=&active=&_lastUpdated=&_count=&_offset=`

@@ -41,13 +41,7 @@ fn rewrite_references(v: &mut Value, urls: &HashMap<String, String>) {
     }
 }
 
-/// Builds the transaction Bundle for the resources of one record.
-#[must_use]
-pub fn transaction(resources: &[Emitted]) -> Value {
-    into_transaction(resources.to_vec())
-}
-
-/// Builds the transaction Bundle, taking the resources (no copy).
+/// Builds the transaction Bundle for the resources of one record, taking them (no copy).
 #[must_use]
 pub fn into_transaction(resources: Vec<Emitted>) -> Value {
     let key = |r: &Value| {
@@ -167,7 +161,7 @@ mod tests {
             Emitted { mapping: "client.patient".into(), resource: patient.clone(), request: RequestKind::Create },
             Emitted { mapping: "referral.service_request".into(), resource: sr.clone(), request: RequestKind::Upsert },
         ];
-        let b = transaction(&emitted);
+        let b = into_transaction(emitted.to_vec());
         assert_eq!(b["entry"][1]["resource"]["subject"]["reference"], b["entry"][0]["fullUrl"]);
         assert_eq!(b["entry"][0]["request"]["ifNoneExist"], "identifier=urn:x:client|cl-1");
         assert_eq!(b["entry"][1]["request"]["url"], "ServiceRequest?identifier=urn:x:referral|ref-1");

@@ -185,6 +185,12 @@ fn public_id(id: &str) -> String {
     crate::directories::publish::public_uuid(id)
 }
 
+/// A `LIKE … ESCAPE '\\'` pattern matching `name` anywhere, any case (its `%`, `_` and `\\` taken literally).
+fn contains_pattern(name: &str) -> String {
+    let escaped = name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
 /// The SQL and bound values of a publication listing; fixed fragments, values as `$n`.
 fn listing_sql(l: &CatalogListing) -> (String, String, Vec<Arg>) {
     let mut args = Vec::new();
@@ -205,8 +211,7 @@ fn listing_sql(l: &CatalogListing) -> (String, String, Vec<Arg>) {
         conditions.push(format!("s.public_id = {p}"));
     }
     if let Some(name) = &l.name {
-        let escaped = name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-        let p = bind(&mut args, Arg::Text(format!("%{escaped}%")));
+        let p = bind(&mut args, Arg::Text(contains_pattern(name)));
         conditions.push(format!("LOWER(s.name) LIKE {p} ESCAPE '\\'"));
     }
     if let Some(term) = &l.term {
@@ -260,8 +265,7 @@ fn named_sql(table: &str, id: Option<&str>, name: Option<&str>, offset: u32, lim
         conditions.push(format!("id = ${}", args.len()));
     }
     if let Some(name) = name {
-        let escaped = name.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-        args.push(Arg::Text(format!("%{escaped}%")));
+        args.push(Arg::Text(contains_pattern(name)));
         conditions.push(format!("LOWER(name) LIKE ${} ESCAPE '\\'", args.len()));
     }
     let where_clause =
