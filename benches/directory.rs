@@ -3,7 +3,10 @@
 //! ```text
 //! cargo bench --bench directory -- --backend sqlite --count 100000 --queries 2000
 //! cargo bench --bench directory -- --backend postgres --count 100000 --queries 2000
+//! cargo bench --bench directory -- --backend sqlite --db /tmp/directory.db   # keep the catalog; reuse it next time
 //! ```
+//! With `--db`, a SQLite catalog that already holds services is searched without syncing again (to compare
+//! search plans quickly, or to open it with `sqlite3`).
 //! The directory comes from `carebridge::directories::synthetic` (deterministic: same count, same services),
 //! written as an HSDS data package and synced through the same code as `carebridge directory sync`. Searches go
 //! straight to the store (no HTTP), three kinds in turn: text + radius + category, radius + category, text alone.
@@ -35,19 +38,24 @@ fn main() -> anyhow::Result<()> {
     let backend = arg("--backend", "sqlite");
     let count: u64 = arg("--count", "100000").parse()?;
     let queries: usize = arg("--queries", "2000").parse()?;
+    let kept_db = std::env::args().any(|a| a == "--db").then(|| arg("--db", ""));
     let dir = tempfile::tempdir()?;
     let package = dir.path().join("services.json");
-    let started = Instant::now();
-    let all: Vec<serde_json::Value> = synthetic::services(42, count).collect();
-    std::fs::write(&package, serde_json::to_vec(&all)?)?;
-    drop(all);
-    println!("generated {count} services in {:.1} s", started.elapsed().as_secs_f64());
+    let reuse = kept_db.as_ref().is_some_and(|db| std::path::Path::new(db).exists());
+    if !reuse {
+        let started = Instant::now();
+        let all: Vec<serde_json::Value> = synthetic::services(42, count).collect();
+        std::fs::write(&package, serde_json::to_vec(&all)?)?;
+        drop(all);
+        println!("generated {count} services in {:.1} s", started.elapsed().as_secs_f64());
+    }
 
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let (url, pg) = if backend == "sqlite" {
-            (format!("sqlite:{}", dir.path().join("bench.db").display()), None)
+            let db = kept_db.clone().unwrap_or_else(|| dir.path().join("bench.db").display().to_string());
+            (format!("sqlite:{db}"), None)
         } else {
             let admin = std::env::var("CAREBRIDGE_BENCH_POSTGRES_URL")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -59,6 +67,9 @@ fn main() -> anyhow::Result<()> {
         };
         let store = carebridge::store::connect(&url, 8, Duration::from_secs(30)).await?;
         let source = Arc::new(HsdsPackage::new("bench", package.clone()));
+        if reuse {
+            println!("searching the catalog kept in {}", kept_db.as_deref().unwrap_or_default());
+        } else {
         let started = Instant::now();
         let report = directories::sync(&*store, &*source, SyncMode::Full, OffsetDateTime::now_utc(), &|_| {}).await?;
         let sync_secs = started.elapsed().as_secs_f64();
@@ -71,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let again = directories::sync(&*store, &*source, SyncMode::Full, OffsetDateTime::now_utc(), &|_| {}).await?;
         println!("unchanged re-sync: {} unchanged in {:.1} s", again.unchanged, started.elapsed().as_secs_f64());
+        }
 
         let mut by_kind: [Vec<Duration>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         let mut found = [0usize; 3];
@@ -86,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 radius_km: 10.0,
                 language: None,
                 include_inactive: false,
+                open_at: None,
                 page: 1,
                 per_page: 20,
             };

@@ -73,7 +73,7 @@ impl Application {
         let mappings = Arc::new(Mappings::load(&settings.mappings.dir).map_err(StartError::Mappings)?);
         let mut sources = HashMap::new();
         for d in &settings.directories {
-            let source = directories::source_from_settings(d).map_err(StartError::Directory)?;
+            let source = directories::source_from_settings(d, &settings.mappings.dir).map_err(StartError::Directory)?;
             if d.sync_interval_secs() > 0 {
                 tokio::spawn(sync_on_schedule(
                     store.clone(),

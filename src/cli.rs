@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
 
 use crate::app::{self, Application};
-use crate::config::{Overrides, Settings};
-use crate::directories::{self, ServiceQuery, SyncMode};
+use crate::config::{DirectorySettings, Overrides, Settings};
+use crate::directories::{self, ServiceQuery, SyncMode, fhir_directory};
 use crate::domain::RecordKind;
 use crate::http::auth::{KeyHash, new_key};
 use crate::mapping::{self, Mappings};
@@ -112,10 +112,21 @@ pub enum DirectoryCommand {
         /// Language (BCP 47).
         #[arg(long)]
         language: Option<String>,
+        /// Only services open now by their weekly hours, in their time zone (unknown hours or zone: never).
+        #[arg(long)]
+        open_now: bool,
+        /// Only services open at this instant (RFC 3339, e.g. 2026-07-01T16:30:00Z).
+        #[arg(long, value_parser = parse_instant, conflicts_with = "open_now")]
+        open_at: Option<OffsetDateTime>,
         /// How many results.
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+}
+
+fn parse_instant(s: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|_| "expected an RFC 3339 date-time with its offset, e.g. 2026-07-01T16:30:00Z".to_owned())
 }
 
 fn parse_near(s: &str) -> Result<(f64, f64), String> {
@@ -219,7 +230,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 backend_name(&settings.database.url),
                 settings.api_keys.len()
             );
-            let Some(mappings) = load_mappings(&settings) else {
+            let mappings = load_mappings(&settings);
+            let categories_ok = check_category_map(&settings);
+            let Some(mappings) = mappings else {
                 return Ok(ExitCode::from(2));
             };
             let (files, maps, profiles) = mappings.counts();
@@ -228,7 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "mappings OK: {files} mapping file(s), {maps} ConceptMap(s), {profiles} profile(s), partners: {}",
                 if partners.is_empty() { "none".to_owned() } else { partners.join(", ") }
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(if categories_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Map { kind, file, partner, client } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
@@ -288,7 +301,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 DirectoryCommand::Sync { source, incremental } => {
                     directory_sync(&*store, &settings, source.as_deref(), incremental).await?
                 }
-                DirectoryCommand::Search { q, category, taxonomy_term, near, radius_km, language, limit } => {
+                DirectoryCommand::Search {
+                    q,
+                    category,
+                    taxonomy_term,
+                    near,
+                    radius_km,
+                    language,
+                    open_now,
+                    open_at,
+                    limit,
+                } => {
                     let query = ServiceQuery {
                         text: q,
                         category,
@@ -297,6 +320,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         radius_km,
                         language,
                         include_inactive: false,
+                        open_at: open_at.or_else(|| open_now.then(OffsetDateTime::now_utc)),
                         page: 1,
                         per_page: limit.clamp(1, 100),
                     };
@@ -345,7 +369,7 @@ async fn directory_sync(
     let mode = if incremental { SyncMode::Incremental } else { SyncMode::Full };
     let mut failed = false;
     for d in chosen {
-        let source = directories::source_from_settings(d)?;
+        let source = directories::source_from_settings(d, &settings.mappings.dir)?;
         let bar = ProgressBar::new_spinner().with_message(format!("{}: syncing", d.name()));
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} {pos} records read")
@@ -409,6 +433,25 @@ fn load_mappings(settings: &Settings) -> Option<Mappings> {
         Err(errors) => {
             eprintln!("mapping files have errors:\n{errors}");
             None
+        }
+    }
+}
+
+/// Loads the category map FHIR directory sources read, when one is configured, printing every error with
+/// file:line; `false` when it is missing or broken.
+fn check_category_map(settings: &Settings) -> bool {
+    if !settings.directories.iter().any(|d| matches!(d, DirectorySettings::FhirDirectory { .. })) {
+        return true;
+    }
+    let path = settings.mappings.dir.join(fhir_directory::CATEGORY_MAP_FILE);
+    match fhir_directory::CategoryMap::load(&path) {
+        Ok(map) => {
+            println!("directory category map OK: {} ({} coding(s) mapped)", path.display(), map.mapped_codings());
+            true
+        }
+        Err(errors) => {
+            eprintln!("the directory category map has errors:\n{errors}");
+            false
         }
     }
 }

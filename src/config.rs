@@ -70,6 +70,9 @@ pub enum DirectorySettings {
         /// Seconds before a request to the source is abandoned.
         #[serde(default = "default_source_timeout")]
         timeout_secs: u64,
+        /// IANA time zone of the source's opening hours (e.g. `America/Los_Angeles`); schedules that state a
+        /// fixed UTC offset keep theirs. Without either, a service never matches `open_now`.
+        time_zone: Option<String>,
     },
     /// An HSDS data package on disk (a JSON file, or a directory of them).
     HsdsPackage {
@@ -80,6 +83,9 @@ pub enum DirectorySettings {
         /// Seconds between scheduled syncs; 0 syncs only on demand.
         #[serde(default)]
         sync_interval_secs: u64,
+        /// IANA time zone of the source's opening hours (e.g. `America/Los_Angeles`); schedules that state a
+        /// fixed UTC offset keep theirs. Without either, a service never matches `open_now`.
+        time_zone: Option<String>,
     },
     /// A FHIR R4 server listing `HealthcareService`s (HL7 Human Services Directory / Plan-Net shape).
     FhirDirectory {
@@ -98,6 +104,9 @@ pub enum DirectorySettings {
         /// Seconds before a request to the server is abandoned.
         #[serde(default = "default_source_timeout")]
         timeout_secs: u64,
+        /// IANA time zone of the source's opening hours (e.g. `America/Los_Angeles`); schedules that state a
+        /// fixed UTC offset keep theirs. Without either, a service never matches `open_now`.
+        time_zone: Option<String>,
     },
 }
 
@@ -127,6 +136,16 @@ impl DirectorySettings {
             DirectorySettings::HsdsApi { sync_interval_secs, .. }
             | DirectorySettings::HsdsPackage { sync_interval_secs, .. }
             | DirectorySettings::FhirDirectory { sync_interval_secs, .. } => *sync_interval_secs,
+        }
+    }
+
+    /// IANA time zone of the source's opening hours, when configured.
+    #[must_use]
+    pub fn time_zone(&self) -> Option<&str> {
+        match self {
+            DirectorySettings::HsdsApi { time_zone, .. }
+            | DirectorySettings::HsdsPackage { time_zone, .. }
+            | DirectorySettings::FhirDirectory { time_zone, .. } => time_zone.as_deref(),
         }
     }
 }
@@ -363,6 +382,9 @@ impl Settings {
             } else if !sources.insert(name) {
                 errors.push(format!("{at}.name: `{name}` names another directory too"));
             }
+            if let Some(Err(e)) = d.time_zone().map(crate::directories::hours::check_time_zone) {
+                errors.push(format!("{at}.time_zone: {e} (directory `{name}`)"));
+            }
             match d {
                 DirectorySettings::HsdsApi { base_url, per_page, auth_header, auth_value_env, .. } => {
                     check_http_source(&at, base_url, *per_page, &mut errors);
@@ -501,6 +523,26 @@ mod tests {
         )
         .expect_err("unknown key");
         assert!(typo.to_string().contains("bearer_token"), "{typo}");
+    }
+
+    #[test]
+    fn a_directory_time_zone_must_be_an_iana_zone_and_the_error_names_the_source() {
+        let s = load(
+            "[[directories]]\ntype = \"hsds_api\"\nname = \"pdx211\"\nbase_url = \"https://211.example\"\n\
+             time_zone = \"America/Los_Angeles\"\n",
+            &[],
+        )
+        .expect("loads");
+        assert_eq!(s.directories[0].time_zone(), Some("America/Los_Angeles"));
+        let e = load(
+            "[[directories]]\ntype = \"fhir_directory\"\nname = \"county-fhir\"\nbase_url = \"https://x.example\"\n\
+             time_zone = \"America/Portland\"\n",
+            &[],
+        )
+        .expect_err("unknown zone");
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].starts_with("directories[0].time_zone:") && e.0[0].contains("`county-fhir`"), "{e}");
+        assert!(e.0[0].contains("America/Portland"), "{e}");
     }
 
     #[test]

@@ -10,11 +10,17 @@
 //!
 //! An incremental sync asks for `_lastUpdated=gt<newest meta.lastUpdated seen>`, which dates the
 //! `HealthcareService` only: a change to an `Organization` or `Location` alone is picked up by the next full sync.
+//!
+//! Partners code services with HL7 `service-category` and `service-type` codes, not agency categories: a
+//! [`CategoryMap`] (a FHIR `ConceptMap` at [`CATEGORY_MAP_FILE`] under the mappings directory) says which of their
+//! codings also give a service an agency service category, the `category=` search filter.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use time::format_description::StaticFormatDescription;
 use time::format_description::well_known::Rfc3339;
@@ -25,7 +31,10 @@ use super::{
     CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Schedule, SourceError, SourcePage,
     TaxonomyTerm, gateway_id,
 };
-use crate::domain::Redacted;
+use crate::domain::{Redacted, ServiceCode};
+use crate::mapping::template::{LineIndex, Span};
+use crate::mapping::terminology::AGENCY_VOCABULARY;
+use crate::mapping::{LoadError, LoadErrors};
 
 /// The FHIR JSON media type, asked for on every request.
 const FHIR_JSON: &str = "application/fhir+json";
@@ -118,6 +127,201 @@ fn resource<'a>(record: &'a Value, key: &str, resource_type: &str) -> Result<Opt
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The category map.
+
+/// Where a FHIR directory's category map is read from, under the mappings directory.
+pub const CATEGORY_MAP_FILE: &str = "directory/service-category.json";
+
+/// Equivalences that put a service in the target category; `unmatched` (no code) says a code has none on purpose.
+const MAPPING_EQUIVALENCES: [&str; 6] = ["equivalent", "equal", "wider", "narrower", "inexact", "unmatched"];
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MapFile {
+    resource_type: String,
+    #[serde(default)]
+    group: Vec<MapGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MapGroup {
+    source: String,
+    target: String,
+    #[serde(default)]
+    element: Vec<MapElement>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MapElement {
+    code: String,
+    #[serde(default)]
+    target: Vec<MapTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MapTarget {
+    code: Option<String>,
+    display: Option<String>,
+    equivalence: String,
+    comment: Option<String>,
+}
+
+/// Codings of a partner's code systems → the agency service categories they give, from a FHIR `ConceptMap`
+/// whose groups map a source system to the agency service vocabulary (`urn:carebridge:vocabulary:service`).
+///
+/// The original coding is always kept as a term; a mapped coding adds its categories beside it.
+#[derive(Debug, Clone, Default)]
+pub struct CategoryMap {
+    by_coding: HashMap<(String, String), Vec<TaxonomyTerm>>,
+}
+
+/// Finds quoted JSON strings in a file, in reading order, to point errors at their line.
+struct Locator<'a> {
+    text: &'a str,
+    lines: LineIndex,
+    at: usize,
+}
+
+impl Locator<'_> {
+    /// Where the string `value` next occurs after the last one found (else anywhere, else 1:1).
+    fn seek(&mut self, value: &str) -> Span {
+        let needle = format!("\"{value}\"");
+        let found = self.text[self.at..].find(&needle).map(|i| self.at + i).or_else(|| self.text.find(&needle));
+        match found {
+            Some(i) => {
+                self.at = i;
+                self.lines.span(i)
+            }
+            None => Span { line: 1, column: 1 },
+        }
+    }
+}
+
+/// The agency category one target of `element` gives (`None`: unmatched on purpose), or what is wrong with it.
+fn category_of(element: &str, target: &MapTarget) -> Result<Option<TaxonomyTerm>, String> {
+    let equivalence = target.equivalence.as_str();
+    if !MAPPING_EQUIVALENCES.contains(&equivalence) {
+        return Err(format!("`{element}` maps `{equivalence}`: use one of {}", MAPPING_EQUIVALENCES.join(", ")));
+    }
+    if matches!(equivalence, "narrower" | "inexact") && target.comment.is_none() {
+        return Err(format!("`{element}` maps {equivalence}ly: say why in a comment (FHIR cmd-1)"));
+    }
+    let code = match (&target.code, equivalence) {
+        (None, "unmatched") => return Ok(None),
+        (Some(_), "unmatched") => return Err(format!("`{element}` is unmatched: its target has no code")),
+        (None, _) => return Err(format!("the target of `{element}` has no code (say `unmatched` if on purpose)")),
+        (Some(code), _) => code,
+    };
+    let Some(category) = ServiceCode::from_code(code) else {
+        let known: Vec<&str> = ServiceCode::ALL.iter().map(|c| c.as_str()).collect();
+        return Err(format!("`{code}` is not an agency service category (one of {})", known.join(", ")));
+    };
+    Ok(Some(TaxonomyTerm {
+        taxonomy: super::CATEGORY_TAXONOMY.to_owned(),
+        code: category.as_str().to_owned(),
+        name: target.display.clone().unwrap_or_else(|| code.clone()),
+    }))
+}
+
+impl CategoryMap {
+    /// Reads and checks the map at `path`.
+    ///
+    /// # Errors
+    /// Every problem, at file:line:column: the file unreadable or not JSON, not a ConceptMap, a group whose target is
+    /// not the agency service vocabulary, a target code that is not an agency service category, a coding mapped
+    /// twice, an equivalence that does not say "is in", a `narrower` or `inexact` target without a comment.
+    pub fn load(path: &Path) -> Result<Self, LoadErrors> {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&file, &text),
+            Err(e) => Err(LoadErrors(vec![LoadError { file, line: 1, column: 1, message: e.to_string() }])),
+        }
+    }
+
+    /// The map of a FHIR directory source: [`CATEGORY_MAP_FILE`] under `mappings_dir`.
+    ///
+    /// # Errors
+    /// `SourceError::File` naming the file, with each problem at line:column, when it cannot be loaded.
+    pub fn for_source(mappings_dir: &Path) -> Result<Self, SourceError> {
+        let path = mappings_dir.join(CATEGORY_MAP_FILE);
+        Self::load(&path).map_err(|errors| {
+            let problems: Vec<String> =
+                errors.0.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect();
+            SourceError::File { path: path.display().to_string(), detail: problems.join("; ") }
+        })
+    }
+
+    /// Parses and checks the text of the map, read from `file`.
+    ///
+    /// # Errors
+    /// As [`CategoryMap::load`].
+    pub fn parse(file: &str, text: &str) -> Result<Self, LoadErrors> {
+        let mut errors = Vec::new();
+        let mut at = Locator { text, lines: LineIndex::new(text), at: 0 };
+        let mut err = |span: Span, message: String| {
+            errors.push(LoadError { file: file.to_owned(), line: span.line, column: span.column, message });
+        };
+        let parsed: MapFile = match serde_json::from_str(text) {
+            Ok(p) => p,
+            Err(e) => {
+                let span = Span { line: e.line(), column: e.column() };
+                err(span, e.to_string());
+                return Err(LoadErrors(errors));
+            }
+        };
+        if parsed.resource_type != "ConceptMap" {
+            err(at.seek(&parsed.resource_type), format!("expected a ConceptMap, found {}", parsed.resource_type));
+        }
+        if parsed.group.is_empty() {
+            err(Span { line: 1, column: 1 }, "the map has no group".into());
+        }
+        let vocabulary = format!("{AGENCY_VOCABULARY}service");
+        let mut map = CategoryMap::default();
+        for group in &parsed.group {
+            let source_at = at.seek(&group.source);
+            if group.source.trim().is_empty() {
+                err(source_at, "a group needs the source code system".into());
+            }
+            if group.target != vocabulary {
+                err(at.seek(&group.target), format!("a category map targets {vocabulary}, not `{}`", group.target));
+            }
+            for el in &group.element {
+                let code_at = at.seek(&el.code);
+                let key = (group.source.clone(), el.code.clone());
+                if map.by_coding.contains_key(&key) {
+                    err(code_at, format!("`{}` of {} is mapped twice", el.code, group.source));
+                }
+                if el.target.is_empty() {
+                    err(code_at, format!("`{}` has no target (say `unmatched` if on purpose)", el.code));
+                }
+                let mut categories = Vec::new();
+                for target in &el.target {
+                    let target_at = target.code.as_deref().map_or(code_at, |c| at.seek(c));
+                    match category_of(&el.code, target) {
+                        Ok(category) => categories.extend(category),
+                        Err(message) => err(target_at, message),
+                    }
+                }
+                map.by_coding.insert(key, categories);
+            }
+        }
+        if errors.is_empty() { Ok(map) } else { Err(LoadErrors(errors)) }
+    }
+
+    /// How many codings give at least one category.
+    #[must_use]
+    pub fn mapped_codings(&self) -> usize {
+        self.by_coding.values().filter(|c| !c.is_empty()).count()
+    }
+
+    /// The agency categories a coding gives (none when the map does not list it, or says it is unmatched).
+    #[must_use]
+    pub fn categories(&self, system: &str, code: &str) -> &[TaxonomyTerm] {
+        self.by_coding.get(&(system.to_owned(), code.to_owned())).map_or(&[], Vec::as_slice)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // The mapping.
 
 /// Taxonomy terms of the codings of the CodeableConcepts at `resource.key` (scheme = the coding system).
@@ -187,7 +391,7 @@ fn schedules(service: &Value) -> Result<Vec<Schedule>, String> {
                 hours_minutes(text(time, "availableEndTime", &at)?, &format!("{at}.availableEndTime"))?,
             )
         };
-        out.push(Schedule { days, opens_at, closes_at });
+        out.push(Schedule { days, opens_at, closes_at, utc_offset_minutes: None });
     }
     Ok(out)
 }
@@ -303,13 +507,14 @@ fn locations(source: &str, record: &Value) -> Result<Vec<CatalogLocation>, Strin
 /// Maps one raw record of a FHIR directory (`{"healthcareService", "organization", "locations"}`) into the catalog.
 ///
 /// Category, type and specialty codings become taxonomy terms whose taxonomy is the coding system (so a coding of
-/// the [`super::CATEGORY_TAXONOMY`] system is an agency service category, as in HSDS); `active: false` is
-/// `inactive`; `comment` and `extraDetails` make the description.
+/// the [`super::CATEGORY_TAXONOMY`] system is an agency service category, as in HSDS), and each coding `categories`
+/// maps also gives its agency categories; `active: false` is `inactive`; `comment` and `extraDetails` make the
+/// description.
 ///
 /// # Errors
 /// A sentence naming the field (as a path into the record) that makes the record unusable: a missing id or name,
 /// coordinates off the globe, an unknown day, a field of the wrong type.
-pub fn normalise_record(source: &str, record: &Value) -> Result<CatalogService, String> {
+pub fn normalise_record(source: &str, record: &Value, categories: &CategoryMap) -> Result<CatalogService, String> {
     let service = resource(record, "healthcareService", "HealthcareService")?.ok_or("healthcareService: missing")?;
     let at = "healthcareService";
     let source_id = text(service, "id", at)?.ok_or("healthcareService.id: missing")?;
@@ -331,6 +536,10 @@ pub fn normalise_record(source: &str, record: &Value) -> Result<CatalogService, 
     for key in ["category", "type", "specialty"] {
         codings_as_terms(service, key, at, &mut terms)?;
     }
+    let mapped: Vec<TaxonomyTerm> =
+        terms.iter().flat_map(|t| categories.categories(&t.taxonomy, &t.code)).cloned().collect();
+    terms.extend(mapped);
+    // Stable sort: when a service also carries an agency category itself, its own display name is kept.
     terms.sort_by(|a, b| (&a.taxonomy, &a.code).cmp(&(&b.taxonomy, &b.code)));
     terms.dedup_by(|a, b| a.taxonomy == b.taxonomy && a.code == b.code);
     Ok(CatalogService {
@@ -353,6 +562,7 @@ pub fn normalise_record(source: &str, record: &Value) -> Result<CatalogService, 
         schedules: schedules(service)?,
         phones: telecoms(service, "phone", at)?,
         source_modified,
+        time_zone: None,
     })
 }
 
@@ -365,6 +575,7 @@ pub struct FhirDirectory {
     base_url: String,
     per_page: u32,
     bearer_token: Option<Redacted<String>>,
+    categories: CategoryMap,
     client: reqwest::Client,
 }
 
@@ -372,7 +583,8 @@ pub struct FhirDirectory {
 type ReferenceCache = HashMap<String, Option<Value>>;
 
 impl FhirDirectory {
-    /// A source reading `base_url` (the FHIR base, without `/HealthcareService`), `per_page` services a page.
+    /// A source reading `base_url` (the FHIR base, without `/HealthcareService`), `per_page` services a page,
+    /// giving services the agency categories `categories` maps their codings to.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
@@ -382,6 +594,7 @@ impl FhirDirectory {
         per_page: u32,
         bearer_token: Option<String>,
         timeout: Duration,
+        categories: CategoryMap,
     ) -> Result<Self, SourceError> {
         let client = reqwest::Client::builder().timeout(timeout).build()?;
         Ok(FhirDirectory {
@@ -389,6 +602,7 @@ impl FhirDirectory {
             base_url: base_url.trim_end_matches('/').to_owned(),
             per_page: per_page.max(1),
             bearer_token: bearer_token.map(Redacted),
+            categories,
             client,
         })
     }
@@ -525,13 +739,18 @@ impl DirectorySource for FhirDirectory {
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
-        normalise_record(&self.name, raw)
+        normalise_record(&self.name, raw, &self.categories)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Normalises with an empty category map: only the record's own codings become terms.
+    fn without_map(source: &str, raw: &Value) -> Result<CatalogService, String> {
+        normalise_record(source, raw, &CategoryMap::default())
+    }
 
     fn record() -> Value {
         json!({
@@ -580,9 +799,126 @@ mod tests {
         })
     }
 
+    /// The category map the repository ships.
+    fn shipped_map() -> CategoryMap {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+        CategoryMap::for_source(&dir).expect("the shipped category map loads")
+    }
+
+    /// The `(taxonomy, code)` of each term.
+    fn term_codes(s: &CatalogService) -> Vec<(&str, &str)> {
+        s.terms.iter().map(|t| (t.taxonomy.as_str(), t.code.as_str())).collect()
+    }
+
+    const HL7_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/service-category";
+    const HL7_TYPE: &str = "http://terminology.hl7.org/CodeSystem/service-type";
+
+    #[test]
+    fn an_hl7_counselling_category_gives_the_agency_therapy_category_beside_its_own_term() {
+        let mut raw = record();
+        raw["healthcareService"]["category"] = json!([{"coding": [{"system": HL7_CATEGORY, "code": "8"}]}]);
+        raw["healthcareService"]["type"] = json!([]);
+        raw["healthcareService"]["specialty"] = json!([]);
+        let s = normalise_record("c", &raw, &shipped_map()).expect("valid");
+        assert_eq!(term_codes(&s), [(super::super::CATEGORY_TAXONOMY, "therapy"), (HL7_CATEGORY, "8")]);
+        assert_eq!(s.terms[0].name, "Therapy", "named by the map's display");
+    }
+
+    #[test]
+    fn an_unmapped_or_unmatched_code_gives_no_category_but_keeps_its_term() {
+        let mut raw = record();
+        // 22 Mental Health is listed as unmatched on purpose; 13 Acupuncture is not listed at all.
+        raw["healthcareService"]["category"] = json!([{"coding": [{"system": HL7_CATEGORY, "code": "22"}]}]);
+        raw["healthcareService"]["type"] = json!([{"coding": [{"system": HL7_TYPE, "code": "13"}]}]);
+        raw["healthcareService"]["specialty"] = json!([]);
+        let s = normalise_record("c", &raw, &shipped_map()).expect("valid");
+        assert_eq!(term_codes(&s), [(HL7_CATEGORY, "22"), (HL7_TYPE, "13")]);
+    }
+
+    #[test]
+    fn codings_mapping_to_the_same_category_give_it_once() {
+        // Category 8, type 74 and the service's own `therapy` coding all say therapy; type 541 says crisis care.
+        let mut raw = record();
+        raw["healthcareService"]["type"]
+            .as_array_mut()
+            .expect("types")
+            .push(json!({"coding": [{"system": HL7_TYPE, "code": "541"}, {"system": HL7_TYPE, "code": "74"}]}));
+        let s = normalise_record("county-fhir", &raw, &shipped_map()).expect("valid");
+        let category = super::super::CATEGORY_TAXONOMY;
+        assert_eq!(
+            term_codes(&s),
+            [
+                (category, "crisis_care"),
+                (category, "therapy"),
+                ("http://snomed.info/sct", "394587001"),
+                (HL7_CATEGORY, "8"),
+                (HL7_TYPE, "541"),
+                (HL7_TYPE, "74"),
+            ]
+        );
+    }
+
+    /// A small valid map, to break in the tests below.
+    const MAP: &str = r#"{
+  "resourceType": "ConceptMap",
+  "group": [{
+    "source": "http://terminology.hl7.org/CodeSystem/service-category",
+    "target": "urn:carebridge:vocabulary:service",
+    "element": [
+      {"code": "8", "target": [{"code": "therapy", "equivalence": "narrower", "comment": "Not all counselling."}]},
+      {"code": "22", "target": [{"equivalence": "unmatched"}]},
+      {"code": "18", "target": [{"code": "housing_assistance", "equivalence": "equivalent"}]}
+    ]
+  }]
+}"#;
+
+    #[test]
+    fn a_broken_category_map_is_reported_at_file_line_and_column() {
+        let map = CategoryMap::parse("m.json", MAP).expect("valid");
+        assert_eq!(map.mapped_codings(), 2);
+        assert_eq!(map.categories(HL7_CATEGORY, "18")[0].code, "housing_assistance");
+        assert!(map.categories(HL7_CATEGORY, "22").is_empty());
+
+        let broken = MAP
+            .replace(r#""code": "housing_assistance""#, r#""code": "shelter""#)
+            .replace(r#", "comment": "Not all counselling.""#, "");
+        let errors = CategoryMap::parse("m.json", &broken).expect_err("broken").0;
+        let found: Vec<(usize, &str)> = errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].0, 7);
+        assert!(found[0].1.contains("say why in a comment"), "{found:?}");
+        assert_eq!(found[1].0, 9);
+        assert!(found[1].1.starts_with("`shelter` is not an agency service category"), "{found:?}");
+        assert!(errors.iter().all(|e| e.file == "m.json"));
+
+        let other_target = MAP.replace("urn:carebridge:vocabulary:service", "http://snomed.info/sct");
+        let errors = CategoryMap::parse("m.json", &other_target).expect_err("wrong target").0;
+        assert_eq!((errors.len(), errors[0].line), (1, 5), "{errors:?}");
+
+        let errors = CategoryMap::parse("m.json", "{\n  \"resourceType\": \"ConceptMap\",\n}").expect_err("not JSON").0;
+        assert_eq!((errors[0].file.as_str(), errors[0].line), ("m.json", 3), "{errors:?}");
+    }
+
+    #[test]
+    fn a_missing_category_map_is_reported_with_the_file_it_looked_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let errors = CategoryMap::load(&dir.path().join(CATEGORY_MAP_FILE)).expect_err("missing").0;
+        assert!(errors[0].file.ends_with("directory/service-category.json"), "{errors:?}");
+        match CategoryMap::for_source(dir.path()) {
+            Err(SourceError::File { path, .. }) => assert!(path.ends_with(CATEGORY_MAP_FILE), "{path}"),
+            other => panic!("expected a file error, got {other:?}"),
+        }
+        let settings: crate::config::DirectorySettings = serde_json::from_value(
+            json!({"type": "fhir_directory", "name": "county-fhir", "base_url": "http://127.0.0.1:9/fhir"}),
+        )
+        .expect("settings");
+        let error = super::super::source_from_settings(&settings, dir.path()).err().expect("no source without its map");
+        assert!(error.to_string().contains(CATEGORY_MAP_FILE), "{error}");
+    }
+
     #[test]
     fn a_full_record_maps_every_element_the_catalog_keeps() {
-        let s = normalise_record("county-fhir", &record()).expect("valid");
+        let s = without_map("county-fhir", &record()).expect("valid");
         assert_eq!((s.id.as_str(), s.source_id.as_str()), ("county-fhir.hs-1", "hs-1"));
         assert_eq!(s.name, "Outpatient Counseling");
         assert_eq!(s.description, "Individual and group counseling.\n\nSliding-scale fees.");
@@ -609,9 +945,15 @@ mod tests {
                 Schedule {
                     days: vec!["MO".into(), "TU".into()],
                     opens_at: Some("08:30".into()),
-                    closes_at: Some("18:00".into())
+                    closes_at: Some("18:00".into()),
+                    utc_offset_minutes: None,
                 },
-                Schedule { days: vec!["SU".into()], opens_at: Some("00:00".into()), closes_at: Some("24:00".into()) },
+                Schedule {
+                    days: vec!["SU".into()],
+                    opens_at: Some("00:00".into()),
+                    closes_at: Some("24:00".into()),
+                    utc_offset_minutes: None,
+                },
             ]
         );
         let org = s.organization.as_ref().expect("organization");
@@ -635,7 +977,7 @@ mod tests {
         raw["healthcareService"]["active"] = json!(false);
         raw["organization"] = Value::Null;
         raw["locations"] = json!([]);
-        let s = normalise_record("c", &raw).expect("valid");
+        let s = without_map("c", &raw).expect("valid");
         assert_eq!(s.status, "inactive");
         assert!(s.organization.is_none() && s.locations.is_empty());
     }
@@ -644,21 +986,19 @@ mod tests {
     fn a_record_without_a_name_or_an_id_is_rejected_with_the_field_named() {
         let mut raw = record();
         raw["healthcareService"]["name"] = json!("  ");
-        assert_eq!(normalise_record("c", &raw).expect_err("no name"), "healthcareService.name: missing");
+        assert_eq!(without_map("c", &raw).expect_err("no name"), "healthcareService.name: missing");
         raw["healthcareService"]["name"] = json!(["a list"]);
-        assert_eq!(normalise_record("c", &raw).expect_err("wrong type"), "healthcareService.name: expected a string");
+        assert_eq!(without_map("c", &raw).expect_err("wrong type"), "healthcareService.name: expected a string");
         let mut raw = record();
         raw["healthcareService"].as_object_mut().expect("object").remove("id");
-        assert_eq!(normalise_record("c", &raw).expect_err("no id"), "healthcareService.id: missing");
+        assert_eq!(without_map("c", &raw).expect_err("no id"), "healthcareService.id: missing");
         assert_eq!(
-            normalise_record("c", &json!({"healthcareService": null})).expect_err("no resource"),
+            without_map("c", &json!({"healthcareService": null})).expect_err("no resource"),
             "healthcareService: missing"
         );
         let not_a_service = json!({"healthcareService": {"resourceType": "OperationOutcome"}});
         assert!(
-            normalise_record("c", &not_a_service)
-                .expect_err("wrong type")
-                .starts_with("healthcareService.resourceType")
+            without_map("c", &not_a_service).expect_err("wrong type").starts_with("healthcareService.resourceType")
         );
     }
 
@@ -682,7 +1022,7 @@ mod tests {
         for (pointer, value, expected) in cases {
             let mut raw = record();
             *raw.pointer_mut(pointer).expect("path exists") = value;
-            let reason = normalise_record("c", &raw).expect_err(pointer);
+            let reason = without_map("c", &raw).expect_err(pointer);
             assert!(reason.starts_with(expected), "{pointer}: {reason}");
         }
     }

@@ -14,7 +14,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{
     CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Schedule, SourceError, SourcePage,
-    TaxonomyTerm, gateway_id,
+    TaxonomyTerm, gateway_id, hours,
 };
 
 /// HSDS service statuses.
@@ -56,6 +56,43 @@ struct HsdsSchedule {
     byday: Option<String>,
     opens_at: Option<String>,
     closes_at: Option<String>,
+    /// UTC offset in hours; a number in HSDS, though a numeric string is read too.
+    timezone: Option<Value>,
+}
+
+/// One HSDS schedule in the catalog: its times without their UTC offset, and the fixed offset it states, if any
+/// (a time's own `Z`/`±HH:MM` suffix, else the schedule's `timezone`; a time with neither shares the other's).
+fn schedule(i: usize, s: HsdsSchedule) -> Result<Schedule, String> {
+    let field = |name: &str, e: String| format!("schedules[{i}].{name}: {e}");
+    let clock = |name: &str, t: Option<String>| {
+        present(t).map(|t| hours::parse_clock(&t).map_err(|e| field(name, e))).transpose()
+    };
+    let opens = clock("opens_at", s.opens_at)?;
+    let closes = clock("closes_at", s.closes_at)?;
+    let stated = match s.timezone {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let in_hours = v.as_f64().or_else(|| v.as_str().and_then(|t| t.trim().parse().ok()));
+            let in_hours = in_hours.ok_or_else(|| field("timezone", "expected a UTC offset in hours".into()))?;
+            Some(hours::offset_from_hours(in_hours).map_err(|e| field("timezone", e))?)
+        }
+    };
+    let opens_offset = opens.as_ref().and_then(|c| c.utc_offset_minutes).or(stated);
+    let closes_offset = closes.as_ref().and_then(|c| c.utc_offset_minutes).or(stated);
+    let offset = opens_offset.or(closes_offset);
+    // One schedule, one offset: a closing time written at another offset is said again at the opening's.
+    let closes_at = match (closes, closes_offset, offset) {
+        (Some(c), Some(from), Some(to)) if from != to => {
+            Some(hours::shift_clock(&c.local, from, to).ok_or_else(|| field("closes_at", "not a time".into()))?)
+        }
+        (c, _, _) => c.map(|c| c.local),
+    };
+    Ok(Schedule {
+        days: s.byday.map(|d| d.split(',').map(|x| x.trim().to_ascii_uppercase()).collect()).unwrap_or_default(),
+        opens_at: opens.map(|c| c.local),
+        closes_at,
+        utc_offset_minutes: offset,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +158,7 @@ fn present(s: Option<String>) -> Option<String> {
 ///
 /// # Errors
 /// A sentence naming the field that makes the record unusable (missing id or name, unknown status, coordinates
-/// off the globe, a field of the wrong type).
+/// off the globe, a schedule time or UTC offset that is not one, a field of the wrong type).
 pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, String> {
     let service: Service = serde_path_to_error::deserialize(raw).map_err(|e| {
         let inner = e.inner().to_string();
@@ -191,15 +228,8 @@ pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, St
         service.languages.into_iter().filter_map(|l| present(l.code)).map(|c| c.to_ascii_lowercase()).collect();
     languages.sort();
     languages.dedup();
-    let schedules = service
-        .schedules
-        .into_iter()
-        .map(|s| Schedule {
-            days: s.byday.map(|d| d.split(',').map(|x| x.trim().to_ascii_uppercase()).collect()).unwrap_or_default(),
-            opens_at: present(s.opens_at),
-            closes_at: present(s.closes_at),
-        })
-        .collect();
+    let schedules =
+        service.schedules.into_iter().enumerate().map(|(i, s)| schedule(i, s)).collect::<Result<Vec<_>, _>>()?;
     Ok(CatalogService {
         id: gateway_id(source, &source_id),
         source: source.to_owned(),
@@ -219,6 +249,7 @@ pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, St
         schedules,
         phones: service.phones.into_iter().filter_map(|p| present(p.number)).collect(),
         source_modified,
+        time_zone: None,
     })
 }
 
@@ -309,7 +340,8 @@ impl DirectorySource for HsdsApi {
     }
 }
 
-/// An HSDS data package on disk: a JSON file, or a directory of them (each a service, an array, or an API page).
+/// An HSDS data package on disk: a JSON file, a directory of them (each a service, an array, or an API page), or
+/// a directory holding `services.csv`, the tabular (CSV) package ([`super::hsds_csv`]).
 pub struct HsdsPackage {
     name: String,
     path: PathBuf,
@@ -348,13 +380,19 @@ impl DirectorySource for HsdsPackage {
         if page > 1 {
             return Ok(SourcePage::default());
         }
-        let mut records = Vec::new();
-        for file in self.files()? {
-            let err = |detail: String| SourceError::File { path: file.display().to_string(), detail };
-            let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
-            let doc: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-            records.extend(records_of(doc).map_err(err)?);
-        }
+        // A CSV package is recognised first: its `datapackage.json` describes tables, it is no service.
+        let mut records = if super::hsds_csv::is_package(&self.path) {
+            super::hsds_csv::read_records(&self.path)?
+        } else {
+            let mut records = Vec::new();
+            for file in self.files()? {
+                let err = |detail: String| SourceError::File { path: file.display().to_string(), detail };
+                let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
+                let doc: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+                records.extend(records_of(doc).map_err(err)?);
+            }
+            records
+        };
         if let Some(since) = modified_after {
             records.retain(|r| {
                 r.get("last_modified")
@@ -367,6 +405,10 @@ impl DirectorySource for HsdsPackage {
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
+        // A CSV service that could not be assembled travels as a record carrying its reason.
+        if let Some(reason) = super::hsds_csv::rejection_of(raw) {
+            return Err(reason.to_owned());
+        }
         normalise_service(&self.name, raw)
     }
 }
@@ -414,5 +456,64 @@ mod tests {
         assert!(normalise_service("s", &raw).expect_err("no name").starts_with("name:"));
         raw["name"] = Value::from(42);
         assert!(normalise_service("s", &raw).expect_err("wrong type").starts_with("name:"));
+    }
+
+    fn with_schedule(schedule: Value) -> Value {
+        serde_json::json!({"id": "clinic", "name": "Clinic", "status": "active", "schedules": [schedule]})
+    }
+
+    #[test]
+    fn a_schedule_offset_from_a_time_suffix_or_timezone_wins_over_the_source_zone() {
+        use time::macros::datetime;
+        let suffixed = serde_json::json!({"byday": "MO", "opens_at": "09:00-07:00", "closes_at": "17:00-07:00"});
+        let numeric =
+            serde_json::json!({"byday": "MO", "opens_at": "09:00:00", "closes_at": "17:00:00", "timezone": -7});
+        let text = serde_json::json!({"byday": "MO", "opens_at": "09:00", "closes_at": "17:00", "timezone": "-7"});
+        for raw in [suffixed, numeric, text] {
+            let mut service = normalise_service("s", &with_schedule(raw.clone())).expect("valid");
+            assert_eq!(service.schedules[0].utc_offset_minutes, Some(-420), "{raw}");
+            assert!(service.schedules[0].opens_at.as_deref().is_some_and(|t| t.starts_with("09:00")), "{raw}");
+            // The source says Los Angeles, the schedule says UTC-7: in January that is 09:30 at UTC-7 (08:30 in
+            // Los Angeles), open by the schedule's own offset.
+            service.time_zone = Some("America/Los_Angeles".into());
+            let intervals = hours::weekly_intervals(&service);
+            assert!(hours::is_open(&intervals, datetime!(2026-01-12 16:30 UTC)), "{raw}");
+            assert!(!hours::is_open(&intervals, datetime!(2026-01-12 15:30 UTC)), "{raw}");
+        }
+        // `Z` is UTC; a closing time at another offset is said again at the opening's.
+        let utc = normalise_service(
+            "s",
+            &with_schedule(serde_json::json!({"byday": "TU", "opens_at": "16:00Z",
+            "closes_at": "17:00-07:00"})),
+        )
+        .expect("valid");
+        assert_eq!(
+            (utc.schedules[0].opens_at.as_deref(), utc.schedules[0].closes_at.as_deref()),
+            (Some("16:00"), Some("00:00"))
+        );
+        assert_eq!(utc.schedules[0].utc_offset_minutes, Some(0));
+        // Without any offset, the times stay the source's local time.
+        let local = normalise_service(
+            "s",
+            &with_schedule(serde_json::json!({"byday": "MO,WE", "opens_at": "08:00",
+            "closes_at": "18:00"})),
+        )
+        .expect("valid");
+        assert_eq!(local.schedules[0].utc_offset_minutes, None);
+        assert_eq!(local.schedules[0].days, ["MO", "WE"]);
+    }
+
+    #[test]
+    fn a_schedule_time_or_offset_that_is_not_one_refuses_the_record_with_the_field() {
+        for (schedule, field) in [
+            (serde_json::json!({"opens_at": "9am", "closes_at": "17:00"}), "schedules[0].opens_at:"),
+            (serde_json::json!({"opens_at": "09:00", "closes_at": "25:00"}), "schedules[0].closes_at:"),
+            (serde_json::json!({"opens_at": "09:00+15:00"}), "schedules[0].opens_at:"),
+            (serde_json::json!({"opens_at": "09:00", "timezone": "PST"}), "schedules[0].timezone:"),
+            (serde_json::json!({"opens_at": "09:00", "timezone": 20}), "schedules[0].timezone:"),
+        ] {
+            let e = normalise_service("s", &with_schedule(schedule.clone())).expect_err("refused");
+            assert!(e.starts_with(field), "{schedule}: {e}");
+        }
     }
 }

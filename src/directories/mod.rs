@@ -5,9 +5,12 @@
 //! and on a full sync marks the services that vanished from the source as inactive (tombstones; nothing is
 //! deleted). Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
 //! R4 server's `HealthcareService`s). [`publish`] turns the catalog back into FHIR and HSDS for others to read.
+//! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone.
 
 pub mod fhir_directory;
+pub mod hours;
 pub mod hsds;
+pub mod hsds_csv;
 pub mod publish;
 pub mod synthetic;
 
@@ -59,6 +62,9 @@ pub struct CatalogService {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub source_modified: Option<OffsetDateTime>,
+    /// IANA time zone of the source's local opening hours (`[[directories]] time_zone`), stamped by the sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 /// An organisation running services.
@@ -117,10 +123,14 @@ pub struct TaxonomyTerm {
 pub struct Schedule {
     /// Days (`MO`…`SU`).
     pub days: Vec<String>,
-    /// Opening time, `HH:MM`.
+    /// Opening time, `HH:MM` (or `HH:MM:SS`), local to the schedule's zone, without a UTC offset.
     pub opens_at: Option<String>,
-    /// Closing time, `HH:MM`.
+    /// Closing time, `HH:MM` (or `HH:MM:SS`; `24:00` is the end of the day), in the same zone.
     pub closes_at: Option<String>,
+    /// The fixed UTC offset the source gave these times, in minutes east of UTC; without it, the times are in
+    /// the source's `time_zone` (see [`hours`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utc_offset_minutes: Option<i32>,
 }
 
 /// The taxonomy whose codes are the agency's service categories (the `category` search filter).
@@ -190,6 +200,36 @@ pub trait DirectorySource: Send + Sync {
     /// # Errors
     /// A sentence naming the offending field.
     fn normalise(&self, raw: &serde_json::Value) -> Result<CatalogService, String>;
+
+    /// IANA time zone of the source's local opening hours, when configured.
+    fn time_zone(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// A source with the time zone its configuration gives it (so the sources themselves need not know it).
+struct InTimeZone {
+    source: std::sync::Arc<dyn DirectorySource>,
+    time_zone: String,
+}
+
+#[async_trait]
+impl DirectorySource for InTimeZone {
+    fn name(&self) -> &str {
+        self.source.name()
+    }
+
+    async fn page(&self, page: u32, modified_after: Option<OffsetDateTime>) -> Result<SourcePage, SourceError> {
+        self.source.page(page, modified_after).await
+    }
+
+    fn normalise(&self, raw: &serde_json::Value) -> Result<CatalogService, String> {
+        self.source.normalise(raw)
+    }
+
+    fn time_zone(&self) -> Option<&str> {
+        Some(self.time_zone.as_str())
+    }
 }
 
 /// A full sync reads everything and marks what vanished; an incremental one reads what changed since the last.
@@ -254,6 +294,10 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
+/// Services kept per transaction: one commit (one `fsync` on SQLite) for the lot instead of one each, while other
+/// writers (referrals) wait at most one batch for the database.
+const UPSERT_BATCH: usize = 200;
+
 /// Most pages a sync reads, so a source that never says "last page" cannot keep it going forever.
 const MAX_PAGES: u32 = 100_000;
 
@@ -279,28 +323,37 @@ pub async fn sync(
     for page in 1..=MAX_PAGES {
         let batch =
             source.page(page, since).await.map_err(|error| SyncError::Source { source_name: name.clone(), error })?;
-        for raw in &batch.records {
-            read += 1;
-            match source.normalise(raw) {
-                Ok(service) => {
-                    newest = newest.max(service.source_modified);
-                    match store.upsert_directory_service(&service, raw, now).await? {
-                        Upserted::Added => report.added += 1,
-                        Upserted::Updated => report.updated += 1,
-                        Upserted::Unchanged => report.unchanged += 1,
+        for chunk in batch.records.chunks(UPSERT_BATCH) {
+            let mut kept = Vec::with_capacity(chunk.len());
+            for raw in chunk {
+                match source.normalise(raw) {
+                    Ok(mut service) => {
+                        if service.time_zone.is_none() {
+                            service.time_zone = source.time_zone().map(str::to_owned);
+                        }
+                        newest = newest.max(service.source_modified);
+                        kept.push((service, raw));
                     }
-                }
-                Err(reason) => {
-                    let source_id = raw.get("id").and_then(|v| v.as_str()).map(str::to_owned);
-                    if let Some(id) = &source_id {
-                        store.mark_directory_service_seen(&name, id, now).await?;
+                    Err(reason) => {
+                        let source_id = raw.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+                        if let Some(id) = &source_id {
+                            store.mark_directory_service_seen(&name, id, now).await?;
+                        }
+                        tracing::warn!(source = %name, source_id = source_id.as_deref().unwrap_or("-"), %reason, "Directory record rejected.");
+                        report.rejected.push(Rejection { source_id, reason });
                     }
-                    tracing::warn!(source = %name, source_id = source_id.as_deref().unwrap_or("-"), %reason, "Directory record rejected.");
-                    report.rejected.push(Rejection { source_id, reason });
                 }
             }
+            for done in store.upsert_directory_services(&kept, now).await? {
+                match done {
+                    Upserted::Added => report.added += 1,
+                    Upserted::Updated => report.updated += 1,
+                    Upserted::Unchanged => report.unchanged += 1,
+                }
+            }
+            read += chunk.len();
+            progress(read);
         }
-        progress(read);
         if !batch.more {
             break;
         }
@@ -333,6 +386,9 @@ pub struct ServiceQuery {
     pub language: Option<String>,
     /// Also list services gone from their source or not `active` there.
     pub include_inactive: bool,
+    /// Only services open at this instant (`open_now`), by their hours in their zone; services whose hours or
+    /// time zone are unknown never match (see [`hours`]).
+    pub open_at: Option<OffsetDateTime>,
     /// Page, from 1.
     pub page: u32,
     /// Services per page.
@@ -364,12 +420,27 @@ pub struct ServiceHit {
     pub source: String,
 }
 
-/// The source a configuration entry describes.
+/// The source a configuration entry describes, in its configured time zone; a FHIR directory reads its category
+/// map under `mappings_dir`.
 ///
 /// # Errors
-/// When its credential variable is unset or its HTTP client cannot be built.
+/// When its credential variable is unset, its HTTP client cannot be built, or (a FHIR directory) its category map
+/// is missing or broken (`SourceError::File` naming the file).
 pub fn source_from_settings(
     settings: &crate::config::DirectorySettings,
+    mappings_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn DirectorySource>, SourceError> {
+    let source = source_of(settings, mappings_dir)?;
+    Ok(match settings.time_zone() {
+        Some(zone) => std::sync::Arc::new(InTimeZone { source, time_zone: zone.to_owned() }),
+        None => source,
+    })
+}
+
+/// The source a configuration entry describes, as read from it.
+fn source_of(
+    settings: &crate::config::DirectorySettings,
+    mappings_dir: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn DirectorySource>, SourceError> {
     use crate::config::DirectorySettings;
     Ok(match settings {
@@ -397,7 +468,10 @@ pub fn source_from_settings(
                 None => None,
             };
             let timeout = std::time::Duration::from_secs(*timeout_secs);
-            std::sync::Arc::new(fhir_directory::FhirDirectory::new(name, base_url, *per_page, token, timeout)?)
+            let categories = fhir_directory::CategoryMap::for_source(mappings_dir)?;
+            std::sync::Arc::new(fhir_directory::FhirDirectory::new(
+                name, base_url, *per_page, token, timeout, categories,
+            )?)
         }
     })
 }

@@ -24,6 +24,12 @@ pub fn public_uuid(gateway_id: &str) -> String {
     uuid::Uuid::new_v5(&HSDS_NAMESPACE, gateway_id.as_bytes()).to_string()
 }
 
+/// The UUID a taxonomy term is published under as HSDS (the same for every service carrying it).
+#[must_use]
+pub fn term_public_uuid(taxonomy: &str, code: &str) -> String {
+    public_uuid(&format!("{taxonomy}|{code}"))
+}
+
 /// The HSDS `status` of a service: the source's, or `inactive` once it vanished from its source.
 fn hsds_status(s: &CatalogService, active: bool) -> &str {
     match s.status.as_str() {
@@ -127,7 +133,7 @@ pub fn hsds_service(s: &CatalogService, active: bool, updated_at: OffsetDateTime
         .terms
         .iter()
         .map(|t| {
-            let term_id = public_uuid(&format!("{}|{}", t.taxonomy, t.code));
+            let term_id = term_public_uuid(&t.taxonomy, &t.code);
             json!({
                 "id": public_uuid(&format!("{}|term|{}|{}", s.id, t.taxonomy, t.code)),
                 "link_id": sid,

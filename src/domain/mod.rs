@@ -109,4 +109,9 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// Checks the rules a type cannot express, adding every violation to `v`.
     fn validate(&self, v: &mut Validator);
+
+    /// The directory service this record names as its target (referrals), checked against the catalog on write.
+    fn directory_service(&self) -> Option<&RecordId> {
+        None
+    }
 }

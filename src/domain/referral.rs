@@ -189,6 +189,13 @@ impl AgencyRecord for Referral {
 
     const STATUS_HAS_ITS_OWN_ENDPOINT: bool = true;
 
+    fn directory_service(&self) -> Option<&RecordId> {
+        match &self.target {
+            ReferralTarget::DirectoryService { service_id } => Some(service_id),
+            ReferralTarget::Partner { .. } => None,
+        }
+    }
+
     fn validate(&self, v: &mut Validator) {
         v.check(
             self.goal_ids.is_empty() || self.care_plan_id.is_some(),

@@ -206,6 +206,51 @@ fn invalid_query(detail: impl Into<String>) -> ApiError {
     Problem::new(ProblemType::InvalidQuery).detail(detail).into()
 }
 
+/// A record naming a directory service as its target must name one the catalog has and still offers. A record
+/// that already named a service keeps it when the service is later withdrawn; a source that has never been synced
+/// cannot be checked yet, so its ids are taken on trust (and logged).
+async fn check_directory_target<T: AgencyRecord>(
+    state: &AppState,
+    id: &RecordId,
+    service_id: &RecordId,
+) -> Result<(), ApiError> {
+    let refuse = |detail: String| -> ApiError {
+        Problem::new(ProblemType::InvalidRecord)
+            .detail("1 rule(s) broken")
+            .errors(vec![domain::FieldError { path: "$.target.service_id".into(), detail }])
+            .into()
+    };
+    match state.store.directory_service(service_id.as_str()).await.map_err(store_problem)? {
+        Some((_, true)) => Ok(()),
+        Some((_, false)) => {
+            let stored = state.store.get_record(T::KIND, id).await.map_err(store_problem)?;
+            let kept = stored
+                .and_then(|s| serde_json::from_str::<T>(&s.body).ok())
+                .is_some_and(|r| r.directory_service() == Some(service_id));
+            if kept {
+                Ok(())
+            } else {
+                Err(refuse("the directory no longer offers this service (it is inactive in the catalog)".into()))
+            }
+        }
+        None => {
+            let source = service_id.as_str().split_once('.').map(|(s, _)| s).filter(|s| state.sources.contains_key(*s));
+            let Some(source) = source else {
+                return Err(refuse(
+                    "no configured directory has this service: ids are <directory>.<id>, as GET /api/v1/services gives them"
+                        .into(),
+                ));
+            };
+            if state.store.directory_last_success(source).await.map_err(store_problem)?.is_some() {
+                return Err(refuse(format!("directory {source} has no service with this id")));
+            }
+            tracing::info!(record = %id, service = %service_id, directory = source,
+                "Directory not synced yet: the referral's target service is taken unchecked.");
+            Ok(())
+        }
+    }
+}
+
 async fn put_record<T: AgencyRecord>(
     state: &AppState,
     actor: CallerActor,
@@ -213,6 +258,9 @@ async fn put_record<T: AgencyRecord>(
     pre: Conditions,
     record: T,
 ) -> Result<Response, ApiError> {
+    if let Some(service_id) = record.directory_service() {
+        check_directory_target::<T>(state, &path.id, service_id).await?;
+    }
     let saved =
         intake::put(&*state.store, path.id.clone(), record, pre.0, &actor.0, Change::Put, OffsetDateTime::now_utc())
             .await

@@ -41,6 +41,11 @@ pub struct SearchParams {
     language: Option<String>,
     /// Also list services that are not active: gone from their source, or marked inactive, defunct or closed there.
     include_inactive: Option<bool>,
+    /// `true`: only services open now by their weekly hours, in their time zone. Services whose hours or time zone
+    /// are unknown never match. `false` (the default) does not filter.
+    open_now: Option<String>,
+    /// Only services open at this instant (RFC 3339, e.g. `2026-07-01T16:30:00Z`): `open_now` at another time.
+    open_at: Option<String>,
     /// Page, from 1.
     page: Option<u32>,
     /// Results per page (default 20, at most 100).
@@ -64,7 +69,26 @@ fn bad_query(detail: impl Into<String>) -> ApiError {
     Problem::new(ProblemType::InvalidQuery).detail(detail).into()
 }
 
-fn service_query(p: SearchParams) -> Result<ServiceQuery, ApiError> {
+/// The instant an `open_now`/`open_at` search asks about, if any; `now` is the request's time.
+fn open_at(p: &SearchParams, now: OffsetDateTime) -> Result<Option<OffsetDateTime>, ApiError> {
+    let open_now = match p.open_now.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(bad_query("open_now: true or false")),
+    };
+    match p.open_at.as_deref() {
+        None => Ok(open_now.then_some(now)),
+        Some(_) if p.open_now.as_deref() == Some("false") => Err(bad_query("open_now: false contradicts open_at")),
+        Some(t) => {
+            OffsetDateTime::parse(t.trim(), &time::format_description::well_known::Rfc3339).map(Some).map_err(|_| {
+                bad_query("open_at: expected an RFC 3339 date-time with its offset, e.g. 2026-07-01T16:30:00Z")
+            })
+        }
+    }
+}
+
+fn service_query(p: SearchParams, now: OffsetDateTime) -> Result<ServiceQuery, ApiError> {
+    let open_at = open_at(&p, now)?;
     let near = match &p.near {
         None => None,
         Some(text) => {
@@ -100,12 +124,14 @@ fn service_query(p: SearchParams) -> Result<ServiceQuery, ApiError> {
         radius_km,
         language: p.language,
         include_inactive: p.include_inactive.unwrap_or(false),
+        open_at,
         page,
         per_page,
     })
 }
 
-/// Searches the service catalog: full text, category, taxonomy term, language, distance; ranked and paged.
+/// Searches the service catalog: full text, category, taxonomy term, language, distance, open now; ranked and
+/// paged.
 #[utoipa::path(get, path = "/api/v1/services", tag = "directory", params(SearchParams),
     responses((status = 200, description = "One page of results, best first", body = SearchPage),
               (status = 400, description = "A malformed parameter", body = Problem, content_type = "application/problem+json")),
@@ -114,7 +140,7 @@ pub async fn search(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<SearchParams>,
 ) -> Result<Json<SearchPage>, ApiError> {
-    let query = service_query(params)?;
+    let query = service_query(params, OffsetDateTime::now_utc())?;
     let (items, total) = state.store.search_services(&query).await.map_err(super::api::store_problem)?;
     Ok(Json(SearchPage { items, total, page: query.page, per_page: query.per_page }))
 }

@@ -31,6 +31,21 @@ pub struct ServicesParams {
     per_page: Option<u32>,
     /// Only services changed in the catalog after this instant (RFC 3339).
     modified_after: Option<String>,
+    /// Only services carrying this taxonomy term (its HSDS id, a UUID).
+    taxonomy_term_id: Option<String>,
+    /// Only services of this organisation (its HSDS id, a UUID).
+    organization_id: Option<String>,
+}
+
+/// An HSDS id parameter: a UUID, lower case as published.
+fn uuid_param(name: &str, value: Option<&str>) -> Result<Option<String>, ApiError> {
+    value
+        .map(|v| {
+            uuid::Uuid::parse_str(v.trim())
+                .map(|u| u.to_string())
+                .map_err(|_| Problem::new(ProblemType::InvalidQuery).detail(format!("{name} is a UUID")).into())
+        })
+        .transpose()
 }
 
 /// `GET /hsds/`: what this API is.
@@ -42,7 +57,7 @@ pub async fn root() -> Json<Value> {
     }))
 }
 
-/// `GET /hsds/services?search=&page=&per_page=&modified_after=`: a page of services (one-to-one fields).
+/// `GET /hsds/services?search=&page=&per_page=&modified_after=&taxonomy_term_id=&organization_id=`: a page of services (one-to-one fields).
 ///
 /// # Errors
 /// A problem for a malformed parameter or an unreadable catalog.
@@ -60,6 +75,8 @@ pub async fn services(
         .map_err(|_| Problem::new(ProblemType::InvalidQuery).detail("modified_after is an RFC 3339 instant"))?;
     let listing = CatalogListing {
         name: p.search.clone(),
+        term_public_id: uuid_param("taxonomy_term_id", p.taxonomy_term_id.as_deref())?,
+        organization_public_id: uuid_param("organization_id", p.organization_id.as_deref())?,
         updated_after: modified_after,
         include_inactive: true,
         offset: (page - 1).saturating_mul(per_page),

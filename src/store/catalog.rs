@@ -21,6 +21,10 @@ pub struct CatalogListing {
     pub term: Option<String>,
     /// Gateway id of the organisation.
     pub organization: Option<String>,
+    /// The UUID the organisation is published under as HSDS.
+    pub organization_public_id: Option<String>,
+    /// The UUID a taxonomy term is published under as HSDS.
+    pub term_public_id: Option<String>,
     /// Gateway id of a location.
     pub location: Option<String>,
     /// Changed in the catalog after this time.
@@ -61,6 +65,24 @@ pub trait Catalog: Send + Sync {
         now: OffsetDateTime,
     ) -> Result<Upserted, StoreError>;
 
+    /// Keeps a batch of services as [`Catalog::upsert_directory_service`] does each, all in one transaction
+    /// (one commit for the lot: a sync's batches are what makes it fast), and says what it did to each, in order.
+    ///
+    /// # Errors
+    /// `Database` when the batch could not be kept; then none of it is.
+    async fn upsert_directory_services(
+        &self,
+        batch: &[(CatalogService, &Value)],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Upserted>, StoreError>;
+
+    /// Gives the HSDS id (a UUID v5, see `directories::publish`) to every service, organisation and taxonomy term
+    /// kept before the migration that added it; returns how many rows it filled. Run when the store opens.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn fill_public_ids(&self) -> Result<usize, StoreError>;
+
     /// Marks inactive every active service of `source` not seen since `sync_started` (the start of a full sync);
     /// returns how many.
     ///
@@ -84,7 +106,13 @@ pub trait Catalog: Send + Sync {
         now: OffsetDateTime,
     ) -> Result<(), StoreError>;
 
-    /// The newest `last_modified` seen by the last successful sync of `source`.
+    /// When a sync of `source` last succeeded (`None`: never).
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn directory_last_success(&self, source: &str) -> Result<Option<OffsetDateTime>, StoreError>;
+
+    /// The newest change time the last sync of `source` saw (where an incremental sync starts).
     ///
     /// # Errors
     /// `Database`.

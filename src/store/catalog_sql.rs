@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use super::catalog::{Catalog, CatalogListing, Listed};
 use super::sql::SqlStore;
 use super::{StoreError, from_micros, to_micros};
+use crate::directories::hours::{self, LocalMoment};
 use crate::directories::{
     CATEGORY_TAXONOMY, CatalogLocation, CatalogOrganization, CatalogService, ServiceHit, ServiceQuery, Upserted,
 };
@@ -22,30 +23,48 @@ use crate::directories::{
 /// Kilometres per degree of latitude.
 const KM_PER_DEGREE: f64 = 111.195;
 
-/// SQLite: words through FTS5, ranked by BM25 with the name weighing ten times the description.
-fn sqlite_text(sql: &mut SearchSql, text: &str) {
-    if let Some(expr) = fts5_query(text) {
-        let p = sql.bind(Arg::Text(expr));
-        // The matches as a set of their own: joined to the services the other way round, SQLite may scan the
-        // services and run the MATCH once per row, which is quadratic.
-        sql.ctes.push(format!(
-            "ft AS MATERIALIZED (SELECT rowid AS fts_rowid, bm25(directory_services_fts, 10.0, 1.0) AS score \
-               FROM directory_services_fts WHERE directory_services_fts MATCH {p})"
-        ));
-        sql.sets.push(("ft", "s.rowid = ft.fts_rowid"));
-        sql.order.push("ft.score".into());
+/// SQLite: words through FTS5. Without a radius the matches are a set of their own, ranked by BM25 with the name
+/// weighing ten times the description. Within a radius the (few) services inside it are each probed instead: BM25
+/// is no use there, as FTS5 recounts each word's matches over the whole index every time it scores one row.
+fn sqlite_text(sql: &mut SearchSql, text: &str, near: bool) {
+    let Some(expr) = fts5_query(text) else { return };
+    if near {
+        let (p, pn) = (sql.bind(Arg::Text(expr.clone())), sql.bind(Arg::Text(format!("name : ({expr})"))));
+        let probe = |q: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM directory_services_fts WHERE directory_services_fts MATCH {q} \
+                   AND directory_services_fts.rowid = s.rowid)"
+            )
+        };
+        sql.text_conditions.push(probe(&p));
+        sql.rank.push(format!("NOT {}", probe(&pn)));
+        return;
     }
+    let p = sql.bind(Arg::Text(expr));
+    // The matches as a set of their own: joined to the services the other way round, SQLite may scan the
+    // services and run the MATCH once per row, which is quadratic.
+    sql.ctes.push(format!(
+        "ft AS MATERIALIZED (SELECT rowid AS fts_rowid, bm25(directory_services_fts, 10.0, 1.0) AS score \
+           FROM directory_services_fts WHERE directory_services_fts MATCH {p})"
+    ));
+    sql.sets.push(("ft", "s.rowid = ft.fts_rowid"));
+    sql.rank.push("ft.score".into());
 }
 
-/// PostgreSQL: words through the generated `tsvector` (name weighted A, description B), ranked by `ts_rank`.
-fn postgres_text(sql: &mut SearchSql, text: &str) {
+/// PostgreSQL: words through the generated `tsvector` (name weighted A, description B). Without a radius, ranked
+/// by `ts_rank`; within one, services whose name matches first, as on SQLite.
+fn postgres_text(sql: &mut SearchSql, text: &str, near: bool) {
     let text = text.trim();
     if text.is_empty() {
         return;
     }
     let p = sql.bind(Arg::Text(text.to_owned()));
-    sql.conditions.push(format!("s.search @@ websearch_to_tsquery('english', {p})"));
-    sql.order.push(format!("ts_rank(s.search, websearch_to_tsquery('english', {p})) DESC"));
+    sql.text_conditions.push(format!("s.search @@ websearch_to_tsquery('english', {p})"));
+    if near {
+        sql.rank.push(format!("NOT (ts_filter(s.search, '{{a}}') @@ websearch_to_tsquery('english', {p}))"));
+    } else {
+        sql.rank.push(format!("ts_rank(s.search, websearch_to_tsquery('english', {p})) DESC"));
+    }
 }
 
 /// The FTS5 query for free text: every word must match, the last one as a prefix; `None` when there is no word.
@@ -69,6 +88,10 @@ enum Arg {
 
 /// The SQL of one search, built from only the filters it uses (so each can drive its index), with every value
 /// bound, never spliced: fragments are fixed text, values become `$n`.
+///
+/// With a radius, the services inside it that pass every other filter are a materialised set of their own (`c`,
+/// a fence both planners respect), and only those are checked against the text: the radius is the smallest set a
+/// search has. Without one, the text matches (SQLite) or the filters' indexes drive.
 struct SearchSql {
     args: Vec<Arg>,
     /// Materialised subqueries (`name AS MATERIALIZED (…)`).
@@ -77,9 +100,17 @@ struct SearchSql {
     sets: Vec<(&'static str, &'static str)>,
     /// The join that makes the first set drive: `CROSS JOIN` on SQLite (it fixes the order), `JOIN` elsewhere.
     driving_join: &'static str,
+    /// Filters on the service row.
     conditions: Vec<String>,
-    order: Vec<String>,
-    distance: &'static str,
+    /// The text's conditions (applied after the radius, when there is one).
+    text_conditions: Vec<String>,
+    /// The text's ranking, before distance and name.
+    rank: Vec<String>,
+    /// Whether a radius drives (`c` is the set of services inside it).
+    near: bool,
+    /// `open_now`: the search's instant as local weekday and minute in every zone the catalog keeps hours in,
+    /// set by the caller before `filters` (reading the zones takes a query).
+    open_at: Option<Vec<LocalMoment>>,
 }
 
 impl SearchSql {
@@ -96,30 +127,66 @@ impl SearchSql {
             sets: Vec::new(),
             driving_join,
             conditions: Vec::new(),
-            order: Vec::new(),
-            distance: "CAST(NULL AS DOUBLE PRECISION)",
+            text_conditions: Vec::new(),
+            rank: Vec::new(),
+            near: false,
+            open_at: None,
+        }
+    }
+
+    /// A filter on a side table keyed by service id: an `IN` over its index when it may drive, a probe per
+    /// service when the radius has already narrowed them down (an `IN` would first collect every match).
+    fn side_filter(&self, table: &str, condition: &str) -> String {
+        if self.near {
+            format!("EXISTS (SELECT 1 FROM {table} x WHERE x.service_id = s.id AND {condition})")
+        } else {
+            format!("s.id IN (SELECT service_id FROM {table} x WHERE {condition})")
         }
     }
 
     fn filters(&mut self, q: &ServiceQuery) {
+        self.near = q.near.is_some();
         if !q.include_inactive {
             self.conditions.push("s.active = 1 AND s.status = 'active'".into());
         }
         if let Some(category) = &q.category {
             let p = self.bind(Arg::Text(category.clone()));
-            self.conditions.push(format!(
-                "s.id IN (SELECT service_id FROM directory_service_terms WHERE code = {p} AND taxonomy = '{CATEGORY_TAXONOMY}')"
-            ));
+            let f = self.side_filter(
+                "directory_service_terms",
+                &format!("x.code = {p} AND x.taxonomy = '{CATEGORY_TAXONOMY}'"),
+            );
+            self.conditions.push(f);
         }
         if let Some(term) = &q.taxonomy_term {
             let p = self.bind(Arg::Text(term.clone()));
-            self.conditions.push(format!("s.id IN (SELECT service_id FROM directory_service_terms WHERE code = {p})"));
+            let f = self.side_filter("directory_service_terms", &format!("x.code = {p}"));
+            self.conditions.push(f);
         }
         if let Some(language) = &q.language {
             let p = self.bind(Arg::Text(language.to_ascii_lowercase()));
-            self.conditions
-                .push(format!("s.id IN (SELECT service_id FROM directory_service_languages WHERE language = {p})"));
+            let f = self.side_filter("directory_service_languages", &format!("x.language = {p}"));
+            self.conditions.push(f);
         }
+        // ---- open_now (directories::hours): an interval holding the instant's local weekday and minute in the
+        // interval's zone, one bound branch per zone. No zone at all: nothing can be open.
+        if let Some(moments) = self.open_at.take() {
+            let mut branches = Vec::new();
+            for m in moments {
+                let zone = self.bind(Arg::Text(m.zone));
+                let day = self.bind(Arg::Int(i64::from(m.day)));
+                let minute = self.bind(Arg::Int(i64::from(m.minute)));
+                branches.push(format!(
+                    "(x.zone = {zone} AND x.day = {day} AND x.opens_min <= {minute} AND x.closes_min > {minute})"
+                ));
+            }
+            let f = if branches.is_empty() {
+                "1 = 0".to_owned()
+            } else {
+                self.side_filter("directory_service_hours", &format!("({})", branches.join(" OR ")))
+            };
+            self.conditions.push(f);
+        }
+        // ---- end open_now
         if let Some((lat, lon)) = q.near {
             let scale = lat.to_radians().cos().max(0.01);
             let dlat = q.radius_km / KM_PER_DEGREE;
@@ -140,20 +207,21 @@ impl SearchSql {
             ));
             self.sets.insert(0, ("nb", "s.id = nb.sid"));
             self.conditions.push(format!("nb.d2 <= {max}"));
-            self.distance = "nb.d2";
-            self.order.push("nb.d2".into());
         }
-        self.order.push("s.name".into());
-        self.order.push("s.id".into());
     }
 
-    fn where_clause(&self) -> String {
-        if self.conditions.is_empty() { String::new() } else { format!(" WHERE {}", self.conditions.join(" AND ")) }
+    fn where_clause(conditions: &[&String]) -> String {
+        if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(" AND "))
+        }
     }
 
-    /// `WITH … FROM …`: the driving set, then the services, then the other sets.
+    /// `WITH … FROM …`: the driving set, then the services, then the other sets. With a radius, the services
+    /// inside it that pass the filters first (`c`), then the text over those alone.
     fn from(&self) -> String {
-        let with = if self.ctes.is_empty() { String::new() } else { format!("WITH {} ", self.ctes.join(", ")) };
+        let mut ctes = self.ctes.clone();
         let mut from = match self.sets.first() {
             None => "directory_services s".to_owned(),
             Some((name, on)) => format!("{name} {} directory_services s ON {on}", self.driving_join),
@@ -161,7 +229,28 @@ impl SearchSql {
         for (name, on) in self.sets.iter().skip(1) {
             from.push_str(&format!(" JOIN {name} ON {on}"));
         }
-        format!("{with}SELECT {{columns}} FROM {from}{}", self.where_clause())
+        let mut conditions: Vec<&String> = self.conditions.iter().collect();
+        if self.near {
+            ctes.push(format!(
+                "c AS MATERIALIZED (SELECT s.id AS cid, nb.d2 AS d2 FROM {from}{})",
+                Self::where_clause(&conditions)
+            ));
+            from = format!("c {} directory_services s ON s.id = c.cid", self.driving_join);
+            conditions.clear();
+        }
+        conditions.extend(&self.text_conditions);
+        let with = if ctes.is_empty() { String::new() } else { format!("WITH {} ", ctes.join(", ")) };
+        format!("{with}SELECT {{columns}} FROM {from}{}", Self::where_clause(&conditions))
+    }
+
+    /// Best text match first, then nearest, then by name.
+    fn order(&self) -> String {
+        let mut order = self.rank.clone();
+        if self.near {
+            order.push("c.d2".into());
+        }
+        order.extend(["s.name".to_owned(), "s.id".to_owned()]);
+        order.join(", ")
     }
 
     fn count_sql(&self) -> String {
@@ -171,11 +260,12 @@ impl SearchSql {
 
     /// One page, each row carrying the number of matches in all (one pass instead of a count and a page).
     fn page_sql(&self, limit: i64, offset: i64) -> String {
-        let columns = format!("s.doc, s.active, {} AS d2, COUNT(*) OVER () AS total", self.distance);
+        let distance = if self.near { "c.d2" } else { "CAST(NULL AS DOUBLE PRECISION)" };
+        let columns = format!("s.doc, s.active, {distance} AS d2, COUNT(*) OVER () AS total");
         format!(
             "{} ORDER BY {} LIMIT {limit} OFFSET {offset}",
             self.from().replace("{columns}", &columns),
-            self.order.join(", ")
+            self.order()
         )
     }
 }
@@ -221,6 +311,14 @@ fn listing_sql(l: &CatalogListing) -> (String, String, Vec<Arg>) {
     if let Some(org) = &l.organization {
         let p = bind(&mut args, Arg::Text(org.clone()));
         conditions.push(format!("s.organization_id = {p}"));
+    }
+    if let Some(id) = &l.organization_public_id {
+        let p = bind(&mut args, Arg::Text(id.clone()));
+        conditions.push(format!("s.organization_id IN (SELECT id FROM directory_organizations WHERE public_id = {p})"));
+    }
+    if let Some(id) = &l.term_public_id {
+        let p = bind(&mut args, Arg::Text(id.clone()));
+        conditions.push(format!("s.id IN (SELECT service_id FROM directory_service_terms WHERE public_id = {p})"));
     }
     if let Some(loc) = &l.location {
         let p = bind(&mut args, Arg::Text(loc.clone()));
@@ -303,6 +401,173 @@ fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, Store
 macro_rules! impl_catalog {
     ($db:ty, $begin:literal, $driving_join:literal, $text:expr) => {
         impl SqlStore<$db> {
+            /// Keeps one service in `tx` (the caller commits): organisation, locations, the service, its terms,
+            /// languages and hours.
+            async fn upsert_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                service: &CatalogService,
+                raw: &Value,
+                now: i64,
+            ) -> Result<Upserted, StoreError> {
+                let doc = serde_json::to_string(service).map_err(StoreError::CorruptCatalog)?;
+                let raw = raw.to_string();
+                let current: Option<(String, String, i64, i64)> =
+                    sqlx::query_as("SELECT doc, raw, active, hours_version FROM directory_services WHERE id = $1")
+                        .bind(&service.id)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                if let Some((old_doc, old_raw, 1, hours_version)) = &current {
+                    if *old_doc == doc && *old_raw == raw {
+                        sqlx::query(
+                            "UPDATE directory_services SET seen_at = $2, public_id = COALESCE(public_id, $3) \
+                             WHERE id = $1",
+                        )
+                        .bind(&service.id)
+                        .bind(now)
+                        .bind(public_id(&service.id))
+                        .execute(&mut **tx)
+                        .await?;
+                        // Kept before its hours were indexed (or by older rules): index them now.
+                        if *hours_version != hours::RULES_VERSION {
+                            Self::replace_hours(tx, service).await?;
+                        }
+                        return Ok(Upserted::Unchanged);
+                    }
+                }
+                if let Some(org) = &service.organization {
+                    sqlx::query(
+                        "INSERT INTO directory_organizations (id, source, source_id, name, doc, updated_at, public_id) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+                         doc = excluded.doc, updated_at = excluded.updated_at, public_id = excluded.public_id",
+                    )
+                    .bind(&org.id)
+                    .bind(&service.source)
+                    .bind(&org.source_id)
+                    .bind(&org.name)
+                    .bind(serde_json::to_string(org).map_err(StoreError::CorruptCatalog)?)
+                    .bind(now)
+                    .bind(public_id(&org.id))
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                for l in &service.locations {
+                    sqlx::query(
+                        "INSERT INTO directory_locations (id, source, source_id, name, latitude, longitude, doc, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+                         latitude = excluded.latitude, longitude = excluded.longitude, doc = excluded.doc, \
+                         updated_at = excluded.updated_at",
+                    )
+                    .bind(&l.id)
+                    .bind(&service.source)
+                    .bind(&l.source_id)
+                    .bind(&l.name)
+                    .bind(l.latitude)
+                    .bind(l.longitude)
+                    .bind(serde_json::to_string(l).map_err(StoreError::CorruptCatalog)?)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
+                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12) \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
+                     status = excluded.status, organization_id = excluded.organization_id, active = 1, \
+                     vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
+                     source_modified = excluded.source_modified, seen_at = excluded.seen_at, \
+                     updated_at = excluded.updated_at, public_id = excluded.public_id",
+                )
+                .bind(&service.id)
+                .bind(&service.source)
+                .bind(&service.source_id)
+                .bind(&service.name)
+                .bind(&service.description)
+                .bind(&service.status)
+                .bind(service.organization.as_ref().map(|o| o.id.as_str()))
+                .bind(&doc)
+                .bind(&raw)
+                .bind(service.source_modified.map(to_micros))
+                .bind(now)
+                .bind(public_id(&service.id))
+                .execute(&mut **tx)
+                .await?;
+                for table in ["directory_service_locations", "directory_service_terms", "directory_service_languages"] {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE service_id = $1")))
+                        .bind(&service.id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                for l in &service.locations {
+                    sqlx::query("INSERT INTO directory_service_locations (service_id, location_id) VALUES ($1, $2)")
+                        .bind(&service.id)
+                        .bind(&l.id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                for t in &service.terms {
+                    sqlx::query(
+                        "INSERT INTO directory_service_terms (service_id, taxonomy, code, name, public_id) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(&service.id)
+                    .bind(&t.taxonomy)
+                    .bind(&t.code)
+                    .bind(&t.name)
+                    .bind(crate::directories::publish::term_public_uuid(&t.taxonomy, &t.code))
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                for language in &service.languages {
+                    sqlx::query("INSERT INTO directory_service_languages (service_id, language) VALUES ($1, $2)")
+                        .bind(&service.id)
+                        .bind(language)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Self::replace_hours(tx, service).await?;
+                Ok(if current.is_some() { Upserted::Updated } else { Upserted::Added })
+            }
+
+            /// Replaces a service's opening-hour intervals and notes their zones, in the upsert's transaction.
+            async fn replace_hours(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                service: &CatalogService,
+            ) -> Result<(), StoreError> {
+                sqlx::query("DELETE FROM directory_service_hours WHERE service_id = $1")
+                    .bind(&service.id)
+                    .execute(&mut **tx)
+                    .await?;
+                let intervals = hours::weekly_intervals(service);
+                for i in &intervals {
+                    sqlx::query(
+                        "INSERT INTO directory_service_hours (service_id, zone, day, opens_min, closes_min) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(&service.id)
+                    .bind(&i.zone)
+                    .bind(i64::from(i.day))
+                    .bind(i64::from(i.opens_min))
+                    .bind(i64::from(i.closes_min))
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                let mut zones: Vec<&str> = intervals.iter().map(|i| i.zone.as_str()).collect();
+                zones.dedup();
+                for zone in zones {
+                    sqlx::query("INSERT INTO directory_time_zones (zone) VALUES ($1) ON CONFLICT (zone) DO NOTHING")
+                        .bind(zone)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                sqlx::query("UPDATE directory_services SET hours_version = $2 WHERE id = $1")
+                    .bind(&service.id)
+                    .bind(hours::RULES_VERSION)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
             /// Runs a listing: its page of `(doc, active, updated_at)` and the number of matches.
             async fn listing_rows(
                 &self,
@@ -344,120 +609,80 @@ macro_rules! impl_catalog {
                 raw: &Value,
                 now: OffsetDateTime,
             ) -> Result<Upserted, StoreError> {
-                let now = to_micros(now);
-                let doc = serde_json::to_string(service).map_err(StoreError::CorruptCatalog)?;
-                let raw = raw.to_string();
                 let mut tx = self.writer().begin_with($begin).await?;
-                let current: Option<(String, String, i64)> =
-                    sqlx::query_as("SELECT doc, raw, active FROM directory_services WHERE id = $1")
-                        .bind(&service.id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if let Some((old_doc, old_raw, 1)) = &current {
-                    if *old_doc == doc && *old_raw == raw {
-                        sqlx::query(
-                            "UPDATE directory_services SET seen_at = $2, public_id = COALESCE(public_id, $3) \
-                             WHERE id = $1",
-                        )
-                        .bind(&service.id)
-                        .bind(now)
-                        .bind(public_id(&service.id))
-                        .execute(&mut *tx)
-                        .await?;
-                        tx.commit().await?;
-                        return Ok(Upserted::Unchanged);
-                    }
-                }
-                if let Some(org) = &service.organization {
-                    sqlx::query(
-                        "INSERT INTO directory_organizations (id, source, source_id, name, doc, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
-                         doc = excluded.doc, updated_at = excluded.updated_at",
-                    )
-                    .bind(&org.id)
-                    .bind(&service.source)
-                    .bind(&org.source_id)
-                    .bind(&org.name)
-                    .bind(serde_json::to_string(org).map_err(StoreError::CorruptCatalog)?)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                for l in &service.locations {
-                    sqlx::query(
-                        "INSERT INTO directory_locations (id, source, source_id, name, latitude, longitude, doc, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
-                         latitude = excluded.latitude, longitude = excluded.longitude, doc = excluded.doc, \
-                         updated_at = excluded.updated_at",
-                    )
-                    .bind(&l.id)
-                    .bind(&service.source)
-                    .bind(&l.source_id)
-                    .bind(&l.name)
-                    .bind(l.latitude)
-                    .bind(l.longitude)
-                    .bind(serde_json::to_string(l).map_err(StoreError::CorruptCatalog)?)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                sqlx::query(
-                    "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
-                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12) \
-                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
-                     status = excluded.status, organization_id = excluded.organization_id, active = 1, \
-                     vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
-                     source_modified = excluded.source_modified, seen_at = excluded.seen_at, \
-                     updated_at = excluded.updated_at, public_id = excluded.public_id",
-                )
-                .bind(&service.id)
-                .bind(&service.source)
-                .bind(&service.source_id)
-                .bind(&service.name)
-                .bind(&service.description)
-                .bind(&service.status)
-                .bind(service.organization.as_ref().map(|o| o.id.as_str()))
-                .bind(&doc)
-                .bind(&raw)
-                .bind(service.source_modified.map(to_micros))
-                .bind(now)
-                .bind(public_id(&service.id))
-                .execute(&mut *tx)
-                .await?;
-                for table in ["directory_service_locations", "directory_service_terms", "directory_service_languages"] {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE service_id = $1")))
-                        .bind(&service.id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                for l in &service.locations {
-                    sqlx::query("INSERT INTO directory_service_locations (service_id, location_id) VALUES ($1, $2)")
-                        .bind(&service.id)
-                        .bind(&l.id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                for t in &service.terms {
-                    sqlx::query(
-                        "INSERT INTO directory_service_terms (service_id, taxonomy, code, name) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(&service.id)
-                    .bind(&t.taxonomy)
-                    .bind(&t.code)
-                    .bind(&t.name)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                for language in &service.languages {
-                    sqlx::query("INSERT INTO directory_service_languages (service_id, language) VALUES ($1, $2)")
-                        .bind(&service.id)
-                        .bind(language)
-                        .execute(&mut *tx)
-                        .await?;
+                let done = Self::upsert_in(&mut tx, service, raw, to_micros(now)).await?;
+                tx.commit().await?;
+                Ok(done)
+            }
+
+            async fn upsert_directory_services(
+                &self,
+                batch: &[(CatalogService, &Value)],
+                now: OffsetDateTime,
+            ) -> Result<Vec<Upserted>, StoreError> {
+                let now = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                let mut done = Vec::with_capacity(batch.len());
+                for (service, raw) in batch {
+                    done.push(Self::upsert_in(&mut tx, service, raw, now).await?);
                 }
                 tx.commit().await?;
-                Ok(if current.is_some() { Upserted::Updated } else { Upserted::Added })
+                Ok(done)
+            }
+
+            async fn fill_public_ids(&self) -> Result<usize, StoreError> {
+                const BATCH: i64 = 1000;
+                let mut filled = 0;
+                // Gateway ids, table by table, a batch per transaction until none is left without its UUID.
+                for table in ["directory_services", "directory_organizations"] {
+                    loop {
+                        let ids: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT id FROM {table} WHERE public_id IS NULL LIMIT {BATCH}"
+                        )))
+                        .fetch_all(self.writer())
+                        .await?;
+                        if ids.is_empty() {
+                            break;
+                        }
+                        let mut tx = self.writer().begin_with($begin).await?;
+                        for (id,) in &ids {
+                            sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "UPDATE {table} SET public_id = $2 WHERE id = $1 AND public_id IS NULL"
+                            )))
+                            .bind(id)
+                            .bind(public_id(id))
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        tx.commit().await?;
+                        filled += ids.len();
+                    }
+                }
+                loop {
+                    let terms: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT DISTINCT taxonomy, code FROM directory_service_terms WHERE public_id IS NULL LIMIT {BATCH}"
+                    )))
+                    .fetch_all(self.writer())
+                    .await?;
+                    if terms.is_empty() {
+                        break;
+                    }
+                    let mut tx = self.writer().begin_with($begin).await?;
+                    for (taxonomy, code) in &terms {
+                        let done = sqlx::query(
+                            "UPDATE directory_service_terms SET public_id = $3 \
+                             WHERE taxonomy = $1 AND code = $2 AND public_id IS NULL",
+                        )
+                        .bind(taxonomy)
+                        .bind(code)
+                        .bind(crate::directories::publish::term_public_uuid(taxonomy, code))
+                        .execute(&mut *tx)
+                        .await?;
+                        filled += usize::try_from(done.rows_affected()).unwrap_or(0);
+                    }
+                    tx.commit().await?;
+                }
+                Ok(filled)
             }
 
             async fn deactivate_vanished_services(
@@ -496,6 +721,15 @@ macro_rules! impl_catalog {
                 Ok(())
             }
 
+            async fn directory_last_success(&self, source: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+                let row: Option<(i64,)> =
+                    sqlx::query_as("SELECT last_success FROM directory_sync_state WHERE source = $1")
+                        .bind(source)
+                        .fetch_optional(self.reader())
+                        .await?;
+                Ok(row.map(|(t,)| from_micros(t)))
+            }
+
             async fn directory_watermark(&self, source: &str) -> Result<Option<OffsetDateTime>, StoreError> {
                 let row: Option<(Option<i64>,)> =
                     sqlx::query_as("SELECT watermark FROM directory_sync_state WHERE source = $1")
@@ -527,11 +761,18 @@ macro_rules! impl_catalog {
 
             async fn search_services(&self, q: &ServiceQuery) -> Result<(Vec<ServiceHit>, usize), StoreError> {
                 let mut sql = SearchSql::new($driving_join);
-                if let Some(text) = &q.text {
-                    let add_text: fn(&mut SearchSql, &str) = $text;
-                    add_text(&mut sql, text);
+                // open_now: the instant in the local time of every zone with hours (computed here, bound in SQL).
+                if let Some(at) = q.open_at {
+                    let zones: Vec<(String,)> = sqlx::query_as("SELECT zone FROM directory_time_zones ORDER BY zone")
+                        .fetch_all(self.reader())
+                        .await?;
+                    sql.open_at = Some(zones.iter().filter_map(|(zone,)| hours::local_moment(zone, at)).collect());
                 }
                 sql.filters(q);
+                if let Some(text) = &q.text {
+                    let add_text: fn(&mut SearchSql, &str, bool) = $text;
+                    add_text(&mut sql, text, q.near.is_some());
+                }
                 let bound = |text: String| {
                     sql.args.iter().fold(sqlx::query(sqlx::AssertSqlSafe(text)), |query, arg| match arg {
                         Arg::Text(t) => query.bind(t.clone()),

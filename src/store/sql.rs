@@ -18,6 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Database, Pool, Postgres, Row, Sqlite};
 use time::OffsetDateTime;
 
+use super::catalog::Catalog;
 use super::group_commit::GroupCommit;
 use super::{
     Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store,
@@ -67,7 +68,9 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
             .connect_with(options.read_only(true))
             .await?;
         let batcher = Some(GroupCommit::start(writer.clone()));
-        Ok(Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS, batcher }))
+        let store = Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS, batcher });
+        store.fill_public_ids().await?;
+        Ok(store)
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
@@ -76,12 +79,14 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
             .await?;
         // sqlx takes an advisory lock here, so replicas starting together apply each migration once.
         POSTGRES_MIGRATIONS.run(&pool).await?;
-        Ok(Arc::new(SqlStore::<Postgres> {
+        let store = Arc::new(SqlStore::<Postgres> {
             writer: pool.clone(),
             reader: pool,
             migrator: &POSTGRES_MIGRATIONS,
             batcher: None,
-        }))
+        });
+        store.fill_public_ids().await?;
+        Ok(store)
     } else {
         Err(StoreError::UnsupportedUrl)
     }

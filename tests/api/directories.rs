@@ -96,6 +96,7 @@ async fn an_hsds_api_is_synced_page_by_page_and_vanished_services_become_inactiv
             auth_header: None,
             auth_value_env: None,
             timeout_secs: 5,
+            time_zone: None,
         }];
     })
     .await;
@@ -159,6 +160,7 @@ async fn a_source_that_fails_mid_sync_deactivates_nothing() {
             auth_header: None,
             auth_value_env: None,
             timeout_secs: 5,
+            time_zone: None,
         }];
     })
     .await;
@@ -182,8 +184,12 @@ pub async fn catalog_app(database: Option<String>) -> TestApp {
         if let Some(url) = database {
             s.database.url = url;
         }
-        s.directories =
-            vec![DirectorySettings::HsdsPackage { name: "demo".into(), path: package.into(), sync_interval_secs: 0 }];
+        s.directories = vec![DirectorySettings::HsdsPackage {
+            name: "demo".into(),
+            path: package.into(),
+            sync_interval_secs: 0,
+            time_zone: None,
+        }];
     })
     .await;
     let report = sync(&app, "demo", "full").await;
@@ -220,6 +226,20 @@ pub async fn search_finds_by_text_category_term_language_and_distance(app: &Test
     let seattle: Value =
         app.get_json("/api/v1/services?near=47.6062,-122.3321&radius_km=15&category=crisis_care").await;
     assert_eq!(names(&seattle), ["Downtown Mobile Crisis Team"], "{seattle}");
+
+    // Text within a radius: the services whose name matches come first, each group nearest first.
+    let support: Value =
+        app.get_json("/api/v1/services?q=support&near=45.5152,-122.6784&radius_km=400&per_page=100").await;
+    let items = support["items"].as_array().expect("items");
+    let tiers: Vec<(bool, f64)> = items
+        .iter()
+        .map(|i| {
+            let named = i["name"].as_str().is_some_and(|n| n.to_lowercase().contains("support"));
+            (!named, i["distance_km"].as_f64().expect("distance"))
+        })
+        .collect();
+    assert!(tiers.first().is_some_and(|t| !t.0) && tiers.iter().any(|t| t.0), "both kinds of match: {support}");
+    assert!(tiers.windows(2).all(|w| w[0] <= w[1]), "name matches first, then nearest: {tiers:?}");
 
     let spanish: Value = app.get_json("/api/v1/services?language=es&category=therapy").await;
     assert!(
@@ -282,5 +302,65 @@ async fn a_data_package_resync_changes_nothing_and_search_needs_a_key() {
         .await
         .expect("sent");
     assert_eq!(writer_sync.status(), 403, "syncing is an admin task");
+    app.stop().await;
+}
+
+/// A referral naming a directory service must name one the catalog has and still offers; one that already named
+/// a service keeps it when the directory withdraws it.
+#[tokio::test]
+async fn a_referral_names_a_directory_service_the_catalog_offers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let package = dir.path().join("services.json");
+    std::fs::write(&package, serde_json::to_vec(&fixture_services()).expect("JSON")).expect("package written");
+    let path = package.clone();
+    let app = spawn_app_with(move |s| {
+        s.directories = vec![
+            serde_json::from_value(json!({"type": "hsds_package", "name": "demo-directory", "path": path}))
+                .expect("a directory source"),
+        ];
+    })
+    .await;
+    let referral = crate::helpers::fixture("referral", "ref-4004");
+    let service_id = referral["target"]["service_id"].as_str().expect("a directory target").to_owned();
+    let with_target = |id: &str, target: &str| {
+        let mut r = referral.clone();
+        r["id"] = json!(id);
+        r["target"]["service_id"] = json!(target);
+        r
+    };
+
+    // Before the directory's first sync nothing can be checked: the target is taken as it is.
+    let early =
+        app.put("/api/v1/referrals/ref-early", &with_target("ref-early", "demo-directory.not-synced-yet")).await;
+    assert_eq!(early.status(), 201);
+
+    sync(&app, "demo-directory", "full").await;
+    assert_eq!(app.put("/api/v1/referrals/ref-4004", &referral).await.status(), 201);
+    for (target, why) in [
+        ("demo-directory.no-such-service", "directory demo-directory has no service with this id"),
+        ("elsewhere.90c222ee-1bb6-5031-8619-e8106d347960", "no configured directory has this service"),
+    ] {
+        let refused = app.put("/api/v1/referrals/ref-9001", &with_target("ref-9001", target)).await;
+        assert_eq!(refused.status(), 422, "{target}");
+        let problem: Value = refused.json().await.expect("problem");
+        assert_eq!(problem["errors"][0]["path"], "$.target.service_id", "{problem}");
+        assert!(problem["errors"][0]["detail"].as_str().is_some_and(|d| d.contains(why)), "{problem}");
+    }
+
+    // The directory withdraws the service: the referral made to it stays editable, a new one is refused.
+    let remaining: Vec<Value> = fixture_services()
+        .into_iter()
+        .filter(|s| service_id != format!("demo-directory.{}", s["id"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(remaining.len(), 23);
+    std::fs::write(&package, serde_json::to_vec(&remaining).expect("JSON")).expect("package rewritten");
+    assert_eq!(sync(&app, "demo-directory", "full").await["deactivated"], 1);
+    let mut edited = referral.clone();
+    edited["priority"] = json!("routine");
+    assert_eq!(app.put("/api/v1/referrals/ref-4004", &edited).await.status(), 200);
+    let refused = app.put("/api/v1/referrals/ref-9002", &with_target("ref-9002", &service_id)).await;
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.expect("problem");
+    assert!(problem["errors"][0]["detail"].as_str().is_some_and(|d| d.contains("no longer offers")), "{problem}");
     app.stop().await;
 }

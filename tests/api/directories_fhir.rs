@@ -1,6 +1,7 @@
 //! The FHIR directory source against the real FHIR R4 server of `../shared/interop` (Medplum's router, in memory):
 //! a full sync with references read one by one, search, tombstones after a DELETE, an incremental sync through
-//! `_lastUpdated`, odd services refused one by one, and a bearer token.
+//! `_lastUpdated`, odd services refused one by one, a bearer token, agency categories from HL7 codes through the
+//! category map, and a missing or broken category map stopping `check` and start-up.
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -9,12 +10,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use carebridge::config::DirectorySettings;
-use carebridge::directories::fhir_directory::FhirDirectory;
+use carebridge::directories::fhir_directory::{CategoryMap, FhirDirectory};
 use carebridge::directories::{DirectorySource, SourceError};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{TestApp, spawn_app_with, test_settings, write_config};
 
 const FHIR_JSON: &str = "application/fhir+json";
 
@@ -169,6 +170,7 @@ fn fhir_source(name: &str, base: &str, per_page: u32) -> DirectorySettings {
         sync_interval_secs: 0,
         bearer_token_env: None,
         timeout_secs: 10,
+        time_zone: None,
     }
 }
 
@@ -350,6 +352,7 @@ async fn a_fhir_directory_behind_a_bearer_token_is_read_with_it_and_refused_with
         10,
         Some("county-directory-token".into()),
         Duration::from_secs(10),
+        CategoryMap::default(),
     )
     .expect("client");
     let page = with.page(1, None).await.expect("the page is read");
@@ -364,9 +367,122 @@ async fn a_fhir_directory_behind_a_bearer_token_is_read_with_it_and_refused_with
     assert!(fhir.len() > 4, "the search and the reference reads: {:?}", summary(&log));
     assert!(fhir.iter().all(|r| r["authorization"] == "present" && r["status"] == 200), "{:?}", summary(&log));
 
-    let without = FhirDirectory::new("county-fhir", &peer.base, 10, None, Duration::from_secs(10)).expect("client");
+    let without =
+        FhirDirectory::new("county-fhir", &peer.base, 10, None, Duration::from_secs(10), CategoryMap::default())
+            .expect("client");
     match without.page(1, None).await {
         Err(SourceError::Status { status: 401 }) => {}
         other => panic!("expected a 401, got {:?}", other.map(|p| p.records.len())),
     }
+}
+
+#[tokio::test]
+async fn services_coded_only_with_hl7_codes_are_found_by_their_agency_category() {
+    let fixture =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/directory/fhir/directory.json"))
+            .expect("fixture");
+    assert!(
+        !fixture.contains(carebridge::directories::CATEGORY_TAXONOMY) && !fixture.contains("urn:carebridge:vocabulary"),
+        "the fixture services carry HL7 codes only"
+    );
+    let peer = Peer::start(&[]);
+    let ids = peer.load_fixture().await;
+    let app = spawn_app_with(|s| s.directories = vec![fhir_source("county-fhir", &peer.base, 100)]).await;
+    let report = sync(&app, "county-fhir", "full").await;
+    assert_eq!(counts(&report), [4, 0, 0, 0, 0], "{report}");
+
+    // Category 8 Counselling, type 74; 36 Crisis Line, type 541; type 548 Food Relief (its category, 16 Financial &
+    // Material Aid, is unmatched on purpose); 18 Housing/Homelessness, types 127 and 125.
+    for (category, entry) in [
+        ("therapy", COUNSELING),
+        ("crisis_care", CRISIS_LINE),
+        ("food_assistance", FOOD_PANTRY),
+        ("housing_assistance", HOUSING),
+    ] {
+        let found: Value = app.get_json(&format!("/api/v1/services?category={category}")).await;
+        let id = format!("county-fhir.{}", ids[entry]);
+        assert_eq!(crate::helpers::pluck(&found, "items", "id"), [id], "category={category}: {found}");
+        assert_eq!(found["items"][0]["categories"], json!([category]), "{found}");
+    }
+    let none: Value = app.get_json("/api/v1/services?category=legal_aid").await;
+    assert_eq!(none["total"], 0, "no fixture service is legal aid: {none}");
+
+    // The HL7 codings stay terms of their own, mapped or not.
+    let pantry: Value = app.get_json(&format!("/api/v1/services/county-fhir.{}", ids[FOOD_PANTRY])).await;
+    let terms: Vec<(&str, &str)> = pantry["service"]["terms"]
+        .as_array()
+        .expect("terms")
+        .iter()
+        .map(|t| (t["taxonomy"].as_str().unwrap_or("-"), t["code"].as_str().unwrap_or("-")))
+        .collect();
+    assert_eq!(
+        terms,
+        [
+            (carebridge::directories::CATEGORY_TAXONOMY, "food_assistance"),
+            ("http://terminology.hl7.org/CodeSystem/service-category", "16"),
+            ("http://terminology.hl7.org/CodeSystem/service-type", "548"),
+        ],
+        "{pantry}"
+    );
+    app.stop().await;
+}
+
+/// Copies a directory tree (the mapping files) so a test can break one file of it.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("a name"));
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_missing_or_broken_category_map_stops_check_and_start_up_with_the_file_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mappings = dir.path().join("mappings");
+    copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"), &mappings);
+    let map = mappings.join(carebridge::directories::fhir_directory::CATEGORY_MAP_FILE);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[mappings]\ndir = {:?}\n[[directories]]\ntype = \"fhir_directory\"\nname = \"county-fhir\"\n\
+             base_url = \"http://127.0.0.1:9/fhir\"\n",
+            mappings.display().to_string()
+        ),
+    );
+    let check = || Command::new(env!("CARGO_BIN_EXE_carebridge")).args(["check", "--config"]).arg(&config).output();
+
+    let fine = check().expect("runs");
+    assert_eq!(fine.status.code(), Some(0), "{}", String::from_utf8_lossy(&fine.stderr));
+    assert!(String::from_utf8_lossy(&fine.stdout).contains("directory category map OK"));
+
+    // A target that is not an agency category: reported at its line, and the gateway does not start.
+    let text = std::fs::read_to_string(&map).expect("the shipped map");
+    let line = 1 + text[..text.find("\"housing_assistance\"").expect("a housing target")].matches('\n').count();
+    std::fs::write(&map, text.replacen("\"housing_assistance\"", "\"shelter\"", 1)).expect("write");
+    let broken = check().expect("runs");
+    assert_eq!(broken.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(stderr.contains(&format!("{}:{line}:", map.display())), "{stderr}");
+    assert!(stderr.contains("`shelter` is not an agency service category"), "{stderr}");
+    let mut settings = test_settings(dir.path());
+    settings.mappings.dir = mappings.clone();
+    settings.directories = vec![fhir_source("county-fhir", "http://127.0.0.1:9/fhir", 10)];
+    let refused = carebridge::app::Application::build(&settings).await.err().expect("the gateway does not start");
+    let said = refused.to_string();
+    assert!(said.contains(&map.display().to_string()) && said.contains("shelter"), "{said}");
+
+    // No map at all: the same, naming the file it looked for.
+    std::fs::remove_file(&map).expect("remove");
+    let missing = check().expect("runs");
+    assert_eq!(missing.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains(&map.display().to_string()), "{stderr}");
+    let refused = carebridge::app::Application::build(&settings).await.err().expect("the gateway does not start");
+    assert!(refused.to_string().contains(&map.display().to_string()), "{refused}");
 }

@@ -57,6 +57,16 @@ pub fn test_settings(dir: &Path) -> Settings {
     };
     let mut settings = Settings::load_with_env(None, &overrides, []).expect("test settings load");
     settings.api_keys = test_keys();
+    // The directory the fixture referrals name as their targets, as the demo configures it; never synced unless a
+    // test asks, so their targets are taken unchecked.
+    settings.directories = vec![
+        serde_json::from_value(serde_json::json!({
+            "type": "hsds_package",
+            "name": "demo-directory",
+            "path": concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/directory/hsds"),
+        }))
+        .expect("a directory source"),
+    ];
     settings
 }
 

@@ -1,7 +1,9 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
 mod directories;
+mod directories_csv;
 mod directories_fhir;
+mod directories_open_now;
 mod errors;
 mod helpers;
 mod mappings;

@@ -143,6 +143,39 @@ async fn services_organizations_and_locations_read_by_id_and_unknown_ids_get_an_
     app.stop().await;
 }
 
+/// `taxonomy_term_id` and `organization_id` take the HSDS ids the API publishes; run on SQLite here and on
+/// PostgreSQL in `store_contract`.
+pub async fn hsds_filters_by_taxonomy_term_and_organization(app: &crate::helpers::TestApp) {
+    let all: Value = app.get_json("/hsds/services?per_page=100").await;
+    let mut by_term: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    let mut by_org: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for summary in all["contents"].as_array().expect("contents") {
+        let id = summary["id"].as_str().expect("id").to_owned();
+        let full: Value = app.get_json(&format!("/hsds/services/{id}")).await;
+        for a in full["attributes"].as_array().expect("attributes") {
+            by_term.entry(a["taxonomy_term_id"].as_str().expect("term id").to_owned()).or_default().push(id.clone());
+        }
+        by_org.entry(full["organization"]["id"].as_str().expect("organization").to_owned()).or_default().push(id);
+    }
+    assert!(by_term.len() > 3 && by_org.len() > 3, "the fixture has several terms and organisations");
+    for (term, mut expected) in by_term {
+        let page: Value = app.get_json(&format!("/hsds/services?taxonomy_term_id={term}&per_page=100")).await;
+        let mut found = crate::helpers::pluck(&page, "contents", "id");
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected, "taxonomy_term_id={term}");
+    }
+    for (org, mut expected) in by_org {
+        let page: Value = app.get_json(&format!("/hsds/services?organization_id={org}&per_page=100")).await;
+        let mut found = crate::helpers::pluck(&page, "contents", "id");
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected, "organization_id={org}");
+    }
+    let none: Value = app.get_json("/hsds/services?organization_id=00000000-0000-0000-0000-000000000000").await;
+    assert_eq!(none["total_items"], 0);
+}
+
 #[tokio::test]
 async fn the_catalog_is_published_as_an_hsds_api_with_uuid_ids() {
     let app = catalog_app(None).await;
@@ -171,8 +204,12 @@ async fn the_catalog_is_published_as_an_hsds_api_with_uuid_ids() {
     let found: Value = app.get_json(&format!("/hsds/services?search={word}")).await;
     assert!(found["contents"].as_array().expect("contents").iter().any(|s| s["id"] == id));
 
+    hsds_filters_by_taxonomy_term_and_organization(&app).await;
+
     assert_eq!(app.get("/hsds/services/00000000-0000-0000-0000-000000000000").await.status(), 404);
     assert_eq!(app.get("/hsds/services?modified_after=yesterday").await.status(), 400);
+    assert_eq!(app.get("/hsds/services?taxonomy_term_id=therapy").await.status(), 400);
+    assert_eq!(app.get("/hsds/services?organization_id=42").await.status(), 400);
     assert_eq!(app.get("/hsds/services?colour=blue").await.status(), 400);
     app.stop().await;
 }

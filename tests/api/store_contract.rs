@@ -351,5 +351,75 @@ async fn the_catalog_is_searched_the_same_way_on_postgres() {
     let app = crate::directories::catalog_app(Some(db.url.clone())).await;
     crate::directories::search_finds_by_text_category_term_language_and_distance(&app).await;
     crate::publication::listings_filter_and_page_the_catalog(&app).await;
+    crate::publication::hsds_filters_by_taxonomy_term_and_organization(&app).await;
+    app.stop().await;
+}
+
+/// Rows kept before a migration added their HSDS ids get them when the store next opens, so the `/hsds` id
+/// filters find them without waiting for a sync.
+async fn public_ids_are_filled_when_the_store_opens(url: &str, clear: &str) {
+    use carebridge::store::CatalogListing;
+    let raw: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/directory/hsds/services.json"))
+            .expect("fixture"),
+    )
+    .expect("JSON");
+    let service = carebridge::directories::hsds::normalise_service("demo", &raw[0]).expect("a valid service");
+    let org = service.organization.clone().expect("an organisation");
+    let term = service.terms.first().cloned().expect("a term");
+    let store = connect(url, 2, std::time::Duration::from_secs(10)).await.expect("opens");
+    store.upsert_directory_service(&service, &raw[0], OffsetDateTime::now_utc()).await.expect("kept");
+    store.close().await;
+    clear_public_ids(url, clear).await;
+
+    let store = connect(url, 2, std::time::Duration::from_secs(10)).await.expect("opens again");
+    let by = |listing: CatalogListing| {
+        let store = store.clone();
+        async move { store.list_services(&CatalogListing { limit: 10, ..listing }).await.expect("listed").1 }
+    };
+    let public = carebridge::directories::publish::public_uuid;
+    assert_eq!(by(CatalogListing { public_id: Some(public(&service.id)), ..Default::default() }).await, 1);
+    assert_eq!(by(CatalogListing { organization_public_id: Some(public(&org.id)), ..Default::default() }).await, 1);
+    let term_id = carebridge::directories::publish::term_public_uuid(&term.taxonomy, &term.code);
+    assert_eq!(by(CatalogListing { term_public_id: Some(term_id), ..Default::default() }).await, 1);
+    assert_eq!(store.fill_public_ids().await.expect("nothing left"), 0);
+    store.close().await;
+}
+
+/// Runs `sql` on the database behind `url`, as an older gateway would have left it.
+async fn clear_public_ids(url: &str, sql: &str) {
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.expect("cleared");
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("postgres");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.expect("cleared");
+        pool.close().await;
+    }
+}
+
+const CLEAR_PUBLIC_IDS: &str = "UPDATE directory_services SET public_id = NULL; \
+    UPDATE directory_organizations SET public_id = NULL; UPDATE directory_service_terms SET public_id = NULL;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ids_are_filled_when_a_sqlite_store_opens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite:{}", dir.path().join("ids.db").display());
+    public_ids_are_filled_when_the_store_opens(&url, CLEAR_PUBLIC_IDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ids_are_filled_when_a_postgres_store_opens() {
+    let Some(db) = postgres_store().await else { return };
+    db.store.close().await;
+    public_ids_are_filled_when_the_store_opens(&db.url, CLEAR_PUBLIC_IDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_now_is_answered_the_same_way_on_postgres() {
+    let Some(db) = postgres_store().await else { return };
+    let (app, _packages) = crate::directories_open_now::open_now_app(Some(db.url.clone())).await;
+    crate::directories_open_now::open_now_follows_hours_zones_and_the_instant(&app).await;
     app.stop().await;
 }
