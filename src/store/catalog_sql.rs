@@ -24,20 +24,18 @@ use crate::directories::{
 const KM_PER_DEGREE: f64 = 111.195;
 
 /// SQLite: words through FTS5. Without a radius the matches are a set of their own, ranked by BM25 with the name
-/// weighing ten times the description. Within a radius the (few) services inside it are each probed instead: BM25
-/// is no use there, as FTS5 recounts each word's matches over the whole index every time it scores one row.
+/// weighing ten times the description. Within a radius only the services inside it are checked against the
+/// matches (a set of rowids, unranked): BM25 is no use there, as FTS5 recounts each word's matches over the whole
+/// index for every row it scores, and probing FTS5 once per service costs more than the set when the last word
+/// is a prefix (FTS5 merges the doclists of every word it may complete, per probe).
 fn sqlite_text(sql: &mut SearchSql, text: &str, near: bool) {
     let Some(expr) = fts5_query(text) else { return };
     if near {
         let (p, pn) = (sql.bind(Arg::Text(expr.clone())), sql.bind(Arg::Text(format!("name : ({expr})"))));
-        let probe = |q: &str| {
-            format!(
-                "EXISTS (SELECT 1 FROM directory_services_fts WHERE directory_services_fts MATCH {q} \
-                   AND directory_services_fts.rowid = s.rowid)"
-            )
-        };
-        sql.text_conditions.push(probe(&p));
-        sql.rank.push(format!("NOT {}", probe(&pn)));
+        let set =
+            |q: &str| format!("(SELECT rowid FROM directory_services_fts WHERE directory_services_fts MATCH {q})");
+        sql.text_conditions.push(format!("s.rowid IN {}", set(&p)));
+        sql.rank.push(format!("s.rowid NOT IN {}", set(&pn)));
         return;
     }
     let p = sql.bind(Arg::Text(expr));
@@ -199,11 +197,11 @@ impl SearchSql {
             // Locations inside the bounding box (the geo index), nearest per service, then the exact radius. The
             // box is the smallest set a search has, so it drives.
             self.ctes.push(format!(
-                "nb AS MATERIALIZED (SELECT sl.service_id AS sid, MIN((l.latitude - {plat}) * (l.latitude - {plat}) \
-                   + ({pk} * (l.longitude - {plon})) * ({pk} * (l.longitude - {plon}))) AS d2 \
-                   FROM directory_locations l JOIN directory_service_locations sl ON sl.location_id = l.id \
-                   WHERE l.latitude BETWEEN {lat0} AND {lat1} AND l.longitude BETWEEN {lon0} AND {lon1} \
-                   GROUP BY sl.service_id)"
+                "nb AS MATERIALIZED (SELECT p.service_id AS sid, MIN((p.latitude - {plat}) * (p.latitude - {plat}) \
+                   + ({pk} * (p.longitude - {plon})) * ({pk} * (p.longitude - {plon}))) AS d2 \
+                   FROM directory_service_points p \
+                   WHERE p.latitude BETWEEN {lat0} AND {lat1} AND p.longitude BETWEEN {lon0} AND {lon1} \
+                   GROUP BY p.service_id)"
             ));
             self.sets.insert(0, ("nb", "s.id = nb.sid"));
             self.conditions.push(format!("nb.d2 <= {max}"));
@@ -492,7 +490,12 @@ macro_rules! impl_catalog {
                 .bind(public_id(&service.id))
                 .execute(&mut **tx)
                 .await?;
-                for table in ["directory_service_locations", "directory_service_terms", "directory_service_languages"] {
+                for table in [
+                    "directory_service_locations",
+                    "directory_service_points",
+                    "directory_service_terms",
+                    "directory_service_languages",
+                ] {
                     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE service_id = $1")))
                         .bind(&service.id)
                         .execute(&mut **tx)
@@ -504,6 +507,18 @@ macro_rules! impl_catalog {
                         .bind(&l.id)
                         .execute(&mut **tx)
                         .await?;
+                }
+                for l in &service.locations {
+                    if let (Some(lat), Some(lon)) = (l.latitude, l.longitude) {
+                        sqlx::query(
+                            "INSERT INTO directory_service_points (service_id, latitude, longitude) VALUES ($1, $2, $3)",
+                        )
+                        .bind(&service.id)
+                        .bind(lat)
+                        .bind(lon)
+                        .execute(&mut **tx)
+                        .await?;
+                    }
                 }
                 for t in &service.terms {
                     sqlx::query(
