@@ -4,8 +4,9 @@
 //! cargo bench --bench directory -- --backend sqlite --count 100000 --queries 2000
 //! cargo bench --bench directory -- --backend postgres --count 100000 --queries 2000
 //! cargo bench --bench directory -- --backend sqlite --db /tmp/directory.db   # keep the catalog; reuse it next time
+//! cargo bench --bench directory -- --backend postgres --db carebridge_dirbench   # the same, a database by name
 //! ```
-//! With `--db`, a SQLite catalog that already holds services is searched without syncing again (to compare
+//! With `--db`, a catalog kept by an earlier run is searched without syncing again (to compare
 //! search plans quickly, or to open it with `sqlite3`).
 //! The directory comes from `carebridge::directories::synthetic` (deterministic: same count, same services),
 //! written as an HSDS data package and synced through the same code as `carebridge directory sync`. Searches go
@@ -29,6 +30,11 @@ fn arg(name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_owned())
 }
 
+fn pg_admin_url() -> String {
+    std::env::var("CAREBRIDGE_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i].as_secs_f64() * 1000.0
@@ -41,7 +47,17 @@ fn main() -> anyhow::Result<()> {
     let kept_db = std::env::args().any(|a| a == "--db").then(|| arg("--db", ""));
     let dir = tempfile::tempdir()?;
     let package = dir.path().join("services.json");
-    let reuse = kept_db.as_ref().is_some_and(|db| std::path::Path::new(db).exists());
+    // A kept SQLite file, or a kept PostgreSQL database (by name), is searched again without a new sync.
+    let reuse = kept_db.as_ref().is_some_and(|db| {
+        if backend == "sqlite" {
+            std::path::Path::new(db).exists()
+        } else {
+            std::process::Command::new("psql")
+                .args(["-Atqc", &format!("SELECT 1 FROM pg_database WHERE datname = '{db}'"), &pg_admin_url()])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
+        }
+    });
     if !reuse {
         let started = Instant::now();
         let all: Vec<serde_json::Value> = synthetic::services(42, count).collect();
@@ -57,13 +73,15 @@ fn main() -> anyhow::Result<()> {
             let db = kept_db.clone().unwrap_or_else(|| dir.path().join("bench.db").display().to_string());
             (format!("sqlite:{db}"), None)
         } else {
-            let admin = std::env::var("CAREBRIDGE_BENCH_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-            let name = format!("carebridge_dirbench_{}", std::process::id());
+            let admin = pg_admin_url();
+            let name = kept_db.clone().unwrap_or_else(|| format!("carebridge_dirbench_{}", std::process::id()));
             let pool = sqlx::PgPool::connect(&admin).await.context("PostgreSQL")?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await?;
+            if !reuse {
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await?;
+            }
             let root = admin.rsplit_once('/').map_or(admin.as_str(), |(r, _)| r).to_owned();
-            (format!("{root}/{name}"), Some((pool, name)))
+            // A database asked for by name is kept for the next run.
+            (format!("{root}/{name}"), Some((pool, name)).filter(|_| kept_db.is_none()))
         };
         let store = carebridge::store::connect(&url, 8, Duration::from_secs(30)).await?;
         let source = Arc::new(HsdsPackage::new("bench", package.clone()));

@@ -34,8 +34,9 @@ fn sqlite_text(sql: &mut SearchSql, text: &str, near: bool) {
         let (p, pn) = (sql.bind(Arg::Text(expr.clone())), sql.bind(Arg::Text(format!("name : ({expr})"))));
         let set =
             |q: &str| format!("(SELECT rowid FROM directory_services_fts WHERE directory_services_fts MATCH {q})");
-        sql.text_conditions.push(format!("s.rowid IN {}", set(&p)));
-        sql.rank.push(format!("s.rowid NOT IN {}", set(&pn)));
+        // On `c`'s key (the rowid), so only the services that match are read.
+        sql.text_conditions.push(format!("c.ckey IN {}", set(&p)));
+        sql.rank.push(format!("c.ckey NOT IN {}", set(&pn)));
         return;
     }
     let p = sql.bind(Arg::Text(expr));
@@ -98,6 +99,8 @@ struct SearchSql {
     sets: Vec<(&'static str, &'static str)>,
     /// The join that makes the first set drive: `CROSS JOIN` on SQLite (it fixes the order), `JOIN` elsewhere.
     driving_join: &'static str,
+    /// The services' row key carried out of `c` (`rowid` on SQLite: the cheapest join and the FTS5 key).
+    row_key: &'static str,
     /// Filters on the service row.
     conditions: Vec<String>,
     /// The text's conditions (applied after the radius, when there is one).
@@ -118,12 +121,13 @@ impl SearchSql {
     }
 
     /// Everything but the text condition, which differs per backend and is added by the caller first.
-    fn new(driving_join: &'static str) -> Self {
+    fn new(driving_join: &'static str, row_key: &'static str) -> Self {
         SearchSql {
             args: Vec::new(),
             ctes: Vec::new(),
             sets: Vec::new(),
             driving_join,
+            row_key,
             conditions: Vec::new(),
             text_conditions: Vec::new(),
             rank: Vec::new(),
@@ -136,7 +140,8 @@ impl SearchSql {
     /// service when the radius has already narrowed them down (an `IN` would first collect every match).
     fn side_filter(&self, table: &str, condition: &str) -> String {
         if self.near {
-            format!("EXISTS (SELECT 1 FROM {table} x WHERE x.service_id = s.id AND {condition})")
+            // By the radius set's id, so it is checked before the (wide) service row is read.
+            format!("EXISTS (SELECT 1 FROM {table} x WHERE x.service_id = nb.sid AND {condition})")
         } else {
             format!("s.id IN (SELECT service_id FROM {table} x WHERE {condition})")
         }
@@ -204,7 +209,7 @@ impl SearchSql {
                    GROUP BY p.service_id)"
             ));
             self.sets.insert(0, ("nb", "s.id = nb.sid"));
-            self.conditions.push(format!("nb.d2 <= {max}"));
+            self.conditions.insert(0, format!("nb.d2 <= {max}"));
         }
     }
 
@@ -230,10 +235,11 @@ impl SearchSql {
         let mut conditions: Vec<&String> = self.conditions.iter().collect();
         if self.near {
             ctes.push(format!(
-                "c AS MATERIALIZED (SELECT s.id AS cid, nb.d2 AS d2 FROM {from}{})",
-                Self::where_clause(&conditions)
+                "c AS MATERIALIZED (SELECT s.{key} AS ckey, nb.d2 AS d2 FROM {from}{})",
+                Self::where_clause(&conditions),
+                key = self.row_key
             ));
-            from = format!("c {} directory_services s ON s.id = c.cid", self.driving_join);
+            from = format!("c {} directory_services s ON s.{} = c.ckey", self.driving_join, self.row_key);
             conditions.clear();
         }
         conditions.extend(&self.text_conditions);
@@ -397,7 +403,7 @@ fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, Store
 }
 
 macro_rules! impl_catalog {
-    ($db:ty, $begin:literal, $driving_join:literal, $text:expr) => {
+    ($db:ty, $begin:literal, $driving_join:literal, $row_key:literal, $text:expr) => {
         impl SqlStore<$db> {
             /// Keeps one service in `tx` (the caller commits): organisation, locations, the service, its terms,
             /// languages and hours.
@@ -775,7 +781,7 @@ macro_rules! impl_catalog {
             }
 
             async fn search_services(&self, q: &ServiceQuery) -> Result<(Vec<ServiceHit>, usize), StoreError> {
-                let mut sql = SearchSql::new($driving_join);
+                let mut sql = SearchSql::new($driving_join, $row_key);
                 // open_now: the instant in the local time of every zone with hours (computed here, bound in SQL).
                 if let Some(at) = q.open_at {
                     let zones: Vec<(String,)> = sqlx::query_as("SELECT zone FROM directory_time_zones ORDER BY zone")
@@ -866,8 +872,8 @@ macro_rules! impl_catalog {
     };
 }
 
-impl_catalog!(Sqlite, "BEGIN IMMEDIATE", "CROSS JOIN", sqlite_text);
-impl_catalog!(Postgres, "BEGIN", "JOIN", postgres_text);
+impl_catalog!(Sqlite, "BEGIN IMMEDIATE", "CROSS JOIN", "rowid", sqlite_text);
+impl_catalog!(Postgres, "BEGIN", "JOIN", "id", postgres_text);
 
 #[cfg(test)]
 mod tests {
