@@ -423,12 +423,13 @@ macro_rules! impl_catalog {
                 if let Some((old_doc, old_raw, 1, hours_version)) = &current {
                     if *old_doc == doc && *old_raw == raw {
                         sqlx::query(
-                            "UPDATE directory_services SET seen_at = $2, public_id = COALESCE(public_id, $3) \
-                             WHERE id = $1",
+                            "UPDATE directory_services SET seen_at = $2, public_id = COALESCE(public_id, $3), \
+                             hours_version = $4 WHERE id = $1",
                         )
                         .bind(&service.id)
                         .bind(now)
                         .bind(public_id(&service.id))
+                        .bind(hours::RULES_VERSION)
                         .execute(&mut **tx)
                         .await?;
                         // Kept before its hours were indexed (or by older rules): index them now.
@@ -474,13 +475,14 @@ macro_rules! impl_catalog {
                 }
                 sqlx::query(
                     "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
-                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12) \
+                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id, hours_version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12, $13) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
                      status = excluded.status, organization_id = excluded.organization_id, active = 1, \
                      vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
                      source_modified = excluded.source_modified, seen_at = excluded.seen_at, \
-                     updated_at = excluded.updated_at, public_id = excluded.public_id",
+                     updated_at = excluded.updated_at, public_id = excluded.public_id, \
+                     hours_version = excluded.hours_version",
                 )
                 .bind(&service.id)
                 .bind(&service.source)
@@ -494,6 +496,7 @@ macro_rules! impl_catalog {
                 .bind(service.source_modified.map(to_micros))
                 .bind(now)
                 .bind(public_id(&service.id))
+                .bind(hours::RULES_VERSION)
                 .execute(&mut **tx)
                 .await?;
                 for table in [
@@ -550,7 +553,8 @@ macro_rules! impl_catalog {
                 Ok(if current.is_some() { Upserted::Updated } else { Upserted::Added })
             }
 
-            /// Replaces a service's opening-hour intervals and notes their zones, in the upsert's transaction.
+            /// Replaces a service's opening-hour intervals and notes their zones, in the upsert's transaction (the
+            /// caller records `hours::RULES_VERSION` on the service row with its other columns).
             async fn replace_hours(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 service: &CatalogService,
@@ -581,11 +585,6 @@ macro_rules! impl_catalog {
                         .execute(&mut **tx)
                         .await?;
                 }
-                sqlx::query("UPDATE directory_services SET hours_version = $2 WHERE id = $1")
-                    .bind(&service.id)
-                    .bind(hours::RULES_VERSION)
-                    .execute(&mut **tx)
-                    .await?;
                 Ok(())
             }
 

@@ -71,7 +71,10 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
             .max_connections(max_connections.max(1))
             .acquire_timeout(acquire_timeout)
             .connect_with(
-                options.read_only(true).pragma("mmap_size", READER_MMAP_BYTES.to_string()).pragma("cache_size", "-16384"),
+                options
+                    .read_only(true)
+                    .pragma("mmap_size", READER_MMAP_BYTES.to_string())
+                    .pragma("cache_size", "-16384"),
             )
             .await?;
         let batcher = Some(GroupCommit::start(writer.clone()));
