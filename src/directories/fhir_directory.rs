@@ -735,7 +735,7 @@ impl DirectorySource for FhirDirectory {
         let more = has_next && records.len() >= self.per_page as usize;
         tracing::debug!(source = %self.name, page, services = records.len(), references = cache.len(),
             "Directory page read.");
-        Ok(SourcePage { records, more })
+        Ok(SourcePage { records, more, rejected: Vec::new() })
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {

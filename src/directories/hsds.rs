@@ -332,7 +332,7 @@ impl DirectorySource for HsdsApi {
             (None, Some(total), Some(number)) => number < total,
             _ => !body.contents.is_empty(),
         };
-        Ok(SourcePage { records: body.contents, more })
+        Ok(SourcePage { records: body.contents, more, rejected: Vec::new() })
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
@@ -381,7 +381,7 @@ impl DirectorySource for HsdsPackage {
             return Ok(SourcePage::default());
         }
         // A CSV package is recognised first: its `datapackage.json` describes tables, it is no service.
-        let mut records = if super::hsds_csv::is_package(&self.path) {
+        let (mut records, rejected) = if super::hsds_csv::is_package(&self.path) {
             super::hsds_csv::read_records(&self.path)?
         } else {
             let mut records = Vec::new();
@@ -391,7 +391,7 @@ impl DirectorySource for HsdsPackage {
                 let doc: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
                 records.extend(records_of(doc).map_err(err)?);
             }
-            records
+            (records, Vec::new())
         };
         if let Some(since) = modified_after {
             records.retain(|r| {
@@ -401,14 +401,10 @@ impl DirectorySource for HsdsPackage {
                     .is_none_or(|t| t > since)
             });
         }
-        Ok(SourcePage { records, more: false })
+        Ok(SourcePage { records, more: false, rejected })
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
-        // A CSV service that could not be assembled travels as a record carrying its reason.
-        if let Some(reason) = super::hsds_csv::rejection_of(raw) {
-            return Err(reason.to_owned());
-        }
         normalise_service(&self.name, raw)
     }
 }

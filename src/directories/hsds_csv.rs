@@ -21,13 +21,10 @@ use std::path::Path;
 
 use serde_json::{Map, Number, Value};
 
-use super::SourceError;
+use super::{Rejection, SourceError};
 
 /// The table whose presence makes a directory a CSV package.
 pub const SERVICES_FILE: &str = "services.csv";
-
-/// The key under which a rejected record carries its reason through a sync (see [`Assembled::into_record`]).
-const REJECTION_KEY: &str = "$carebridge_rejection";
 
 /// A name some exports use for `service_at_location.csv`, the file name the HSDS data package gives.
 const SERVICE_AT_LOCATION_ALIAS: &str = "service_at_locations.csv";
@@ -210,44 +207,27 @@ pub enum Assembled {
     },
 }
 
-impl Assembled {
-    /// The record a sync reads: the service object, or for a rejection its id with the reason, which
-    /// [`rejection_of`] finds again when the record is normalised (the sync reports and marks it seen then).
-    #[must_use]
-    pub fn into_record(self) -> Value {
-        match self {
-            Assembled::Service(service) => service,
-            Assembled::Rejected { source_id, reason } => {
-                let mut record = Map::new();
-                if let Some(id) = source_id {
-                    record.insert("id".into(), Value::String(id));
-                }
-                record.insert(REJECTION_KEY.into(), Value::String(reason));
-                Value::Object(record)
-            }
-        }
-    }
-}
-
-/// The reason carried by a record that [`Assembled::into_record`] made of a rejection.
-#[must_use]
-pub fn rejection_of(raw: &Value) -> Option<&str> {
-    raw.get(REJECTION_KEY).and_then(Value::as_str)
-}
-
 /// Whether `path` is a CSV package: a directory holding `services.csv`.
 #[must_use]
 pub fn is_package(path: &Path) -> bool {
     path.join(SERVICES_FILE).is_file()
 }
 
-/// Reads the CSV package in `dir` as records for a sync: the services in file order, then the wrong rows that
-/// belong to no service.
+/// Reads the CSV package in `dir` for a sync: the assembled services in file order, and the rejections (services
+/// with a wrong row, and wrong rows that belong to no service).
 ///
 /// # Errors
 /// When a table cannot be read at all (see the module documentation).
-pub fn read_records(dir: &Path) -> Result<Vec<Value>, SourceError> {
-    Ok(read_package(dir)?.into_iter().map(Assembled::into_record).collect())
+pub fn read_records(dir: &Path) -> Result<(Vec<Value>, Vec<Rejection>), SourceError> {
+    let mut services = Vec::new();
+    let mut rejected = Vec::new();
+    for assembled in read_package(dir)? {
+        match assembled {
+            Assembled::Service(service) => services.push(service),
+            Assembled::Rejected { source_id, reason } => rejected.push(Rejection { source_id, reason }),
+        }
+    }
+    Ok((services, rejected))
 }
 
 /// Reads and joins the CSV package in `dir`.
@@ -1011,16 +991,6 @@ mod tests {
         assert_eq!(services(&out)[0]["name"], "Community Counselling");
     }
 
-    #[test]
-    fn a_rejection_travels_as_a_record_that_names_its_service_and_reason() {
-        let record =
-            Assembled::Rejected { source_id: Some("svc-1".into()), reason: "locations.csv line 4, ...".into() }
-                .into_record();
-        assert_eq!(record["id"], "svc-1");
-        assert_eq!(rejection_of(&record), Some("locations.csv line 4, ..."));
-        assert_eq!(rejection_of(&Assembled::Service(json!({"id": "svc-1"})).into_record()), None);
-    }
-
     #[tokio::test]
     async fn the_package_source_reads_a_directory_with_services_csv_as_the_csv_package() {
         use crate::directories::DirectorySource;
@@ -1051,9 +1021,14 @@ mod tests {
         std::fs::write(dir.path().join("locations.csv"), csv(LOCATIONS, &["loc-1,physical,,org-1,,,,,north,,,"]))
             .expect("write");
         let page = source.page(1, None).await.expect("readable");
-        let reason = source.normalise(&page.records[0]).expect_err("rejected");
-        assert_eq!(reason, "locations.csv line 2, latitude: \"north\" is not a number");
-        assert_eq!(page.records[0]["id"], "svc-1", "the sync marks the rejected service seen, not vanished");
+        assert!(page.records.is_empty(), "the service with a wrong row is not offered for keeping");
+        let rejection = page.rejected.first().expect("rejected");
+        assert_eq!(rejection.reason, "locations.csv line 2, latitude: \"north\" is not a number");
+        assert_eq!(
+            rejection.source_id.as_deref(),
+            Some("svc-1"),
+            "the sync marks the rejected service seen, not vanished"
+        );
     }
 
     #[test]

@@ -156,6 +156,9 @@ pub struct SourcePage {
     pub records: Vec<serde_json::Value>,
     /// Whether another page follows.
     pub more: bool,
+    /// Records the source itself found wrong before any could be normalised (a CSV row that breaks its
+    /// table), each reported and kept at its last good version like a record `normalise` refuses.
+    pub rejected: Vec<Rejection>,
 }
 
 /// Why a source could not be read (a value: the sync reports it and stops).
@@ -301,6 +304,23 @@ const UPSERT_BATCH: usize = 200;
 /// Most pages a sync reads, so a source that never says "last page" cannot keep it going forever.
 const MAX_PAGES: u32 = 100_000;
 
+/// Reports a record that is not kept, and marks its service seen so a full sync does not take it for vanished: its
+/// last good version stays.
+async fn reject(
+    store: &dyn Store,
+    report: &mut SyncReport,
+    rejection: Rejection,
+    now: OffsetDateTime,
+) -> Result<(), SyncError> {
+    if let Some(id) = &rejection.source_id {
+        store.mark_directory_service_seen(&report.source, id, now).await?;
+    }
+    let source_id = rejection.source_id.as_deref().unwrap_or("-");
+    tracing::warn!(source = %report.source, source_id, reason = %rejection.reason, "Directory record rejected.");
+    report.rejected.push(rejection);
+    Ok(())
+}
+
 /// Pulls `source` into the catalog. `progress` is told the running count of records read.
 ///
 /// # Errors
@@ -323,6 +343,9 @@ pub async fn sync(
     for page in 1..=MAX_PAGES {
         let batch =
             source.page(page, since).await.map_err(|error| SyncError::Source { source_name: name.clone(), error })?;
+        for rejection in batch.rejected {
+            reject(store, &mut report, rejection, now).await?;
+        }
         for chunk in batch.records.chunks(UPSERT_BATCH) {
             let mut kept = Vec::with_capacity(chunk.len());
             for raw in chunk {
@@ -336,11 +359,7 @@ pub async fn sync(
                     }
                     Err(reason) => {
                         let source_id = raw.get("id").and_then(|v| v.as_str()).map(str::to_owned);
-                        if let Some(id) = &source_id {
-                            store.mark_directory_service_seen(&name, id, now).await?;
-                        }
-                        tracing::warn!(source = %name, source_id = source_id.as_deref().unwrap_or("-"), %reason, "Directory record rejected.");
-                        report.rejected.push(Rejection { source_id, reason });
+                        reject(store, &mut report, Rejection { source_id, reason }, now).await?;
                     }
                 }
             }
