@@ -59,14 +59,16 @@ pub struct Assessment {
     pub performed_by: Option<RecordId>,
     /// The answers, one per question, numbered from 1 in the instrument's order. Scored instruments need all
     /// of them.
+    #[schema(max_items = 50)]
     pub items: Vec<AssessmentItem>,
     /// Total score; must equal the sum of the item scores. Absent for unscored instruments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_score: Option<u16>,
     /// The reading of the result; must agree with the score bands of the instrument.
     pub interpretation: Interpretation,
-    /// Needs this assessment identified.
+    /// Needs this assessment identified, each at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 14)]
     pub identified_needs: Vec<NeedCode>,
 }
 
@@ -81,7 +83,7 @@ pub struct AssessmentItem {
     pub score: Option<u8>,
     /// The answer in words (required for unscored instruments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 500)]
     pub answer: Option<Redacted<String>>,
 }
 
@@ -140,6 +142,9 @@ impl Instrument {
     }
 }
 
+/// Most answers an assessment carries (the longest instrument has 10 questions).
+pub const MAX_ITEMS: usize = 50;
+
 impl AgencyRecord for Assessment {
     const KIND: RecordKind = RecordKind::Assessment;
 
@@ -162,13 +167,21 @@ impl AgencyRecord for Assessment {
     fn validate(&self, v: &mut Validator) {
         let today = time::OffsetDateTime::now_utc().date();
         v.check(self.date.0 <= today + time::Duration::days(1), "$.date", "the assessment date is in the future");
+        if self.items.len() > MAX_ITEMS {
+            // Nothing more is read of a record over its bounds: checking it item by item is the cost the bound
+            // exists to cap.
+            v.at_most(self.items.len(), "$.items", MAX_ITEMS);
+            return;
+        }
         let mut numbers = std::collections::HashSet::new();
         for (i, item) in self.items.iter().enumerate() {
             v.check(numbers.insert(item.number), format!("$.items[{i}].number"), "this question is answered twice");
             if let Some(answer) = &item.answer {
-                v.text(answer, format!("$.items[{i}].answer"), 500);
+                v.multiline_text(answer, format!("$.items[{i}].answer"), 500);
             }
         }
+        // Each need becomes one Condition: a need listed twice would give two Bundle entries with one fullUrl.
+        v.no_repeats(&self.identified_needs, "$.identified_needs");
         match self.instrument.scoring() {
             Some(scoring) => self.validate_scored(&scoring, v),
             None => self.validate_unscored(v),
@@ -192,7 +205,7 @@ impl Assessment {
                 );
             }
             match item.score {
-                Some(s) if s <= scoring.max_item => sum += u16::from(s),
+                Some(s) if s <= scoring.max_item => sum = sum.saturating_add(u16::from(s)),
                 Some(_) => {
                     items_ok = false;
                     v.error(format!("$.items[{i}].score"), format!("{name} items score 0 to {}", scoring.max_item));

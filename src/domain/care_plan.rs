@@ -78,7 +78,7 @@ pub struct CarePlan {
     /// The client the plan is for.
     pub client_id: RecordId,
     /// Short title shown to staff.
-    #[schema(value_type = String, example = "Recovery and housing plan")]
+    #[schema(value_type = String, example = "Recovery and housing plan", max_length = 200)]
     pub title: Redacted<String>,
     /// Where the plan stands.
     pub status: CarePlanStatus,
@@ -87,13 +87,16 @@ pub struct CarePlan {
     /// Staff id of the case manager who wrote it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<RecordId>,
-    /// The needs the plan addresses (at least one).
+    /// The needs the plan addresses (at least one; ids unique within the plan).
+    #[schema(min_items = 1, max_items = 30)]
     pub needs: Vec<Need>,
     /// Goals set with the client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 50)]
     pub goals: Vec<Goal>,
     /// Planned interventions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 100)]
     pub interventions: Vec<Intervention>,
 }
 
@@ -107,9 +110,9 @@ pub struct Need {
     pub code: NeedCode,
     /// Whether it is still being addressed.
     pub status: NeedStatus,
-    /// The case manager's words about it.
+    /// The case manager's words about it (line breaks allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2000)]
     pub description: Option<Redacted<String>>,
     /// The assessment that identified it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,9 +129,10 @@ pub struct Goal {
     /// Id of the goal within the plan, referenced by interventions and referrals.
     pub id: RecordId,
     /// The goal in the client's words.
-    #[schema(value_type = String, example = "Sleep through the night at least 5 nights a week")]
+    #[schema(value_type = String, example = "Sleep through the night at least 5 nights a week", max_length = 1000)]
     pub description: Redacted<String>,
-    /// Ids of the needs (in this plan) the goal addresses.
+    /// Ids of the needs (in this plan) the goal addresses, each once.
+    #[schema(min_items = 1, max_items = 30)]
     pub need_ids: Vec<RecordId>,
     /// Where the goal stands.
     pub lifecycle_status: GoalLifecycle,
@@ -143,6 +147,7 @@ pub struct Goal {
     pub target_date: Option<Date>,
     /// Progress notes, oldest first, each optionally backed by an assessment that measured it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 200)]
     pub progress: Vec<GoalProgress>,
 }
 
@@ -157,9 +162,9 @@ pub struct GoalProgress {
     /// The assessment that measured it (e.g. a repeat PHQ-9).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assessment_id: Option<RecordId>,
-    /// The case manager's note.
+    /// The case manager's note (line breaks allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2000)]
     pub note: Option<Redacted<String>>,
 }
 
@@ -170,18 +175,20 @@ pub struct Intervention {
     /// Id of the intervention within the plan.
     pub id: RecordId,
     /// What will be done.
-    #[schema(value_type = String, example = "Weekly CBT sessions")]
+    #[schema(value_type = String, example = "Weekly CBT sessions", max_length = 1000)]
     pub description: Redacted<String>,
     /// The kind of service it is, when it is one the agency refers to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceCode>,
     /// Where it stands.
     pub status: InterventionStatus,
-    /// Ids of the needs it addresses.
+    /// Ids of the needs it addresses, each once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 30)]
     pub need_ids: Vec<RecordId>,
-    /// Ids of the goals it serves.
+    /// Ids of the goals it serves, each once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 50)]
     pub goal_ids: Vec<RecordId>,
     /// True when it was ordered from a provider (it then becomes a service request of its own).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -191,7 +198,18 @@ pub struct Intervention {
     pub referral_id: Option<RecordId>,
 }
 
+/// Most needs a care plan holds.
+pub const MAX_NEEDS: usize = 30;
+/// Most goals a care plan holds.
+pub const MAX_GOALS: usize = 50;
+/// Most interventions a care plan holds.
+pub const MAX_INTERVENTIONS: usize = 100;
+/// Most progress entries a goal holds.
+pub const MAX_PROGRESS: usize = 200;
+
 fn check_refs(v: &mut Validator, refs: &[RecordId], known: &HashSet<&RecordId>, path: &str, what: &str) {
+    v.at_most(refs.len(), path, known.len().max(1));
+    v.no_repeats(refs, path);
     for (i, id) in refs.iter().enumerate() {
         v.check(known.contains(id), format!("{path}[{i}]"), format!("no {what} with this id in the plan"));
     }
@@ -224,6 +242,9 @@ impl AgencyRecord for CarePlan {
         v.text(&self.title, "$.title", 200);
         self.period.validate("$.period", v);
         v.check(!self.needs.is_empty(), "$.needs", "a care plan addresses at least one need");
+        v.at_most(self.needs.len(), "$.needs", MAX_NEEDS);
+        v.at_most(self.goals.len(), "$.goals", MAX_GOALS);
+        v.at_most(self.interventions.len(), "$.interventions", MAX_INTERVENTIONS);
         v.unique_ids(self.needs.iter().map(|n| &n.id), "$.needs");
         v.unique_ids(self.goals.iter().map(|g| &g.id), "$.goals");
         v.unique_ids(self.interventions.iter().map(|x| &x.id), "$.interventions");
@@ -231,12 +252,13 @@ impl AgencyRecord for CarePlan {
         let goal_ids: HashSet<_> = self.goals.iter().map(|g| &g.id).collect();
         for (i, need) in self.needs.iter().enumerate() {
             if let Some(d) = &need.description {
-                v.text(d, format!("$.needs[{i}].description"), 2000);
+                v.multiline_text(d, format!("$.needs[{i}].description"), 2000);
             }
         }
         for (i, goal) in self.goals.iter().enumerate() {
             let at = format!("$.goals[{i}]");
-            v.text(&goal.description, format!("{at}.description"), 1000);
+            v.multiline_text(&goal.description, format!("{at}.description"), 1000);
+            v.at_most(goal.progress.len(), format!("{at}.progress"), MAX_PROGRESS);
             v.check(!goal.need_ids.is_empty(), format!("{at}.need_ids"), "a goal addresses at least one need");
             check_refs(v, &goal.need_ids, &need_ids, &format!("{at}.need_ids"), "need");
             if let (Some(start), Some(target)) = (goal.start_date, goal.target_date) {
@@ -249,13 +271,13 @@ impl AgencyRecord for CarePlan {
             );
             for (j, p) in goal.progress.iter().enumerate() {
                 if let Some(note) = &p.note {
-                    v.text(note, format!("{at}.progress[{j}].note"), 2000);
+                    v.multiline_text(note, format!("{at}.progress[{j}].note"), 2000);
                 }
             }
         }
         for (i, x) in self.interventions.iter().enumerate() {
             let at = format!("$.interventions[{i}]");
-            v.text(&x.description, format!("{at}.description"), 1000);
+            v.multiline_text(&x.description, format!("{at}.description"), 1000);
             check_refs(v, &x.need_ids, &need_ids, &format!("{at}.need_ids"), "need");
             check_refs(v, &x.goal_ids, &goal_ids, &format!("{at}.goal_ids"), "goal");
         }

@@ -52,7 +52,8 @@ pub struct Consent {
     pub client_id: RecordId,
     /// The partner the data may go to (its name in the gateway's configuration).
     pub partner: RecordId,
-    /// The categories of data covered.
+    /// The categories of data covered, each once.
+    #[schema(min_items = 1, max_items = 3)]
     pub categories: Vec<ConsentCategory>,
     /// Why the data may be shared.
     pub purpose: ConsentPurpose,
@@ -64,6 +65,7 @@ pub struct Consent {
     pub signed_on: Date,
     /// Reference to the signed form in the agency's document store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 500)]
     pub source_document: Option<String>,
 }
 

@@ -53,8 +53,9 @@ pub struct Referral {
     /// The care plan this referral carries out, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub care_plan_id: Option<RecordId>,
-    /// Ids of the goals (in that care plan) the referral serves.
+    /// Ids of the goals (in that care plan) the referral serves, each once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 50)]
     pub goal_ids: Vec<RecordId>,
     /// The need the referral addresses.
     pub need: NeedCode,
@@ -71,19 +72,20 @@ pub struct Referral {
     pub status: ReferralStatus,
     /// Why the referral is in its status (required for `declined`, `cancelled`, `on_hold`, `failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 1000)]
     pub status_reason: Option<Redacted<String>>,
     /// When the referral was written.
     pub authored_on: Timestamp,
     /// Clinical reason for the referral, in the case manager's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2000)]
     pub reason: Option<Redacted<String>>,
     /// The client's consent that allows sharing this referral with the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent_id: Option<RecordId>,
     /// Notes exchanged about the referral, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 200)]
     pub notes: Vec<ReferralNote>,
 }
 
@@ -94,10 +96,10 @@ pub struct Requester {
     /// Staff id of the case manager.
     pub staff_id: RecordId,
     /// Name of the case manager, as the receiving provider should see it.
-    #[schema(value_type = String, example = "Jordan Ellis")]
+    #[schema(value_type = String, example = "Jordan Ellis", max_length = 200)]
     pub name: Redacted<String>,
     /// Name of the requesting organisation.
-    #[schema(example = "Riverside Community Mental Health")]
+    #[schema(example = "Riverside Community Mental Health", max_length = 200)]
     pub organization: String,
 }
 
@@ -125,8 +127,8 @@ pub struct ReferralNote {
     pub at: Timestamp,
     /// Staff id of whoever wrote it.
     pub author: RecordId,
-    /// The note.
-    #[schema(value_type = String)]
+    /// The note (line breaks allowed).
+    #[schema(value_type = String, max_length = 4000)]
     pub text: Redacted<String>,
 }
 
@@ -138,7 +140,7 @@ pub struct StatusChange {
     pub status: ReferralStatus,
     /// Why; required for `declined`, `cancelled`, `on_hold` and `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 1000)]
     pub reason: Option<Redacted<String>>,
 }
 
@@ -146,7 +148,7 @@ impl StatusChange {
     /// Checks the change on its own, before it meets the referral.
     pub fn validate(&self, v: &mut Validator) {
         match &self.reason {
-            Some(reason) => v.text(reason, "$.reason", 1000),
+            Some(reason) => v.multiline_text(reason, "$.reason", 1000),
             None => v.check(
                 !self.status.needs_reason(),
                 "$.reason",
@@ -155,6 +157,11 @@ impl StatusChange {
         }
     }
 }
+
+/// Most goals a referral names.
+pub const MAX_GOAL_IDS: usize = 50;
+/// Most notes a referral holds.
+pub const MAX_NOTES: usize = 200;
 
 impl Referral {
     /// Applies a status change; the reason replaces the previous one (or clears it when none is given).
@@ -202,10 +209,13 @@ impl AgencyRecord for Referral {
             "$.goal_ids",
             "goal ids name goals of a care plan: care_plan_id is required with them",
         );
+        v.at_most(self.goal_ids.len(), "$.goal_ids", MAX_GOAL_IDS);
+        v.no_repeats(&self.goal_ids, "$.goal_ids");
+        v.at_most(self.notes.len(), "$.notes", MAX_NOTES);
         v.text(&self.requester.name, "$.requester.name", 200);
         v.text(&self.requester.organization, "$.requester.organization", 200);
         match &self.status_reason {
-            Some(reason) => v.text(reason, "$.status_reason", 1000),
+            Some(reason) => v.multiline_text(reason, "$.status_reason", 1000),
             None => v.check(
                 !self.status.needs_reason(),
                 "$.status_reason",
@@ -213,10 +223,10 @@ impl AgencyRecord for Referral {
             ),
         }
         if let Some(reason) = &self.reason {
-            v.text(reason, "$.reason", 2000);
+            v.multiline_text(reason, "$.reason", 2000);
         }
         for (i, note) in self.notes.iter().enumerate() {
-            v.text(&note.text, format!("$.notes[{i}].text"), 4000);
+            v.multiline_text(&note.text, format!("$.notes[{i}].text"), 4000);
         }
         v.check(self.notes.windows(2).all(|w| w[0].at <= w[1].at), "$.notes", "notes are listed oldest first");
     }

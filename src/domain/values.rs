@@ -66,6 +66,11 @@ impl RecordId {
         if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
             return Err("an id may only contain letters A-Z, a-z, digits, '-' and '.'".into());
         }
+        // `.`, `..` and `-` are legal FHIR ids but name no record: a client that normalises URLs turns
+        // `/clients/..` into `/`, so such a record could be stored and never read again.
+        if !s.bytes().any(|b| b.is_ascii_alphanumeric()) {
+            return Err("an id needs at least one letter or digit".into());
+        }
         Ok(Self(s.to_owned()))
     }
 
@@ -103,6 +108,10 @@ impl Date {
     /// # Errors
     /// When the text is not a real calendar date in that form.
     pub fn parse(s: &str) -> Result<Self, String> {
+        // `time` reads a signed year (`-9999-01-01`); no agency date has one, and such dates overflow arithmetic.
+        if !s.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err("expected a date as YYYY-MM-DD".to_owned());
+        }
         time::Date::parse(s, DATE_FORMAT).map(Date).map_err(|_| "expected a date as YYYY-MM-DD".to_owned())
     }
 }
@@ -215,6 +224,25 @@ impl<T> std::ops::Deref for Redacted<T> {
     }
 }
 
+/// Whether `c` shows nothing: white space, or a Unicode default-ignorable code point (zero-width space and
+/// joiners, word joiner, byte-order mark, soft hyphen, variation selectors, bidirectional marks, tag characters).
+/// A name made only of these looks blank to a person and is refused as blank.
+fn is_invisible(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+            | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// Whether `c` is a control character a text of this kind may not hold: C0 and C1 controls, DEL, and the
+/// Unicode line and paragraph separators; a multi-line text may hold tab, CR and LF.
+fn is_forbidden_control(c: char, multiline: bool) -> bool {
+    let line_break = matches!(c, '\t' | '\n' | '\r');
+    (c.is_control() && !(multiline && line_break)) || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
 /// One rule a record breaks: where (a JSON path such as `$.goals[0].target_date`) and what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FieldError {
@@ -224,10 +252,14 @@ pub struct FieldError {
     pub detail: String,
 }
 
-/// Collects every rule violation of a record, so one answer lists them all.
+/// Most violations one answer lists; the rest are counted, so a record of 70,000 bad elements gets a short answer.
+const MAX_LISTED_ERRORS: usize = 100;
+
+/// Collects every rule violation of a record, so one answer lists them all (up to a hundred, then a count).
 #[derive(Debug, Default)]
 pub struct Validator {
     errors: Vec<FieldError>,
+    unlisted: usize,
 }
 
 impl Validator {
@@ -239,7 +271,11 @@ impl Validator {
 
     /// Records an error at `path`.
     pub fn error(&mut self, path: impl Into<String>, detail: impl Into<String>) {
-        self.errors.push(FieldError { path: path.into(), detail: detail.into() });
+        if self.errors.len() < MAX_LISTED_ERRORS {
+            self.errors.push(FieldError { path: path.into(), detail: detail.into() });
+        } else {
+            self.unlisted += 1;
+        }
     }
 
     /// Records an error at `path` unless `ok`.
@@ -249,13 +285,44 @@ impl Validator {
         }
     }
 
-    /// Records an error at `path` when a free-text field is blank or longer than `max` characters.
+    /// Records an error at `path` when a one-line text (a name, a phone number, a title) is blank (nothing but
+    /// spaces and invisible characters), longer than `max` characters, or holds a control character (NUL, ESC,
+    /// a tab or a line break: any of them could forge lines in a receiver's log or break its display).
     pub fn text(&mut self, value: &str, path: impl Into<String>, max: usize) {
-        let path = path.into();
-        if value.trim().is_empty() {
-            self.error(path, "must not be blank");
+        self.checked_text(value, path.into(), max, false);
+    }
+
+    /// Records an error at `path` when a free text that may span lines (a note, a reason, a description) is
+    /// blank, longer than `max` characters, or holds a control character other than tab, CR and LF.
+    pub fn multiline_text(&mut self, value: &str, path: impl Into<String>, max: usize) {
+        self.checked_text(value, path.into(), max, true);
+    }
+
+    fn checked_text(&mut self, value: &str, path: String, max: usize, multiline: bool) {
+        if value.chars().all(is_invisible) {
+            self.error(path, "must not be blank (spaces and invisible characters only)");
         } else if value.chars().count() > max {
             self.error(path, format!("must have at most {max} characters"));
+        } else if value.chars().any(|c| is_forbidden_control(c, multiline)) {
+            let allowed = if multiline { "; only tab and line breaks are allowed" } else { "" };
+            self.error(path, format!("must not contain control characters{allowed}"));
+        }
+    }
+
+    /// Records an error at `path` when a list has more than `max` elements.
+    pub fn at_most(&mut self, len: usize, path: impl Into<String>, max: usize) {
+        if len > max {
+            self.error(path, format!("has at most {max} elements"));
+        }
+    }
+
+    /// Records an error at `path[i]` for every value that repeats an earlier one in `values`.
+    pub fn no_repeats<T: Eq + std::hash::Hash>(&mut self, values: impl IntoIterator<Item = T>, path: &str) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, value) in values.into_iter().enumerate() {
+            if !seen.insert(value) {
+                self.error(format!("{path}[{i}]"), "listed twice");
+            }
         }
     }
 
@@ -273,7 +340,11 @@ impl Validator {
     ///
     /// # Errors
     /// Every violation collected, in the order found.
-    pub fn finish(self) -> Result<(), Vec<FieldError>> {
+    pub fn finish(mut self) -> Result<(), Vec<FieldError>> {
+        if self.unlisted > 0 {
+            let detail = format!("and {} more error(s) not listed", self.unlisted);
+            self.errors.push(FieldError { path: "$".into(), detail });
+        }
         if self.errors.is_empty() { Ok(()) } else { Err(self.errors) }
     }
 }
@@ -333,6 +404,61 @@ mod tests {
         assert!(RecordId::parse(&"a".repeat(64)).is_ok());
         assert!(RecordId::parse(&"a".repeat(65)).is_err());
         assert!(RecordId::parse("é").is_err());
+        for only_punctuation in [".", "..", "-", "...", ".-.", "--"] {
+            assert!(RecordId::parse(only_punctuation).is_err(), "{only_punctuation}");
+        }
+        assert!(RecordId::parse("a.b-1").is_ok());
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_one_line_texts_and_allowed_as_line_breaks_in_notes() {
+        let errors = |value: &str, multiline: bool| {
+            let mut v = Validator::new();
+            if multiline {
+                v.multiline_text(value, "$.x", 100);
+            } else {
+                v.text(value, "$.x", 100);
+            }
+            v.finish().err().map(|e| e[0].detail.clone())
+        };
+        for bad in ["Ma\u{0}ria", "Maria\u{1b}[31m", "Maria\r\nLopez", "a\tb", "x\u{7f}", "a\u{85}b", "a\u{2028}b"] {
+            assert!(errors(bad, false).is_some_and(|d| d.contains("control")), "{bad:?}");
+        }
+        assert_eq!(errors("Called back.\r\nNo answer;\tleft a message.", true), None);
+        assert!(errors("note\u{0}", true).is_some_and(|d| d.contains("control")));
+        assert!(errors("note\u{1b}[2J", true).is_some_and(|d| d.contains("control")));
+        assert_eq!(errors("José Nguyễn-O'Brien", false), None);
+    }
+
+    #[test]
+    fn a_text_of_only_invisible_characters_is_blank() {
+        for blank in ["", "   ", "\u{200B}", "\u{200B}\u{200C}\u{200D}\u{FEFF}", " \u{2060} ", "\u{00AD}"] {
+            let mut v = Validator::new();
+            v.text(blank, "$.given_name", 100);
+            let errors = v.finish().expect_err("blank");
+            assert!(errors[0].detail.contains("blank"), "{blank:?}");
+        }
+    }
+
+    #[test]
+    fn an_answer_lists_a_hundred_errors_and_counts_the_rest() {
+        let mut v = Validator::new();
+        for i in 0..70_000 {
+            v.error(format!("$.x[{i}]"), "bad");
+        }
+        let errors = v.finish().expect_err("invalid");
+        assert_eq!(errors.len(), MAX_LISTED_ERRORS + 1);
+        assert_eq!(errors[MAX_LISTED_ERRORS].detail, "and 69900 more error(s) not listed");
+    }
+
+    #[test]
+    fn repeated_values_and_long_lists_are_reported_by_position() {
+        let mut v = Validator::new();
+        v.no_repeats(["a", "b", "a"], "$.identified_needs");
+        v.at_most(3, "$.items", 2);
+        let errors = v.finish().expect_err("invalid");
+        assert_eq!(errors[0].path, "$.identified_needs[2]");
+        assert_eq!(errors[1].path, "$.items");
     }
 
     #[test]
@@ -341,6 +467,8 @@ mod tests {
         assert_eq!(d.to_string(), "2024-02-29");
         assert!(Date::parse("2023-02-29").is_err());
         assert!(Date::parse("2023-2-1").is_err());
+        assert!(Date::parse("-9999-01-01").is_err());
+        assert!(Date::parse("+2026-01-01").is_err());
     }
 
     #[test]
