@@ -56,17 +56,21 @@ fn number(p: &HashMap<String, String>, name: &str, default: u32, max: u32) -> Re
 
 /// `_lastUpdated=gt2026-10-01T00:00:00Z` (or a date): `(after, before)`.
 fn last_updated(value: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
-    let (prefix, rest) = value.split_at(value.len().min(2));
-    let (prefix, rest) = if prefix.bytes().all(|b| b.is_ascii_alphabetic()) { (prefix, rest) } else { ("", value) };
+    // `get`, not `split_at`: the caller's text may have a multi-byte character where the prefix would end.
+    let (prefix, rest) = match value.get(..2) {
+        Some(p) if p.bytes().all(|b| b.is_ascii_alphabetic()) => (p, &value[2..]),
+        _ => ("", value),
+    };
     let at = OffsetDateTime::parse(rest, &Rfc3339)
         .or_else(|_| crate::domain::Date::parse(rest).map(|d| d.0.midnight().assume_utc()))
         .map_err(|_| invalid("_lastUpdated takes gt, ge, lt or le and an instant (2026-10-01T00:00:00Z) or a date"))?;
+    // Saturating: an instant at the edge of the calendar (9999-12-31T23:59:59.999999999Z) has no next tick.
     let tick = time::Duration::microseconds(1);
     match prefix {
         "gt" => Ok((Some(at), None)),
-        "ge" => Ok((Some(at - tick), None)),
+        "ge" => Ok((Some(at.saturating_sub(tick)), None)),
         "lt" => Ok((None, Some(at))),
-        "le" => Ok((None, Some(at + tick))),
+        "le" => Ok((None, Some(at.saturating_add(tick)))),
         _ => Err(invalid("_lastUpdated takes a gt, ge, lt or le prefix")),
     }
 }
@@ -97,7 +101,7 @@ fn searchset(
     };
     let mut links = vec![json!({"relation": "self", "url": link(offset)})];
     if (offset as usize) + entries.len() < total {
-        links.push(json!({"relation": "next", "url": link(offset + count)}));
+        links.push(json!({"relation": "next", "url": link(offset.saturating_add(count))}));
     }
     if offset > 0 {
         links.push(json!({"relation": "previous", "url": link(offset.saturating_sub(count))}));

@@ -324,7 +324,8 @@ fn eval(
                 if matches!(f, Filter::Map(_)) { Value::String(concept.code.clone()) } else { concept.coding() }
             }
             Filter::Date => match v.as_str() {
-                Some(s) if s.len() >= 10 => Value::String(s[..10].to_owned()),
+                // `get`, not a byte slice: a non-ASCII text must not split inside a character.
+                Some(s) if s.get(..10).is_some_and(|d| d.is_ascii()) => Value::String(s[..10].to_owned()),
                 _ => return Err(RenderError { span, message: format!("`{}` is not a date-time", e.path) }),
             },
             Filter::Id => match v.as_str() {
