@@ -89,6 +89,7 @@ impl Application {
             metrics: telemetry::metrics_handle(),
             sources: Arc::new(sources),
             mappings,
+            mapping_slots: Arc::new(tokio::sync::Semaphore::new(http::mapping_slots())),
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {

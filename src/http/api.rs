@@ -6,10 +6,10 @@
 
 use std::sync::LazyLock;
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -17,8 +17,10 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use super::AppState;
+use super::auth::Caller;
 use super::extract::{ApiQuery, CallerActor, Conditions, IdPath, JsonBody, etag};
 use super::problem::{ApiError, Problem, ProblemType};
+use crate::config::Scope;
 use crate::domain::{self, AgencyRecord, RecordId, RecordKind, StatusChange, Timestamp};
 use crate::intake::{self, IntakeError};
 use crate::store::{Change, ListQuery, RecordMeta, SaveOutcome, StoreError, StoredRecord};
@@ -478,18 +480,21 @@ record_routes!(
     "/api/v1/consents/{id}/history/{version}"
 );
 
-/// Moves a referral to a new status.
+/// Moves a referral to a new status. The answer carries the referral as stored (other writers' notes and fields
+/// included) only to a key that may also read; a write-only key gets 204 with the new `ETag`.
 #[utoipa::path(post, path = "/api/v1/referrals/{id}/status", tag = "referrals", request_body = StatusChange,
     params(("id" = String, Path, description = "The agency's id of the referral"),
            ("If-Match" = Option<String>, Header, description = "Only change this version (its ETag)")),
     responses(
-        (status = 200, description = "The referral after the change", body = domain::Referral, headers(("ETag" = String))),
+        (status = 200, description = "The referral after the change (keys with the read scope)", body = domain::Referral, headers(("ETag" = String))),
+        (status = 204, description = "Changed (keys without the read scope)", headers(("ETag" = String))),
         (status = 404, description = "No such referral", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "The referral is not at the expected version", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown status, or a reason missing", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = ["write"])))]
 pub async fn change_referral_status(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     actor: CallerActor,
     path: IdPath,
     pre: Conditions,
@@ -499,6 +504,13 @@ pub async fn change_referral_status(
         intake::change_referral_status(&*state.store, &path.id, &change, pre.0, &actor.0, OffsetDateTime::now_utc())
             .await
             .map_err(intake_problem)?;
+    if !caller.may(Scope::Read) {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        if let Ok(tag) = HeaderValue::from_str(&etag(saved.outcome.meta().version)) {
+            response.headers_mut().insert(header::ETAG, tag);
+        }
+        return Ok(response);
+    }
     Ok(record_response(StatusCode::OK, RecordKind::Referral, path.id.as_str(), saved.outcome.meta(), saved.body))
 }
 

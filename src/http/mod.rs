@@ -47,6 +47,15 @@ pub struct AppState {
     pub sources: directory::Sources,
     /// The mapping files, loaded and checked at start.
     pub mappings: Arc<crate::mapping::Mappings>,
+    /// Mapping jobs (CPU work on the blocking pool) that may run at once: one core is always left to the async
+    /// workers, so previews never delay `/healthz` or a read.
+    pub mapping_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// How many mapping jobs may run at once on this machine: every core but one, and at least one.
+#[must_use]
+pub fn mapping_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// Limits the router enforces, from the settings.

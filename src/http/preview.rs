@@ -1,18 +1,30 @@
 //! `POST /api/v1/preview/{kind}`: the FHIR a record would become, with any profile violations,
 //! without storing or sending anything.
+//!
+//! What a preview shows depends on the caller's scopes. Preview needs `write` (it is the dry run of a write). A
+//! care plan or referral names a client, and its Bundle carries that client's `Patient`: the preview reads the
+//! stored client for it only when the key also has `read`; a write-only key sees nothing but the FHIR made from
+//! the body it sent (the Bundle then has no `Patient` entry), so preview never reveals a stored record to a key
+//! that may not read it.
+//!
+//! Mapping is CPU work: it runs on the blocking pool, at most [`AppState::mapping_slots`] at a time, so a burst of
+//! large previews cannot stall the async workers that answer every other request.
 
-use axum::Json;
 use axum::extract::{Path, State};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::extract::{ApiQuery, JsonBody};
+use super::auth::Caller;
+use super::extract::{ApiQuery, JsonBody, parse_json};
 use super::problem::{ApiError, Problem, ProblemType};
-use crate::domain::{RecordId, RecordKind};
+use crate::config::Scope;
+use crate::domain::{AgencyRecord, Assessment, CarePlan, Client, Consent, RecordId, RecordKind, Referral, Validator};
 use crate::mapping::profile::Violation;
-use crate::mapping::{self, MapError, Related};
+use crate::mapping::{MapError, Related};
 
 /// Query of a preview.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -40,36 +52,72 @@ pub struct Preview {
     post,
     path = "/api/v1/preview/{kind}",
     params(("kind" = String, Path, description = "client, assessment, care-plan, referral or consent"), PreviewParams),
-    request_body(content = Object, description = "An agency record of that kind"),
+    request_body(content = Object, description = "An agency record of that kind, checked exactly as a PUT checks it"),
     responses(
-        (status = 200, description = "The FHIR it would become", body = Preview),
-        (status = 404, description = "No such kind or partner", body = Problem),
-        (status = 422, description = "The record is invalid, or a code has no mapping", body = Problem),
+        (status = 200, description = "The FHIR it would become. The Patient of a care plan or referral Bundle comes from the stored client, and only for a key that also has the read scope.", body = Preview),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such kind or partner", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The record is invalid, or a code has no mapping", body = Problem, content_type = "application/problem+json"),
     ),
-    security(("bearer" = ["write"])),
+    security(("api_key" = ["write"])),
     tag = "mappings"
 )]
 pub async fn preview(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(kind): Path<String>,
     ApiQuery(params): ApiQuery<PreviewParams>,
-    JsonBody(record): JsonBody<Value>,
+    JsonBody(body): JsonBody<Box<RawValue>>,
 ) -> Result<Json<Preview>, ApiError> {
-    let kind = RecordKind::from_name(&kind)
-        .ok_or_else(|| Problem::new(ProblemType::NotFound).detail(format!("no record kind `{kind}`")))?;
-    let record =
-        mapping::canonical(kind, &record).map_err(|errors| Problem::new(ProblemType::InvalidRecord).errors(errors))?;
-    let related = Related { client: client_of(&state, &record).await? };
-    let output = match state.mappings.to_fhir(kind, &record, params.partner.as_deref(), &related) {
+    let kind = RecordKind::from_name(&kind).ok_or_else(|| {
+        Problem::new(ProblemType::NotFound)
+            .detail("no such record kind: client, assessment, care-plan, referral or consent")
+    })?;
+    let record = checked(kind, body.get().as_bytes())?;
+    let client = if caller.may(Scope::Read) { client_of(&state, &record).await? } else { None };
+    let related = Related { client };
+    let _slot = state.mapping_slots.acquire().await.map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
+    let mappings = state.mappings.clone();
+    // The request's span goes along, so anything logged there (a panic too) carries the request id.
+    let span = tracing::Span::current();
+    let mapped = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        mappings.to_fhir(kind, &record, params.partner.as_deref(), &related).map(|output| {
+            let violations = output.violations.clone();
+            (output.into_document(kind), violations)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
+    let (fhir, violations) = match mapped {
         Ok(o) => o,
-        Err(MapError::UnknownPartner(p)) => {
-            return Err(Problem::new(ProblemType::NotFound).detail(format!("no partner `{p}` in the mappings")).into());
+        Err(MapError::UnknownPartner(_)) => {
+            return Err(Problem::new(ProblemType::NotFound).detail("no such partner in the mappings").into());
         }
         Err(e) => return Err(Problem::new(ProblemType::InvalidRecord).detail(e.to_string()).into()),
     };
-    let violations = output.violations.clone();
     let sendable = violations.is_empty();
-    Ok(Json(Preview { fhir: output.into_document(kind), violations, sendable }))
+    Ok(Json(Preview { fhir, violations, sendable }))
+}
+
+/// The body parsed as a record of `kind` by the same parser and rules as `PUT`, in canonical JSON.
+fn checked(kind: RecordKind, bytes: &[u8]) -> Result<Value, ApiError> {
+    fn typed<T: AgencyRecord>(bytes: &[u8]) -> Result<Value, ApiError> {
+        let record: T = parse_json(bytes)?;
+        let mut v = Validator::new();
+        record.validate(&mut v);
+        v.finish().map_err(|errors| {
+            Problem::new(ProblemType::InvalidRecord).detail(format!("{} rule(s) broken", errors.len())).errors(errors)
+        })?;
+        serde_json::to_value(&record).map_err(|e| ApiError::internal(ProblemType::Internal, e))
+    }
+    match kind {
+        RecordKind::Client => typed::<Client>(bytes),
+        RecordKind::Assessment => typed::<Assessment>(bytes),
+        RecordKind::CarePlan => typed::<CarePlan>(bytes),
+        RecordKind::Referral => typed::<Referral>(bytes),
+        RecordKind::Consent => typed::<Consent>(bytes),
+    }
 }
 
 /// The stored client a care plan or referral names, for the `Patient` entry of its Bundle.
