@@ -8,7 +8,11 @@
 //! ```text
 //! cargo bench --bench ingest -- --backend sqlite --seconds 20 --concurrency 32
 //! cargo bench --bench ingest -- --backend postgres --seconds 20 --concurrency 32
+//! cargo bench --bench ingest -- --backend sqlite --seconds 20 --concurrency 32 --previews 4
 //! ```
+//! With `--previews N`, N more connections keep previewing the largest care plan the bounds and the body limit
+//! allow (30 needs, 50 goals with progress, 100 interventions), and two probes time `GET /healthz` and a record
+//! read every 10 ms: what one caller's heavy work costs everyone else.
 //! PostgreSQL: `CAREBRIDGE_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names a
 //! server where the bench may create and drop a database of its own.
 
@@ -29,10 +33,11 @@ struct Options {
     seconds: u64,
     warmup: u64,
     concurrency: usize,
+    previews: usize,
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut o = Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32 };
+    let mut o = Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32, previews: 0 };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("a value is missing after a flag");
@@ -41,6 +46,7 @@ fn options() -> anyhow::Result<Options> {
             "--seconds" => o.seconds = value()?.parse()?,
             "--warmup" => o.warmup = value()?.parse()?,
             "--concurrency" => o.concurrency = value()?.parse()?,
+            "--previews" => o.previews = value()?.parse()?,
             // cargo bench passes --bench to every bench target.
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -108,8 +114,75 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The largest care plan the record bounds allow that still fits the default 1 MiB body limit.
+fn maximal_care_plan() -> Value {
+    let needs: Vec<Value> = (0..30)
+        .map(|i| {
+            serde_json::json!({"id": format!("need-{i}"), "code": "depression", "status": "active",
+                "description": "d".repeat(400), "noted_on": "2026-09-02"})
+        })
+        .collect();
+    let need_ids: Vec<String> = (0..30).map(|i| format!("need-{i}")).collect();
+    let progress: Vec<Value> = (0..40)
+        .map(|d| serde_json::json!({"date": format!("2026-10-{:02}", d % 28 + 1), "achievement": "improving", "note": "n".repeat(200)}))
+        .collect();
+    let mut progress = progress;
+    progress.sort_by(|a, b| a["date"].as_str().cmp(&b["date"].as_str()));
+    let goals: Vec<Value> = (0..50)
+        .map(|i| {
+            serde_json::json!({"id": format!("goal-{i}"), "description": "g".repeat(300), "need_ids": need_ids,
+                "lifecycle_status": "active", "achievement": "improving", "progress": progress})
+        })
+        .collect();
+    let goal_ids: Vec<String> = (0..50).map(|i| format!("goal-{i}")).collect();
+    let interventions: Vec<Value> = (0..100)
+        .map(|i| {
+            serde_json::json!({"id": format!("int-{i}"), "description": "i".repeat(200), "service": "therapy",
+                "status": "in_progress", "need_ids": need_ids, "goal_ids": goal_ids, "ordered": true})
+        })
+        .collect();
+    serde_json::json!({"client_id": "cl-bench", "title": "Largest plan", "status": "active",
+        "period": {"start": "2026-09-02"}, "needs": needs, "goals": goals, "interventions": interventions})
+}
+
+/// Sorted latencies: (p50, p99, max) in ms.
+fn percentiles(mut all: Vec<Duration>) -> (f64, f64, f64) {
+    all.sort_unstable();
+    if all.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let pct = |p: f64| all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1].as_secs_f64() * 1000.0;
+    (pct(0.50), pct(0.99), all[all.len() - 1].as_secs_f64() * 1000.0)
+}
+
+/// Loops `request` every `pause` until `stop`, keeping the latencies measured while `measuring`.
+async fn probe(
+    request: reqwest::RequestBuilder,
+    pause: Duration,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    expect: u16,
+) -> (Vec<Duration>, u64) {
+    let mut latencies = Vec::new();
+    let mut failures = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(request) = request.try_clone() else { break };
+        let started = Instant::now();
+        let response = request.send().await;
+        let ok = matches!(&response, Ok(r) if r.status().as_u16() == expect);
+        if let Ok(r) = response {
+            let _ = r.bytes().await;
+        }
+        if measuring.load(Ordering::Relaxed) {
+            if ok { latencies.push(started.elapsed()) } else { failures += 1 }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    (latencies, failures)
+}
+
 async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency + o.previews + 2).build()?;
     let template = Arc::new(template);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -139,6 +212,38 @@ async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
             (latencies, failures)
         }));
     }
+    let mut probes = Vec::new();
+    if o.previews > 0 {
+        let body = serde_json::to_vec(&maximal_care_plan())?;
+        anyhow::ensure!(body.len() < 1 << 20, "the maximal plan is {} bytes, over the body limit", body.len());
+        println!("maximal care plan: {} bytes", body.len());
+        for _ in 0..o.previews {
+            let request = client
+                .post(format!("http://{addr}/api/v1/preview/care-plan"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            probes
+                .push(("preview", tokio::spawn(probe(request, Duration::ZERO, measuring.clone(), stop.clone(), 200))));
+        }
+        let mut client_record: Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/agency/client/cl-1001.json"
+        ))?)?;
+        client_record["id"] = Value::String("cl-bench".into());
+        let stored = client
+            .put(format!("http://{addr}/api/v1/clients/cl-bench"))
+            .bearer_auth(KEY)
+            .json(&client_record)
+            .send()
+            .await?;
+        anyhow::ensure!(stored.status().is_success(), "storing the probe's client answered {}", stored.status());
+        let pause = Duration::from_millis(10);
+        let health = client.get(format!("http://{addr}/healthz"));
+        probes.push(("healthz", tokio::spawn(probe(health, pause, measuring.clone(), stop.clone(), 200))));
+        let read = client.get(format!("http://{addr}/api/v1/clients/cl-bench")).bearer_auth(KEY);
+        probes.push(("read", tokio::spawn(probe(read, pause, measuring.clone(), stop.clone(), 200))));
+    }
     tokio::time::sleep(Duration::from_secs(o.warmup)).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
@@ -153,20 +258,37 @@ async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
         all.extend(l);
         failures += f;
     }
-    all.sort_unstable();
-    let pct = |p: f64| all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1].as_secs_f64() * 1000.0;
     anyhow::ensure!(!all.is_empty(), "no request succeeded");
+    let writes = all.len();
+    let (p50, p99, max) = percentiles(all);
     println!(
-        "ingest backend={} concurrency={} seconds={:.1}: {} writes, {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, failures {}",
+        "ingest backend={} concurrency={} previews={} seconds={:.1}: {} writes, {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, failures {}",
         o.backend,
         o.concurrency,
+        o.previews,
         elapsed.as_secs_f64(),
-        all.len(),
-        all.len() as f64 / elapsed.as_secs_f64(),
-        pct(0.50),
-        pct(0.99),
-        all.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        writes,
+        writes as f64 / elapsed.as_secs_f64(),
+        p50,
+        p99,
+        max,
         failures
     );
+    let mut by_name: Vec<(&str, Vec<Duration>, u64)> = Vec::new();
+    for (name, task) in probes {
+        let (l, f) = task.await?;
+        match by_name.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, all, fails)) => {
+                all.extend(l);
+                *fails += f;
+            }
+            None => by_name.push((name, l, f)),
+        }
+    }
+    for (name, latencies, failures) in by_name {
+        let n = latencies.len();
+        let (p50, p99, max) = percentiles(latencies);
+        println!("  {name}: {n} answers, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms, failures {failures}");
+    }
     Ok(())
 }
