@@ -3,7 +3,7 @@
 //!
 //! Only the parts of HSDS the catalog uses are read; the whole record is kept as received.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -354,19 +354,37 @@ impl HsdsPackage {
         HsdsPackage { name: name.to_owned(), path }
     }
 
-    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
-        let err = |detail: String| SourceError::File { path: self.path.display().to_string(), detail };
-        if self.path.is_file() {
-            return Ok(vec![self.path.clone()]);
-        }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
-            .map_err(|e| err(e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
-        Ok(files)
+}
+
+/// The JSON files of a package: the file itself, or the `*.json` files of the directory, in name order.
+fn package_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let err = |detail: String| SourceError::File { path: path.display().to_string(), detail };
+    if path.is_file() {
+        return Ok(vec![path.to_owned()]);
     }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| err(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads a whole package (JSON files or the CSV tables): blocking file IO and parsing, for the blocking pool.
+fn read_package(path: &Path) -> Result<(Vec<Value>, Vec<super::Rejection>), SourceError> {
+    // A CSV package is recognised first: its `datapackage.json` describes tables, it is no service.
+    if super::hsds_csv::is_package(path) {
+        return super::hsds_csv::read_records(path);
+    }
+    let mut records = Vec::new();
+    for file in package_files(path)? {
+        let err = |detail: String| SourceError::File { path: file.display().to_string(), detail };
+        let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
+        let doc: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        records.extend(records_of(doc).map_err(err)?);
+    }
+    Ok((records, Vec::new()))
 }
 
 #[async_trait]
@@ -380,19 +398,11 @@ impl DirectorySource for HsdsPackage {
         if page > 1 {
             return Ok(SourcePage::default());
         }
-        // A CSV package is recognised first: its `datapackage.json` describes tables, it is no service.
-        let (mut records, rejected) = if super::hsds_csv::is_package(&self.path) {
-            super::hsds_csv::read_records(&self.path)?
-        } else {
-            let mut records = Vec::new();
-            for file in self.files()? {
-                let err = |detail: String| SourceError::File { path: file.display().to_string(), detail };
-                let text = std::fs::read_to_string(&file).map_err(|e| err(e.to_string()))?;
-                let doc: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-                records.extend(records_of(doc).map_err(err)?);
-            }
-            (records, Vec::new())
-        };
+        // Reading and parsing a large package takes seconds of CPU: never on the async workers that answer requests.
+        let path = self.path.clone();
+        let (mut records, rejected) = tokio::task::spawn_blocking(move || read_package(&path)).await.map_err(|e| {
+            SourceError::File { path: self.path.display().to_string(), detail: format!("the reader stopped: {e}") }
+        })??;
         if let Some(since) = modified_after {
             records.retain(|r| {
                 r.get("last_modified")
