@@ -6,6 +6,7 @@ mod directories_fhir;
 mod directories_open_now;
 mod errors;
 mod helpers;
+mod hostile_input;
 mod mappings;
 mod ops;
 mod process;
