@@ -23,7 +23,7 @@ use super::problem::{ApiError, Problem, ProblemType};
 use crate::config::Scope;
 use crate::domain::{self, AgencyRecord, RecordId, RecordKind, StatusChange, Timestamp};
 use crate::intake::{self, IntakeError};
-use crate::store::{Change, ListQuery, RecordMeta, SaveOutcome, StoreError, StoredRecord};
+use crate::store::{Change, ListQuery, Precondition, RecordMeta, SaveOutcome, StoreError, StoredRecord};
 
 /// Query of a list request.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -253,6 +253,26 @@ async fn check_directory_target<T: AgencyRecord>(
     }
 }
 
+/// The store's precondition for a write. An `If-Match` list of several versions is compared with the version the
+/// record is at now, and the write then demands exactly that version: a write landing in between makes this one
+/// fail (412) rather than slip through.
+async fn precondition(
+    state: &AppState,
+    kind: RecordKind,
+    id: &RecordId,
+    conditions: Conditions,
+) -> Result<Precondition, ApiError> {
+    let versions = match conditions {
+        Conditions::Store(pre) => return Ok(pre),
+        Conditions::AnyVersion(versions) => versions,
+    };
+    let current = state.store.get_record(kind, id).await.map_err(store_problem)?.map(|s| s.meta.version);
+    match current {
+        Some(version) if versions.contains(&version) => Ok(Precondition::Version(version)),
+        _ => Err(intake_problem(IntakeError::PreconditionFailed { current })),
+    }
+}
+
 async fn put_record<T: AgencyRecord>(
     state: &AppState,
     actor: CallerActor,
@@ -263,8 +283,9 @@ async fn put_record<T: AgencyRecord>(
     if let Some(service_id) = record.directory_service() {
         check_directory_target::<T>(state, &path.id, service_id).await?;
     }
+    let pre = precondition(state, T::KIND, &path.id, pre).await?;
     let saved =
-        intake::put(&*state.store, path.id.clone(), record, pre.0, &actor.0, Change::Put, OffsetDateTime::now_utc())
+        intake::put(&*state.store, path.id.clone(), record, pre, &actor.0, Change::Put, OffsetDateTime::now_utc())
             .await
             .map_err(intake_problem)?;
     let status = if matches!(saved.outcome, SaveOutcome::Created(_)) { StatusCode::CREATED } else { StatusCode::OK };
@@ -362,7 +383,7 @@ macro_rules! record_routes {
             /// Creates (201) or replaces (200) the record with this id; an identical body changes nothing.
             #[utoipa::path(put, path = $item, tag = $tag, request_body = $ty,
                 params(("id" = String, Path, description = "The agency's id of the record"),
-                       ("If-Match" = Option<String>, Header, description = "Only replace this version (its ETag), or any existing version (*)"),
+                       ("If-Match" = Option<String>, Header, description = "Only replace this version (its ETag; a comma-separated list matches any of its versions), or any existing version (*)"),
                        ("If-None-Match" = Option<String>, Header, description = "* to only create")),
                 responses(
                     (status = 201, description = "Created", body = $ty, headers(("ETag" = String), ("Location" = String))),
@@ -371,7 +392,7 @@ macro_rules! record_routes {
                     (status = 409, description = "A referral's status may only change through its status endpoint", body = Problem, content_type = "application/problem+json"),
                     (status = 412, description = "The record is not at the expected version", body = Problem, content_type = "application/problem+json"),
                     (status = 413, description = "Body over the size limit", body = Problem, content_type = "application/problem+json"),
-                    (status = 415, description = "Body not application/json", body = Problem, content_type = "application/problem+json"),
+                    (status = 415, description = "Body not application/json, or in a content coding other than gzip", body = Problem, content_type = "application/problem+json"),
                     (status = 422, description = "Invalid record; errors name each bad field's JSON path", body = Problem, content_type = "application/problem+json")),
                 security(("api_key" = ["write"])))]
             pub async fn put(
@@ -484,7 +505,7 @@ record_routes!(
 /// included) only to a key that may also read; a write-only key gets 204 with the new `ETag`.
 #[utoipa::path(post, path = "/api/v1/referrals/{id}/status", tag = "referrals", request_body = StatusChange,
     params(("id" = String, Path, description = "The agency's id of the referral"),
-           ("If-Match" = Option<String>, Header, description = "Only change this version (its ETag)")),
+           ("If-Match" = Option<String>, Header, description = "Only change this version (its ETag; a comma-separated list matches any of its versions)")),
     responses(
         (status = 200, description = "The referral after the change (keys with the read scope)", body = domain::Referral, headers(("ETag" = String))),
         (status = 204, description = "Changed (keys without the read scope)", headers(("ETag" = String))),
@@ -500,8 +521,9 @@ pub async fn change_referral_status(
     pre: Conditions,
     JsonBody(change): JsonBody<StatusChange>,
 ) -> Result<Response, ApiError> {
+    let pre = precondition(&state, RecordKind::Referral, &path.id, pre).await?;
     let saved =
-        intake::change_referral_status(&*state.store, &path.id, &change, pre.0, &actor.0, OffsetDateTime::now_utc())
+        intake::change_referral_status(&*state.store, &path.id, &change, pre, &actor.0, OffsetDateTime::now_utc())
             .await
             .map_err(intake_problem)?;
     if !caller.may(Scope::Read) {

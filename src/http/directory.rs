@@ -4,13 +4,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::extract::ApiQuery;
+use super::extract::{ApiQuery, PathText, paging};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::directories::{
     self, CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncReport,
@@ -18,6 +18,9 @@ use crate::directories::{
 
 /// The configured directory sources, by name.
 pub type Sources = Arc<HashMap<String, Arc<dyn DirectorySource>>>;
+
+/// Results per page when the caller does not say.
+const DEFAULT_PER_PAGE: u32 = 20;
 
 /// Largest search radius.
 const MAX_RADIUS_KM: f64 = 500.0;
@@ -108,14 +111,7 @@ fn service_query(p: SearchParams, now: OffsetDateTime) -> Result<ServiceQuery, A
     if p.radius_km.is_some() && near.is_none() {
         return Err(bad_query("radius_km: needs near"));
     }
-    let per_page = p.per_page.unwrap_or(20);
-    if !(1..=100).contains(&per_page) {
-        return Err(bad_query("per_page: between 1 and 100"));
-    }
-    let page = p.page.unwrap_or(1);
-    if page == 0 {
-        return Err(bad_query("page: from 1"));
-    }
+    let (page, per_page) = paging(p.page, p.per_page, DEFAULT_PER_PAGE)?;
     Ok(ServiceQuery {
         text: p.q.filter(|q| !q.trim().is_empty()),
         category: p.category,
@@ -160,7 +156,7 @@ pub struct ServiceDetail {
     responses((status = 200, description = "The service", body = ServiceDetail),
               (status = 404, description = "No such service", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = ["read"])))]
-pub async fn service(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ServiceDetail>, ApiError> {
+pub async fn service(State(state): State<AppState>, PathText(id): PathText) -> Result<Json<ServiceDetail>, ApiError> {
     let (service, in_source) = state
         .store
         .directory_service(&id)
@@ -189,7 +185,7 @@ pub struct SyncParams {
     security(("api_key" = ["admin"])))]
 pub async fn sync_now(
     State(state): State<AppState>,
-    Path(source): Path<String>,
+    PathText(source): PathText,
     ApiQuery(params): ApiQuery<SyncParams>,
 ) -> Result<Json<SyncReport>, ApiError> {
     let mode = match params.mode.as_deref() {

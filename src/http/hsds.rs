@@ -3,7 +3,7 @@
 //! `directories::publish`).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -11,12 +11,13 @@ use time::format_description::well_known::Rfc3339;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::extract::ApiQuery;
+use super::extract::{ApiQuery, PathText, paging};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::directories::publish;
 use crate::store::CatalogListing;
 
-const MAX_PER_PAGE: u32 = 100;
+/// Services per page when the caller does not say.
+const DEFAULT_PER_PAGE: u32 = 50;
 
 /// Query of `GET /hsds/services`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -65,8 +66,7 @@ pub async fn services(
     State(state): State<AppState>,
     ApiQuery(p): ApiQuery<ServicesParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let per_page = p.per_page.unwrap_or(50).clamp(1, MAX_PER_PAGE);
-    let page = p.page.unwrap_or(1).max(1);
+    let (page, per_page) = paging(p.page, p.per_page, DEFAULT_PER_PAGE)?;
     let modified_after = p
         .modified_after
         .as_deref()
@@ -103,10 +103,9 @@ pub async fn services(
 ///
 /// # Errors
 /// 404 when no service is published under that id.
-pub async fn service(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let listing =
-        CatalogListing { public_id: Some(id.clone()), include_inactive: true, limit: 1, ..CatalogListing::default() };
+pub async fn service(State(state): State<AppState>, PathText(id): PathText) -> Result<Json<Value>, ApiError> {
+    let listing = CatalogListing { public_id: Some(id), include_inactive: true, limit: 1, ..CatalogListing::default() };
     let (rows, _) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
-    let l = rows.first().ok_or_else(|| Problem::new(ProblemType::NotFound).detail(format!("no service {id}")))?;
+    let l = rows.first().ok_or_else(|| Problem::new(ProblemType::NotFound).detail("no service with this id"))?;
     Ok(Json(publish::hsds_service(&l.item, l.active, l.updated_at)))
 }

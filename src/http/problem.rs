@@ -49,6 +49,8 @@ pub enum ProblemType {
     PreconditionFailed,
     /// A malformed `If-Match` / `If-None-Match` header.
     InvalidPrecondition,
+    /// Another request header is malformed or ambiguous (such as two `Authorization` headers).
+    InvalidHeader,
     /// A referral `PUT` tried to move the status.
     StatusChangeNotAllowed,
     /// The request took longer than the configured timeout.
@@ -77,6 +79,7 @@ impl ProblemType {
             Self::MethodNotAllowed => "method-not-allowed",
             Self::PreconditionFailed => "precondition-failed",
             Self::InvalidPrecondition => "invalid-precondition",
+            Self::InvalidHeader => "invalid-header",
             Self::StatusChangeNotAllowed => "status-change-not-allowed",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
@@ -88,9 +91,11 @@ impl ProblemType {
     #[must_use]
     pub fn status(self) -> StatusCode {
         match self {
-            Self::MalformedJson | Self::InvalidId | Self::InvalidQuery | Self::InvalidPrecondition => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::MalformedJson
+            | Self::InvalidId
+            | Self::InvalidQuery
+            | Self::InvalidPrecondition
+            | Self::InvalidHeader => StatusCode::BAD_REQUEST,
             Self::InvalidRecord | Self::IdMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -114,7 +119,7 @@ impl ProblemType {
             Self::InvalidId => "The id in the path is not a valid record id",
             Self::IdMismatch => "The id in the body differs from the id in the path",
             Self::InvalidQuery => "A query parameter is not valid",
-            Self::UnsupportedMediaType => "The request body must be application/json",
+            Self::UnsupportedMediaType => "The request body must be application/json, in a supported content coding",
             Self::PayloadTooLarge => "The request body is too large",
             Self::Unauthorized => "A valid API key is required",
             Self::Forbidden => "The API key lacks the scope this call needs",
@@ -122,6 +127,7 @@ impl ProblemType {
             Self::MethodNotAllowed => "Method not allowed",
             Self::PreconditionFailed => "The record is not at the version the request expects",
             Self::InvalidPrecondition => "A conditional request header is not valid",
+            Self::InvalidHeader => "A request header is not valid",
             Self::StatusChangeNotAllowed => "A referral's status changes only through its status endpoint",
             Self::Timeout => "The request took too long",
             Self::Unavailable => "The service is temporarily unavailable",

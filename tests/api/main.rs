@@ -7,6 +7,7 @@ mod directories_open_now;
 mod errors;
 mod hardening;
 mod helpers;
+mod hostile_input;
 mod mappings;
 mod ops;
 mod process;
