@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
+use super::extract::PathText;
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::directories::publish;
 use crate::fhir::FHIR_JSON;
@@ -31,8 +32,9 @@ fn invalid(detail: impl Into<String>) -> ApiError {
     Problem::new(ProblemType::InvalidQuery).detail(detail).into()
 }
 
-fn not_found(kind: &str, id: &str) -> ApiError {
-    Problem::new(ProblemType::NotFound).detail(format!("no {kind}/{id}")).into()
+/// A read of an id the catalog lacks; the id is the caller's text and is not repeated.
+fn not_found(kind: &str) -> ApiError {
+    Problem::new(ProblemType::NotFound).detail(format!("no {kind} with this id")).into()
 }
 
 /// The base URL the caller used (`http(s)://host/fhir`), for absolute `fullUrl`s and links.
@@ -173,12 +175,12 @@ pub async fn search_healthcare_services(
 /// 404 `OperationOutcome` when there is no such service.
 pub async fn read_healthcare_service(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Response, ApiError> {
     let listing =
         CatalogListing { id: Some(id.clone()), include_inactive: true, limit: 1, ..CatalogListing::default() };
     let (rows, _) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
-    let l = rows.first().ok_or_else(|| not_found("HealthcareService", &id))?;
+    let l = rows.first().ok_or_else(|| not_found("HealthcareService"))?;
     Ok(fhir(StatusCode::OK, &publish::healthcare_service(&l.item, l.active, l.updated_at)))
 }
 
@@ -227,9 +229,9 @@ pub async fn search_organizations(
 ///
 /// # Errors
 /// 404 `OperationOutcome` when there is no such organisation.
-pub async fn read_organization(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn read_organization(State(state): State<AppState>, PathText(id): PathText) -> Result<Response, ApiError> {
     let (rows, _) = state.store.list_organizations(Some(&id), None, 0, 1).await.map_err(super::api::store_problem)?;
-    let l = rows.first().ok_or_else(|| not_found("Organization", &id))?;
+    let l = rows.first().ok_or_else(|| not_found("Organization"))?;
     Ok(fhir(StatusCode::OK, &publish::organization(&l.item, l.updated_at)))
 }
 
@@ -256,9 +258,9 @@ pub async fn search_locations(
 ///
 /// # Errors
 /// 404 `OperationOutcome` when there is no such location.
-pub async fn read_location(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn read_location(State(state): State<AppState>, PathText(id): PathText) -> Result<Response, ApiError> {
     let (rows, _) = state.store.list_locations(Some(&id), None, 0, 1).await.map_err(super::api::store_problem)?;
-    let l = rows.first().ok_or_else(|| not_found("Location", &id))?;
+    let l = rows.first().ok_or_else(|| not_found("Location"))?;
     Ok(fhir(StatusCode::OK, &publish::location(&l.item, l.updated_at)))
 }
 

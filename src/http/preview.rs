@@ -10,16 +10,15 @@
 //! Mapping is CPU work: it runs on the blocking pool, at most [`AppState::mapping_slots`] at a time, so a burst of
 //! large previews cannot stall the async workers that answer every other request.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::extract::{ApiQuery, JsonBody, parse_json};
+use super::extract::{ApiQuery, JsonBytes, PathText, parse_json};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::config::Scope;
 use crate::domain::{AgencyRecord, Assessment, CarePlan, Client, Consent, RecordId, RecordKind, Referral, Validator};
@@ -65,15 +64,15 @@ pub struct Preview {
 pub async fn preview(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(kind): Path<String>,
+    PathText(kind): PathText,
     ApiQuery(params): ApiQuery<PreviewParams>,
-    JsonBody(body): JsonBody<Box<RawValue>>,
+    JsonBytes(body): JsonBytes,
 ) -> Result<Json<Preview>, ApiError> {
     let kind = RecordKind::from_name(&kind).ok_or_else(|| {
         Problem::new(ProblemType::NotFound)
             .detail("no such record kind: client, assessment, care-plan, referral or consent")
     })?;
-    let record = checked(kind, body.get().as_bytes())?;
+    let record = checked(kind, &body)?;
     let client = if caller.may(Scope::Read) { client_of(&state, &record).await? } else { None };
     let related = Related { client };
     let _slot = state.mapping_slots.acquire().await.map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
