@@ -1,5 +1,6 @@
 //! The HTTP surface: one [`router`] shared by `serve` and the tests, with its layers (request id, problem
-//! rendering, metrics and request spans, timeout, panic catching, body limit).
+//! rendering, `Cache-Control: no-store` on private routes, metrics and request spans, timeout, panic catching,
+//! body limit).
 
 pub mod api;
 pub mod auth;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderName;
+use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -134,6 +135,43 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(drop_unsafe_request_id))
+        .layer(middleware::from_fn(no_store_on_private_routes))
+}
+
+/// Whether `path` is one of the authenticated routes (`/api/…`, `/fhir/…`, `/hsds/…`), whose answers may hold
+/// records (PHI) or depend on who asks.
+fn is_private(path: &str) -> bool {
+    ["/api", "/fhir", "/hsds"]
+        .iter()
+        .any(|root| path.strip_prefix(root).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
+}
+
+/// `Cache-Control: no-store` on every answer of the private routes, errors included, so no browser or proxy keeps
+/// a copy of a record.
+async fn no_store_on_private_routes(request: Request, next: Next) -> Response {
+    let private = is_private(request.uri().path());
+    let mut response = next.run(request).await;
+    if private {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// The method as a label: the standard methods by name, any other token `other`, so a caller can neither add
+/// series at will nor put text (a name, a birth date) into `/metrics` or the logs.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "CONNECT" => "CONNECT",
+        _ => "other",
+    }
 }
 
 /// A caller's `x-request-id` is kept when it looks like an id (up to 64 of `A-Z a-z 0-9 . _ -`), so callers can
@@ -163,7 +201,7 @@ async fn method_not_allowed() -> Problem {
 /// ids, so neither logs nor metric labels carry them.
 async fn observe(axum::extract::State(limits): axum::extract::State<Limits>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let request_id =
@@ -178,11 +216,33 @@ async fn observe(axum::extract::State(limits): axum::extract::State<Limits>, req
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = [("method", method), ("route", route), ("status", status.to_string())];
+    let labels = [("method", method.to_owned()), ("route", route), ("status", status.to_string())];
     metrics::counter!("carebridge_http_requests_total", &labels).increment(1);
     metrics::histogram!("carebridge_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     // Whole microseconds, so the log shows 6.206 rather than 6.206297999999999.
     let latency_ms = u32::try_from(elapsed.as_micros()).map_or(f64::MAX, f64::from) / 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "Request served."));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_authenticated_roots_are_private() {
+        for path in ["/api/v1/clients/cl-1", "/fhir", "/fhir/metadata", "/hsds/", "/hsds", "/api"] {
+            assert!(is_private(path), "{path}");
+        }
+        for path in ["/healthz", "/readyz", "/metrics", "/apiary", "/fhirx/Patient", "/"] {
+            assert!(!is_private(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn unknown_method_tokens_are_labelled_other() {
+        let custom = axum::http::Method::from_bytes(b"ZEBULON-1966-04-17").expect("a token");
+        assert_eq!(method_label(&custom), "other");
+        assert_eq!(method_label(&axum::http::Method::PATCH), "PATCH");
+    }
 }

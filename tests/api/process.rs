@@ -275,3 +275,24 @@ fn a_clean_sigterm_leaves_no_wal_or_shm_file_and_keeps_every_record() {
         assert_eq!(response.json::<Value>().expect("JSON"), body, "{kind}/{id} changed");
     }
 }
+
+#[test]
+fn a_custom_method_token_never_reaches_the_logs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let mut server = ServerProcess::start(&config);
+    let token = "ZEBULONQUACKENBUSH19660417";
+    let method = reqwest::Method::from_bytes(token.as_bytes()).expect("a method token");
+    for path in ["/nowhere", "/api/v1/clients"] {
+        let response = client().request(method.clone(), format!("{}{path}", server.base())).send().expect("sent");
+        assert!(response.status().is_client_error(), "{path}: {}", response.status());
+    }
+    server.signal("TERM");
+    let lines = server.drain();
+    let served: Vec<&String> = lines.iter().filter(|l| l.contains("Request served.")).collect();
+    assert!(served.len() >= 2, "both requests are logged: {lines:?}");
+    assert!(served.iter().all(|l| l.contains("\"method\":\"other\"")), "{served:?}");
+    for line in &lines {
+        assert!(!line.contains(token) && !line.contains("19660417"), "log line holds the method token: {line}");
+    }
+}
