@@ -172,6 +172,10 @@ pub struct ServerSettings {
     pub request_timeout_secs: u64,
     /// How long requests in flight get to finish on shutdown, in seconds.
     pub shutdown_grace_secs: u64,
+    /// How long a client has to send a whole request head, in seconds.
+    pub header_read_timeout_secs: u64,
+    /// How long a connection may stay open with nothing moving and no request being handled, in seconds.
+    pub idle_timeout_secs: u64,
 }
 
 /// The store.
@@ -335,8 +339,14 @@ impl Settings {
         if !(1..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
             errors.push("server.body_limit_bytes: must be between 1 and 67108864".into());
         }
-        if self.server.request_timeout_secs == 0 {
-            errors.push("server.request_timeout_secs: must be at least 1".into());
+        for (key, secs) in [
+            ("request_timeout_secs", self.server.request_timeout_secs),
+            ("header_read_timeout_secs", self.server.header_read_timeout_secs),
+            ("idle_timeout_secs", self.server.idle_timeout_secs),
+        ] {
+            if secs == 0 {
+                errors.push(format!("server.{key}: must be at least 1"));
+            }
         }
         let url = &self.database.url;
         if url.starts_with("sqlite:") {
@@ -543,6 +553,18 @@ mod tests {
         assert_eq!(e.0.len(), 1, "{e}");
         assert!(e.0[0].starts_with("directories[0].time_zone:") && e.0[0].contains("`county-fhir`"), "{e}");
         assert!(e.0[0].contains("America/Portland"), "{e}");
+    }
+
+    #[test]
+    fn connection_timeouts_default_and_refuse_zero() {
+        let s = Settings::load_with_env(None, &Overrides::default(), []).expect("defaults load");
+        assert_eq!((s.server.header_read_timeout_secs, s.server.idle_timeout_secs), (10, 60));
+        let e = load("[server]\nheader_read_timeout_secs = 0\nidle_timeout_secs = 0\n", &[]).expect_err("zeros");
+        let text = e.to_string();
+        for needle in ["server.header_read_timeout_secs", "server.idle_timeout_secs"] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        assert_eq!(e.0.len(), 2, "{text}");
     }
 
     #[test]

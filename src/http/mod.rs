@@ -1,6 +1,6 @@
 //! The HTTP surface: one [`router`] shared by `serve` and the tests, with its layers (request id, problem
 //! rendering, `Cache-Control: no-store` on private routes, metrics and request spans, timeout, panic catching,
-//! body limit).
+//! body limit), and [`serve`] (the accept loop, with connection timeouts).
 
 pub mod api;
 pub mod auth;
@@ -11,6 +11,7 @@ pub mod hsds;
 pub mod ops;
 pub mod preview;
 pub mod problem;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,6 +129,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(limits, refuse_declared_oversized_bodies))
         .layer(CatchPanicLayer::custom(|_| Problem::new(ProblemType::Internal).into_response()))
         .layer(middleware::from_fn_with_state(limits, observe))
         .layer(middleware::from_fn(problem::finish_problems))
@@ -155,6 +157,27 @@ async fn no_store_on_private_routes(request: Request, next: Next) -> Response {
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     response
+}
+
+/// Refuses a request whose `Content-Length` is over the body limit at once, before anything waits for the body:
+/// otherwise a client announcing a large body and sending none holds a handler until the request timeout.
+/// (A body without a length, or a lying one, is still cut at the limit as it streams in.)
+async fn refuse_declared_oversized_bodies(
+    axum::extract::State(limits): axum::extract::State<Limits>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(limits.body_limit_bytes).unwrap_or(u64::MAX)) {
+        return Problem::new(ProblemType::PayloadTooLarge)
+            .detail("the body exceeds server.body_limit_bytes")
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// The method as a label: the standard methods by name, any other token `other`, so a caller can neither add

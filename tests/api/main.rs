@@ -1,5 +1,6 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
+mod connections;
 mod directories;
 mod directories_csv;
 mod directories_fhir;
