@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use crate::config::Settings;
 use crate::directories::{self, DirectorySource, SyncMode};
 use crate::http::auth::KeyRing;
+use crate::http::public_url::PublicUrl;
 use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, AppState, Limits};
 use crate::intake::{self, SeedError};
@@ -86,12 +87,16 @@ impl Application {
         }
         let addr = settings.listen_addr();
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let public_url =
+            PublicUrl::new(settings.server.public_base_url.as_deref(), bound, settings.server.trusted_networks());
         let state = AppState {
             store: store.clone(),
             api: settings.api.clone(),
             metrics: telemetry::metrics_handle(),
             sources: Arc::new(sources),
             mappings,
+            public_url: Arc::new(public_url),
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {

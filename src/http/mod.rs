@@ -1,6 +1,7 @@
 //! The HTTP surface: one [`router`] shared by `serve` and the tests, with its layers (request id, problem
 //! rendering, `Cache-Control: no-store` on private routes, metrics and request spans, timeout, panic catching,
-//! body limit), and [`serve`] (the accept loop, with connection timeouts).
+//! body limit), and [`serve`] (the accept loop, with connection timeouts) and [`public_url`] (the base of the
+//! links we hand out).
 
 pub mod api;
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod hsds;
 pub mod ops;
 pub mod preview;
 pub mod problem;
+pub mod public_url;
 pub mod serve;
 
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub sources: directory::Sources,
     /// The mapping files, loaded and checked at start.
     pub mappings: Arc<crate::mapping::Mappings>,
+    /// Where the links we hand out point.
+    pub public_url: Arc<public_url::PublicUrl>,
 }
 
 /// Limits the router enforces, from the settings.

@@ -12,6 +12,7 @@ mod metrics_labels;
 mod ops;
 mod private_answers;
 mod process;
+mod public_links;
 mod publication;
 mod records;
 mod store_contract;
