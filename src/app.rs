@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use crate::config::Settings;
 use crate::directories::{self, DirectorySource, SyncMode};
 use crate::http::auth::KeyRing;
+use crate::http::public_url::PublicUrl;
+use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, AppState, Limits};
 use crate::intake::{self, SeedError};
 use crate::mapping::Mappings;
@@ -51,7 +53,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     store: Arc<dyn Store>,
-    grace: Duration,
+    limits: ConnectionLimits,
 }
 
 impl Application {
@@ -83,6 +85,11 @@ impl Application {
             }
             sources.insert(d.name().to_owned(), source);
         }
+        let addr = settings.listen_addr();
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let public_url =
+            PublicUrl::new(settings.server.public_base_url.as_deref(), bound, settings.server.trusted_networks());
         let state = AppState {
             store: store.clone(),
             api: settings.api.clone(),
@@ -90,15 +97,14 @@ impl Application {
             sources: Arc::new(sources),
             mappings,
             mapping_slots: Arc::new(tokio::sync::Semaphore::new(http::mapping_slots())),
+            public_url: Arc::new(public_url),
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {
             tracing::warn!("No API keys are configured; every /api/v1 call will be refused.");
         }
         let router = http::router(state, keys, Limits::from_settings(settings));
-        let addr = settings.listen_addr();
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Application { listener, router, store, grace: Duration::from_secs(settings.server.shutdown_grace_secs) })
+        Ok(Application { listener, router, store, limits: ConnectionLimits::from_settings(settings) })
     }
 
     /// The address actually bound (useful with port 0).
@@ -109,30 +115,13 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes, then gives requests in flight up to the grace period.
+    /// Serves until `shutdown` completes, then gives requests in flight up to the grace period and closes the
+    /// store.
     ///
     /// # Errors
-    /// When the listener fails.
+    /// None today (a failed accept is logged and retried); kept so a caller handles a future listener failure.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("Shutdown requested; finishing requests in flight.");
-            let _ = stopping_tx.send(());
-        };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal).into_future();
-        let grace = self.grace;
-        let deadline = async move {
-            if stopping_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            result = serve => result?,
-            () = deadline => tracing::warn!(grace_secs = grace.as_secs(), "Requests still in flight after the grace period; stopping anyway."),
-        }
+        serve::serve(self.listener, self.router, self.limits, shutdown).await;
         self.store.close().await;
         tracing::info!("Stopped.");
         Ok(())

@@ -172,6 +172,49 @@ pub struct ServerSettings {
     pub request_timeout_secs: u64,
     /// How long requests in flight get to finish on shutdown, in seconds.
     pub shutdown_grace_secs: u64,
+    /// How long a client has to send a whole request head, in seconds.
+    pub header_read_timeout_secs: u64,
+    /// How long a connection may stay open with nothing moving and no request being handled, in seconds.
+    pub idle_timeout_secs: u64,
+    /// The URL clients reach the gateway at (`https://gw.example/`), the base of the links it hands out.
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-Proto` / `X-Forwarded-Host` are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ServerSettings {
+    /// `trusted_proxies` as networks (a bare address is a network of one); entries that do not parse are left
+    /// out (they are refused at load).
+    #[must_use]
+    pub fn trusted_networks(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies.iter().filter_map(|p| parse_network(p)).collect()
+    }
+}
+
+/// An IP address or CIDR range.
+fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// Checks `server.public_base_url`: an absolute http(s) URL with a host and no query, fragment or credentials.
+fn check_public_base_url(value: &str) -> Result<(), &'static str> {
+    let url = url::Url::parse(value).map_err(|_| "not an absolute URL (e.g. https://gw.example/)")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("expected an http:// or https:// URL");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL needs a host");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the URL must not have a query or a fragment");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("the URL must not carry credentials");
+    }
+    Ok(())
 }
 
 /// The store.
@@ -335,8 +378,22 @@ impl Settings {
         if !(1..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
             errors.push("server.body_limit_bytes: must be between 1 and 67108864".into());
         }
-        if self.server.request_timeout_secs == 0 {
-            errors.push("server.request_timeout_secs: must be at least 1".into());
+        for (key, secs) in [
+            ("request_timeout_secs", self.server.request_timeout_secs),
+            ("header_read_timeout_secs", self.server.header_read_timeout_secs),
+            ("idle_timeout_secs", self.server.idle_timeout_secs),
+        ] {
+            if secs == 0 {
+                errors.push(format!("server.{key}: must be at least 1"));
+            }
+        }
+        if let Some(Err(e)) = self.server.public_base_url.as_deref().map(check_public_base_url) {
+            errors.push(format!("server.public_base_url: {e}"));
+        }
+        for (i, proxy) in self.server.trusted_proxies.iter().enumerate() {
+            if parse_network(proxy).is_none() {
+                errors.push(format!("server.trusted_proxies[{i}]: not an IP address or CIDR range (e.g. 10.0.0.0/8)"));
+            }
         }
         let url = &self.database.url;
         if url.starts_with("sqlite:") {
@@ -543,6 +600,38 @@ mod tests {
         assert_eq!(e.0.len(), 1, "{e}");
         assert!(e.0[0].starts_with("directories[0].time_zone:") && e.0[0].contains("`county-fhir`"), "{e}");
         assert!(e.0[0].contains("America/Portland"), "{e}");
+    }
+
+    #[test]
+    fn connection_timeouts_public_url_and_proxies_are_checked_together() {
+        let s = load(
+            "[server]\npublic_base_url = \"https://gw.example/carebridge/\"\n\
+             trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1\"]\n",
+            &[],
+        )
+        .expect("loads");
+        assert_eq!((s.server.header_read_timeout_secs, s.server.idle_timeout_secs), (10, 60));
+        assert_eq!(s.server.trusted_networks().len(), 3);
+        let e = load(
+            "[server]\nheader_read_timeout_secs = 0\nidle_timeout_secs = 0\n\
+             public_base_url = \"https://gw.example/?a=b\"\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+            &[],
+        )
+        .expect_err("bad values");
+        let text = e.to_string();
+        for needle in [
+            "server.header_read_timeout_secs",
+            "server.idle_timeout_secs",
+            "server.public_base_url",
+            "server.trusted_proxies[0]",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        assert_eq!(e.0.len(), 4, "{text}");
+        for bad in ["gw.example", "ftp://gw.example/", "https://user:pw@gw.example/", "https://gw.example/#top"] {
+            let e = load(&format!("[server]\npublic_base_url = \"{bad}\"\n"), &[]).expect_err(bad);
+            assert!(e.to_string().starts_with("server.public_base_url:"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`app`]: builds the service (store, seed, router, listener) and runs it until shutdown.
 //! - [`http`]: the router and its layers; `api` (`/api/v1`), `auth` (API keys), `extract` (bad input → problem),
 //!   `problem` (problem+json / OperationOutcome), `ops` (`/healthz`, `/readyz`, `/metrics`), `fhir` and `hsds`
-//!   (the catalog published), `preview` (what a record becomes in FHIR).
+//!   (the catalog published), `preview` (what a record becomes in FHIR), `serve` (the accept loop and its
+//!   connection timeouts), `public_url` (the base of the links we hand out).
 //! - [`directories`]: community service directories (HSDS 3.0 API or package, FHIR `HealthcareService`) synced
 //!   into the catalog, and published back as FHIR and HSDS.
 //! - [`mapping`]: declarative mappings (`mappings/`) agency records ⇄ FHIR R4, ConceptMaps, profile rules.

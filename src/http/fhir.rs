@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -16,6 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use super::AppState;
 use super::extract::PathText;
 use super::problem::{ApiError, Problem, ProblemType};
+use super::public_url::RequestBase;
 use crate::directories::publish;
 use crate::fhir::FHIR_JSON;
 use crate::store::CatalogListing;
@@ -37,11 +38,10 @@ fn not_found(kind: &str) -> ApiError {
     Problem::new(ProblemType::NotFound).detail(format!("no {kind} with this id")).into()
 }
 
-/// The base URL the caller used (`http(s)://host/fhir`), for absolute `fullUrl`s and links.
-fn base(headers: &HeaderMap) -> String {
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
-    let https = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
-    format!("{}://{host}/fhir", if https { "https" } else { "http" })
+/// The FHIR base URL (`https://gw.example/fhir`) for absolute `fullUrl`s and links: configured or from a trusted
+/// proxy, never the caller's `Host` (see [`super::public_url`]).
+fn base(public: &RequestBase) -> String {
+    format!("{}/fhir", public.0)
 }
 
 /// Query parameters by name (the last value of a repeated one wins).
@@ -135,7 +135,7 @@ fn searchset(
 /// An `OperationOutcome` for a malformed parameter or an unreadable catalog.
 pub async fn search_healthcare_services(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    public: RequestBase,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let p = params(raw.as_deref());
@@ -166,7 +166,7 @@ pub async fn search_healthcare_services(
     used.sort();
     let (rows, total) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
     let entries = rows.iter().map(|l| publish::healthcare_service(&l.item, l.active, l.updated_at)).collect();
-    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "HealthcareService", &used, entries, total, offset, count)))
+    Ok(fhir(StatusCode::OK, &searchset(&base(&public), "HealthcareService", &used, entries, total, offset, count)))
 }
 
 /// `GET /fhir/HealthcareService/{id}`.
@@ -212,7 +212,7 @@ impl NamedSearch {
 /// An `OperationOutcome` for a malformed parameter or an unreadable catalog.
 pub async fn search_organizations(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    public: RequestBase,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = NamedSearch::parse(raw.as_deref())?;
@@ -222,7 +222,7 @@ pub async fn search_organizations(
         .await
         .map_err(super::api::store_problem)?;
     let entries = rows.iter().map(|l| publish::organization(&l.item, l.updated_at)).collect();
-    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Organization", &q.used(), entries, total, q.offset, q.count)))
+    Ok(fhir(StatusCode::OK, &searchset(&base(&public), "Organization", &q.used(), entries, total, q.offset, q.count)))
 }
 
 /// `GET /fhir/Organization/{id}`.
@@ -241,7 +241,7 @@ pub async fn read_organization(State(state): State<AppState>, PathText(id): Path
 /// An `OperationOutcome` for a malformed parameter or an unreadable catalog.
 pub async fn search_locations(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    public: RequestBase,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = NamedSearch::parse(raw.as_deref())?;
@@ -251,7 +251,7 @@ pub async fn search_locations(
         .await
         .map_err(super::api::store_problem)?;
     let entries = rows.iter().map(|l| publish::location(&l.item, l.updated_at)).collect();
-    Ok(fhir(StatusCode::OK, &searchset(&base(&headers), "Location", &q.used(), entries, total, q.offset, q.count)))
+    Ok(fhir(StatusCode::OK, &searchset(&base(&public), "Location", &q.used(), entries, total, q.offset, q.count)))
 }
 
 /// `GET /fhir/Location/{id}`.

@@ -1,5 +1,7 @@
 //! The HTTP surface: one [`router`] shared by `serve` and the tests, with its layers (request id, problem
-//! rendering, metrics and request spans, timeout, panic catching, body limit).
+//! rendering, `Cache-Control: no-store` on private routes, metrics and request spans, timeout, panic catching,
+//! body limit), and [`serve`] (the accept loop, with connection timeouts) and [`public_url`] (the base of the
+//! links we hand out).
 
 pub mod api;
 pub mod auth;
@@ -10,13 +12,15 @@ pub mod hsds;
 pub mod ops;
 pub mod preview;
 pub mod problem;
+pub mod public_url;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderName;
+use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -47,6 +51,8 @@ pub struct AppState {
     pub sources: directory::Sources,
     /// The mapping files, loaded and checked at start.
     pub mappings: Arc<crate::mapping::Mappings>,
+    /// Where the links we hand out point.
+    pub public_url: Arc<public_url::PublicUrl>,
     /// Mapping jobs (CPU work on the blocking pool) that may run at once: one core is always left to the async
     /// workers, so previews never delay `/healthz` or a read.
     pub mapping_slots: Arc<tokio::sync::Semaphore>,
@@ -136,6 +142,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(limits, refuse_declared_oversized_bodies))
         .layer(CatchPanicLayer::custom(|_| Problem::new(ProblemType::Internal).into_response()))
         .layer(middleware::from_fn_with_state(limits, observe))
         .layer(middleware::from_fn(problem::finish_problems))
@@ -143,6 +150,64 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(drop_unsafe_request_id))
+        .layer(middleware::from_fn(no_store_on_private_routes))
+}
+
+/// Whether `path` is one of the authenticated routes (`/api/…`, `/fhir/…`, `/hsds/…`), whose answers may hold
+/// records (PHI) or depend on who asks.
+fn is_private(path: &str) -> bool {
+    ["/api", "/fhir", "/hsds"]
+        .iter()
+        .any(|root| path.strip_prefix(root).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
+}
+
+/// `Cache-Control: no-store` on every answer of the private routes, errors included, so no browser or proxy keeps
+/// a copy of a record.
+async fn no_store_on_private_routes(request: Request, next: Next) -> Response {
+    let private = is_private(request.uri().path());
+    let mut response = next.run(request).await;
+    if private {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// Refuses a request whose `Content-Length` is over the body limit at once, before anything waits for the body:
+/// otherwise a client announcing a large body and sending none holds a handler until the request timeout.
+/// (A body without a length, or a lying one, is still cut at the limit as it streams in.)
+async fn refuse_declared_oversized_bodies(
+    axum::extract::State(limits): axum::extract::State<Limits>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(limits.body_limit_bytes).unwrap_or(u64::MAX)) {
+        return Problem::new(ProblemType::PayloadTooLarge)
+            .detail("the body exceeds server.body_limit_bytes")
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// The method as a label: the standard methods by name, any other token `other`, so a caller can neither add
+/// series at will nor put text (a name, a birth date) into `/metrics` or the logs.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "CONNECT" => "CONNECT",
+        _ => "other",
+    }
 }
 
 /// A caller's `x-request-id` is kept when it looks like an id (up to 64 of `A-Z a-z 0-9 . _ -`), so callers can
@@ -172,7 +237,7 @@ async fn method_not_allowed() -> Problem {
 /// ids, so neither logs nor metric labels carry them.
 async fn observe(axum::extract::State(limits): axum::extract::State<Limits>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let request_id =
@@ -187,11 +252,33 @@ async fn observe(axum::extract::State(limits): axum::extract::State<Limits>, req
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = [("method", method), ("route", route), ("status", status.to_string())];
+    let labels = [("method", method.to_owned()), ("route", route), ("status", status.to_string())];
     metrics::counter!("carebridge_http_requests_total", &labels).increment(1);
     metrics::histogram!("carebridge_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     // Whole microseconds, so the log shows 6.206 rather than 6.206297999999999.
     let latency_ms = u32::try_from(elapsed.as_micros()).map_or(f64::MAX, f64::from) / 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "Request served."));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_authenticated_roots_are_private() {
+        for path in ["/api/v1/clients/cl-1", "/fhir", "/fhir/metadata", "/hsds/", "/hsds", "/api"] {
+            assert!(is_private(path), "{path}");
+        }
+        for path in ["/healthz", "/readyz", "/metrics", "/apiary", "/fhirx/Patient", "/"] {
+            assert!(!is_private(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn unknown_method_tokens_are_labelled_other() {
+        let custom = axum::http::Method::from_bytes(b"ZEBULON-1966-04-17").expect("a token");
+        assert_eq!(method_label(&custom), "other");
+        assert_eq!(method_label(&axum::http::Method::PATCH), "PATCH");
+    }
 }

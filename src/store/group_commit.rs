@@ -8,9 +8,14 @@
 //! still whole (record, history row and audit entry together) and durable before its caller hears back. If a
 //! batch fails as a whole, each of its writes is retried in a transaction of its own, so one bad write never fails
 //! its neighbours.
+//!
+//! [`GroupCommit::stop`] ends the thread after it has committed every write already queued; later writes answer
+//! `WriterStopped`. The store stops it before it checkpoints and closes the database.
+
+use std::sync::Mutex;
 
 use sqlx::{Sqlite, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::sql::SqlStore;
 use super::{Actor, Precondition, RecordWrite, SaveOutcome, StoreError};
@@ -24,6 +29,10 @@ const QUEUE: usize = 1024;
 /// Handle to the writer thread.
 pub(super) struct GroupCommit {
     jobs: mpsc::Sender<Job>,
+    /// Set to `true` to make the thread finish the queue and end.
+    stop: watch::Sender<bool>,
+    /// Closed when the thread has ended (taken by the first `stop`).
+    ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 struct Job {
@@ -35,12 +44,17 @@ struct Job {
 }
 
 impl GroupCommit {
-    /// Starts the writer thread on `pool` (one connection); it stops when the last handle is dropped.
+    /// Starts the writer thread on `pool` (one connection); it stops on [`GroupCommit::stop`] or when the last
+    /// handle is dropped.
     pub(super) fn start(pool: SqlitePool) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
+        let (stop, stopping) = watch::channel(false);
+        let (ended_tx, ended) = oneshot::channel::<()>();
         let spawned = std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || {
+            // Dropped when the thread ends, however it ends: that is what `stop` waits for.
+            let _ended = ended_tx;
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime.block_on(run(pool, queue)),
+                Ok(runtime) => runtime.block_on(run(pool, queue, stopping)),
                 // Dropping the queue makes every write answer WriterStopped: loud, and nothing is half-kept.
                 Err(e) => tracing::error!(error = %e, "The SQLite writer could not start; writes will fail."),
             }
@@ -48,7 +62,17 @@ impl GroupCommit {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "The SQLite writer thread could not be spawned; writes will fail.");
         }
-        GroupCommit { jobs }
+        GroupCommit { jobs, stop, ended: Mutex::new(Some(ended)) }
+    }
+
+    /// Commits the writes already queued, ends the thread and waits for it; later writes answer `WriterStopped`.
+    pub(super) async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let ended = self.ended.lock().map(|mut e| e.take()).unwrap_or_default();
+        if let Some(ended) = ended {
+            // Err means the thread is gone, which is what we wait for.
+            let _ = ended.await;
+        }
     }
 
     /// Keeps one write; answers after the transaction holding it has committed.
@@ -65,9 +89,22 @@ impl GroupCommit {
     }
 }
 
-async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>) {
+async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, mut stopping: watch::Receiver<bool>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut closed = false;
+    loop {
+        let received = tokio::select! {
+            received = queue.recv_many(&mut batch, MAX_BATCH) => received,
+            // Closing the queue refuses new writes; those already in it are still received, then 0 ends the loop.
+            _ = stopping.wait_for(|stop| *stop), if !closed => {
+                queue.close();
+                closed = true;
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
         metrics::histogram!("carebridge_db_commit_batch_writes").record(batch.len() as f64);
         match together(&pool, &batch).await {
             Ok(outcomes) => {

@@ -412,8 +412,19 @@ macro_rules! impl_store {
             }
 
             async fn close(&self) {
-                self.writer.close().await;
+                // SQLite removes the -wal and -shm files only when the last connection to close can write: so the
+                // writer thread finishes its queue, the read-only readers go first, the WAL is folded into the
+                // database, and the writer closes last. (On PostgreSQL both are the same pool.)
+                if let Some(batcher) = &self.batcher {
+                    batcher.stop().await;
+                }
                 self.reader.close().await;
+                if $backend == "sqlite" {
+                    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.writer).await {
+                        tracing::warn!(error = %e, "The WAL could not be checkpointed at close; it is replayed at the next start.");
+                    }
+                }
+                self.writer.close().await;
             }
         }
     };

@@ -1,5 +1,6 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
+mod connections;
 mod directories;
 mod directories_csv;
 mod directories_fhir;
@@ -9,8 +10,11 @@ mod hardening;
 mod helpers;
 mod hostile_input;
 mod mappings;
+mod metrics_labels;
 mod ops;
+mod private_answers;
 mod process;
+mod public_links;
 mod publication;
 mod records;
 mod search_fuzz;

@@ -241,3 +241,58 @@ fn concurrent_writes_answered_201_survive_kill_9_too() {
     }
     assert_eq!(acknowledged.len(), 200);
 }
+
+#[test]
+fn a_clean_sigterm_leaves_no_wal_or_shm_file_and_keeps_every_record() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let mut server = ServerProcess::start(&config);
+    let mut kept = Vec::new();
+    for (kind, id) in [("client", "cl-1001"), ("referral", "ref-4001"), ("consent", "co-5003")] {
+        let response = client()
+            .put(format!("{}/api/v1/{kind}s/{id}", server.base()))
+            .bearer_auth(ADMIN_KEY)
+            .json(&fixture(kind, id))
+            .send()
+            .expect("sent");
+        assert_eq!(response.status(), 201);
+        kept.push((kind, id, response.json::<Value>().expect("JSON")));
+    }
+    let wal = dir.path().join("carebridge.db-wal");
+    let shm = dir.path().join("carebridge.db-shm");
+    assert!(wal.exists() && shm.exists(), "a serving gateway has its WAL open");
+    server.signal("TERM");
+    let status = server.child.wait().expect("exits");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!wal.exists(), "carebridge.db-wal is left after a clean shutdown");
+    assert!(!shm.exists(), "carebridge.db-shm is left after a clean shutdown");
+    drop(server);
+    let server = ServerProcess::start(&config);
+    for (kind, id, body) in kept {
+        let response =
+            client().get(format!("{}/api/v1/{kind}s/{id}", server.base())).bearer_auth(ADMIN_KEY).send().expect("sent");
+        assert_eq!(response.status(), 200, "{kind}/{id} lost");
+        assert_eq!(response.json::<Value>().expect("JSON"), body, "{kind}/{id} changed");
+    }
+}
+
+#[test]
+fn a_custom_method_token_never_reaches_the_logs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let mut server = ServerProcess::start(&config);
+    let token = "ZEBULONQUACKENBUSH19660417";
+    let method = reqwest::Method::from_bytes(token.as_bytes()).expect("a method token");
+    for path in ["/nowhere", "/api/v1/clients"] {
+        let response = client().request(method.clone(), format!("{}{path}", server.base())).send().expect("sent");
+        assert!(response.status().is_client_error(), "{path}: {}", response.status());
+    }
+    server.signal("TERM");
+    let lines = server.drain();
+    let served: Vec<&String> = lines.iter().filter(|l| l.contains("Request served.")).collect();
+    assert!(served.len() >= 2, "both requests are logged: {lines:?}");
+    assert!(served.iter().all(|l| l.contains("\"method\":\"other\"")), "{served:?}");
+    for line in &lines {
+        assert!(!line.contains(token) && !line.contains("19660417"), "log line holds the method token: {line}");
+    }
+}

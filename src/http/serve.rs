@@ -1,0 +1,344 @@
+//! The accept loop: each TCP connection is served by hyper (HTTP/1.1 or HTTP/2, detected) with the router, and
+//! no connection is kept open for free.
+//!
+//! - A request head must arrive within `header_read_timeout` (hyper's HTTP/1 timer; hyper also runs it while an
+//!   HTTP/1.1 keep-alive connection waits for its next request).
+//! - A connection on which no byte moves for `idle_timeout`, while no request on it is being handled, is closed.
+//!   hyper has no such timeout, and hyper-util's protocol detection runs no timer at all, so a client that
+//!   connects and sends nothing would be kept forever. The socket is therefore wrapped in [`IdleTimeout`], whose
+//!   deadline moves with every byte read or written and which fails a pending read or write with
+//!   `io::ErrorKind::TimedOut` once it has passed, unless a request is in flight ([`Activity`], shared with the
+//!   connection's service). A slow handler is bounded by the request timeout of the router, never by this one.
+//! - On shutdown the listener is closed at once, each connection finishes the requests it is handling and is
+//!   closed, and whatever is still open after the grace period is abandoned.
+//!
+//! Every request carries the peer address as `ConnectInfo<SocketAddr>`, as with axum's own `serve`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::response::Response;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
+
+use crate::config::Settings;
+
+/// How long the accept loop waits after an accept error that is ours (out of file descriptors, of memory) before
+/// it tries again: such errors last a moment, and retrying at once would only spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a connection may take over its parts, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Longest a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no byte moving and no request being handled.
+    pub idle_timeout: Duration,
+    /// How long connections get to finish their requests after the shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl ConnectionLimits {
+    /// The limits of `settings`.
+    #[must_use]
+    pub fn from_settings(settings: &Settings) -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(settings.server.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(settings.server.idle_timeout_secs),
+            shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops accepting and gives the open connections
+/// up to the grace period to finish the requests they are handling. Returns when they have, or when it is over.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            },
+        };
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout, activity.clone()));
+        let service = ConnectionService { router: router.clone(), peer, activity };
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            if let Err(e) = watcher.watch(builder.serve_connection(io, service)).await {
+                // Timeouts, resets and malformed requests end here; they are the client's, and not news.
+                tracing::debug!(error = %e, "Connection closed.");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(connections = graceful.count(), "Shutdown requested; finishing requests in flight.");
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!(
+            grace_secs = limits.shutdown_grace.as_secs(),
+            "Requests still in flight after the grace period; stopping anyway."
+        ),
+    }
+}
+
+/// Logs a failed accept; backs off when the failure is ours rather than one peer's.
+async fn accept_failed(e: &io::Error) {
+    let peer_gave_up = matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    );
+    if peer_gave_up {
+        tracing::debug!(error = %e, "A connection was reset before it was accepted.");
+        return;
+    }
+    tracing::warn!(error = %e, backoff_ms = ACCEPT_BACKOFF.as_millis(), "Cannot accept connections; retrying.");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// What one connection is doing, shared by its socket wrapper and its service.
+struct Activity {
+    /// When the connection was accepted; `last` counts from here.
+    opened: Instant,
+    /// Nanoseconds from `opened` to the last byte read or written, or the end of the last request.
+    last: AtomicU64,
+    /// Requests on this connection being handled now.
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { opened: Instant::now(), last: AtomicU64::new(0), in_flight: AtomicUsize::new(0) }
+    }
+
+    /// Something happened now.
+    fn touch(&self) {
+        let nanos = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Release);
+    }
+
+    /// When something last happened.
+    fn last(&self) -> Instant {
+        self.opened + Duration::from_nanos(self.last.load(Ordering::Acquire))
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+}
+
+/// A request being handled; the connection is not idle while one lives.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn begin(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The idle clock starts when the handler is done, not when its request arrived.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The router, for one connection: adds the peer address to each request and counts it as in flight.
+#[derive(Clone)]
+struct ConnectionService {
+    router: Router,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnectionService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        let in_flight = InFlight::begin(&self.activity);
+        let router = self.router.clone();
+        Box::pin(async move {
+            let response = router.oneshot(request).await;
+            drop(in_flight);
+            response
+        })
+    }
+}
+
+/// A socket that fails once nothing has moved on it for `limit` while no request was in flight.
+///
+/// The timer is lazy: a read or write only records the time, and when the timer fires it is set again to the
+/// real deadline if something moved meanwhile, so busy connections cost no timer updates per read.
+struct IdleTimeout {
+    stream: TcpStream,
+    limit: Duration,
+    activity: Arc<Activity>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl IdleTimeout {
+    fn new(stream: TcpStream, limit: Duration, activity: Arc<Activity>) -> Self {
+        activity.touch();
+        IdleTimeout { stream, limit, activity, timer: Box::pin(tokio::time::sleep(limit)) }
+    }
+
+    /// Ready with an error once the connection has been idle for the limit; registers for a wake-up otherwise.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            let now = Instant::now();
+            let deadline = if self.activity.busy() { now + self.limit } else { self.activity.last() + self.limit };
+            if deadline <= now {
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl AsyncRead for IdleTimeout {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.activity.touch();
+                }
+                Poll::Ready(result)
+            }
+        }
+    }
+}
+
+impl AsyncWrite for IdleTimeout {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            Poll::Ready(result) => Poll::Ready(this.wrote(result)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            Poll::Ready(result) => Poll::Ready(this.wrote(result)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl IdleTimeout {
+    fn wrote(&self, result: io::Result<usize>) -> io::Result<usize> {
+        if matches!(result, Ok(n) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair(limit: Duration) -> (IdleTimeout, TcpStream, Arc<Activity>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let activity = Arc::new(Activity::new());
+        (IdleTimeout::new(server, limit, activity.clone()), client, activity)
+    }
+
+    // Real time, kept short: the behaviour under test is a timeout.
+    const LIMIT: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_read_fails_with_timed_out_once_nothing_moved_for_the_limit() {
+        let (mut server, _client, _) = pair(LIMIT).await;
+        let started = Instant::now();
+        let e = server.read(&mut [0; 8]).await.expect_err("times out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= LIMIT, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn bytes_read_move_the_deadline() {
+        let (mut server, mut client, _) = pair(LIMIT).await;
+        tokio::time::sleep(LIMIT * 2 / 3).await;
+        client.write_all(b"x").await.expect("write");
+        assert_eq!(server.read(&mut [0; 8]).await.expect("a byte"), 1);
+        let read_at = Instant::now();
+        let e = server.read(&mut [0; 8]).await.expect_err("times out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(read_at.elapsed() >= LIMIT * 9 / 10, "{:?}", read_at.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_keeps_a_silent_connection_open_and_its_end_starts_the_clock() {
+        let (mut server, _client, activity) = pair(LIMIT).await;
+        let request = InFlight::begin(&activity);
+        let silent = tokio::time::timeout(LIMIT * 4, server.read(&mut [0; 8])).await;
+        assert!(silent.is_err(), "the read was cut while a request was in flight: {silent:?}");
+        drop(request);
+        let ended = Instant::now();
+        let e = server.read(&mut [0; 8]).await.expect_err("times out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(ended.elapsed() >= LIMIT * 9 / 10, "{:?}", ended.elapsed());
+    }
+}

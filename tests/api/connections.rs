@@ -1,0 +1,184 @@
+//! Connections under hostile clients: silent, half-sent and idle connections are closed, a slow handler is not,
+//! many idle connections cost the server nothing lasting, and an announced oversized body is refused at once.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{ADMIN_KEY, TestApp, spawn_app_with};
+use carebridge::config::DirectorySettings;
+
+/// A gateway with these connection timeouts (seconds); the request timeout stays at its default (30 s).
+async fn app_with_timeouts(header_read: u64, idle: u64) -> TestApp {
+    spawn_app_with(|s| {
+        s.server.header_read_timeout_secs = header_read;
+        s.server.idle_timeout_secs = idle;
+    })
+    .await
+}
+
+async fn connect(app: &TestApp) -> TcpStream {
+    TcpStream::connect(app.base.trim_start_matches("http://")).await.expect("connect")
+}
+
+/// Reads until the server closes the connection: how long that took and everything it sent, or `None` if it is
+/// still open after `bound`.
+async fn wait_closed(stream: &mut TcpStream, bound: Duration) -> Option<(Duration, String)> {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + bound).into(), stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some((started.elapsed(), String::from_utf8_lossy(&received).into_owned())),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// [`wait_closed`], failing the test if the connection is still open after `bound`.
+async fn closed_within(stream: &mut TcpStream, bound: Duration) -> (Duration, String) {
+    wait_closed(stream, bound).await.unwrap_or_else(|| panic!("still open after {bound:?}"))
+}
+
+/// A bound well past each timeout (1 s here), for a loaded machine.
+const BOUND: Duration = Duration::from_secs(6);
+/// Closed no sooner than this: the timeout closed it, not something else.
+const NOT_BEFORE: Duration = Duration::from_millis(900);
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_idle_timeout() {
+    let app = app_with_timeouts(30, 1).await;
+    let mut silent = connect(&app).await;
+    let (after, received) = closed_within(&mut silent, BOUND).await;
+    assert!(after >= NOT_BEFORE, "closed after {after:?}");
+    assert!(received.is_empty(), "{received}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_half_a_request_head_is_closed_after_the_header_timeout() {
+    let app = app_with_timeouts(1, 30).await;
+    let mut half = connect(&app).await;
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ").await.expect("write");
+    let (after, _) = closed_within(&mut half, BOUND).await;
+    assert!(after >= NOT_BEFORE, "closed after {after:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_left_idle_after_its_request_is_closed_after_the_idle_timeout() {
+    // The header timeout is long, so it is the idle timeout that closes the connection.
+    let app = app_with_timeouts(30, 1).await;
+    let mut kept = connect(&app).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+    let (after, received) = closed_within(&mut kept, BOUND).await;
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(after >= NOT_BEFORE, "closed after {after:?}");
+    app.stop().await;
+}
+
+/// A directory that takes `delay` to answer its (empty) first page: a slow handler upstream of which no byte moves.
+async fn slow_directory(delay: Duration) -> String {
+    let page = move || async move {
+        tokio::time::sleep(delay).await;
+        Json(json!({
+            "total_items": 0, "total_pages": 1, "page_number": 1, "size": 0,
+            "first_page": true, "last_page": true, "empty": true, "contents": [],
+        }))
+    };
+    let router = axum::Router::new().route("/services", axum::routing::get(page));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_slow_handler_under_the_request_timeout_is_not_cut_by_the_idle_timeout() {
+    let directory = slow_directory(Duration::from_millis(2500)).await;
+    let app = spawn_app_with(|s| {
+        s.server.header_read_timeout_secs = 1;
+        s.server.idle_timeout_secs = 1;
+        s.directories = vec![DirectorySettings::HsdsApi {
+            name: "slow211".into(),
+            base_url: directory,
+            per_page: 100,
+            sync_interval_secs: 0,
+            auth_header: None,
+            auth_value_env: None,
+            timeout_secs: 10,
+            time_zone: None,
+        }];
+    })
+    .await;
+    let started = Instant::now();
+    let response = app.post("/api/v1/directories/slow211/sync?mode=full", &json!({})).await;
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+    let report: Value = response.json().await.expect("report");
+    assert_eq!(report["added"], 0, "{report}");
+    assert!(took >= Duration::from_secs(2), "the handler was not slower than the idle timeout: {took:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_idle_connections_are_all_closed_and_the_server_answers_throughout() {
+    let app = app_with_timeouts(30, 1).await;
+    let mut idle = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        idle.push(connect(&app).await);
+    }
+    let health = app.client.get(format!("{}/healthz", app.base)).send().await.expect("answered while crowded");
+    assert_eq!(health.status(), 200);
+    let closing: Vec<_> =
+        idle.into_iter().map(|mut s| tokio::spawn(async move { wait_closed(&mut s, BOUND * 2).await })).collect();
+    let mut still_open = 0;
+    for c in closing {
+        if c.await.expect("reader task").is_none() {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0, "idle connections still open after {:?}", BOUND * 2);
+    // A fresh client (no pooled connection) still gets in.
+    let health = reqwest::Client::new().get(format!("{}/healthz", app.base)).send().await.expect("answered after");
+    assert_eq!(health.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_declared_body_over_the_limit_is_refused_with_413_before_it_is_sent() {
+    let app = spawn_app_with(|s| s.server.body_limit_bytes = 4096).await;
+    for (head, media_type, kind) in [
+        ("PUT /api/v1/clients/cl-1001", "application/problem+json", "urn:carebridge:problem:payload-too-large"),
+        ("POST /fhir/HealthcareService", "application/fhir+json", "\"too-costly\""),
+    ] {
+        let mut stream = connect(&app).await;
+        stream
+            .write_all(
+                format!(
+                    "{head} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_KEY}\r\n\
+                     content-type: application/json\r\ncontent-length: 10000000\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .expect("write the head, and no body");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while !String::from_utf8_lossy(&answer).contains(kind) {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                other => panic!("{head}: no 413 within 1 s ({other:?}): {}", String::from_utf8_lossy(&answer)),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{head}: {answer}");
+        assert!(answer.to_ascii_lowercase().contains(&format!("content-type: {media_type}")), "{head}: {answer}");
+    }
+    app.stop().await;
+}
