@@ -353,7 +353,6 @@ impl HsdsPackage {
     pub fn new(name: &str, path: PathBuf) -> Self {
         HsdsPackage { name: name.to_owned(), path }
     }
-
 }
 
 /// The JSON files of a package: the file itself, or the `*.json` files of the directory, in name order.
@@ -400,9 +399,11 @@ impl DirectorySource for HsdsPackage {
         }
         // Reading and parsing a large package takes seconds of CPU: never on the async workers that answer requests.
         let path = self.path.clone();
-        let (mut records, rejected) = tokio::task::spawn_blocking(move || read_package(&path)).await.map_err(|e| {
-            SourceError::File { path: self.path.display().to_string(), detail: format!("the reader stopped: {e}") }
-        })??;
+        let (mut records, rejected) =
+            tokio::task::spawn_blocking(move || read_package(&path)).await.map_err(|e| SourceError::File {
+                path: self.path.display().to_string(),
+                detail: format!("the reader stopped: {e}"),
+            })??;
         if let Some(since) = modified_after {
             records.retain(|r| {
                 r.get("last_modified")

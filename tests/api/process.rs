@@ -296,3 +296,60 @@ fn a_custom_method_token_never_reaches_the_logs() {
         assert!(!line.contains(token) && !line.contains("19660417"), "log line holds the method token: {line}");
     }
 }
+
+#[test]
+fn a_caller_cannot_forge_log_lines_or_labels_through_any_part_of_a_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let mut server = ServerProcess::start(&config);
+    let marker = "Forged-By-Caller";
+    let forged = format!("x\r\n{{\"level\":\"ERROR\",\"message\":\"{marker}\"}}\r\n");
+    let encoded: String = url::form_urlencoded::byte_serialize(forged.as_bytes()).collect();
+    let addr = server.addr;
+    let send = |request: String| {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+        let _ = stream.write_all(request.as_bytes());
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let auth = format!("authorization: Bearer {ADMIN_KEY}\r\n");
+    // In the path, the query, a header value, the request id, an unknown method, a body, a bad key.
+    for request in [
+        format!("GET /api/v1/clients/{encoded} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"),
+        format!(
+            "GET /fhir/HealthcareService?name={encoded}&_lastUpdated={encoded} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"
+        ),
+        format!(
+            "GET /api/v1/services?q={encoded}&bogus{encoded}=1 HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"
+        ),
+        format!(
+            "GET /nowhere/{encoded} HTTP/1.1\r\nhost: x\r\nuser-agent: {marker}\r\nx-request-id: {marker}%0A\r\nconnection: close\r\n\r\n"
+        ),
+        format!("{marker} /nowhere HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+        format!(
+            "GET /api/v1/clients HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {marker}\r\nconnection: close\r\n\r\n"
+        ),
+        {
+            let body =
+                format!("{{\"status\":\"{}\"}}", forged.replace('\r', "\\r").replace('\n', "\\n").replace('"', "\\\""));
+            format!(
+                "POST /api/v1/referrals/ref-1/status HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        },
+    ] {
+        let answer = send(request);
+        assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    }
+    server.signal("TERM");
+    let lines = server.drain();
+    assert!(lines.iter().any(|l| l.contains("Request served.")), "request logging is on");
+    for line in &lines {
+        assert!(!line.contains(marker), "the caller's text reached the log: {line}");
+        let event: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        assert!(event.is_object(), "{line}");
+    }
+}
