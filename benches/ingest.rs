@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use carebridge::http::auth::KeyHash;
+use carebridge::keys::KeyHash;
 use serde_json::Value;
 
 const KEY: &str = "bench-key";

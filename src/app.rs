@@ -15,11 +15,11 @@ use std::collections::HashMap;
 
 use crate::config::Settings;
 use crate::directories::{self, DirectorySource, SyncMode};
-use crate::http::auth::KeyRing;
 use crate::http::public_url::PublicUrl;
 use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, AppState, Limits};
 use crate::intake::{self, SeedError};
+use crate::keys::KeyRing;
 use crate::mapping::Mappings;
 use crate::store::{self, Store, StoreError};
 use crate::telemetry;

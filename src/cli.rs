@@ -15,7 +15,7 @@ use crate::app::{self, Application};
 use crate::config::{DirectorySettings, Overrides, Settings};
 use crate::directories::{self, ServiceQuery, SyncMode, fhir_directory};
 use crate::domain::RecordKind;
-use crate::http::auth::{KeyHash, new_key};
+use crate::keys::{KeyHash, new_key};
 use crate::mapping::{self, Mappings};
 use crate::store::{self, Store};
 use crate::telemetry;

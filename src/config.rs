@@ -423,7 +423,7 @@ impl Settings {
             } else if !names.insert(key.name.as_str()) {
                 errors.push(format!("{at}.name: `{}` is used by another key", key.name));
             }
-            if let Err(e) = crate::http::auth::KeyHash::parse(&key.hash) {
+            if let Err(e) = crate::keys::KeyHash::parse(&key.hash) {
                 errors.push(format!("{at}.hash: {e}"));
             }
             if key.scopes.is_empty() {

@@ -1,144 +1,16 @@
-//! API keys for `/api/v1`: `Authorization: Bearer <key>`, checked against salted SHA-256 hashes from the
-//! configuration, and scopes per route (read for GET, write for changes, admin for the audit log).
-//!
-//! Keys are long random strings (`carebridge keys generate` makes 32 random bytes), so one salted SHA-256 is
-//! enough to keep a leaked configuration from revealing them; a slow password hash would only slow every request.
+//! API keys for `/api/v1`: the middleware that reads `Authorization: Bearer <key>`, finds its caller in the
+//! [`KeyRing`] (see [`crate::keys`] for the hashes) and checks the scope per route (read for GET, write for
+//! changes, admin for the audit log).
 
-use std::collections::HashSet;
-use std::fmt;
 use std::sync::Arc;
 
+use super::problem::{Problem, ProblemType};
+use crate::config::Scope;
+pub use crate::keys::{Caller, KeyRing};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-
-use super::problem::{Problem, ProblemType};
-use crate::config::{ApiKeySettings, Scope};
-
-/// Bytes of salt in a generated hash.
-const SALT_LEN: usize = 16;
-
-/// A salted SHA-256 of an API key: `sha256:<salt hex>:<digest hex>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KeyHash {
-    salt: Vec<u8>,
-    digest: [u8; 32],
-}
-
-impl KeyHash {
-    /// Parses the configuration form.
-    ///
-    /// # Errors
-    /// A sentence naming what is malformed.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(':');
-        let (Some("sha256"), Some(salt), Some(digest), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err("expected sha256:<salt hex>:<digest hex> (make one with `carebridge keys generate`)".into());
-        };
-        let salt = hex::decode(salt).map_err(|_| "the salt is not hexadecimal".to_owned())?;
-        if salt.len() < 8 {
-            return Err("the salt must be at least 8 bytes".into());
-        }
-        let digest = hex::decode(digest)
-            .ok()
-            .and_then(|d| <[u8; 32]>::try_from(d).ok())
-            .ok_or_else(|| "the digest must be 32 bytes of hexadecimal".to_owned())?;
-        Ok(KeyHash { salt, digest })
-    }
-
-    /// Hashes `key` with a fresh random salt.
-    ///
-    /// # Errors
-    /// When the operating system has no randomness to give.
-    pub fn generate(key: &str) -> Result<Self, getrandom::Error> {
-        let mut salt = vec![0; SALT_LEN];
-        getrandom::fill(&mut salt)?;
-        let digest = digest(&salt, key);
-        Ok(KeyHash { salt, digest })
-    }
-
-    /// Whether `key` is the key this hash was made from (constant time in the digest comparison).
-    #[must_use]
-    pub fn matches(&self, key: &str) -> bool {
-        digest(&self.salt, key).ct_eq(&self.digest).into()
-    }
-}
-
-fn digest(salt: &[u8], key: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(key.as_bytes());
-    h.finalize().into()
-}
-
-impl fmt::Display for KeyHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}:{}", hex::encode(&self.salt), hex::encode(self.digest))
-    }
-}
-
-impl fmt::Debug for KeyHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("KeyHash([redacted])")
-    }
-}
-
-/// Makes a new random API key (32 random bytes, hex).
-///
-/// # Errors
-/// When the operating system has no randomness to give.
-pub fn new_key() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)?;
-    Ok(format!("cbk_{}", hex::encode(bytes)))
-}
-
-/// The authenticated caller of a request.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The key's configured name.
-    pub name: Arc<str>,
-    scopes: HashSet<Scope>,
-}
-
-impl Caller {
-    /// Whether the key may use `scope`.
-    #[must_use]
-    pub fn may(&self, scope: Scope) -> bool {
-        self.scopes.contains(&scope)
-    }
-}
-
-/// Every configured key.
-#[derive(Debug, Default)]
-pub struct KeyRing {
-    keys: Vec<(KeyHash, Caller)>,
-}
-
-impl KeyRing {
-    /// The keys of the configuration (already checked at load; malformed entries are skipped).
-    #[must_use]
-    pub fn from_settings(settings: &[ApiKeySettings]) -> Self {
-        let keys = settings
-            .iter()
-            .filter_map(|k| {
-                let hash = KeyHash::parse(&k.hash).ok()?;
-                Some((hash, Caller { name: Arc::from(k.name.as_str()), scopes: k.scopes.iter().copied().collect() }))
-            })
-            .collect();
-        KeyRing { keys }
-    }
-
-    /// The caller holding `key`, if any.
-    #[must_use]
-    pub fn authenticate(&self, key: &str) -> Option<Caller> {
-        self.keys.iter().find(|(hash, _)| hash.matches(key)).map(|(_, caller)| caller.clone())
-    }
-}
 
 /// What a group of routes demands of its callers.
 #[derive(Clone)]
@@ -223,28 +95,5 @@ mod tests {
         headers.append(header::AUTHORIZATION, "Bearer k2".parse().expect("header"));
         let problem = bearer_key(&headers).expect_err("ambiguous");
         assert_eq!(problem.kind(), Some(ProblemType::InvalidHeader));
-    }
-
-    #[test]
-    fn a_generated_hash_matches_its_key_only_and_survives_its_text_form() {
-        let hash = KeyHash::generate("demo-agency-key").expect("randomness");
-        let parsed = KeyHash::parse(&hash.to_string()).expect("parses");
-        assert!(parsed.matches("demo-agency-key"));
-        assert!(!parsed.matches("demo-agency-kez"));
-        assert!(!parsed.matches(""));
-    }
-
-    #[test]
-    fn the_same_key_hashes_differently_with_another_salt() {
-        let a = KeyHash::generate("k").expect("randomness");
-        let b = KeyHash::generate("k").expect("randomness");
-        assert_ne!(a.to_string(), b.to_string());
-    }
-
-    #[test]
-    fn malformed_hashes_are_refused() {
-        for bad in ["", "sha256:00", "md5:0011223344556677:00", "sha256:zz:00", "sha256:0011223344556677:abcd"] {
-            assert!(KeyHash::parse(bad).is_err(), "{bad}");
-        }
     }
 }

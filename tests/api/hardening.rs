@@ -2,7 +2,7 @@
 //! bounds on records, control characters, ids that no URL can reach.
 
 use carebridge::config::{ApiKeySettings, Scope};
-use carebridge::http::auth::KeyHash;
+use carebridge::keys::KeyHash;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, WRITER_KEY, raw_http, spawn_app, spawn_app_with};

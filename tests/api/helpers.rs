@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use carebridge::app::Application;
 use carebridge::config::{ApiKeySettings, Overrides, Scope, Settings};
-use carebridge::http::auth::KeyHash;
+use carebridge::keys::KeyHash;
 use serde_json::Value;
 use tempfile::TempDir;
 

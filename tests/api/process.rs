@@ -186,7 +186,7 @@ fn the_demo_configuration_is_valid_and_its_keys_work() {
     let settings =
         carebridge::config::Settings::load(Some(std::path::Path::new(demo)), &carebridge::config::Overrides::default())
             .expect("demo config loads");
-    let ring = carebridge::http::auth::KeyRing::from_settings(&settings.api_keys);
+    let ring = carebridge::keys::KeyRing::from_settings(&settings.api_keys);
     let admin = ring.authenticate("demo-agency-key").expect("demo-agency-key is configured");
     for scope in [carebridge::config::Scope::Read, carebridge::config::Scope::Write, carebridge::config::Scope::Admin] {
         assert!(admin.may(scope));
