@@ -528,7 +528,9 @@ impl Run<'_> {
             let totals = (batch.total_items, batch.total_pages);
             match stated {
                 None => stated = Some(totals),
-                Some(first) if first != totals && crawl.shifted.is_none() => {
+                // Totals that move between pages mean the listing changed under the crawl (a page that leaves
+                // them out is judged by where it ends instead).
+                Some(first) if crawl.shifted.is_none() && (moved(first.0, totals.0) || moved(first.1, totals.1)) => {
                     crawl.shifted = Some(format!(
                         "the listing changed while it was read (page 1 said {} services in {} pages, page {page} {} in {})",
                         show(first.0),
@@ -730,6 +732,11 @@ impl Run<'_> {
             self.store.deactivate_directory_services(&self.report.source, &gone, self.options.now).await?;
         Ok(())
     }
+}
+
+/// Whether a total stated on a later page differs from page 1's.
+fn moved(first: Option<u64>, later: Option<u64>) -> bool {
+    matches!((first, later), (Some(a), Some(b)) if a != b)
 }
 
 fn show(n: Option<u64>) -> String {

@@ -1,6 +1,7 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
 mod directories;
+mod directories_api;
 mod directories_csv;
 mod directories_fhir;
 mod directories_open_now;
@@ -8,6 +9,7 @@ mod errors;
 mod hardening;
 mod helpers;
 mod hostile_input;
+mod hsds_api_fake;
 mod mappings;
 mod ops;
 mod process;
