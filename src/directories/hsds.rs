@@ -648,6 +648,31 @@ mod tests {
         assert!(normalise_service("s", &raw).expect_err("wrong type").starts_with("name:"));
     }
 
+    #[test]
+    fn a_page_is_refused_unless_it_is_a_well_formed_page_of_services() {
+        let page = |v: Value, n: u32| parse_page(v.to_string().as_bytes(), n);
+        let e = page(serde_json::json!({"error": "maintenance"}), 2).expect_err("no contents");
+        assert!(e.to_string().contains("page 2: no `contents` array"), "{e}");
+        let e = page(serde_json::json!({"contents": [], "total_pages": 3, "page_number": 2}), 2).expect_err("empty");
+        assert!(e.to_string().contains("empty, though the source says it has 3 pages"), "{e}");
+        let e = page(serde_json::json!({"contents": [{"id": "a"}], "page_number": 1}), 2).expect_err("wrong page");
+        assert!(e.to_string().contains("says it is page 1"), "{e}");
+        assert!(page(serde_json::json!({"contents": {}}), 1).is_err());
+        assert!(page(serde_json::json!({"contents": [], "total_items": "many"}), 1).is_err());
+        let last = page(serde_json::json!({"contents": [{"id": "a"}], "total_items": 1, "total_pages": 1}), 1)
+            .expect("a page");
+        assert_eq!((last.records.len(), last.more, last.total_items), (1, false, Some(1)));
+        // Without totals, a page says whether more follow by `last_page`, else by not being empty.
+        assert!(page(serde_json::json!({"contents": [{"id": "a"}], "last_page": false}), 1).expect("page").more);
+        assert!(!page(serde_json::json!({"contents": []}), 4).expect("the end").more);
+    }
+
+    #[test]
+    fn a_record_carrying_any_full_service_field_is_whole() {
+        assert!(!has_detail(&serde_json::json!({"id": "a", "name": "A", "phones": []})));
+        assert!(has_detail(&serde_json::json!({"id": "a", "phones": [{"number": "1"}]})));
+    }
+
     fn with_schedule(schedule: Value) -> Value {
         serde_json::json!({"id": "clinic", "name": "Clinic", "status": "active", "schedules": [schedule]})
     }

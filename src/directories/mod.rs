@@ -557,7 +557,9 @@ impl Run<'_> {
             }
             crawl.seen.extend(ids);
             let more = batch.more;
-            self.keep(batch).await?;
+            for gone in self.keep(batch).await? {
+                crawl.seen.remove(&gone);
+            }
             if !more {
                 if let Some((_, Some(pages))) = stated
                     && u64::from(page) < pages
@@ -578,13 +580,16 @@ impl Run<'_> {
     }
 
     /// Keeps one page: the records whose full versions are needed are read (concurrently), the unchanged ones
-    /// only marked seen, and all normalised and upserted in batches.
-    async fn keep(&mut self, batch: SourcePage) -> Result<(), SyncError> {
+    /// only marked seen, and all normalised and upserted in batches. Returns the ids the source listed but then
+    /// said are gone (deleted between the list and the read: not seen, so a full sync confirms and deactivates
+    /// them).
+    async fn keep(&mut self, batch: SourcePage) -> Result<Vec<String>, SyncError> {
         let now = self.options.now;
         for rejection in batch.rejected {
             reject(self.store, &mut self.report, rejection, now).await?;
         }
         let listed = batch.records.len();
+        let mut gone = Vec::new();
         let whole = if self.source.lists_in_full() {
             batch.records
         } else {
@@ -614,20 +619,20 @@ impl Run<'_> {
                 .try_collect()
                 .await
                 .map_err(|e| self.failed(e))?;
-            fetched
-                .into_iter()
-                .filter_map(|(listed, f)| match f {
-                    Fetched::Found(full) => Some(full),
-                    // Deleted between the list and its read: not kept; a full sync confirms it gone.
-                    Fetched::Gone => None,
-                    Fetched::NotSupported => Some(listed),
-                })
-                .collect()
+            let mut whole = Vec::with_capacity(fetched.len());
+            for (listed, answer) in fetched {
+                match answer {
+                    Fetched::Found(full) => whole.push(full),
+                    Fetched::Gone => gone.extend(raw_id(&listed)),
+                    Fetched::NotSupported => whole.push(listed),
+                }
+            }
+            whole
         };
         self.upsert(&whole).await?;
         self.read += listed;
         (self.progress)(self.read);
-        Ok(())
+        Ok(gone)
     }
 
     /// Normalises and keeps full records, in transactions of [`UPSERT_BATCH`].

@@ -267,3 +267,22 @@ async fn a_hang_times_out_after_the_configured_timeout_and_deactivates_nothing()
     assert_eq!(e.to_string(), "connection refused");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_listed_service_whose_full_read_answers_404_is_asked_again_before_anything_is_decided() {
+    let fake = FakeHsdsApi::with(fixture_services());
+    let app = app_for(&fake, json!({"detail": "per_service", "max_concurrent_requests": 1})).await;
+    assert_eq!(synced(&app, "mode=full").await["added"], 24);
+    let changed = id_of(&fixture_services()[2]);
+    fake.services.lock().expect("lock")[2]["last_modified"] = json!("2026-11-30T08:00:00Z");
+    // Its one read answers 404 (a deletion racing the crawl, or a flaky proxy): not kept as seen, so the
+    // confirmation asks again, finds it live, and keeps it.
+    fake.fault(On::Detail, Fault::Status(404, None, "not found"));
+    let report = synced(&app, "mode=full").await;
+    assert_eq!((report["recovered"].as_u64(), report["deactivated"].as_u64()), (Some(1), Some(0)), "{report}");
+    let reads = fake.uris().iter().filter(|u| **u == format!("/services/{changed}")).count();
+    assert_eq!(reads, 2 + 1, "read at the first sync, then twice: {:?}", fake.uris());
+    let kept: Value = app.get_json(&format!("/api/v1/services/metro.{changed}")).await;
+    assert_eq!(kept["active"], true, "{kept}");
+    app.stop().await;
+}
