@@ -3,7 +3,9 @@
 //! A [`DirectorySource`] yields pages of raw source records; [`sync`] normalises each one ([`CatalogService`]),
 //! keeps the valid ones (each in one transaction, never half-stored), reports the invalid ones with their reasons,
 //! and on a full sync marks the services that vanished from the source as inactive (tombstones; nothing is
-//! deleted). Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
+//! deleted) — only after a crawl that provably read the whole source, each vanished service confirmed gone where
+//! the source can be asked by id. Sources read over HTTP do it through [`source_http`] (retries, named failures).
+//! Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
 //! R4 server's `HealthcareService`s). [`publish`] turns the catalog back into FHIR and HSDS for others to read.
 //! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone.
 
