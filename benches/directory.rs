@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use carebridge::directories::hsds::HsdsPackage;
-use carebridge::directories::{self, ServiceQuery, SyncMode, synthetic};
+use carebridge::directories::{self, ServiceQuery, SyncMode, SyncOptions, synthetic};
 use time::OffsetDateTime;
 
 const CENTRES: [(f64, f64); 4] =
@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
             println!("searching the catalog kept in {}", kept_db.as_deref().unwrap_or_default());
         } else {
         let started = Instant::now();
-        let report = directories::sync(&*store, &*source, SyncMode::Full, OffsetDateTime::now_utc(), &|_| {}).await?;
+        let report = directories::sync(&*store, &*source, SyncOptions::new(SyncMode::Full, OffsetDateTime::now_utc()), &|_| {}).await?;
         let sync_secs = started.elapsed().as_secs_f64();
         println!(
             "full sync backend={backend}: {} added, {} rejected in {sync_secs:.1} s ({:.0} services/s)",
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
             report.added as f64 / sync_secs
         );
         let started = Instant::now();
-        let again = directories::sync(&*store, &*source, SyncMode::Full, OffsetDateTime::now_utc(), &|_| {}).await?;
+        let again = directories::sync(&*store, &*source, SyncOptions::new(SyncMode::Full, OffsetDateTime::now_utc()), &|_| {}).await?;
         println!("unchanged re-sync: {} unchanged in {:.1} s", again.unchanged, started.elapsed().as_secs_f64());
         }
 

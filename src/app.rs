@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use std::collections::HashMap;
 
 use crate::config::Settings;
-use crate::directories::{self, DirectorySource, SyncMode};
+use crate::directories::{self, DirectorySource, SyncMode, SyncOptions};
 use crate::http::public_url::PublicUrl;
 use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, AppState, Limits};
@@ -141,7 +141,7 @@ async fn sync_on_schedule(store: Arc<dyn Store>, source: Arc<dyn DirectorySource
         ticker.tick().await;
         let full = last_full.is_none_or(|t| t.elapsed() >= FULL_SYNC_EVERY);
         let mode = if full { SyncMode::Full } else { SyncMode::Incremental };
-        match directories::sync(&*store, &*source, mode, OffsetDateTime::now_utc(), &|_| {}).await {
+        match directories::sync(&*store, &*source, SyncOptions::new(mode, OffsetDateTime::now_utc()), &|_| {}).await {
             Ok(r) => {
                 if full {
                     last_full = Some(tokio::time::Instant::now());

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use crate::app::{self, Application};
 use crate::config::{DirectorySettings, Overrides, Settings};
-use crate::directories::{self, ServiceQuery, SyncMode, fhir_directory};
+use crate::directories::{self, ServiceQuery, SyncMode, SyncOptions, fhir_directory};
 use crate::domain::RecordKind;
 use crate::keys::{KeyHash, new_key};
 use crate::mapping::{self, Mappings};
@@ -91,6 +91,10 @@ pub enum DirectoryCommand {
         /// Only what changed since the last sync (a full sync also deactivates services that vanished).
         #[arg(long)]
         incremental: bool,
+        /// Deactivate what vanished even when the source lists far fewer services than its last complete crawl
+        /// (more than `max_deactivate_fraction` fewer).
+        #[arg(long)]
+        force: bool,
     },
     /// Search the catalog as `GET /api/v1/services` does.
     Search {
@@ -224,6 +228,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
                 return Ok(ExitCode::from(2));
             };
+            let unset = settings.unset_credentials(|var| std::env::var_os(var).is_some());
+            if !unset.is_empty() {
+                let source =
+                    cli.config.as_deref().map_or_else(|| "built-in defaults".to_owned(), |f| f.display().to_string());
+                eprintln!("carebridge: invalid configuration ({source}):");
+                for e in &unset {
+                    eprintln!("  - {e}");
+                }
+                return Ok(ExitCode::from(2));
+            }
             println!(
                 "configuration OK: listen {}, database {}, {} API key(s)",
                 settings.server.listen,
@@ -298,8 +312,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .context("cannot open the database")?;
             let code = match command {
-                DirectoryCommand::Sync { source, incremental } => {
-                    directory_sync(&*store, &settings, source.as_deref(), incremental).await?
+                DirectoryCommand::Sync { source, incremental, force } => {
+                    directory_sync(&*store, &settings, source.as_deref(), incremental, force).await?
                 }
                 DirectoryCommand::Search {
                     q,
@@ -361,6 +375,7 @@ async fn directory_sync(
     settings: &Settings,
     only: Option<&str>,
     incremental: bool,
+    force: bool,
 ) -> anyhow::Result<ExitCode> {
     let chosen: Vec<_> = settings.directories.iter().filter(|d| only.is_none_or(|n| d.name() == n)).collect();
     if chosen.is_empty() {
@@ -376,7 +391,9 @@ async fn directory_sync(
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         let progress = |n: usize| bar.set_position(n as u64);
-        match directories::sync(store, &*source, mode, OffsetDateTime::now_utc(), &progress).await {
+        match directories::sync(store, &*source, SyncOptions { mode, force, now: OffsetDateTime::now_utc() }, &progress)
+            .await
+        {
             Ok(r) => {
                 bar.finish_and_clear();
                 println!(
@@ -388,6 +405,9 @@ async fn directory_sync(
                     r.deactivated,
                     r.rejected.len()
                 );
+                for note in &r.notes {
+                    println!("  note: {note}");
+                }
                 for rejection in &r.rejected {
                     println!(
                         "  rejected {}: {}",

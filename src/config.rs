@@ -67,12 +67,34 @@ pub enum DirectorySettings {
         auth_header: Option<String>,
         /// Environment variable holding that credential (kept out of the file).
         auth_value_env: Option<String>,
-        /// Seconds before a request to the source is abandoned.
+        /// Seconds before a request to the source is abandoned (each attempt).
         #[serde(default = "default_source_timeout")]
         timeout_secs: u64,
         /// IANA time zone of the source's opening hours (e.g. `America/Los_Angeles`); schedules that state a
         /// fixed UTC offset keep theirs. Without either, a service never matches `open_now`.
         time_zone: Option<String>,
+        /// How full service records are read (the list often carries one-to-one fields only).
+        #[serde(default)]
+        detail: HsdsDetail,
+        /// Most requests in flight to the source at once (full records read one by one).
+        #[serde(default = "default_max_concurrent_requests")]
+        max_concurrent_requests: usize,
+        /// Most of the services a full sync may deactivate (0–1 of the last complete crawl's count) before it
+        /// refuses and deactivates nothing; `--force` (or `force=true`) overrides.
+        #[serde(default = "default_deactivate_fraction")]
+        max_deactivate_fraction: f64,
+        /// Times a failed read (timeout, connection error, 429, 5xx) is tried again.
+        #[serde(default = "default_retries")]
+        retries: usize,
+        /// First wait before a retry, in milliseconds (doubling, with jitter).
+        #[serde(default = "default_retry_min_delay_ms")]
+        retry_min_delay_ms: u64,
+        /// Longest wait between retries, in milliseconds.
+        #[serde(default = "default_retry_max_delay_ms")]
+        retry_max_delay_ms: u64,
+        /// Longest `Retry-After` honoured, in seconds (a longer one is cut to this).
+        #[serde(default = "default_retry_after_max_secs")]
+        retry_after_max_secs: u64,
     },
     /// An HSDS data package on disk (a JSON file, or a directory of them).
     HsdsPackage {
@@ -86,6 +108,10 @@ pub enum DirectorySettings {
         /// IANA time zone of the source's opening hours (e.g. `America/Los_Angeles`); schedules that state a
         /// fixed UTC offset keep theirs. Without either, a service never matches `open_now`.
         time_zone: Option<String>,
+        /// Most of the services a full sync may deactivate (0–1 of the last complete crawl's count) before it
+        /// refuses and deactivates nothing; `--force` (or `force=true`) overrides.
+        #[serde(default = "default_deactivate_fraction")]
+        max_deactivate_fraction: f64,
     },
     /// A FHIR R4 server listing `HealthcareService`s (HL7 Human Services Directory / Plan-Net shape).
     FhirDirectory {
@@ -107,7 +133,51 @@ pub enum DirectorySettings {
         /// IANA time zone of the source's opening hours (e.g. `America/Los_Angeles`); schedules that state a
         /// fixed UTC offset keep theirs. Without either, a service never matches `open_now`.
         time_zone: Option<String>,
+        /// Most of the services a full sync may deactivate (0–1 of the last complete crawl's count) before it
+        /// refuses and deactivates nothing; `--force` (or `force=true`) overrides.
+        #[serde(default = "default_deactivate_fraction")]
+        max_deactivate_fraction: f64,
     },
+}
+
+/// How an HSDS API source reads full service records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HsdsDetail {
+    /// Probe at the first sync: the list if its items carry locations, phones, languages, schedules or
+    /// attributes, else `full=true` if that gives them, else `/services/{id}`; the decision is kept.
+    #[default]
+    Auto,
+    /// The list items as they come.
+    List,
+    /// `GET /services?full=true`.
+    FullParam,
+    /// `GET /services/{id}` for each listed service whose `last_modified` changed.
+    PerService,
+}
+
+fn default_max_concurrent_requests() -> usize {
+    4
+}
+
+fn default_deactivate_fraction() -> f64 {
+    0.2
+}
+
+fn default_retries() -> usize {
+    3
+}
+
+fn default_retry_min_delay_ms() -> u64 {
+    500
+}
+
+fn default_retry_max_delay_ms() -> u64 {
+    30_000
+}
+
+fn default_retry_after_max_secs() -> u64 {
+    60
 }
 
 fn default_per_page() -> u32 {
@@ -146,6 +216,26 @@ impl DirectorySettings {
             DirectorySettings::HsdsApi { time_zone, .. }
             | DirectorySettings::HsdsPackage { time_zone, .. }
             | DirectorySettings::FhirDirectory { time_zone, .. } => time_zone.as_deref(),
+        }
+    }
+
+    /// Most of the services a full sync may deactivate without force (a fraction of the last complete crawl).
+    #[must_use]
+    pub fn max_deactivate_fraction(&self) -> f64 {
+        match self {
+            DirectorySettings::HsdsApi { max_deactivate_fraction, .. }
+            | DirectorySettings::HsdsPackage { max_deactivate_fraction, .. }
+            | DirectorySettings::FhirDirectory { max_deactivate_fraction, .. } => *max_deactivate_fraction,
+        }
+    }
+
+    /// The environment variable holding the source's credential, when it has one.
+    #[must_use]
+    pub fn credential_variable(&self) -> Option<&str> {
+        match self {
+            DirectorySettings::HsdsApi { auth_value_env, .. } => auth_value_env.as_deref(),
+            DirectorySettings::FhirDirectory { bearer_token_env, .. } => bearer_token_env.as_deref(),
+            DirectorySettings::HsdsPackage { .. } => None,
         }
     }
 }
@@ -442,11 +532,37 @@ impl Settings {
             if let Some(Err(e)) = d.time_zone().map(crate::directories::hours::check_time_zone) {
                 errors.push(format!("{at}.time_zone: {e} (directory `{name}`)"));
             }
+            if !(0.0..=1.0).contains(&d.max_deactivate_fraction()) {
+                errors.push(format!("{at}.max_deactivate_fraction: between 0 and 1"));
+            }
             match d {
-                DirectorySettings::HsdsApi { base_url, per_page, auth_header, auth_value_env, .. } => {
+                DirectorySettings::HsdsApi {
+                    base_url,
+                    per_page,
+                    auth_header,
+                    auth_value_env,
+                    timeout_secs,
+                    max_concurrent_requests,
+                    retries,
+                    retry_min_delay_ms,
+                    retry_max_delay_ms,
+                    ..
+                } => {
                     check_http_source(&at, base_url, *per_page, &mut errors);
                     if auth_header.is_some() != auth_value_env.is_some() {
                         errors.push(format!("{at}: auth_header and auth_value_env go together"));
+                    }
+                    if *timeout_secs == 0 {
+                        errors.push(format!("{at}.timeout_secs: must be at least 1"));
+                    }
+                    if !(1..=64).contains(max_concurrent_requests) {
+                        errors.push(format!("{at}.max_concurrent_requests: between 1 and 64"));
+                    }
+                    if *retries > 10 {
+                        errors.push(format!("{at}.retries: at most 10"));
+                    }
+                    if retry_min_delay_ms > retry_max_delay_ms {
+                        errors.push(format!("{at}.retry_min_delay_ms: must not exceed retry_max_delay_ms"));
                     }
                 }
                 DirectorySettings::FhirDirectory { base_url, per_page, bearer_token_env, timeout_secs, .. } => {
@@ -472,6 +588,22 @@ impl Settings {
     #[must_use]
     pub fn listen_addr(&self) -> SocketAddr {
         self.server.listen.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// The credential variables of configured directories that `is_set` says are not set, each as a sentence
+    /// naming the directory (the gateway would refuse to start without them).
+    #[must_use]
+    pub fn unset_credentials(&self, is_set: impl Fn(&str) -> bool) -> Vec<String> {
+        self.directories
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let var = d.credential_variable()?;
+                (!is_set(var)).then(|| {
+                    format!("directories[{i}]: the credential variable {var} of directory `{}` is not set", d.name())
+                })
+            })
+            .collect()
     }
 
     /// `database.acquire_timeout_secs` as a duration.
@@ -632,6 +764,39 @@ mod tests {
             let e = load(&format!("[server]\npublic_base_url = \"{bad}\"\n"), &[]).expect_err(bad);
             assert!(e.to_string().starts_with("server.public_base_url:"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_hsds_api_with_no_timeout_or_an_unset_credential_variable_is_refused() {
+        let e = load(
+            "[[directories]]\ntype = \"hsds_api\"\nname = \"metro\"\nbase_url = \"https://211.example\"\n\
+             timeout_secs = 0\nmax_concurrent_requests = 0\nmax_deactivate_fraction = 1.5\n",
+            &[],
+        )
+        .expect_err("bad values");
+        let text = e.to_string();
+        for needle in [
+            "directories[0].timeout_secs",
+            "directories[0].max_concurrent_requests",
+            "directories[0].max_deactivate_fraction",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        let s = load(
+            "[[directories]]\ntype = \"hsds_api\"\nname = \"metro\"\nbase_url = \"https://211.example\"\n\
+             auth_header = \"X-Api-Key\"\nauth_value_env = \"METRO_KEY\"\n",
+            &[],
+        )
+        .expect("loads");
+        let Some(DirectorySettings::HsdsApi { detail, max_concurrent_requests, retries, .. }) = s.directories.first()
+        else {
+            panic!("not an HSDS API: {:?}", s.directories);
+        };
+        assert_eq!((*detail, *max_concurrent_requests, *retries), (HsdsDetail::Auto, 4, 3));
+        let unset = s.unset_credentials(|_| false);
+        assert_eq!(unset.len(), 1);
+        assert!(unset[0].contains("METRO_KEY") && unset[0].contains("`metro`"), "{unset:?}");
+        assert!(s.unset_credentials(|v| v == "METRO_KEY").is_empty());
     }
 
     #[test]

@@ -27,11 +27,12 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
 
+use super::source_http::{RetryPolicy, SourceClient};
 use super::{
     CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Schedule, SourceError, SourcePage,
     TaxonomyTerm, gateway_id,
 };
-use crate::domain::{Redacted, ServiceCode};
+use crate::domain::ServiceCode;
 use crate::mapping::template::{LineIndex, Span};
 use crate::mapping::terminology::AGENCY_VOCABULARY;
 use crate::mapping::{LoadError, LoadErrors};
@@ -574,9 +575,8 @@ pub struct FhirDirectory {
     name: String,
     base_url: String,
     per_page: u32,
-    bearer_token: Option<Redacted<String>>,
     categories: CategoryMap,
-    client: reqwest::Client,
+    client: SourceClient,
 }
 
 /// Resources read during one page, by relative reference (`None`: the server has no such resource).
@@ -596,12 +596,13 @@ impl FhirDirectory {
         timeout: Duration,
         categories: CategoryMap,
     ) -> Result<Self, SourceError> {
-        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        let headers = bearer_token.map(|t| ("authorization".to_owned(), format!("Bearer {t}"))).into_iter().collect();
+        // Not retried yet: its sync reads follow references page by page, and its faults are tested as they are.
+        let client = SourceClient::new(timeout, RetryPolicy::NONE, headers)?;
         Ok(FhirDirectory {
             name: name.to_owned(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             per_page: per_page.max(1),
-            bearer_token: bearer_token.map(Redacted),
             categories,
             client,
         })
@@ -609,20 +610,11 @@ impl FhirDirectory {
 
     /// `GET` a FHIR URL; `Ok(None)` for 404 and 410 (gone), the JSON body for a success.
     async fn get(&self, url: &str, query: &[(&str, String)]) -> Result<Option<Value>, SourceError> {
-        let mut request = self.client.get(url).query(query).header(reqwest::header::ACCEPT, FHIR_JSON);
-        if let Some(token) = &self.bearer_token {
-            request = request.bearer_auth(token.as_str());
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+        let answer = self.client.get(url, query, FHIR_JSON).await?;
+        if answer.is_gone() {
             return Ok(None);
         }
-        if !status.is_success() {
-            return Err(SourceError::Status { status: status.as_u16() });
-        }
-        let body = response.bytes().await?;
-        serde_json::from_slice(&body).map(Some).map_err(|e| SourceError::Malformed(format!("not JSON: {e}")))
+        serde_json::from_slice(&answer.body).map(Some).map_err(|e| SourceError::Malformed(format!("not JSON: {e}")))
     }
 
     /// The `expected` resource a reference names, read once per page; `None` when it cannot be followed (not a
@@ -709,7 +701,10 @@ impl DirectorySource for FhirDirectory {
             query.push(("_lastUpdated", format!("gt{}", search_instant(t)?)));
         }
         let url = format!("{}/HealthcareService", self.base_url);
-        let bundle = self.get(&url, &query).await?.ok_or(SourceError::Status { status: 404 })?;
+        let bundle = self
+            .get(&url, &query)
+            .await?
+            .ok_or_else(|| SourceError::Status { status: 404, body: "no HealthcareService search here".into() })?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(SourceError::Malformed("the search answered something other than a Bundle".into()));
         }
@@ -735,7 +730,7 @@ impl DirectorySource for FhirDirectory {
         let more = has_next && records.len() >= self.per_page as usize;
         tracing::debug!(source = %self.name, page, services = records.len(), references = cache.len(),
             "Directory page read.");
-        Ok(SourcePage { records, more, rejected: Vec::new() })
+        Ok(SourcePage { records, more, ..SourcePage::default() })
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {

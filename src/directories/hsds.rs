@@ -1,10 +1,10 @@
-//! Open Referral HSDS 3.0 sources: an HSDS API (`GET /services?page=&per_page=&modified_after=`, full service
-//! objects) or an HSDS data package of JSON files on disk, and the mapping of an HSDS service into the catalog.
+//! Open Referral HSDS 3.0 sources: an HSDS API (`GET /services?page=&per_page=&modified_after=`, its list shape
+//! completed by `full=true` or `GET /services/{id}` as a probe decides) or an HSDS data package of JSON files on
+//! disk, and the mapping of an HSDS service into the catalog.
 //!
 //! Only the parts of HSDS the catalog uses are read; the whole record is kept as received.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -12,10 +12,12 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::source_http::SourceClient;
 use super::{
-    CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Schedule, SourceError, SourcePage,
-    TaxonomyTerm, gateway_id, hours,
+    CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Fetched, ReadPlan, Schedule, SourceError,
+    SourcePage, TaxonomyTerm, gateway_id, hours,
 };
+use crate::config::HsdsDetail;
 
 /// HSDS service statuses.
 const STATUSES: [&str; 4] = ["active", "inactive", "defunct", "temporarily closed"];
@@ -266,45 +268,221 @@ fn records_of(doc: Value) -> Result<Vec<Value>, String> {
     }
 }
 
-/// An HSDS 3.0 API.
-pub struct HsdsApi {
-    name: String,
-    base_url: String,
-    per_page: u32,
-    auth: Option<(String, String)>,
-    client: reqwest::Client,
+/// What an [`HsdsApi`] is built from.
+pub struct HsdsApiSettings<'a> {
+    /// The source's name.
+    pub name: &'a str,
+    /// The API root, without `/services`.
+    pub base_url: &'a str,
+    /// Services per page.
+    pub per_page: u32,
+    /// How full records are read.
+    pub detail: HsdsDetail,
+    /// Most requests in flight at once.
+    pub max_concurrent_requests: usize,
+    /// The HTTP client (timeout, retries, credential).
+    pub client: SourceClient,
 }
 
-impl HsdsApi {
-    /// A source reading `base_url` (the API root, without `/services`).
-    ///
-    /// # Errors
-    /// When the HTTP client cannot be built.
-    pub fn new(
-        name: &str,
-        base_url: &str,
-        per_page: u32,
-        auth: Option<(String, String)>,
-        timeout: Duration,
-    ) -> Result<Self, SourceError> {
-        let client = reqwest::Client::builder().timeout(timeout).build()?;
-        Ok(HsdsApi {
-            name: name.to_owned(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            per_page,
-            auth,
-            client,
-        })
+/// An HSDS 3.0 API: `GET /services?page=&per_page=` (the `service_list` shape, often one-to-one fields only),
+/// `full=true` where the API offers it, and `GET /services/{id}` (the full `service`).
+pub struct HsdsApi {
+    name: String,
+    base_url: url::Url,
+    per_page: u32,
+    configured: HsdsDetail,
+    /// How this sync reads full records (decided by `prepare`).
+    detail: std::sync::Mutex<HsdsDetail>,
+    max_concurrent_requests: usize,
+    client: SourceClient,
+}
+
+/// The JSON media type HSDS APIs answer with.
+const JSON: &str = "application/json";
+
+/// Fields of the full service that its list shape leaves out; a record carrying any of them is whole.
+const DETAIL_FIELDS: [&str; 6] = ["service_at_locations", "phones", "languages", "schedules", "attributes", "contacts"];
+
+/// List items and full records a probe looks at.
+const PROBE_RECORDS: usize = 5;
+
+fn detail_name(detail: HsdsDetail) -> &'static str {
+    match detail {
+        HsdsDetail::Auto | HsdsDetail::List => "list",
+        HsdsDetail::FullParam => "full_param",
+        HsdsDetail::PerService => "per_service",
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ApiPage {
-    #[serde(default)]
-    contents: Vec<Value>,
-    total_pages: Option<u64>,
-    page_number: Option<u64>,
-    last_page: Option<bool>,
+fn detail_of(name: &str) -> Option<HsdsDetail> {
+    match name {
+        "list" => Some(HsdsDetail::List),
+        "full_param" => Some(HsdsDetail::FullParam),
+        "per_service" => Some(HsdsDetail::PerService),
+        _ => None,
+    }
+}
+
+/// Whether a service record carries anything its list shape leaves out.
+fn has_detail(raw: &Value) -> bool {
+    DETAIL_FIELDS.iter().any(|f| raw.get(*f).and_then(Value::as_array).is_some_and(|a| !a.is_empty()))
+}
+
+/// One HSDS page object, checked: `contents` an array, `page_number` the page asked for, totals numbers, and no
+/// empty page before the last.
+fn parse_page(body: &[u8], page: u32) -> Result<SourcePage, SourceError> {
+    let bad = |what: String| SourceError::Malformed(format!("page {page}: {what}"));
+    let doc: Value = serde_json::from_slice(body).map_err(|_| bad("not JSON".into()))?;
+    let Value::Object(mut o) = doc else { return Err(bad("not a page object".into())) };
+    let number = |o: &serde_json::Map<String, Value>, key: &str| match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| bad(format!("`{key}` is not a count"))),
+    };
+    let total_items = number(&o, "total_items")?;
+    let total_pages = number(&o, "total_pages")?;
+    let page_number = number(&o, "page_number")?;
+    let last_page = o.get("last_page").and_then(Value::as_bool);
+    let Some(Value::Array(contents)) = o.remove("contents") else {
+        return Err(bad("no `contents` array (not a page of services)".into()));
+    };
+    if page_number.is_some_and(|n| n != u64::from(page)) {
+        return Err(bad(format!("the source says it is page {}", show(page_number))));
+    }
+    if contents.is_empty() && total_pages.is_some_and(|t| u64::from(page) < t) {
+        return Err(bad(format!("empty, though the source says it has {} pages", show(total_pages))));
+    }
+    let more = match (total_pages, last_page) {
+        (Some(total), _) => u64::from(page) < total,
+        (None, Some(last)) => !last,
+        (None, None) => !contents.is_empty(),
+    };
+    Ok(SourcePage { records: contents, more, rejected: Vec::new(), total_items, total_pages })
+}
+
+fn show(n: Option<u64>) -> String {
+    n.map_or_else(|| "?".to_owned(), |n| n.to_string())
+}
+
+impl HsdsApi {
+    /// A source reading `settings.base_url` (the API root, without `/services`).
+    ///
+    /// # Errors
+    /// When the base URL is not one.
+    pub fn new(settings: HsdsApiSettings<'_>) -> Result<Self, SourceError> {
+        let base = format!("{}/", settings.base_url.trim_end_matches('/'));
+        let base_url = url::Url::parse(&base).map_err(|e| SourceError::Malformed(format!("base_url: {e}")))?;
+        Ok(HsdsApi {
+            name: settings.name.to_owned(),
+            base_url,
+            per_page: settings.per_page,
+            configured: settings.detail,
+            detail: std::sync::Mutex::new(settings.detail),
+            max_concurrent_requests: settings.max_concurrent_requests.max(1),
+            client: settings.client,
+        })
+    }
+
+    fn current(&self) -> HsdsDetail {
+        *self.detail.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `<base>/services` or `<base>/services/<id>`, the id as one path segment.
+    fn services_url(&self, id: Option<&str>) -> Result<url::Url, SourceError> {
+        let mut url = self.base_url.clone();
+        url.path_segments_mut()
+            .map_err(|()| SourceError::Malformed("base_url cannot take a path".into()))?
+            .pop_if_empty()
+            .push("services")
+            .extend(id);
+        Ok(url)
+    }
+
+    async fn list(
+        &self,
+        page: u32,
+        modified_after: Option<OffsetDateTime>,
+        full: bool,
+    ) -> Result<SourcePage, SourceError> {
+        let mut query = vec![("page", page.to_string()), ("per_page", self.per_page.to_string())];
+        if full {
+            query.push(("full", "true".to_owned()));
+        }
+        if let Some(t) = modified_after {
+            query.push(("modified_after", t.format(&Rfc3339).map_err(|e| SourceError::Malformed(e.to_string()))?));
+        }
+        let answer = self.client.get(self.services_url(None)?.as_str(), &query, JSON).await?;
+        if answer.is_gone() {
+            return Err(SourceError::Status { status: answer.status, body: "no /services here".into() });
+        }
+        parse_page(&answer.body, page)
+    }
+
+    /// Decides how full records are read by looking at what the API gives: the list, `full=true`, or
+    /// `/services/{id}`.
+    async fn probe(&self) -> Result<ReadPlan, SourceError> {
+        let listed = self.list(1, None, false).await?;
+        let sample: Vec<&Value> = listed.records.iter().take(PROBE_RECORDS).collect();
+        if sample.is_empty() {
+            return Ok(ReadPlan {
+                detail: "list".into(),
+                note: Some("nothing listed to probe yet".into()),
+                keep: false,
+            });
+        }
+        if sample.iter().any(|r| has_detail(r)) {
+            return Ok(ReadPlan {
+                detail: "list".into(),
+                note: Some("the list items carry locations, phones or other detail".into()),
+                keep: true,
+            });
+        }
+        // An API without `full=true` may refuse it (400) or ignore it: either way, not the way.
+        if let Ok(full) = self.list(1, None, true).await
+            && full.records.iter().take(PROBE_RECORDS).any(has_detail)
+        {
+            return Ok(ReadPlan {
+                detail: "full_param".into(),
+                note: Some("the list carries one-to-one fields only; full=true gives the full services".into()),
+                keep: true,
+            });
+        }
+        for raw in sample {
+            let Some(id) = raw.get("id").and_then(Value::as_str) else { continue };
+            if let Fetched::Found(full) = self.read_one(id).await?
+                && has_detail(&full)
+            {
+                return Ok(ReadPlan {
+                    detail: "per_service".into(),
+                    note: Some(
+                        "the list carries one-to-one fields only; /services/{id} gives the full services".into(),
+                    ),
+                    keep: true,
+                });
+            }
+        }
+        Ok(ReadPlan {
+            detail: "list".into(),
+            note: Some(
+                "neither the list, full=true nor /services/{id} gives locations, phones, languages, schedules or \
+                 taxonomy; services are kept as listed"
+                    .into(),
+            ),
+            keep: true,
+        })
+    }
+
+    async fn read_one(&self, source_id: &str) -> Result<Fetched, SourceError> {
+        let answer = self.client.get(self.services_url(Some(source_id))?.as_str(), &[], JSON).await?;
+        if answer.is_gone() {
+            return Ok(Fetched::Gone);
+        }
+        let raw: Value = serde_json::from_slice(&answer.body)
+            .map_err(|_| SourceError::Malformed(format!("/services/{source_id}: not JSON")))?;
+        if !raw.is_object() || raw.get("id").and_then(Value::as_str) != Some(source_id) {
+            return Err(SourceError::Malformed(format!("/services/{source_id}: not that service")));
+        }
+        Ok(Fetched::Found(raw))
+    }
 }
 
 #[async_trait]
@@ -314,29 +492,34 @@ impl DirectorySource for HsdsApi {
     }
 
     async fn page(&self, page: u32, modified_after: Option<OffsetDateTime>) -> Result<SourcePage, SourceError> {
-        let mut query = vec![("page", page.to_string()), ("per_page", self.per_page.to_string())];
-        if let Some(t) = modified_after {
-            query.push(("modified_after", t.format(&Rfc3339).map_err(|e| SourceError::Malformed(e.to_string()))?));
-        }
-        let mut request = self.client.get(format!("{}/services", self.base_url)).query(&query);
-        if let Some((header, value)) = &self.auth {
-            request = request.header(header.as_str(), value.as_str());
-        }
-        let response = request.send().await?;
-        if !response.status().is_success() {
-            return Err(SourceError::Status { status: response.status().as_u16() });
-        }
-        let body: ApiPage = response.json().await?;
-        let more = match (body.last_page, body.total_pages, body.page_number) {
-            (Some(last), _, _) => !last,
-            (None, Some(total), Some(number)) => number < total,
-            _ => !body.contents.is_empty(),
-        };
-        Ok(SourcePage { records: body.contents, more, rejected: Vec::new() })
+        self.list(page, modified_after, self.current() == HsdsDetail::FullParam).await
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
         normalise_service(&self.name, raw)
+    }
+
+    async fn prepare(&self, recorded: Option<&str>) -> Result<Option<ReadPlan>, SourceError> {
+        let plan = match (self.configured, recorded.and_then(detail_of)) {
+            (HsdsDetail::Auto, Some(kept)) => ReadPlan { detail: detail_name(kept).into(), note: None, keep: true },
+            (HsdsDetail::Auto, None) => self.probe().await?,
+            (chosen, _) => ReadPlan { detail: detail_name(chosen).into(), note: None, keep: true },
+        };
+        let decided = detail_of(&plan.detail).unwrap_or(HsdsDetail::List);
+        *self.detail.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = decided;
+        Ok(Some(plan))
+    }
+
+    fn lists_in_full(&self) -> bool {
+        self.current() != HsdsDetail::PerService
+    }
+
+    async fn fetch(&self, source_id: &str) -> Result<Fetched, SourceError> {
+        self.read_one(source_id).await
+    }
+
+    fn max_concurrent_requests(&self) -> usize {
+        self.max_concurrent_requests
     }
 }
 
@@ -412,7 +595,7 @@ impl DirectorySource for HsdsPackage {
                     .is_none_or(|t| t > since)
             });
         }
-        Ok(SourcePage { records, more: false, rejected })
+        Ok(SourcePage { records, more: false, rejected, ..SourcePage::default() })
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
@@ -463,6 +646,31 @@ mod tests {
         assert!(normalise_service("s", &raw).expect_err("no name").starts_with("name:"));
         raw["name"] = Value::from(42);
         assert!(normalise_service("s", &raw).expect_err("wrong type").starts_with("name:"));
+    }
+
+    #[test]
+    fn a_page_is_refused_unless_it_is_a_well_formed_page_of_services() {
+        let page = |v: Value, n: u32| parse_page(v.to_string().as_bytes(), n);
+        let e = page(serde_json::json!({"error": "maintenance"}), 2).expect_err("no contents");
+        assert!(e.to_string().contains("page 2: no `contents` array"), "{e}");
+        let e = page(serde_json::json!({"contents": [], "total_pages": 3, "page_number": 2}), 2).expect_err("empty");
+        assert!(e.to_string().contains("empty, though the source says it has 3 pages"), "{e}");
+        let e = page(serde_json::json!({"contents": [{"id": "a"}], "page_number": 1}), 2).expect_err("wrong page");
+        assert!(e.to_string().contains("says it is page 1"), "{e}");
+        assert!(page(serde_json::json!({"contents": {}}), 1).is_err());
+        assert!(page(serde_json::json!({"contents": [], "total_items": "many"}), 1).is_err());
+        let last = page(serde_json::json!({"contents": [{"id": "a"}], "total_items": 1, "total_pages": 1}), 1)
+            .expect("a page");
+        assert_eq!((last.records.len(), last.more, last.total_items), (1, false, Some(1)));
+        // Without totals, a page says whether more follow by `last_page`, else by not being empty.
+        assert!(page(serde_json::json!({"contents": [{"id": "a"}], "last_page": false}), 1).expect("page").more);
+        assert!(!page(serde_json::json!({"contents": []}), 4).expect("the end").more);
+    }
+
+    #[test]
+    fn a_record_carrying_any_full_service_field_is_whole() {
+        assert!(!has_detail(&serde_json::json!({"id": "a", "name": "A", "phones": []})));
+        assert!(has_detail(&serde_json::json!({"id": "a", "phones": [{"number": "1"}]})));
     }
 
     fn with_schedule(schedule: Value) -> Value {

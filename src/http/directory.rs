@@ -13,7 +13,7 @@ use super::AppState;
 use super::extract::{ApiQuery, PathText, paging};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::directories::{
-    self, CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncReport,
+    self, CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncOptions, SyncReport,
 };
 
 /// The configured directory sources, by name.
@@ -174,6 +174,9 @@ pub async fn service(State(state): State<AppState>, PathText(id): PathText) -> R
 pub struct SyncParams {
     /// `full` (read everything, deactivate what vanished) or `incremental` (what changed since the last sync).
     mode: Option<String>,
+    /// `true`: deactivate what vanished even when the source lists far fewer services than its last complete
+    /// crawl.
+    force: Option<bool>,
 }
 
 /// Syncs one configured directory now and reports what changed.
@@ -197,11 +200,18 @@ pub async fn sync_now(
         .sources
         .get(&source)
         .ok_or_else(|| ApiError::from(Problem::new(ProblemType::NotFound).detail("no directory of that name")))?;
-    let report = directories::sync(&*state.store, &**source, mode, OffsetDateTime::now_utc(), &|_| {}).await.map_err(
-        |e| match e {
-            SyncError::Store(e) => super::api::store_problem(e),
-            source_failure @ SyncError::Source { .. } => ApiError::internal(ProblemType::Unavailable, source_failure),
-        },
-    )?;
+    let report = directories::sync(
+        &*state.store,
+        &**source,
+        SyncOptions { mode, force: params.force.unwrap_or(false), now: OffsetDateTime::now_utc() },
+        &|_| {},
+    )
+    .await
+    .map_err(|e| match e {
+        SyncError::Store(e) => super::api::store_problem(e),
+        source_failure @ (SyncError::Source { .. } | SyncError::Incomplete { .. }) => {
+            ApiError::internal(ProblemType::Unavailable, source_failure)
+        }
+    })?;
     Ok(Json(report))
 }

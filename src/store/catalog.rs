@@ -39,6 +39,21 @@ pub struct CatalogListing {
     pub limit: u32,
 }
 
+/// What a source's syncs remember between runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DirectorySyncState {
+    /// The newest change time the last sync saw (where an incremental sync starts).
+    pub watermark: Option<OffsetDateTime>,
+    /// When a sync last succeeded.
+    pub last_success: Option<OffsetDateTime>,
+    /// How many services the last complete full crawl listed (the guard against a short crawl).
+    pub complete_count: Option<u64>,
+    /// When that crawl ran.
+    pub complete_at: Option<OffsetDateTime>,
+    /// How the source's full records are read (`list`, `full_param`, `per_service`), as decided by the first sync.
+    pub detail: Option<String>,
+}
+
 /// One row of a listing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listed<T> {
@@ -83,16 +98,39 @@ pub trait Catalog: Send + Sync {
     /// `Database`.
     async fn fill_public_ids(&self) -> Result<usize, StoreError>;
 
-    /// Marks inactive every active service of `source` not seen since `sync_started` (the start of a full sync);
-    /// returns how many.
+    /// The active services of `source`: their source ids and when the source last changed each (a full sync's
+    /// baseline: what it must see again, and what it need not read again in full).
     ///
     /// # Errors
     /// `Database`.
-    async fn deactivate_vanished_services(
+    async fn active_directory_services(
         &self,
         source: &str,
-        sync_started: OffsetDateTime,
+    ) -> Result<Vec<(String, Option<OffsetDateTime>)>, StoreError>;
+
+    /// Marks inactive the listed active services of `source` (confirmed gone by a complete full sync), in one
+    /// transaction; returns how many.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn deactivate_directory_services(
+        &self,
+        source: &str,
+        source_ids: &[String],
+        now: OffsetDateTime,
     ) -> Result<usize, StoreError>;
+
+    /// Records that the source still lists these services unchanged (their full records were not read again), in
+    /// one transaction.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn mark_directory_services_seen(
+        &self,
+        source: &str,
+        source_ids: &[String],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
 
     /// Records that the source still lists this service, though this time its record was refused: its last good
     /// version stays, and a full sync does not take it for vanished.
@@ -118,14 +156,22 @@ pub trait Catalog: Send + Sync {
     /// `Database`.
     async fn directory_watermark(&self, source: &str) -> Result<Option<OffsetDateTime>, StoreError>;
 
-    /// Records a successful sync of `source`.
+    /// What the last syncs of `source` left for the next one (`None`: never synced).
     ///
     /// # Errors
     /// `Database`.
-    async fn set_directory_watermark(
+    async fn directory_sync_state(&self, source: &str) -> Result<Option<DirectorySyncState>, StoreError>;
+
+    /// Records a successful sync of `source` at `now`: its watermark, and for a complete full crawl the count it
+    /// listed and when; `complete_*` and `detail` (how full records are read) are kept when `None`
+    /// (`last_success` is `now`, whatever `sync` says).
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn record_directory_sync(
         &self,
         source: &str,
-        newest: Option<OffsetDateTime>,
+        sync: &DirectorySyncState,
         now: OffsetDateTime,
     ) -> Result<(), StoreError>;
 

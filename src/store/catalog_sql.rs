@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::{Postgres, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::catalog::{Catalog, CatalogListing, Listed};
+use super::catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
 use super::sql::SqlStore;
 use super::{StoreError, from_micros, to_micros};
 use crate::directories::hours::{self, LocalMoment};
@@ -705,23 +705,62 @@ macro_rules! impl_catalog {
                 Ok(filled)
             }
 
-            async fn deactivate_vanished_services(
+            async fn active_directory_services(
                 &self,
                 source: &str,
-                sync_started: OffsetDateTime,
-            ) -> Result<usize, StoreError> {
-                let started = to_micros(sync_started);
-                let mut tx = self.writer().begin_with($begin).await?;
-                let done = sqlx::query(
-                    "UPDATE directory_services SET active = 0, vanished_at = $2, updated_at = $2 \
-                     WHERE source = $1 AND active = 1 AND seen_at < $2",
+            ) -> Result<Vec<(String, Option<OffsetDateTime>)>, StoreError> {
+                let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+                    "SELECT source_id, source_modified FROM directory_services WHERE source = $1 AND active = 1",
                 )
                 .bind(source)
-                .bind(started)
-                .execute(&mut *tx)
+                .fetch_all(self.reader())
                 .await?;
+                Ok(rows.into_iter().map(|(id, modified)| (id, modified.map(from_micros))).collect())
+            }
+
+            async fn deactivate_directory_services(
+                &self,
+                source: &str,
+                source_ids: &[String],
+                now: OffsetDateTime,
+            ) -> Result<usize, StoreError> {
+                let now = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                let mut done = 0;
+                for id in source_ids {
+                    let row = sqlx::query(
+                        "UPDATE directory_services SET active = 0, vanished_at = $3, updated_at = $3 \
+                         WHERE source = $1 AND source_id = $2 AND active = 1",
+                    )
+                    .bind(source)
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    done += usize::try_from(row.rows_affected()).unwrap_or(0);
+                }
                 tx.commit().await?;
-                Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+                Ok(done)
+            }
+
+            async fn mark_directory_services_seen(
+                &self,
+                source: &str,
+                source_ids: &[String],
+                now: OffsetDateTime,
+            ) -> Result<(), StoreError> {
+                let now = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                for id in source_ids {
+                    sqlx::query("UPDATE directory_services SET seen_at = $3 WHERE source = $1 AND source_id = $2")
+                        .bind(source)
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn mark_directory_service_seen(
@@ -759,20 +798,47 @@ macro_rules! impl_catalog {
                 Ok(row.and_then(|(w,)| w).map(from_micros))
             }
 
-            async fn set_directory_watermark(
-                &self,
-                source: &str,
-                newest: Option<OffsetDateTime>,
-                now: OffsetDateTime,
-            ) -> Result<(), StoreError> {
-                let mut tx = self.writer().begin_with($begin).await?;
-                sqlx::query(
-                    "INSERT INTO directory_sync_state (source, watermark, last_success) VALUES ($1, $2, $3) \
-                     ON CONFLICT (source) DO UPDATE SET watermark = excluded.watermark, last_success = excluded.last_success",
+            async fn directory_sync_state(&self, source: &str) -> Result<Option<DirectorySyncState>, StoreError> {
+                type Row = (Option<i64>, i64, Option<i64>, Option<i64>, Option<String>);
+                let row: Option<Row> = sqlx::query_as(
+                    "SELECT watermark, last_success, complete_count, complete_at, detail \
+                     FROM directory_sync_state WHERE source = $1",
                 )
                 .bind(source)
-                .bind(newest.map(to_micros))
-                .bind(to_micros(now))
+                .fetch_optional(self.reader())
+                .await?;
+                Ok(row.map(|(watermark, last_success, count, at, detail)| DirectorySyncState {
+                    watermark: watermark.map(from_micros),
+                    last_success: Some(from_micros(last_success)),
+                    complete_count: count.and_then(|c| u64::try_from(c).ok()),
+                    complete_at: at.map(from_micros),
+                    detail,
+                }))
+            }
+
+            async fn record_directory_sync(
+                &self,
+                source: &str,
+                sync: &DirectorySyncState,
+                now: OffsetDateTime,
+            ) -> Result<(), StoreError> {
+                let now = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                sqlx::query(
+                    "INSERT INTO directory_sync_state (source, watermark, last_success, complete_count, complete_at, detail) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (source) DO UPDATE SET watermark = excluded.watermark, \
+                     last_success = excluded.last_success, \
+                     complete_count = COALESCE(excluded.complete_count, directory_sync_state.complete_count), \
+                     complete_at = COALESCE(excluded.complete_at, directory_sync_state.complete_at), \
+                     detail = COALESCE(excluded.detail, directory_sync_state.detail)",
+                )
+                .bind(source)
+                .bind(sync.watermark.map(to_micros))
+                .bind(now)
+                .bind(sync.complete_count.and_then(|c| i64::try_from(c).ok()))
+                .bind(sync.complete_at.map(to_micros))
+                .bind(sync.detail.as_deref())
                 .execute(&mut *tx)
                 .await?;
                 tx.commit().await?;

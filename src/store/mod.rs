@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{RecordId, RecordKind};
 
-pub use catalog::{Catalog, CatalogListing, Listed};
+pub use catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
 pub use sql::{SqlStore, connect};
 
 /// Failures of the store itself, or a write refused for its precondition.

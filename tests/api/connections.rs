@@ -103,16 +103,13 @@ async fn a_slow_handler_under_the_request_timeout_is_not_cut_by_the_idle_timeout
     let app = spawn_app_with(|s| {
         s.server.header_read_timeout_secs = 1;
         s.server.idle_timeout_secs = 1;
-        s.directories = vec![DirectorySettings::HsdsApi {
-            name: "slow211".into(),
-            base_url: directory,
-            per_page: 100,
-            sync_interval_secs: 0,
-            auth_header: None,
-            auth_value_env: None,
-            timeout_secs: 10,
-            time_zone: None,
-        }];
+        s.directories = vec![
+            serde_json::from_value::<DirectorySettings>(json!({
+                "type": "hsds_api", "name": "slow211", "base_url": directory, "per_page": 100,
+                "timeout_secs": 10, "detail": "list",
+            }))
+            .expect("a directory source"),
+        ];
     })
     .await;
     let started = Instant::now();

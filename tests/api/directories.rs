@@ -97,6 +97,14 @@ async fn an_hsds_api_is_synced_page_by_page_and_vanished_services_become_inactiv
             auth_value_env: None,
             timeout_secs: 5,
             time_zone: None,
+            // Read as listed: this test counts the list requests (a probe would add one).
+            detail: carebridge::config::HsdsDetail::List,
+            max_concurrent_requests: 4,
+            max_deactivate_fraction: 0.2,
+            retries: 0,
+            retry_min_delay_ms: 10,
+            retry_max_delay_ms: 10,
+            retry_after_max_secs: 1,
         }];
     })
     .await;
@@ -161,6 +169,13 @@ async fn a_source_that_fails_mid_sync_deactivates_nothing() {
             auth_value_env: None,
             timeout_secs: 5,
             time_zone: None,
+            detail: carebridge::config::HsdsDetail::Auto,
+            max_concurrent_requests: 4,
+            max_deactivate_fraction: 0.2,
+            retries: 0,
+            retry_min_delay_ms: 10,
+            retry_max_delay_ms: 10,
+            retry_after_max_secs: 1,
         }];
     })
     .await;
@@ -189,6 +204,7 @@ pub async fn catalog_app(database: Option<String>) -> TestApp {
             path: package.into(),
             sync_interval_secs: 0,
             time_zone: None,
+            max_deactivate_fraction: 0.2,
         }];
     })
     .await;

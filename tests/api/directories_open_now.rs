@@ -85,12 +85,14 @@ pub async fn open_now_app(database: Option<String>) -> (TestApp, TempDir) {
                 path: pdx,
                 sync_interval_secs: 0,
                 time_zone: Some("America/Los_Angeles".into()),
+                max_deactivate_fraction: 0.2,
             },
             DirectorySettings::HsdsPackage {
                 name: "nozone".into(),
                 path: nozone,
                 sync_interval_secs: 0,
                 time_zone: None,
+                max_deactivate_fraction: 0.2,
             },
         ];
     })

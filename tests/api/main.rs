@@ -2,6 +2,7 @@
 
 mod connections;
 mod directories;
+mod directories_api;
 mod directories_csv;
 mod directories_fhir;
 mod directories_open_now;
@@ -9,6 +10,7 @@ mod errors;
 mod hardening;
 mod helpers;
 mod hostile_input;
+mod hsds_api_fake;
 mod mappings;
 mod metrics_labels;
 mod ops;

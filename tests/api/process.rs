@@ -353,3 +353,35 @@ fn a_caller_cannot_forge_log_lines_or_labels_through_any_part_of_a_request() {
         assert!(event.is_object(), "{line}");
     }
 }
+
+#[test]
+fn check_refuses_a_directory_credential_variable_that_is_not_set_and_a_zero_timeout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = "[[directories]]\ntype = \"hsds_api\"\nname = \"metro\"\nbase_url = \"https://211.example\"\n\
+                  auth_header = \"X-Api-Key\"\nauth_value_env = \"CAREBRIDGE_TEST_METRO_KEY\"\n";
+    let config = write_config(dir.path(), source);
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    let unset =
+        Command::new(bin).args(["check", "--config"]).arg(&config).env_remove("CAREBRIDGE_TEST_METRO_KEY").output();
+    let unset = unset.expect("runs");
+    assert_eq!(unset.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unset.stderr);
+    assert!(stderr.contains("CAREBRIDGE_TEST_METRO_KEY") && stderr.contains("`metro`"), "{stderr}");
+    let set = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("CAREBRIDGE_TEST_METRO_KEY", "k")
+        .output()
+        .expect("runs");
+    assert_eq!(set.status.code(), Some(0), "{}", String::from_utf8_lossy(&set.stderr));
+
+    let zero = write_config(dir.path(), &format!("{source}timeout_secs = 0\n"));
+    let check = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&zero)
+        .env("CAREBRIDGE_TEST_METRO_KEY", "k")
+        .output()
+        .expect("runs");
+    assert_eq!(check.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("directories[0].timeout_secs"));
+}

@@ -1,0 +1,195 @@
+//! The HTTP reads a directory source makes: one client per source that sends `User-Agent: carebridge/<version>`
+//! and gives up on an attempt after its timeout; idempotent GETs tried again on timeouts, connection errors, 429
+//! and 5xx with capped exponential backoff and jitter (a `Retry-After` is honoured, clamped); and every failure
+//! named precisely ("timed out after 5 s", "connection refused", "TLS: …", "HTTP 503: <the source's words>").
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use time::OffsetDateTime;
+
+use super::SourceError;
+
+/// The `User-Agent` every directory request carries.
+pub const USER_AGENT: &str = concat!("carebridge/", env!("CARGO_PKG_VERSION"));
+
+/// Most characters of a source's error body kept in the failure's text.
+const BODY_SUMMARY_CHARS: usize = 200;
+
+/// When and how often a failed read is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub retries: usize,
+    /// First wait (doubled each time, with jitter).
+    pub min_delay: Duration,
+    /// Longest wait.
+    pub max_delay: Duration,
+    /// Longest `Retry-After` honoured.
+    pub retry_after_max: Duration,
+}
+
+impl RetryPolicy {
+    /// No retries: the first failure is the answer.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        retries: 0,
+        min_delay: Duration::ZERO,
+        max_delay: Duration::ZERO,
+        retry_after_max: Duration::ZERO,
+    };
+}
+
+/// A source's answer worth reading: 2xx, or a 404/410 that says the resource is gone.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// Whether the source says the resource does not exist (404 or 410).
+    #[must_use]
+    pub fn is_gone(&self) -> bool {
+        matches!(self.status, 404 | 410)
+    }
+}
+
+/// One failed attempt: the failure, whether another may succeed, and how long the source asked us to wait.
+struct Failed {
+    error: SourceError,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+/// The HTTP client of one directory source.
+pub struct SourceClient {
+    client: reqwest::Client,
+    timeout: Duration,
+    retry: RetryPolicy,
+    headers: Vec<(String, String)>,
+}
+
+impl SourceClient {
+    /// A client whose attempts give up after `timeout`, retried by `retry`, sending `headers` (a credential) on
+    /// every request.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(timeout: Duration, retry: RetryPolicy, headers: Vec<(String, String)>) -> Result<Self, SourceError> {
+        let client = reqwest::Client::builder().timeout(timeout).user_agent(USER_AGENT).build()?;
+        Ok(SourceClient { client, timeout, retry, headers })
+    }
+
+    /// `GET url?query` with `accept`, retried as the policy says; a 2xx, 404 or 410 is an answer.
+    ///
+    /// # Errors
+    /// The last attempt's failure, named (`TimedOut`, `Refused`, `Tls`, `Connect`, `Status` with the body's
+    /// summary).
+    pub async fn get(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, SourceError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.retries)
+            .with_jitter();
+        let max_wait = self.retry.retry_after_max;
+        (|| self.attempt(url, query, accept))
+            .retry(backoff)
+            .when(|f: &Failed| f.retryable)
+            // A source that says when to come back is believed, up to the clamp; `None` means no retries left.
+            .adjust(move |f: &Failed, next| next.map(|d| f.retry_after.map_or(d, |asked| asked.min(max_wait))))
+            .notify(|f: &Failed, wait| {
+                tracing::info!(error = %f.error, wait_ms = wait.as_millis() as u64, "Directory read failed; retrying.");
+            })
+            .await
+            .map_err(|f| f.error)
+    }
+
+    async fn attempt(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, Failed> {
+        let mut request = self.client.get(url).query(query).header(reqwest::header::ACCEPT, accept);
+        for (name, value) in &self.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = request.send().await.map_err(|e| self.failed(&e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, OffsetDateTime::now_utc()));
+        let body = response.bytes().await.map_err(|e| self.failed(&e))?.to_vec();
+        if (200..300).contains(&status) || matches!(status, 404 | 410) {
+            return Ok(Answer { status, body });
+        }
+        Err(Failed {
+            error: SourceError::Status { status, body: summary(&body) },
+            retryable: status == 429 || (500..600).contains(&status),
+            retry_after,
+        })
+    }
+
+    fn failed(&self, e: &reqwest::Error) -> Failed {
+        Failed { error: name_failure(e, self.timeout), retryable: e.is_timeout() || e.is_connect(), retry_after: None }
+    }
+}
+
+/// The failure a transport error stands for, said plainly.
+fn name_failure(e: &reqwest::Error, timeout: Duration) -> SourceError {
+    if e.is_timeout() {
+        return SourceError::TimedOut { secs: timeout.as_secs() };
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return SourceError::Tls(tls.to_string());
+        }
+        if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return SourceError::Refused;
+        }
+        cause = c.source();
+    }
+    if e.is_connect() {
+        return SourceError::Connect;
+    }
+    SourceError::Transport(e.to_string().replace(e.url().map_or("", |u| u.as_str()), "(source)"))
+}
+
+/// A `Retry-After` value (seconds, or an HTTP date) as a wait from `now`.
+fn retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
+    Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
+}
+
+/// The first characters of a source's body, control characters dropped, for an error text.
+fn summary(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let words = clean.split_whitespace().collect::<Vec<_>>().join(" ");
+    words.chars().take(BODY_SUMMARY_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = datetime!(2026-12-01 10:00:00 UTC);
+        assert_eq!(retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after("Tue, 01 Dec 2026 10:00:30 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(retry_after("Tue, 01 Dec 2026 09:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn a_body_summary_drops_control_characters_and_stops_at_200_characters() {
+        assert_eq!(summary(b"<h1>Down\r\n\tfor\x1b[31m maintenance</h1>"), "<h1>Down for [31m maintenance</h1>");
+        assert_eq!(summary("x".repeat(500).as_bytes()).len(), 200);
+    }
+}
