@@ -324,4 +324,23 @@ mod tests {
         assert!(holds("ordered && /priority == crisis"));
         assert!(!holds("ordered && /priority == urgent"));
     }
+
+    #[test]
+    fn is_url_tells_an_absolute_url_from_free_text() {
+        let none = |_: &str| None;
+        let is = Cond::parse("doc is url", &none).expect("parses");
+        let not = Cond::parse("doc is not url", &none).expect("parses");
+        let rec = |d: &str| serde_json::json!({ "doc": d });
+        for (doc, url) in [
+            ("dms://consents/co-1.pdf", true),
+            ("https://x.example/a", true),
+            ("paper form in chart, box 14", false),
+            ("box14", false),
+        ] {
+            assert_eq!(is.holds(&rec(doc), &rec(doc)), url, "{doc}");
+            assert_eq!(not.holds(&rec(doc), &rec(doc)), !url, "{doc}");
+        }
+        let empty = serde_json::json!({});
+        assert!(!is.holds(&empty, &empty) && !not.holds(&empty, &empty), "an absent field is neither");
+    }
 }

@@ -1021,6 +1021,19 @@ mod tests {
     }
 
     #[test]
+    fn two_resources_with_one_full_url_break_bdl_7_at_the_second_entry() {
+        let e = |id: &str| Emitted {
+            mapping: "m".into(),
+            resource: serde_json::json!({"resourceType": "Condition", "id": id}),
+            request: RequestKind::Upsert,
+        };
+        let v = duplicate_full_urls(&[e("cp-1.n1"), e("cp-1.n2"), e("cp-1.n1")]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].path, "Bundle.entry[2].fullUrl");
+        assert!(v[0].message.starts_with("bdl-7: the same fullUrl as entry [0]"), "{v:?}");
+    }
+
+    #[test]
     fn every_built_in_exemplar_is_a_valid_record_of_its_kind() {
         for kind in RecordKind::ALL {
             let (file, text) = exemplar_source(kind);
