@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{
     AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordId, RecordKind, Referral, StatusChange,
-    Validator,
+    Timestamp, Validator,
 };
 use crate::store::{Actor, Change, Precondition, RecordWrite, SaveOutcome, Store, StoreError};
 
@@ -165,7 +165,7 @@ pub async fn change_referral_status(
         {
             return Err(IntakeError::PreconditionFailed { current: Some(version) });
         }
-        referral.apply(change);
+        referral.apply(change, Timestamp(now));
         let body = canonical(&referral)?;
         let write = record_write(&referral, id, body.clone(), Change::StatusChanged);
         match store.save_record(&write, Precondition::Version(version), actor, now).await {

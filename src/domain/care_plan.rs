@@ -120,6 +120,10 @@ pub struct Need {
     /// The day it was identified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noted_on: Option<Date>,
+    /// Staff id of the clinician who diagnosed it, when a clinician did. Only then is the need sent as a
+    /// confirmed condition (with that clinician as asserter); otherwise it is an unconfirmed health concern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosed_by: Option<RecordId>,
 }
 
 /// A goal set with the client.

@@ -39,6 +39,12 @@ impl ReferralStatus {
     pub fn needs_reason(self) -> bool {
         matches!(self, Self::Declined | Self::Cancelled | Self::OnHold | Self::Failed)
     }
+
+    /// Whether the referral has ended in this status (its crisis alert, if any, is then closed).
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled | Self::Declined | Self::Failed | Self::EnteredInError)
+    }
 }
 
 /// A referral of a client to a service.
@@ -76,6 +82,11 @@ pub struct Referral {
     pub status_reason: Option<Redacted<String>>,
     /// When the referral was written.
     pub authored_on: Timestamp,
+    /// When the referral ended (reached `completed`, `cancelled`, `declined`, `failed` or
+    /// `entered_in_error`); set by the gateway on the status change that ends it, and only on an ended
+    /// referral. It closes the referral's crisis alert (`Flag.period.end`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<Timestamp>,
     /// Clinical reason for the referral, in the case manager's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, max_length = 2000)]
@@ -164,8 +175,14 @@ pub const MAX_GOAL_IDS: usize = 50;
 pub const MAX_NOTES: usize = 200;
 
 impl Referral {
-    /// Applies a status change; the reason replaces the previous one (or clears it when none is given).
-    pub fn apply(&mut self, change: &StatusChange) {
+    /// Applies a status change at `now`; the reason replaces the previous one (or clears it when none is
+    /// given). A change that ends the referral records `now` as `closed_at`; one that reopens it clears it.
+    pub fn apply(&mut self, change: &StatusChange, now: Timestamp) {
+        if !change.status.is_final() {
+            self.closed_at = None;
+        } else if !self.status.is_final() || self.closed_at.is_none() {
+            self.closed_at = Some(now);
+        }
         self.status = change.status;
         self.status_reason.clone_from(&change.reason);
     }
@@ -214,6 +231,11 @@ impl AgencyRecord for Referral {
         v.at_most(self.notes.len(), "$.notes", MAX_NOTES);
         v.text(&self.requester.name, "$.requester.name", 200);
         v.text(&self.requester.organization, "$.requester.organization", 200);
+        v.check(
+            self.closed_at.is_none() || self.status.is_final(),
+            "$.closed_at",
+            format!("a referral that is {} has not ended, so it has no closed_at", self.status),
+        );
         match &self.status_reason {
             Some(reason) => v.multiline_text(reason, "$.status_reason", 1000),
             None => v.check(

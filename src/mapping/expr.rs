@@ -181,6 +181,9 @@ pub enum Cond {
     NotEquals(Path, String),
     /// The path holds one of these strings.
     In(Path, Vec<String>),
+    /// The path holds text that is (`true`: `path is url`) or is not (`false`: `path is not url`) an
+    /// absolute URL, as FHIR's `url` type takes it (a scheme, no white space).
+    IsUrl(Path, bool),
     /// A partner setting (`@us_core == 7.0.0`), decided at load time.
     Constant(bool),
     /// Every test holds (`ordered && !referral_id`).
@@ -188,7 +191,8 @@ pub enum Cond {
 }
 
 impl Cond {
-    /// Parses `path`, `!path`, `path == x`, `path != x`, `path in a, b`, `@var == x`.
+    /// Parses `path`, `!path`, `path == x`, `path != x`, `path in a, b`, `path is url`, `path is not url`,
+    /// `@var == x`.
     ///
     /// # Errors
     /// A message naming what is wrong.
@@ -196,6 +200,12 @@ impl Cond {
         let s = s.trim();
         if s.contains("&&") {
             return s.split("&&").map(|part| Cond::parse(part, vars)).collect::<Result<Vec<_>, _>>().map(Cond::All);
+        }
+        if let Some(p) = s.strip_suffix(" is not url") {
+            return Ok(Cond::IsUrl(Path::parse(p.trim())?, false));
+        }
+        if let Some(p) = s.strip_suffix(" is url") {
+            return Ok(Cond::IsUrl(Path::parse(p.trim())?, true));
         }
         let (lhs, op, rhs) = if let Some((l, r)) = s.split_once("==") {
             (l.trim(), "==", r.trim())
@@ -244,10 +254,18 @@ impl Cond {
             Cond::Equals(p, x) => texts(p).contains(x),
             Cond::NotEquals(p, x) => !texts(p).contains(x),
             Cond::In(p, xs) => texts(p).iter().any(|t| xs.contains(t)),
+            Cond::IsUrl(p, want) => {
+                p.get(root, item).and_then(Value::as_str).is_some_and(|t| !t.is_empty() && is_absolute_url(t) == *want)
+            }
             Cond::Constant(b) => *b,
             Cond::All(all) => all.iter().all(|c| c.holds(root, item)),
         }
     }
+}
+
+/// Whether `s` is an absolute URL FHIR accepts as a `url`: it parses with a scheme and holds no white space.
+fn is_absolute_url(s: &str) -> bool {
+    !s.chars().any(char::is_whitespace) && url::Url::parse(s).is_ok()
 }
 
 /// Whether a value counts as present for `$when`.
@@ -305,5 +323,24 @@ mod tests {
         assert!(holds("/missing != x"));
         assert!(holds("ordered && /priority == crisis"));
         assert!(!holds("ordered && /priority == urgent"));
+    }
+
+    #[test]
+    fn is_url_tells_an_absolute_url_from_free_text() {
+        let none = |_: &str| None;
+        let is = Cond::parse("doc is url", &none).expect("parses");
+        let not = Cond::parse("doc is not url", &none).expect("parses");
+        let rec = |d: &str| serde_json::json!({ "doc": d });
+        for (doc, url) in [
+            ("dms://consents/co-1.pdf", true),
+            ("https://x.example/a", true),
+            ("paper form in chart, box 14", false),
+            ("box14", false),
+        ] {
+            assert_eq!(is.holds(&rec(doc), &rec(doc)), url, "{doc}");
+            assert_eq!(not.holds(&rec(doc), &rec(doc)), !url, "{doc}");
+        }
+        let empty = serde_json::json!({});
+        assert!(!is.holds(&empty, &empty) && !not.holds(&empty, &empty), "an absent field is neither");
     }
 }

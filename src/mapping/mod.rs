@@ -277,17 +277,62 @@ pub fn canonical(kind: RecordKind, record: &Value) -> Result<Value, Vec<FieldErr
     }
 }
 
-/// Complete records of each kind (every optional field set, every branch taken), rendered at load
-/// time to check templates.
-fn exemplars(kind: RecordKind) -> Vec<Value> {
-    let text = match kind {
-        RecordKind::Client => include_str!("exemplars/client.json"),
-        RecordKind::Assessment => include_str!("exemplars/assessment.json"),
-        RecordKind::CarePlan => include_str!("exemplars/care-plan.json"),
-        RecordKind::Referral => include_str!("exemplars/referral.json"),
-        RecordKind::Consent => include_str!("exemplars/consent.json"),
-    };
-    serde_json::from_str(text).unwrap_or_default()
+/// The built-in complete records of each kind (every optional field set, every branch taken), rendered at
+/// load time to check templates: the JSON text and the file it comes from.
+fn exemplar_source(kind: RecordKind) -> (&'static str, &'static str) {
+    match kind {
+        RecordKind::Client => ("src/mapping/exemplars/client.json", include_str!("exemplars/client.json")),
+        RecordKind::Assessment => ("src/mapping/exemplars/assessment.json", include_str!("exemplars/assessment.json")),
+        RecordKind::CarePlan => ("src/mapping/exemplars/care-plan.json", include_str!("exemplars/care-plan.json")),
+        RecordKind::Referral => ("src/mapping/exemplars/referral.json", include_str!("exemplars/referral.json")),
+        RecordKind::Consent => ("src/mapping/exemplars/consent.json", include_str!("exemplars/consent.json")),
+    }
+}
+
+/// Parses the exemplars of `kind` from `text` (a JSON array of records), each checked as a record of
+/// its kind and given back in canonical form, as real records reach the templates.
+///
+/// # Errors
+/// Every problem, at `file`: text that is not a JSON array, or a record that is not a valid record of
+/// `kind` (its index, the field's JSON path and what is wrong). The "not a field of the record" check
+/// trusts these records, so a broken one must stop loading.
+fn parse_exemplars(kind: RecordKind, file: &str, text: &str) -> Result<Vec<Value>, Vec<LoadError>> {
+    let at = |line: usize, column: usize, message: String| LoadError { file: file.to_owned(), line, column, message };
+    let records: Vec<Value> = serde_json::from_str(text)
+        .map_err(|e| vec![at(e.line(), e.column(), format!("not a JSON array of records: {e}"))])?;
+    if records.is_empty() {
+        return Err(vec![at(1, 1, format!("no {kind} record: the templates of this kind cannot be checked"))]);
+    }
+    let mut out = Vec::with_capacity(records.len());
+    let mut errors = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        match canonical(kind, record) {
+            Ok(r) => out.push(r),
+            Err(fields) => errors.extend(
+                fields
+                    .into_iter()
+                    .map(|f| at(1, 1, format!("record [{i}] is not a valid {kind} record: {}: {}", f.path, f.detail))),
+            ),
+        }
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+/// The exemplars of every kind, parsed and checked once per load.
+type Exemplars = HashMap<RecordKind, Vec<Value>>;
+
+fn load_exemplars(errors: &mut Vec<LoadError>) -> Exemplars {
+    let mut out = HashMap::new();
+    for kind in RecordKind::ALL {
+        let (file, text) = exemplar_source(kind);
+        match parse_exemplars(kind, file, text) {
+            Ok(records) => {
+                out.insert(kind, records);
+            }
+            Err(e) => errors.extend(e),
+        }
+    }
+    out
 }
 
 fn read_dir_sorted(dir: &Path, ext: &str) -> Vec<PathBuf> {
@@ -368,12 +413,13 @@ impl Mappings {
             .collect();
         let defaults_path = dir.join("defaults.toml");
         let defaults = load_layer(&defaults_path, &mut errors).unwrap_or_default();
-        let default = compile_set(&sources, &defaults, None, &maps, &profiles, &mut errors);
+        let exemplars = load_exemplars(&mut errors);
+        let default = compile_set(&sources, &defaults, None, &maps, &profiles, &exemplars, &mut errors);
         let mut partners = BTreeMap::new();
         for path in read_dir_sorted(&dir.join("partners"), "toml") {
             let Some(layer) = load_layer(&path, &mut errors) else { continue };
             let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
-            let set = compile_set(&sources, &defaults, Some(&layer), &maps, &profiles, &mut errors);
+            let set = compile_set(&sources, &defaults, Some(&layer), &maps, &profiles, &exemplars, &mut errors);
             partners.insert(name, set);
         }
         if errors.is_empty() {
@@ -430,6 +476,7 @@ impl Mappings {
         for e in &resources {
             violations.extend(self.check_resource(set, e));
         }
+        violations.extend(duplicate_full_urls(&resources));
         Ok(Output { resources, violations })
     }
 
@@ -457,6 +504,12 @@ impl Mappings {
                 message: issue.to_string(),
             });
         }
+        let ty = e.resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+        out.extend(fhir::schema::check(&e.resource).into_iter().map(|i| Violation {
+            profile: "FHIR R4".into(),
+            path: if i.path.is_empty() { ty.to_owned() } else { format!("{ty}.{}", i.path) },
+            message: i.message,
+        }));
         if let Some(m) = set.mappings.iter().find(|m| m.name == e.mapping) {
             for p in m.profiles.iter().filter_map(|p| self.profiles.get(p)) {
                 out.extend(p.check(&e.resource, &set.us_core));
@@ -538,6 +591,28 @@ pub struct Inbound {
     pub unmapped: Vec<String>,
 }
 
+/// bdl-7: every entry of the transaction Bundle has its own `fullUrl`. The URL is derived from
+/// `Type/id`, so two resources with one id (a need listed twice) would overwrite each other.
+fn duplicate_full_urls(resources: &[Emitted]) -> Vec<Violation> {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, e) in resources.iter().enumerate() {
+        let ty = e.resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+        let id = e.resource.get("id").and_then(Value::as_str).unwrap_or_default();
+        let key = format!("{ty}/{id}");
+        if let Some(j) = first.get(&key) {
+            out.push(Violation {
+                profile: "FHIR R4".into(),
+                path: format!("Bundle.entry[{i}].fullUrl"),
+                message: format!("bdl-7: the same fullUrl as entry [{j}] (both are {key})"),
+            });
+        } else {
+            first.insert(key, i);
+        }
+    }
+    out
+}
+
 fn render_mapping(
     m: &Mapping,
     maps: &HashMap<String, ConceptMap>,
@@ -611,6 +686,7 @@ fn compile_set(
     partner: Option<&LayerFile>,
     maps: &HashMap<String, ConceptMap>,
     profiles: &HashMap<String, Profile>,
+    exemplars: &Exemplars,
     errors: &mut Vec<LoadError>,
 ) -> MappingSet {
     let mut vars = defaults.vars.clone();
@@ -782,7 +858,7 @@ fn compile_set(
     }
     mappings.sort_by(|a, b| (a.order, &a.name).cmp(&(b.order, &b.name)));
     let set = MappingSet { us_core, mappings };
-    self_check(&set, maps, profiles, errors);
+    self_check(&set, maps, profiles, exemplars, errors);
     set
 }
 
@@ -818,13 +894,14 @@ fn self_check(
     set: &MappingSet,
     maps: &HashMap<String, ConceptMap>,
     profiles: &HashMap<String, Profile>,
+    exemplars: &Exemplars,
     errors: &mut Vec<LoadError>,
 ) {
     for m in &set.mappings {
         let mut reads: HashMap<(usize, usize, String), bool> = HashMap::new();
         let mut rendered = 0;
-        for record in exemplars(m.kind) {
-            rendered += self_check_one(set, m, &record, maps, profiles, errors, &mut reads);
+        for record in exemplars.get(&m.kind).into_iter().flatten() {
+            rendered += self_check_one(set, m, record, maps, profiles, errors, &mut reads);
         }
         if rendered == 0 {
             errors.push(LoadError {
@@ -901,6 +978,17 @@ fn self_check_one(
                     errors.push(LoadError { file: m.file.clone(), line: 1, column: 1, message: other.to_string() })
                 }
             }
+            // The exemplars are complete records: a template that writes a bad literal code or an
+            // invalid primitive stops loading at its line instead of refusing every real record.
+            for issue in fhir::schema::check(&r) {
+                let s = at(&issue.path);
+                errors.push(LoadError {
+                    file: m.file.clone(),
+                    line: s.line,
+                    column: s.column,
+                    message: format!("{}.{}: {} (FHIR R4)", m.resource, issue.path, issue.message),
+                });
+            }
             for p in m.profiles.iter().filter_map(|p| profiles.get(p)) {
                 for v in p.check(&r, &set.us_core) {
                     let s = at(&v.path);
@@ -930,6 +1018,43 @@ mod tests {
         if let Err(e) = Mappings::load(&repo("mappings")) {
             panic!("{e}");
         }
+    }
+
+    #[test]
+    fn two_resources_with_one_full_url_break_bdl_7_at_the_second_entry() {
+        let e = |id: &str| Emitted {
+            mapping: "m".into(),
+            resource: serde_json::json!({"resourceType": "Condition", "id": id}),
+            request: RequestKind::Upsert,
+        };
+        let v = duplicate_full_urls(&[e("cp-1.n1"), e("cp-1.n2"), e("cp-1.n1")]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].path, "Bundle.entry[2].fullUrl");
+        assert!(v[0].message.starts_with("bdl-7: the same fullUrl as entry [0]"), "{v:?}");
+    }
+
+    #[test]
+    fn every_built_in_exemplar_is_a_valid_record_of_its_kind() {
+        for kind in RecordKind::ALL {
+            let (file, text) = exemplar_source(kind);
+            let records = parse_exemplars(kind, file, text).unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+            assert!(!records.is_empty(), "{kind} has no exemplar");
+        }
+    }
+
+    #[test]
+    fn an_exemplar_that_is_not_a_valid_record_stops_loading_with_its_field() {
+        let (file, text) = exemplar_source(RecordKind::Referral);
+        let broken = text.replacen("\"priority\": \"crisis\"", "\"priority\": \"whenever\"", 1);
+        assert_ne!(broken, text, "the exemplar changed shape; update this test");
+        let errors = parse_exemplars(RecordKind::Referral, file, &broken).expect_err("must not load");
+        assert!(errors.iter().any(|e| e.file == file && e.message.contains("priority")), "{errors:?}");
+    }
+
+    #[test]
+    fn an_exemplar_file_that_is_not_json_stops_loading_with_its_line() {
+        let errors = parse_exemplars(RecordKind::Client, "x.json", "[\n  {\"id\": }\n]").expect_err("must not load");
+        assert_eq!((errors[0].file.as_str(), errors[0].line), ("x.json", 2), "{errors:?}");
     }
 }
 
@@ -975,14 +1100,16 @@ mod round_trip {
     #[test]
     fn every_field_of_a_complete_referral_survives_the_round_trip() {
         let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
-        let client = canonical(RecordKind::Client, &exemplars(RecordKind::Client)[0]).expect("valid");
-        for referral in exemplars(RecordKind::Referral) {
-            let referral = canonical(RecordKind::Referral, &referral).expect("valid");
+        let mut errors = Vec::new();
+        let exemplars = load_exemplars(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let client = exemplars[&RecordKind::Client][0].clone();
+        for referral in &exemplars[&RecordKind::Referral] {
             let related = Related { client: Some(client.clone()) };
-            let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
+            let output = mappings.to_fhir(RecordKind::Referral, referral, None, &related).expect("maps");
             let back = mappings.referral_from_fhir(&[output.document(RecordKind::Referral)], None).expect("inverts");
             assert_eq!(back.unmapped, Vec::<String>::new());
-            assert_eq!(canonical(RecordKind::Referral, &back.referral).expect("valid"), referral);
+            assert_eq!(&canonical(RecordKind::Referral, &back.referral).expect("valid"), referral);
             assert_eq!(canonical(RecordKind::Client, &back.client.expect("patient")).expect("valid"), client);
         }
     }

@@ -117,3 +117,55 @@ fn map_prints_fhir_for_a_fixture_and_fails_loudly_on_a_bad_record() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a status_reason"));
 }
+
+#[tokio::test]
+async fn a_preview_of_fhir_that_breaks_base_r4_is_not_sendable_and_names_the_element() {
+    let app = spawn_app().await;
+    // A legal agency id (64 characters at most) whose Flag id (`<id>.crisis`) is longer than FHIR's 64.
+    let mut referral = fixture("referral", "ref-4003");
+    referral["id"] = json!(format!("ref-{}", "7".repeat(56)));
+    let response = app.post("/api/v1/preview/referral", &referral).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["sendable"], false, "{body}");
+    let violations = body["violations"].as_array().expect("violations");
+    assert!(
+        violations.iter().any(|v| v["path"] == "Flag.id" && v["message"] == "not a valid FHIR `id`"),
+        "{violations:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_preview_of_a_consent_on_paper_names_the_place_in_the_title_and_sends_no_url() {
+    let app = spawn_app().await;
+    let mut consent = fixture("consent", "co-5002");
+    consent["source_document"] = json!("paper form in chart, box 14");
+    let body: Value = app.post("/api/v1/preview/consent", &consent).await.json().await.expect("JSON");
+    assert_eq!(body["sendable"], true, "{body}");
+    let attachment = &body["fhir"]["sourceAttachment"];
+    assert!(attachment.get("url").is_none(), "{attachment}");
+    assert!(attachment["title"].as_str().expect("title").ends_with(": paper form in chart, box 14"), "{attachment}");
+
+    consent["source_document"] = json!("https://dms.example.org/consents/co-5002.pdf");
+    let body: Value = app.post("/api/v1/preview/consent", &consent).await.json().await.expect("JSON");
+    assert_eq!(body["fhir"]["sourceAttachment"]["url"], "https://dms.example.org/consents/co-5002.pdf");
+    app.stop().await;
+}
+
+#[test]
+fn map_exits_non_zero_when_the_fhir_breaks_base_r4_and_names_the_element() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let long = dir.path().join("long-id.json");
+    let mut referral = fixture("referral", "ref-4003");
+    referral["id"] = json!(format!("ref-{}", "7".repeat(56)));
+    std::fs::write(&long, referral.to_string()).expect("write");
+    let out =
+        Command::new(bin).current_dir(root).args(["map", "--kind", "referral"]).arg(&long).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Flag.id: not a valid FHIR `id`"), "{stderr}");
+}

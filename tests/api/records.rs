@@ -299,3 +299,45 @@ where
     }
     out
 }
+
+#[tokio::test]
+async fn the_status_change_that_ends_a_crisis_referral_closes_its_flag_and_reopening_clears_it() {
+    let app = spawn_app().await;
+    let mut referral = fixture("referral", "ref-4003");
+    referral["status"] = json!("accepted");
+    assert_eq!(app.put("/api/v1/referrals/ref-4003", &referral).await.status(), 201);
+    let flag_of = |preview: &Value| {
+        preview["fhir"]["entry"]
+            .as_array()
+            .expect("a Bundle")
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Flag")
+            .map(|e| e["resource"].clone())
+            .expect("a crisis referral raises a Flag")
+    };
+    let open: Value = app.get_json("/api/v1/referrals/ref-4003").await;
+    assert!(open.get("closed_at").is_none(), "{open}");
+    let preview: Value = app.post("/api/v1/preview/referral", &open).await.json().await.expect("JSON");
+    assert_eq!(flag_of(&preview)["status"], "active");
+
+    let ended = app
+        .post("/api/v1/referrals/ref-4003/status", &json!({"status": "cancelled", "reason": "client moved away"}))
+        .await;
+    assert_eq!(ended.status(), 200);
+    let ended: Value = ended.json().await.expect("JSON");
+    let closed_at = ended["closed_at"].as_str().expect("the gateway records when it ended").to_owned();
+    let preview: Value = app.post("/api/v1/preview/referral", &ended).await.json().await.expect("JSON");
+    assert_eq!(preview["sendable"], true, "{preview}");
+    let flag = flag_of(&preview);
+    assert_eq!(flag["status"], "inactive");
+    assert_eq!(flag["period"]["end"], closed_at.as_str());
+
+    let reopened: Value = app
+        .post("/api/v1/referrals/ref-4003/status", &json!({"status": "in_progress"}))
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert!(reopened.get("closed_at").is_none(), "{reopened}");
+    app.stop().await;
+}
