@@ -69,6 +69,18 @@ impl RecordKind {
         }
     }
 
+    /// Runs `job` with this kind's record type, so code generic over [`AgencyRecord`] is chosen by a kind known
+    /// only at run time (a path segment, a CLI flag) in one place.
+    pub fn with_type<J: KindJob>(self, job: J) -> J::Output {
+        match self {
+            RecordKind::Client => job.run::<Client>(),
+            RecordKind::Assessment => job.run::<Assessment>(),
+            RecordKind::CarePlan => job.run::<CarePlan>(),
+            RecordKind::Referral => job.run::<Referral>(),
+            RecordKind::Consent => job.run::<Consent>(),
+        }
+    }
+
     /// Parses the stored name back into a kind.
     #[must_use]
     pub fn from_name(name: &str) -> Option<Self> {
@@ -80,6 +92,25 @@ impl std::fmt::Display for RecordKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Work generic over the record type, for [`RecordKind::with_type`].
+pub trait KindJob {
+    /// What the job gives back.
+    type Output;
+    /// Runs the job for record type `T`.
+    fn run<T: AgencyRecord>(self) -> Self::Output;
+}
+
+/// A typed record checked by its rules, in canonical JSON (the form stored and mapped).
+///
+/// # Errors
+/// Every broken rule, with its JSON path.
+pub fn canonical_value<T: AgencyRecord>(record: &T) -> Result<serde_json::Value, Vec<FieldError>> {
+    let mut v = Validator::new();
+    record.validate(&mut v);
+    v.finish()?;
+    serde_json::to_value(record).map_err(|e| vec![FieldError { path: "$".into(), detail: e.to_string() }])
 }
 
 /// What every agency record offers the intake path: its kind, its id, its indexed fields and its rules.

@@ -21,7 +21,7 @@ use super::auth::Caller;
 use super::extract::{ApiQuery, JsonBytes, PathText, parse_json};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::config::Scope;
-use crate::domain::{AgencyRecord, Assessment, CarePlan, Client, Consent, RecordId, RecordKind, Referral, Validator};
+use crate::domain::{AgencyRecord, KindJob, RecordId, RecordKind, canonical_value};
 use crate::mapping::profile::Violation;
 use crate::mapping::{MapError, Related};
 
@@ -40,7 +40,8 @@ pub struct Preview {
     /// The FHIR document: one resource, or a transaction Bundle (care plans, referrals, several resources).
     #[schema(value_type = Object)]
     fhir: Value,
-    /// Profile and typed-model violations; a record with any would not be sent.
+    /// Base R4 (JSON Schema, Codings, bdl-7), typed-model and profile violations; a record with any would not be
+    /// sent.
     violations: Vec<Violation>,
     /// Whether it could be sent as it is.
     sendable: bool,
@@ -101,22 +102,18 @@ pub async fn preview(
 
 /// The body parsed as a record of `kind` by the same parser and rules as `PUT`, in canonical JSON.
 fn checked(kind: RecordKind, bytes: &[u8]) -> Result<Value, ApiError> {
-    fn typed<T: AgencyRecord>(bytes: &[u8]) -> Result<Value, ApiError> {
-        let record: T = parse_json(bytes)?;
-        let mut v = Validator::new();
-        record.validate(&mut v);
-        v.finish().map_err(|errors| {
-            Problem::new(ProblemType::InvalidRecord).detail(format!("{} rule(s) broken", errors.len())).errors(errors)
-        })?;
-        serde_json::to_value(&record).map_err(|e| ApiError::internal(ProblemType::Internal, e))
+    struct Check<'a>(&'a [u8]);
+    impl KindJob for Check<'_> {
+        type Output = Result<Value, ApiError>;
+        fn run<T: AgencyRecord>(self) -> Self::Output {
+            let record: T = parse_json(self.0)?;
+            canonical_value(&record).map_err(|errors| {
+                let detail = format!("{} rule(s) broken", errors.len());
+                Problem::new(ProblemType::InvalidRecord).detail(detail).errors(errors).into()
+            })
+        }
     }
-    match kind {
-        RecordKind::Client => typed::<Client>(bytes),
-        RecordKind::Assessment => typed::<Assessment>(bytes),
-        RecordKind::CarePlan => typed::<CarePlan>(bytes),
-        RecordKind::Referral => typed::<Referral>(bytes),
-        RecordKind::Consent => typed::<Consent>(bytes),
-    }
+    kind.with_type(Check(bytes))
 }
 
 /// The stored client a care plan or referral names, for the `Patient` entry of its Bundle.

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::domain::{AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordKind, Referral, Validator};
+use crate::domain::{AgencyRecord, FieldError, KindJob, RecordKind};
 use crate::fhir;
 use profile::{Profile, Violation};
 use template::{Compiler, Env, Inverse, LineIndex, Node, Span, Trace};
@@ -255,26 +255,22 @@ pub struct Related {
 /// # Errors
 /// Every field problem, with its JSON path.
 pub fn canonical(kind: RecordKind, record: &Value) -> Result<Value, Vec<FieldError>> {
-    fn check<T: AgencyRecord>(record: &Value) -> Result<Value, Vec<FieldError>> {
-        // The path-tracking parse only runs for a record that failed the plain one.
-        let parsed = match T::deserialize(record) {
-            Ok(p) => p,
-            Err(_) => serde_path_to_error::deserialize::<_, T>(record).map_err(|e| {
-                vec![FieldError { path: format!("$.{}", e.path()).replace("$..", "$"), detail: e.inner().to_string() }]
-            })?,
-        };
-        let mut v = Validator::new();
-        parsed.validate(&mut v);
-        v.finish()?;
-        serde_json::to_value(&parsed).map_err(|e| vec![FieldError { path: "$".into(), detail: e.to_string() }])
+    struct Check<'a>(&'a Value);
+    impl KindJob for Check<'_> {
+        type Output = Result<Value, Vec<FieldError>>;
+        fn run<T: AgencyRecord>(self) -> Self::Output {
+            // The path-tracking parse only runs for a record that failed the plain one.
+            let parsed = match T::deserialize(self.0) {
+                Ok(p) => p,
+                Err(_) => serde_path_to_error::deserialize::<_, T>(self.0).map_err(|e| {
+                    let path = format!("$.{}", e.path()).replace("$..", "$");
+                    vec![FieldError { path, detail: e.inner().to_string() }]
+                })?,
+            };
+            crate::domain::canonical_value(&parsed)
+        }
     }
-    match kind {
-        RecordKind::Client => check::<Client>(record),
-        RecordKind::Assessment => check::<Assessment>(record),
-        RecordKind::CarePlan => check::<CarePlan>(record),
-        RecordKind::Referral => check::<Referral>(record),
-        RecordKind::Consent => check::<Consent>(record),
-    }
+    kind.with_type(Check(record))
 }
 
 /// The built-in complete records of each kind (every optional field set, every branch taken), rendered at

@@ -11,14 +11,14 @@ fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::new()
 }
 
-#[test]
-fn a_record_answered_201_survives_kill_9() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = write_config(dir.path(), "");
-    let mut sent = Vec::new();
-    {
-        let server = ServerProcess::start(&config);
-        for (kind, id) in [("referral", "ref-4003"), ("client", "cl-1002"), ("consent", "co-5003")] {
+/// `PUT`s each fixture and keeps what the gateway answered, for [`assert_all_kept`].
+fn put_fixtures(
+    server: &ServerProcess,
+    records: &[(&'static str, &'static str)],
+) -> Vec<(&'static str, &'static str, Value)> {
+    records
+        .iter()
+        .map(|&(kind, id)| {
             let response = client()
                 .put(format!("{}/api/v1/{kind}s/{id}", server.base()))
                 .bearer_auth(ADMIN_KEY)
@@ -26,20 +26,35 @@ fn a_record_answered_201_survives_kill_9() {
                 .send()
                 .expect("sent");
             assert_eq!(response.status(), 201);
-            sent.push((kind, id, response.json::<Value>().expect("JSON")));
-        }
-        // SIGKILL right after the last 201: no shutdown hook runs.
-        let mut child = server;
-        child.child.kill().expect("kill -9");
-        child.child.wait().expect("reaped");
-    }
-    let server = ServerProcess::start(&config);
-    for (kind, id, body) in sent {
+            (kind, id, response.json::<Value>().expect("JSON"))
+        })
+        .collect()
+}
+
+/// Every record answered before is there, unchanged, on `server` (started again on the same database).
+fn assert_all_kept(server: &ServerProcess, records: Vec<(&str, &str, Value)>) {
+    for (kind, id, body) in records {
         let response =
             client().get(format!("{}/api/v1/{kind}s/{id}", server.base())).bearer_auth(ADMIN_KEY).send().expect("sent");
         assert_eq!(response.status(), 200, "{kind}/{id} lost");
         assert_eq!(response.json::<Value>().expect("JSON"), body, "{kind}/{id} changed");
     }
+}
+
+#[test]
+fn a_record_answered_201_survives_kill_9() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let sent;
+    {
+        let server = ServerProcess::start(&config);
+        sent = put_fixtures(&server, &[("referral", "ref-4003"), ("client", "cl-1002"), ("consent", "co-5003")]);
+        // SIGKILL right after the last 201: no shutdown hook runs.
+        let mut child = server;
+        child.child.kill().expect("kill -9");
+        child.child.wait().expect("reaped");
+    }
+    assert_all_kept(&ServerProcess::start(&config), sent);
 }
 
 #[test]
@@ -247,17 +262,7 @@ fn a_clean_sigterm_leaves_no_wal_or_shm_file_and_keeps_every_record() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(dir.path(), "");
     let mut server = ServerProcess::start(&config);
-    let mut kept = Vec::new();
-    for (kind, id) in [("client", "cl-1001"), ("referral", "ref-4001"), ("consent", "co-5003")] {
-        let response = client()
-            .put(format!("{}/api/v1/{kind}s/{id}", server.base()))
-            .bearer_auth(ADMIN_KEY)
-            .json(&fixture(kind, id))
-            .send()
-            .expect("sent");
-        assert_eq!(response.status(), 201);
-        kept.push((kind, id, response.json::<Value>().expect("JSON")));
-    }
+    let kept = put_fixtures(&server, &[("client", "cl-1001"), ("referral", "ref-4001"), ("consent", "co-5003")]);
     let wal = dir.path().join("carebridge.db-wal");
     let shm = dir.path().join("carebridge.db-shm");
     assert!(wal.exists() && shm.exists(), "a serving gateway has its WAL open");
@@ -267,13 +272,7 @@ fn a_clean_sigterm_leaves_no_wal_or_shm_file_and_keeps_every_record() {
     assert!(!wal.exists(), "carebridge.db-wal is left after a clean shutdown");
     assert!(!shm.exists(), "carebridge.db-shm is left after a clean shutdown");
     drop(server);
-    let server = ServerProcess::start(&config);
-    for (kind, id, body) in kept {
-        let response =
-            client().get(format!("{}/api/v1/{kind}s/{id}", server.base())).bearer_auth(ADMIN_KEY).send().expect("sent");
-        assert_eq!(response.status(), 200, "{kind}/{id} lost");
-        assert_eq!(response.json::<Value>().expect("JSON"), body, "{kind}/{id} changed");
-    }
+    assert_all_kept(&ServerProcess::start(&config), kept);
 }
 
 #[test]
