@@ -106,6 +106,18 @@ impl Filter {
         Ok(filter)
     }
 
+    /// The filter's name as written in a template.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Filter::Map(_) => "map",
+            Filter::Coding(_) => "coding",
+            Filter::Date => "date",
+            Filter::Xhtml => "xhtml",
+            Filter::Id => "id",
+        }
+    }
+
     /// Whether the inverse mapping can undo this filter.
     #[must_use]
     pub fn invertible(&self) -> bool {

@@ -15,6 +15,7 @@
 pub mod bundle;
 pub mod expr;
 pub mod golden;
+pub mod inbound;
 pub mod profile;
 pub mod template;
 pub mod terminology;
@@ -133,6 +134,8 @@ pub struct Mapping {
     pub inverse: bool,
     /// Canonical URLs written to `meta.profile`.
     claims: Vec<String>,
+    /// The system of the business identifier the template writes (the agency id of what comes back).
+    identifier_system: Option<String>,
     template: Node,
     extras: Vec<(Node, String)>,
 }
@@ -514,26 +517,59 @@ impl Mappings {
         out
     }
 
-    /// Reads a referral (and its client) back from FHIR resources: a `ServiceRequest`, its `Task`
-    /// and the `Patient`, loose or in a Bundle.
+    /// Reads a referral (and its client) back from FHIR resources that carry the agency's own ids: a
+    /// `ServiceRequest`, its `Task` and the `Patient`, loose or in a Bundle.
     ///
     /// # Errors
     /// An unknown partner.
     pub fn referral_from_fhir(&self, resources: &[Value], partner: Option<&str>) -> Result<Inbound, MapError> {
+        self.referral_from_fhir_with(resources, partner, inbound::Ids::Agency)
+    }
+
+    /// Reads a referral (and its client) back from FHIR resources, with ids as `ids` says: the agency ids come
+    /// from the business identifiers, references are followed to the identifiers of what they name.
+    ///
+    /// # Errors
+    /// An unknown partner.
+    pub fn referral_from_fhir_with(
+        &self,
+        resources: &[Value],
+        partner: Option<&str>,
+        ids: inbound::Ids<'_>,
+    ) -> Result<Inbound, MapError> {
         let set = self.set(partner)?;
         let resources = bundle::unbundle(resources);
+        let mut systems = inbound::Systems::default();
+        for m in &set.mappings {
+            if let Some(system) = &m.identifier_system {
+                systems.add(&m.resource, system);
+            }
+        }
         let mut referral = Inverse {
             maps: &self.maps,
             out: Value::Object(serde_json::Map::new()),
             consumed: HashSet::new(),
             issues: Vec::new(),
             resource: String::new(),
+            pending: Vec::new(),
         };
         let mut client = Inverse { out: Value::Object(serde_json::Map::new()), ..referral.clone_empty() };
         let mut unmapped = Vec::new();
+        let mut foreign = Vec::new();
+        let mut server_ids = Vec::new();
         let mut seen_client = false;
-        for r in &resources {
+        for local in inbound::localize(&resources, &systems, ids) {
+            let r = &local.resource;
             let ty = r.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+            match (&local.agency_id, &local.resource_id) {
+                (Some(agency), Some(id)) => server_ids.push((format!("{ty}/{id}"), agency.clone())),
+                (None, id) => foreign.push(format!(
+                    "{ty}/{}: carries no identifier the gateway wrote; a foreign resource, matched by its identifiers",
+                    id.as_deref().unwrap_or("(no id)")
+                )),
+                (Some(_), None) => {}
+            }
+            unmapped.extend(local.unresolved.iter().map(|u| format!("{ty}.{u}")));
             let (kind, inv) = match ty {
                 "Patient" => {
                     seen_client = true;
@@ -552,6 +588,7 @@ impl Mappings {
             inv.consumed.clear();
             inv.resource = ty.to_owned();
             m.template.invert(r, "", &[], inv);
+            inv.settle();
             for path in template::unread(r, "", &inv.consumed) {
                 if path != "resourceType" && !path.starts_with("meta.") && !path.starts_with("text.") {
                     unmapped.push(format!("{ty}.{path}: not mapped"));
@@ -560,7 +597,7 @@ impl Mappings {
         }
         unmapped.append(&mut referral.issues);
         unmapped.append(&mut client.issues);
-        Ok(Inbound { referral: referral.out, client: seen_client.then_some(client.out), unmapped })
+        Ok(Inbound { referral: referral.out, client: seen_client.then_some(client.out), unmapped, foreign, server_ids })
     }
 }
 
@@ -572,6 +609,7 @@ impl Inverse<'_> {
             consumed: HashSet::new(),
             issues: Vec::new(),
             resource: String::new(),
+            pending: Vec::new(),
         }
     }
 }
@@ -585,6 +623,10 @@ pub struct Inbound {
     pub client: Option<Value>,
     /// What could not be mapped back, by FHIR path (never dropped silently).
     pub unmapped: Vec<String>,
+    /// Resources that carry no business identifier of the gateway: not adopted (their ids are not agency ids).
+    pub foreign: Vec<String>,
+    /// `Type/<id the resource had>` → the agency id its identifier gave (for a partner: the crosswalk).
+    pub server_ids: Vec<(String, String)>,
 }
 
 /// bdl-7: every entry of the transaction Bundle has its own `fullUrl`. The URL is derived from
@@ -726,7 +768,8 @@ fn compile_set(
                 format!("a mapping of {} to {} is named {expected_stem}.toml", header.kind, header.resource),
             ));
         }
-        let mut c = Compiler { vars: &lookup, lines: &lines, errors: Vec::new(), maps_used: Vec::new() };
+        let mut c =
+            Compiler { vars: &lookup, lines: &lines, errors: Vec::new(), maps_used: Vec::new(), lossy: Vec::new() };
         let template = c.node(tpl, false);
         let for_each = header
             .for_each
@@ -738,6 +781,19 @@ fn compile_set(
             .and_then(|w| expr::Cond::parse(w, &lookup).map_err(|e| c.errors.push((head_span("when"), e))).ok());
         let mut compile_errors = std::mem::take(&mut c.errors);
         let mut maps_used = std::mem::take(&mut c.maps_used);
+        if header.inverse {
+            for (filter, span, oneway) in std::mem::take(&mut c.lossy) {
+                if !oneway {
+                    compile_errors.push((
+                        span,
+                        format!(
+                            "filter `{filter}` cannot be undone when reading FHIR back: mark the element \
+                             `$oneway = \"why\"` or the mapping `inverse = false`"
+                        ),
+                    ));
+                }
+            }
+        }
         // Extras from the defaults and the partner layer, compiled against their own files.
         let mut extras = Vec::new();
         for layer in [Some(defaults), partner] {
@@ -758,7 +814,13 @@ fn compile_set(
                         .get("mapping")
                         .is_some_and(|m| matches!(m.get_ref(), toml::de::DeValue::String(s) if *s == stem));
                     let Some(xt) = t.get("template").filter(|_| names_this) else { continue };
-                    let mut xc = Compiler { vars: &lookup, lines: &xlines, errors: Vec::new(), maps_used: Vec::new() };
+                    let mut xc = Compiler {
+                        vars: &lookup,
+                        lines: &xlines,
+                        errors: Vec::new(),
+                        maps_used: Vec::new(),
+                        lossy: Vec::new(),
+                    };
                     let node = xc.node(xt, true);
                     for (span, message) in xc.errors {
                         errors.push(LoadError { file: file.clone(), line: span.line, column: span.column, message });
@@ -837,6 +899,7 @@ fn compile_set(
             request: header.request,
             inverse: header.inverse,
             claims,
+            identifier_system: template.identifier_system(),
             template,
             extras,
         });
@@ -1110,6 +1173,135 @@ mod round_trip {
         }
     }
 
+    /// What a partner server does to what it is sent: every resource takes an id of the server's, and every
+    /// reference to a resource the server holds (sent along, or delivered before: a care plan, its goals, a
+    /// consent) names that id, some as absolute URLs. Gives the resources and the crosswalk (server → agency).
+    fn as_a_server_stores_them(resources: &[Emitted]) -> (Vec<Value>, HashMap<String, String>) {
+        let server_id = |key: &str| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, key.as_bytes()).to_string();
+        let mut crosswalk = HashMap::new();
+        let mut out = Vec::new();
+        for e in resources {
+            let mut r = e.resource.clone();
+            let ty = r["resourceType"].as_str().expect("type").to_owned();
+            let id = r["id"].as_str().expect("id").to_owned();
+            r["id"] = Value::String(server_id(&format!("{ty}/{id}")));
+            fn walk(v: &mut Value, f: &dyn Fn(&str) -> Option<String>) {
+                match v {
+                    Value::Object(m) => {
+                        if let Some(new) = m.get("reference").and_then(Value::as_str).and_then(f) {
+                            m.insert("reference".into(), Value::String(new));
+                        }
+                        m.values_mut().for_each(|x| walk(x, f));
+                    }
+                    Value::Array(a) => a.iter_mut().for_each(|x| walk(x, f)),
+                    _ => {}
+                }
+            }
+            walk(&mut r, &|reference| {
+                let (ty, id) = reference.split_once('/')?;
+                match ty {
+                    "Patient" => Some(format!("https://ehr.example/r4/Patient/{}/_history/1", server_id(reference))),
+                    "CarePlan" | "Goal" | "Consent" | "ServiceRequest" if !id.is_empty() => {
+                        Some(format!("{ty}/{}", server_id(reference)))
+                    }
+                    _ => None,
+                }
+            });
+            out.push(r);
+        }
+        for e in resources {
+            let ty = e.resource["resourceType"].as_str().expect("type");
+            let id = e.resource["id"].as_str().expect("id");
+            crosswalk.insert(format!("{ty}/{}", server_id(&format!("{ty}/{id}"))), id.to_owned());
+        }
+        (out, crosswalk)
+    }
+
+    #[test]
+    fn referrals_read_back_from_a_server_that_assigned_its_own_ids_come_back_unchanged() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let mut n = 0;
+        for path in read_dir_sorted(&repo("fixtures/agency/referral"), "json") {
+            let referral = canonical(RecordKind::Referral, &read(&path)).expect("valid fixture");
+            let client_id = referral["client_id"].as_str().expect("client id");
+            let client =
+                canonical(RecordKind::Client, &read(&repo(&format!("fixtures/agency/client/{client_id}.json"))))
+                    .expect("valid client");
+            let related = Related { client: Some(client.clone()) };
+            let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
+            let (stored, mut crosswalk) = as_a_server_stores_them(&output.resources);
+            // What was delivered before this referral: its care plan, goals and consent.
+            let server_id = |key: &str| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, key.as_bytes()).to_string();
+            let mut earlier: Vec<String> = Vec::new();
+            if let Some(cp) = referral["care_plan_id"].as_str() {
+                earlier.push(format!("CarePlan/{cp}"));
+                for g in referral["goal_ids"].as_array().into_iter().flatten() {
+                    earlier.push(format!("Goal/{cp}.{}", g.as_str().expect("goal id")));
+                }
+            }
+            if let Some(co) = referral["consent_id"].as_str() {
+                earlier.push(format!("Consent/{co}"));
+            }
+            for key in earlier {
+                let (ty, id) = key.split_once('/').expect("Type/id");
+                crosswalk.insert(format!("{ty}/{}", server_id(&key)), id.to_owned());
+            }
+            assert!(
+                stored.iter().all(|r| r["id"].as_str().is_some_and(|id| id.len() == 36)),
+                "every id is the server's"
+            );
+            let lookup = |r: &str| crosswalk.get(r).cloned();
+            let back =
+                mappings.referral_from_fhir_with(&stored, None, inbound::Ids::Partner(&lookup)).expect("inverts");
+            assert_eq!(back.unmapped, Vec::<String>::new(), "{}", path.display());
+            assert_eq!(back.foreign, Vec::<String>::new(), "{}", path.display());
+            let again = canonical(RecordKind::Referral, &back.referral)
+                .unwrap_or_else(|e| panic!("{}: {e:?}\n{}", path.display(), back.referral));
+            assert_eq!(again, referral, "{}", path.display());
+            let client_back =
+                canonical(RecordKind::Client, &back.client.expect("a Patient came along")).expect("valid");
+            assert_eq!(client_back, client, "{}", path.display());
+            n += 1;
+        }
+        assert!(n >= 7, "only {n} referral fixtures");
+    }
+
+    #[test]
+    fn ids_holding_the_patterns_literal_come_back_whole() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let mut referral = read(&repo("fixtures/agency/referral/ref-4001.json"));
+        referral["id"] = "ref.4001.b".into();
+        referral["care_plan_id"] = "cp.3001.v2".into();
+        referral["goal_ids"] = serde_json::json!(["goal.1", "goal.2.a"]);
+        let referral = canonical(RecordKind::Referral, &referral).expect("ids with dots are legal agency ids");
+        let client = canonical(RecordKind::Client, &read(&repo("fixtures/agency/client/cl-1001.json"))).expect("valid");
+        let related = Related { client: Some(client) };
+        let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
+        let back = mappings.referral_from_fhir(&[output.document(RecordKind::Referral)], None).expect("inverts");
+        assert_eq!(back.unmapped, Vec::<String>::new());
+        assert_eq!(canonical(RecordKind::Referral, &back.referral).expect("valid"), referral);
+    }
+
+    #[test]
+    fn a_resource_from_a_server_with_no_identifier_of_ours_is_not_adopted() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let sr = serde_json::json!({
+            "resourceType": "ServiceRequest", "id": "90fb0440-0000-4000-8000-000000000001", "status": "active",
+            "intent": "order",
+            "code": {"coding": [{"system": "https://agency.example.org/fhir/CodeSystem/service", "code": "therapy"}]},
+            "subject": {"reference": "Patient/5d1e0000-0000-4000-8000-000000000002"}
+        });
+        let back = mappings.referral_from_fhir_with(&[sr], None, inbound::Ids::Partner(&|_| None)).expect("inverts");
+        assert!(back.referral.get("id").is_none(), "{}", back.referral);
+        assert!(back.referral.get("client_id").is_none(), "{}", back.referral);
+        assert_eq!(back.foreign.len(), 1, "{:?}", back.foreign);
+        assert!(
+            back.unmapped.iter().any(|u| u.starts_with("ServiceRequest.subject.reference: Patient/5d1e")),
+            "{:?}",
+            back.unmapped
+        );
+    }
+
     #[test]
     fn what_a_hospital_sends_beyond_the_mapping_is_reported_not_dropped() {
         let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
@@ -1167,6 +1359,18 @@ mod broken_files {
         let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings").join(file))
             .expect("readable");
         text.lines().position(|l| l.contains(needle)).expect("needle") + 1
+    }
+
+    #[test]
+    fn a_filter_the_inverse_cannot_undo_is_refused_in_an_invertible_mapping_at_its_line() {
+        let (file, errors) = load_with(
+            "referral.service_request.toml",
+            "authoredOn = \"{authored_on}\"",
+            "authoredOn = \"{authored_on | date}\"",
+        );
+        let want = line_of("referral.service_request.toml", "authoredOn = ");
+        let hit = errors.iter().find(|e| e.file == file && e.message.contains("filter `date` cannot be undone"));
+        assert_eq!(hit.map(|e| e.line), Some(want), "{errors:?}");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct Compiler<'a> {
     pub errors: Vec<CompileError>,
     /// Every ConceptMap named, with where, and whether the use is one-way.
     pub maps_used: Vec<(String, Span, bool)>,
+    /// Every filter the inverse cannot undo (`date`, `xhtml`, `id`), with where, and whether the use is one-way.
+    pub lossy: Vec<(String, Span, bool)>,
 }
 
 fn is_element_name(k: &str) -> bool {
@@ -124,6 +126,8 @@ impl Compiler<'_> {
                             for f in &e.filters {
                                 if let Filter::Map(m) | Filter::Coding(m) = f {
                                     self.maps_used.push((m.clone(), span, oneway));
+                                } else if !f.invertible() {
+                                    self.lossy.push((f.name().to_owned(), span, oneway));
                                 }
                             }
                         }
@@ -455,6 +459,21 @@ impl Node {
         }
     }
 
+    /// The system of the business identifier a resource template writes (`identifier[].system`, a constant).
+    #[must_use]
+    pub fn identifier_system(&self) -> Option<String> {
+        let Node::Object { fields, .. } = self else { return None };
+        let (_, Node::Array(items, _)) = fields.iter().find(|(k, _)| k == "identifier")? else { return None };
+        items.iter().find_map(|item| {
+            let Node::Object { fields, .. } = item else { return None };
+            let writes_value = fields.iter().any(|(k, n)| k == "value" && matches!(n, Node::Text(..)));
+            match fields.iter().find(|(k, _)| k == "system") {
+                Some((_, Node::Lit(Value::String(system), _))) if writes_value => Some(system.clone()),
+                _ => None,
+            }
+        })
+    }
+
     /// Every element path the template can produce (arrays are transparent: `category.coding.code`).
     pub fn produced_paths(&self, prefix: &str, out: &mut HashSet<String>) {
         let join = |k: &str| if prefix.is_empty() { k.to_owned() } else { format!("{prefix}.{k}") };
@@ -528,9 +547,120 @@ pub struct Inverse<'a> {
     pub issues: Vec<String>,
     /// The resource type, for messages.
     pub resource: String,
+    /// Patterns that split more than one way, settled once the rest of the resource is read.
+    pub pending: Vec<Pending>,
+}
+
+/// A pattern value that splits more than one way (a literal inside an id), kept until the fields its other
+/// captures set are known.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    parts: Vec<Part>,
+    value: String,
+    fpath: String,
+    base: Vec<Seg>,
 }
 
 impl Inverse<'_> {
+    /// The value already read at `path`, without creating it.
+    fn peek(&self, base: &[Seg], path: &Path) -> Option<&Value> {
+        let mut v = &self.out;
+        let start = match path.scope {
+            Scope::Root => &[][..],
+            Scope::Item => base,
+        };
+        for s in start.iter().cloned().chain(path.keys.iter().cloned().map(Seg::Key)) {
+            v = match s {
+                Seg::Key(k) => v.get(k)?,
+                Seg::Index(i) => v.get(i)?,
+            };
+        }
+        (!v.is_null()).then_some(v)
+    }
+
+    /// The splits of a pattern value whose captures agree with what is already read (`None` for a capture that
+    /// cannot be undone or is not read yet: it agrees).
+    fn fitting<'s>(&mut self, parts: &[Part], value: &'s str, base: &[Seg], fpath: &str) -> Vec<Vec<&'s str>> {
+        let exprs: Vec<&Expr> =
+            parts.iter().filter_map(|p| if let Part::Expr(e) = p { Some(e) } else { None }).collect();
+        let mut out = Vec::new();
+        for caps in split_pattern_all(parts, value) {
+            let agrees = exprs.iter().zip(&caps).all(|(e, cap)| {
+                let Some(known) = self.peek(base, &e.path).cloned() else { return true };
+                if !e.filters.iter().all(Filter::invertible) {
+                    return true;
+                }
+                let mut quiet = Inverse { issues: Vec::new(), pending: Vec::new(), ..self.clone_shallow() };
+                quiet.reverse(e, &Value::String((*cap).to_owned()), fpath).is_none_or(|x| x == known)
+            });
+            if agrees {
+                out.push(caps);
+            }
+        }
+        out
+    }
+
+    fn clone_shallow(&self) -> Inverse<'_> {
+        Inverse {
+            maps: self.maps,
+            out: Value::Null,
+            consumed: HashSet::new(),
+            issues: Vec::new(),
+            resource: self.resource.clone(),
+            pending: Vec::new(),
+        }
+    }
+
+    fn assign_captures(&mut self, parts: &[Part], caps: &[&str], base: &[Seg], fpath: &str) {
+        let exprs = parts.iter().filter_map(|p| if let Part::Expr(e) = p { Some(e) } else { None });
+        for (e, cap) in exprs.zip(caps) {
+            if e.filters.iter().all(Filter::invertible)
+                && let Some(x) = self.reverse(e, &Value::String((*cap).to_owned()), fpath)
+            {
+                self.assign(base, &e.path, x, fpath);
+            }
+        }
+    }
+
+    /// Settles the patterns that split more than one way, now that the rest of the resource is read: each takes
+    /// the one split that agrees with the fields read; one still open is reported, never guessed.
+    pub fn settle(&mut self) {
+        loop {
+            let pending = std::mem::take(&mut self.pending);
+            if pending.is_empty() {
+                return;
+            }
+            let before = pending.len();
+            let mut open = Vec::new();
+            for p in pending {
+                let fits = self.fitting(&p.parts, &p.value, &p.base, &p.fpath);
+                match fits.as_slice() {
+                    [one] => {
+                        let one: Vec<String> = one.iter().map(|c| (*c).to_owned()).collect();
+                        let caps: Vec<&str> = one.iter().map(String::as_str).collect();
+                        self.assign_captures(&p.parts, &caps, &p.base, &p.fpath);
+                    }
+                    [] => self.issues.push(format!(
+                        "{}.{}: disagrees with another element about the ids it is made of",
+                        self.resource, p.fpath
+                    )),
+                    _ => open.push(p),
+                }
+            }
+            if open.len() == before {
+                for p in open {
+                    self.issues.push(format!(
+                        "{}.{}: splits more than one way (an id holds the pattern's literal) and nothing else \
+                         in the resource tells which",
+                        self.resource, p.fpath
+                    ));
+                }
+                return;
+            }
+            self.pending = open;
+        }
+    }
+
     fn slot(&mut self, base: &[Seg], path: &Path) -> Option<&mut Value> {
         let mut v = &mut self.out;
         let segs: Vec<Seg> = match path.scope {
@@ -588,30 +718,56 @@ impl Inverse<'_> {
     }
 }
 
-/// Splits `s` along the literal parts of a pattern; `None` when it does not fit.
+/// Splits `s` along the literal parts of a pattern; `None` when it does not fit. When a literal also occurs
+/// inside a value (`Goal/{/care_plan_id}.{.}` with ids holding dots), the first split is taken: use
+/// [`split_pattern_all`] where the choice matters.
 fn split_pattern<'s>(parts: &[Part], s: &'s str) -> Option<Vec<&'s str>> {
-    let mut rest = s;
-    let mut captures = Vec::new();
-    let mut i = 0;
-    while i < parts.len() {
-        match &parts[i] {
-            Part::Lit(l) => rest = rest.strip_prefix(l.as_str())?,
-            Part::Expr(_) => match parts.get(i + 1) {
-                Some(Part::Lit(next)) => {
-                    let at = rest.find(next.as_str())?;
-                    captures.push(&rest[..at]);
-                    rest = &rest[at..];
+    split_pattern_all(parts, s).into_iter().next()
+}
+
+/// Every way `s` splits along the literal parts of a pattern (captures never empty), shortest first capture first.
+fn split_pattern_all<'s>(parts: &[Part], s: &'s str) -> Vec<Vec<&'s str>> {
+    fn go<'s>(parts: &[Part], rest: &'s str, caps: &mut Vec<&'s str>, out: &mut Vec<Vec<&'s str>>) {
+        // A pattern with more splits than this is refused rather than enumerated.
+        const MOST: usize = 64;
+        if out.len() >= MOST {
+            return;
+        }
+        match parts.first() {
+            None => {
+                if rest.is_empty() {
+                    out.push(caps.clone());
                 }
-                Some(Part::Expr(_)) => return None,
+            }
+            Some(Part::Lit(l)) => {
+                if let Some(r) = rest.strip_prefix(l.as_str()) {
+                    go(&parts[1..], r, caps, out);
+                }
+            }
+            Some(Part::Expr(_)) => match parts.get(1) {
                 None => {
-                    captures.push(rest);
-                    rest = "";
+                    if !rest.is_empty() {
+                        caps.push(rest);
+                        go(&parts[1..], "", caps, out);
+                        caps.pop();
+                    }
+                }
+                Some(Part::Expr(_)) => {}
+                Some(Part::Lit(next)) => {
+                    let ats = (1..rest.len())
+                        .filter(|&at| rest.is_char_boundary(at) && rest[at..].starts_with(next.as_str()));
+                    for at in ats {
+                        caps.push(&rest[..at]);
+                        go(&parts[1..], &rest[at..], caps, out);
+                        caps.pop();
+                    }
                 }
             },
         }
-        i += 1;
     }
-    (rest.is_empty() && captures.iter().all(|c| !c.is_empty())).then_some(captures)
+    let mut out = Vec::new();
+    go(parts, s, &mut Vec::new(), &mut out);
+    out
 }
 
 impl Node {
@@ -668,18 +824,27 @@ impl Node {
                         }
                     }
                     _ => {
-                        let Some(caps) = v.as_str().and_then(|s| split_pattern(parts, s)) else {
+                        let Some(s) = v.as_str().filter(|s| split_pattern(parts, s).is_some()) else {
                             inv.issues
                                 .push(format!("{}.{fpath}: does not have the form the mapping writes", inv.resource));
                             return;
                         };
-                        let exprs = parts.iter().filter_map(|p| if let Part::Expr(e) = p { Some(e) } else { None });
-                        for (e, cap) in exprs.zip(caps) {
-                            if e.filters.iter().all(Filter::invertible)
-                                && let Some(x) = inv.reverse(e, &Value::String(cap.to_owned()), fpath)
-                            {
-                                inv.assign(base, &e.path, x, fpath);
+                        let fits = inv.fitting(parts, s, base, fpath);
+                        match fits.as_slice() {
+                            [one] => {
+                                let one = one.clone();
+                                inv.assign_captures(parts, &one, base, fpath);
                             }
+                            [] => inv.issues.push(format!(
+                                "{}.{fpath}: disagrees with another element about the ids it is made of",
+                                inv.resource
+                            )),
+                            _ => inv.pending.push(Pending {
+                                parts: parts.clone(),
+                                value: s.to_owned(),
+                                fpath: fpath.to_owned(),
+                                base: base.to_vec(),
+                            }),
                         }
                     }
                 }
