@@ -13,6 +13,10 @@ pub enum Scope {
     Item,
     /// The record's root.
     Root,
+    /// The item whose list holds the current item (`../field`): the goal of a progress entry.
+    Parent,
+    /// The current item's position in its list, from 1 (`#`).
+    Index,
 }
 
 /// A dotted path into the agency record.
@@ -25,15 +29,19 @@ pub struct Path {
 }
 
 impl Path {
-    /// Parses `a.b`, `.`, `/a.b`.
+    /// Parses `a.b`, `.`, `/a.b`, `../a.b`, `#`.
     ///
     /// # Errors
     /// A message when the path is empty or holds characters other than letters, digits and `_`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let (scope, rest) = match s.strip_prefix('/') {
-            Some(rest) => (Scope::Root, rest),
-            None => (Scope::Item, s),
+        if s == "#" {
+            return Ok(Path { scope: Scope::Index, keys: Vec::new() });
+        }
+        let (scope, rest) = match (s.strip_prefix("../"), s.strip_prefix('/')) {
+            (Some(rest), _) => (Scope::Parent, rest),
+            (None, Some(rest)) => (Scope::Root, rest),
+            (None, None) => (Scope::Item, s),
         };
         if rest == "." || (rest.is_empty() && scope == Scope::Root) {
             return Ok(Path { scope, keys: Vec::new() });
@@ -45,12 +53,28 @@ impl Path {
         Ok(Path { scope, keys })
     }
 
-    /// Reads the value at this path; `None` when absent or null.
+    /// Reads the value at this path; `None` when absent or null (and for `../` and `#`, which only
+    /// [`Path::get_in`] knows).
     #[must_use]
     pub fn get<'v>(&self, root: &'v Value, item: &'v Value) -> Option<&'v Value> {
+        self.get_in(root, item, None, None)
+    }
+
+    /// Reads the value at this path, with the parent item and the position of the current item when inside a
+    /// list; `None` when absent or null.
+    #[must_use]
+    pub fn get_in<'v>(
+        &self,
+        root: &'v Value,
+        item: &'v Value,
+        parent: Option<&'v Value>,
+        index: Option<&'v Value>,
+    ) -> Option<&'v Value> {
         let mut v = match self.scope {
             Scope::Item => item,
             Scope::Root => root,
+            Scope::Parent => parent?,
+            Scope::Index => index?,
         };
         for k in &self.keys {
             v = v.get(k)?;
@@ -61,8 +85,11 @@ impl Path {
 
 impl std::fmt::Display for Path {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.scope == Scope::Root {
-            f.write_str("/")?;
+        match self.scope {
+            Scope::Root => f.write_str("/")?,
+            Scope::Parent => f.write_str("../")?,
+            Scope::Index => return f.write_str("#"),
+            Scope::Item => {}
         }
         if self.keys.is_empty() { f.write_str(".") } else { f.write_str(&self.keys.join(".")) }
     }
@@ -308,6 +335,18 @@ mod tests {
 
     fn no_vars(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn parent_and_position_paths_read_only_what_the_list_gives() {
+        let parent = Path::parse("../id").expect("parses");
+        assert_eq!((parent.scope, parent.to_string()), (Scope::Parent, "../id".to_owned()));
+        let index = Path::parse("#").expect("parses");
+        let (root, item, goal, at) = (json!({"id": "cp"}), json!({"date": "d"}), json!({"id": "g"}), json!(2));
+        assert_eq!(parent.get_in(&root, &item, Some(&goal), Some(&at)), Some(&json!("g")));
+        assert_eq!(index.get_in(&root, &item, Some(&goal), Some(&at)), Some(&json!(2)));
+        assert_eq!(parent.get(&root, &item), None, "outside a list there is no parent");
+        assert!(Path::parse("../").is_err() && Path::parse("..id").is_err());
     }
 
     #[test]

@@ -125,7 +125,8 @@ pub struct Mapping {
     pub resource: String,
     /// Profile names (files in `profiles/`).
     pub profiles: Vec<String>,
-    for_each: Option<expr::Path>,
+    /// `list`, or `list[].inner` (each entry of each item's `inner` list).
+    for_each: Option<(expr::Path, Option<expr::Path>)>,
     when: Option<expr::Cond>,
     order: u32,
     /// How the resource is written in a transaction.
@@ -657,17 +658,25 @@ fn render_mapping(
     record: &Value,
     trace: &mut Option<Trace>,
 ) -> Result<Vec<Value>, MapError> {
-    let env = Env { root: record, maps };
     let fail =
         |e: template::RenderError| MapError::Rule { file: m.file.clone(), line: e.span.line, message: e.message };
-    let items: Vec<&Value> = match &m.for_each {
-        Some(path) => {
-            path.get(record, record).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default()
+    fn list<'v>(root: &'v Value, v: &'v Value, path: &expr::Path) -> &'v [Value] {
+        path.get(root, v).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+    }
+    // Each item with the item whose list holds it and its position there.
+    let items: Vec<(&Value, Option<&Value>, usize)> = match &m.for_each {
+        Some((outer, None)) => {
+            list(record, record, outer).iter().enumerate().map(|(i, x)| (x, Some(record), i + 1)).collect()
         }
-        None => vec![record],
+        Some((outer, Some(inner))) => list(record, record, outer)
+            .iter()
+            .flat_map(|o| list(record, o, inner).iter().enumerate().map(move |(i, x)| (x, Some(o), i + 1)))
+            .collect(),
+        None => vec![(record, None, 1)],
     };
     let mut out = Vec::new();
-    for item in items {
+    for (item, parent, index) in items {
+        let env = Env { root: record, maps, parent, index: parent.map(|_| Value::from(index)) };
         if m.when.as_ref().is_some_and(|c| !c.holds(record, item)) {
             continue;
         }
@@ -771,10 +780,20 @@ fn compile_set(
         let mut c =
             Compiler { vars: &lookup, lines: &lines, errors: Vec::new(), maps_used: Vec::new(), lossy: Vec::new() };
         let template = c.node(tpl, false);
-        let for_each = header
-            .for_each
-            .as_deref()
-            .and_then(|p| expr::Path::parse(p).map_err(|e| c.errors.push((head_span("for_each"), e))).ok());
+        let for_each = header.for_each.as_deref().and_then(|p| {
+            let (outer, inner) = match p.split_once("[].") {
+                Some((o, i)) => (o, Some(i)),
+                None => (p, None),
+            };
+            let mut parse = |s: &str| expr::Path::parse(s).map_err(|e| c.errors.push((head_span("for_each"), e))).ok();
+            Some((
+                parse(outer)?,
+                match inner {
+                    Some(i) => Some(parse(i)?),
+                    None => None,
+                },
+            ))
+        });
         let when = header
             .when
             .as_deref()
@@ -1300,6 +1319,39 @@ mod round_trip {
             "{:?}",
             back.unmapped
         );
+    }
+
+    #[test]
+    fn every_goal_progress_entry_reaches_the_partner_dated_and_linked_from_its_goal() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let case = repo("fixtures/mappings/care-plan/cp-3101-goal-progress-three-dates.input.json");
+        let plan = canonical(RecordKind::CarePlan, &read(&case)).expect("valid");
+        let output = mappings.to_fhir(RecordKind::CarePlan, &plan, None, &Related::default()).expect("maps");
+        assert!(output.violations.is_empty(), "{:?}", output.violations);
+        let progress: Vec<&Value> = output
+            .resources
+            .iter()
+            .map(|e| &e.resource)
+            .filter(|r| r["code"]["coding"][0]["code"] == "goal-progress")
+            .collect();
+        let dates: Vec<&str> = progress.iter().filter_map(|r| r["effectiveDateTime"].as_str()).collect();
+        assert_eq!(dates, ["2026-09-02", "2026-10-01", "2026-10-28"], "an entry without a note keeps its date");
+        assert_eq!(progress[1]["valueCodeableConcept"]["coding"][0]["code"], "worsening");
+        assert_eq!(progress[0]["derivedFrom"][0]["reference"], "Observation/as-2001");
+        let goal = output
+            .resources
+            .iter()
+            .find(|e| e.resource["resourceType"] == "Goal" && e.resource["id"] == "cp-3101.goal-1")
+            .expect("the goal");
+        let refs: Vec<String> = goal.resource["outcomeReference"]
+            .as_array()
+            .expect("outcomes")
+            .iter()
+            .map(|r| r["reference"].as_str().expect("reference").to_owned())
+            .collect();
+        let ids: Vec<String> =
+            progress.iter().map(|r| format!("Observation/{}", r["id"].as_str().expect("id"))).collect();
+        assert_eq!(refs, ids, "the goal lists every entry, oldest first");
     }
 
     #[test]

@@ -300,6 +300,10 @@ pub struct Env<'a> {
     pub root: &'a Value,
     /// ConceptMaps by id.
     pub maps: &'a HashMap<String, ConceptMap>,
+    /// The item whose list holds the current item (`../`), inside a list.
+    pub parent: Option<&'a Value>,
+    /// The current item's position in its list, from 1 (`#`), inside a list.
+    pub index: Option<Value>,
 }
 
 fn eval(
@@ -309,7 +313,7 @@ fn eval(
     span: Span,
     trace: &mut Option<Trace>,
 ) -> Result<Option<Value>, RenderError> {
-    let found = e.path.get(env.root, item);
+    let found = e.path.get_in(env.root, item, env.parent, env.index.as_ref());
     if let Some(t) = trace {
         *t.reads.entry((span.line, span.column, e.path.to_string())).or_default() |= found.is_some();
     }
@@ -413,11 +417,17 @@ impl Node {
                         let Some(list) = list.as_array() else {
                             return Err(RenderError { span: n.span(), message: format!("`{path}` is not a list") });
                         };
-                        for x in list {
+                        for (i, x) in list.iter().enumerate() {
                             if when.as_ref().is_none_or(|c| c.holds(env.root, x)) {
                                 let at = out.len();
                                 let len = push_path(trace, |p| p.push_str(&format!("[{at}]")));
-                                let v = tpl.render(env, x, trace)?;
+                                let inner = Env {
+                                    root: env.root,
+                                    maps: env.maps,
+                                    parent: Some(item),
+                                    index: Some(Value::from(i + 1)),
+                                };
+                                let v = tpl.render(&inner, x, trace)?;
                                 pop_path(trace, len);
                                 out.extend(v);
                             }
@@ -568,6 +578,7 @@ impl Inverse<'_> {
         let start = match path.scope {
             Scope::Root => &[][..],
             Scope::Item => base,
+            Scope::Parent | Scope::Index => return None,
         };
         for s in start.iter().cloned().chain(path.keys.iter().cloned().map(Seg::Key)) {
             v = match s {
@@ -666,6 +677,7 @@ impl Inverse<'_> {
         let segs: Vec<Seg> = match path.scope {
             Scope::Root => Vec::new(),
             Scope::Item => base.to_vec(),
+            Scope::Parent | Scope::Index => return None,
         }
         .into_iter()
         .chain(path.keys.iter().cloned().map(Seg::Key))
@@ -891,6 +903,7 @@ impl Node {
                         let mut inner: Vec<Seg> = match path.scope {
                             Scope::Root => Vec::new(),
                             Scope::Item => base.to_vec(),
+                            Scope::Parent | Scope::Index => continue,
                         };
                         inner.extend(path.keys.iter().cloned().map(Seg::Key));
                         inner.push(Seg::Index(index));
