@@ -50,7 +50,7 @@ fn case() -> Case {
 fn map_one(mappings: &Mappings, bytes: &[u8], client: &Value) -> Vec<u8> {
     let record: Value = serde_json::from_slice(bytes).expect("JSON");
     let record = canonical(RecordKind::CarePlan, &record).expect("valid");
-    let related = Related { client: Some(client.clone()) };
+    let related = Related { client: Some(client.clone()), ..Related::default() };
     let output = mappings.to_fhir(RecordKind::CarePlan, &record, None, &related).expect("maps");
     assert!(output.violations.is_empty());
     serde_json::to_vec(&output.into_document(RecordKind::CarePlan)).expect("serialises")

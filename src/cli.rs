@@ -271,7 +271,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let record = read(&file)?;
             let kind = RecordKind::from(kind);
             let client_file = client.or_else(|| beside_client(&file, &record));
-            let related = mapping::Related { client: client_file.as_deref().map(read).transpose()? };
+            let (assessments, care_plans) = beside_related(&file, &record);
+            let related =
+                mapping::Related { client: client_file.as_deref().map(read).transpose()?, assessments, care_plans };
             match mapping::golden::document(&mappings, kind, &record, partner.as_deref(), &related) {
                 Ok((doc, _)) => {
                     println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -477,6 +479,34 @@ fn check_category_map(settings: &Settings) -> bool {
 }
 
 /// `<dir>/../client/<client_id>.json` for a record kept as `<dir>/<id>.json` (the fixtures' layout).
+/// In a directory laid out like `fixtures/agency/` (`<kind>/<id>.json`), the client's other assessments and care
+/// plans beside the record: the needs' evidence and status.
+fn beside_related(
+    file: &std::path::Path,
+    record: &serde_json::Value,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let (Some(client), Some(root)) =
+        (record.get("client_id").and_then(|v| v.as_str()), file.parent().and_then(|p| p.parent()))
+    else {
+        return (Vec::new(), Vec::new());
+    };
+    let of = |dir: &str| -> Vec<serde_json::Value> {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { return Vec::new() };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .filter_map(|p| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).ok()?).ok())
+            .filter(|r| r.get("client_id").and_then(|v| v.as_str()) == Some(client))
+            .collect()
+    };
+    (of("assessment"), of("care-plan"))
+}
+
 fn beside_client(file: &std::path::Path, record: &serde_json::Value) -> Option<PathBuf> {
     let id = record.get("client_id")?.as_str()?;
     let candidate = file.parent()?.parent()?.join("client").join(format!("{id}.json"));

@@ -108,12 +108,26 @@ pub enum Filter {
     Xhtml,
     /// Make a code fit the FHIR id alphabet (`food_insecurity` → `food-insecurity`; one way).
     Id,
+    /// `find LIST KEY FIELD`: in the list at path LIST, the item whose KEY equals the value; gives its FIELD
+    /// (`{. | find /needs id code}`: the code of the need with that id; one way).
+    Find { list: Path, key: String, field: String },
 }
 
 impl Filter {
     fn parse(s: &str) -> Result<Self, String> {
         let mut words = s.split_whitespace();
         let name = words.next().unwrap_or("");
+        if name == "find" {
+            let args: Vec<&str> = words.collect();
+            let [list, key, field] = args.as_slice() else {
+                return Err(format!("filter `{s}` is `find LIST KEY FIELD` (e.g. `find /needs id code`)"));
+            };
+            let plain = |w: &str| w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !w.is_empty();
+            if !plain(key) || !plain(field) {
+                return Err(format!("filter `{s}`: KEY and FIELD are field names"));
+            }
+            return Ok(Filter::Find { list: Path::parse(list)?, key: (*key).to_owned(), field: (*field).to_owned() });
+        }
         let arg = words.next();
         let filter = match (name, arg) {
             ("map", Some(map)) => Filter::Map(map.to_owned()),
@@ -123,7 +137,8 @@ impl Filter {
             ("id", None) => Filter::Id,
             _ => {
                 return Err(format!(
-                    "unknown filter `{s}` (known: `map CONCEPTMAP`, `coding CONCEPTMAP`, `date`, `xhtml`, `id`)"
+                    "unknown filter `{s}` (known: `map CONCEPTMAP`, `coding CONCEPTMAP`, `date`, `xhtml`, `id`, \
+                     `find LIST KEY FIELD`)"
                 ));
             }
         };
@@ -142,6 +157,7 @@ impl Filter {
             Filter::Date => "date",
             Filter::Xhtml => "xhtml",
             Filter::Id => "id",
+            Filter::Find { .. } => "find",
         }
     }
 

@@ -67,7 +67,16 @@ fn run_case(mappings: &Mappings, dir_name: &str, input: &Path, bless: bool) -> R
     let stem = input.to_string_lossy().trim_end_matches(".input.json").to_owned();
     let record = read_json(input)?;
     let client_file = PathBuf::from(format!("{stem}.client.json"));
-    let related = Related { client: client_file.exists().then(|| read_json(&client_file)).transpose()? };
+    let related_file = PathBuf::from(format!("{stem}.related.json"));
+    let (assessments, care_plans) = if related_file.exists() {
+        let r = read_json(&related_file)?;
+        let list = |k: &str| r.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
+        (list("assessments"), list("care_plans"))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let related =
+        Related { client: client_file.exists().then(|| read_json(&client_file)).transpose()?, assessments, care_plans };
     let got = document(mappings, kind, &record, partner, &related);
     let expected_txt = PathBuf::from(format!("{stem}.expected.txt"));
     if expected_txt.exists() {

@@ -16,6 +16,7 @@ pub mod bundle;
 pub mod expr;
 pub mod golden;
 pub mod inbound;
+pub mod needs;
 pub mod profile;
 pub mod template;
 pub mod terminology;
@@ -78,11 +79,49 @@ pub enum RequestKind {
     Create,
 }
 
+/// What a mapping reads: an agency record of one kind, or a need of a client (gathered by [`needs::views`] from
+/// the assessments and care plans naming it, rendered with each of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub enum MappingKind {
+    /// An agency record kind.
+    Record(RecordKind),
+    /// One client's need (`kind = "need"`).
+    Need,
+}
+
+impl TryFrom<String> for MappingKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "need" {
+            return Ok(MappingKind::Need);
+        }
+        RecordKind::from_name(&s)
+            .map(MappingKind::Record)
+            .ok_or_else(|| format!("unknown kind `{s}` (client, assessment, care-plan, referral, consent or need)"))
+    }
+}
+
+impl MappingKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            MappingKind::Record(k) => k.as_str(),
+            MappingKind::Need => "need",
+        }
+    }
+}
+
+impl std::fmt::Display for MappingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MappingHeader {
     version: String,
-    kind: RecordKind,
+    kind: MappingKind,
     resource: String,
     profiles: Vec<String>,
     #[serde(default)]
@@ -119,8 +158,8 @@ pub struct Mapping {
     pub file: String,
     /// Its version.
     pub version: String,
-    /// The agency record kind it reads.
-    pub kind: RecordKind,
+    /// What it reads.
+    pub kind: MappingKind,
     /// The FHIR resource type it writes.
     pub resource: String,
     /// Profile names (files in `profiles/`).
@@ -252,6 +291,10 @@ pub enum MapError {
 pub struct Related {
     /// The client record (agency JSON), when known.
     pub client: Option<Value>,
+    /// The client's other assessments (agency JSON): evidence of the needs a record names.
+    pub assessments: Vec<Value>,
+    /// The client's other care plans (agency JSON): the status and notes of the needs a record names.
+    pub care_plans: Vec<Value>,
 }
 
 /// Validates agency JSON as a record of `kind`; gives it back in canonical form.
@@ -320,6 +363,20 @@ fn parse_exemplars(kind: RecordKind, file: &str, text: &str) -> Result<Vec<Value
 
 /// The exemplars of every kind, parsed and checked once per load.
 type Exemplars = HashMap<RecordKind, Vec<Value>>;
+
+/// The needs of the built-in records: each assessment and care plan with all the others of its client.
+fn exemplar_needs(exemplars: &Exemplars) -> Vec<Value> {
+    let of = |k: RecordKind| exemplars.get(&k).cloned().unwrap_or_default();
+    let related =
+        Related { client: None, assessments: of(RecordKind::Assessment), care_plans: of(RecordKind::CarePlan) };
+    let mut out = Vec::new();
+    for kind in [RecordKind::Assessment, RecordKind::CarePlan] {
+        for record in of(kind) {
+            out.extend(needs::views(kind, &record, &related));
+        }
+    }
+    out
+}
 
 fn load_exemplars(errors: &mut Vec<LoadError>) -> Exemplars {
     let mut out = HashMap::new();
@@ -469,9 +526,10 @@ impl Mappings {
         if matches!(kind, RecordKind::CarePlan | RecordKind::Referral)
             && let Some(client) = &related.client
         {
-            self.render_kind(set, RecordKind::Client, client, &mut resources)?;
+            self.render_kind(set, RecordKind::Client, client, &[], &mut resources)?;
         }
-        self.render_kind(set, kind, record, &mut resources)?;
+        let needs = needs::views(kind, record, related);
+        self.render_kind(set, kind, record, &needs, &mut resources)?;
         let mut violations = Vec::new();
         for e in &resources {
             violations.extend(self.check_resource(set, e));
@@ -480,16 +538,26 @@ impl Mappings {
         Ok(Output { resources, violations })
     }
 
+    /// Renders the mappings of `kind` against `record`, and the need mappings against each of `needs`, in
+    /// bundle order.
     fn render_kind(
         &self,
         set: &MappingSet,
         kind: RecordKind,
         record: &Value,
+        needs: &[Value],
         out: &mut Vec<Emitted>,
     ) -> Result<(), MapError> {
-        for m in set.mappings.iter().filter(|m| m.kind == kind) {
-            for resource in render_mapping(m, &self.maps, record, &mut None)? {
-                out.push(Emitted { mapping: m.name.clone(), resource, request: m.request });
+        for m in &set.mappings {
+            let sources: &[Value] = match m.kind {
+                MappingKind::Record(k) if k == kind => std::slice::from_ref(record),
+                MappingKind::Need => needs,
+                MappingKind::Record(_) => continue,
+            };
+            for source in sources {
+                for resource in render_mapping(m, &self.maps, source, &mut None)? {
+                    out.push(Emitted { mapping: m.name.clone(), resource, request: m.request });
+                }
             }
         }
         Ok(())
@@ -574,9 +642,9 @@ impl Mappings {
             let (kind, inv) = match ty {
                 "Patient" => {
                     seen_client = true;
-                    (RecordKind::Client, &mut client)
+                    (MappingKind::Record(RecordKind::Client), &mut client)
                 }
-                _ => (RecordKind::Referral, &mut referral),
+                _ => (MappingKind::Record(RecordKind::Referral), &mut referral),
             };
             let Some(m) = set.mappings.iter().find(|m| m.kind == kind && m.resource == ty && m.inverse) else {
                 // A resource our own one-way mapping derives (the crisis Flag) says nothing new; anything else
@@ -978,7 +1046,15 @@ fn self_check(
     for m in &set.mappings {
         let mut reads: HashMap<(usize, usize, String), bool> = HashMap::new();
         let mut rendered = 0;
-        for record in exemplars.get(&m.kind).into_iter().flatten() {
+        let need_views;
+        let records: &[Value] = match m.kind {
+            MappingKind::Record(k) => exemplars.get(&k).map_or(&[], Vec::as_slice),
+            MappingKind::Need => {
+                need_views = exemplar_needs(exemplars);
+                &need_views
+            }
+        };
+        for record in records {
             rendered += self_check_one(set, m, record, maps, profiles, errors, &mut reads);
         }
         if rendered == 0 {
@@ -1158,7 +1234,7 @@ mod round_trip {
             let client =
                 canonical(RecordKind::Client, &read(&repo(&format!("fixtures/agency/client/{client_id}.json"))))
                     .expect("valid client");
-            let related = Related { client: Some(client.clone()) };
+            let related = Related { client: Some(client.clone()), ..Related::default() };
             let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
             assert!(output.violations.is_empty(), "{}: {:?}", path.display(), output.violations);
             let bundle = output.document(RecordKind::Referral);
@@ -1183,7 +1259,7 @@ mod round_trip {
         assert!(errors.is_empty(), "{errors:?}");
         let client = exemplars[&RecordKind::Client][0].clone();
         for referral in &exemplars[&RecordKind::Referral] {
-            let related = Related { client: Some(client.clone()) };
+            let related = Related { client: Some(client.clone()), ..Related::default() };
             let output = mappings.to_fhir(RecordKind::Referral, referral, None, &related).expect("maps");
             let back = mappings.referral_from_fhir(&[output.document(RecordKind::Referral)], None).expect("inverts");
             assert_eq!(back.unmapped, Vec::<String>::new());
@@ -1246,7 +1322,7 @@ mod round_trip {
             let client =
                 canonical(RecordKind::Client, &read(&repo(&format!("fixtures/agency/client/{client_id}.json"))))
                     .expect("valid client");
-            let related = Related { client: Some(client.clone()) };
+            let related = Related { client: Some(client.clone()), ..Related::default() };
             let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
             let (stored, mut crosswalk) = as_a_server_stores_them(&output.resources);
             // What was delivered before this referral: its care plan, goals and consent.
@@ -1294,7 +1370,7 @@ mod round_trip {
         referral["goal_ids"] = serde_json::json!(["goal.1", "goal.2.a"]);
         let referral = canonical(RecordKind::Referral, &referral).expect("ids with dots are legal agency ids");
         let client = canonical(RecordKind::Client, &read(&repo("fixtures/agency/client/cl-1001.json"))).expect("valid");
-        let related = Related { client: Some(client) };
+        let related = Related { client: Some(client), ..Related::default() };
         let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
         let back = mappings.referral_from_fhir(&[output.document(RecordKind::Referral)], None).expect("inverts");
         assert_eq!(back.unmapped, Vec::<String>::new());
@@ -1352,6 +1428,49 @@ mod round_trip {
         let ids: Vec<String> =
             progress.iter().map(|r| format!("Observation/{}", r["id"].as_str().expect("id"))).collect();
         assert_eq!(refs, ids, "the goal lists every entry, oldest first");
+    }
+
+    #[test]
+    fn two_assessments_and_a_care_plan_naming_one_need_send_one_and_the_same_condition() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let load = |kind: RecordKind, p: &str| canonical(kind, &read(&repo(p))).expect("valid fixture");
+        let a1 = load(RecordKind::Assessment, "fixtures/agency/assessment/as-2001.json");
+        let a7 = load(RecordKind::Assessment, "fixtures/agency/assessment/as-2007.json");
+        let mut cp = load(RecordKind::CarePlan, "fixtures/agency/care-plan/cp-3001.json");
+        let conditions = |kind: RecordKind, record: &Value, related: &Related| -> Vec<Value> {
+            let out = mappings.to_fhir(kind, record, None, related).expect("maps");
+            assert!(out.violations.is_empty(), "{:?}", out.violations);
+            out.resources.into_iter().map(|e| e.resource).filter(|r| r["resourceType"] == "Condition").collect()
+        };
+        let related = |a: Vec<&Value>, c: Vec<&Value>| Related {
+            client: None,
+            assessments: a.into_iter().cloned().collect(),
+            care_plans: c.into_iter().cloned().collect(),
+        };
+        let from_a1 = conditions(RecordKind::Assessment, &a1, &related(vec![&a7], vec![&cp]));
+        let from_a7 = conditions(RecordKind::Assessment, &a7, &related(vec![&a1], vec![&cp]));
+        let from_cp = conditions(RecordKind::CarePlan, &cp, &related(vec![&a1, &a7], vec![]));
+        assert_eq!(from_a1.len(), 1, "one Condition for the one need");
+        assert_eq!(from_a1, from_a7);
+        assert_eq!(from_a1, from_cp, "whichever record goes, the partner gets the same Condition");
+        let c = &from_cp[0];
+        assert_eq!(c["id"], "cl-1001.depression");
+        let evidence: Vec<&str> = c["evidence"][0]["detail"]
+            .as_array()
+            .expect("evidence")
+            .iter()
+            .filter_map(|d| d["reference"].as_str())
+            .collect();
+        assert_eq!(evidence, ["Observation/as-2001", "Observation/as-2007"]);
+        assert_eq!(c["clinicalStatus"]["coding"][0]["code"], "active");
+        cp["needs"][0]["status"] = "resolved".into();
+        let resolved = conditions(RecordKind::CarePlan, &cp, &related(vec![&a1, &a7], vec![]));
+        assert_eq!(
+            resolved[0]["clinicalStatus"]["coding"][0]["code"], "resolved",
+            "the need resolved, the Condition says so"
+        );
+        let from_a7 = conditions(RecordKind::Assessment, &a7, &related(vec![&a1], vec![&cp]));
+        assert_eq!(from_a7, resolved, "the status is the care plans' to say, whichever record goes");
     }
 
     #[test]

@@ -344,6 +344,14 @@ fn eval(
                 Some(s) => Value::String(escape_xhtml(s)),
                 None => return Err(RenderError { span, message: format!("`{}` is not text", e.path) }),
             },
+            Filter::Find { list, key, field } => {
+                let items = list.get_in(env.root, item, env.parent, env.index.as_ref()).and_then(Value::as_array);
+                let found = items.into_iter().flatten().find(|x| x.get(key) == Some(&v));
+                match found.and_then(|x| x.get(field)).filter(|f| !f.is_null()) {
+                    Some(f) => f.clone(),
+                    None => return Ok(None),
+                }
+            }
         };
     }
     Ok(Some(v))

@@ -33,6 +33,28 @@ async fn a_preview_shows_the_bundle_a_referral_becomes_with_the_stored_client_an
 }
 
 #[tokio::test]
+async fn a_preview_gathers_the_needs_evidence_from_the_clients_stored_assessments() {
+    let app = spawn_app().await;
+    for id in ["as-2001", "as-2007"] {
+        assert_eq!(app.put(&format!("/api/v1/assessments/{id}"), &fixture("assessment", id)).await.status(), 201);
+    }
+    let body: Value =
+        app.post("/api/v1/preview/care-plan", &fixture("care-plan", "cp-3001")).await.json().await.expect("JSON");
+    assert_eq!(body["sendable"], true, "{}", body["violations"]);
+    let conditions: Vec<&Value> = body["fhir"]["entry"]
+        .as_array()
+        .expect("a Bundle")
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "Condition")
+        .collect();
+    assert_eq!(conditions.len(), 1, "one Condition per client and need");
+    assert_eq!(conditions[0]["identifier"][0]["value"], "cl-1001.depression");
+    assert_eq!(conditions[0]["evidence"][0]["detail"].as_array().map(Vec::len), Some(2), "both stored assessments");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_preview_for_a_partner_uses_its_overlay() {
     let app = spawn_app().await;
     let plan = fixture("care-plan", "cp-3001");
