@@ -720,10 +720,19 @@ fn compile_set(
             Span { line, column }
         };
         let expected_stem = format!("{}.{}", header.kind.as_str().replace('-', "_"), snake(&header.resource));
-        if stem != expected_stem {
+        // A second mapping of one kind to one resource type (the item Observations of an assessment) is
+        // named `<kind>.<resource>-<part>.toml`.
+        let part_ok =
+            stem.strip_prefix(expected_stem.as_str()).and_then(|rest| rest.strip_prefix('-')).is_some_and(|part| {
+                !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            });
+        if stem != expected_stem && !part_ok {
             errors.push(err_at(
                 Span { line: 1, column: 1 },
-                format!("a mapping of {} to {} is named {expected_stem}.toml", header.kind, header.resource),
+                format!(
+                    "a mapping of {} to {} is named {expected_stem}.toml (or {expected_stem}-<part>.toml)",
+                    header.kind, header.resource
+                ),
             ));
         }
         let mut c = Compiler { vars: &lookup, lines: &lines, errors: Vec::new(), maps_used: Vec::new() };
