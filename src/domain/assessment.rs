@@ -322,4 +322,20 @@ mod tests {
     fn an_item_score_above_the_instrument_range_is_refused() {
         assert_eq!(errors(&phq9([4, 0, 0, 0, 0, 0, 0, 0, 0], 4, Interpretation::Minimal)), ["$.items[0].score"]);
     }
+
+    #[test]
+    fn an_ahc_housing_answer_beyond_its_two_questions_is_refused() {
+        let a = Assessment {
+            id: None,
+            client_id: RecordId::parse("cl-1").expect("id"),
+            instrument: Instrument::AhcHousing,
+            date: Date::parse("2026-10-01").expect("date"),
+            performed_by: None,
+            items: vec![AssessmentItem { number: 3, score: None, answer: Some(Redacted("car".to_owned())) }],
+            total_score: None,
+            interpretation: Interpretation::Positive,
+            identified_needs: vec![],
+        };
+        assert_eq!(errors(&a), ["$.items[0].number"]);
+    }
 }
