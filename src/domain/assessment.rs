@@ -142,6 +142,21 @@ impl Instrument {
     }
 }
 
+impl Instrument {
+    /// How many questions the instrument has (numbered 1 to this); the AHC housing questions are the two
+    /// AHC HRSN living-situation questions (living situation, problems with the place).
+    #[must_use]
+    pub fn question_count(self) -> u8 {
+        self.scoring().map_or(2, |s| s.items)
+    }
+
+    /// The highest score one answer can have; `None` for an unscored instrument.
+    #[must_use]
+    pub fn max_item_score(self) -> Option<u8> {
+        self.scoring().map(|s| s.max_item)
+    }
+}
+
 /// Most answers an assessment carries (the longest instrument has 10 questions).
 pub const MAX_ITEMS: usize = 50;
 
@@ -243,7 +258,13 @@ impl Assessment {
         let name = self.instrument.as_str();
         v.check(self.total_score.is_none(), "$.total_score", format!("{name} is not scored"));
         v.check(!self.items.is_empty(), "$.items", "at least one answer is required");
+        let count = self.instrument.question_count();
         for (i, item) in self.items.iter().enumerate() {
+            v.check(
+                (1..=count).contains(&item.number),
+                format!("$.items[{i}].number"),
+                format!("{name} questions are numbered 1 to {count}"),
+            );
             v.check(item.score.is_none(), format!("$.items[{i}].score"), format!("{name} is not scored"));
             v.check(item.answer.is_some(), format!("$.items[{i}].answer"), "an answer in words is required");
         }
@@ -300,5 +321,21 @@ mod tests {
     #[test]
     fn an_item_score_above_the_instrument_range_is_refused() {
         assert_eq!(errors(&phq9([4, 0, 0, 0, 0, 0, 0, 0, 0], 4, Interpretation::Minimal)), ["$.items[0].score"]);
+    }
+
+    #[test]
+    fn an_ahc_housing_answer_beyond_its_two_questions_is_refused() {
+        let a = Assessment {
+            id: None,
+            client_id: RecordId::parse("cl-1").expect("id"),
+            instrument: Instrument::AhcHousing,
+            date: Date::parse("2026-10-01").expect("date"),
+            performed_by: None,
+            items: vec![AssessmentItem { number: 3, score: None, answer: Some(Redacted("car".to_owned())) }],
+            total_score: None,
+            interpretation: Interpretation::Positive,
+            identified_needs: vec![],
+        };
+        assert_eq!(errors(&a), ["$.items[0].number"]);
     }
 }

@@ -102,6 +102,9 @@ pub enum Filter {
     Map(String),
     /// Translate a code through a ConceptMap: gives a `Coding` (system, code, display).
     Coding(String),
+    /// Translate a code through a ConceptMap: gives the target's display text (one way), for a `Coding`
+    /// written element by element (one that carries an extension beside its code).
+    Display(String),
     /// The date part of a date-time (one way).
     Date,
     /// Escape for XHTML narrative (one way).
@@ -132,13 +135,14 @@ impl Filter {
         let filter = match (name, arg) {
             ("map", Some(map)) => Filter::Map(map.to_owned()),
             ("coding", Some(map)) => Filter::Coding(map.to_owned()),
+            ("display", Some(map)) => Filter::Display(map.to_owned()),
             ("date", None) => Filter::Date,
             ("xhtml", None) => Filter::Xhtml,
             ("id", None) => Filter::Id,
             _ => {
                 return Err(format!(
-                    "unknown filter `{s}` (known: `map CONCEPTMAP`, `coding CONCEPTMAP`, `date`, `xhtml`, `id`, \
-                     `find LIST KEY FIELD`)"
+                    "unknown filter `{s}` (known: `map CONCEPTMAP`, `coding CONCEPTMAP`, `display CONCEPTMAP`, `date`, \
+                     `xhtml`, `id`, `find LIST KEY FIELD`)"
                 ));
             }
         };
@@ -154,6 +158,7 @@ impl Filter {
         match self {
             Filter::Map(_) => "map",
             Filter::Coding(_) => "coding",
+            Filter::Display(_) => "display",
             Filter::Date => "date",
             Filter::Xhtml => "xhtml",
             Filter::Id => "id",

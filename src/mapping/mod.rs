@@ -839,10 +839,19 @@ fn compile_set(
             Span { line, column }
         };
         let expected_stem = format!("{}.{}", header.kind.as_str().replace('-', "_"), snake(&header.resource));
-        if stem != expected_stem {
+        // A second mapping of one kind to one resource type (the item Observations of an assessment) is
+        // named `<kind>.<resource>-<part>.toml`.
+        let part_ok =
+            stem.strip_prefix(expected_stem.as_str()).and_then(|rest| rest.strip_prefix('-')).is_some_and(|part| {
+                !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            });
+        if stem != expected_stem && !part_ok {
             errors.push(err_at(
                 Span { line: 1, column: 1 },
-                format!("a mapping of {} to {} is named {expected_stem}.toml", header.kind, header.resource),
+                format!(
+                    "a mapping of {} to {} is named {expected_stem}.toml (or {expected_stem}-<part>.toml)",
+                    header.kind, header.resource
+                ),
             ));
         }
         let mut c =
@@ -1599,9 +1608,129 @@ mod broken_files {
     }
 
     #[test]
+    fn an_item_conceptmap_missing_a_question_names_the_question() {
+        let (file, errors) = load_with("terminology/phq9-item-loinc.json", "\"code\": \"9\"", "\"code\": \"10\"");
+        assert!(errors.iter().any(|e| e.file == file && e.message.contains("`10` is not a code")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.file == file && e.message.contains("agency code `9`")), "{errors:?}");
+    }
+
+    #[test]
+    fn a_mapping_file_name_with_a_bad_part_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("mappings");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"), &dir);
+        std::fs::rename(dir.join("assessment.observation-item.toml"), dir.join("assessment.observation-Item.toml"))
+            .expect("rename");
+        let errors = Mappings::load(&dir).expect_err("refused").0;
+        assert!(errors.iter().any(|e| e.file.ends_with("assessment.observation-Item.toml")), "{errors:?}");
+    }
+
+    #[test]
     fn a_required_element_no_template_writes_is_reported() {
         let (file, errors) =
             load_with("referral.task.toml", "[template.for]\nreference = \"Patient/{client_id}\"\n", "");
         assert!(errors.iter().any(|e| e.file == file && e.message.contains("never writes `for`")), "{errors:?}");
+    }
+}
+
+#[cfg(test)]
+mod assessments {
+    use super::*;
+    use serde_json::json;
+
+    fn mappings() -> Mappings {
+        Mappings::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")).expect("mappings load")
+    }
+
+    /// A PHQ-9 with items 1–8 scored 1 and item 9 scored `item9`.
+    fn phq9(item9: u8) -> Value {
+        let total = 8 + u16::from(item9);
+        let reading = if total >= 10 { "moderate" } else { "mild" };
+        let mut items: Vec<Value> = (1..=8).map(|n| json!({"number": n, "score": 1})).collect();
+        items.push(json!({"number": 9, "score": item9}));
+        json!({"id": "as-t1", "client_id": "cl-t1", "instrument": "phq9", "date": "2026-09-02",
+            "performed_by": "staff-t", "items": items, "total_score": total, "interpretation": reading})
+    }
+
+    fn resources(record: &Value) -> Vec<Value> {
+        let record = canonical(RecordKind::Assessment, record).expect("a valid assessment");
+        let out = mappings().to_fhir(RecordKind::Assessment, &record, None, &Related::default()).expect("maps");
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        out.resources.into_iter().map(|e| e.resource).collect()
+    }
+
+    fn by_id<'a>(rs: &'a [Value], id: &str) -> &'a Value {
+        rs.iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no resource {id}"))
+    }
+
+    fn critical(r: &Value) -> bool {
+        r["interpretation"].as_array().into_iter().flatten().any(|i| i["coding"][0]["code"] == "AA")
+    }
+
+    #[test]
+    fn a_positive_phq9_item_9_reads_critical_on_the_item_and_on_the_total() {
+        let rs = resources(&phq9(2));
+        assert!(critical(by_id(&rs, "as-t1")), "the total must carry it");
+        assert!(critical(by_id(&rs, "as-t1.9")), "item 9 must carry it");
+        assert!(!critical(by_id(&rs, "as-t1.8")), "only item 9 does");
+        let rs = resources(&phq9(0));
+        assert!(rs.iter().all(|r| !critical(r)), "item 9 scored 0 is not critical");
+    }
+
+    #[test]
+    fn every_phq9_answer_is_a_member_with_its_loinc_question_and_scored_answer() {
+        let rs = resources(&phq9(2));
+        let members: Vec<&str> = by_id(&rs, "as-t1")["hasMember"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter_map(|m| m["reference"].as_str())
+            .collect();
+        let want: Vec<String> = (1..=9).map(|n| format!("Observation/as-t1.{n}")).collect();
+        assert_eq!(members, want);
+        let item9 = by_id(&rs, "as-t1.9");
+        assert_eq!(item9["code"]["coding"][0]["code"], "44260-8");
+        assert_eq!(item9["identifier"][0]["value"], "as-t1.9");
+        let answer = &item9["valueCodeableConcept"]["coding"][0];
+        assert_eq!(answer["code"], "LA6570-1", "score 2 is More than half the days");
+        assert_eq!(answer["extension"][0]["valueDecimal"], 2);
+        assert_eq!(by_id(&rs, "as-t1.1")["valueCodeableConcept"]["coding"][0]["code"], "LA6569-3");
+        assert_eq!(by_id(&rs, "as-t1")["valueInteger"], 10);
+    }
+
+    #[test]
+    fn the_hunger_vital_sign_result_is_coded_not_an_integer() {
+        let rec = json!({"id": "as-t2", "client_id": "cl-t1", "instrument": "hunger_vital_sign", "date": "2026-09-02",
+            "items": [{"number": 1, "score": 0}, {"number": 2, "score": 0}], "total_score": 0, "interpretation": "negative"});
+        let rs = resources(&rec);
+        let result = by_id(&rs, "as-t2");
+        assert!(result.get("valueInteger").is_none(), "{result}");
+        assert_eq!(result["valueCodeableConcept"]["coding"][0]["code"], "LA19983-8", "No risk");
+        assert_eq!(by_id(&rs, "as-t2.2")["code"]["coding"][0]["code"], "88123-5");
+        assert_eq!(by_id(&rs, "as-t2.2")["valueCodeableConcept"]["coding"][0]["code"], "LA28398-8", "Never true");
+    }
+
+    #[test]
+    fn ahc_housing_answers_travel_in_words_and_its_panel_has_no_integer() {
+        let rec = json!({"id": "as-t3", "client_id": "cl-t1", "instrument": "ahc_housing", "date": "2026-09-02",
+            "items": [{"number": 1, "answer": "sleeping in my car"}], "interpretation": "positive"});
+        let rs = resources(&rec);
+        let panel = by_id(&rs, "as-t3");
+        assert!(panel.get("valueInteger").is_none() && panel.get("dataAbsentReason").is_some(), "{panel}");
+        let item = by_id(&rs, "as-t3.1");
+        assert_eq!(item["code"]["coding"][0]["code"], "71802-3");
+        assert_eq!(item["valueCodeableConcept"]["text"], "sleeping in my car");
+    }
+
+    #[test]
+    fn an_instrument_without_cited_item_codes_sends_its_total_alone() {
+        let items: Vec<Value> = (1..=7).map(|n| json!({"number": n, "score": 0})).collect();
+        let rec = json!({"id": "as-t4", "client_id": "cl-t1", "instrument": "gad7", "date": "2026-09-02",
+            "items": items, "total_score": 0, "interpretation": "minimal"});
+        let rs = resources(&rec);
+        let observations: Vec<&Value> = rs.iter().filter(|r| r["resourceType"] == "Observation").collect();
+        assert_eq!(observations.len(), 1, "{observations:?}");
+        assert!(observations[0].get("hasMember").is_none());
+        assert_eq!(observations[0]["valueInteger"], 0);
     }
 }

@@ -124,8 +124,14 @@ impl Compiler<'_> {
                     for part in &parts {
                         if let Part::Expr(e) = part {
                             for f in &e.filters {
-                                if let Filter::Map(m) | Filter::Coding(m) = f {
-                                    self.maps_used.push((m.clone(), span, oneway));
+                                if let Filter::Map(m) | Filter::Coding(m) | Filter::Display(m) = f {
+                                    // `display` is never undone, so its map need not be reversible (the filter
+                                    // itself is refused in an invertible mapping unless one-way).
+                                    let display = matches!(f, Filter::Display(_));
+                                    self.maps_used.push((m.clone(), span, oneway || display));
+                                    if display {
+                                        self.lossy.push((f.name().to_owned(), span, oneway));
+                                    }
                                 } else if !f.invertible() {
                                     self.lossy.push((f.name().to_owned(), span, oneway));
                                 }
@@ -320,7 +326,7 @@ fn eval(
     let Some(mut v) = found.cloned() else { return Ok(None) };
     for f in &e.filters {
         v = match f {
-            Filter::Map(m) | Filter::Coding(m) => {
+            Filter::Map(m) | Filter::Coding(m) | Filter::Display(m) => {
                 let map = env.maps.get(m).ok_or_else(|| RenderError { span, message: format!("no ConceptMap {m}") })?;
                 let code = scalar_text(&v)
                     .ok_or_else(|| RenderError { span, message: format!("`{}` is not a code", e.path) })?;
@@ -329,7 +335,15 @@ fn eval(
                 else {
                     return Ok(None);
                 };
-                if matches!(f, Filter::Map(_)) { Value::String(concept.code.clone()) } else { concept.coding() }
+                match f {
+                    Filter::Map(_) => Value::String(concept.code.clone()),
+                    // A target without a display gives nothing: the element is left out, never "".
+                    Filter::Display(_) => match &concept.display {
+                        Some(d) => Value::String(d.clone()),
+                        None => return Ok(None),
+                    },
+                    _ => concept.coding(),
+                }
             }
             Filter::Date => match v.as_str() {
                 // `get`, not a byte slice: a non-ASCII text must not split inside a character.

@@ -171,10 +171,17 @@ impl ConceptMap {
 }
 
 /// Codes of the agency vocabulary a ConceptMap group names as its source.
-fn agency_codes(source: &str) -> Option<Vec<&'static str>> {
+///
+/// Besides the named vocabularies, each instrument has two numeric ones: `<instrument>-item` (its question
+/// numbers, `phq9-item` = 1…9) and `<instrument>-score` (the scores one answer can have, `phq9-score` = 0…3),
+/// so item ConceptMaps are checked to cover every question and every answer.
+fn agency_codes(source: &str) -> Option<Vec<String>> {
     let name = source.strip_prefix(AGENCY_VOCABULARY)?;
-    fn all<T: Copy>(xs: &[T], f: fn(T) -> &'static str) -> Vec<&'static str> {
-        xs.iter().map(|x| f(*x)).collect()
+    if let Some(codes) = instrument_codes(name) {
+        return Some(codes);
+    }
+    fn all<T: Copy>(xs: &[T], f: fn(T) -> &'static str) -> Vec<String> {
+        xs.iter().map(|x| f(*x).to_owned()).collect()
     }
     Some(match name {
         "need" => all(domain::NeedCode::ALL, domain::NeedCode::as_str),
@@ -194,6 +201,17 @@ fn agency_codes(source: &str) -> Option<Vec<&'static str>> {
         "consent-purpose" => all(domain::ConsentPurpose::ALL, domain::ConsentPurpose::as_str),
         _ => return None,
     })
+}
+
+/// `<instrument>-item` → its question numbers; `<instrument>-score` → the scores of one answer.
+fn instrument_codes(name: &str) -> Option<Vec<String>> {
+    let (instrument, what) = name.rsplit_once('-')?;
+    let instrument = domain::Instrument::ALL.iter().copied().find(|i| i.as_str() == instrument)?;
+    match what {
+        "item" => Some((1..=instrument.question_count()).map(|n| n.to_string()).collect()),
+        "score" => instrument.max_item_score().map(|max| (0..=max).map(|n| n.to_string()).collect()),
+        _ => None,
+    }
 }
 
 /// The 1-based line of the first occurrence of `needle` in `text` (1 when absent).
@@ -227,6 +245,16 @@ pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<Conc
         errors.push(err("resourceType", format!("expected a ConceptMap, found {}", parsed.resource_type)));
         return None;
     }
+    // It is published as FHIR too (and validated as such): its id must be a FHIR id.
+    let fhir_id = |id: &str| {
+        (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !fhir_id(&parsed.id) {
+        errors.push(err(
+            "\"id\"",
+            format!("`{}` is not a FHIR id (letters, digits, `-` and `.`, at most 64)", parsed.id),
+        ));
+    }
     let mut map = ConceptMap {
         id: parsed.id.clone(),
         url: parsed.url,
@@ -250,7 +278,7 @@ pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<Conc
         for el in &group.element {
             let needle = format!("\"{}\"", el.code);
             if let Some(known) = &known
-                && !known.contains(&el.code.as_str())
+                && !known.contains(&el.code)
             {
                 errors.push(err(&needle, format!("`{}` is not a code of {}", el.code, group.source)));
             }
@@ -303,7 +331,7 @@ pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<Conc
             }
             None => {
                 if let Some(known) = &known {
-                    for code in known.iter().filter(|c| !listed.contains(**c)) {
+                    for code in known.iter().filter(|c| !listed.contains(c.as_str())) {
                         errors.push(err(
                             "\"element\"",
                             format!("agency code `{code}` of {} has no target and no unmapped fallback", group.source),
