@@ -749,6 +749,7 @@ fn render_mapping(
             continue;
         }
         let Some(mut v) = m.template.render(&env, item, trace).map_err(fail)? else { continue };
+        fit_ids(&mut v);
         if !m.claims.is_empty()
             && let Some(obj) = v.as_object_mut()
         {
@@ -764,6 +765,48 @@ fn render_mapping(
         out.push(v);
     }
     Ok(out)
+}
+
+/// Whether `s` is a FHIR `id` (letters, digits, `-` and `.`, 1 to 64).
+fn is_fhir_id(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// The id a composed id that breaks FHIR's `id` rule becomes: the same for the resource and every reference to
+/// it (`Goal/<plan>.<goal>` over 64 characters), while the business identifier keeps the whole value.
+fn fitted_id(resource_type: &str, id: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("urn:carebridge:id:{resource_type}/{id}").as_bytes())
+        .to_string()
+}
+
+/// Rewrites a resource id, and the literal references, that break FHIR's `id` rule (a composed id of two agency
+/// ids can pass 64 characters) to [`fitted_id`].
+fn fit_ids(resource: &mut Value) {
+    fn references(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get_mut("reference")
+                    && let Some((ty, id)) = r.split_once('/')
+                    && ty.bytes().all(|b| b.is_ascii_alphabetic())
+                    && !id.is_empty()
+                    && !id.contains('/')
+                    && !is_fhir_id(id)
+                {
+                    *r = format!("{ty}/{}", fitted_id(ty, id));
+                }
+                m.values_mut().for_each(references);
+            }
+            Value::Array(a) => a.iter_mut().for_each(references),
+            _ => {}
+        }
+    }
+    let ty = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if let Some(Value::String(id)) = resource.get_mut("id")
+        && !is_fhir_id(id)
+    {
+        *id = fitted_id(&ty, id);
+    }
+    references(resource);
 }
 
 fn load_layer(path: &Path, errors: &mut Vec<LoadError>) -> Option<LayerFile> {
@@ -1480,6 +1523,33 @@ mod round_trip {
         );
         let from_a7 = conditions(RecordKind::Assessment, &a7, &related(vec![&a1], vec![&cp]));
         assert_eq!(from_a7, resolved, "the status is the care plans' to say, whichever record goes");
+    }
+
+    #[test]
+    fn composed_ids_over_64_characters_fit_fhir_and_references_still_find_them() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let long = |p: &str| format!("{p}-{}", "x".repeat(60 - p.len()));
+        let mut plan = read(&repo("fixtures/agency/care-plan/cp-3001.json"));
+        plan["id"] = long("cp").into();
+        plan["client_id"] = long("cl").into();
+        let plan = canonical(RecordKind::CarePlan, &plan).expect("64-character ids are legal agency ids");
+        let out = mappings.to_fhir(RecordKind::CarePlan, &plan, None, &Related::default()).expect("maps");
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        let goal = out.resources.iter().map(|e| &e.resource).find(|r| r["resourceType"] == "Goal").expect("a goal");
+        let goal_id = goal["id"].as_str().expect("id");
+        assert!(is_fhir_id(goal_id), "{goal_id}");
+        assert_eq!(goal["identifier"][0]["value"], format!("{}.goal-1", plan["id"].as_str().expect("id")));
+        let plan_fhir =
+            out.resources.iter().map(|e| &e.resource).find(|r| r["resourceType"] == "CarePlan").expect("the plan");
+        assert!(
+            plan_fhir["goal"].as_array().expect("goals").iter().any(|g| g["reference"] == format!("Goal/{goal_id}")),
+            "the CarePlan points at the Goal by its fitted id"
+        );
+        let mut referral = read(&repo("fixtures/agency/referral/ref-4003.json"));
+        referral["id"] = long("ref").into();
+        let referral = canonical(RecordKind::Referral, &referral).expect("valid");
+        let out = mappings.to_fhir(RecordKind::Referral, &referral, None, &Related::default()).expect("maps");
+        assert!(out.violations.is_empty(), "the crisis Flag's id fits too: {:?}", out.violations);
     }
 
     #[test]
