@@ -21,6 +21,7 @@ use crate::http::{self, AppState, Limits};
 use crate::intake::{self, SeedError};
 use crate::keys::KeyRing;
 use crate::mapping::Mappings;
+use crate::partners::Partners;
 use crate::store::{self, Store, StoreError};
 use crate::telemetry;
 
@@ -33,9 +34,13 @@ pub enum StartError {
     /// The seed directory could not be loaded.
     #[error("cannot load the seed records: {0}")]
     Seed(#[from] SeedError),
-    /// A directory source could not be set up.
+    /// The mapping files have errors.
     #[error("the mapping files have errors:\n{0}")]
     Mappings(#[source] crate::mapping::LoadErrors),
+    /// A partner names an overlay the mappings do not have.
+    #[error("the partners do not fit the mappings:\n{}", .0.join("\n"))]
+    Partners(Vec<String>),
+    /// A directory source could not be set up.
     #[error("cannot set up a directory source: {0}")]
     Directory(#[source] directories::SourceError),
     /// The listen address could not be bound.
@@ -68,11 +73,16 @@ impl Application {
             store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
                 .await
                 .map_err(StartError::Database)?;
+        let partners = Arc::new(Partners::new(&settings.partners));
         if let Some(dir) = &settings.seed.dir {
-            let report = intake::seed(&*store, dir, OffsetDateTime::now_utc()).await?;
+            let report = intake::seed(&*store, &partners, dir, OffsetDateTime::now_utc()).await?;
             tracing::info!(created = report.created, kept = report.kept, "Seed records loaded.");
         }
         let mappings = Arc::new(Mappings::load(&settings.mappings.dir).map_err(StartError::Mappings)?);
+        let missing = partners.missing_overlays(&mappings);
+        if !missing.is_empty() {
+            return Err(StartError::Partners(missing));
+        }
         let mut sources = HashMap::new();
         for d in &settings.directories {
             let source = directories::source_from_settings(d, &settings.mappings.dir).map_err(StartError::Directory)?;
@@ -98,6 +108,7 @@ impl Application {
             mappings,
             mapping_slots: Arc::new(tokio::sync::Semaphore::new(http::mapping_slots())),
             public_url: Arc::new(public_url),
+            partners,
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {

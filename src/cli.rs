@@ -250,12 +250,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             };
             let (files, maps, profiles) = mappings.counts();
-            let partners: Vec<&str> = mappings.partners().collect();
+            let overlays: Vec<&str> = mappings.partners().collect();
             println!(
-                "mappings OK: {files} mapping file(s), {maps} ConceptMap(s), {profiles} profile(s), partners: {}",
-                if partners.is_empty() { "none".to_owned() } else { partners.join(", ") }
+                "mappings OK: {files} mapping file(s), {maps} ConceptMap(s), {profiles} profile(s), overlays: {}",
+                if overlays.is_empty() { "none".to_owned() } else { overlays.join(", ") }
             );
-            Ok(if categories_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            let registry = carebridge_partners(&settings);
+            let missing = registry.missing_overlays(&mappings);
+            for m in &missing {
+                eprintln!("carebridge: {m}");
+            }
+            let names: Vec<&str> = registry.iter().map(|p| p.name.as_str()).collect();
+            if missing.is_empty() {
+                println!("partners OK: {}", if names.is_empty() { "none".to_owned() } else { names.join(", ") });
+            }
+            Ok(if categories_ok && missing.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Command::Map { kind, file, partner, client } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
@@ -274,7 +283,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (assessments, care_plans) = beside_related(&file, &record);
             let related =
                 mapping::Related { client: client_file.as_deref().map(read).transpose()?, assessments, care_plans };
-            match mapping::golden::document(&mappings, kind, &record, partner.as_deref(), &related) {
+            // A configured partner maps with its overlay; a name that is no partner but an overlay file maps with
+            // that overlay (to try an overlay before any partner uses it).
+            let registry = carebridge_partners(&settings);
+            let overlay = match partner.as_deref() {
+                None => None,
+                Some(name) => match registry.overlay_of(name) {
+                    Some(o) => o.map(str::to_owned),
+                    None => Some(name.to_owned()),
+                },
+            };
+            match mapping::golden::document(&mappings, kind, &record, overlay.as_deref(), &related) {
                 Ok((doc, _)) => {
                     println!("{}", serde_json::to_string_pretty(&doc)?);
                     Ok(ExitCode::SUCCESS)
@@ -505,6 +524,10 @@ fn beside_related(
             .collect()
     };
     (of("assessment"), of("care-plan"))
+}
+
+fn carebridge_partners(settings: &crate::config::Settings) -> crate::partners::Partners {
+    crate::partners::Partners::new(&settings.partners)
 }
 
 fn beside_client(file: &std::path::Path, record: &serde_json::Value) -> Option<PathBuf> {

@@ -37,6 +37,9 @@ pub struct Settings {
     pub directories: Vec<DirectorySettings>,
     /// Mapping files (agency records ⇄ FHIR).
     pub mappings: MappingSettings,
+    /// The partners the gateway exchanges FHIR with (`[[partners]]`).
+    #[serde(default)]
+    pub partners: Vec<crate::partners::PartnerSettings>,
 }
 
 /// Where the mapping files live.
@@ -462,6 +465,7 @@ impl Settings {
     /// Checks the values serde cannot, collecting every problem.
     fn check(&self) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
+        crate::partners::check(&self.partners, &mut errors);
         if self.server.listen.parse::<SocketAddr>().is_err() {
             errors.push(format!("server.listen: `{}` is not HOST:PORT (e.g. 127.0.0.1:8080)", self.server.listen));
         }

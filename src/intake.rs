@@ -12,6 +12,7 @@ use crate::domain::{
     AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordId, RecordKind, Referral, StatusChange,
     Timestamp, Validator,
 };
+use crate::partners::Partners;
 use crate::store::{Actor, Change, Precondition, RecordWrite, SaveOutcome, Store, StoreError};
 
 /// How often a read-check-write cycle is repeated when another writer changes the record in between.
@@ -80,6 +81,21 @@ pub struct Saved {
     pub outcome: SaveOutcome,
     /// The body as stored (canonical JSON).
     pub body: String,
+}
+
+/// Refuses a record that names a partner the configuration does not know (a referral to it could never be
+/// delivered, a consent to it never applied).
+///
+/// # Errors
+/// `Invalid`, naming the field.
+pub fn check_partner<T: AgencyRecord>(record: &T, partners: &Partners) -> Result<(), IntakeError> {
+    match record.partner() {
+        Some((path, name)) if !partners.contains(name.as_str()) => Err(IntakeError::Invalid(vec![FieldError {
+            path: path.into(),
+            detail: "no partner of this name is configured ([[partners]] in the gateway's configuration)".into(),
+        }])),
+        _ => Ok(()),
+    }
 }
 
 /// Validates `record` and keeps it under `id`.
@@ -251,7 +267,12 @@ pub enum SeedError {
 ///
 /// # Errors
 /// The first file that cannot be read, parsed or kept.
-pub async fn seed(store: &dyn Store, dir: &Path, now: OffsetDateTime) -> Result<SeedReport, SeedError> {
+pub async fn seed(
+    store: &dyn Store,
+    partners: &Partners,
+    dir: &Path,
+    now: OffsetDateTime,
+) -> Result<SeedReport, SeedError> {
     let mut report = SeedReport::default();
     for kind in RecordKind::ALL {
         let kind_dir = dir.join(kind.as_str());
@@ -265,7 +286,7 @@ pub async fn seed(store: &dyn Store, dir: &Path, now: OffsetDateTime) -> Result<
             .collect();
         files.sort();
         for path in files {
-            if seed_file(store, kind, &path, now).await? {
+            if seed_file(store, partners, kind, &path, now).await? {
                 report.created += 1;
             } else {
                 report.kept += 1;
@@ -276,7 +297,13 @@ pub async fn seed(store: &dyn Store, dir: &Path, now: OffsetDateTime) -> Result<
 }
 
 /// Creates the record of one seed file; `false` when it already existed.
-async fn seed_file(store: &dyn Store, kind: RecordKind, path: &Path, now: OffsetDateTime) -> Result<bool, SeedError> {
+async fn seed_file(
+    store: &dyn Store,
+    partners: &Partners,
+    kind: RecordKind,
+    path: &Path,
+    now: OffsetDateTime,
+) -> Result<bool, SeedError> {
     let invalid = |detail: String| SeedError::Invalid { path: path.to_owned(), detail };
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
     let id = RecordId::parse(stem).map_err(|e| invalid(format!("file name is not a record id: {e}")))?;
@@ -285,7 +312,10 @@ async fn seed_file(store: &dyn Store, kind: RecordKind, path: &Path, now: Offset
     macro_rules! seed_as {
         ($t:ty) => {{
             let record: $t = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-            put(store, id, record, Precondition::Absent, &actor, Change::Seeded, now).await
+            match check_partner(&record, partners) {
+                Ok(()) => put(store, id, record, Precondition::Absent, &actor, Change::Seeded, now).await,
+                Err(e) => Err(e),
+            }
         }};
     }
     let saved = match kind {

@@ -92,6 +92,10 @@ impl AgencyRecord for Consent {
         ConsentStatus::from_code(code).is_some()
     }
 
+    fn partner(&self) -> Option<(&'static str, &RecordId)> {
+        Some(("$.partner", &self.partner))
+    }
+
     fn validate(&self, v: &mut Validator) {
         v.check(!self.categories.is_empty(), "$.categories", "a consent covers at least one category");
         for (i, c) in self.categories.iter().enumerate() {

@@ -145,4 +145,10 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn directory_service(&self) -> Option<&RecordId> {
         None
     }
+
+    /// The partner this record names (a referral's target, a consent's recipient), with its JSON path: it must be
+    /// a configured partner.
+    fn partner(&self) -> Option<(&'static str, &RecordId)> {
+        None
+    }
 }

@@ -220,6 +220,13 @@ impl AgencyRecord for Referral {
         }
     }
 
+    fn partner(&self) -> Option<(&'static str, &RecordId)> {
+        match &self.target {
+            ReferralTarget::Partner { partner } => Some(("$.target.partner", partner)),
+            ReferralTarget::DirectoryService { .. } => None,
+        }
+    }
+
     fn validate(&self, v: &mut Validator) {
         v.check(
             self.goal_ids.is_empty() || self.care_plan_id.is_some(),

@@ -283,6 +283,7 @@ async fn put_record<T: AgencyRecord>(
     if let Some(service_id) = record.directory_service() {
         check_directory_target::<T>(state, &path.id, service_id).await?;
     }
+    intake::check_partner(&record, &state.partners).map_err(intake_problem)?;
     let pre = precondition(state, T::KIND, &path.id, pre).await?;
     let saved =
         intake::put(&*state.store, path.id.clone(), record, pre, &actor.0, Change::Put, OffsetDateTime::now_utc())

@@ -56,6 +56,8 @@ pub struct AppState {
     /// Mapping jobs (CPU work on the blocking pool) that may run at once: one core is always left to the async
     /// workers, so previews never delay `/healthz` or a read.
     pub mapping_slots: Arc<tokio::sync::Semaphore>,
+    /// The configured partners (`[[partners]]`).
+    pub partners: Arc<crate::partners::Partners>,
 }
 
 /// How many mapping jobs may run at once on this machine: every core but one, and at least one.

@@ -31,7 +31,8 @@ use crate::store::ListQuery;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PreviewParams {
-    /// Map as this partner's overlay does (its US Core version, identifier systems, extra elements).
+    /// Map for this configured partner (`[[partners]]`), with its overlay when it has one (its US Core version,
+    /// identifier systems, extra elements).
     partner: Option<String>,
 }
 
@@ -75,6 +76,14 @@ pub async fn preview(
             .detail("no such record kind: client, assessment, care-plan, referral or consent")
     })?;
     let record = checked(kind, &body)?;
+    let overlay = match params.partner.as_deref() {
+        None => None,
+        Some(name) => state
+            .partners
+            .overlay_of(name)
+            .ok_or_else(|| Problem::new(ProblemType::NotFound).detail("no such partner in the configuration"))?
+            .map(str::to_owned),
+    };
     // What other writers stored (the client, the needs' other records) is read only for a key that may read it.
     let related = if caller.may(Scope::Read) {
         Related {
@@ -91,7 +100,7 @@ pub async fn preview(
     let span = tracing::Span::current();
     let mapped = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
-        mappings.to_fhir(kind, &record, params.partner.as_deref(), &related).map(|output| {
+        mappings.to_fhir(kind, &record, overlay.as_deref(), &related).map(|output| {
             let violations = output.violations.clone();
             (output.into_document(kind), violations)
         })

@@ -67,7 +67,34 @@ pub fn test_settings(dir: &Path) -> Settings {
         }))
         .expect("a directory source"),
     ];
+    settings.partners = toml::from_str::<PartnersFile>(FIXTURE_PARTNERS).expect("the fixture partners").partners;
     settings
+}
+
+/// The partners the fixture records name, as the demo configures them.
+pub const FIXTURE_PARTNERS: &str = r#"
+[[partners]]
+name = "st-marys-ehr"
+base_url = "https://fhir.stmarys.example/r4"
+receives = ["client", "assessment", "care-plan", "referral", "consent"]
+overlay = "st-marys-ehr"
+max_transaction_entries = 8
+
+[[partners]]
+name = "county-crisis-team"
+base_url = "https://fhir.county-crisis.example/r4"
+receives = ["client", "referral", "consent"]
+overlay = "county-crisis-team"
+
+[[partners]]
+name = "harbor-recovery-center"
+base_url = "https://fhir.harbor-recovery.example/r4"
+receives = ["client", "referral", "consent"]
+"#;
+
+#[derive(serde::Deserialize)]
+struct PartnersFile {
+    partners: Vec<carebridge::partners::PartnerSettings>,
 }
 
 /// Starts the gateway with the test settings.
@@ -182,6 +209,7 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
             scopes.join(", ")
         ));
     }
+    text.push_str(FIXTURE_PARTNERS);
     text.push_str(extra);
     let path = dir.join("carebridge.toml");
     std::fs::write(&path, text).expect("write config");

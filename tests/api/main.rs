@@ -14,6 +14,7 @@ mod hsds_api_fake;
 mod mappings;
 mod metrics_labels;
 mod ops;
+mod partners;
 mod private_answers;
 mod process;
 mod public_links;

@@ -140,21 +140,68 @@ fn map_prints_fhir_for_a_fixture_and_fails_loudly_on_a_bad_record() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a status_reason"));
 }
 
+/// A copy of the shipped mappings whose consent mapping lost its `is url` guard: an agency text then lands in
+/// `sourceAttachment.url`, which the base-R4 gate must catch (the built-in consent's document is a URL, so the
+/// copy still loads).
+fn mappings_without_the_url_guard(dir: &std::path::Path) -> std::path::PathBuf {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("readable") {
+            let e = e.expect("entry");
+            if e.path().is_dir() {
+                copy(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+            }
+        }
+    }
+    let to = dir.join("mappings");
+    copy(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"), &to);
+    let file = to.join("consent.consent.toml");
+    let text = std::fs::read_to_string(&file).expect("readable");
+    let broken = text.replacen("\"$when\" = \"source_document is url\"", "\"$when\" = \"source_document\"", 1);
+    assert_ne!(broken, text, "the consent mapping changed shape; update this test");
+    std::fs::write(&file, broken).expect("write");
+    to
+}
+
 #[tokio::test]
 async fn a_preview_of_fhir_that_breaks_base_r4_is_not_sendable_and_names_the_element() {
-    let app = spawn_app().await;
-    // A legal agency id (64 characters at most) whose Flag id (`<id>.crisis`) is longer than FHIR's 64.
-    let mut referral = fixture("referral", "ref-4003");
-    referral["id"] = json!(format!("ref-{}", "7".repeat(56)));
-    let response = app.post("/api/v1/preview/referral", &referral).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mappings = mappings_without_the_url_guard(dir.path());
+    let app = crate::helpers::spawn_app_with(move |s| s.mappings.dir = mappings).await;
+    let mut consent = fixture("consent", "co-5002");
+    consent["source_document"] = json!("paper form in chart, box 14");
+    let response = app.post("/api/v1/preview/consent", &consent).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["sendable"], false, "{body}");
     let violations = body["violations"].as_array().expect("violations");
     assert!(
-        violations.iter().any(|v| v["path"] == "Flag.id" && v["message"] == "not a valid FHIR `id`"),
+        violations
+            .iter()
+            .any(|v| v["path"] == "Consent.sourceAttachment.url" && v["message"] == "not a valid FHIR `url`"),
         "{violations:?}"
     );
+    assert!(!body.to_string().contains("box 14\"}]"), "violations name the element, never the value");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_agency_id_whose_composed_fhir_id_is_too_long_still_maps_to_a_sendable_flag() {
+    let app = spawn_app().await;
+    // A legal agency id (64 characters at most) whose Flag id (`<id>.crisis`) is longer than FHIR's 64.
+    let mut referral = fixture("referral", "ref-4003");
+    referral["id"] = json!(format!("ref-{}", "7".repeat(56)));
+    let body: Value = app.post("/api/v1/preview/referral", &referral).await.json().await.expect("JSON");
+    assert_eq!(body["sendable"], true, "{}", body["violations"]);
+    let flag = body["fhir"]["entry"]
+        .as_array()
+        .expect("a Bundle")
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Flag")
+        .expect("a crisis Flag");
+    assert_eq!(flag["resource"]["identifier"][0]["value"], referral["id"], "the identifier keeps the whole id");
     app.stop().await;
 }
 
@@ -180,14 +227,22 @@ fn map_exits_non_zero_when_the_fhir_breaks_base_r4_and_names_the_element() {
     let root = env!("CARGO_MANIFEST_DIR");
     let bin = env!("CARGO_BIN_EXE_carebridge");
     let dir = tempfile::tempdir().expect("temp dir");
-    let long = dir.path().join("long-id.json");
-    let mut referral = fixture("referral", "ref-4003");
-    referral["id"] = json!(format!("ref-{}", "7".repeat(56)));
-    std::fs::write(&long, referral.to_string()).expect("write");
-    let out =
-        Command::new(bin).current_dir(root).args(["map", "--kind", "referral"]).arg(&long).output().expect("runs");
+    let mappings = mappings_without_the_url_guard(dir.path());
+    let config = write_config(dir.path(), &format!("[mappings]\ndir = \"{}\"\n", mappings.display()));
+    let paper = dir.path().join("paper.json");
+    let mut consent = fixture("consent", "co-5002");
+    consent["source_document"] = json!("paper form in chart, box 14");
+    std::fs::write(&paper, consent.to_string()).expect("write");
+    let out = Command::new(bin)
+        .current_dir(root)
+        .args(["map", "--kind", "consent", "--config"])
+        .arg(&config)
+        .arg(&paper)
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Flag.id: not a valid FHIR `id`"), "{stderr}");
+    assert!(stderr.contains("Consent.sourceAttachment.url: not a valid FHIR `url`"), "{stderr}");
+    assert!(!stderr.contains("box 14"), "{stderr}");
 }

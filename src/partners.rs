@@ -1,0 +1,260 @@
+//! The partner registry: the organisations the gateway exchanges FHIR with, each named once in the configuration
+//! (`[[partners]]`). A referral's target partner and a consent's recipient name one of them; the partner says which
+//! mapping overlay it reads (`mappings/partners/<overlay>.toml`), what it receives, and how it is reached.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::domain::RecordKind;
+
+/// One partner, as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerSettings {
+    /// Its name (`a-z 0-9 -`): what records name it by.
+    pub name: String,
+    /// Its FHIR R4 base URL (`https://fhir.example/r4`).
+    pub base_url: String,
+    /// The record kinds sent to it (`client`, `assessment`, `care-plan`, `referral`, `consent`).
+    pub receives: Vec<String>,
+    /// Its mapping overlay (`mappings/partners/<overlay>.toml`); absent: the base mappings.
+    #[serde(default)]
+    pub overlay: Option<String>,
+    /// Most entries one transaction Bundle may hold; 0: no transactions, ordered single requests.
+    #[serde(default = "default_max_transaction_entries")]
+    pub max_transaction_entries: u32,
+    /// How the gateway authenticates to it.
+    #[serde(default)]
+    pub auth: PartnerAuth,
+}
+
+fn default_max_transaction_entries() -> u32 {
+    100
+}
+
+/// How the gateway authenticates to a partner's FHIR server (mutual TLS may come beside any of them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PartnerAuth {
+    /// No credentials (a server on a private network, a test server).
+    #[default]
+    None,
+    /// A static bearer token read from an environment variable (never written in the file).
+    Bearer {
+        /// The variable holding the token.
+        token_env: String,
+    },
+    /// SMART Backend Services: a signed JWT assertion exchanged for an access token.
+    SmartBackend {
+        /// The partner's token endpoint.
+        token_url: String,
+        /// The client id the partner registered for the gateway.
+        client_id: String,
+        /// PEM file of the private key that signs the assertion.
+        private_key_file: String,
+        /// The key's id (`kid`) as registered with the partner.
+        key_id: String,
+        /// Scopes asked for (`system/*.write`).
+        scope: String,
+    },
+}
+
+/// Most entries a transaction may be configured to hold.
+const MOST_TRANSACTION_ENTRIES: u32 = 1000;
+
+/// Checks the `[[partners]]` entries, pushing one message per problem.
+pub fn check(partners: &[PartnerSettings], errors: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, p) in partners.iter().enumerate() {
+        let at = format!("partners[{i}]");
+        let plain =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !plain(&p.name) || p.name.len() > 64 {
+            errors.push(format!("{at}.name: use a-z, 0-9 and '-' (at most 64): records name the partner by it"));
+        } else if !seen.insert(p.name.as_str()) {
+            errors.push(format!("{at}.name: `{}` names another partner too", p.name));
+        }
+        match reqwest::Url::parse(&p.base_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none() => {}
+            _ => errors.push(format!("{at}.base_url: expected the partner's FHIR base, an http:// or https:// URL")),
+        }
+        if p.receives.is_empty() {
+            errors.push(format!("{at}.receives: name the record kinds sent to it (e.g. [\"referral\"])"));
+        }
+        let mut kinds = std::collections::HashSet::new();
+        for k in &p.receives {
+            if RecordKind::from_name(k).is_none() {
+                errors.push(format!(
+                    "{at}.receives: `{k}` is not a record kind (client, assessment, care-plan, referral, consent)"
+                ));
+            } else if !kinds.insert(k.as_str()) {
+                errors.push(format!("{at}.receives: `{k}` is named twice"));
+            }
+        }
+        if let Some(o) = &p.overlay
+            && !plain(o)
+        {
+            errors.push(format!("{at}.overlay: the name of a file in mappings/partners/ (a-z, 0-9, '-')"));
+        }
+        if p.max_transaction_entries > MOST_TRANSACTION_ENTRIES {
+            errors
+                .push(format!("{at}.max_transaction_entries: at most {MOST_TRANSACTION_ENTRIES} (0: no transactions)"));
+        }
+        match &p.auth {
+            PartnerAuth::None => {}
+            PartnerAuth::Bearer { token_env } => {
+                if token_env.trim().is_empty() {
+                    errors.push(format!("{at}.auth.token_env: name the variable that holds the token"));
+                } else if std::env::var_os(token_env).is_none_or(|v| v.is_empty()) {
+                    errors.push(format!("{at}.auth.token_env: the variable {token_env} is not set"));
+                }
+            }
+            PartnerAuth::SmartBackend { token_url, client_id, private_key_file, key_id, scope } => {
+                if !reqwest::Url::parse(token_url).is_ok_and(|u| u.scheme() == "https") {
+                    errors.push(format!("{at}.auth.token_url: expected an https:// URL"));
+                }
+                for (key, value) in [("client_id", client_id), ("key_id", key_id), ("scope", scope)] {
+                    if value.trim().is_empty() {
+                        errors.push(format!("{at}.auth.{key}: must not be empty"));
+                    }
+                }
+                if !std::path::Path::new(private_key_file).is_file() {
+                    errors.push(format!("{at}.auth.private_key_file: {private_key_file} is not a file"));
+                }
+            }
+        }
+    }
+}
+
+/// The configured partners, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Partners(BTreeMap<String, PartnerSettings>);
+
+impl Partners {
+    /// The registry of the configured partners (names checked unique by [`check`]).
+    #[must_use]
+    pub fn new(partners: &[PartnerSettings]) -> Self {
+        Partners(partners.iter().map(|p| (p.name.clone(), p.clone())).collect())
+    }
+
+    /// The partner of this name.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&PartnerSettings> {
+        self.0.get(name)
+    }
+
+    /// Whether a partner of this name is configured.
+    #[must_use]
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    /// Every partner, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &PartnerSettings> {
+        self.0.values()
+    }
+
+    /// A message per partner whose overlay file the mappings do not have.
+    #[must_use]
+    pub fn missing_overlays(&self, mappings: &crate::mapping::Mappings) -> Vec<String> {
+        let have: std::collections::HashSet<&str> = mappings.partners().collect();
+        self.0
+            .values()
+            .filter_map(|p| {
+                let overlay = p.overlay.as_deref()?;
+                (!have.contains(overlay)).then(|| {
+                    format!(
+                        "partner `{}`: overlay `{overlay}` is not in {}/partners/ (add {overlay}.toml, or leave \
+                         `overlay` out for the base mappings)",
+                        p.name,
+                        mappings.dir.display()
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The overlay a partner's records are mapped with (`Some(None)`: the base mappings); `None` when no such
+    /// partner is configured.
+    #[must_use]
+    pub fn overlay_of(&self, name: &str) -> Option<Option<&str>> {
+        self.0.get(name).map(|p| p.overlay.as_deref())
+    }
+
+    /// The partners that receive records of `kind`.
+    pub fn receiving(&self, kind: RecordKind) -> impl Iterator<Item = &PartnerSettings> {
+        self.0.values().filter(move |p| p.receives.iter().any(|k| k == kind.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partner(toml: &str) -> PartnerSettings {
+        toml::from_str(toml).expect("parses")
+    }
+
+    #[test]
+    fn the_documented_entry_parses_and_passes() {
+        let p = partner(
+            r#"name = "st-marys-ehr"
+               base_url = "https://fhir.stmarys.example/r4"
+               receives = ["client", "assessment", "care-plan", "referral", "consent"]
+               overlay = "st-marys-ehr"
+               max_transaction_entries = 8
+               auth = { type = "none" }"#,
+        );
+        let mut errors = Vec::new();
+        check(std::slice::from_ref(&p), &mut errors);
+        assert_eq!(errors, Vec::<String>::new());
+        let registry = Partners::new(&[p]);
+        assert_eq!(registry.receiving(RecordKind::Referral).count(), 1);
+        assert!(registry.contains("st-marys-ehr") && !registry.contains("nobody"));
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let good = "base_url = \"https://x.example/r4\"\nreceives = [\"referral\"]";
+        let bad = [
+            partner(&format!("name = \"St Mary's\"\n{good}")),
+            partner("name = \"a\"\nbase_url = \"ftp://x\"\nreceives = [\"referral\"]"),
+            partner(
+                "name = \"b\"\nbase_url = \"https://x.example\"\nreceives = [\"referral\", \"letters\", \"referral\"]",
+            ),
+            partner(&format!("name = \"c\"\n{good}\nmax_transaction_entries = 5000")),
+            partner(&format!(
+                "name = \"d\"\n{good}\nauth = {{ type = \"bearer\", token_env = \"CAREBRIDGE_TEST_UNSET_TOKEN\" }}"
+            )),
+            partner(&format!("name = \"d\"\n{good}")),
+        ];
+        let mut errors = Vec::new();
+        check(&bad, &mut errors);
+        for needle in [
+            "partners[0].name",
+            "partners[1].base_url",
+            "`letters` is not a record kind",
+            "`referral` is named twice",
+            "partners[3].max_transaction_entries",
+            "CAREBRIDGE_TEST_UNSET_TOKEN is not set",
+            "`d` names another partner too",
+        ] {
+            assert!(errors.iter().any(|e| e.contains(needle)), "{needle}: {errors:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_or_auth_type_does_not_parse() {
+        assert!(
+            toml::from_str::<PartnerSettings>("name = \"a\"\nbase_url = \"https://x\"\nreceives = []\nurl = 1")
+                .is_err()
+        );
+        assert!(
+            toml::from_str::<PartnerSettings>(
+                "name = \"a\"\nbase_url = \"https://x\"\nreceives = []\nauth = { type = \"magic\" }"
+            )
+            .is_err()
+        );
+    }
+}

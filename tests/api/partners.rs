@@ -1,0 +1,80 @@
+//! The partner registry (`[[partners]]`): records name configured partners only, a partner maps with its overlay
+//! (or the base mappings), and a partner whose overlay is missing stops `check` and the start.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{fixture, spawn_app, write_config};
+
+#[tokio::test]
+async fn a_record_naming_a_partner_nobody_configured_is_refused_with_the_field() {
+    let app = spawn_app().await;
+    assert_eq!(app.put("/api/v1/clients/cl-1001", &fixture("client", "cl-1001")).await.status(), 201);
+    let mut referral = fixture("referral", "ref-4001");
+    referral["target"] = json!({"type": "partner", "partner": "st-marys-ehr-typo"});
+    let response = app.put("/api/v1/referrals/ref-4001", &referral).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.expect("problem");
+    assert_eq!(body["errors"][0]["path"], "$.target.partner", "{body}");
+    let mut consent = fixture("consent", "co-5001");
+    consent["partner"] = json!("nobody");
+    let response = app.put("/api/v1/consents/co-5001", &consent).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.expect("problem");
+    assert_eq!(body["errors"][0]["path"], "$.partner", "{body}");
+    assert_eq!(app.get("/api/v1/referrals/ref-4001").await.status(), 404, "nothing was kept");
+    // The configured partners are taken.
+    assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_partner_without_an_overlay_maps_with_the_base_mappings() {
+    let app = spawn_app().await;
+    let referral = fixture("referral", "ref-4006");
+    assert_eq!(referral["target"]["partner"], "harbor-recovery-center", "the fixture changed; update this test");
+    let harbor = app.post("/api/v1/preview/referral?partner=harbor-recovery-center", &referral).await;
+    assert_eq!(harbor.status(), 200);
+    let harbor: Value = harbor.json().await.expect("JSON");
+    let base: Value = app.post("/api/v1/preview/referral", &referral).await.json().await.expect("JSON");
+    assert_eq!(harbor["fhir"], base["fhir"]);
+    assert_eq!(harbor["sendable"], true, "{}", harbor["violations"]);
+    app.stop().await;
+}
+
+#[test]
+fn a_partner_whose_overlay_is_missing_stops_check_and_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let extra = "[[partners]]\nname = \"lakeside\"\nbase_url = \"https://fhir.lakeside.example/r4\"\n\
+                 receives = [\"referral\"]\noverlay = \"lakeside-ehr\"\n";
+    let config = write_config(dir.path(), extra);
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(bin).current_dir(root).args(["check", "--config"]).arg(&config).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("partner `lakeside`: overlay `lakeside-ehr` is not in"), "{stderr}");
+    let out = Command::new(bin).current_dir(root).args(["serve", "--config"]).arg(&config).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("overlay `lakeside-ehr`"));
+}
+
+#[test]
+fn a_bad_partner_entry_is_named_by_check() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let extra =
+        "[[partners]]\nname = \"Lakeside EHR\"\nbase_url = \"fhir.lakeside.example\"\nreceives = [\"letters\"]\n";
+    let config = write_config(dir.path(), extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_carebridge"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in ["partners[3].name", "partners[3].base_url", "`letters` is not a record kind"] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+}
