@@ -128,24 +128,26 @@ impl Application {
     }
 }
 
-/// How often a scheduled directory sync is a full one (which also finds services that vanished).
-const FULL_SYNC_EVERY: Duration = Duration::from_secs(24 * 3600);
-
-/// Syncs a directory every `interval`: fully at start and once a day, incrementally in between. A failed sync is
-/// logged and tried again at the next interval; it never stops the gateway.
+/// Syncs a directory every `interval`: fully when the last complete crawl is a day old (or there was none),
+/// incrementally in between. A failed sync is logged and tried again at the next interval; it never stops the
+/// gateway.
 async fn sync_on_schedule(store: Arc<dyn Store>, source: Arc<dyn DirectorySource>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_full: Option<tokio::time::Instant> = None;
     loop {
         ticker.tick().await;
-        let full = last_full.is_none_or(|t| t.elapsed() >= FULL_SYNC_EVERY);
-        let mode = if full { SyncMode::Full } else { SyncMode::Incremental };
-        match directories::sync(&*store, &*source, SyncOptions::new(mode, OffsetDateTime::now_utc()), &|_| {}).await {
+        let now = OffsetDateTime::now_utc();
+        let state = match store.directory_sync_state(source.name()).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(source = source.name(), error = %e, "Directory sync state unreadable; will retry.");
+                continue;
+            }
+        };
+        let mode = directories::schedule::scheduled_mode(state.as_ref(), now, directories::schedule::FULL_SYNC_EVERY);
+        let full = mode == SyncMode::Full;
+        match directories::sync(&*store, &*source, SyncOptions::new(mode, now), &|_| {}).await {
             Ok(r) => {
-                if full {
-                    last_full = Some(tokio::time::Instant::now());
-                }
                 tracing::info!(
                     source = source.name(),
                     full,

@@ -14,6 +14,7 @@ pub mod hours;
 pub mod hsds;
 pub mod hsds_csv;
 pub mod publish;
+pub mod schedule;
 pub mod source_http;
 pub mod synthetic;
 
