@@ -5,8 +5,9 @@
 //! [`SyncRunner::start`] begins a job and runs it in the background (the API: it answers at once with the job
 //! id); [`SyncRunner::run`] runs one to its end in the caller's task (the CLI and the schedule). While a sync
 //! runs, a heartbeat renews its lease and records its counts; a sync whose lease was lost (it lapsed and another
-//! job took it) is stopped, and so is every sync when the gateway shuts down. Each ended sync counts in
-//! `carebridge_directory_sync_runs_total{source, outcome}`.
+//! job took it) is stopped, and so is every sync when the gateway shuts down. Each ended (or refused) sync counts
+//! in `carebridge_directory_sync_runs_total{source, outcome}`; [`observe`] sets the catalog gauges `/metrics`
+//! shows.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -437,6 +438,56 @@ impl SyncRunner {
             Err(_) => return,
         };
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The states `carebridge_directory_services{source, state}` reports, each set (to 0 when none) at every scrape.
+const SERVICE_STATES: [&str; 6] = ["active", "inactive", "defunct", "temporarily_closed", "vanished", "other"];
+
+/// The `state` label of a kept service: `vanished` when its source no longer lists it, else its status there.
+fn service_state(listed: bool, status: &str) -> &'static str {
+    match (listed, status) {
+        (false, _) => "vanished",
+        (true, "active") => "active",
+        (true, "inactive") => "inactive",
+        (true, "defunct") => "defunct",
+        (true, "temporarily closed") => "temporarily_closed",
+        (true, _) => "other",
+    }
+}
+
+/// Sets the directory gauges for `sources` at `now`: services by source and state
+/// (`carebridge_directory_services`), seconds since the last complete (full) sync
+/// (`carebridge_directory_last_complete_sync_age_seconds`) and the age of the incremental watermark
+/// (`carebridge_directory_watermark_age_seconds`), the last two only once known. A source the store cannot
+/// answer for keeps its last values (logged).
+pub async fn observe<'a>(store: &dyn Store, sources: impl IntoIterator<Item = &'a str>, now: OffsetDateTime) {
+    for source in sources {
+        let (counts, state) =
+            match (store.directory_service_counts(source).await, store.directory_sync_state(source).await) {
+                (Ok(counts), Ok(state)) => (counts, state),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(source, error = %e, "Directory gauges not read.");
+                    continue;
+                }
+            };
+        let mut by_state: HashMap<&'static str, u64> = SERVICE_STATES.iter().map(|s| (*s, 0)).collect();
+        for (listed, status, n) in counts {
+            *by_state.entry(service_state(listed, &status)).or_default() += n;
+        }
+        for (label, n) in by_state {
+            metrics::gauge!("carebridge_directory_services", "source" => source.to_owned(), "state" => label)
+                .set(n as f64);
+        }
+        let state = state.unwrap_or_default();
+        let age = |at: OffsetDateTime| (now - at).as_seconds_f64().max(0.0);
+        if let Some(at) = state.complete_at {
+            metrics::gauge!("carebridge_directory_last_complete_sync_age_seconds", "source" => source.to_owned())
+                .set(age(at));
+        }
+        if let Some(at) = state.watermark {
+            metrics::gauge!("carebridge_directory_watermark_age_seconds", "source" => source.to_owned()).set(age(at));
+        }
     }
 }
 

@@ -136,6 +136,13 @@ pub trait SyncJobs: Send + Sync {
     /// # Errors
     /// `Database`, or `CorruptCatalog` when its kept JSON no longer parses.
     async fn directory_sync_job(&self, id: &str) -> Result<Option<SyncJobRow>, StoreError>;
+
+    /// How many services of `source` the catalog keeps, by whether they are still listed (`true`) and the
+    /// source's status for them.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn directory_service_counts(&self, source: &str) -> Result<Vec<(bool, String, u64)>, StoreError>;
 }
 
 type JobRow = (
@@ -322,6 +329,19 @@ macro_rules! impl_sync_jobs {
                 .fetch_optional(self.reader())
                 .await?;
                 row.map(job_row).transpose()
+            }
+
+            async fn directory_service_counts(&self, source: &str) -> Result<Vec<(bool, String, u64)>, StoreError> {
+                let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+                    "SELECT active, status, COUNT(*) FROM directory_services WHERE source = $1 GROUP BY active, status",
+                )
+                .bind(source)
+                .fetch_all(self.reader())
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(active, status, n)| (active != 0, status, u64::try_from(n).unwrap_or(0)))
+                    .collect())
             }
         }
     };

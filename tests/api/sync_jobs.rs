@@ -23,8 +23,13 @@ fn fixture_services() -> Vec<Value> {
 const OFFERED: u64 = 23;
 
 fn metro(base: &str) -> carebridge::config::DirectorySettings {
+    named(base, "metro")
+}
+
+/// An `hsds_api` source at `base` read as listed, 5 services a page, small retry waits.
+fn named(base: &str, name: &str) -> carebridge::config::DirectorySettings {
     serde_json::from_value(json!({
-        "type": "hsds_api", "name": "metro", "base_url": base, "per_page": 5, "timeout_secs": 5, "detail": "list",
+        "type": "hsds_api", "name": name, "base_url": base, "per_page": 5, "timeout_secs": 5, "detail": "list",
         "retries": 1, "retry_min_delay_ms": 10, "retry_max_delay_ms": 20, "retry_after_max_secs": 1,
     }))
     .expect("a directory source")
@@ -287,4 +292,66 @@ async fn the_cli_refuses_to_sync_a_directory_a_gateway_is_syncing() {
     let synced = cli(&["directory", "sync", "demo"]);
     assert!(synced.status.success(), "{}", String::from_utf8_lossy(&synced.stderr));
     assert!(String::from_utf8_lossy(&synced.stdout).contains("demo: 24 added"), "{:?}", synced);
+}
+
+/// The value of the series `name{labels}` in Prometheus text, when shown.
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_metrics_show_sync_runs_services_by_state_and_ages_after_a_sync() {
+    let fake = FakeHsdsApi::with(fixture_services());
+    let base = fake.start().await;
+    // A source name of its own: the recorder is shared by every test in this process.
+    let source = named(&base, "gauge211");
+    let app = spawn_app_with(move |s| s.directories = vec![source]).await;
+    let metrics = || async {
+        app.client.get(format!("{}/metrics", app.base)).send().await.expect("sent").text().await.expect("text")
+    };
+
+    let before = metrics().await;
+    assert_eq!(series(&before, r#"carebridge_directory_services{source="gauge211",state="active"}"#), Some(0.0));
+    assert_eq!(series(&before, r#"carebridge_directory_last_complete_sync_age_seconds{source="gauge211"}"#), None);
+
+    assert_eq!(crate::helpers::synced_report(&app, "gauge211", "mode=full").await["added"], 24);
+    for _ in 0..2 {
+        fake.fault(On::Page(1), Fault::Status(503, None, "down"));
+    }
+    let failed = crate::helpers::finished_sync(&app, "gauge211", "mode=full").await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let text = metrics().await;
+    let runs = |outcome: &str| {
+        series(&text, &format!(r#"carebridge_directory_sync_runs_total{{source="gauge211",outcome="{outcome}"}}"#))
+    };
+    assert_eq!((runs("succeeded"), runs("source_failed")), (Some(1.0), Some(1.0)), "{text}");
+    let services =
+        |state: &str| series(&text, &format!(r#"carebridge_directory_services{{source="gauge211",state="{state}"}}"#));
+    let inactive = fixture_services().iter().filter(|s| s["status"] == "inactive").count() as f64;
+    assert_eq!(services("active"), Some(24.0 - inactive), "{text}");
+    assert_eq!((services("inactive"), services("vanished")), (Some(inactive), Some(0.0)), "{text}");
+    let age = series(&text, r#"carebridge_directory_last_complete_sync_age_seconds{source="gauge211"}"#);
+    assert!(age.is_some_and(|a| (0.0..60.0).contains(&a)), "{age:?}");
+    let newest = fixture_services().iter().filter_map(|s| s["last_modified"].as_str().map(str::to_owned)).max();
+    let newest = time::OffsetDateTime::parse(&newest.expect("a date"), &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let expected = (time::OffsetDateTime::now_utc() - newest).as_seconds_f64();
+    let watermark = series(&text, r#"carebridge_directory_watermark_age_seconds{source="gauge211"}"#);
+    assert!(watermark.is_some_and(|w| (w - expected).abs() < 60.0), "{watermark:?} vs {expected}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_sync_job_routes() {
+    let app = crate::helpers::spawn_app().await;
+    let doc = app.get_json("/api/v1/openapi.json").await;
+    let start = &doc["paths"]["/api/v1/directories/{source}/sync"]["post"]["responses"];
+    assert!(start["202"].is_object() && start["409"].is_object() && start["200"].is_null(), "{start}");
+    let job = &doc["paths"]["/api/v1/directories/{source}/sync/{job}"]["get"];
+    assert!(job["responses"]["200"].is_object(), "{job}");
+    let schema = &doc["components"]["schemas"]["SyncJob"]["properties"];
+    for field in ["state", "progress", "started_at", "finished_at", "report", "error"] {
+        assert!(schema[field].is_object(), "SyncJob.{field}: {schema}");
+    }
+    app.stop().await;
 }
