@@ -300,6 +300,8 @@ impl SyncRunner {
         let id = claimed.id.clone();
         let runner = self.clone();
         if let Ok(mut tasks) = self.background.lock() {
+            // Forget the jobs that ended (a JoinSet keeps their results until joined).
+            while tasks.try_join_next().is_some() {}
             tasks.spawn(async move {
                 let _ = runner.run(claimed, &|_| {}).await;
             });
