@@ -85,7 +85,8 @@ pub enum Command {
 /// Directory subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DirectoryCommand {
-    /// Sync one configured directory, or all of them, and print what changed.
+    /// Sync one configured directory, or all of them, and print what changed (exit 1 when a sync failed, 3 when
+    /// one was not started because a sync of that directory was already running).
     Sync {
         /// The directory's configured name; all directories when left out.
         source: Option<String>,
