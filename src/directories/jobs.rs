@@ -230,6 +230,7 @@ pub struct SyncRunner {
     sources: Arc<HashMap<String, Arc<dyn DirectorySource>>>,
     stop: watch::Receiver<bool>,
     background: Arc<Mutex<tokio::task::JoinSet<()>>>,
+    heartbeat: std::time::Duration,
 }
 
 impl SyncRunner {
@@ -240,7 +241,14 @@ impl SyncRunner {
         sources: Arc<HashMap<String, Arc<dyn DirectorySource>>>,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        SyncRunner { store, sources, stop, background: Arc::default() }
+        SyncRunner { store, sources, stop, background: Arc::default(), heartbeat: HEARTBEAT }
+    }
+
+    /// The same runner, renewing leases every `heartbeat` instead of [`HEARTBEAT`] (tests, which cannot wait).
+    #[must_use]
+    pub fn with_heartbeat(mut self, heartbeat: std::time::Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// The configured sources, by name.
@@ -337,7 +345,7 @@ impl SyncRunner {
                 let sync = super::sync(store, &*source, options, &note);
                 let heartbeat = async {
                     loop {
-                        tokio::time::sleep(HEARTBEAT).await;
+                        tokio::time::sleep(self.heartbeat).await;
                         match renew().await {
                             Ok(true) => {}
                             Ok(false) => return,

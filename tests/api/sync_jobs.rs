@@ -355,3 +355,73 @@ async fn the_openapi_document_describes_the_sync_job_routes() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_whose_lease_another_job_took_over_stops_and_says_so() {
+    let fake = FakeHsdsApi::with(fixture_services());
+    let base = fake.start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite:{}", dir.path().join("lease.db").display());
+    let store = carebridge::store::connect(&url, 4, Duration::from_secs(5)).await.expect("the store opens");
+    let source = source_from_settings(&metro(&base), std::path::Path::new(".")).expect("a source");
+    let here = runner(&store, source).with_heartbeat(Duration::from_millis(50));
+    slow_pages(&fake, Duration::from_millis(400));
+    let now = time::OffsetDateTime::now_utc();
+    let claimed = here
+        .claim(
+            "metro",
+            carebridge::directories::SyncMode::Full,
+            false,
+            carebridge::directories::jobs::StartedBy::Api,
+            now,
+        )
+        .await
+        .expect("claimed");
+    let id = claimed.id.clone();
+    let running = tokio::spawn(async move { here.run(claimed, &|_| {}).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Two minutes on, as another replica sees it, the lease has lapsed: it takes it over.
+    let later = now + time::Duration::minutes(2);
+    let other = carebridge::store::NewSyncJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        source: "metro".into(),
+        mode: "full".into(),
+        force: false,
+        started_by: "schedule".into(),
+        progress: json!({}),
+    };
+    let taken = store.begin_directory_sync(&other, later, later + time::Duration::seconds(60)).await.expect("begin");
+    assert_eq!(taken, carebridge::store::Begun::Started);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), running).await.expect("stopped in time").expect("task");
+    let failure = outcome.expect_err("the sync stopped");
+    assert_eq!(failure.kind, "lease_lost", "{failure:?}");
+    let job = store.directory_sync_job(&id).await.expect("read").expect("kept");
+    assert_eq!((job.state.as_str(), job.error.expect("an error")["kind"].as_str()), ("failed", Some("lease_lost")));
+    assert!(fake.uris().len() < 5, "the sync stopped before reading every page: {:?}", fake.uris());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn the_scheduled_worker_stops_when_the_gateway_says_so() {
+    let fake = FakeHsdsApi::with(fixture_services());
+    let base = fake.start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite:{}", dir.path().join("worker.db").display());
+    let store = carebridge::store::connect(&url, 4, Duration::from_secs(5)).await.expect("the store opens");
+    let source = source_from_settings(&metro(&base), std::path::Path::new(".")).expect("a source");
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let sources = std::collections::HashMap::from([("metro".to_owned(), source)]);
+    let runner = SyncRunner::new(store.clone(), Arc::new(sources), stopping.clone());
+    let worker = tokio::spawn(schedule::run_worker(runner, "metro".into(), Duration::from_secs(3600), stopping));
+    // The first turn runs at once.
+    while active_in(&store).await < 23 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).expect("the worker listens");
+    tokio::time::timeout(Duration::from_secs(5), worker).await.expect("the worker stopped").expect("task");
+    store.close().await;
+}
+
+async fn active_in(store: &Arc<dyn carebridge::store::Store>) -> usize {
+    store.active_directory_services("metro").await.expect("read").len()
+}
