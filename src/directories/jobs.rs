@@ -305,7 +305,18 @@ impl SyncRunner {
         now: OffsetDateTime,
     ) -> Result<SyncJob, StartError> {
         let claimed = self.claim(source, mode, force, started_by, now).await?;
-        let id = claimed.id.clone();
+        // Read before the job runs, so the answer shows it as it was accepted (`queued`).
+        let queued = match self.store.directory_sync_job(&claimed.id).await {
+            Ok(Some(row)) => SyncJob::from_row(row),
+            Ok(None) => {
+                self.abandon(claimed).await;
+                return Err(StartError::Store(StoreError::WriterStopped));
+            }
+            Err(e) => {
+                self.abandon(claimed).await;
+                return Err(e.into());
+            }
+        };
         let runner = self.clone();
         if let Ok(mut tasks) = self.background.lock() {
             // Forget the jobs that ended (a JoinSet keeps their results until joined).
@@ -314,8 +325,21 @@ impl SyncRunner {
                 let _ = runner.run(claimed, &|_| {}).await;
             });
         }
-        let row = self.store.directory_sync_job(&id).await?;
-        row.map(SyncJob::from_row).ok_or(StartError::Store(StoreError::WriterStopped))
+        Ok(queued)
+    }
+
+    /// Ends a claimed job that will not run, giving its lease back.
+    async fn abandon(&self, claimed: Claimed) {
+        let end = SyncJobEnd {
+            state: "failed",
+            progress: progress_json(&SyncProgress::default()),
+            report: None,
+            error: serde_json::to_value(JobFailure::of(&SyncError::Store(StoreError::WriterStopped))).ok(),
+        };
+        let name = claimed.source.name().to_owned();
+        if let Err(e) = self.store.finish_directory_sync(&name, &claimed.id, &end, OffsetDateTime::now_utc()).await {
+            tracing::warn!(source = %name, job_id = %claimed.id, error = %e, "Directory sync job end not recorded; its lease will lapse.");
+        }
     }
 
     /// Runs a claimed job to its end (renewing its lease, recording its counts), records how it ended and gives
