@@ -1,6 +1,7 @@
 //! The running service: [`Application::build`] opens the store, loads the demo seed if configured, binds the
-//! listener; [`Application::run_until_stopped`] serves until the shutdown signal, then lets requests in flight
-//! finish (up to the grace period) and closes the database.
+//! listener and starts the workers (a scheduled sync per directory that has an interval);
+//! [`Application::run_until_stopped`] serves until the shutdown signal, then stops the workers and the directory
+//! syncs running, lets requests in flight finish (up to the grace period) and closes the database.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,7 +15,8 @@ use tokio::net::TcpListener;
 use std::collections::HashMap;
 
 use crate::config::Settings;
-use crate::directories::{self, DirectorySource, SyncMode, SyncOptions};
+use crate::directories::jobs::SyncRunner;
+use crate::directories::{self, schedule};
 use crate::http::public_url::PublicUrl;
 use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, AppState, Limits};
@@ -59,6 +61,10 @@ pub struct Application {
     router: Router,
     store: Arc<dyn Store>,
     limits: ConnectionLimits,
+    /// Turns `true` at shutdown: the workers and the directory syncs watch it.
+    stop: tokio::sync::watch::Sender<bool>,
+    workers: tokio::task::JoinSet<()>,
+    syncs: SyncRunner,
 }
 
 impl Application {
@@ -84,16 +90,20 @@ impl Application {
             return Err(StartError::Partners(missing));
         }
         let mut sources = HashMap::new();
+        let mut schedules = Vec::new();
         for d in &settings.directories {
             let source = directories::source_from_settings(d, &settings.mappings.dir).map_err(StartError::Directory)?;
             if d.sync_interval_secs() > 0 {
-                tokio::spawn(sync_on_schedule(
-                    store.clone(),
-                    source.clone(),
-                    Duration::from_secs(d.sync_interval_secs()),
-                ));
+                schedules.push((d.name().to_owned(), Duration::from_secs(d.sync_interval_secs())));
             }
             sources.insert(d.name().to_owned(), source);
+        }
+        let sources = Arc::new(sources);
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let syncs = SyncRunner::new(store.clone(), sources.clone(), stopping.clone());
+        let mut workers = tokio::task::JoinSet::new();
+        for (name, interval) in schedules {
+            workers.spawn(schedule::run_worker(syncs.clone(), name, interval, stopping.clone()));
         }
         let addr = settings.listen_addr();
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
@@ -104,7 +114,8 @@ impl Application {
             store: store.clone(),
             api: settings.api.clone(),
             metrics: telemetry::metrics_handle(),
-            sources: Arc::new(sources),
+            sources,
+            syncs: syncs.clone(),
             mappings,
             mapping_slots: Arc::new(tokio::sync::Semaphore::new(http::mapping_slots())),
             public_url: Arc::new(public_url),
@@ -115,7 +126,15 @@ impl Application {
             tracing::warn!("No API keys are configured; every /api/v1 call will be refused.");
         }
         let router = http::router(state, keys, Limits::from_settings(settings));
-        Ok(Application { listener, router, store, limits: ConnectionLimits::from_settings(settings) })
+        Ok(Application {
+            listener,
+            router,
+            store,
+            limits: ConnectionLimits::from_settings(settings),
+            stop,
+            workers,
+            syncs,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -126,49 +145,25 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes, then gives requests in flight up to the grace period and closes the
+    /// Serves until `shutdown` completes; then stops the workers and the directory syncs running (each records
+    /// that it stopped and gives its lease back), gives requests in flight up to the grace period, and closes the
     /// store.
     ///
     /// # Errors
     /// None today (a failed accept is logged and retried); kept so a caller handles a future listener failure.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        serve::serve(self.listener, self.router, self.limits, shutdown).await;
-        self.store.close().await;
+        let Application { listener, router, store, limits, stop, mut workers, syncs } = self;
+        let shutdown = async move {
+            shutdown.await;
+            // Syncs are not requests: they stop at once rather than hold the grace period.
+            let _ = stop.send(true);
+        };
+        serve::serve(listener, router, limits, shutdown).await;
+        while workers.join_next().await.is_some() {}
+        syncs.wait_for_background().await;
+        store.close().await;
         tracing::info!("Stopped.");
         Ok(())
-    }
-}
-
-/// How often a scheduled directory sync is a full one (which also finds services that vanished).
-const FULL_SYNC_EVERY: Duration = Duration::from_secs(24 * 3600);
-
-/// Syncs a directory every `interval`: fully at start and once a day, incrementally in between. A failed sync is
-/// logged and tried again at the next interval; it never stops the gateway.
-async fn sync_on_schedule(store: Arc<dyn Store>, source: Arc<dyn DirectorySource>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_full: Option<tokio::time::Instant> = None;
-    loop {
-        ticker.tick().await;
-        let full = last_full.is_none_or(|t| t.elapsed() >= FULL_SYNC_EVERY);
-        let mode = if full { SyncMode::Full } else { SyncMode::Incremental };
-        match directories::sync(&*store, &*source, SyncOptions::new(mode, OffsetDateTime::now_utc()), &|_| {}).await {
-            Ok(r) => {
-                if full {
-                    last_full = Some(tokio::time::Instant::now());
-                }
-                tracing::info!(
-                    source = source.name(),
-                    full,
-                    added = r.added,
-                    updated = r.updated,
-                    deactivated = r.deactivated,
-                    rejected = r.rejected.len(),
-                    "Directory synced."
-                );
-            }
-            Err(e) => tracing::warn!(source = source.name(), error = %e, "Directory sync failed; will retry."),
-        }
     }
 }
 

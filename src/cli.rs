@@ -13,7 +13,8 @@ use time::OffsetDateTime;
 
 use crate::app::{self, Application};
 use crate::config::{DirectorySettings, Overrides, Settings};
-use crate::directories::{self, ServiceQuery, SyncMode, SyncOptions, fhir_directory};
+use crate::directories::jobs::{StartError, StartedBy, SyncProgress, SyncRunner};
+use crate::directories::{self, ServiceQuery, SyncMode, fhir_directory};
 use crate::domain::RecordKind;
 use crate::keys::{KeyHash, new_key};
 use crate::mapping::{self, Mappings};
@@ -84,7 +85,8 @@ pub enum Command {
 /// Directory subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DirectoryCommand {
-    /// Sync one configured directory, or all of them, and print what changed.
+    /// Sync one configured directory, or all of them, and print what changed (exit 1 when a sync failed, 3 when
+    /// one was not started because a sync of that directory was already running).
     Sync {
         /// The directory's configured name; all directories when left out.
         source: Option<String>,
@@ -334,7 +336,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("cannot open the database")?;
             let code = match command {
                 DirectoryCommand::Sync { source, incremental, force } => {
-                    directory_sync(&*store, &settings, source.as_deref(), incremental, force).await?
+                    directory_sync(&store, &settings, source.as_deref(), incremental, force).await?
                 }
                 DirectoryCommand::Search {
                     q,
@@ -390,9 +392,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Syncs the named directory (or all), with a progress line per source and a summary; exit 1 if any failed.
+/// Exit code of `directories sync` when a sync was not started because another of the same source was running.
+const EXIT_SYNC_RUNNING: u8 = 3;
+
+/// Syncs the named directory (or all), each as a job holding its source's lease, with a progress line per source
+/// and a summary; exit 1 if any failed, else 3 if any was not started because a sync of it was already running
+/// (on a gateway or another CLI). Ctrl-C stops the sync running (recorded as stopped, its lease given back).
 async fn directory_sync(
-    store: &dyn Store,
+    store: &std::sync::Arc<dyn Store>,
     settings: &Settings,
     only: Option<&str>,
     incremental: bool,
@@ -403,18 +410,35 @@ async fn directory_sync(
         anyhow::bail!("no directory named {} in the configuration", only.unwrap_or("(any)"));
     }
     let mode = if incremental { SyncMode::Incremental } else { SyncMode::Full };
-    let mut failed = false;
+    let mut sources = std::collections::HashMap::new();
+    for d in &chosen {
+        sources.insert(d.name().to_owned(), directories::source_from_settings(d, &settings.mappings.dir)?);
+    }
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let interrupt = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop.send(true);
+        }
+    });
+    let runner = SyncRunner::new(store.clone(), std::sync::Arc::new(sources), stopping);
+    let (mut failed, mut busy) = (false, false);
     for d in chosen {
-        let source = directories::source_from_settings(d, &settings.mappings.dir)?;
-        let bar = ProgressBar::new_spinner().with_message(format!("{}: syncing", d.name()));
+        let claimed = match runner.claim(d.name(), mode, force, StartedBy::Cli, OffsetDateTime::now_utc()).await {
+            Ok(claimed) => claimed,
+            Err(StartError::Busy { running, .. }) => {
+                eprintln!("{}: a sync of this directory is already running (job {running}); not started", d.name());
+                busy = true;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let bar = ProgressBar::new_spinner().with_message(format!("{}: syncing (job {})", d.name(), claimed.id));
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} {pos} records read")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
-        let progress = |n: usize| bar.set_position(n as u64);
-        match directories::sync(store, &*source, SyncOptions { mode, force, now: OffsetDateTime::now_utc() }, &progress)
-            .await
-        {
+        let progress = |p: &SyncProgress| bar.set_position(p.read as u64);
+        match runner.run(claimed, &progress).await {
             Ok(r) => {
                 bar.finish_and_clear();
                 println!(
@@ -439,12 +463,19 @@ async fn directory_sync(
             }
             Err(e) => {
                 bar.finish_and_clear();
-                eprintln!("{}: sync failed: {e}", d.name());
+                eprintln!("{}: sync failed ({}): {}", d.name(), e.kind, e.detail);
                 failed = true;
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    interrupt.abort();
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else if busy {
+        ExitCode::from(EXIT_SYNC_RUNNING)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Loads the settings, printing every error on stderr when they are invalid.

@@ -13,7 +13,9 @@ pub mod fhir_directory;
 pub mod hours;
 pub mod hsds;
 pub mod hsds_csv;
+pub mod jobs;
 pub mod publish;
+pub mod schedule;
 pub mod source_http;
 pub mod synthetic;
 
@@ -495,7 +497,7 @@ struct Run<'a> {
     store: &'a dyn Store,
     source: &'a dyn DirectorySource,
     options: SyncOptions,
-    progress: &'a (dyn Fn(usize) + Sync),
+    progress: &'a (dyn Fn(&jobs::SyncProgress) + Sync),
     /// Active services at the start, with their kept `last_modified`.
     known: HashMap<String, Option<OffsetDateTime>>,
     /// Whether a listed record whose `last_modified` is unchanged may keep its stored full record.
@@ -633,7 +635,7 @@ impl Run<'_> {
         };
         self.upsert(&whole).await?;
         self.read += listed;
-        (self.progress)(self.read);
+        (self.progress)(&jobs::SyncProgress::of(&self.report, self.read));
         Ok(gone)
     }
 
@@ -750,7 +752,7 @@ fn show(n: Option<u64>) -> String {
     n.map_or_else(|| "?".to_owned(), |n| n.to_string())
 }
 
-/// Pulls `source` into the catalog. `progress` is told the running count of records read.
+/// Pulls `source` into the catalog. `progress` is told the counts so far after each page.
 ///
 /// A full sync (or an incremental one with no usable watermark) deactivates only after a crawl that adds up: every
 /// page well formed, the totals the source states matching what was read, and not implausibly fewer services than
@@ -764,7 +766,7 @@ pub async fn sync(
     store: &dyn Store,
     source: &dyn DirectorySource,
     options: SyncOptions,
-    progress: &(dyn Fn(usize) + Sync),
+    progress: &(dyn Fn(&jobs::SyncProgress) + Sync),
 ) -> Result<SyncReport, SyncError> {
     let name = source.name().to_owned();
     let now = options.now;

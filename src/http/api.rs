@@ -605,7 +605,7 @@ impl Modify for BearerKey {
         change_referral_status,
         consents::put, consents::get, consents::list, consents::history, consents::version,
         audit_events, openapi_json,
-        super::directory::search, super::directory::service, super::directory::sync_now,
+        super::directory::search, super::directory::service, super::directory::sync_now, super::directory::sync_job,
         super::preview::preview,
     ),
     components(schemas(Problem, domain::FieldError)),

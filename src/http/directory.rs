@@ -1,10 +1,14 @@
-//! `/api/v1/services`: search the service catalog; `/api/v1/directories/{source}/sync`: sync a source on demand.
+//! `/api/v1/services`: search the service catalog; `/api/v1/directories/{source}/sync`: start a sync job of a
+//! source, and `/api/v1/directories/{source}/sync/{job}`: follow it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
@@ -12,9 +16,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::extract::{ApiQuery, PathText, paging};
 use super::problem::{ApiError, Problem, ProblemType};
-use crate::directories::{
-    self, CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncError, SyncMode, SyncOptions, SyncReport,
-};
+use crate::directories::jobs::{StartError, StartedBy, SyncJob};
+use crate::directories::{CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncMode};
 
 /// The configured directory sources, by name.
 pub type Sources = Arc<HashMap<String, Arc<dyn DirectorySource>>>;
@@ -179,39 +182,94 @@ pub struct SyncParams {
     force: Option<bool>,
 }
 
-/// Syncs one configured directory now and reports what changed.
+/// Starts a sync job of one configured directory: `202 Accepted` with the job (`queued`) and its `Location`.
+/// One sync per directory runs at a time, across replicas: while one runs, another is refused with 409 naming it.
 #[utoipa::path(post, path = "/api/v1/directories/{source}/sync", tag = "directory", params(SyncParams,
         ("source" = String, Path, description = "Configured name of the directory")),
-    responses((status = 200, description = "What the sync did", body = SyncReport),
+    responses((status = 202, description = "The job, started; follow it at its `Location`", body = SyncJob,
+               headers(("location" = String, description = "`/api/v1/directories/{source}/sync/{job}`"))),
               (status = 404, description = "No directory of that name", body = Problem, content_type = "application/problem+json"),
-              (status = 503, description = "The directory could not be read", body = Problem, content_type = "application/problem+json")),
+              (status = 409, description = "A sync of this directory is already running; `detail` names its job", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = ["admin"])))]
 pub async fn sync_now(
     State(state): State<AppState>,
     PathText(source): PathText,
     ApiQuery(params): ApiQuery<SyncParams>,
-) -> Result<Json<SyncReport>, ApiError> {
+) -> Result<Response, ApiError> {
     let mode = match params.mode.as_deref() {
         None | Some("full") => SyncMode::Full,
         Some("incremental") => SyncMode::Incremental,
         Some(_) => return Err(bad_query("mode: full or incremental")),
     };
-    let source = state
-        .sources
-        .get(&source)
-        .ok_or_else(|| ApiError::from(Problem::new(ProblemType::NotFound).detail("no directory of that name")))?;
-    let report = directories::sync(
-        &*state.store,
-        &**source,
-        SyncOptions { mode, force: params.force.unwrap_or(false), now: OffsetDateTime::now_utc() },
-        &|_| {},
-    )
-    .await
-    .map_err(|e| match e {
-        SyncError::Store(e) => super::api::store_problem(e),
-        source_failure @ (SyncError::Source { .. } | SyncError::Incomplete { .. }) => {
-            ApiError::internal(ProblemType::Unavailable, source_failure)
-        }
-    })?;
-    Ok(Json(report))
+    let force = params.force.unwrap_or(false);
+    let job = state.syncs.start(&source, mode, force, StartedBy::Api, OffsetDateTime::now_utc()).await.map_err(
+        |e| match e {
+            StartError::UnknownSource => Problem::new(ProblemType::NotFound).detail("no directory of that name").into(),
+            StartError::Busy { running, .. } => Problem::new(ProblemType::SyncRunning)
+                .detail(format!(
+                    "job {running} is syncing this directory; follow it at /api/v1/directories/{source}/sync/{running}"
+                ))
+                .into(),
+            StartError::Store(e) => super::api::store_problem(e),
+        },
+    )?;
+    let location = format!("/api/v1/directories/{source}/sync/{}", job.id);
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job)).into_response())
+}
+
+/// The path of one sync job: the directory's name and the job's id (a UUID).
+pub struct JobPath {
+    source: String,
+    job: uuid::Uuid,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let not_found = || Problem::new(ProblemType::NotFound).detail("no such sync job");
+        let Path((source, job)) =
+            Path::<(String, String)>::from_request_parts(parts, state).await.map_err(|_| not_found())?;
+        let job = uuid::Uuid::parse_str(&job).map_err(|_| not_found())?;
+        Ok(JobPath { source, job })
+    }
+}
+
+/// Query of a sync job read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct JobParams {
+    /// Wait up to this many seconds (at most 20) for the job to end before answering; 0 (the default) answers at
+    /// once.
+    wait_secs: Option<u64>,
+}
+
+/// Longest a sync job read waits for the job to end (below the default request timeout).
+const MAX_WAIT_SECS: u64 = 20;
+
+/// One sync job: its state (`queued`, `running`, `succeeded`, `failed`), counts so far, times, and the report
+/// once it succeeded or what failed once it failed. Any replica answers for any job.
+#[utoipa::path(get, path = "/api/v1/directories/{source}/sync/{job}", tag = "directory",
+    params(JobParams, ("source" = String, Path, description = "Configured name of the directory"),
+           ("job" = String, Path, description = "The job's id, as `POST …/sync` answered")),
+    responses((status = 200, description = "The job", body = SyncJob),
+              (status = 404, description = "No such job of this directory", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["admin"])))]
+pub async fn sync_job(
+    State(state): State<AppState>,
+    path: JobPath,
+    ApiQuery(params): ApiQuery<JobParams>,
+) -> Result<Json<SyncJob>, ApiError> {
+    let wait = match params.wait_secs {
+        Some(secs) if secs > MAX_WAIT_SECS => return Err(bad_query(format!("wait_secs: from 0 to {MAX_WAIT_SECS}"))),
+        secs => std::time::Duration::from_secs(secs.unwrap_or(0)),
+    };
+    let job = state
+        .syncs
+        .wait_for_job(&path.source, &path.job.to_string(), wait)
+        .await
+        .map_err(super::api::store_problem)?
+        .ok_or_else(|| ApiError::from(Problem::new(ProblemType::NotFound).detail("no such sync job")))?;
+    Ok(Json(job))
 }

@@ -49,6 +49,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Configured directory sources, by name.
     pub sources: directory::Sources,
+    /// Runs directory syncs as jobs, one per source at a time.
+    pub syncs: crate::directories::jobs::SyncRunner,
     /// The mapping files, loaded and checked at start.
     pub mappings: Arc<crate::mapping::Mappings>,
     /// Where the links we hand out point.
@@ -130,6 +132,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))
         .route("/api/v1/directories/{source}/sync", post(directory::sync_now))
+        .route("/api/v1/directories/{source}/sync/{job}", get(directory::sync_job))
         .route_layer(middleware::from_fn_with_state(admin, auth::require_key));
     let ops = Router::new()
         .route("/healthz", get(ops::healthz))

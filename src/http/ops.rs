@@ -21,8 +21,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
     Ok(Json(json!({ "status": "ready", "database": state.store.backend() })))
 }
 
-/// Prometheus text: request counts and latencies by route and status, database pool gauges.
+/// Prometheus text: request counts and latencies by route and status, database pool gauges, directory sync runs
+/// and the catalog gauges of each configured directory.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    let sources = state.sources.keys().map(String::as_str);
+    crate::directories::jobs::observe(&*state.store, sources, time::OffsetDateTime::now_utc()).await;
     for pool in state.store.pool_stats() {
         let busy = pool.size.saturating_sub(pool.idle);
         metrics::gauge!("carebridge_db_pool_connections", "pool" => pool.pool, "state" => "idle")

@@ -53,6 +53,8 @@ pub enum ProblemType {
     InvalidHeader,
     /// A referral `PUT` tried to move the status.
     StatusChangeNotAllowed,
+    /// A sync of the directory is already running (here or on another replica).
+    SyncRunning,
     /// The request took longer than the configured timeout.
     Timeout,
     /// The database is unreachable or overloaded.
@@ -81,6 +83,7 @@ impl ProblemType {
             Self::InvalidPrecondition => "invalid-precondition",
             Self::InvalidHeader => "invalid-header",
             Self::StatusChangeNotAllowed => "status-change-not-allowed",
+            Self::SyncRunning => "sync-running",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
@@ -104,7 +107,7 @@ impl ProblemType {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-            Self::StatusChangeNotAllowed => StatusCode::CONFLICT,
+            Self::StatusChangeNotAllowed | Self::SyncRunning => StatusCode::CONFLICT,
             Self::Timeout | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -129,6 +132,7 @@ impl ProblemType {
             Self::InvalidPrecondition => "A conditional request header is not valid",
             Self::InvalidHeader => "A request header is not valid",
             Self::StatusChangeNotAllowed => "A referral's status changes only through its status endpoint",
+            Self::SyncRunning => "A sync of this directory is already running",
             Self::Timeout => "The request took too long",
             Self::Unavailable => "The service is temporarily unavailable",
             Self::Internal => "Internal error",

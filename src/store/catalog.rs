@@ -108,8 +108,9 @@ pub trait Catalog: Send + Sync {
         source: &str,
     ) -> Result<Vec<(String, Option<OffsetDateTime>)>, StoreError>;
 
-    /// Marks inactive the listed active services of `source` (confirmed gone by a complete full sync), in one
-    /// transaction; returns how many.
+    /// Marks inactive the listed active services of `source` (confirmed gone by a complete full sync started at
+    /// `now`), in one transaction; returns how many. A service seen after `now` (by a sync that started later)
+    /// is spared.
     ///
     /// # Errors
     /// `Database`.

@@ -402,6 +402,12 @@ fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, Store
     })
 }
 
+/// Marks a service seen at `$3` (a sync's instant); a sync that started earlier never moves it back, so a
+/// deactivation (which spares what was seen after its own start) cannot take a service a later sync saw for
+/// vanished.
+const SEEN: &str = "UPDATE directory_services SET seen_at = CASE WHEN seen_at < $3 THEN $3 ELSE seen_at END \
+                    WHERE source = $1 AND source_id = $2";
+
 macro_rules! impl_catalog {
     ($db:ty, $begin:literal, $driving_join:literal, $row_key:literal, $text:expr) => {
         impl SqlStore<$db> {
@@ -423,8 +429,8 @@ macro_rules! impl_catalog {
                 if let Some((old_doc, old_raw, 1, hours_version)) = &current {
                     if *old_doc == doc && *old_raw == raw {
                         sqlx::query(
-                            "UPDATE directory_services SET seen_at = $2, public_id = COALESCE(public_id, $3), \
-                             hours_version = $4 WHERE id = $1",
+                            "UPDATE directory_services SET seen_at = CASE WHEN seen_at < $2 THEN $2 ELSE seen_at END, \
+                             public_id = COALESCE(public_id, $3), hours_version = $4 WHERE id = $1",
                         )
                         .bind(&service.id)
                         .bind(now)
@@ -480,7 +486,9 @@ macro_rules! impl_catalog {
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
                      status = excluded.status, organization_id = excluded.organization_id, active = 1, \
                      vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
-                     source_modified = excluded.source_modified, seen_at = excluded.seen_at, \
+                     source_modified = excluded.source_modified, \
+                     seen_at = CASE WHEN directory_services.seen_at < excluded.seen_at THEN excluded.seen_at \
+                     ELSE directory_services.seen_at END, \
                      updated_at = excluded.updated_at, public_id = excluded.public_id, \
                      hours_version = excluded.hours_version",
                 )
@@ -730,7 +738,7 @@ macro_rules! impl_catalog {
                 for id in source_ids {
                     let row = sqlx::query(
                         "UPDATE directory_services SET active = 0, vanished_at = $3, updated_at = $3 \
-                         WHERE source = $1 AND source_id = $2 AND active = 1",
+                         WHERE source = $1 AND source_id = $2 AND active = 1 AND seen_at <= $3",
                     )
                     .bind(source)
                     .bind(id)
@@ -752,7 +760,7 @@ macro_rules! impl_catalog {
                 let now = to_micros(now);
                 let mut tx = self.writer().begin_with($begin).await?;
                 for id in source_ids {
-                    sqlx::query("UPDATE directory_services SET seen_at = $3 WHERE source = $1 AND source_id = $2")
+                    sqlx::query(SEEN)
                         .bind(source)
                         .bind(id)
                         .bind(now)
@@ -770,7 +778,7 @@ macro_rules! impl_catalog {
                 now: OffsetDateTime,
             ) -> Result<(), StoreError> {
                 let mut tx = self.writer().begin_with($begin).await?;
-                sqlx::query("UPDATE directory_services SET seen_at = $3 WHERE source = $1 AND source_id = $2")
+                sqlx::query(SEEN)
                     .bind(source)
                     .bind(source_id)
                     .bind(to_micros(now))

@@ -8,6 +8,7 @@ mod catalog;
 mod catalog_sql;
 mod group_commit;
 mod sql;
+mod sync_jobs;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -16,6 +17,7 @@ use crate::domain::{RecordId, RecordKind};
 
 pub use catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
 pub use sql::{SqlStore, connect};
+pub use sync_jobs::{ABANDONED, Begun, NewSyncJob, SyncJobEnd, SyncJobRow, SyncJobs};
 
 /// Failures of the store itself, or a write refused for its precondition.
 #[derive(Debug, thiserror::Error)]
@@ -227,9 +229,10 @@ pub struct PoolStats {
     pub idle: u32,
 }
 
-/// The gateway's durable state, as whole use cases (agency records here, the service catalog in [`Catalog`]).
+/// The gateway's durable state, as whole use cases (agency records here, the service catalog in [`Catalog`],
+/// directory sync jobs and their leases in [`SyncJobs`]).
 #[async_trait]
-pub trait Store: Catalog + Send + Sync + 'static {
+pub trait Store: Catalog + SyncJobs + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

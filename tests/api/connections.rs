@@ -112,12 +112,16 @@ async fn a_slow_handler_under_the_request_timeout_is_not_cut_by_the_idle_timeout
         ];
     })
     .await;
-    let started = Instant::now();
-    let response = app.post("/api/v1/directories/slow211/sync?mode=full", &json!({})).await;
-    let took = started.elapsed();
+    let started = app.post("/api/v1/directories/slow211/sync?mode=full", &json!({})).await;
+    assert_eq!(started.status(), 202, "{}", started.text().await.unwrap_or_default());
+    let location = started.headers()["location"].to_str().expect("a Location").to_owned();
+    // The slow handler: a job read that waits for the sync, which waits on the slow directory.
+    let began = Instant::now();
+    let response = app.get(&format!("{location}?wait_secs=15")).await;
+    let took = began.elapsed();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
-    let report: Value = response.json().await.expect("report");
-    assert_eq!(report["added"], 0, "{report}");
+    let job: Value = response.json().await.expect("job");
+    assert_eq!((job["state"].as_str(), job["report"]["added"].as_u64()), (Some("succeeded"), Some(0)), "{job}");
     assert!(took >= Duration::from_secs(2), "the handler was not slower than the idle timeout: {took:?}");
     app.stop().await;
 }

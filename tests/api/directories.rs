@@ -77,9 +77,7 @@ impl FakeHsds {
 }
 
 async fn sync(app: &TestApp, source: &str, mode: &str) -> Value {
-    let response = app.post(&format!("/api/v1/directories/{source}/sync?mode={mode}"), &json!({})).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
-    response.json().await.expect("report")
+    crate::helpers::synced_report(app, source, &format!("mode={mode}")).await
 }
 
 #[tokio::test]
@@ -185,8 +183,9 @@ async fn a_source_that_fails_mid_sync_deactivates_nothing() {
     // The next full sync reads page 1, then the source fails: the services of pages 2 and 3 were not seen, but
     // a sync that did not finish must not take them for vanished.
     *fake.fail_from_page.lock().expect("lock") = Some(2);
-    let response = app.post("/api/v1/directories/flaky/sync?mode=full", &json!({})).await;
-    assert_eq!(response.status(), 503);
+    let job = crate::helpers::finished_sync(&app, "flaky", "mode=full").await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["kind"], "source", "{job}");
     let after: Value = app.get_json("/api/v1/services?per_page=100").await;
     assert_eq!(after["total"], before["total"], "{after}");
     assert_eq!(app.post("/api/v1/directories/nowhere/sync", &json!({})).await.status(), 404);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{TestApp, finished_sync, spawn_app_with, synced_report};
 use crate::hsds_api_fake::{FakeHsdsApi, Fault, On};
 use carebridge::directories::source_from_settings;
 
@@ -32,14 +32,13 @@ async fn app_for(fake: &FakeHsdsApi, extra: Value) -> TestApp {
     spawn_app_with(|s| s.directories = vec![api_source(&base, extra)]).await
 }
 
-async fn sync(app: &TestApp, query: &str) -> reqwest::Response {
-    app.post(&format!("/api/v1/directories/metro/sync?{query}"), &json!({})).await
+/// A sync job of `metro`, as it ended.
+async fn sync(app: &TestApp, query: &str) -> Value {
+    finished_sync(app, "metro", query).await
 }
 
 async fn synced(app: &TestApp, query: &str) -> Value {
-    let response = sync(app, query).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
-    response.json().await.expect("report")
+    synced_report(app, "metro", query).await
 }
 
 /// Services the catalog offers (the fixture's 24 hold one its source marks inactive).
@@ -117,8 +116,8 @@ async fn a_maintenance_page_an_empty_page_or_wrong_totals_fail_the_full_sync_and
         for page in pages {
             fake.fault(On::Page(page), fault.clone());
         }
-        let response = sync(&app, "mode=full").await;
-        assert_eq!(response.status(), 503, "{fault:?}: {}", response.text().await.unwrap_or_default());
+        let job = sync(&app, "mode=full").await;
+        assert_eq!(job["state"], "failed", "{fault:?}: {job}");
         assert_eq!(active(&app).await, OFFERED, "{fault:?}");
     }
     // And the source's answer is named for the operator.
@@ -142,8 +141,8 @@ async fn a_short_crawl_deactivates_nothing_until_forced() {
     assert_eq!(synced(&app, "mode=full").await["added"], 24);
     // The API now lists 14 of 24 (a partial export): 42 % fewer than the last complete crawl.
     fake.services.lock().expect("lock").truncate(14);
-    let response = sync(&app, "mode=full").await;
-    assert_eq!(response.status(), 503);
+    let job = sync(&app, "mode=full").await;
+    assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(active(&app).await, OFFERED, "nothing deactivated");
     let forced = synced(&app, "mode=full&force=true").await;
     assert_eq!(forced["deactivated"], 10, "{forced}");
@@ -246,8 +245,8 @@ async fn a_hang_times_out_after_the_configured_timeout_and_deactivates_nothing()
     fake.fault(On::Page(2), Fault::Hang(Duration::from_secs(30)));
     fake.fault(On::Page(2), Fault::Hang(Duration::from_secs(30)));
     let started = Instant::now();
-    let response = sync(&app, "mode=full").await;
-    assert_eq!(response.status(), 503);
+    let job = sync(&app, "mode=full").await;
+    assert_eq!(job["state"], "failed", "{job}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     assert_eq!(active(&app).await, OFFERED);
 

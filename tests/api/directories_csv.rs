@@ -22,9 +22,7 @@ async fn app_reading(path: &Path) -> TestApp {
 }
 
 async fn sync(app: &TestApp) -> Value {
-    let response = app.post("/api/v1/directories/spokane/sync?mode=full", &json!({})).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
-    response.json().await.expect("a sync report")
+    crate::helpers::synced_report(app, "spokane", "mode=full").await
 }
 
 /// A copy of the fixture package to change.
@@ -182,8 +180,8 @@ async fn a_bad_latitude_in_a_csv_package_rejects_its_service_with_file_and_line_
 
     // A table without a header cannot be read at all: the sync stops and deactivates nothing.
     std::fs::write(copy.path().join("services.csv"), "").expect("emptied");
-    let response = app.post("/api/v1/directories/spokane/sync?mode=full", &json!({})).await;
-    assert_eq!(response.status(), 503);
+    let job = crate::helpers::finished_sync(&app, "spokane", "mode=full").await;
+    assert_eq!(job["state"], "failed", "{job}");
     let all: Value = app.get_json("/api/v1/services?per_page=100").await;
     assert_eq!(all["total"], 6, "{all}");
     app.stop().await;

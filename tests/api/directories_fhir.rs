@@ -177,9 +177,7 @@ fn fhir_source(name: &str, base: &str, per_page: u32) -> DirectorySettings {
 }
 
 async fn sync(app: &TestApp, source: &str, mode: &str) -> Value {
-    let response = app.post(&format!("/api/v1/directories/{source}/sync?mode={mode}"), &json!({})).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
-    response.json().await.expect("report")
+    crate::helpers::synced_report(app, source, &format!("mode={mode}")).await
 }
 
 fn counts(report: &Value) -> [u64; 5] {

@@ -66,9 +66,7 @@ fn write_packages(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Path
 }
 
 async fn sync(app: &TestApp, source: &str) -> Value {
-    let response = app.post(&format!("/api/v1/directories/{source}/sync?mode=full"), &json!({})).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
-    response.json().await.expect("report")
+    crate::helpers::synced_report(app, source, "mode=full").await
 }
 
 /// The gateway with both packages synced (on `database` when given); the packages live in the returned directory.

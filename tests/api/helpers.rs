@@ -316,3 +316,33 @@ pub fn pluck(list: &Value, array: &str, field: &str) -> Vec<String> {
         .map(|item| item[field].as_str().map_or_else(|| item[field].to_string(), str::to_owned))
         .collect()
 }
+
+/// Starts a sync job of `source` (`POST /api/v1/directories/{source}/sync?{query}`), expects 202 with a
+/// `Location`, and follows it there until it ends: the job as it ended.
+pub async fn finished_sync(app: &TestApp, source: &str, query: &str) -> Value {
+    let response = app.post(&format!("/api/v1/directories/{source}/sync?{query}"), &serde_json::json!({})).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap_or_default());
+    let location = response.headers()["location"].to_str().expect("a Location").to_owned();
+    let started: Value = response.json().await.expect("the job");
+    assert!(location.ends_with(started["id"].as_str().expect("a job id")), "{location} {started}");
+    wait_for_job(app, &location).await
+}
+
+/// Reads the job at `location` until it has ended (a sync of the test directories takes well under a minute).
+pub async fn wait_for_job(app: &TestApp, location: &str) -> Value {
+    // Each read waits up to 10 s for the job to end (the gateway polls its store, not the test).
+    for _ in 0..12 {
+        let job = app.get_json(&format!("{location}?wait_secs=10")).await;
+        if matches!(job["state"].as_str(), Some("succeeded" | "failed")) {
+            return job;
+        }
+    }
+    panic!("the sync job at {location} did not end within two minutes");
+}
+
+/// Syncs `source` as [`finished_sync`] does, expects it to succeed, and returns its report.
+pub async fn synced_report(app: &TestApp, source: &str, query: &str) -> Value {
+    let job = finished_sync(app, source, query).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    job["report"].clone()
+}

@@ -50,6 +50,8 @@ pub enum Fault {
     Status(u16, Option<u64>, &'static str),
     /// No answer for this long.
     Hang(Duration),
+    /// The usual answer, this much later (a slow source).
+    Delay(Duration),
     /// Deletes the service with this id, then answers as usual (a deletion between pages).
     DeleteFirst(String),
 }
@@ -163,6 +165,10 @@ impl FakeHsdsApi {
             }
             Fault::DeleteFirst(id) => {
                 self.services.lock().expect("lock").retain(|s| s["id"] != id.as_str());
+                None
+            }
+            Fault::Delay(d) => {
+                tokio::time::sleep(d).await;
                 None
             }
             Fault::WrongTotals => None,

@@ -22,3 +22,4 @@ mod publication;
 mod records;
 mod search_fuzz;
 mod store_contract;
+mod sync_jobs;

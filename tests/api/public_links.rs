@@ -1,7 +1,7 @@
 //! FHIR `fullUrl`s and paging links start at the configured public base URL, or at a trusted proxy's forwarded
 //! host, never at whatever `Host` a caller sends.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::helpers::{TestApp, spawn_app_with};
 use carebridge::config::Settings;
@@ -9,8 +9,7 @@ use carebridge::config::Settings;
 /// A gateway with the demo catalog synced, its settings changed by `adjust`.
 async fn catalog(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let app = spawn_app_with(adjust).await;
-    let response = app.post("/api/v1/directories/demo-directory/sync?mode=full", &json!({})).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+    crate::helpers::synced_report(&app, "demo-directory", "mode=full").await;
     app
 }
 

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 
 use carebridge::domain::{RecordId, RecordKind};
-use carebridge::store::{Actor, Change, ListQuery, Precondition, RecordWrite, SaveOutcome, Store, StoreError, connect};
+use carebridge::store::{
+    Actor, Begun, Change, ListQuery, NewSyncJob, Precondition, RecordWrite, SaveOutcome, Store, StoreError, SyncJobEnd,
+    connect,
+};
 use time::{Duration, OffsetDateTime};
 
 fn id(s: &str) -> RecordId {
@@ -224,6 +227,109 @@ async fn the_schema_is_ready_and_pools_are_reported(store: Arc<dyn Store>) {
     assert!(!store.pool_stats().is_empty());
 }
 
+fn job(id: &str, source: &str) -> NewSyncJob {
+    NewSyncJob {
+        id: id.into(),
+        source: source.into(),
+        mode: "full".into(),
+        force: false,
+        started_by: "api".into(),
+        progress: serde_json::json!({"read": 0}),
+    }
+}
+
+fn ended() -> SyncJobEnd {
+    SyncJobEnd { state: "succeeded", progress: serde_json::json!({"read": 3}), report: None, error: None }
+}
+
+async fn a_source_lease_is_taken_by_one_job_and_lapses_when_its_holder_stops_renewing(store: Arc<dyn Store>) {
+    let s = &*store;
+    let lease = Duration::seconds(60);
+    let at = |secs: i64| t0() + Duration::seconds(secs);
+    assert_eq!(s.begin_directory_sync(&job("a", "metro"), at(0), at(0) + lease).await.expect("begin"), Begun::Started);
+    let busy = s.begin_directory_sync(&job("b", "metro"), at(1), at(1) + lease).await.expect("begin");
+    assert_eq!(busy, Begun::Busy { running: "a".into() });
+    assert!(s.directory_sync_job("b").await.expect("read").is_none(), "a refused job is not recorded");
+    // Another source has its own lease.
+    assert_eq!(s.begin_directory_sync(&job("x", "other"), at(1), at(1) + lease).await.expect("begin"), Begun::Started);
+
+    // Renewed, the lease outlives its first expiry; the job is running with its counts.
+    let progress = serde_json::json!({"read": 7});
+    assert!(s.renew_directory_sync("metro", "a", &progress, at(50), at(50) + lease).await.expect("renew"));
+    let busy = s.begin_directory_sync(&job("c", "metro"), at(70), at(70) + lease).await.expect("begin");
+    assert_eq!(busy, Begun::Busy { running: "a".into() });
+    let running = s.directory_sync_job("a").await.expect("read").expect("kept");
+    assert_eq!((running.state.as_str(), running.started_at, &running.progress), ("running", Some(at(50)), &progress));
+
+    // Ended, the lease is free at once, and the job keeps how it ended.
+    s.finish_directory_sync("metro", "a", &ended(), at(80)).await.expect("finish");
+    let done = s.directory_sync_job("a").await.expect("read").expect("kept");
+    assert_eq!((done.state.as_str(), done.finished_at), ("succeeded", Some(at(80))));
+    assert_eq!(
+        s.begin_directory_sync(&job("d", "metro"), at(81), at(81) + lease).await.expect("begin"),
+        Begun::Started
+    );
+
+    // A holder that stops renewing (crashed) loses the lease once it lapses; its job is marked abandoned, and its
+    // late renewal is refused.
+    let early = s.begin_directory_sync(&job("e", "metro"), at(140), at(140) + lease).await.expect("begin");
+    assert_eq!(early, Begun::Busy { running: "d".into() });
+    assert_eq!(
+        s.begin_directory_sync(&job("e", "metro"), at(141), at(141) + lease).await.expect("begin"),
+        Begun::Started
+    );
+    let abandoned = s.directory_sync_job("d").await.expect("read").expect("kept");
+    assert_eq!(abandoned.state, "failed");
+    assert_eq!(abandoned.error.expect("an error")["kind"], "abandoned");
+    assert!(!s.renew_directory_sync("metro", "d", &progress, at(142), at(142) + lease).await.expect("renew"));
+    // Its late end does not free the lease the new job holds.
+    s.finish_directory_sync("metro", "d", &ended(), at(143)).await.expect("finish");
+    let busy = s.begin_directory_sync(&job("f", "metro"), at(144), at(144) + lease).await.expect("begin");
+    assert_eq!(busy, Begun::Busy { running: "e".into() });
+}
+
+async fn two_jobs_racing_for_one_lease_get_it_once(store: Arc<dyn Store>) {
+    let lease = Duration::seconds(60);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.begin_directory_sync(&job(&format!("j{i}"), "metro"), t0(), t0() + lease).await.expect("begin")
+            })
+        })
+        .collect();
+    let mut started = 0;
+    for t in tasks {
+        if t.await.expect("task") == Begun::Started {
+            started += 1;
+        }
+    }
+    assert_eq!(started, 1, "exactly one of the racing jobs holds the lease");
+}
+
+async fn a_service_a_later_sync_saw_is_never_deactivated_by_an_earlier_one(store: Arc<dyn Store>) {
+    let s = &*store;
+    let raw = serde_json::json!({"id": "svc-1", "name": "Pantry"});
+    let service: carebridge::directories::CatalogService = serde_json::from_value(serde_json::json!({
+        "id": "metro.svc-1", "source": "metro", "source_id": "svc-1", "name": "Pantry", "description": "Food",
+        "status": "active", "url": null, "email": null, "eligibility": null, "minimum_age": null,
+        "maximum_age": null, "organization": null, "locations": [], "terms": [], "languages": [], "schedules": [],
+        "phones": [], "source_modified": null,
+    }))
+    .expect("a service");
+    let (earlier, later) = (t0(), t0() + Duration::minutes(1));
+    s.upsert_directory_services(&[(service.clone(), &raw)], later).await.expect("kept by the later sync");
+    // The earlier sync sees it unchanged, or marks it seen: that must not move its sighting back.
+    s.upsert_directory_services(&[(service, &raw)], earlier).await.expect("seen by the earlier sync");
+    s.mark_directory_services_seen("metro", &["svc-1".to_owned()], earlier).await.expect("seen");
+    let ids = ["svc-1".to_owned()];
+    assert_eq!(s.deactivate_directory_services("metro", &ids, earlier).await.expect("deactivate"), 0);
+    assert!(s.directory_service("metro.svc-1").await.expect("read").expect("kept").1, "still active");
+    // A sync that started after the last sighting, and did not see it, deactivates it.
+    let latest = later + Duration::minutes(1);
+    assert_eq!(s.deactivate_directory_services("metro", &ids, latest).await.expect("deactivate"), 1);
+}
+
 async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite:{}", dir.path().join("contract.db").display());
@@ -314,6 +420,9 @@ contract!(
     lists_filter_and_page_in_id_order,
     concurrent_writers_never_lose_a_version,
     the_schema_is_ready_and_pools_are_reported,
+    a_source_lease_is_taken_by_one_job_and_lapses_when_its_holder_stops_renewing,
+    two_jobs_racing_for_one_lease_get_it_once,
+    a_service_a_later_sync_saw_is_never_deactivated_by_an_earlier_one,
 );
 
 /// The whole API on PostgreSQL: the fixtures go in and come back, and readiness follows the database.
