@@ -7,13 +7,15 @@
 //! the source can be asked by id. Sources read over HTTP do it through [`source_http`] (retries, named failures).
 //! Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
 //! R4 server's `HealthcareService`s). [`publish`] turns the catalog back into FHIR and HSDS for others to read.
-//! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone.
+//! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone;
+//! [`search_text`] turns names and descriptions into the folded, stemmed words a text search looks up.
 
 pub mod fhir_directory;
 pub mod hours;
 pub mod hsds;
 pub mod hsds_csv;
 pub mod publish;
+pub mod search_text;
 pub mod source_http;
 pub mod synthetic;
 
@@ -28,7 +30,7 @@ use utoipa::ToSchema;
 use crate::store::{DirectorySyncState, Store, StoreError};
 
 /// A service as the catalog keeps it, whatever its source.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogService {
     /// The gateway's stable id (`<source>.<source id>`, or a hash when that would not be a valid id).
     pub id: String,
@@ -38,7 +40,14 @@ pub struct CatalogService {
     pub source_id: String,
     /// Service name.
     pub name: String,
-    /// Description (searched as full text).
+    /// Another name the service is known by (searched with the name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alternate_name: Option<String>,
+    /// The UUID the service is published under as HSDS: the source's own id when it is a UUID (unless another
+    /// service of the catalog already has it), else a UUID v5 of the gateway id (see [`publish`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_id: Option<String>,
+    /// Description (searched as full text), as the source wrote it.
     pub description: String,
     /// `active`, `inactive`, `defunct` or `temporarily closed`, as the source says.
     pub status: String,
@@ -63,7 +72,7 @@ pub struct CatalogService {
     /// Opening hours.
     pub schedules: Vec<Schedule>,
     /// Phone numbers.
-    pub phones: Vec<String>,
+    pub phones: Vec<Phone>,
     /// When the source last changed it.
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -74,7 +83,7 @@ pub struct CatalogService {
 }
 
 /// An organisation running services.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogOrganization {
     /// The gateway's id.
     pub id: String,
@@ -88,10 +97,78 @@ pub struct CatalogOrganization {
     pub url: Option<String>,
     /// Contact e-mail.
     pub email: Option<String>,
+    /// The source's id of the organisation this one is part of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_organization_id: Option<String>,
+    /// The UUID the organisation is published under as HSDS (as for services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_id: Option<String>,
+}
+
+/// A phone number, with what the source says of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(from = "PhoneRepr")]
+pub struct Phone {
+    /// The source's id of the phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The number.
+    pub number: String,
+    /// Extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension: Option<String>,
+    /// `voice`, `fax`, `text`, … as the source says.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub kind: Option<String>,
+    /// What the number is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Languages spoken on the line (lower case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+}
+
+impl Phone {
+    /// A number and nothing else.
+    #[must_use]
+    pub fn number(number: impl Into<String>) -> Self {
+        Phone { number: number.into(), ..Phone::default() }
+    }
+}
+
+/// A phone as kept: a bare number (catalogs kept before phones had details), or the whole object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PhoneRepr {
+    Number(String),
+    Whole {
+        #[serde(default)]
+        id: Option<String>,
+        number: String,
+        #[serde(default)]
+        extension: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        description: Option<String>,
+        #[serde(default)]
+        languages: Vec<String>,
+    },
+}
+
+impl From<PhoneRepr> for Phone {
+    fn from(r: PhoneRepr) -> Self {
+        match r {
+            PhoneRepr::Number(number) => Phone::number(number),
+            PhoneRepr::Whole { id, number, extension, kind, description, languages } => {
+                Phone { id, number, extension, kind, description, languages }
+            }
+        }
+    }
 }
 
 /// A place where services are offered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogLocation {
     /// The gateway's id.
     pub id: String,
@@ -111,6 +188,36 @@ pub struct CatalogLocation {
     pub state: Option<String>,
     /// Postal code.
     pub postal_code: Option<String>,
+    /// The UUID the location is published under as HSDS (the source's own id when it is a UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_id: Option<String>,
+    /// The location's phones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phones: Vec<Phone>,
+    /// Languages spoken at the location (lower case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+    /// The location's opening hours.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
+    /// What the source says of this service at this location (HSDS `service_at_location`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_at_location: Option<ServiceAtLocation>,
+}
+
+/// A service at one of its locations: the source's id of the link, and the phones and hours of the service
+/// there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceAtLocation {
+    /// The source's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Phones of the service at this location.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phones: Vec<Phone>,
+    /// Hours of the service at this location.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
 }
 
 /// A taxonomy term: `(taxonomy, code)` with a display name.
@@ -122,11 +229,42 @@ pub struct TaxonomyTerm {
     pub code: String,
     /// Display name.
     pub name: String,
+    /// The source's id of the term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The source's id of the broader term this one is part of (HSDS `parent_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The source's id of the attribute linking the term to the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribute_id: Option<String>,
+    /// The attribute's `link_type` as the source gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_type: Option<String>,
+}
+
+impl TaxonomyTerm {
+    /// A term known by taxonomy, code and name only.
+    #[must_use]
+    pub fn new(taxonomy: impl Into<String>, code: impl Into<String>, name: impl Into<String>) -> Self {
+        TaxonomyTerm {
+            taxonomy: taxonomy.into(),
+            code: code.into(),
+            name: name.into(),
+            id: None,
+            parent_id: None,
+            attribute_id: None,
+            link_type: None,
+        }
+    }
 }
 
 /// Weekly opening hours.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Schedule {
+    /// The source's id of the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Days (`MO`…`SU`).
     pub days: Vec<String>,
     /// Opening time, `HH:MM` (or `HH:MM:SS`), local to the schedule's zone, without a UTC offset.
@@ -915,6 +1053,17 @@ fn credential(var: &str, name: &str) -> Result<String, SourceError> {
         .map_err(|_| SourceError::Malformed(format!("the credential variable {var} of directory {name} is not set")))
 }
 
+/// An HSDS source's category map: the configured file under `mappings_dir`, or none.
+fn hsds_categories(
+    file: Option<&std::path::Path>,
+    mappings_dir: &std::path::Path,
+) -> Result<fhir_directory::CategoryMap, SourceError> {
+    match file {
+        None => Ok(fhir_directory::CategoryMap::default()),
+        Some(file) => fhir_directory::CategoryMap::for_file(&mappings_dir.join(file)),
+    }
+}
+
 /// The source a configuration entry describes, as read from it.
 fn source_of(
     settings: &crate::config::DirectorySettings,
@@ -936,6 +1085,7 @@ fn source_of(
             retry_min_delay_ms,
             retry_max_delay_ms,
             retry_after_max_secs,
+            category_map,
             ..
         } => {
             let headers = match (auth_header, auth_value_env) {
@@ -956,11 +1106,13 @@ fn source_of(
                 detail: *detail,
                 max_concurrent_requests: *max_concurrent_requests,
                 client,
+                categories: hsds_categories(category_map.as_deref(), mappings_dir)?,
             })?)
         }
-        DirectorySettings::HsdsPackage { name, path, .. } => {
-            std::sync::Arc::new(hsds::HsdsPackage::new(name, path.clone()))
-        }
+        DirectorySettings::HsdsPackage { name, path, category_map, .. } => std::sync::Arc::new(
+            hsds::HsdsPackage::new(name, path.clone())
+                .with_categories(hsds_categories(category_map.as_deref(), mappings_dir)?),
+        ),
         DirectorySettings::FhirDirectory { name, base_url, per_page, bearer_token_env, timeout_secs, .. } => {
             let token = bearer_token_env.as_deref().map(|var| credential(var, name)).transpose()?;
             let timeout = Duration::from_secs(*timeout_secs);

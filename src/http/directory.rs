@@ -30,7 +30,8 @@ const MAX_RADIUS_KM: f64 = 500.0;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct SearchParams {
-    /// Words to find in the name and description (all must match; the last may be a prefix).
+    /// Words to find in the name, alternate name and description (all must match, any case and accents; the last
+    /// may be a prefix of a longer word). A `q` without a letter or digit is a 400.
     q: Option<String>,
     /// Agency service category (`therapy`, `psychiatry`, `crisis_care`, `housing_assistance`, …).
     category: Option<String>,
@@ -112,8 +113,15 @@ fn service_query(p: SearchParams, now: OffsetDateTime) -> Result<ServiceQuery, A
         return Err(bad_query("radius_km: needs near"));
     }
     let (page, per_page) = paging(p.page, p.per_page, DEFAULT_PER_PAGE)?;
+    // A `q` without a word (`*`, `'`, an emoji, spaces) is refused: answering it with every service would
+    // pass for a match.
+    if let Some(q) = &p.q
+        && directories::search_text::TextQuery::parse(q).is_none()
+    {
+        return Err(bad_query("q: no word to search for (letters or digits); leave q out to list every service"));
+    }
     Ok(ServiceQuery {
-        text: p.q.filter(|q| !q.trim().is_empty()),
+        text: p.q,
         category: p.category,
         taxonomy_term: p.taxonomy_term,
         near,
