@@ -355,6 +355,14 @@ async fn the_catalog_is_searched_the_same_way_on_postgres() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_quality_is_the_same_on_postgres() {
+    let Some(db) = postgres_store().await else { return };
+    let (app, _fake) = crate::directories_search::search_app(Some(db.url.clone())).await;
+    crate::directories_search::search_quality(&app).await;
+    app.stop().await;
+}
+
 /// Rows kept before a migration added their HSDS ids get them when the store next opens, so the `/hsds` id
 /// filters find them without waiting for a sync.
 async fn public_ids_are_filled_when_the_store_opens(url: &str, clear: &str) {
@@ -377,10 +385,16 @@ async fn public_ids_are_filled_when_the_store_opens(url: &str, clear: &str) {
         let store = store.clone();
         async move { store.list_services(&CatalogListing { limit: 10, ..listing }).await.expect("listed").1 }
     };
-    let public = carebridge::directories::publish::public_uuid;
-    assert_eq!(by(CatalogListing { public_id: Some(public(&service.id)), ..Default::default() }).await, 1);
-    assert_eq!(by(CatalogListing { organization_public_id: Some(public(&org.id)), ..Default::default() }).await, 1);
-    let term_id = carebridge::directories::publish::term_public_uuid(&term.taxonomy, &term.code);
+    // The source's own UUIDs (the fixture's ids are UUIDs), as `/hsds` publishes them.
+    use carebridge::directories::publish::{organization_uuid, service_uuid, term_uuid};
+    assert_eq!(service_uuid(&service), service.source_id);
+    assert_eq!(by(CatalogListing { public_id: Some(service_uuid(&service)), ..Default::default() }).await, 1);
+    assert_eq!(
+        by(CatalogListing { organization_public_id: Some(organization_uuid(&org)), ..Default::default() }).await,
+        1
+    );
+    let term_id = term_uuid(&term);
+    assert_eq!(Some(term_id.as_str()), term.id.as_deref());
     assert_eq!(by(CatalogListing { term_public_id: Some(term_id), ..Default::default() }).await, 1);
     assert_eq!(store.fill_public_ids().await.expect("nothing left"), 0);
     store.close().await;
