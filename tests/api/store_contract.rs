@@ -355,6 +355,43 @@ async fn the_catalog_is_searched_the_same_way_on_postgres() {
     app.stop().await;
 }
 
+/// Services kept before the gateway indexed its own words (or by older rules) are indexed again when the store
+/// next opens, so a text search finds them without waiting for a sync.
+async fn search_words_are_indexed_again_when_the_store_opens(url: &str) {
+    use carebridge::directories::ServiceQuery;
+    let raw: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/directory/hsds/services.json"))
+            .expect("fixture"),
+    )
+    .expect("JSON");
+    let service = carebridge::directories::hsds::normalise_service("demo", &raw[0]).expect("a valid service");
+    let store = connect(url, 2, std::time::Duration::from_secs(10)).await.expect("opens");
+    store.upsert_directory_service(&service, &raw[0], OffsetDateTime::now_utc()).await.expect("kept");
+    store.close().await;
+    clear_public_ids(url, "UPDATE directory_services SET search_name = '', search_body = '', search_version = 0").await;
+
+    let store = connect(url, 2, std::time::Duration::from_secs(10)).await.expect("opens again");
+    let query = ServiceQuery { text: Some("psychotherapy adults".into()), page: 1, per_page: 10, ..Default::default() };
+    let (hits, total) = store.search_services(&query).await.expect("searched");
+    assert_eq!((total, hits.first().map(|h| h.id.as_str())), (1, Some(service.id.as_str())));
+    assert_eq!(store.reindex_search_words().await.expect("nothing left"), 0);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_words_are_indexed_again_when_a_sqlite_store_opens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite:{}", dir.path().join("words.db").display());
+    search_words_are_indexed_again_when_the_store_opens(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_words_are_indexed_again_when_a_postgres_store_opens() {
+    let Some(db) = postgres_store().await else { return };
+    db.store.close().await;
+    search_words_are_indexed_again_when_the_store_opens(&db.url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_quality_is_the_same_on_postgres() {
     let Some(db) = postgres_store().await else { return };
