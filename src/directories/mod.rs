@@ -981,11 +981,12 @@ pub async fn sync(
 /// A catalog search.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceQuery {
-    /// Full-text query over name and description.
+    /// Full-text query over name, alternate name and description (see [`search_text`]); one without a word
+    /// finds nothing.
     pub text: Option<String>,
     /// Agency service category (a code of [`CATEGORY_TAXONOMY`]).
     pub category: Option<String>,
-    /// Any taxonomy term code.
+    /// Any taxonomy term, by code or by the source's id of it, with the terms under it.
     pub taxonomy_term: Option<String>,
     /// Centre of a radius search, `(latitude, longitude)`.
     pub near: Option<(f64, f64)>,
@@ -1127,6 +1128,22 @@ fn source_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_hsds_source_without_its_category_map_is_refused_with_the_file_named() {
+        let settings: crate::config::DirectorySettings = serde_json::from_value(serde_json::json!({
+            "type": "hsds_package", "name": "demo", "path": "fixtures/directory/hsds",
+            "category_map": "directory/missing-map.json"}))
+        .expect("settings");
+        let mappings = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+        let error = source_from_settings(&settings, &mappings).err().expect("no source without its map");
+        assert!(error.to_string().contains("directory/missing-map.json"), "{error}");
+        let shipped: crate::config::DirectorySettings = serde_json::from_value(serde_json::json!({
+            "type": "hsds_package", "name": "demo", "path": "fixtures/directory/hsds",
+            "category_map": "directory/open-eligibility-category.json"}))
+        .expect("settings");
+        assert!(source_from_settings(&shipped, &mappings).is_ok());
+    }
 
     #[test]
     fn gateway_ids_are_readable_when_they_can_be_and_stable_hashes_otherwise() {

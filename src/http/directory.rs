@@ -33,9 +33,11 @@ pub struct SearchParams {
     /// Words to find in the name, alternate name and description (all must match, any case and accents; the last
     /// may be a prefix of a longer word). A `q` without a letter or digit is a 400.
     q: Option<String>,
-    /// Agency service category (`therapy`, `psychiatry`, `crisis_care`, `housing_assistance`, …).
+    /// Agency service category (`therapy`, `psychiatry`, `crisis_care`, `housing_assistance`, …), as the source
+    /// gives it or as its category map derives it from the source's own taxonomy.
     category: Option<String>,
-    /// A taxonomy term code of any taxonomy the sources use.
+    /// A taxonomy term of any taxonomy the sources use, by code or by the source's id of it; the terms under it
+    /// (HSDS `parent_id`) are found too.
     taxonomy_term: Option<String>,
     /// `LAT,LON` (WGS 84) to search around; results carry their distance.
     near: Option<String>,

@@ -154,12 +154,14 @@ impl SearchSql {
             self.conditions.push(f);
         }
         if let Some(term) = &q.taxonomy_term {
-            // The term and every term under it, as each source gave the hierarchy (HSDS `parent_id`).
+            // The term (by code, or by the source's id of it) and every term under it, as each source gave the
+            // hierarchy (HSDS `parent_id`): by id, its children are found even when no service carries the term.
             let p = self.bind(Arg::Text(term.clone()));
             self.recursive = true;
             self.ctes.push(format!(
                 "tree (source, term_id, taxonomy, code) AS (\
-                   SELECT source, term_id, taxonomy, code FROM directory_taxonomy_terms WHERE code = {p} \
+                   SELECT source, term_id, taxonomy, code FROM directory_taxonomy_terms \
+                   WHERE code = {p} OR term_id = {p} OR parent_id = {p} \
                    UNION SELECT t.source, t.term_id, t.taxonomy, t.code FROM directory_taxonomy_terms t \
                    JOIN tree ON t.source = tree.source AND t.parent_id = tree.term_id)"
             ));

@@ -155,6 +155,9 @@ pub async fn search_quality(app: &TestApp) {
     parent.sort();
     assert_eq!(parent, [WESTSIDE, PARENT]);
     assert_eq!(found(app, "taxonomy_term=counseling").await, [WESTSIDE], "a child does not find its parent");
+    let mut by_id = found(app, &format!("taxonomy_term={MENTAL_HEALTH_TERM}")).await;
+    by_id.sort();
+    assert_eq!(by_id, [WESTSIDE, PARENT], "by the source's id of the term");
     // Agency categories through the source's ConceptMap (these services carry no agency category themselves).
     assert_eq!(found(app, "category=food_assistance").await, [PANTRY]);
     assert_eq!(found(app, "category=therapy").await, [WESTSIDE]);
