@@ -452,6 +452,31 @@ pub fn location(l: &CatalogLocation, updated_at: OffsetDateTime) -> Value {
     if let (Some(lat), Some(lon)) = (l.latitude, l.longitude) {
         r["position"] = json!({"latitude": lat, "longitude": lon});
     }
+    if !l.phones.is_empty() {
+        r["telecom"] = l.phones.iter().map(|p| json!({"system": "phone", "value": p.number})).collect();
+    }
+    let hours: Vec<Value> = l
+        .schedules
+        .iter()
+        .filter_map(|sch| {
+            let days: Vec<&str> = sch.days.iter().filter_map(|d| day_code(d)).collect();
+            if days.is_empty() {
+                return None;
+            }
+            let mut h = json!({"daysOfWeek": days});
+            match (sch.opens_at.as_deref().and_then(fhir_time), sch.closes_at.as_deref().and_then(fhir_time)) {
+                (Some(o), Some(c)) => {
+                    h["openingTime"] = json!(o);
+                    h["closingTime"] = json!(c);
+                }
+                _ => h["allDay"] = json!(true),
+            }
+            Some(h)
+        })
+        .collect();
+    if !hours.is_empty() {
+        r["hoursOfOperation"] = Value::Array(hours);
+    }
     r
 }
 

@@ -516,7 +516,11 @@ macro_rules! impl_catalog {
                     .bind(&l.name)
                     .bind(l.latitude)
                     .bind(l.longitude)
-                    .bind(serde_json::to_string(l).map_err(StoreError::CorruptCatalog)?)
+                    // The place alone: what one service says of itself there is not the location's.
+                    .bind(
+                        serde_json::to_string(&CatalogLocation { service_at_location: None, ..l.clone() })
+                            .map_err(StoreError::CorruptCatalog)?,
+                    )
                     .bind(now)
                     .execute(&mut **tx)
                     .await?;

@@ -238,6 +238,17 @@ async fn hsds_republishes_schedules_phones_and_the_source_s_uuids() {
     assert_eq!(attribute["link_type"], "service");
     assert_eq!(attribute["taxonomy_term"]["id"], COUNSELING_TERM);
     assert_eq!(attribute["taxonomy_term"]["parent_id"], MENTAL_HEALTH_TERM);
+    // FHIR: the location's phone and hours, not what the service says of itself there.
+    let fhir: Value =
+        app.get_json(&format!("/fhir/Location/{}", gateway_id("9d0e1f2a-3b4c-4d5e-8f6a-7b8c9d0e1f04"))).await;
+    assert_eq!(fhir["telecom"], json!([{"system": "phone", "value": "503-555-0144"}]));
+    assert_eq!(
+        fhir["hoursOfOperation"],
+        json!([{"daysOfWeek": ["mon"], "openingTime": "09:00:00", "closingTime": "17:00:00"}])
+    );
+    let second: Value =
+        app.get_json(&format!("/fhir/Location/{}", gateway_id("9d0e1f2a-3b4c-4d5e-8f6a-7b8c9d0e1f02"))).await;
+    assert!(second.get("telecom").is_none(), "the service-at-location phone stays with the service: {second}");
     // The id filter takes the source's term UUID too.
     let by_term: Value = app.get_json(&format!("/hsds/services?taxonomy_term_id={COUNSELING_TERM}")).await;
     assert_eq!(by_term["total_items"], 1, "{by_term}");
