@@ -315,6 +315,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 DirectoryCommand::Sync { source, incremental, force } => {
                     directory_sync(&*store, &settings, source.as_deref(), incremental, force).await?
                 }
+                DirectoryCommand::Search { q: Some(q), .. }
+                    if directories::search_text::TextQuery::parse(&q).is_none() =>
+                {
+                    eprintln!("--q: no word to search for (letters or digits); leave it out to list every service");
+                    ExitCode::from(2)
+                }
                 DirectoryCommand::Search {
                     q,
                     category,
