@@ -1130,6 +1130,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn phones_kept_as_bare_numbers_by_an_older_version_still_read() {
+        let old: Vec<Phone> = serde_json::from_value(serde_json::json!(["503-555-0100",
+            {"number": "503-555-0101", "type": "fax", "languages": ["es"]}]))
+        .expect("both shapes");
+        assert_eq!(old[0], Phone::number("503-555-0100"));
+        assert_eq!((old[1].kind.as_deref(), old[1].languages.as_slice()), (Some("fax"), &["es".to_owned()][..]));
+        let kept = serde_json::to_value(&old[1]).expect("serialises");
+        assert_eq!(kept, serde_json::json!({"number": "503-555-0101", "type": "fax", "languages": ["es"]}));
+    }
+
+    #[test]
     fn an_hsds_source_without_its_category_map_is_refused_with_the_file_named() {
         let settings: crate::config::DirectorySettings = serde_json::from_value(serde_json::json!({
             "type": "hsds_package", "name": "demo", "path": "fixtures/directory/hsds",
