@@ -338,6 +338,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 DirectoryCommand::Sync { source, incremental, force } => {
                     directory_sync(&store, &settings, source.as_deref(), incremental, force).await?
                 }
+                DirectoryCommand::Search { q: Some(q), .. }
+                    if directories::search_text::TextQuery::parse(&q).is_none() =>
+                {
+                    eprintln!("--q: no word to search for (letters or digits); leave it out to list every service");
+                    ExitCode::from(2)
+                }
                 DirectoryCommand::Search {
                     q,
                     category,
@@ -509,23 +515,29 @@ fn load_mappings(settings: &Settings) -> Option<Mappings> {
     }
 }
 
-/// Loads the category map FHIR directory sources read, when one is configured, printing every error with
-/// file:line; `false` when it is missing or broken.
+/// Loads the category maps directory sources read (a FHIR directory's, and each HSDS source's `category_map`),
+/// printing every error with file:line; `false` when one is missing or broken.
 fn check_category_map(settings: &Settings) -> bool {
-    if !settings.directories.iter().any(|d| matches!(d, DirectorySettings::FhirDirectory { .. })) {
-        return true;
+    let mut paths: Vec<PathBuf> =
+        settings.directories.iter().filter_map(|d| d.category_map()).map(|p| settings.mappings.dir.join(p)).collect();
+    if settings.directories.iter().any(|d| matches!(d, DirectorySettings::FhirDirectory { .. })) {
+        paths.push(settings.mappings.dir.join(fhir_directory::CATEGORY_MAP_FILE));
     }
-    let path = settings.mappings.dir.join(fhir_directory::CATEGORY_MAP_FILE);
-    match fhir_directory::CategoryMap::load(&path) {
-        Ok(map) => {
-            println!("directory category map OK: {} ({} coding(s) mapped)", path.display(), map.mapped_codings());
-            true
-        }
-        Err(errors) => {
-            eprintln!("the directory category map has errors:\n{errors}");
-            false
+    paths.sort();
+    paths.dedup();
+    let mut ok = true;
+    for path in paths {
+        match fhir_directory::CategoryMap::load(&path) {
+            Ok(map) => {
+                println!("directory category map OK: {} ({} coding(s) mapped)", path.display(), map.mapped_codings());
+            }
+            Err(errors) => {
+                eprintln!("the directory category map has errors:\n{errors}");
+                ok = false;
+            }
         }
     }
+    ok
 }
 
 /// `<dir>/../client/<client_id>.json` for a record kept as `<dir>/<id>.json` (the fixtures' layout).

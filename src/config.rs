@@ -98,6 +98,11 @@ pub enum DirectorySettings {
         /// Longest `Retry-After` honoured, in seconds (a longer one is cut to this).
         #[serde(default = "default_retry_after_max_secs")]
         retry_after_max_secs: u64,
+        /// A ConceptMap (a path under the mappings directory, e.g. `directory/open-eligibility.json`) from the
+        /// source's taxonomy (group `source`: the taxonomy's name or URI) to the agency service vocabulary: each
+        /// term it maps also gives the service that agency category (the `category=` search filter).
+        #[serde(default)]
+        category_map: Option<PathBuf>,
     },
     /// An HSDS data package on disk (a JSON file, or a directory of them).
     HsdsPackage {
@@ -115,6 +120,11 @@ pub enum DirectorySettings {
         /// refuses and deactivates nothing; `--force` (or `force=true`) overrides.
         #[serde(default = "default_deactivate_fraction")]
         max_deactivate_fraction: f64,
+        /// A ConceptMap (a path under the mappings directory, e.g. `directory/open-eligibility.json`) from the
+        /// source's taxonomy (group `source`: the taxonomy's name or URI) to the agency service vocabulary: each
+        /// term it maps also gives the service that agency category (the `category=` search filter).
+        #[serde(default)]
+        category_map: Option<PathBuf>,
     },
     /// A FHIR R4 server listing `HealthcareService`s (HL7 Human Services Directory / Plan-Net shape).
     FhirDirectory {
@@ -229,6 +239,18 @@ impl DirectorySettings {
             DirectorySettings::HsdsApi { max_deactivate_fraction, .. }
             | DirectorySettings::HsdsPackage { max_deactivate_fraction, .. }
             | DirectorySettings::FhirDirectory { max_deactivate_fraction, .. } => *max_deactivate_fraction,
+        }
+    }
+
+    /// The ConceptMap (under the mappings directory) giving the source's taxonomy terms agency categories, when
+    /// configured (HSDS sources; a FHIR directory reads `directory/service-category.json`).
+    #[must_use]
+    pub fn category_map(&self) -> Option<&std::path::Path> {
+        match self {
+            DirectorySettings::HsdsApi { category_map, .. } | DirectorySettings::HsdsPackage { category_map, .. } => {
+                category_map.as_deref()
+            }
+            DirectorySettings::FhirDirectory { .. } => None,
         }
     }
 

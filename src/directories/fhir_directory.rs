@@ -20,7 +20,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use time::format_description::StaticFormatDescription;
 use time::format_description::well_known::Rfc3339;
@@ -33,8 +32,7 @@ use super::{
     TaxonomyTerm, gateway_id,
 };
 use crate::domain::ServiceCode;
-use crate::mapping::template::{LineIndex, Span};
-use crate::mapping::terminology::AGENCY_VOCABULARY;
+use crate::mapping::terminology::{self, AGENCY_VOCABULARY};
 use crate::mapping::{LoadError, LoadErrors};
 
 /// The FHIR JSON media type, asked for on every request.
@@ -136,39 +134,9 @@ pub const CATEGORY_MAP_FILE: &str = "directory/service-category.json";
 /// Equivalences that put a service in the target category; `unmatched` (no code) says a code has none on purpose.
 const MAPPING_EQUIVALENCES: [&str; 6] = ["equivalent", "equal", "wider", "narrower", "inexact", "unmatched"];
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MapFile {
-    resource_type: String,
-    #[serde(default)]
-    group: Vec<MapGroup>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MapGroup {
-    source: String,
-    target: String,
-    #[serde(default)]
-    element: Vec<MapElement>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MapElement {
-    code: String,
-    #[serde(default)]
-    target: Vec<MapTarget>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MapTarget {
-    code: Option<String>,
-    display: Option<String>,
-    equivalence: String,
-    comment: Option<String>,
-}
-
 /// Codings of a partner's code systems → the agency service categories they give, from a FHIR `ConceptMap`
-/// whose groups map a source system to the agency service vocabulary (`urn:carebridge:vocabulary:service`).
+/// whose groups map a source system to the agency service vocabulary (`urn:carebridge:vocabulary:service`),
+/// read by the one ConceptMap loader ([`crate::mapping::terminology::load_groups`]).
 ///
 /// The original coding is always kept as a term; a mapped coding adds its categories beside it.
 #[derive(Debug, Clone, Default)]
@@ -176,52 +144,22 @@ pub struct CategoryMap {
     by_coding: HashMap<(String, String), Vec<TaxonomyTerm>>,
 }
 
-/// Finds quoted JSON strings in a file, in reading order, to point errors at their line.
-struct Locator<'a> {
-    text: &'a str,
-    lines: LineIndex,
-    at: usize,
-}
-
-impl Locator<'_> {
-    /// Where the string `value` next occurs after the last one found (else anywhere, else 1:1).
-    fn seek(&mut self, value: &str) -> Span {
-        let needle = format!("\"{value}\"");
-        let found = self.text[self.at..].find(&needle).map(|i| self.at + i).or_else(|| self.text.find(&needle));
-        match found {
-            Some(i) => {
-                self.at = i;
-                self.lines.span(i)
-            }
-            None => Span { line: 1, column: 1 },
-        }
-    }
-}
-
-/// The agency category one target of `element` gives (`None`: unmatched on purpose), or what is wrong with it.
-fn category_of(element: &str, target: &MapTarget) -> Result<Option<TaxonomyTerm>, String> {
-    let equivalence = target.equivalence.as_str();
+/// The agency category one element gives (`None`: unmatched on purpose), or what is wrong with it.
+fn category_of(element: &terminology::Element) -> Result<Option<TaxonomyTerm>, String> {
+    let equivalence = element.equivalence.as_str();
     if !MAPPING_EQUIVALENCES.contains(&equivalence) {
-        return Err(format!("`{element}` maps `{equivalence}`: use one of {}", MAPPING_EQUIVALENCES.join(", ")));
+        return Err(format!("`{}` maps `{equivalence}`: use one of {}", element.code, MAPPING_EQUIVALENCES.join(", ")));
     }
-    if matches!(equivalence, "narrower" | "inexact") && target.comment.is_none() {
-        return Err(format!("`{element}` maps {equivalence}ly: say why in a comment (FHIR cmd-1)"));
-    }
-    let code = match (&target.code, equivalence) {
-        (None, "unmatched") => return Ok(None),
-        (Some(_), "unmatched") => return Err(format!("`{element}` is unmatched: its target has no code")),
-        (None, _) => return Err(format!("the target of `{element}` has no code (say `unmatched` if on purpose)")),
-        (Some(code), _) => code,
-    };
-    let Some(category) = ServiceCode::from_code(code) else {
+    let Some(target) = &element.target else { return Ok(None) };
+    let Some(category) = ServiceCode::from_code(&target.code) else {
         let known: Vec<&str> = ServiceCode::ALL.iter().map(|c| c.as_str()).collect();
-        return Err(format!("`{code}` is not an agency service category (one of {})", known.join(", ")));
+        return Err(format!("`{}` is not an agency service category (one of {})", target.code, known.join(", ")));
     };
-    Ok(Some(TaxonomyTerm {
-        taxonomy: super::CATEGORY_TAXONOMY.to_owned(),
-        code: category.as_str().to_owned(),
-        name: target.display.clone().unwrap_or_else(|| code.clone()),
-    }))
+    Ok(Some(TaxonomyTerm::new(
+        super::CATEGORY_TAXONOMY,
+        category.as_str(),
+        target.display.clone().unwrap_or_else(|| target.code.clone()),
+    )))
 }
 
 impl CategoryMap {
@@ -244,8 +182,15 @@ impl CategoryMap {
     /// # Errors
     /// `SourceError::File` naming the file, with each problem at line:column, when it cannot be loaded.
     pub fn for_source(mappings_dir: &Path) -> Result<Self, SourceError> {
-        let path = mappings_dir.join(CATEGORY_MAP_FILE);
-        Self::load(&path).map_err(|errors| {
+        Self::for_file(&mappings_dir.join(CATEGORY_MAP_FILE))
+    }
+
+    /// The map at `path` (an HSDS source's `category_map`).
+    ///
+    /// # Errors
+    /// `SourceError::File` naming the file, with each problem at line:column, when it cannot be loaded.
+    pub fn for_file(path: &Path) -> Result<Self, SourceError> {
+        Self::load(path).map_err(|errors| {
             let problems: Vec<String> =
                 errors.0.iter().map(|e| format!("{}:{}: {}", e.line, e.column, e.message)).collect();
             SourceError::File { path: path.display().to_string(), detail: problems.join("; ") }
@@ -258,54 +203,31 @@ impl CategoryMap {
     /// As [`CategoryMap::load`].
     pub fn parse(file: &str, text: &str) -> Result<Self, LoadErrors> {
         let mut errors = Vec::new();
-        let mut at = Locator { text, lines: LineIndex::new(text), at: 0 };
-        let mut err = |span: Span, message: String| {
-            errors.push(LoadError { file: file.to_owned(), line: span.line, column: span.column, message });
-        };
-        let parsed: MapFile = match serde_json::from_str(text) {
-            Ok(p) => p,
-            Err(e) => {
-                let span = Span { line: e.line(), column: e.column() };
-                err(span, e.to_string());
-                return Err(LoadErrors(errors));
-            }
-        };
-        if parsed.resource_type != "ConceptMap" {
-            err(at.seek(&parsed.resource_type), format!("expected a ConceptMap, found {}", parsed.resource_type));
-        }
-        if parsed.group.is_empty() {
-            err(Span { line: 1, column: 1 }, "the map has no group".into());
-        }
+        let loaded = terminology::load_groups(Path::new(file), text, &mut errors);
         let vocabulary = format!("{AGENCY_VOCABULARY}service");
         let mut map = CategoryMap::default();
-        for group in &parsed.group {
-            let source_at = at.seek(&group.source);
-            if group.source.trim().is_empty() {
-                err(source_at, "a group needs the source code system".into());
-            }
+        let err = |(line, column): (usize, usize), message: String| LoadError {
+            file: file.to_owned(),
+            line,
+            column,
+            message,
+        };
+        for group in loaded.iter().flat_map(|m| &m.groups) {
             if group.target != vocabulary {
-                err(at.seek(&group.target), format!("a category map targets {vocabulary}, not `{}`", group.target));
+                errors
+                    .push(err(group.target_at, format!("a category map targets {vocabulary}, not `{}`", group.target)));
             }
-            for el in &group.element {
-                let code_at = at.seek(&el.code);
-                let key = (group.source.clone(), el.code.clone());
-                if map.by_coding.contains_key(&key) {
-                    err(code_at, format!("`{}` of {} is mapped twice", el.code, group.source));
-                }
-                if el.target.is_empty() {
-                    err(code_at, format!("`{}` has no target (say `unmatched` if on purpose)", el.code));
-                }
-                let mut categories = Vec::new();
-                for target in &el.target {
-                    let target_at = target.code.as_deref().map_or(code_at, |c| at.seek(c));
-                    match category_of(&el.code, target) {
-                        Ok(category) => categories.extend(category),
-                        Err(message) => err(target_at, message),
+            for element in &group.elements {
+                match category_of(element) {
+                    Ok(category) => {
+                        map.by_coding
+                            .insert((group.source.clone(), element.code.clone()), category.into_iter().collect());
                     }
+                    Err(message) => errors.push(err(element.target_at, message)),
                 }
-                map.by_coding.insert(key, categories);
             }
         }
+        errors.sort_by_key(|e| (e.line, e.column));
         if errors.is_empty() { Ok(map) } else { Err(LoadErrors(errors)) }
     }
 
@@ -336,7 +258,7 @@ fn codings_as_terms(resource: &Value, key: &str, path: &str, terms: &mut Vec<Tax
                 continue;
             };
             let name = text(coding, "display", &at)?.unwrap_or_else(|| code.clone());
-            terms.push(TaxonomyTerm { taxonomy, code, name });
+            terms.push(TaxonomyTerm::new(taxonomy, code, name));
         }
     }
     Ok(())
@@ -392,7 +314,7 @@ fn schedules(service: &Value) -> Result<Vec<Schedule>, String> {
                 hours_minutes(text(time, "availableEndTime", &at)?, &format!("{at}.availableEndTime"))?,
             )
         };
-        out.push(Schedule { days, opens_at, closes_at, utc_offset_minutes: None });
+        out.push(Schedule { id: None, days, opens_at, closes_at, utc_offset_minutes: None });
     }
     Ok(out)
 }
@@ -451,6 +373,7 @@ fn organization(source: &str, record: &Value) -> Result<Option<CatalogOrganizati
         description: None,
         url: telecoms(org, "url", "organization")?.into_iter().next(),
         email: telecoms(org, "email", "organization")?.into_iter().next(),
+        ..CatalogOrganization::default()
     }))
 }
 
@@ -500,6 +423,7 @@ fn locations(source: &str, record: &Value) -> Result<Vec<CatalogLocation>, Strin
             city,
             state,
             postal_code,
+            ..CatalogLocation::default()
         });
     }
     Ok(out)
@@ -561,9 +485,9 @@ pub fn normalise_record(source: &str, record: &Value, categories: &CategoryMap) 
         terms,
         languages: languages(service)?,
         schedules: schedules(service)?,
-        phones: telecoms(service, "phone", at)?,
+        phones: telecoms(service, "phone", at)?.into_iter().map(super::Phone::number).collect(),
         source_modified,
-        time_zone: None,
+        ..CatalogService::default()
     })
 }
 
@@ -855,7 +779,7 @@ mod tests {
 
     /// A small valid map, to break in the tests below.
     const MAP: &str = r#"{
-  "resourceType": "ConceptMap",
+  "resourceType": "ConceptMap", "id": "m", "url": "urn:test:m",
   "group": [{
     "source": "http://terminology.hl7.org/CodeSystem/service-category",
     "target": "urn:carebridge:vocabulary:service",
@@ -920,7 +844,7 @@ mod tests {
         assert_eq!(s.status, "active");
         assert_eq!(s.url.as_deref(), Some("https://wvbh.example.org/counseling"));
         assert_eq!(s.email.as_deref(), Some("intake@wvbh.example.org"));
-        assert_eq!(s.phones, ["(503) 555-0143"], "an `old` number is left out");
+        assert_eq!(s.phones, [super::super::Phone::number("(503) 555-0143")], "an `old` number is left out");
         assert_eq!(s.eligibility.as_deref(), Some("Adults 18 and over.; County residents"));
         assert_eq!(s.languages, ["en", "es"], "BCP 47 codes only, lower case");
         let terms: Vec<(&str, &str)> = s.terms.iter().map(|t| (t.taxonomy.as_str(), t.code.as_str())).collect();
@@ -938,12 +862,14 @@ mod tests {
             s.schedules,
             [
                 Schedule {
+                    id: None,
                     days: vec!["MO".into(), "TU".into()],
                     opens_at: Some("08:30".into()),
                     closes_at: Some("18:00".into()),
                     utc_offset_minutes: None,
                 },
                 Schedule {
+                    id: None,
                     days: vec!["SU".into()],
                     opens_at: Some("00:00".into()),
                     closes_at: Some("24:00".into()),

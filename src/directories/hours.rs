@@ -25,7 +25,7 @@ pub const UTC_ZONE: &str = "UTC";
 
 /// Version of the rules that turn schedules into intervals. The store notes it with each service's intervals and
 /// writes them again for an unchanged service kept under another version: bump it when the rules change.
-pub const RULES_VERSION: i64 = 1;
+pub const RULES_VERSION: i64 = 2;
 
 /// Minutes in a day.
 const DAY: i32 = 1440;
@@ -170,13 +170,32 @@ fn weekday(day: &str) -> Option<i32> {
         .map(|(_, n)| n)
 }
 
-/// Every interval of a service's schedules, split at local midnight, sorted and without duplicates; empty when no
+/// Every interval of a service's hours, split at local midnight, sorted and without duplicates; empty when no
 /// schedule has both times, a known day and a known zone.
+///
+/// The service's own schedules when it has usable ones; else, location by location, the hours of the service
+/// at that location (HSDS `service_at_location` schedules), else the location's own: a service with hours only
+/// on its locations is open when one of them is.
 #[must_use]
 pub fn weekly_intervals(service: &CatalogService) -> Vec<OpeningInterval> {
+    let zone = service.time_zone.as_deref();
     let mut out = Vec::new();
     for schedule in &service.schedules {
-        intervals_of(schedule, service.time_zone.as_deref(), &mut out);
+        intervals_of(schedule, zone, &mut out);
+    }
+    if out.is_empty() {
+        for location in &service.locations {
+            let mut here = Vec::new();
+            for schedule in location.service_at_location.iter().flat_map(|a| &a.schedules) {
+                intervals_of(schedule, zone, &mut here);
+            }
+            if here.is_empty() {
+                for schedule in &location.schedules {
+                    intervals_of(schedule, zone, &mut here);
+                }
+            }
+            out.append(&mut here);
+        }
     }
     out.sort();
     out.dedup();
@@ -251,6 +270,7 @@ mod tests {
 
     fn schedule(days: &[&str], opens: &str, closes: &str, offset: Option<i32>) -> Schedule {
         Schedule {
+            id: None,
             days: days.iter().map(|d| (*d).to_owned()).collect(),
             opens_at: Some(opens.to_owned()),
             closes_at: Some(closes.to_owned()),
@@ -279,6 +299,7 @@ mod tests {
             phones: Vec::new(),
             source_modified: None,
             time_zone: zone.map(str::to_owned),
+            ..CatalogService::default()
         }
     }
 
@@ -287,6 +308,33 @@ mod tests {
     }
 
     const LA: Option<&str> = Some("America/Los_Angeles");
+
+    #[test]
+    fn a_service_without_hours_of_its_own_is_open_when_one_of_its_locations_is() {
+        use crate::directories::{CatalogLocation, ServiceAtLocation};
+        // Monday 2026-07-13 17:30 UTC is 10:30 in Los Angeles; Saturday 2026-07-18 18:00 UTC is 11:00.
+        let monday = datetime!(2026-07-13 17:30 UTC);
+        let saturday = datetime!(2026-07-18 18:00 UTC);
+        let location = |schedules: Vec<Schedule>, at: Vec<Schedule>| CatalogLocation {
+            id: "s.l".into(),
+            schedules,
+            service_at_location: Some(ServiceAtLocation { schedules: at, ..ServiceAtLocation::default() }),
+            ..CatalogLocation::default()
+        };
+        let mut s = service(LA, Vec::new());
+        s.locations = (0..5).map(|_| location(Vec::new(), Vec::new())).collect();
+        s.locations[3] = location(vec![schedule(&["MO"], "09:00", "17:00", None)], Vec::new());
+        assert!(is_open(&weekly_intervals(&s), monday), "a location's hours count");
+        // The hours of the service at a location come before the location's own.
+        s.locations[3] =
+            location(vec![schedule(&["MO"], "09:00", "17:00", None)], vec![schedule(&["SA"], "10:00", "14:00", None)]);
+        let intervals = weekly_intervals(&s);
+        assert!(is_open(&intervals, saturday) && !is_open(&intervals, monday));
+        // Hours of the service's own win over every location's.
+        s.schedules = vec![schedule(&["TU"], "09:00", "17:00", None)];
+        let intervals = weekly_intervals(&s);
+        assert!(!is_open(&intervals, saturday) && !is_open(&intervals, monday));
+    }
 
     #[test]
     fn los_angeles_hours_follow_daylight_saving_time() {

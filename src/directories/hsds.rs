@@ -12,10 +12,11 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::fhir_directory::CategoryMap;
 use super::source_http::SourceClient;
 use super::{
-    CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Fetched, ReadPlan, Schedule, SourceError,
-    SourcePage, TaxonomyTerm, gateway_id, hours,
+    CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Fetched, Phone, ReadPlan, Schedule,
+    ServiceAtLocation, SourceError, SourcePage, TaxonomyTerm, gateway_id, hours,
 };
 use crate::config::HsdsDetail;
 
@@ -26,6 +27,7 @@ const STATUSES: [&str; 4] = ["active", "inactive", "defunct", "temporarily close
 struct Service {
     id: Option<String>,
     name: Option<String>,
+    alternate_name: Option<String>,
     #[serde(default)]
     description: Option<String>,
     url: Option<String>,
@@ -40,10 +42,10 @@ struct Service {
     #[serde(default)]
     schedules: Vec<HsdsSchedule>,
     #[serde(default)]
-    phones: Vec<Phone>,
+    phones: Vec<HsdsPhone>,
     organization: Option<Organization>,
     #[serde(default)]
-    service_at_locations: Vec<ServiceAtLocation>,
+    service_at_locations: Vec<HsdsServiceAtLocation>,
     #[serde(default)]
     attributes: Vec<Attribute>,
 }
@@ -55,6 +57,7 @@ struct Language {
 
 #[derive(Debug, Deserialize)]
 struct HsdsSchedule {
+    id: Option<String>,
     byday: Option<String>,
     opens_at: Option<String>,
     closes_at: Option<String>,
@@ -64,8 +67,8 @@ struct HsdsSchedule {
 
 /// One HSDS schedule in the catalog: its times without their UTC offset, and the fixed offset it states, if any
 /// (a time's own `Z`/`±HH:MM` suffix, else the schedule's `timezone`; a time with neither shares the other's).
-fn schedule(i: usize, s: HsdsSchedule) -> Result<Schedule, String> {
-    let field = |name: &str, e: String| format!("schedules[{i}].{name}: {e}");
+fn schedule(at: &str, i: usize, s: HsdsSchedule) -> Result<Schedule, String> {
+    let field = |name: &str, e: String| format!("{at}schedules[{i}].{name}: {e}");
     let clock = |name: &str, t: Option<String>| {
         present(t).map(|t| hours::parse_clock(&t).map_err(|e| field(name, e))).transpose()
     };
@@ -90,6 +93,7 @@ fn schedule(i: usize, s: HsdsSchedule) -> Result<Schedule, String> {
         (c, _, _) => c.map(|c| c.local),
     };
     Ok(Schedule {
+        id: present(s.id),
         days: s.byday.map(|d| d.split(',').map(|x| x.trim().to_ascii_uppercase()).collect()).unwrap_or_default(),
         opens_at: opens.map(|c| c.local),
         closes_at,
@@ -97,9 +101,51 @@ fn schedule(i: usize, s: HsdsSchedule) -> Result<Schedule, String> {
     })
 }
 
+fn schedules(at: &str, list: Vec<HsdsSchedule>) -> Result<Vec<Schedule>, String> {
+    list.into_iter().enumerate().map(|(i, s)| schedule(at, i, s)).collect()
+}
+
 #[derive(Debug, Deserialize)]
-struct Phone {
+struct HsdsPhone {
+    id: Option<String>,
     number: Option<String>,
+    extension: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    languages: Vec<Language>,
+}
+
+/// Phones with a number (a phone without one says nothing to call).
+fn phones(list: Vec<HsdsPhone>) -> Vec<Phone> {
+    list.into_iter()
+        .filter_map(|p| {
+            let number = present(p.number)?;
+            let extension = match p.extension {
+                Some(Value::String(x)) => present(Some(x)),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            Some(Phone {
+                id: present(p.id),
+                number,
+                extension,
+                kind: present(p.kind),
+                description: present(p.description),
+                languages: language_codes(p.languages),
+            })
+        })
+        .collect()
+}
+
+/// Language codes, lower case, each once, in order.
+fn language_codes(list: Vec<Language>) -> Vec<String> {
+    let mut codes: Vec<String> =
+        list.into_iter().filter_map(|l| present(l.code)).map(|c| c.to_ascii_lowercase()).collect();
+    codes.sort();
+    codes.dedup();
+    codes
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,11 +155,17 @@ struct Organization {
     description: Option<String>,
     website: Option<String>,
     email: Option<String>,
+    parent_organization_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ServiceAtLocation {
+struct HsdsServiceAtLocation {
+    id: Option<String>,
     location: Option<Location>,
+    #[serde(default)]
+    phones: Vec<HsdsPhone>,
+    #[serde(default)]
+    schedules: Vec<HsdsSchedule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +176,12 @@ struct Location {
     longitude: Option<f64>,
     #[serde(default)]
     addresses: Vec<Address>,
+    #[serde(default)]
+    phones: Vec<HsdsPhone>,
+    #[serde(default)]
+    languages: Vec<Language>,
+    #[serde(default)]
+    schedules: Vec<HsdsSchedule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,32 +194,51 @@ struct Address {
 
 #[derive(Debug, Deserialize)]
 struct Attribute {
+    id: Option<String>,
+    link_type: Option<String>,
     taxonomy_term: Option<Term>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Term {
+    id: Option<String>,
     code: Option<String>,
     name: Option<String>,
     taxonomy: Option<String>,
+    parent_id: Option<String>,
     taxonomy_detail: Option<TaxonomyDetail>,
 }
 
 #[derive(Debug, Deserialize)]
 struct TaxonomyDetail {
     name: Option<String>,
+    uri: Option<String>,
 }
 
 fn present(s: Option<String>) -> Option<String> {
     s.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
-/// Maps one HSDS 3.0 service object into the catalog.
+/// `id` when it is a UUID (HSDS ids are), in its canonical lower-case form.
+fn uuid_of(id: &str) -> Option<String> {
+    uuid::Uuid::parse_str(id).ok().map(|u| u.to_string())
+}
+
+/// Maps one HSDS 3.0 service object into the catalog, without a category map.
+///
+/// # Errors
+/// As [`normalise_with`].
+pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, String> {
+    normalise_with(source, raw, &CategoryMap::default())
+}
+
+/// Maps one HSDS 3.0 service object into the catalog; each taxonomy term `categories` maps (by the term's
+/// taxonomy name or URI and its code) also gives the service its agency categories.
 ///
 /// # Errors
 /// A sentence naming the field that makes the record unusable (missing id or name, unknown status, coordinates
 /// off the globe, a schedule time or UTC offset that is not one, a field of the wrong type).
-pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, String> {
+pub fn normalise_with(source: &str, raw: &Value, categories: &CategoryMap) -> Result<CatalogService, String> {
     let service: Service = serde_path_to_error::deserialize(raw).map_err(|e| {
         let inner = e.inner().to_string();
         let message = inner.rsplit_once(" at line ").map_or(inner.as_str(), |(m, _)| m);
@@ -180,15 +257,22 @@ pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, St
     let mut locations = Vec::new();
     for (i, sal) in service.service_at_locations.into_iter().enumerate() {
         let Some(l) = sal.location else { continue };
-        let location_id = present(l.id).ok_or(format!("service_at_locations[{i}].location.id: missing"))?;
+        let at = format!("service_at_locations[{i}].");
+        let location_id = present(l.id).ok_or(format!("{at}location.id: missing"))?;
         if l.latitude.is_some_and(|v| !(-90.0..=90.0).contains(&v))
             || l.longitude.is_some_and(|v| !(-180.0..=180.0).contains(&v))
         {
-            return Err(format!("service_at_locations[{i}].location: latitude/longitude off the globe"));
+            return Err(format!("{at}location: latitude/longitude off the globe"));
         }
         let address = l.addresses.into_iter().next();
+        let here = ServiceAtLocation {
+            id: present(sal.id),
+            phones: phones(sal.phones),
+            schedules: schedules(&at, sal.schedules)?,
+        };
         locations.push(CatalogLocation {
             id: gateway_id(source, &location_id),
+            public_id: uuid_of(&location_id),
             source_id: location_id,
             name: present(l.name),
             latitude: l.latitude,
@@ -197,6 +281,10 @@ pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, St
             city: address.as_ref().and_then(|a| present(a.city.clone())),
             state: address.as_ref().and_then(|a| present(a.state_province.clone())),
             postal_code: address.and_then(|a| present(a.postal_code)),
+            phones: phones(l.phones),
+            languages: language_codes(l.languages),
+            schedules: schedules(&format!("{at}location."), l.schedules)?,
+            service_at_location: (here != ServiceAtLocation::default()).then_some(here),
         });
     }
     let organization = match service.organization {
@@ -205,39 +293,54 @@ pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, St
             let org_id = present(o.id).ok_or("organization.id: missing")?;
             Some(CatalogOrganization {
                 id: gateway_id(source, &org_id),
+                public_id: uuid_of(&org_id),
                 source_id: org_id,
                 name: present(o.name).ok_or("organization.name: missing")?,
-                description: present(o.description),
+                // As the source wrote it: spaces at either end may be part of what it means to show.
+                description: o.description.filter(|d| !d.trim().is_empty()),
                 url: present(o.website),
                 email: present(o.email),
+                parent_organization_id: present(o.parent_organization_id),
             })
         }
     };
-    let mut terms: Vec<TaxonomyTerm> = service
-        .attributes
-        .into_iter()
-        .filter_map(|a| a.taxonomy_term)
-        .filter_map(|t| {
-            let taxonomy = present(t.taxonomy).or_else(|| t.taxonomy_detail.and_then(|d| present(d.name)))?;
-            let code = present(t.code)?;
-            let name = present(t.name).unwrap_or_else(|| code.clone());
-            Some(TaxonomyTerm { taxonomy, code, name })
-        })
-        .collect();
+    let mut terms: Vec<TaxonomyTerm> = Vec::new();
+    for a in service.attributes {
+        let Some(t) = a.taxonomy_term else { continue };
+        let uri = t.taxonomy_detail.as_ref().and_then(|d| present(d.uri.clone()));
+        let Some(taxonomy) = present(t.taxonomy).or_else(|| t.taxonomy_detail.and_then(|d| present(d.name))) else {
+            continue;
+        };
+        let Some(code) = present(t.code) else { continue };
+        let mut mapped: Vec<TaxonomyTerm> = categories.categories(&taxonomy, &code).to_vec();
+        if let Some(uri) = &uri {
+            mapped.extend(categories.categories(uri, &code).iter().cloned());
+        }
+        terms.push(TaxonomyTerm {
+            name: present(t.name).unwrap_or_else(|| code.clone()),
+            taxonomy,
+            code,
+            id: present(t.id),
+            parent_id: present(t.parent_id),
+            attribute_id: present(a.id),
+            link_type: present(a.link_type),
+        });
+        terms.extend(mapped);
+    }
+    // Stable sort: a term the source gives itself comes before the same category a map adds.
     terms.sort_by(|a, b| (&a.taxonomy, &a.code).cmp(&(&b.taxonomy, &b.code)));
     terms.dedup_by(|a, b| a.taxonomy == b.taxonomy && a.code == b.code);
-    let mut languages: Vec<String> =
-        service.languages.into_iter().filter_map(|l| present(l.code)).map(|c| c.to_ascii_lowercase()).collect();
-    languages.sort();
-    languages.dedup();
-    let schedules =
-        service.schedules.into_iter().enumerate().map(|(i, s)| schedule(i, s)).collect::<Result<Vec<_>, _>>()?;
+    let languages = language_codes(service.languages);
+    let schedules = schedules("", service.schedules)?;
     Ok(CatalogService {
         id: gateway_id(source, &source_id),
         source: source.to_owned(),
+        public_id: uuid_of(&source_id),
         source_id,
         name,
-        description: present(service.description).unwrap_or_default(),
+        alternate_name: present(service.alternate_name),
+        // As the source wrote it, trailing spaces and line breaks included.
+        description: service.description.unwrap_or_default(),
         status,
         url: present(service.url),
         email: present(service.email),
@@ -249,7 +352,7 @@ pub fn normalise_service(source: &str, raw: &Value) -> Result<CatalogService, St
         terms,
         languages,
         schedules,
-        phones: service.phones.into_iter().filter_map(|p| present(p.number)).collect(),
+        phones: phones(service.phones),
         source_modified,
         time_zone: None,
     })
@@ -282,6 +385,8 @@ pub struct HsdsApiSettings<'a> {
     pub max_concurrent_requests: usize,
     /// The HTTP client (timeout, retries, credential).
     pub client: SourceClient,
+    /// The source's taxonomy → agency categories (empty: none).
+    pub categories: CategoryMap,
 }
 
 /// An HSDS 3.0 API: `GET /services?page=&per_page=` (the `service_list` shape, often one-to-one fields only),
@@ -295,6 +400,7 @@ pub struct HsdsApi {
     detail: std::sync::Mutex<HsdsDetail>,
     max_concurrent_requests: usize,
     client: SourceClient,
+    categories: CategoryMap,
 }
 
 /// The JSON media type HSDS APIs answer with.
@@ -379,6 +485,7 @@ impl HsdsApi {
             detail: std::sync::Mutex::new(settings.detail),
             max_concurrent_requests: settings.max_concurrent_requests.max(1),
             client: settings.client,
+            categories: settings.categories,
         })
     }
 
@@ -496,7 +603,7 @@ impl DirectorySource for HsdsApi {
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
-        normalise_service(&self.name, raw)
+        normalise_with(&self.name, raw, &self.categories)
     }
 
     async fn prepare(&self, recorded: Option<&str>) -> Result<Option<ReadPlan>, SourceError> {
@@ -528,13 +635,21 @@ impl DirectorySource for HsdsApi {
 pub struct HsdsPackage {
     name: String,
     path: PathBuf,
+    categories: CategoryMap,
 }
 
 impl HsdsPackage {
     /// A source reading `path`.
     #[must_use]
     pub fn new(name: &str, path: PathBuf) -> Self {
-        HsdsPackage { name: name.to_owned(), path }
+        HsdsPackage { name: name.to_owned(), path, categories: CategoryMap::default() }
+    }
+
+    /// The same source, giving agency categories to the taxonomy terms `categories` maps.
+    #[must_use]
+    pub fn with_categories(mut self, categories: CategoryMap) -> Self {
+        self.categories = categories;
+        self
     }
 }
 
@@ -599,7 +714,7 @@ impl DirectorySource for HsdsPackage {
     }
 
     fn normalise(&self, raw: &Value) -> Result<CatalogService, String> {
-        normalise_service(&self.name, raw)
+        normalise_with(&self.name, raw, &self.categories)
     }
 }
 
@@ -716,6 +831,74 @@ mod tests {
         .expect("valid");
         assert_eq!(local.schedules[0].utc_offset_minutes, None);
         assert_eq!(local.schedules[0].days, ["MO", "WE"]);
+    }
+
+    /// A service whose phones, languages and hours are on its locations, as many HSDS APIs give them.
+    fn located() -> Value {
+        serde_json::json!({
+            "id": "7c4f5c9e-1b8a-4d1e-9c6e-2f1f0b5d7a10", "name": "Westside Clinic",
+            "alternate_name": "Sức khỏe Tâm thần Westside", "status": "active",
+            "description": "Walk-in counselling.  \n",
+            "organization": {"id": "0d0b7a34-5a43-4f6d-8f0e-9c2b9d1e4a21", "name": "Westside Health",
+                "description": "A clinic. ", "parent_organization_id": "4a9e1c2b-6d3f-4e5a-8b7c-1d2e3f4a5b6c"},
+            "service_at_locations": [{
+                "id": "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b",
+                "phones": [{"id": "sal-phone", "number": "503-555-0199"}],
+                "schedules": [{"id": "sal-hours", "byday": "SA", "opens_at": "10:00", "closes_at": "14:00"}],
+                "location": {
+                    "id": "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", "name": "Westside", "latitude": 45.5,
+                    "longitude": -122.7,
+                    "phones": [{"id": "loc-phone", "number": "503-555-0100", "languages": [{"code": "VI"}]}],
+                    "languages": [{"code": "es"}],
+                    "schedules": [{"id": "loc-hours", "byday": "MO,TU", "opens_at": "09:00", "closes_at": "17:00"}]
+                }
+            }],
+            "attributes": [{"id": "attr-1", "link_type": "eligibility", "taxonomy_term": {
+                "id": "term-child", "code": "counseling", "name": "Counseling", "taxonomy": "open-eligibility",
+                "parent_id": "term-parent"}}]
+        })
+    }
+
+    #[test]
+    fn location_and_service_at_location_phones_languages_and_hours_are_kept_with_the_source_ids() {
+        let s = normalise_service("west", &located()).expect("valid");
+        assert_eq!(s.alternate_name.as_deref(), Some("Sức khỏe Tâm thần Westside"));
+        assert_eq!(s.description, "Walk-in counselling.  \n", "as the source wrote it");
+        assert_eq!(s.public_id.as_deref(), Some("7c4f5c9e-1b8a-4d1e-9c6e-2f1f0b5d7a10"));
+        let org = s.organization.as_ref().expect("organization");
+        assert_eq!(org.parent_organization_id.as_deref(), Some("4a9e1c2b-6d3f-4e5a-8b7c-1d2e3f4a5b6c"));
+        assert_eq!(org.description.as_deref(), Some("A clinic. "));
+        let l = &s.locations[0];
+        assert_eq!(l.public_id.as_deref(), Some("9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"));
+        assert_eq!(
+            (l.phones[0].number.as_str(), l.phones[0].languages.as_slice()),
+            ("503-555-0100", &["vi".to_owned()][..])
+        );
+        assert_eq!(l.languages, ["es"]);
+        assert_eq!(
+            (l.schedules[0].id.as_deref(), l.schedules[0].days.as_slice()),
+            (Some("loc-hours"), &["MO".to_owned(), "TU".to_owned()][..])
+        );
+        let here = l.service_at_location.as_ref().expect("service at location");
+        assert_eq!(here.id.as_deref(), Some("5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"));
+        assert_eq!(here.phones[0].number, "503-555-0199");
+        assert_eq!(here.schedules[0].days, ["SA"]);
+        let t = &s.terms[0];
+        assert_eq!((t.id.as_deref(), t.parent_id.as_deref()), (Some("term-child"), Some("term-parent")));
+        assert_eq!((t.attribute_id.as_deref(), t.link_type.as_deref()), (Some("attr-1"), Some("eligibility")));
+    }
+
+    #[test]
+    fn a_term_the_source_category_map_lists_also_gives_the_agency_category() {
+        let map = CategoryMap::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/directory/open-eligibility-category.json"),
+        )
+        .expect("the shipped map loads");
+        let s = normalise_with("west", &located(), &map).expect("valid");
+        let codes: Vec<(&str, &str)> = s.terms.iter().map(|t| (t.taxonomy.as_str(), t.code.as_str())).collect();
+        assert_eq!(codes, [(super::super::CATEGORY_TAXONOMY, "therapy"), ("open-eligibility", "counseling")]);
+        let without = normalise_service("west", &located()).expect("valid");
+        assert_eq!(without.terms.len(), 1, "no map, no category");
     }
 
     #[test]

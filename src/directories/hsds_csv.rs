@@ -4,7 +4,8 @@
 //! their foreign keys, and each row of `services.csv` becomes the nested service object of the HSDS API shape,
 //! which [`super::hsds::normalise_service`] maps like a service read from JSON; that object is the raw record kept.
 //!
-//! Cells are trimmed; an empty cell is an absent field, never `""`. The number columns of the HSDS schemas
+//! Cells are trimmed, but for `description` (kept as the source wrote it); an empty cell is an absent field,
+//! never `""`. The number columns of the HSDS schemas
 //! (`latitude`, `minimum_age`, `extension`, ...) become JSON numbers; every other cell stays a string. The other
 //! HSDS tables (contacts, programs, funding, ...) are not read.
 //!
@@ -393,11 +394,15 @@ fn read_table(table: Table, file: &str, input: &[u8]) -> Result<Loaded, String> 
                 row.problems.push(format!("{file} line {line}, {column}: not UTF-8 text"));
                 continue;
             };
+            let raw = text;
             let text = text.trim();
             if text.is_empty() || column.is_empty() {
                 continue;
             }
-            let value = if numbers.contains(&column.as_str()) {
+            let value = if column == "description" {
+                // A description is kept as the source wrote it, spaces and line breaks at its ends included.
+                Value::String(raw.to_owned())
+            } else if numbers.contains(&column.as_str()) {
                 match number(text) {
                     Some(n) => Value::Number(n),
                     None => {
@@ -789,6 +794,21 @@ mod tests {
     }
 
     #[test]
+    fn a_description_keeps_the_spaces_the_source_wrote_and_other_cells_are_trimmed() {
+        let mut files = reference_package();
+        replace(
+            &mut files,
+            "services.csv",
+            csv(SERVICES, &["svc-1,org-1,, Community Counselling ,,\"Walk in.  \n\",,,active,,,,,,,,,,,,,,"]),
+        );
+        let out = assemble(&files);
+        let [service] = services(&out)[..] else { panic!("one service: {out:?}") };
+        assert_eq!(service["description"], "Walk in.  \n");
+        assert_eq!(service["name"], "Community Counselling");
+        assert_eq!(normalise_service("ref", service).expect("valid").description, "Walk in.  \n");
+    }
+
+    #[test]
     fn reference_shaped_rows_assemble_into_the_nested_api_service_the_mapping_reads() {
         let out = assemble(&reference_package());
         assert_eq!(rejections(&out), []);
@@ -796,7 +816,7 @@ mod tests {
         assert_eq!(service["organization"]["name"], "Example Organization Inc.");
         assert_eq!(service["organization"]["year_incorporated"], json!(2011), "a number column is a number");
         assert_eq!(service["minimum_age"], json!(12));
-        assert_eq!(service["description"], "Counselling for anxiety, depression or grief.");
+        assert_eq!(service["description"], "Counselling for anxiety, depression or grief. ", "as written");
         assert!(service.get("alternate_name").is_none() && service.get("program_id").is_none(), "empty is absent");
         let at = &service["service_at_locations"][0];
         assert_eq!(at["location"]["latitude"], json!(45.52));
@@ -825,7 +845,11 @@ mod tests {
             ("carebridge-service-category", "therapy")
         );
         assert_eq!(mapped.languages, ["ur"]);
-        assert_eq!(mapped.phones, ["+1 503 555 0100"]);
+        let numbers: Vec<(&str, Option<&str>, &[String])> =
+            mapped.phones.iter().map(|p| (p.number.as_str(), p.extension.as_deref(), p.languages.as_slice())).collect();
+        assert_eq!(numbers, [("+1 503 555 0100", Some("100"), &["pl".to_owned()][..])]);
+        // The location's own phone is kept with the location.
+        assert_eq!(mapped.locations[0].phones[0].number, "503-555-0101");
         assert_eq!(mapped.schedules[0].days, ["MO", "TU"]);
         assert_eq!(mapped.minimum_age, Some(12.0));
     }

@@ -7,7 +7,8 @@
 //! the source can be asked by id. Sources read over HTTP do it through [`source_http`] (retries, named failures).
 //! Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
 //! R4 server's `HealthcareService`s). [`publish`] turns the catalog back into FHIR and HSDS for others to read.
-//! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone.
+//! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone;
+//! [`search_text`] turns names and descriptions into the folded, stemmed words a text search looks up.
 
 pub mod fhir_directory;
 pub mod hours;
@@ -16,6 +17,7 @@ pub mod hsds_csv;
 pub mod jobs;
 pub mod publish;
 pub mod schedule;
+pub mod search_text;
 pub mod source_http;
 pub mod synthetic;
 
@@ -30,7 +32,7 @@ use utoipa::ToSchema;
 use crate::store::{DirectorySyncState, Store, StoreError};
 
 /// A service as the catalog keeps it, whatever its source.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogService {
     /// The gateway's stable id (`<source>.<source id>`, or a hash when that would not be a valid id).
     pub id: String,
@@ -40,7 +42,14 @@ pub struct CatalogService {
     pub source_id: String,
     /// Service name.
     pub name: String,
-    /// Description (searched as full text).
+    /// Another name the service is known by (searched with the name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alternate_name: Option<String>,
+    /// The UUID the service is published under as HSDS: the source's own id when it is a UUID (unless another
+    /// service of the catalog already has it), else a UUID v5 of the gateway id (see [`publish`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_id: Option<String>,
+    /// Description (searched as full text), as the source wrote it.
     pub description: String,
     /// `active`, `inactive`, `defunct` or `temporarily closed`, as the source says.
     pub status: String,
@@ -65,7 +74,7 @@ pub struct CatalogService {
     /// Opening hours.
     pub schedules: Vec<Schedule>,
     /// Phone numbers.
-    pub phones: Vec<String>,
+    pub phones: Vec<Phone>,
     /// When the source last changed it.
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -76,7 +85,7 @@ pub struct CatalogService {
 }
 
 /// An organisation running services.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogOrganization {
     /// The gateway's id.
     pub id: String,
@@ -90,10 +99,78 @@ pub struct CatalogOrganization {
     pub url: Option<String>,
     /// Contact e-mail.
     pub email: Option<String>,
+    /// The source's id of the organisation this one is part of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_organization_id: Option<String>,
+    /// The UUID the organisation is published under as HSDS (as for services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_id: Option<String>,
+}
+
+/// A phone number, with what the source says of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(from = "PhoneRepr")]
+pub struct Phone {
+    /// The source's id of the phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The number.
+    pub number: String,
+    /// Extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension: Option<String>,
+    /// `voice`, `fax`, `text`, … as the source says.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub kind: Option<String>,
+    /// What the number is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Languages spoken on the line (lower case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+}
+
+impl Phone {
+    /// A number and nothing else.
+    #[must_use]
+    pub fn number(number: impl Into<String>) -> Self {
+        Phone { number: number.into(), ..Phone::default() }
+    }
+}
+
+/// A phone as kept: a bare number (catalogs kept before phones had details), or the whole object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PhoneRepr {
+    Number(String),
+    Whole {
+        #[serde(default)]
+        id: Option<String>,
+        number: String,
+        #[serde(default)]
+        extension: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        description: Option<String>,
+        #[serde(default)]
+        languages: Vec<String>,
+    },
+}
+
+impl From<PhoneRepr> for Phone {
+    fn from(r: PhoneRepr) -> Self {
+        match r {
+            PhoneRepr::Number(number) => Phone::number(number),
+            PhoneRepr::Whole { id, number, extension, kind, description, languages } => {
+                Phone { id, number, extension, kind, description, languages }
+            }
+        }
+    }
 }
 
 /// A place where services are offered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CatalogLocation {
     /// The gateway's id.
     pub id: String,
@@ -113,6 +190,36 @@ pub struct CatalogLocation {
     pub state: Option<String>,
     /// Postal code.
     pub postal_code: Option<String>,
+    /// The UUID the location is published under as HSDS (the source's own id when it is a UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_id: Option<String>,
+    /// The location's phones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phones: Vec<Phone>,
+    /// Languages spoken at the location (lower case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+    /// The location's opening hours.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
+    /// What the source says of this service at this location (HSDS `service_at_location`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_at_location: Option<ServiceAtLocation>,
+}
+
+/// A service at one of its locations: the source's id of the link, and the phones and hours of the service
+/// there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceAtLocation {
+    /// The source's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Phones of the service at this location.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phones: Vec<Phone>,
+    /// Hours of the service at this location.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
 }
 
 /// A taxonomy term: `(taxonomy, code)` with a display name.
@@ -124,11 +231,42 @@ pub struct TaxonomyTerm {
     pub code: String,
     /// Display name.
     pub name: String,
+    /// The source's id of the term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The source's id of the broader term this one is part of (HSDS `parent_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The source's id of the attribute linking the term to the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribute_id: Option<String>,
+    /// The attribute's `link_type` as the source gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_type: Option<String>,
+}
+
+impl TaxonomyTerm {
+    /// A term known by taxonomy, code and name only.
+    #[must_use]
+    pub fn new(taxonomy: impl Into<String>, code: impl Into<String>, name: impl Into<String>) -> Self {
+        TaxonomyTerm {
+            taxonomy: taxonomy.into(),
+            code: code.into(),
+            name: name.into(),
+            id: None,
+            parent_id: None,
+            attribute_id: None,
+            link_type: None,
+        }
+    }
 }
 
 /// Weekly opening hours.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Schedule {
+    /// The source's id of the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Days (`MO`…`SU`).
     pub days: Vec<String>,
     /// Opening time, `HH:MM` (or `HH:MM:SS`), local to the schedule's zone, without a UTC offset.
@@ -845,11 +983,12 @@ pub async fn sync(
 /// A catalog search.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceQuery {
-    /// Full-text query over name and description.
+    /// Full-text query over name, alternate name and description (see [`search_text`]); one without a word
+    /// finds nothing.
     pub text: Option<String>,
     /// Agency service category (a code of [`CATEGORY_TAXONOMY`]).
     pub category: Option<String>,
-    /// Any taxonomy term code.
+    /// Any taxonomy term, by code or by the source's id of it, with the terms under it.
     pub taxonomy_term: Option<String>,
     /// Centre of a radius search, `(latitude, longitude)`.
     pub near: Option<(f64, f64)>,
@@ -917,6 +1056,17 @@ fn credential(var: &str, name: &str) -> Result<String, SourceError> {
         .map_err(|_| SourceError::Malformed(format!("the credential variable {var} of directory {name} is not set")))
 }
 
+/// An HSDS source's category map: the configured file under `mappings_dir`, or none.
+fn hsds_categories(
+    file: Option<&std::path::Path>,
+    mappings_dir: &std::path::Path,
+) -> Result<fhir_directory::CategoryMap, SourceError> {
+    match file {
+        None => Ok(fhir_directory::CategoryMap::default()),
+        Some(file) => fhir_directory::CategoryMap::for_file(&mappings_dir.join(file)),
+    }
+}
+
 /// The source a configuration entry describes, as read from it.
 fn source_of(
     settings: &crate::config::DirectorySettings,
@@ -938,6 +1088,7 @@ fn source_of(
             retry_min_delay_ms,
             retry_max_delay_ms,
             retry_after_max_secs,
+            category_map,
             ..
         } => {
             let headers = match (auth_header, auth_value_env) {
@@ -958,11 +1109,13 @@ fn source_of(
                 detail: *detail,
                 max_concurrent_requests: *max_concurrent_requests,
                 client,
+                categories: hsds_categories(category_map.as_deref(), mappings_dir)?,
             })?)
         }
-        DirectorySettings::HsdsPackage { name, path, .. } => {
-            std::sync::Arc::new(hsds::HsdsPackage::new(name, path.clone()))
-        }
+        DirectorySettings::HsdsPackage { name, path, category_map, .. } => std::sync::Arc::new(
+            hsds::HsdsPackage::new(name, path.clone())
+                .with_categories(hsds_categories(category_map.as_deref(), mappings_dir)?),
+        ),
         DirectorySettings::FhirDirectory { name, base_url, per_page, bearer_token_env, timeout_secs, .. } => {
             let token = bearer_token_env.as_deref().map(|var| credential(var, name)).transpose()?;
             let timeout = Duration::from_secs(*timeout_secs);
@@ -977,6 +1130,33 @@ fn source_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phones_kept_as_bare_numbers_by_an_older_version_still_read() {
+        let old: Vec<Phone> = serde_json::from_value(serde_json::json!(["503-555-0100",
+            {"number": "503-555-0101", "type": "fax", "languages": ["es"]}]))
+        .expect("both shapes");
+        assert_eq!(old[0], Phone::number("503-555-0100"));
+        assert_eq!((old[1].kind.as_deref(), old[1].languages.as_slice()), (Some("fax"), &["es".to_owned()][..]));
+        let kept = serde_json::to_value(&old[1]).expect("serialises");
+        assert_eq!(kept, serde_json::json!({"number": "503-555-0101", "type": "fax", "languages": ["es"]}));
+    }
+
+    #[test]
+    fn an_hsds_source_without_its_category_map_is_refused_with_the_file_named() {
+        let settings: crate::config::DirectorySettings = serde_json::from_value(serde_json::json!({
+            "type": "hsds_package", "name": "demo", "path": "fixtures/directory/hsds",
+            "category_map": "directory/missing-map.json"}))
+        .expect("settings");
+        let mappings = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+        let error = source_from_settings(&settings, &mappings).err().expect("no source without its map");
+        assert!(error.to_string().contains("directory/missing-map.json"), "{error}");
+        let shipped: crate::config::DirectorySettings = serde_json::from_value(serde_json::json!({
+            "type": "hsds_package", "name": "demo", "path": "fixtures/directory/hsds",
+            "category_map": "directory/open-eligibility-category.json"}))
+        .expect("settings");
+        assert!(source_from_settings(&shipped, &mappings).is_ok());
+    }
 
     #[test]
     fn gateway_ids_are_readable_when_they_can_be_and_stable_hashes_otherwise() {

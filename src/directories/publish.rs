@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{CATEGORY_TAXONOMY, CatalogLocation, CatalogOrganization, CatalogService};
+use super::{CATEGORY_TAXONOMY, CatalogLocation, CatalogOrganization, CatalogService, Phone, Schedule, TaxonomyTerm};
 use crate::mapping::terminology::AGENCY_VOCABULARY;
 
 /// Namespace of the UUIDs the catalog is published under as HSDS.
@@ -43,16 +43,19 @@ fn hsds_status(s: &CatalogService, active: bool) -> &str {
 #[must_use]
 pub fn hsds_service_summary(s: &CatalogService, active: bool, updated_at: OffsetDateTime) -> Value {
     let mut r = json!({
-        "id": public_uuid(&s.id),
+        "id": service_uuid(s),
         "name": s.name,
         "status": hsds_status(s, active),
         "last_modified": instant(s.source_modified.unwrap_or(updated_at)),
     });
+    if let Some(alternate) = &s.alternate_name {
+        r["alternate_name"] = json!(alternate);
+    }
     if !s.description.trim().is_empty() {
         r["description"] = json!(s.description);
     }
     if let Some(org) = &s.organization {
-        r["organization_id"] = json!(public_uuid(&org.id));
+        r["organization_id"] = json!(organization_uuid(org));
     }
     if let Some(url) = &s.url {
         r["url"] = json!(url);
@@ -72,14 +75,16 @@ pub fn hsds_service_summary(s: &CatalogService, active: bool, updated_at: Offset
     r
 }
 
-/// A whole HSDS service with its organisation, locations, phones, languages and taxonomy terms.
+/// The full HSDS 3.0 `service` object: one-to-one fields plus organization, locations (with their addresses,
+/// phones, languages and schedules), the service's phones, languages and schedules, and its taxonomy terms as
+/// attributes, each under the source's own id when that is a UUID.
 #[must_use]
 pub fn hsds_service(s: &CatalogService, active: bool, updated_at: OffsetDateTime) -> Value {
     let mut r = hsds_service_summary(s, active, updated_at);
-    let sid = public_uuid(&s.id);
+    let sid = service_uuid(s);
     if let Some(org) = &s.organization {
         let mut o = json!({
-            "id": public_uuid(&org.id),
+            "id": organization_uuid(org),
             "name": org.name,
             "description": org.description.clone().unwrap_or_default(),
         });
@@ -89,23 +94,25 @@ pub fn hsds_service(s: &CatalogService, active: bool, updated_at: OffsetDateTime
         if let Some(email) = &org.email {
             o["email"] = json!(email);
         }
+        if let Some(parent) = org.parent_organization_id.as_deref().and_then(uuid_form) {
+            o["parent_organization_id"] = json!(parent);
+        }
         r["organization"] = o;
     }
-    r["phones"] = s
-        .phones
-        .iter()
-        .map(|p| json!({"id": public_uuid(&format!("{}|phone|{p}", s.id)), "service_id": sid, "number": p}))
-        .collect();
-    r["languages"] = s
-        .languages
-        .iter()
-        .map(|l| json!({"id": public_uuid(&format!("{}|language|{l}", s.id)), "service_id": sid, "code": l}))
-        .collect();
+    let owner = |key: &str, id: &str| {
+        let mut m = serde_json::Map::new();
+        m.insert(key.to_owned(), json!(id));
+        m
+    };
+    let service_owner = owner("service_id", &sid);
+    r["phones"] = hsds_phones(&s.phones, &format!("{}|phone", s.id), &service_owner);
+    r["languages"] = hsds_languages(&s.languages, &format!("{}|language", s.id), &service_owner);
+    r["schedules"] = hsds_schedules(&s.schedules, &format!("{}|schedule", s.id), &service_owner);
     r["service_at_locations"] = s
         .locations
         .iter()
         .map(|l| {
-            let lid = public_uuid(&l.id);
+            let lid = location_uuid(l);
             let mut loc = json!({"id": lid, "location_type": "physical"});
             if let Some(name) = &l.name {
                 loc["name"] = json!(name);
@@ -126,25 +133,148 @@ pub fn hsds_service(s: &CatalogService, active: bool, updated_at: OffsetDateTime
                     "address_type": "physical",
                 }]);
             }
-            json!({"id": public_uuid(&format!("{}|{}", s.id, l.id)), "service_id": sid, "location_id": lid, "location": loc})
+            let location_owner = owner("location_id", &lid);
+            loc["phones"] = hsds_phones(&l.phones, &format!("{}|phone", l.id), &location_owner);
+            loc["languages"] = hsds_languages(&l.languages, &format!("{}|language", l.id), &location_owner);
+            loc["schedules"] = hsds_schedules(&l.schedules, &format!("{}|schedule", l.id), &location_owner);
+            let here = l.service_at_location.clone().unwrap_or_default();
+            let sal_id =
+                here.id.as_deref().and_then(uuid_form).unwrap_or_else(|| public_uuid(&format!("{}|{}", s.id, l.id)));
+            let sal_owner = owner("service_at_location_id", &sal_id);
+            let key = format!("{}|{}", s.id, l.id);
+            json!({
+                "id": sal_id, "service_id": sid, "location_id": lid, "location": loc,
+                "phones": hsds_phones(&here.phones, &format!("{key}|phone"), &sal_owner),
+                "schedules": hsds_schedules(&here.schedules, &format!("{key}|schedule"), &sal_owner),
+            })
         })
         .collect();
     r["attributes"] = s
         .terms
         .iter()
         .map(|t| {
-            let term_id = term_public_uuid(&t.taxonomy, &t.code);
+            let term_id = term_uuid(t);
+            let mut term = json!({"id": term_id, "code": t.code, "name": t.name, "description": t.name,
+                "taxonomy": t.taxonomy});
+            if let Some(parent) = t.parent_id.as_deref().and_then(uuid_form) {
+                term["parent_id"] = json!(parent);
+            }
+            let id = t
+                .attribute_id
+                .as_deref()
+                .and_then(uuid_form)
+                .unwrap_or_else(|| public_uuid(&format!("{}|term|{}|{}", s.id, t.taxonomy, t.code)));
             json!({
-                "id": public_uuid(&format!("{}|term|{}|{}", s.id, t.taxonomy, t.code)),
+                "id": id,
                 "link_id": sid,
-                "link_type": "service",
+                "link_type": t.link_type.as_deref().unwrap_or("service"),
                 "link_entity": "service",
                 "taxonomy_term_id": term_id,
-                "taxonomy_term": {"id": term_id, "code": t.code, "name": t.name, "description": t.name, "taxonomy": t.taxonomy},
+                "taxonomy_term": term,
             })
         })
         .collect();
     r
+}
+
+/// `id` in canonical UUID form, when it is a UUID.
+fn uuid_form(id: &str) -> Option<String> {
+    uuid::Uuid::parse_str(id).ok().map(|u| u.to_string())
+}
+
+/// The HSDS id of a service: the one the catalog gave it (the source's UUID), else a UUID v5 of its gateway id.
+#[must_use]
+pub fn service_uuid(s: &CatalogService) -> String {
+    s.public_id.clone().unwrap_or_else(|| public_uuid(&s.id))
+}
+
+/// The HSDS id of an organisation, as for services.
+#[must_use]
+pub fn organization_uuid(o: &CatalogOrganization) -> String {
+    o.public_id.clone().unwrap_or_else(|| public_uuid(&o.id))
+}
+
+/// The HSDS id of a location: the source's UUID, else a UUID v5 of its gateway id.
+#[must_use]
+pub fn location_uuid(l: &CatalogLocation) -> String {
+    l.public_id.as_deref().and_then(uuid_form).unwrap_or_else(|| public_uuid(&l.id))
+}
+
+/// The HSDS id of a taxonomy term: the source's UUID, else a UUID v5 of `taxonomy|code`.
+#[must_use]
+pub fn term_uuid(t: &TaxonomyTerm) -> String {
+    t.id.as_deref().and_then(uuid_form).unwrap_or_else(|| term_public_uuid(&t.taxonomy, &t.code))
+}
+
+/// HSDS phones owned by `owner` (`{"service_id": …}` or the like); ids the source's UUIDs, else stable UUID v5s.
+fn hsds_phones(phones: &[Phone], key: &str, owner: &serde_json::Map<String, Value>) -> Value {
+    phones
+        .iter()
+        .map(|p| {
+            let id = p.id.as_deref().and_then(uuid_form).unwrap_or_else(|| public_uuid(&format!("{key}|{}", p.number)));
+            let mut o = owner.clone();
+            o.insert("id".into(), json!(id));
+            o.insert("number".into(), json!(p.number));
+            if let Some(x) = p.extension.as_deref().and_then(|x| x.parse::<f64>().ok()) {
+                o.insert("extension".into(), json!(x));
+            }
+            if let Some(kind) = &p.kind {
+                o.insert("type".into(), json!(kind));
+            }
+            if let Some(d) = &p.description {
+                o.insert("description".into(), json!(d));
+            }
+            if !p.languages.is_empty() {
+                let phone_owner = serde_json::Map::from_iter([("phone_id".to_owned(), json!(id))]);
+                o.insert(
+                    "languages".into(),
+                    hsds_languages(&p.languages, &format!("{key}|{id}|language"), &phone_owner),
+                );
+            }
+            Value::Object(o)
+        })
+        .collect()
+}
+
+/// HSDS languages owned by `owner`.
+fn hsds_languages(languages: &[String], key: &str, owner: &serde_json::Map<String, Value>) -> Value {
+    languages
+        .iter()
+        .map(|l| {
+            let mut o = owner.clone();
+            o.insert("id".into(), json!(public_uuid(&format!("{key}|{l}"))));
+            o.insert("code".into(), json!(l));
+            Value::Object(o)
+        })
+        .collect()
+}
+
+/// HSDS weekly schedules owned by `owner`: days, opening and closing times, and the UTC offset (in hours) when
+/// the source stated one.
+fn hsds_schedules(schedules: &[Schedule], key: &str, owner: &serde_json::Map<String, Value>) -> Value {
+    schedules
+        .iter()
+        .enumerate()
+        .map(|(i, sch)| {
+            let id = sch.id.as_deref().and_then(uuid_form).unwrap_or_else(|| public_uuid(&format!("{key}|{i}")));
+            let mut o = owner.clone();
+            o.insert("id".into(), json!(id));
+            o.insert("freq".into(), json!("WEEKLY"));
+            if !sch.days.is_empty() {
+                o.insert("byday".into(), json!(sch.days.join(",")));
+            }
+            if let Some(t) = &sch.opens_at {
+                o.insert("opens_at".into(), json!(t));
+            }
+            if let Some(t) = &sch.closes_at {
+                o.insert("closes_at".into(), json!(t));
+            }
+            if let Some(offset) = sch.utc_offset_minutes {
+                o.insert("timezone".into(), json!(f64::from(offset) / 60.0));
+            }
+            Value::Object(o)
+        })
+        .collect()
 }
 
 fn instant(t: OffsetDateTime) -> String {
@@ -157,15 +287,15 @@ fn is_uri(s: &str) -> bool {
 
 /// FHIR day-of-week codes from the day names HSDS and the catalog use.
 fn day_code(day: &str) -> Option<&'static str> {
-    let d = day.to_ascii_lowercase();
-    Some(match d.get(..3)? {
-        "mon" | "mo" => "mon",
-        "tue" | "tu" => "tue",
-        "wed" | "we" => "wed",
-        "thu" | "th" => "thu",
-        "fri" | "fr" => "fri",
-        "sat" | "sa" => "sat",
-        "sun" | "su" => "sun",
+    // HSDS writes two letters (`MO`), FHIR three (`mon`), people the whole name.
+    Some(match day.trim().to_ascii_lowercase().as_str() {
+        "mo" | "mon" | "monday" => "mon",
+        "tu" | "tue" | "tuesday" => "tue",
+        "we" | "wed" | "wednesday" => "wed",
+        "th" | "thu" | "thursday" => "thu",
+        "fr" | "fri" | "friday" => "fri",
+        "sa" | "sat" | "saturday" => "sat",
+        "su" | "sun" | "sunday" => "sun",
         _ => return None,
     })
 }
@@ -225,7 +355,7 @@ pub fn healthcare_service(s: &CatalogService, active: bool, updated_at: OffsetDa
     if !s.locations.is_empty() {
         r["location"] = s.locations.iter().map(|l| json!({"reference": format!("Location/{}", l.id)})).collect();
     }
-    let mut telecom: Vec<Value> = s.phones.iter().map(|p| json!({"system": "phone", "value": p})).collect();
+    let mut telecom: Vec<Value> = s.phones.iter().map(|p| json!({"system": "phone", "value": p.number})).collect();
     if let Some(email) = &s.email {
         telecom.push(json!({"system": "email", "value": email}));
     }
@@ -322,6 +452,31 @@ pub fn location(l: &CatalogLocation, updated_at: OffsetDateTime) -> Value {
     if let (Some(lat), Some(lon)) = (l.latitude, l.longitude) {
         r["position"] = json!({"latitude": lat, "longitude": lon});
     }
+    if !l.phones.is_empty() {
+        r["telecom"] = l.phones.iter().map(|p| json!({"system": "phone", "value": p.number})).collect();
+    }
+    let hours: Vec<Value> = l
+        .schedules
+        .iter()
+        .filter_map(|sch| {
+            let days: Vec<&str> = sch.days.iter().filter_map(|d| day_code(d)).collect();
+            if days.is_empty() {
+                return None;
+            }
+            let mut h = json!({"daysOfWeek": days});
+            match (sch.opens_at.as_deref().and_then(fhir_time), sch.closes_at.as_deref().and_then(fhir_time)) {
+                (Some(o), Some(c)) => {
+                    h["openingTime"] = json!(o);
+                    h["closingTime"] = json!(c);
+                }
+                _ => h["allDay"] = json!(true),
+            }
+            Some(h)
+        })
+        .collect();
+    if !hours.is_empty() {
+        r["hoursOfOperation"] = Value::Array(hours);
+    }
     r
 }
 
@@ -333,6 +488,26 @@ mod tests {
     fn opening_hours_become_available_times_and_odd_ones_are_left_out() {
         assert_eq!(day_code("Monday"), Some("mon"));
         assert_eq!(day_code("x"), None);
+        assert_eq!(day_code("moon"), None);
+        // HSDS `byday` codes are two letters: each is a day of FHIR's `daysOfWeek`.
+        let hsds: Vec<Option<&str>> = ["MO", "TU", "WE", "TH", "FR", "SA", "SU"].into_iter().map(day_code).collect();
+        assert_eq!(hsds, ["mon", "tue", "wed", "thu", "fri", "sat", "sun"].map(Some));
+        let service = CatalogService {
+            id: "s.1".into(),
+            name: "Clinic".into(),
+            schedules: vec![Schedule {
+                days: vec!["MO".into(), "WE".into()],
+                opens_at: Some("09:00".into()),
+                closes_at: Some("17:00".into()),
+                ..Schedule::default()
+            }],
+            ..CatalogService::default()
+        };
+        let published = healthcare_service(&service, true, OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(
+            published["availableTime"],
+            json!([{"daysOfWeek": ["mon", "wed"], "availableStartTime": "09:00:00", "availableEndTime": "17:00:00"}])
+        );
         assert_eq!(fhir_time("09:00").as_deref(), Some("09:00:00"));
         assert_eq!(fhir_time("9am"), None);
     }

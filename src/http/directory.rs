@@ -33,11 +33,14 @@ const MAX_RADIUS_KM: f64 = 500.0;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct SearchParams {
-    /// Words to find in the name and description (all must match; the last may be a prefix).
+    /// Words to find in the name, alternate name and description (all must match, any case and accents; the last
+    /// may be a prefix of a longer word). A `q` without a letter or digit is a 400.
     q: Option<String>,
-    /// Agency service category (`therapy`, `psychiatry`, `crisis_care`, `housing_assistance`, …).
+    /// Agency service category (`therapy`, `psychiatry`, `crisis_care`, `housing_assistance`, …), as the source
+    /// gives it or as its category map derives it from the source's own taxonomy.
     category: Option<String>,
-    /// A taxonomy term code of any taxonomy the sources use.
+    /// A taxonomy term of any taxonomy the sources use, by code or by the source's id of it; the terms under it
+    /// (HSDS `parent_id`) are found too.
     taxonomy_term: Option<String>,
     /// `LAT,LON` (WGS 84) to search around; results carry their distance.
     near: Option<String>,
@@ -115,8 +118,15 @@ fn service_query(p: SearchParams, now: OffsetDateTime) -> Result<ServiceQuery, A
         return Err(bad_query("radius_km: needs near"));
     }
     let (page, per_page) = paging(p.page, p.per_page, DEFAULT_PER_PAGE)?;
+    // A `q` without a word (`*`, `'`, an emoji, spaces) is refused: answering it with every service would
+    // pass for a match.
+    if let Some(q) = &p.q
+        && crate::directories::search_text::TextQuery::parse(q).is_none()
+    {
+        return Err(bad_query("q: no word to search for (letters or digits); leave q out to list every service"));
+    }
     Ok(ServiceQuery {
-        text: p.q.filter(|q| !q.trim().is_empty()),
+        text: p.q,
         category: p.category,
         taxonomy_term: p.taxonomy_term,
         near,

@@ -97,6 +97,37 @@ pub struct ConceptMap {
     fallback: Option<Concept>,
     reverse: HashMap<(String, String), Vec<String>>,
     reversible: bool,
+    /// Every group as the file gives it (mapping files have one; a directory's category map one per source
+    /// code system).
+    pub groups: Vec<Group>,
+}
+
+/// One group of a ConceptMap: source code system → target code system.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// The source code system.
+    pub source: String,
+    /// The target code system.
+    pub target: String,
+    /// Where `target` is written (line, column).
+    pub target_at: (usize, usize),
+    /// Its elements, in file order.
+    pub elements: Vec<Element>,
+}
+
+/// One element of a group: a source code and its one target (`None`: unmatched on purpose).
+#[derive(Debug, Clone)]
+pub struct Element {
+    /// The source code.
+    pub code: String,
+    /// The target concept; `None` when the element says the code has no counterpart.
+    pub target: Option<Concept>,
+    /// The target's equivalence (`equivalent`, `wider`, `narrower`, …).
+    pub equivalence: String,
+    /// Where the element's code is written (line, column).
+    pub at: (usize, usize),
+    /// Where its target code is written (line, column), else where the element is.
+    pub target_at: (usize, usize),
 }
 
 /// Why a lookup failed.
@@ -227,8 +258,62 @@ pub(super) fn line_of(text: &str, needle: &str) -> (usize, usize) {
     }
 }
 
-/// Loads one ConceptMap file, pushing every problem into `errors`.
+/// The equivalences of FHIR R4 (`ConceptMapEquivalence`).
+const EQUIVALENCES: [&str; 10] = [
+    "relatedto",
+    "equivalent",
+    "equal",
+    "wider",
+    "subsumes",
+    "narrower",
+    "specializes",
+    "inexact",
+    "unmatched",
+    "disjoint",
+];
+
+/// Finds quoted JSON strings in reading order, so an error points at the occurrence it is about.
+struct Cursor<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// Line and column of the next `"value"` after the last one found (else the first anywhere, else 1:1).
+    fn seek(&mut self, value: &str) -> (usize, usize) {
+        let needle = format!("\"{value}\"");
+        let found = self.text[self.at..].find(&needle).map(|i| self.at + i).or_else(|| self.text.find(&needle));
+        match found {
+            Some(i) => {
+                self.at = i;
+                position(self.text, i)
+            }
+            None => (1, 1),
+        }
+    }
+}
+
+/// The 1-based line and column of byte `at` of `text`.
+fn position(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = at - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+    (line, col)
+}
+
+/// Loads one ConceptMap file of the mapping files (exactly one group), pushing every problem into `errors`.
 pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<ConceptMap> {
+    load_map(path, text, errors, true)
+}
+
+/// Loads one ConceptMap file of any number of groups (a directory's category map: one per source code system),
+/// by the same rules otherwise, pushing every problem into `errors`; the map as far as it could be read (the
+/// elements without problems) even when some were pushed, so the caller can check what it needs on top.
+pub fn load_groups(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<ConceptMap> {
+    load_map(path, text, errors, false)
+}
+
+fn load_map(path: &Path, text: &str, errors: &mut Vec<LoadError>, one_group: bool) -> Option<ConceptMap> {
     let file = path.display().to_string();
     let err = |needle: &str, message: String| {
         let (line, column) = line_of(text, needle);
@@ -264,50 +349,82 @@ pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<Conc
         fallback: None,
         reverse: HashMap::new(),
         reversible: true,
+        groups: Vec::new(),
     };
     let before = errors.len();
-    if parsed.group.len() != 1 {
+    let at_line =
+        |(line, column): (usize, usize), message: String| LoadError { file: file.clone(), line, column, message };
+    let mut cursor = Cursor { text, at: 0 };
+    if one_group && parsed.group.len() != 1 {
         errors.push(err("\"group\"", "a carebridge ConceptMap has exactly one group".into()));
+    }
+    if parsed.group.is_empty() && !one_group {
+        errors.push(err("\"group\"", "the map has no group".into()));
     }
     for group in &parsed.group {
         let listed: std::collections::HashSet<&str> = group.element.iter().map(|e| e.code.as_str()).collect();
+        let source_at = cursor.seek(&group.source);
+        if group.source.trim().is_empty() {
+            errors.push(at_line(source_at, "a group needs the source code system".into()));
+        }
         let known = agency_codes(&group.source);
         if known.is_none() && group.source.starts_with(AGENCY_VOCABULARY) {
-            errors.push(err(&group.source, format!("`{}` is not an agency vocabulary", group.source)));
+            errors.push(at_line(source_at, format!("`{}` is not an agency vocabulary", group.source)));
         }
+        let target_at = cursor.seek(&group.target);
+        let mut kept =
+            Group { source: group.source.clone(), target: group.target.clone(), target_at, elements: Vec::new() };
+        let mut seen = std::collections::HashSet::new();
         for el in &group.element {
-            let needle = format!("\"{}\"", el.code);
+            let at = cursor.seek(&el.code);
             if let Some(known) = &known
                 && !known.contains(&el.code)
             {
-                errors.push(err(&needle, format!("`{}` is not a code of {}", el.code, group.source)));
+                errors.push(at_line(at, format!("`{}` is not a code of {}", el.code, group.source)));
             }
-            if map.forward.contains_key(&el.code) || map.unmatched.contains(&el.code) {
-                errors.push(err(&needle, format!("`{}` is mapped twice", el.code)));
+            if !seen.insert(el.code.as_str()) {
+                errors.push(at_line(at, format!("`{}` is mapped twice", el.code)));
             }
             let [target] = el.target.as_slice() else {
-                errors.push(err(&needle, format!("`{}` needs exactly one target", el.code)));
+                errors.push(at_line(at, format!("`{}` needs exactly one target", el.code)));
                 continue;
             };
-            if target.equivalence == "unmatched" && target.code.is_none() {
+            let equivalence = target.equivalence.as_str();
+            if !EQUIVALENCES.contains(&equivalence) {
+                errors.push(at_line(at, format!("`{}` maps `{equivalence}`, not a FHIR R4 equivalence", el.code)));
+                continue;
+            }
+            if equivalence == "unmatched" {
+                if target.code.is_some() {
+                    errors.push(at_line(at, format!("`{}` is unmatched: its target has no code", el.code)));
+                    continue;
+                }
                 map.unmatched.insert(el.code.clone());
                 map.reversible = false;
+                kept.elements.push(Element {
+                    code: el.code.clone(),
+                    target: None,
+                    equivalence: equivalence.into(),
+                    at,
+                    target_at: at,
+                });
                 continue;
             }
             let Some(code) = target.code.clone().filter(|c| !c.trim().is_empty()) else {
-                errors.push(err(
-                    &needle,
+                errors.push(at_line(
+                    at,
                     format!("the target of `{}` has no code (say `unmatched` if on purpose)", el.code),
                 ));
                 continue;
             };
-            if matches!(target.equivalence.as_str(), "narrower" | "inexact") && target.comment.is_none() {
-                errors.push(err(
-                    &needle,
+            let code_at = cursor.seek(&code);
+            if matches!(equivalence, "narrower" | "inexact") && target.comment.is_none() {
+                errors.push(at_line(
+                    at,
                     format!("`{}` maps {}ly: say why in a comment (FHIR cmd-1)", el.code, target.equivalence),
                 ));
             }
-            let equivalent = matches!(target.equivalence.as_str(), "equivalent" | "equal");
+            let equivalent = matches!(equivalence, "equivalent" | "equal");
             if !equivalent {
                 map.reversible = false;
             }
@@ -315,8 +432,16 @@ pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<Conc
             if equivalent {
                 map.reverse.entry((concept.system.clone(), concept.code.clone())).or_default().push(el.code.clone());
             }
+            kept.elements.push(Element {
+                code: el.code.clone(),
+                target: Some(concept.clone()),
+                equivalence: equivalence.into(),
+                at,
+                target_at: code_at,
+            });
             map.forward.insert(el.code.clone(), concept);
         }
+        map.groups.push(kept);
         match &group.unmapped {
             Some(u) if u.mode == "fixed" => match &u.code {
                 Some(code) => {
@@ -344,7 +469,7 @@ pub fn load(path: &Path, text: &str, errors: &mut Vec<LoadError>) -> Option<Conc
     if map.reverse.values().any(|sources| sources.len() > 1) {
         map.reversible = false;
     }
-    (errors.len() == before).then_some(map)
+    if one_group && errors.len() > before { None } else { Some(map) }
 }
 
 #[cfg(test)]

@@ -98,6 +98,14 @@ pub trait Catalog: Send + Sync {
     /// `Database`.
     async fn fill_public_ids(&self) -> Result<usize, StoreError>;
 
+    /// Indexes again the words of every service indexed by other rules than this build's
+    /// (`directories::search_text::RULES_VERSION`, e.g. kept before the migration that added them); returns how
+    /// many. Run when the store opens.
+    ///
+    /// # Errors
+    /// `Database`, or `CorruptCatalog` when a kept document no longer parses.
+    async fn reindex_search_words(&self) -> Result<usize, StoreError>;
+
     /// The active services of `source`: their source ids and when the source last changed each (a full sync's
     /// baseline: what it must see again, and what it need not read again in full).
     ///

@@ -16,6 +16,7 @@ use super::catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
 use super::sql::SqlStore;
 use super::{StoreError, from_micros, to_micros};
 use crate::directories::hours::{self, LocalMoment};
+use crate::directories::search_text::{self, TextQuery};
 use crate::directories::{
     CATEGORY_TAXONOMY, CatalogLocation, CatalogOrganization, CatalogService, ServiceHit, ServiceQuery, Upserted,
 };
@@ -23,15 +24,16 @@ use crate::directories::{
 /// Kilometres per degree of latitude.
 const KM_PER_DEGREE: f64 = 111.195;
 
-/// SQLite: words through FTS5. Without a radius the matches are a set of their own, ranked by BM25 with the name
-/// weighing ten times the description. Within a radius only the services inside it are checked against the
-/// matches (a set of rowids, unranked): BM25 is no use there, as FTS5 recounts each word's matches over the whole
-/// index for every row it scores, and probing FTS5 once per service costs more than the set when the last word
-/// is a prefix (FTS5 merges the doclists of every word it may complete, per probe).
-fn sqlite_text(sql: &mut SearchSql, text: &str, near: bool) {
-    let Some(expr) = fts5_query(text) else { return };
+/// SQLite: words through FTS5 (see [`search_text`]: the words are folded and stemmed by the gateway). Without a
+/// radius the matches are a set of their own, ranked by BM25 with the name weighing ten times the description.
+/// Within a radius only the services inside it are checked against the matches (a set of rowids, unranked): BM25
+/// is no use there, as FTS5 recounts each word's matches over the whole index for every row it scores, and
+/// probing FTS5 once per service costs more than the set when the last word is a prefix (FTS5 merges the
+/// doclists of every word it may complete, per probe).
+fn sqlite_text(sql: &mut SearchSql, text: &TextQuery, near: bool) {
+    let expr = text.fts5();
     if near {
-        let (p, pn) = (sql.bind(Arg::Text(expr.clone())), sql.bind(Arg::Text(format!("name : ({expr})"))));
+        let (p, pn) = (sql.bind(Arg::Text(expr.clone())), sql.bind(Arg::Text(format!("search_name : ({expr})"))));
         let set =
             |q: &str| format!("(SELECT rowid FROM directory_services_fts WHERE directory_services_fts MATCH {q})");
         // On `c`'s key (the rowid), so only the services that match are read.
@@ -50,29 +52,17 @@ fn sqlite_text(sql: &mut SearchSql, text: &str, near: bool) {
     sql.rank.push("ft.score".into());
 }
 
-/// PostgreSQL: words through the generated `tsvector` (name weighted A, description B). Without a radius, ranked
-/// by `ts_rank`; within one, services whose name matches first, as on SQLite.
-fn postgres_text(sql: &mut SearchSql, text: &str, near: bool) {
-    let text = text.trim();
-    if text.is_empty() {
-        return;
-    }
-    let p = sql.bind(Arg::Text(text.to_owned()));
-    sql.text_conditions.push(format!("s.search @@ websearch_to_tsquery('english', {p})"));
+/// PostgreSQL: words through the generated `tsvector` (`simple` configuration over the gateway's words; name
+/// weighted A, description B). Without a radius, ranked by `ts_rank`; within one, services whose name matches
+/// first, as on SQLite.
+fn postgres_text(sql: &mut SearchSql, text: &TextQuery, near: bool) {
+    let p = sql.bind(Arg::Text(text.tsquery()));
+    sql.text_conditions.push(format!("s.search @@ to_tsquery('simple', {p})"));
     if near {
-        sql.rank.push(format!("NOT (ts_filter(s.search, '{{a}}') @@ websearch_to_tsquery('english', {p}))"));
+        sql.rank.push(format!("NOT (ts_filter(s.search, '{{a}}') @@ to_tsquery('simple', {p}))"));
     } else {
-        sql.rank.push(format!("ts_rank(s.search, websearch_to_tsquery('english', {p})) DESC"));
+        sql.rank.push(format!("ts_rank(s.search, to_tsquery('simple', {p})) DESC"));
     }
-}
-
-/// The FTS5 query for free text: every word must match, the last one as a prefix; `None` when there is no word.
-fn fts5_query(text: &str) -> Option<String> {
-    let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
-    let (last, rest) = words.split_last()?;
-    let mut q: Vec<String> = rest.iter().map(|w| format!("\"{w}\"")).collect();
-    q.push(format!("\"{last}\"*"));
-    Some(q.join(" "))
 }
 
 /// Most matches counted when a page lies past the last one.
@@ -93,8 +83,10 @@ enum Arg {
 /// search has. Without one, the text matches (SQLite) or the filters' indexes drive.
 struct SearchSql {
     args: Vec<Arg>,
-    /// Materialised subqueries (`name AS MATERIALIZED (…)`).
+    /// Materialised subqueries (`name AS MATERIALIZED (…)`), and the recursive taxonomy tree.
     ctes: Vec<String>,
+    /// Whether a CTE refers to itself (`WITH RECURSIVE`).
+    recursive: bool,
     /// Materialised sets joined to the services, `(name, join condition)`; the first drives the query.
     sets: Vec<(&'static str, &'static str)>,
     /// The join that makes the first set drive: `CROSS JOIN` on SQLite (it fixes the order), `JOIN` elsewhere.
@@ -125,6 +117,7 @@ impl SearchSql {
         SearchSql {
             args: Vec::new(),
             ctes: Vec::new(),
+            recursive: false,
             sets: Vec::new(),
             driving_join,
             row_key,
@@ -161,8 +154,21 @@ impl SearchSql {
             self.conditions.push(f);
         }
         if let Some(term) = &q.taxonomy_term {
+            // The term (by code, or by the source's id of it) and every term under it, as each source gave the
+            // hierarchy (HSDS `parent_id`): by id, its children are found even when no service carries the term.
             let p = self.bind(Arg::Text(term.clone()));
-            let f = self.side_filter("directory_service_terms", &format!("x.code = {p}"));
+            self.recursive = true;
+            self.ctes.push(format!(
+                "tree (source, term_id, taxonomy, code) AS (\
+                   SELECT source, term_id, taxonomy, code FROM directory_taxonomy_terms \
+                   WHERE code = {p} OR term_id = {p} OR parent_id = {p} \
+                   UNION SELECT t.source, t.term_id, t.taxonomy, t.code FROM directory_taxonomy_terms t \
+                   JOIN tree ON t.source = tree.source AND t.parent_id = tree.term_id)"
+            ));
+            let f = self.side_filter(
+                "directory_service_terms",
+                &format!("(x.code = {p} OR EXISTS (SELECT 1 FROM tree WHERE tree.taxonomy = x.taxonomy AND tree.code = x.code))"),
+            );
             self.conditions.push(f);
         }
         if let Some(language) = &q.language {
@@ -243,7 +249,11 @@ impl SearchSql {
             conditions.clear();
         }
         conditions.extend(&self.text_conditions);
-        let with = if ctes.is_empty() { String::new() } else { format!("WITH {} ", ctes.join(", ")) };
+        let with = match (ctes.is_empty(), self.recursive) {
+            (true, _) => String::new(),
+            (false, false) => format!("WITH {} ", ctes.join(", ")),
+            (false, true) => format!("WITH RECURSIVE {} ", ctes.join(", ")),
+        };
         format!("{with}SELECT {{columns}} FROM {from}{}", Self::where_clause(&conditions))
     }
 
@@ -385,6 +395,34 @@ fn named_sql(table: &str, id: Option<&str>, name: Option<&str>, offset: u32, lim
     )
 }
 
+/// The words a service is found by: its name and alternate name, and its description (see [`search_text`]).
+fn search_words(service: &CatalogService) -> (String, String) {
+    let name = match &service.alternate_name {
+        Some(alternate) => format!("{} {alternate}", service.name),
+        None => service.name.clone(),
+    };
+    (search_text::index_text(&name), search_text::index_text(&service.description))
+}
+
+/// Every language a service is offered in: its own, its locations', and those spoken on its phones.
+fn all_languages(service: &CatalogService) -> Vec<String> {
+    let phones = service
+        .phones
+        .iter()
+        .chain(service.locations.iter().flat_map(|l| l.phones.iter()))
+        .chain(service.locations.iter().flat_map(|l| l.service_at_location.iter().flat_map(|a| a.phones.iter())));
+    let mut all: Vec<String> = service
+        .languages
+        .iter()
+        .chain(service.locations.iter().flat_map(|l| l.languages.iter()))
+        .chain(phones.flat_map(|p| p.languages.iter()))
+        .cloned()
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
 fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, StoreError> {
     let service: CatalogService = serde_json::from_str(row_doc).map_err(StoreError::CorruptCatalog)?;
     let categories = service.terms.iter().filter(|t| t.taxonomy == CATEGORY_TAXONOMY).map(|t| t.code.clone()).collect();
@@ -419,6 +457,16 @@ macro_rules! impl_catalog {
                 raw: &Value,
                 now: i64,
             ) -> Result<Upserted, StoreError> {
+                // The HSDS ids: the source's UUIDs unless another row already has them (two sources sharing ids).
+                let mut service = service.clone();
+                let wanted = service.public_id.take();
+                service.public_id =
+                    Some(Self::free_public_id(tx, "directory_services", &service.id, wanted).await?);
+                if let Some(org) = service.organization.as_mut() {
+                    let wanted = org.public_id.take();
+                    org.public_id = Some(Self::free_public_id(tx, "directory_organizations", &org.id, wanted).await?);
+                }
+                let service = &service;
                 let doc = serde_json::to_string(service).map_err(StoreError::CorruptCatalog)?;
                 let raw = raw.to_string();
                 let current: Option<(String, String, i64, i64)> =
@@ -434,7 +482,7 @@ macro_rules! impl_catalog {
                         )
                         .bind(&service.id)
                         .bind(now)
-                        .bind(public_id(&service.id))
+                        .bind(service.public_id.as_deref())
                         .bind(hours::RULES_VERSION)
                         .execute(&mut **tx)
                         .await?;
@@ -457,7 +505,7 @@ macro_rules! impl_catalog {
                     .bind(&org.name)
                     .bind(serde_json::to_string(org).map_err(StoreError::CorruptCatalog)?)
                     .bind(now)
-                    .bind(public_id(&org.id))
+                    .bind(org.public_id.as_deref())
                     .execute(&mut **tx)
                     .await?;
                 }
@@ -474,15 +522,21 @@ macro_rules! impl_catalog {
                     .bind(&l.name)
                     .bind(l.latitude)
                     .bind(l.longitude)
-                    .bind(serde_json::to_string(l).map_err(StoreError::CorruptCatalog)?)
+                    // The place alone: what one service says of itself there is not the location's.
+                    .bind(
+                        serde_json::to_string(&CatalogLocation { service_at_location: None, ..l.clone() })
+                            .map_err(StoreError::CorruptCatalog)?,
+                    )
                     .bind(now)
                     .execute(&mut **tx)
                     .await?;
                 }
+                let (search_name, search_body) = search_words(service);
                 sqlx::query(
                     "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
-                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id, hours_version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12, $13) \
+                     active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id, hours_version, \
+                     alternate_name, search_name, search_body, search_version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12, $13, $14, $15, $16, $17) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
                      status = excluded.status, organization_id = excluded.organization_id, active = 1, \
                      vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
@@ -490,7 +544,9 @@ macro_rules! impl_catalog {
                      seen_at = CASE WHEN directory_services.seen_at < excluded.seen_at THEN excluded.seen_at \
                      ELSE directory_services.seen_at END, \
                      updated_at = excluded.updated_at, public_id = excluded.public_id, \
-                     hours_version = excluded.hours_version",
+                     hours_version = excluded.hours_version, alternate_name = excluded.alternate_name, \
+                     search_name = excluded.search_name, search_body = excluded.search_body, \
+                     search_version = excluded.search_version",
                 )
                 .bind(&service.id)
                 .bind(&service.source)
@@ -503,8 +559,12 @@ macro_rules! impl_catalog {
                 .bind(&raw)
                 .bind(service.source_modified.map(to_micros))
                 .bind(now)
-                .bind(public_id(&service.id))
+                .bind(service.public_id.as_deref())
                 .bind(hours::RULES_VERSION)
+                .bind(service.alternate_name.as_deref())
+                .bind(search_name)
+                .bind(search_body)
+                .bind(search_text::RULES_VERSION)
                 .execute(&mut **tx)
                 .await?;
                 for table in [
@@ -546,11 +606,25 @@ macro_rules! impl_catalog {
                     .bind(&t.taxonomy)
                     .bind(&t.code)
                     .bind(&t.name)
-                    .bind(crate::directories::publish::term_public_uuid(&t.taxonomy, &t.code))
+                    .bind(crate::directories::publish::term_uuid(t))
                     .execute(&mut **tx)
                     .await?;
+                    if let Some(term_id) = &t.id {
+                        sqlx::query(
+                            "INSERT INTO directory_taxonomy_terms (source, term_id, taxonomy, code, parent_id) \
+                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, term_id) DO UPDATE SET \
+                             taxonomy = excluded.taxonomy, code = excluded.code, parent_id = excluded.parent_id",
+                        )
+                        .bind(&service.source)
+                        .bind(term_id)
+                        .bind(&t.taxonomy)
+                        .bind(&t.code)
+                        .bind(t.parent_id.as_deref())
+                        .execute(&mut **tx)
+                        .await?;
+                    }
                 }
-                for language in &service.languages {
+                for language in &all_languages(service) {
                     sqlx::query("INSERT INTO directory_service_languages (service_id, language) VALUES ($1, $2)")
                         .bind(&service.id)
                         .bind(language)
@@ -559,6 +633,25 @@ macro_rules! impl_catalog {
                 }
                 Self::replace_hours(tx, service).await?;
                 Ok(if current.is_some() { Upserted::Updated } else { Upserted::Added })
+            }
+
+            /// The HSDS id row `id` of `table` is published under: `wanted` (the source's UUID) unless another row
+            /// has it, else a UUID v5 of the gateway id.
+            async fn free_public_id(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                table: &str,
+                id: &str,
+                wanted: Option<String>,
+            ) -> Result<String, StoreError> {
+                let Some(wanted) = wanted else { return Ok(public_id(id)) };
+                let taken: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM {table} WHERE public_id = $1 AND id <> $2"
+                )))
+                .bind(&wanted)
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?;
+                Ok(if taken.is_some() { public_id(id) } else { wanted })
             }
 
             /// Replaces a service's opening-hour intervals and notes their zones, in the upsert's transaction (the
@@ -661,56 +754,122 @@ macro_rules! impl_catalog {
             async fn fill_public_ids(&self) -> Result<usize, StoreError> {
                 const BATCH: i64 = 1000;
                 let mut filled = 0;
-                // Gateway ids, table by table, a batch per transaction until none is left without its UUID.
+                // Table by table, a batch per transaction until none is left without its UUID: the one the kept
+                // document names (the source's), else a UUID v5 of the gateway id.
                 for table in ["directory_services", "directory_organizations"] {
                     loop {
-                        let ids: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                            "SELECT id FROM {table} WHERE public_id IS NULL LIMIT {BATCH}"
+                        let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT id, doc FROM {table} WHERE public_id IS NULL LIMIT {BATCH}"
                         )))
                         .fetch_all(self.writer())
                         .await?;
-                        if ids.is_empty() {
+                        if rows.is_empty() {
                             break;
                         }
                         let mut tx = self.writer().begin_with($begin).await?;
-                        for (id,) in &ids {
+                        for (id, doc) in &rows {
+                            let wanted = serde_json::from_str::<Value>(doc)
+                                .ok()
+                                .and_then(|d| d.get("public_id").and_then(Value::as_str).map(str::to_owned));
+                            let chosen = Self::free_public_id(&mut tx, table, id, wanted).await?;
                             sqlx::query(sqlx::AssertSqlSafe(format!(
                                 "UPDATE {table} SET public_id = $2 WHERE id = $1 AND public_id IS NULL"
                             )))
                             .bind(id)
-                            .bind(public_id(id))
+                            .bind(chosen)
                             .execute(&mut *tx)
                             .await?;
                         }
                         tx.commit().await?;
-                        filled += ids.len();
+                        filled += rows.len();
                     }
                 }
+                // Terms by their service's document (a term's UUID may be the source's).
                 loop {
-                    let terms: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT DISTINCT taxonomy, code FROM directory_service_terms WHERE public_id IS NULL LIMIT {BATCH}"
+                    let services: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT s.id, s.doc FROM directory_services s WHERE s.id IN \
+                         (SELECT service_id FROM directory_service_terms WHERE public_id IS NULL) LIMIT {BATCH}"
                     )))
                     .fetch_all(self.writer())
                     .await?;
-                    if terms.is_empty() {
+                    if services.is_empty() {
                         break;
                     }
                     let mut tx = self.writer().begin_with($begin).await?;
-                    for (taxonomy, code) in &terms {
-                        let done = sqlx::query(
-                            "UPDATE directory_service_terms SET public_id = $3 \
-                             WHERE taxonomy = $1 AND code = $2 AND public_id IS NULL",
+                    for (id, doc) in &services {
+                        let service: CatalogService = serde_json::from_str(doc).map_err(StoreError::CorruptCatalog)?;
+                        for t in &service.terms {
+                            let done = sqlx::query(
+                                "UPDATE directory_service_terms SET public_id = $4 \
+                                 WHERE service_id = $1 AND taxonomy = $2 AND code = $3 AND public_id IS NULL",
+                            )
+                            .bind(id)
+                            .bind(&t.taxonomy)
+                            .bind(&t.code)
+                            .bind(crate::directories::publish::term_uuid(t))
+                            .execute(&mut *tx)
+                            .await?;
+                            filled += usize::try_from(done.rows_affected()).unwrap_or(0);
+                        }
+                        // Rows the document does not name: the UUID v5 of `taxonomy|code`, so none is left behind.
+                        let rest: Vec<(String, String)> = sqlx::query_as(
+                            "SELECT taxonomy, code FROM directory_service_terms WHERE service_id = $1 AND public_id IS NULL",
                         )
-                        .bind(taxonomy)
-                        .bind(code)
-                        .bind(crate::directories::publish::term_public_uuid(taxonomy, code))
-                        .execute(&mut *tx)
+                        .bind(id)
+                        .fetch_all(&mut *tx)
                         .await?;
-                        filled += usize::try_from(done.rows_affected()).unwrap_or(0);
+                        for (taxonomy, code) in &rest {
+                            sqlx::query(
+                                "UPDATE directory_service_terms SET public_id = $4 \
+                                 WHERE service_id = $1 AND taxonomy = $2 AND code = $3",
+                            )
+                            .bind(id)
+                            .bind(taxonomy)
+                            .bind(code)
+                            .bind(crate::directories::publish::term_public_uuid(taxonomy, code))
+                            .execute(&mut *tx)
+                            .await?;
+                            filled += 1;
+                        }
                     }
                     tx.commit().await?;
                 }
                 Ok(filled)
+            }
+
+            async fn reindex_search_words(&self) -> Result<usize, StoreError> {
+                const BATCH: i64 = 500;
+                let mut done = 0;
+                loop {
+                    let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT id, doc FROM directory_services WHERE search_version <> {} LIMIT {BATCH}",
+                        search_text::RULES_VERSION
+                    )))
+                    .fetch_all(self.writer())
+                    .await?;
+                    if rows.is_empty() {
+                        break;
+                    }
+                    let mut tx = self.writer().begin_with($begin).await?;
+                    for (id, doc) in &rows {
+                        let service: CatalogService = serde_json::from_str(doc).map_err(StoreError::CorruptCatalog)?;
+                        let (name, body) = search_words(&service);
+                        sqlx::query(
+                            "UPDATE directory_services SET search_name = $2, search_body = $3, search_version = $4, \
+                             alternate_name = $5 WHERE id = $1",
+                        )
+                        .bind(id)
+                        .bind(name)
+                        .bind(body)
+                        .bind(search_text::RULES_VERSION)
+                        .bind(service.alternate_name.as_deref())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    done += rows.len();
+                }
+                Ok(done)
             }
 
             async fn active_directory_services(
@@ -864,8 +1023,14 @@ macro_rules! impl_catalog {
                 }
                 sql.filters(q);
                 if let Some(text) = &q.text {
-                    let add_text: fn(&mut SearchSql, &str, bool) = $text;
-                    add_text(&mut sql, text, q.near.is_some());
+                    match TextQuery::parse(text) {
+                        Some(words) => {
+                            let add_text: fn(&mut SearchSql, &TextQuery, bool) = $text;
+                            add_text(&mut sql, &words, q.near.is_some());
+                        }
+                        // No word to look for finds nothing, never everything (the API refuses such a `q`).
+                        None => return Ok((Vec::new(), 0)),
+                    }
                 }
                 let bound = |text: String| {
                     sql.args.iter().fold(sqlx::query(sqlx::AssertSqlSafe(text)), |query, arg| match arg {
@@ -947,15 +1112,3 @@ macro_rules! impl_catalog {
 
 impl_catalog!(Sqlite, "BEGIN IMMEDIATE", "CROSS JOIN", "rowid", sqlite_text);
 impl_catalog!(Postgres, "BEGIN", "JOIN", "id", postgres_text);
-
-#[cfg(test)]
-mod tests {
-    use super::fts5_query;
-
-    #[test]
-    fn free_text_becomes_a_safe_fts5_query() {
-        assert_eq!(fts5_query("food pant").as_deref(), Some("\"food\" \"pant\"*"));
-        assert_eq!(fts5_query("\"; DROP TABLE x; --").as_deref(), Some("\"DROP\" \"TABLE\" \"x\"*"));
-        assert_eq!(fts5_query("  ,;  "), None);
-    }
-}

@@ -80,6 +80,7 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
         let batcher = Some(GroupCommit::start(writer.clone()));
         let store = Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS, batcher });
         store.fill_public_ids().await?;
+        store.reindex_search_words().await?;
         Ok(store)
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
@@ -96,6 +97,7 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
             batcher: None,
         });
         store.fill_public_ids().await?;
+        store.reindex_search_words().await?;
         Ok(store)
     } else {
         Err(StoreError::UnsupportedUrl)

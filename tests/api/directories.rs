@@ -103,6 +103,7 @@ async fn an_hsds_api_is_synced_page_by_page_and_vanished_services_become_inactiv
             retry_min_delay_ms: 10,
             retry_max_delay_ms: 10,
             retry_after_max_secs: 1,
+            category_map: None,
         }];
     })
     .await;
@@ -174,6 +175,7 @@ async fn a_source_that_fails_mid_sync_deactivates_nothing() {
             retry_min_delay_ms: 10,
             retry_max_delay_ms: 10,
             retry_after_max_secs: 1,
+            category_map: None,
         }];
     })
     .await;
@@ -204,6 +206,7 @@ pub async fn catalog_app(database: Option<String>) -> TestApp {
             sync_interval_secs: 0,
             time_zone: None,
             max_deactivate_fraction: 0.2,
+            category_map: Some("directory/open-eligibility-category.json".into()),
         }];
     })
     .await;

@@ -118,7 +118,8 @@ async fn a_csv_package_is_synced_and_its_services_are_found_by_text_place_and_ca
     let cities: Vec<&str> =
         service["locations"].as_array().expect("locations").iter().filter_map(|l| l["city"].as_str()).collect();
     assert_eq!(cities, ["Spokane", "Spokane Valley"]);
-    assert_eq!(service["phones"], json!(["509-555-0143"]));
+    assert_eq!(service["phones"][0]["number"], "509-555-0143");
+    assert_eq!(service["phones"][0]["description"], "Employment team.");
     assert_eq!(service["schedules"][0]["days"], json!(["MO", "TU", "WE", "TH", "FR"]));
     assert_eq!(service["minimum_age"], json!(18.0));
 

@@ -84,6 +84,7 @@ pub async fn open_now_app(database: Option<String>) -> (TestApp, TempDir) {
                 sync_interval_secs: 0,
                 time_zone: Some("America/Los_Angeles".into()),
                 max_deactivate_fraction: 0.2,
+                category_map: None,
             },
             DirectorySettings::HsdsPackage {
                 name: "nozone".into(),
@@ -91,6 +92,7 @@ pub async fn open_now_app(database: Option<String>) -> (TestApp, TempDir) {
                 sync_interval_secs: 0,
                 time_zone: None,
                 max_deactivate_fraction: 0.2,
+                category_map: None,
             },
         ];
     })

@@ -6,6 +6,7 @@ mod directories_api;
 mod directories_csv;
 mod directories_fhir;
 mod directories_open_now;
+mod directories_search;
 mod errors;
 mod hardening;
 mod helpers;

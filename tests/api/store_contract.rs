@@ -464,6 +464,51 @@ async fn the_catalog_is_searched_the_same_way_on_postgres() {
     app.stop().await;
 }
 
+/// Services kept before the gateway indexed its own words (or by older rules) are indexed again when the store
+/// next opens, so a text search finds them without waiting for a sync.
+async fn search_words_are_indexed_again_when_the_store_opens(url: &str) {
+    use carebridge::directories::ServiceQuery;
+    let raw: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/directory/hsds/services.json"))
+            .expect("fixture"),
+    )
+    .expect("JSON");
+    let service = carebridge::directories::hsds::normalise_service("demo", &raw[0]).expect("a valid service");
+    let store = connect(url, 2, std::time::Duration::from_secs(10)).await.expect("opens");
+    store.upsert_directory_service(&service, &raw[0], OffsetDateTime::now_utc()).await.expect("kept");
+    store.close().await;
+    clear_public_ids(url, "UPDATE directory_services SET search_name = '', search_body = '', search_version = 0").await;
+
+    let store = connect(url, 2, std::time::Duration::from_secs(10)).await.expect("opens again");
+    let query = ServiceQuery { text: Some("psychotherapy adults".into()), page: 1, per_page: 10, ..Default::default() };
+    let (hits, total) = store.search_services(&query).await.expect("searched");
+    assert_eq!((total, hits.first().map(|h| h.id.as_str())), (1, Some(service.id.as_str())));
+    assert_eq!(store.reindex_search_words().await.expect("nothing left"), 0);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_words_are_indexed_again_when_a_sqlite_store_opens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite:{}", dir.path().join("words.db").display());
+    search_words_are_indexed_again_when_the_store_opens(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_words_are_indexed_again_when_a_postgres_store_opens() {
+    let Some(db) = postgres_store().await else { return };
+    db.store.close().await;
+    search_words_are_indexed_again_when_the_store_opens(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_quality_is_the_same_on_postgres() {
+    let Some(db) = postgres_store().await else { return };
+    let (app, _fake) = crate::directories_search::search_app(Some(db.url.clone())).await;
+    crate::directories_search::search_quality(&app).await;
+    app.stop().await;
+}
+
 /// Rows kept before a migration added their HSDS ids get them when the store next opens, so the `/hsds` id
 /// filters find them without waiting for a sync.
 async fn public_ids_are_filled_when_the_store_opens(url: &str, clear: &str) {
@@ -486,10 +531,16 @@ async fn public_ids_are_filled_when_the_store_opens(url: &str, clear: &str) {
         let store = store.clone();
         async move { store.list_services(&CatalogListing { limit: 10, ..listing }).await.expect("listed").1 }
     };
-    let public = carebridge::directories::publish::public_uuid;
-    assert_eq!(by(CatalogListing { public_id: Some(public(&service.id)), ..Default::default() }).await, 1);
-    assert_eq!(by(CatalogListing { organization_public_id: Some(public(&org.id)), ..Default::default() }).await, 1);
-    let term_id = carebridge::directories::publish::term_public_uuid(&term.taxonomy, &term.code);
+    // The source's own UUIDs (the fixture's ids are UUIDs), as `/hsds` publishes them.
+    use carebridge::directories::publish::{organization_uuid, service_uuid, term_uuid};
+    assert_eq!(service_uuid(&service), service.source_id);
+    assert_eq!(by(CatalogListing { public_id: Some(service_uuid(&service)), ..Default::default() }).await, 1);
+    assert_eq!(
+        by(CatalogListing { organization_public_id: Some(organization_uuid(&org)), ..Default::default() }).await,
+        1
+    );
+    let term_id = term_uuid(&term);
+    assert_eq!(Some(term_id.as_str()), term.id.as_deref());
     assert_eq!(by(CatalogListing { term_public_id: Some(term_id), ..Default::default() }).await, 1);
     assert_eq!(store.fill_public_ids().await.expect("nothing left"), 0);
     store.close().await;
