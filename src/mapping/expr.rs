@@ -248,16 +248,21 @@ pub enum Cond {
     Constant(bool),
     /// Every test holds (`ordered && !referral_id`).
     All(Vec<Cond>),
+    /// One of the tests holds (`a == x || b && c`); `&&` binds tighter.
+    Any(Vec<Cond>),
 }
 
 impl Cond {
     /// Parses `path`, `!path`, `path == x`, `path != x`, `path in a, b`, `path is url`, `path is not url`,
-    /// `@var == x`.
+    /// `@var == x`, joined by `&&` and then by `||`.
     ///
     /// # Errors
     /// A message naming what is wrong.
     pub fn parse(s: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Self, String> {
         let s = s.trim();
+        if s.contains("||") {
+            return s.split("||").map(|part| Cond::parse(part, vars)).collect::<Result<Vec<_>, _>>().map(Cond::Any);
+        }
         if s.contains("&&") {
             return s.split("&&").map(|part| Cond::parse(part, vars)).collect::<Result<Vec<_>, _>>().map(Cond::All);
         }
@@ -319,6 +324,7 @@ impl Cond {
             }
             Cond::Constant(b) => *b,
             Cond::All(all) => all.iter().all(|c| c.holds(root, item)),
+            Cond::Any(any) => any.iter().any(|c| c.holds(root, item)),
         }
     }
 }
@@ -395,6 +401,18 @@ mod tests {
         assert!(holds("/missing != x"));
         assert!(holds("ordered && /priority == crisis"));
         assert!(!holds("ordered && /priority == urgent"));
+    }
+
+    #[test]
+    fn or_joins_tests_and_and_binds_tighter() {
+        let root = json!({"instrument": "audit_c"});
+        let holds =
+            |s: &str, number: u8| Cond::parse(s, &no_vars).expect("parses").holds(&root, &json!({ "number": number }));
+        let when = "/instrument in phq9, gad7 || /instrument == audit_c && number in 2, 3";
+        assert!(holds(when, 2) && holds(when, 3));
+        assert!(!holds(when, 1), "question 1 of audit_c is in neither part");
+        assert!(holds("/instrument == phq9 || number == 1", 1));
+        assert!(!holds("/instrument == phq9 || number == 1", 2));
     }
 
     #[test]

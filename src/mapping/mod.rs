@@ -1792,12 +1792,71 @@ mod assessments {
         assert_eq!(item["valueCodeableConcept"]["text"], "sleeping in my car");
     }
 
+    /// The references of the result Observation's members.
+    fn members<'a>(rs: &'a [Value], id: &str) -> Vec<&'a str> {
+        by_id(rs, id)["hasMember"].as_array().into_iter().flatten().filter_map(|m| m["reference"].as_str()).collect()
+    }
+
+    fn answer_code(r: &Value) -> Option<&str> {
+        r["valueCodeableConcept"]["coding"][0]["code"].as_str()
+    }
+
+    /// A scored assessment of `instrument` with these item scores.
+    fn scored(id: &str, instrument: &str, scores: &[u8], reading: &str) -> Value {
+        let items: Vec<Value> = scores.iter().enumerate().map(|(n, s)| json!({"number": n + 1, "score": s})).collect();
+        let total: u16 = scores.iter().map(|&s| u16::from(s)).sum();
+        json!({"id": id, "client_id": "cl-t1", "instrument": instrument, "date": "2026-09-02",
+            "items": items, "total_score": total, "interpretation": reading})
+    }
+
+    #[test]
+    fn every_gad7_answer_is_a_member_with_its_loinc_question_and_scored_answer() {
+        let rs = resources(&scored("as-t5", "gad7", &[0, 1, 1, 2, 3, 2, 0], "mild"));
+        let want: Vec<String> = (1..=7).map(|n| format!("Observation/as-t5.{n}")).collect();
+        assert_eq!(members(&rs, "as-t5"), want);
+        let questions: Vec<&str> =
+            (1..=7).filter_map(|n| by_id(&rs, &format!("as-t5.{n}"))["code"]["coding"][0]["code"].as_str()).collect();
+        assert_eq!(questions, ["69725-0", "68509-9", "69733-4", "69734-2", "69735-9", "69689-8", "69736-7"]);
+        let answers: Vec<Option<&str>> = (1..=7).map(|n| answer_code(by_id(&rs, &format!("as-t5.{n}")))).collect();
+        let want = ["LA6568-5", "LA6569-3", "LA6569-3", "LA6570-1", "LA6571-9", "LA6570-1", "LA6568-5"];
+        assert_eq!(answers, want.map(Some));
+        let item5 = by_id(&rs, "as-t5.5");
+        assert_eq!(item5["valueCodeableConcept"]["coding"][0]["extension"][0]["valueDecimal"], 3);
+        assert_eq!(item5["valueCodeableConcept"]["text"], "Nearly every day");
+        assert_eq!(by_id(&rs, "as-t5")["valueInteger"], 9);
+    }
+
+    #[test]
+    fn gad7_question_2_scored_2_travels_in_words_without_an_uncited_answer_code() {
+        let rs = resources(&scored("as-t6", "gad7", &[2, 2, 2, 2, 2, 2, 2], "moderate"));
+        let q2 = by_id(&rs, "as-t6.2");
+        assert_eq!(q2["code"]["coding"][0]["code"], "68509-9");
+        assert!(q2["valueCodeableConcept"].get("coding").is_none(), "{q2}");
+        assert_eq!(q2["valueCodeableConcept"]["text"], "More than half the days");
+        assert_eq!(answer_code(by_id(&rs, "as-t6.1")), Some("LA6570-1"), "question 1 has its code");
+        let rs = resources(&scored("as-t7", "gad7", &[0, 3, 0, 0, 0, 0, 0], "minimal"));
+        assert_eq!(answer_code(by_id(&rs, "as-t7.2")), Some("LA6571-9"), "its cited scores keep their codes");
+    }
+
+    #[test]
+    fn audit_c_sends_questions_2_and_3_with_their_own_answers_and_not_the_uncited_question_1() {
+        let rs = resources(&scored("as-t8", "audit_c", &[4, 2, 2], "positive"));
+        assert_eq!(members(&rs, "as-t8"), ["Observation/as-t8.2", "Observation/as-t8.3"]);
+        assert!(rs.iter().all(|r| r["id"] != "as-t8.1"), "question 1 has no cited code");
+        let q2 = by_id(&rs, "as-t8.2");
+        let q3 = by_id(&rs, "as-t8.3");
+        assert_eq!(q2["code"]["coding"][0]["code"], "68519-8");
+        assert_eq!(q3["code"]["coding"][0]["code"], "68520-6");
+        // The same score means a different answer on each question.
+        assert_eq!(answer_code(q2), Some("LA18930-0"), "5 or 6");
+        assert_eq!(answer_code(q3), Some("LA18876-5"), "Monthly");
+        assert_eq!(q3["valueCodeableConcept"]["coding"][0]["extension"][0]["valueDecimal"], 2);
+        assert_eq!(by_id(&rs, "as-t8")["valueInteger"], 8);
+    }
+
     #[test]
     fn an_instrument_without_cited_item_codes_sends_its_total_alone() {
-        let items: Vec<Value> = (1..=7).map(|n| json!({"number": n, "score": 0})).collect();
-        let rec = json!({"id": "as-t4", "client_id": "cl-t1", "instrument": "gad7", "date": "2026-09-02",
-            "items": items, "total_score": 0, "interpretation": "minimal"});
-        let rs = resources(&rec);
+        let rs = resources(&scored("as-t4", "dast10", &[0; 10], "none"));
         let observations: Vec<&Value> = rs.iter().filter(|r| r["resourceType"] == "Observation").collect();
         assert_eq!(observations.len(), 1, "{observations:?}");
         assert!(observations[0].get("hasMember").is_none());
