@@ -285,6 +285,29 @@ fn is_uri(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://") || s.starts_with("urn:")
 }
 
+/// Weekly hours as FHIR gives them (`HealthcareService.availableTime`, `Location.hoursOfOperation`): days, and the
+/// opening and closing times under the element's own names, or `allDay` when a schedule gives no times.
+fn weekly(schedules: &[Schedule], opens: &str, closes: &str) -> Vec<Value> {
+    schedules
+        .iter()
+        .filter_map(|sch| {
+            let days: Vec<&str> = sch.days.iter().filter_map(|d| day_code(d)).collect();
+            if days.is_empty() {
+                return None;
+            }
+            let mut t = json!({"daysOfWeek": days});
+            match (sch.opens_at.as_deref().and_then(fhir_time), sch.closes_at.as_deref().and_then(fhir_time)) {
+                (Some(o), Some(c)) => {
+                    t[opens] = json!(o);
+                    t[closes] = json!(c);
+                }
+                _ => t["allDay"] = json!(true),
+            }
+            Some(t)
+        })
+        .collect()
+}
+
 /// FHIR day-of-week codes from the day names HSDS and the catalog use.
 fn day_code(day: &str) -> Option<&'static str> {
     // HSDS writes two letters (`MO`), FHIR three (`mon`), people the whole name.
@@ -372,25 +395,7 @@ pub fn healthcare_service(s: &CatalogService, active: bool, updated_at: OffsetDa
     if let Some(e) = &s.eligibility {
         r["eligibility"] = json!([{"comment": e}]);
     }
-    let times: Vec<Value> = s
-        .schedules
-        .iter()
-        .filter_map(|sch| {
-            let days: Vec<&str> = sch.days.iter().filter_map(|d| day_code(d)).collect();
-            if days.is_empty() {
-                return None;
-            }
-            let mut t = json!({"daysOfWeek": days});
-            match (sch.opens_at.as_deref().and_then(fhir_time), sch.closes_at.as_deref().and_then(fhir_time)) {
-                (Some(o), Some(c)) => {
-                    t["availableStartTime"] = json!(o);
-                    t["availableEndTime"] = json!(c);
-                }
-                _ => t["allDay"] = json!(true),
-            }
-            Some(t)
-        })
-        .collect();
+    let times = weekly(&s.schedules, "availableStartTime", "availableEndTime");
     if !times.is_empty() {
         r["availableTime"] = Value::Array(times);
     }
@@ -455,25 +460,7 @@ pub fn location(l: &CatalogLocation, updated_at: OffsetDateTime) -> Value {
     if !l.phones.is_empty() {
         r["telecom"] = l.phones.iter().map(|p| json!({"system": "phone", "value": p.number})).collect();
     }
-    let hours: Vec<Value> = l
-        .schedules
-        .iter()
-        .filter_map(|sch| {
-            let days: Vec<&str> = sch.days.iter().filter_map(|d| day_code(d)).collect();
-            if days.is_empty() {
-                return None;
-            }
-            let mut h = json!({"daysOfWeek": days});
-            match (sch.opens_at.as_deref().and_then(fhir_time), sch.closes_at.as_deref().and_then(fhir_time)) {
-                (Some(o), Some(c)) => {
-                    h["openingTime"] = json!(o);
-                    h["closingTime"] = json!(c);
-                }
-                _ => h["allDay"] = json!(true),
-            }
-            Some(h)
-        })
-        .collect();
+    let hours = weekly(&l.schedules, "openingTime", "closingTime");
     if !hours.is_empty() {
         r["hoursOfOperation"] = Value::Array(hours);
     }

@@ -1276,6 +1276,16 @@ mod round_trip {
         serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("JSON")
     }
 
+    /// The referral and client read back are the ones mapped, and nothing was left unread.
+    fn assert_came_back(back: &Inbound, referral: &Value, client: &Value, path: &Path) {
+        assert_eq!(back.unmapped, Vec::<String>::new(), "{}", path.display());
+        let again = canonical(RecordKind::Referral, &back.referral)
+            .unwrap_or_else(|e| panic!("{}: {e:?}\n{}", path.display(), back.referral));
+        assert_eq!(&again, referral, "{}", path.display());
+        let patient = back.client.clone().expect("a Patient came along");
+        assert_eq!(&canonical(RecordKind::Client, &patient).expect("valid"), client, "{}", path.display());
+    }
+
     #[test]
     fn every_referral_fixture_comes_back_the_same_through_fhir() {
         let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
@@ -1291,13 +1301,7 @@ mod round_trip {
             assert!(output.violations.is_empty(), "{}: {:?}", path.display(), output.violations);
             let bundle = output.document(RecordKind::Referral);
             let back = mappings.referral_from_fhir(&[bundle], None).expect("inverts");
-            assert_eq!(back.unmapped, Vec::<String>::new(), "{}", path.display());
-            let again = canonical(RecordKind::Referral, &back.referral)
-                .unwrap_or_else(|e| panic!("{}: {e:?}\n{}", path.display(), back.referral));
-            assert_eq!(again, referral, "{}", path.display());
-            let client_back =
-                canonical(RecordKind::Client, &back.client.expect("a Patient came along")).expect("valid");
-            assert_eq!(client_back, client, "{}", path.display());
+            assert_came_back(&back, &referral, &client, &path);
             n += 1;
         }
         assert!(n >= 7, "only {n} referral fixtures");
@@ -1400,14 +1404,8 @@ mod round_trip {
             let lookup = |r: &str| crosswalk.get(r).cloned();
             let back =
                 mappings.referral_from_fhir_with(&stored, None, inbound::Ids::Partner(&lookup)).expect("inverts");
-            assert_eq!(back.unmapped, Vec::<String>::new(), "{}", path.display());
             assert_eq!(back.foreign, Vec::<String>::new(), "{}", path.display());
-            let again = canonical(RecordKind::Referral, &back.referral)
-                .unwrap_or_else(|e| panic!("{}: {e:?}\n{}", path.display(), back.referral));
-            assert_eq!(again, referral, "{}", path.display());
-            let client_back =
-                canonical(RecordKind::Client, &back.client.expect("a Patient came along")).expect("valid");
-            assert_eq!(client_back, client, "{}", path.display());
+            assert_came_back(&back, &referral, &client, &path);
             n += 1;
         }
         assert!(n >= 7, "only {n} referral fixtures");
