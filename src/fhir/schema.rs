@@ -101,7 +101,7 @@ pub fn check(resource: &Value) -> Vec<SchemaIssue> {
             }
         },
     }
-    codings_without_code(resource, String::new(), &mut out);
+    codings_without_code(resource, &mut String::new(), &mut out);
     out
 }
 
@@ -149,29 +149,44 @@ fn fhir_path(pointer: &str) -> String {
     out
 }
 
-fn codings_without_code(v: &Value, at: String, out: &mut Vec<SchemaIssue>) {
+fn codings_without_code(v: &Value, at: &mut String, out: &mut Vec<SchemaIssue>) {
+    // One path buffer for the whole walk: grown on the way down, cut back on the way up (a resource has hundreds
+    // of elements and nearly never a bad Coding).
+    let len = at.len();
     match v {
         Value::Object(m) => {
             for (k, x) in m {
-                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                if !(x.is_object() || x.is_array()) {
+                    continue;
+                }
+                if !at.is_empty() {
+                    at.push('.');
+                }
+                at.push_str(k);
                 if k == "coding"
                     && let Some(codings) = x.as_array()
                 {
                     for (i, c) in codings.iter().enumerate() {
                         if c.get("system").is_some() && c.get("code").is_none() {
                             out.push(SchemaIssue {
-                                path: format!("{path}[{i}]"),
+                                path: format!("{at}[{i}]"),
                                 message: "a Coding with a system and no code".into(),
                             });
                         }
                     }
                 }
-                codings_without_code(x, path, out);
+                codings_without_code(x, at, out);
+                at.truncate(len);
             }
         }
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
-                codings_without_code(x, format!("{at}[{i}]"), out);
+                if x.is_object() || x.is_array() {
+                    use std::fmt::Write as _;
+                    let _ = write!(at, "[{i}]");
+                    codings_without_code(x, at, out);
+                    at.truncate(len);
+                }
             }
         }
         _ => {}
