@@ -103,6 +103,19 @@ fn run_case(mappings: &Mappings, dir_name: &str, input: &Path, bless: bool) -> R
     }
     let want = read_json(&expected)?;
     if got == want {
+        // A whole referral Bundle also reads back to the record it was made from (the inverse mappings).
+        if kind == RecordKind::Referral && only.is_none() {
+            let record = canonical(kind, &record).map_err(|e| format!("{e:?}"))?;
+            let back = mappings.referral_from_fhir(&[got], partner).map_err(|e| e.to_string())?;
+            let again = canonical(kind, &back.referral).map_err(|e| format!("read back: {e:?}"))?;
+            if !back.unmapped.is_empty() || again != record {
+                return Err(format!(
+                    "the Bundle does not read back to the referral (unmapped: {:?}):\n{}",
+                    back.unmapped,
+                    serde_json::to_string_pretty(&back.referral).unwrap_or_default()
+                ));
+            }
+        }
         Ok(())
     } else {
         Err(format!(
