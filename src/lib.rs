@@ -5,6 +5,7 @@
 //! - [`cli`]: the command line (`serve`, `check`, `keys`); thin, dispatches to the modules below.
 //! - [`config`]: the `Settings` tree, layered defaults → file → `CAREBRIDGE_*` environment → flags.
 //! - [`app`]: builds the service (store, seed, router, listener) and runs it until shutdown.
+//! - [`outbound`]: the HTTP client for other servers (directory sources, partners): retries, named failures.
 //! - [`partners`]: the partner registry (`[[partners]]`): names, base URLs, what each receives, overlays, auth.
 //! - [`keys`]: API keys: salted hashes as configured, new keys, the ring that names a caller and its scopes.
 //! - [`http`]: the router and its layers; `api` (`/api/v1`), `auth` (API keys), `extract` (bad input → problem),
@@ -30,6 +31,7 @@ pub mod http;
 pub mod intake;
 pub mod keys;
 pub mod mapping;
+pub mod outbound;
 pub mod partners;
 pub mod store;
 pub mod telemetry;

@@ -26,17 +26,15 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
 
-use super::source_http::{RetryPolicy, SourceClient};
 use super::{
     CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Schedule, SourceError, SourcePage,
     TaxonomyTerm, gateway_id,
 };
 use crate::domain::ServiceCode;
+use crate::fhir::client::{self, Credential, FhirClient};
 use crate::mapping::terminology::{self, AGENCY_VOCABULARY};
 use crate::mapping::{LoadError, LoadErrors};
-
-/// The FHIR JSON media type, asked for on every request.
-const FHIR_JSON: &str = "application/fhir+json";
+use crate::outbound::RetryPolicy;
 
 /// The code system of BCP 47 language tags (`HealthcareService.communication`).
 const BCP_47: &str = "urn:ietf:bcp:47";
@@ -497,10 +495,9 @@ pub fn normalise_record(source: &str, record: &Value, categories: &CategoryMap) 
 /// A FHIR R4 server listing `HealthcareService`s.
 pub struct FhirDirectory {
     name: String,
-    base_url: String,
     per_page: u32,
     categories: CategoryMap,
-    client: SourceClient,
+    client: FhirClient,
 }
 
 /// Resources read during one page, by relative reference (`None`: the server has no such resource).
@@ -520,25 +517,10 @@ impl FhirDirectory {
         timeout: Duration,
         categories: CategoryMap,
     ) -> Result<Self, SourceError> {
-        let headers = bearer_token.map(|t| ("authorization".to_owned(), format!("Bearer {t}"))).into_iter().collect();
+        let credential = bearer_token.map_or(Credential::None, Credential::Bearer);
         // Not retried yet: its sync reads follow references page by page, and its faults are tested as they are.
-        let client = SourceClient::new(timeout, RetryPolicy::NONE, headers)?;
-        Ok(FhirDirectory {
-            name: name.to_owned(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            per_page: per_page.max(1),
-            categories,
-            client,
-        })
-    }
-
-    /// `GET` a FHIR URL; `Ok(None)` for 404 and 410 (gone), the JSON body for a success.
-    async fn get(&self, url: &str, query: &[(&str, String)]) -> Result<Option<Value>, SourceError> {
-        let answer = self.client.get(url, query, FHIR_JSON).await?;
-        if answer.is_gone() {
-            return Ok(None);
-        }
-        serde_json::from_slice(&answer.body).map(Some).map_err(|e| SourceError::Malformed(format!("not JSON: {e}")))
+        let client = FhirClient::new(base_url, timeout, RetryPolicy::NONE, credential)?;
+        Ok(FhirDirectory { name: name.to_owned(), per_page: per_page.max(1), categories, client })
     }
 
     /// The `expected` resource a reference names, read once per page; `None` when it cannot be followed (not a
@@ -562,8 +544,9 @@ impl FhirDirectory {
         if let Some(known) = cache.get(&key) {
             return Ok(known.clone());
         }
-        let found = match self.get(&format!("{}/{key}", self.base_url), &[]).await? {
-            Some(r) if r.get("resourceType").and_then(Value::as_str) == Some(expected) => Some(r),
+        let (ty, id) = key.split_once('/').unwrap_or((expected, ""));
+        let found = match self.client.read(ty, id).await? {
+            Some(r) => Some(r),
             // A read answered with another resource type is the server's fault, but one odd reference must not
             // lose the page: the service is kept without it.
             _ => {
@@ -624,34 +607,16 @@ impl DirectorySource for FhirDirectory {
         if let Some(t) = modified_after {
             query.push(("_lastUpdated", format!("gt{}", search_instant(t)?)));
         }
-        let url = format!("{}/HealthcareService", self.base_url);
-        let bundle = self
-            .get(&url, &query)
-            .await?
-            .ok_or_else(|| SourceError::Status { status: 404, body: "no HealthcareService search here".into() })?;
-        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            return Err(SourceError::Malformed("the search answered something other than a Bundle".into()));
-        }
-        let entries = match bundle.get("entry") {
-            None | Some(Value::Null) => &[][..],
-            Some(Value::Array(entries)) => entries,
-            Some(_) => return Err(SourceError::Malformed("Bundle.entry is not an array".into())),
-        };
+        let bundle = self.client.search("HealthcareService", &query).await?;
         let mut cache = ReferenceCache::new();
+        let entries = client::matches(&bundle)?;
         let mut records = Vec::with_capacity(entries.len());
+        // Every match is a service, odd or not, and is handed on (an odd one is refused on its own by
+        // `normalise`, never the whole page).
         for entry in entries {
-            // Included resources and OperationOutcomes are not services; every other entry is one, odd or not,
-            // and is handed on (an odd one is refused on its own by `normalise`, never the whole page).
-            if matches!(entry.pointer("/search/mode").and_then(Value::as_str), Some("include" | "outcome")) {
-                continue;
-            }
             records.push(self.record(entry, &mut cache).await?);
         }
-        let has_next = bundle
-            .get("link")
-            .and_then(Value::as_array)
-            .is_some_and(|links| links.iter().any(|l| l.get("relation").and_then(Value::as_str) == Some("next")));
-        let more = has_next && records.len() >= self.per_page as usize;
+        let more = client::has_next(&bundle) && records.len() >= self.per_page as usize;
         tracing::debug!(source = %self.name, page, services = records.len(), references = cache.len(),
             "Directory page read.");
         Ok(SourcePage { records, more, ..SourcePage::default() })

@@ -13,12 +13,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::fhir_directory::CategoryMap;
-use super::source_http::SourceClient;
 use super::{
     CatalogLocation, CatalogOrganization, CatalogService, DirectorySource, Fetched, Phone, ReadPlan, Schedule,
     ServiceAtLocation, SourceError, SourcePage, TaxonomyTerm, gateway_id, hours,
 };
 use crate::config::HsdsDetail;
+use crate::outbound::HttpClient;
 
 /// HSDS service statuses.
 const STATUSES: [&str; 4] = ["active", "inactive", "defunct", "temporarily closed"];
@@ -384,7 +384,7 @@ pub struct HsdsApiSettings<'a> {
     /// Most requests in flight at once.
     pub max_concurrent_requests: usize,
     /// The HTTP client (timeout, retries, credential).
-    pub client: SourceClient,
+    pub client: HttpClient,
     /// The source's taxonomy → agency categories (empty: none).
     pub categories: CategoryMap,
 }
@@ -399,7 +399,7 @@ pub struct HsdsApi {
     /// How this sync reads full records (decided by `prepare`).
     detail: std::sync::Mutex<HsdsDetail>,
     max_concurrent_requests: usize,
-    client: SourceClient,
+    client: HttpClient,
     categories: CategoryMap,
 }
 

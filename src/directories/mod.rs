@@ -4,7 +4,7 @@
 //! keeps the valid ones (each in one transaction, never half-stored), reports the invalid ones with their reasons,
 //! and on a full sync marks the services that vanished from the source as inactive (tombstones; nothing is
 //! deleted) — only after a crawl that provably read the whole source, each vanished service confirmed gone where
-//! the source can be asked by id. Sources read over HTTP do it through [`source_http`] (retries, named failures).
+//! the source can be asked by id. Sources read over HTTP do it through [`crate::outbound`] (retries, named failures).
 //! Sources: [`hsds`] (an HSDS 3.0 API, or an HSDS data package on disk) and [`fhir_directory`] (a FHIR
 //! R4 server's `HealthcareService`s). [`publish`] turns the catalog back into FHIR and HSDS for others to read.
 //! [`hours`] turns opening hours into the intervals an `open_now` search matches, in each source's time zone;
@@ -18,7 +18,6 @@ pub mod jobs;
 pub mod publish;
 pub mod schedule;
 pub mod search_text;
-pub mod source_http;
 pub mod synthetic;
 
 use std::collections::{HashMap, HashSet};
@@ -364,7 +363,7 @@ pub enum SourceError {
     Transport(String),
     /// The HTTP client could not be built.
     #[error("the HTTP client could not be built: {0}")]
-    Http(#[from] reqwest::Error),
+    Client(String),
     /// A file of a data package could not be read.
     #[error("cannot read {path}: {detail}")]
     File {
@@ -376,6 +375,30 @@ pub enum SourceError {
     /// The answer is not what the standard describes.
     #[error("the source's answer is malformed: {0}")]
     Malformed(String),
+}
+
+impl From<crate::fhir::client::FhirError> for SourceError {
+    fn from(e: crate::fhir::client::FhirError) -> Self {
+        match e {
+            crate::fhir::client::FhirError::Http(f) => f.into(),
+            crate::fhir::client::FhirError::Malformed(m) => SourceError::Malformed(m),
+        }
+    }
+}
+
+impl From<crate::outbound::Failure> for SourceError {
+    fn from(f: crate::outbound::Failure) -> Self {
+        use crate::outbound::Failure as F;
+        match f {
+            F::Status { status, body } => SourceError::Status { status, body },
+            F::TimedOut { secs } => SourceError::TimedOut { secs },
+            F::Refused => SourceError::Refused,
+            F::Tls(t) => SourceError::Tls(t),
+            F::Connect => SourceError::Connect,
+            F::Transport(t) => SourceError::Transport(t.replace("(the server)", "(source)")),
+            F::Build(t) => SourceError::Client(t),
+        }
+    }
 }
 
 /// A directory to pull services from.
@@ -1095,13 +1118,13 @@ fn source_of(
                 (Some(header), Some(var)) => vec![(header.clone(), credential(var, name)?)],
                 _ => Vec::new(),
             };
-            let retry = source_http::RetryPolicy {
+            let retry = crate::outbound::RetryPolicy {
                 retries: *retries,
                 min_delay: Duration::from_millis(*retry_min_delay_ms),
                 max_delay: Duration::from_millis(*retry_max_delay_ms),
                 retry_after_max: Duration::from_secs(*retry_after_max_secs),
             };
-            let client = source_http::SourceClient::new(Duration::from_secs(*timeout_secs), retry, headers)?;
+            let client = crate::outbound::HttpClient::new(Duration::from_secs(*timeout_secs), retry, headers)?;
             std::sync::Arc::new(hsds::HsdsApi::new(hsds::HsdsApiSettings {
                 name,
                 base_url,

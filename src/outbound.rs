@@ -1,16 +1,49 @@
-//! The HTTP reads a directory source makes: one client per source that sends `User-Agent: carebridge/<version>`
-//! and gives up on an attempt after its timeout; idempotent GETs tried again on timeouts, connection errors, 429
-//! and 5xx with capped exponential backoff and jitter (a `Retry-After` is honoured, clamped); and every failure
-//! named precisely ("timed out after 5 s", "connection refused", "TLS: …", "HTTP 503: <the source's words>").
+//! The HTTP the gateway makes to others (directory sources, partner FHIR servers): one client per server that
+//! sends `User-Agent: carebridge/<version>` and gives up on an attempt after its timeout; idempotent GETs tried
+//! again on timeouts, connection errors, 429 and 5xx with capped exponential backoff and jitter (a `Retry-After`
+//! is honoured, clamped); and every failure named precisely ("timed out after 5 s", "connection refused",
+//! "TLS: …", "HTTP 503: <the server's words>"), never with the URL (it may carry a credential or an id).
 
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use time::OffsetDateTime;
 
-use super::SourceError;
+/// Why a request to another server failed, said plainly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The server answered with an error status.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The first characters of its body, control characters dropped.
+        body: String,
+    },
+    /// No answer in time.
+    #[error("timed out after {secs} s")]
+    TimedOut {
+        /// The configured timeout.
+        secs: u64,
+    },
+    /// Nothing listens at the address.
+    #[error("connection refused")]
+    Refused,
+    /// The TLS handshake failed (certificate, protocol).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// No connection could be made (DNS, network).
+    #[error("could not connect")]
+    Connect,
+    /// The request or its answer broke off otherwise.
+    #[error("the answer could not be read: {0}")]
+    Transport(String),
+    /// The HTTP client could not be built.
+    #[error("the HTTP client could not be built: {0}")]
+    Build(String),
+}
 
-/// The `User-Agent` every directory request carries.
+/// The `User-Agent` every outbound request carries.
 pub const USER_AGENT: &str = concat!("carebridge/", env!("CARGO_PKG_VERSION"));
 
 /// Most characters of a source's error body kept in the failure's text.
@@ -39,7 +72,7 @@ impl RetryPolicy {
     };
 }
 
-/// A source's answer worth reading: 2xx, or a 404/410 that says the resource is gone.
+/// An answer worth reading: 2xx, or a 404/410 that says the resource is gone.
 #[derive(Debug)]
 pub struct Answer {
     /// HTTP status.
@@ -49,7 +82,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    /// Whether the source says the resource does not exist (404 or 410).
+    /// Whether the server says the resource does not exist (404 or 410).
     #[must_use]
     pub fn is_gone(&self) -> bool {
         matches!(self.status, 404 | 410)
@@ -58,28 +91,32 @@ impl Answer {
 
 /// One failed attempt: the failure, whether another may succeed, and how long the source asked us to wait.
 struct Failed {
-    error: SourceError,
+    error: Failure,
     retryable: bool,
     retry_after: Option<Duration>,
 }
 
-/// The HTTP client of one directory source.
-pub struct SourceClient {
+/// The HTTP client of one server (a directory source, a partner).
+pub struct HttpClient {
     client: reqwest::Client,
     timeout: Duration,
     retry: RetryPolicy,
     headers: Vec<(String, String)>,
 }
 
-impl SourceClient {
+impl HttpClient {
     /// A client whose attempts give up after `timeout`, retried by `retry`, sending `headers` (a credential) on
     /// every request.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(timeout: Duration, retry: RetryPolicy, headers: Vec<(String, String)>) -> Result<Self, SourceError> {
-        let client = reqwest::Client::builder().timeout(timeout).user_agent(USER_AGENT).build()?;
-        Ok(SourceClient { client, timeout, retry, headers })
+    pub fn new(timeout: Duration, retry: RetryPolicy, headers: Vec<(String, String)>) -> Result<Self, Failure> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|e| Failure::Build(e.to_string()))?;
+        Ok(HttpClient { client, timeout, retry, headers })
     }
 
     /// `GET url?query` with `accept`, retried as the policy says; a 2xx, 404 or 410 is an answer.
@@ -87,7 +124,7 @@ impl SourceClient {
     /// # Errors
     /// The last attempt's failure, named (`TimedOut`, `Refused`, `Tls`, `Connect`, `Status` with the body's
     /// summary).
-    pub async fn get(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, SourceError> {
+    pub async fn get(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, Failure> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
@@ -100,7 +137,7 @@ impl SourceClient {
             // A source that says when to come back is believed, up to the clamp; `None` means no retries left.
             .adjust(move |f: &Failed, next| next.map(|d| f.retry_after.map_or(d, |asked| asked.min(max_wait))))
             .notify(|f: &Failed, wait| {
-                tracing::info!(error = %f.error, wait_ms = wait.as_millis() as u64, "Directory read failed; retrying.");
+                tracing::info!(error = %f.error, wait_ms = wait.as_millis() as u64, "Outbound read failed; retrying.");
             })
             .await
             .map_err(|f| f.error)
@@ -123,7 +160,7 @@ impl SourceClient {
             return Ok(Answer { status, body });
         }
         Err(Failed {
-            error: SourceError::Status { status, body: summary(&body) },
+            error: Failure::Status { status, body: summary(&body) },
             retryable: status == 429 || (500..600).contains(&status),
             retry_after,
         })
@@ -135,24 +172,24 @@ impl SourceClient {
 }
 
 /// The failure a transport error stands for, said plainly.
-fn name_failure(e: &reqwest::Error, timeout: Duration) -> SourceError {
+fn name_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
     if e.is_timeout() {
-        return SourceError::TimedOut { secs: timeout.as_secs() };
+        return Failure::TimedOut { secs: timeout.as_secs() };
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(tls) = c.downcast_ref::<rustls::Error>() {
-            return SourceError::Tls(tls.to_string());
+            return Failure::Tls(tls.to_string());
         }
         if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
-            return SourceError::Refused;
+            return Failure::Refused;
         }
         cause = c.source();
     }
     if e.is_connect() {
-        return SourceError::Connect;
+        return Failure::Connect;
     }
-    SourceError::Transport(e.to_string().replace(e.url().map_or("", |u| u.as_str()), "(source)"))
+    Failure::Transport(e.to_string().replace(e.url().map_or("", |u| u.as_str()), "(the server)"))
 }
 
 /// A `Retry-After` value (seconds, or an HTTP date) as a wait from `now`.
@@ -165,7 +202,7 @@ fn retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
     Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
 }
 
-/// The first characters of a source's body, control characters dropped, for an error text.
+/// The first characters of a server's body, control characters dropped, for an error text.
 fn summary(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
