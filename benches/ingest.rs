@@ -78,7 +78,9 @@ fn main() -> anyhow::Result<()> {
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{url}\"\nmax_connections = 16\n[log]\nformat = \"json\"\nfilter = \"info\"\n\
-             [[api_keys]]\nname = \"bench\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\"]\n"
+             [[api_keys]]\nname = \"bench\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\"]\n\
+             [[partners]]\nname = \"st-marys-ehr\"\nbase_url = \"https://fhir.stmarys.example/r4\"\n\
+             receives = [\"client\", \"care-plan\", \"referral\"]\noverlay = \"st-marys-ehr\"\n"
         ),
     )?;
     let mut server = Command::new(env!("CARGO_BIN_EXE_carebridge"))

@@ -98,13 +98,34 @@ pub fn check_partner<T: AgencyRecord>(record: &T, partners: &Partners) -> Result
     }
 }
 
+/// Where intake keeps records, and the partners their new versions are owed to.
+#[derive(Clone, Copy)]
+pub struct Intake<'a> {
+    /// The store.
+    pub store: &'a dyn Store,
+    /// The configured partners.
+    pub partners: &'a Partners,
+}
+
+/// The partners a new version of `record` goes to: the one it names (a referral's target, a consent's
+/// recipient) when that partner receives its kind; otherwise every partner that receives its kind. Consent and
+/// security labels narrow this further when delivery applies them.
+fn recipients<T: AgencyRecord>(record: &T, partners: &Partners) -> Vec<String> {
+    match record.partner() {
+        Some((_, named)) => {
+            partners.receiving(T::KIND).filter(|p| p.name == named.as_str()).map(|p| p.name.clone()).collect()
+        }
+        None => partners.receiving(T::KIND).map(|p| p.name.clone()).collect(),
+    }
+}
+
 /// Validates `record` and keeps it under `id`.
 ///
 /// # Errors
 /// `Invalid` or `IdMismatch` for a bad record, `StatusChangeNotAllowed` for a referral `PUT` that moves the
 /// status, `PreconditionFailed` when `pre` does not hold, `Store` when the database fails.
 pub async fn put<T: AgencyRecord>(
-    store: &dyn Store,
+    intake: Intake<'_>,
     id: RecordId,
     mut record: T,
     pre: Precondition,
@@ -120,9 +141,11 @@ pub async fn put<T: AgencyRecord>(
     v.finish().map_err(IntakeError::Invalid)?;
     record.set_id(id.clone());
     let body = canonical(&record)?;
+    let store = intake.store;
+    let deliver_to = recipients(&record, intake.partners);
 
     if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
-        let write = record_write(&record, &id, body, change);
+        let write = record_write(&record, &id, body, change, deliver_to);
         let outcome = store.save_record(&write, pre, actor, now).await?;
         return Ok(Saved { outcome, body: write.body });
     }
@@ -150,7 +173,7 @@ pub async fn put<T: AgencyRecord>(
                 Precondition::Version(version)
             }
         };
-        let write = record_write(&record, &id, body.clone(), change);
+        let write = record_write(&record, &id, body.clone(), change, deliver_to.clone());
         match store.save_record(&write, checked, actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => return Ok(Saved { outcome: result?, body }),
@@ -164,7 +187,7 @@ pub async fn put<T: AgencyRecord>(
 /// # Errors
 /// `Invalid` for a change without a required reason, `NotFound`, `PreconditionFailed`, `Store`.
 pub async fn change_referral_status(
-    store: &dyn Store,
+    intake: Intake<'_>,
     id: &RecordId,
     change: &StatusChange,
     pre: Precondition,
@@ -174,6 +197,7 @@ pub async fn change_referral_status(
     let mut v = Validator::new();
     change.validate(&mut v);
     v.finish().map_err(IntakeError::Invalid)?;
+    let store = intake.store;
     for attempt in 1..=CONFLICT_ATTEMPTS {
         let (mut referral, version) = load::<Referral>(store, id).await?.ok_or(IntakeError::NotFound)?;
         if let Precondition::Version(expected) = pre
@@ -183,7 +207,8 @@ pub async fn change_referral_status(
         }
         referral.apply(change, Timestamp(now));
         let body = canonical(&referral)?;
-        let write = record_write(&referral, id, body.clone(), Change::StatusChanged);
+        let write =
+            record_write(&referral, id, body.clone(), Change::StatusChanged, recipients(&referral, intake.partners));
         match store.save_record(&write, Precondition::Version(version), actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => {
@@ -208,7 +233,13 @@ async fn load<T: AgencyRecord>(store: &dyn Store, id: &RecordId) -> Result<Optio
     Ok(Some((record, stored.meta.version)))
 }
 
-fn record_write<T: AgencyRecord>(record: &T, id: &RecordId, body: String, change: Change) -> RecordWrite {
+fn record_write<T: AgencyRecord>(
+    record: &T,
+    id: &RecordId,
+    body: String,
+    change: Change,
+    deliver_to: Vec<String>,
+) -> RecordWrite {
     RecordWrite {
         kind: T::KIND,
         id: id.clone(),
@@ -216,6 +247,7 @@ fn record_write<T: AgencyRecord>(record: &T, id: &RecordId, body: String, change
         client_id: record.client_id().cloned(),
         status: record.status_code(),
         change,
+        deliver_to,
     }
 }
 
@@ -313,7 +345,10 @@ async fn seed_file(
         ($t:ty) => {{
             let record: $t = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
             match check_partner(&record, partners) {
-                Ok(()) => put(store, id, record, Precondition::Absent, &actor, Change::Seeded, now).await,
+                Ok(()) => {
+                    let intake = Intake { store, partners };
+                    put(intake, id, record, Precondition::Absent, &actor, Change::Seeded, now).await
+                }
                 Err(e) => Err(e),
             }
         }};

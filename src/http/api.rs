@@ -273,6 +273,11 @@ async fn precondition(
     }
 }
 
+/// Intake through this gateway's store, owing new versions to its partners.
+fn intake_of(state: &AppState) -> intake::Intake<'_> {
+    intake::Intake { store: &*state.store, partners: &state.partners }
+}
+
 async fn put_record<T: AgencyRecord>(
     state: &AppState,
     actor: CallerActor,
@@ -286,7 +291,7 @@ async fn put_record<T: AgencyRecord>(
     intake::check_partner(&record, &state.partners).map_err(intake_problem)?;
     let pre = precondition(state, T::KIND, &path.id, pre).await?;
     let saved =
-        intake::put(&*state.store, path.id.clone(), record, pre, &actor.0, Change::Put, OffsetDateTime::now_utc())
+        intake::put(intake_of(state), path.id.clone(), record, pre, &actor.0, Change::Put, OffsetDateTime::now_utc())
             .await
             .map_err(intake_problem)?;
     let status = if matches!(saved.outcome, SaveOutcome::Created(_)) { StatusCode::CREATED } else { StatusCode::OK };
@@ -524,7 +529,7 @@ pub async fn change_referral_status(
 ) -> Result<Response, ApiError> {
     let pre = precondition(&state, RecordKind::Referral, &path.id, pre).await?;
     let saved =
-        intake::change_referral_status(&*state.store, &path.id, &change, pre, &actor.0, OffsetDateTime::now_utc())
+        intake::change_referral_status(intake_of(&state), &path.id, &change, pre, &actor.0, OffsetDateTime::now_utc())
             .await
             .map_err(intake_problem)?;
     if !caller.may(Scope::Read) {

@@ -104,6 +104,20 @@ pub struct RecordWrite {
     pub status: Option<&'static str>,
     /// What kind of change this is.
     pub change: Change,
+    /// The partners this version goes to: one outbox row each, in the write's transaction (none when the write
+    /// changes nothing).
+    pub deliver_to: Vec<String>,
+}
+
+/// One outbox row: a version of a record owed to a partner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The partner.
+    pub partner: String,
+    /// The record version owed.
+    pub version: i64,
+    /// `pending` until a worker settles it.
+    pub state: String,
 }
 
 /// Who made a change, and in which request.
@@ -248,6 +262,9 @@ pub trait Store: Catalog + SyncJobs + Send + Sync + 'static {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<SaveOutcome, StoreError>;
+
+    /// The outbox rows of one record, oldest version first.
+    async fn deliveries(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<Delivery>, StoreError>;
 
     /// The current version of a record.
     ///

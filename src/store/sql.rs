@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use super::catalog::Catalog;
 use super::group_commit::GroupCommit;
 use super::{
-    Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store,
-    StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
+    Actor, AuditEvent, Change, Delivery, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite,
+    SaveOutcome, Store, StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
 };
 use crate::domain::{RecordId, RecordKind};
 
@@ -248,6 +248,21 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await?;
                 }
+                if !matches!(outcome, SaveOutcome::Unchanged(_)) {
+                    for partner in &write.deliver_to {
+                        sqlx::query(
+                            "INSERT INTO deliveries (kind, id, version, partner, state, created_at) \
+                             VALUES ($1, $2, $3, $4, 'pending', $5)",
+                        )
+                        .bind(write.kind.as_str())
+                        .bind(write.id.as_str())
+                        .bind(version)
+                        .bind(partner)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
                 sqlx::query(
                     "INSERT INTO audit_events (at, actor, action, kind, record_id, version, request_id) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -291,6 +306,18 @@ macro_rules! impl_store {
                     Some(outcome) => Ok(outcome),
                     None => Err(StoreError::PreconditionFailed { current: None }),
                 }
+            }
+
+            async fn deliveries(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<Delivery>, StoreError> {
+                let rows: Vec<(String, i64, String)> = sqlx::query_as(
+                    "SELECT partner, version, state FROM deliveries WHERE kind = $1 AND id = $2 \
+                     ORDER BY version, partner",
+                )
+                .bind(kind.as_str())
+                .bind(id.as_str())
+                .fetch_all(&self.reader)
+                .await?;
+                Ok(rows.into_iter().map(|(partner, version, state)| Delivery { partner, version, state }).collect())
             }
 
             async fn get_record(&self, kind: RecordKind, id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {

@@ -78,3 +78,45 @@ fn a_bad_partner_entry_is_named_by_check() {
         assert!(stderr.contains(needle), "{needle}: {stderr}");
     }
 }
+
+/// The outbox rows of one record, as (version, partner), read from the gateway's own database.
+async fn owed(app: &crate::helpers::TestApp, kind: carebridge::domain::RecordKind, id: &str) -> Vec<(i64, String)> {
+    let url = format!("sqlite:{}", app.dir.path().join("carebridge.db").display());
+    let store = carebridge::store::connect(&url, 1, std::time::Duration::from_secs(5)).await.expect("the database");
+    let id = carebridge::domain::RecordId::parse(id).expect("an id");
+    let rows = store.deliveries(kind, &id).await.expect("deliveries");
+    store.close().await;
+    rows.into_iter().map(|d| (d.version, d.partner)).collect()
+}
+
+#[tokio::test]
+async fn every_new_version_is_owed_to_the_partners_that_receive_it_in_the_same_write() {
+    use carebridge::domain::RecordKind;
+    let app = spawn_app().await;
+    assert_eq!(app.put("/api/v1/clients/cl-1001", &fixture("client", "cl-1001")).await.status(), 201);
+    let all: Vec<(i64, String)> =
+        ["county-crisis-team", "harbor-recovery-center", "st-marys-ehr"].map(|p| (1, p.to_owned())).to_vec();
+    assert_eq!(owed(&app, RecordKind::Client, "cl-1001").await, all, "every partner that receives clients");
+
+    let referral = fixture("referral", "ref-4001");
+    assert_eq!(referral["target"]["partner"], "st-marys-ehr");
+    assert_eq!(app.put("/api/v1/referrals/ref-4001", &referral).await.status(), 201);
+    assert_eq!(app.put("/api/v1/referrals/ref-4001", &referral).await.status(), 200, "identical: nothing new");
+    let moved = app.post("/api/v1/referrals/ref-4001/status", &json!({"status": "in_progress"})).await;
+    assert!(moved.status().is_success(), "{}", moved.status());
+    assert_eq!(
+        owed(&app, RecordKind::Referral, "ref-4001").await,
+        [(1, "st-marys-ehr".to_owned()), (2, "st-marys-ehr".to_owned())],
+        "a referral is owed to the partner it names, each version once"
+    );
+    let mut plan = fixture("care-plan", "cp-3001");
+    assert_eq!(app.put("/api/v1/care-plans/cp-3001", &plan).await.status(), 201);
+    plan["title"] = json!("Revised plan");
+    assert_eq!(app.put("/api/v1/care-plans/cp-3001", &plan).await.status(), 200);
+    assert_eq!(
+        owed(&app, RecordKind::CarePlan, "cp-3001").await,
+        [(1, "st-marys-ehr".to_owned()), (2, "st-marys-ehr".to_owned())],
+        "only st-marys-ehr receives care plans"
+    );
+    app.stop().await;
+}

@@ -42,8 +42,46 @@ async fn save(
         client_id: client.cloned(),
         status,
         change: Change::Put,
+        deliver_to: Vec::new(),
     };
     store.save_record(&write, pre, &actor(), now).await
+}
+
+async fn a_write_and_its_deliveries_are_one(store: Arc<dyn Store>) {
+    let r = id("ref-9");
+    let write = |body: &str| RecordWrite {
+        kind: RecordKind::Referral,
+        id: r.clone(),
+        body: body.to_owned(),
+        client_id: None,
+        status: Some("sent"),
+        change: Change::Put,
+        deliver_to: vec!["st-marys-ehr".to_owned(), "county-crisis-team".to_owned()],
+    };
+    let s = &*store;
+    s.save_record(&write(r#"{"v":1}"#), Precondition::None, &actor(), t0()).await.expect("v1");
+    s.save_record(&write(r#"{"v":1}"#), Precondition::None, &actor(), t0()).await.expect("the same again");
+    let refused = s.save_record(&write(r#"{"v":2}"#), Precondition::Version(7), &actor(), t0()).await;
+    assert!(matches!(refused, Err(StoreError::PreconditionFailed { .. })), "{refused:?}");
+    s.save_record(&write(r#"{"v":2}"#), Precondition::None, &actor(), t0()).await.expect("v2");
+    let rows: Vec<(i64, String, String)> = s
+        .deliveries(RecordKind::Referral, &r)
+        .await
+        .expect("deliveries")
+        .into_iter()
+        .map(|d| (d.version, d.partner, d.state))
+        .collect();
+    let pending = |v: i64, p: &str| (v, p.to_owned(), "pending".to_owned());
+    assert_eq!(
+        rows,
+        [
+            pending(1, "county-crisis-team"),
+            pending(1, "st-marys-ehr"),
+            pending(2, "county-crisis-team"),
+            pending(2, "st-marys-ehr")
+        ],
+        "one row per new version and partner: none for an identical resend or a refused write"
+    );
 }
 
 async fn writes_create_replace_and_leave_identical_bodies_unchanged(store: Arc<dyn Store>) {
@@ -415,6 +453,7 @@ macro_rules! contract {
 }
 
 contract!(
+    a_write_and_its_deliveries_are_one,
     writes_create_replace_and_leave_identical_bodies_unchanged,
     preconditions_are_enforced,
     lists_filter_and_page_in_id_order,
