@@ -519,7 +519,9 @@ impl HsdsApi {
         }
         let answer = self.client.get(self.services_url(None)?.as_str(), &query, JSON).await?;
         if answer.is_gone() {
-            return Err(SourceError::Status { status: answer.status, body: "no /services here".into() });
+            return Err(
+                crate::outbound::Failure::Status { status: answer.status, body: "no /services here".into() }.into()
+            );
         }
         parse_page(&answer.body, page)
     }

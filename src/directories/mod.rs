@@ -335,35 +335,9 @@ pub struct ReadPlan {
 /// Why a source could not be read (a value: the sync reports it and stops).
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// The source answered with an error status.
-    #[error("the source answered HTTP {status}: {body}")]
-    Status {
-        /// HTTP status.
-        status: u16,
-        /// The first characters of its body, control characters dropped.
-        body: String,
-    },
-    /// The source did not answer in time.
-    #[error("timed out after {secs} s")]
-    TimedOut {
-        /// The configured timeout.
-        secs: u64,
-    },
-    /// Nothing listens at the source's address.
-    #[error("connection refused")]
-    Refused,
-    /// The TLS handshake failed (certificate, protocol).
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// No connection could be made (DNS, network).
-    #[error("could not connect to the source")]
-    Connect,
-    /// The request or its answer broke off otherwise.
-    #[error("the source's answer could not be read: {0}")]
-    Transport(String),
-    /// The HTTP client could not be built.
-    #[error("the HTTP client could not be built: {0}")]
-    Client(String),
+    /// The request to the source failed: no answer, or an error status (said as the source's).
+    #[error("{}", as_the_source(.0))]
+    Http(crate::outbound::Failure),
     /// A file of a data package could not be read.
     #[error("cannot read {path}: {detail}")]
     File {
@@ -388,16 +362,18 @@ impl From<crate::fhir::client::FhirError> for SourceError {
 
 impl From<crate::outbound::Failure> for SourceError {
     fn from(f: crate::outbound::Failure) -> Self {
-        use crate::outbound::Failure as F;
-        match f {
-            F::Status { status, body } => SourceError::Status { status, body },
-            F::TimedOut { secs } => SourceError::TimedOut { secs },
-            F::Refused => SourceError::Refused,
-            F::Tls(t) => SourceError::Tls(t),
-            F::Connect => SourceError::Connect,
-            F::Transport(t) => SourceError::Transport(t.replace("(the server)", "(source)")),
-            F::Build(t) => SourceError::Client(t),
-        }
+        SourceError::Http(f)
+    }
+}
+
+/// A failed request as an operator reads it of a directory: "the source answered HTTP 503: …".
+fn as_the_source(f: &crate::outbound::Failure) -> String {
+    use crate::outbound::Failure as F;
+    match f {
+        F::Status { .. } => format!("the source answered {f}"),
+        F::Connect => "could not connect to the source".to_owned(),
+        F::Transport(t) => format!("the source's answer could not be read: {}", t.replace("(the server)", "(source)")),
+        _ => f.to_string(),
     }
 }
 

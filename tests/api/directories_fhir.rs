@@ -371,7 +371,7 @@ async fn a_fhir_directory_behind_a_bearer_token_is_read_with_it_and_refused_with
         FhirDirectory::new("county-fhir", &peer.base, 10, None, Duration::from_secs(10), CategoryMap::default())
             .expect("client");
     match without.page(1, None).await {
-        Err(SourceError::Status { status: 401, .. }) => {}
+        Err(SourceError::Http(carebridge::outbound::Failure::Status { status: 401, .. })) => {}
         other => panic!("expected a 401, got {:?}", other.map(|p| p.records.len())),
     }
 }
