@@ -85,15 +85,18 @@ pub async fn preview(
             .map(str::to_owned),
     };
     // What other writers stored (the client, the needs' other records) is read only for a key that may read it.
-    let related = if caller.may(Scope::Read) {
-        Related {
-            client: client_of(&state, &record).await?,
-            assessments: of_client(&state, RecordKind::Assessment, &record).await?,
-            care_plans: of_client(&state, RecordKind::CarePlan, &record).await?,
+    // Only what the mapping of this kind reads: the Patient for care plan and referral Bundles, the client's other
+    // assessments and care plans for the needs of an assessment or a care plan.
+    let mut related = Related::default();
+    if caller.may(Scope::Read) {
+        if matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
+            related.client = client_of(&state, &record).await?;
         }
-    } else {
-        Related::default()
-    };
+        if matches!(kind, RecordKind::Assessment | RecordKind::CarePlan) {
+            related.assessments = of_client(&state, RecordKind::Assessment, &record).await?;
+            related.care_plans = of_client(&state, RecordKind::CarePlan, &record).await?;
+        }
+    }
     let _slot = state.mapping_slots.acquire().await.map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
     let mappings = state.mappings.clone();
     // The request's span goes along, so anything logged there (a panic too) carries the request id.

@@ -623,7 +623,7 @@ impl Inverse<'_> {
                 if !e.filters.iter().all(Filter::invertible) {
                     return true;
                 }
-                let mut quiet = Inverse { issues: Vec::new(), pending: Vec::new(), ..self.clone_shallow() };
+                let mut quiet = self.clone_shallow();
                 quiet.reverse(e, &Value::String((*cap).to_owned()), fpath).is_none_or(|x| x == known)
             });
             if agrees {
