@@ -1,5 +1,6 @@
 //! The running service: [`Application::build`] opens the store, loads the demo seed if configured, binds the
-//! listener and starts the workers (a scheduled sync per directory that has an interval);
+//! listener and starts the workers (a scheduled sync per directory that has an interval, the outbox workers that
+//! deliver to partners);
 //! [`Application::run_until_stopped`] serves until the shutdown signal, then stops the workers and the directory
 //! syncs running, lets requests in flight finish (up to the grace period) and closes the database.
 
@@ -104,6 +105,11 @@ impl Application {
         let mut workers = tokio::task::JoinSet::new();
         for (name, interval) in schedules {
             workers.spawn(schedule::run_worker(syncs.clone(), name, interval, stopping.clone()));
+        }
+        if settings.outbox.enabled && partners.iter().next().is_some() {
+            let worker = crate::outbox::Worker::new(store.clone(), mappings.clone(), &partners, &settings.outbox)
+                .map_err(|e| StartError::Partners(vec![e]))?;
+            workers.spawn(worker.run(stopping.clone()));
         }
         let addr = settings.listen_addr();
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;

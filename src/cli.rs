@@ -74,11 +74,59 @@ pub enum Command {
         #[command(subcommand)]
         command: DirectoryCommand,
     },
+    /// Deliver records to partners, and inspect or repair the delivery queue.
+    Outbox {
+        /// Which outbox command.
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Make API keys.
     Keys {
         /// Which key command.
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+/// Outbox subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Run the delivery workers: until Ctrl-C, or with `--until-idle` until nothing is due (exit 1 when a
+    /// delivery of this run ended dead).
+    Run {
+        /// Stop once a pass finds nothing due (rows waiting for a later retry stay queued).
+        #[arg(long)]
+        until_idle: bool,
+    },
+    /// List deliveries (newest last).
+    List {
+        /// Only this state: pending, held, delivered, dead, superseded, discarded.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this partner.
+        #[arg(long)]
+        partner: Option<String>,
+        /// Only this record, as KIND/ID (`referral/ref-4001`).
+        #[arg(long, value_name = "KIND/ID")]
+        record: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show one delivery and its attempts.
+    Show {
+        /// Its number.
+        seq: i64,
+    },
+    /// Queue a dead, held, discarded or delivered delivery again (due now).
+    Replay {
+        /// Its number.
+        seq: i64,
+    },
+    /// Give up a pending, held or dead delivery.
+    Discard {
+        /// Its number.
+        seq: i64,
     },
 }
 
@@ -379,6 +427,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store.close().await;
             Ok(code)
         }
+        Command::Outbox { command } => {
+            let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
+                return Ok(ExitCode::from(2));
+            };
+            telemetry::init_logs(&settings.log);
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let store =
+                store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
+                    .await
+                    .context("cannot open the database")?;
+            let code = outbox_command(&store, &settings, command).await;
+            store.close().await;
+            code
+        }
         Command::Keys { command: KeysCommand::Generate { name, scopes } } => {
             let key = new_key().context("no randomness available")?;
             let hash = KeyHash::generate(&key).context("no randomness available")?;
@@ -396,6 +458,126 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs one `outbox` subcommand.
+async fn outbox_command(
+    store: &std::sync::Arc<dyn Store>,
+    settings: &Settings,
+    command: OutboxCommand,
+) -> anyhow::Result<ExitCode> {
+    use crate::store::DeliveryFilter;
+    let print_row = |r: &crate::store::DeliveryRow| {
+        println!(
+            "{:>8}  {:<10}  {:<20}  {}/{} v{}  attempts {}  {}",
+            r.seq,
+            r.state,
+            r.partner,
+            r.kind.as_str(),
+            r.id,
+            r.version,
+            r.attempts,
+            r.detail.as_deref().unwrap_or("")
+        );
+    };
+    match command {
+        OutboxCommand::Run { until_idle } => {
+            let Some(mappings) = load_mappings(settings) else {
+                return Ok(ExitCode::from(2));
+            };
+            let registry = carebridge_partners(settings);
+            let worker =
+                crate::outbox::Worker::new(store.clone(), std::sync::Arc::new(mappings), &registry, &settings.outbox)
+                    .map_err(anyhow::Error::msg)?;
+            if until_idle {
+                let r = worker.run_until_idle(OffsetDateTime::now_utc).await?;
+                println!(
+                    "{} claimed: {} delivered, {} to retry, {} held, {} dead",
+                    r.claimed, r.delivered, r.retried, r.held, r.dead
+                );
+                return Ok(if r.dead > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS });
+            }
+            let (stop, stopping) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = stop.send(true);
+                }
+            });
+            worker.run(stopping).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxCommand::List { state, partner, record, limit } => {
+            if let Some(s) = &state
+                && !crate::store::outbox::state::ALL.contains(&s.as_str())
+            {
+                eprintln!("--state: one of {}", crate::store::outbox::state::ALL.join(", "));
+                return Ok(ExitCode::from(2));
+            }
+            let record = match record.as_deref().map(parse_record_arg).transpose() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("--record: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let rows = store
+                .list_deliveries(&DeliveryFilter { state, partner, record, after: 0, limit: limit.clamp(1, 10_000) })
+                .await?;
+            for r in &rows {
+                print_row(r);
+            }
+            println!("{} deliveries", rows.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxCommand::Show { seq } => {
+            let Some((row, attempts)) = store.delivery(seq).await? else {
+                eprintln!("no delivery {seq}");
+                return Ok(ExitCode::from(1));
+            };
+            print_row(&row);
+            for a in &attempts {
+                let status = a.status.map(|s| format!("HTTP {s}  ")).unwrap_or_default();
+                println!("  {}  {:>6} ms  {:<9}  {status}{}", a.at, a.ms, a.outcome, a.detail);
+                if let Some(oo) = &a.operation_outcome {
+                    println!("    OperationOutcome: {oo}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxCommand::Replay { seq } | OutboxCommand::Discard { seq } => {
+            let replay = matches!(command, OutboxCommand::Replay { .. });
+            let now = OffsetDateTime::now_utc();
+            let row =
+                if replay { store.replay_delivery(seq, now).await? } else { store.discard_delivery(seq, now).await? };
+            let Some(row) = row else {
+                eprintln!("no delivery {seq}");
+                return Ok(ExitCode::from(1));
+            };
+            print_row(&row);
+            let done = if replay { row.state == "pending" } else { row.state == "discarded" };
+            if !done {
+                eprintln!(
+                    "delivery {seq} is {}: {}",
+                    row.state,
+                    if replay {
+                        "a pending delivery is already queued, and a version older than one delivered cannot go again"
+                    } else {
+                        "only pending (not in flight), held or dead deliveries can be discarded"
+                    }
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `KIND/ID` (`referral/ref-4001`).
+fn parse_record_arg(s: &str) -> Result<(RecordKind, crate::domain::RecordId), String> {
+    let (kind, id) = s.split_once('/').ok_or("expected KIND/ID, e.g. referral/ref-4001")?;
+    let kind =
+        RecordKind::from_name(kind).ok_or("the kind is one of client, assessment, care-plan, referral, consent")?;
+    Ok((kind, crate::domain::RecordId::parse(id)?))
 }
 
 /// Exit code of `directories sync` when a sync was not started because another of the same source was running.

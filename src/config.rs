@@ -40,6 +40,32 @@ pub struct Settings {
     /// The partners the gateway exchanges FHIR with (`[[partners]]`).
     #[serde(default)]
     pub partners: Vec<crate::partners::PartnerSettings>,
+    /// Delivery to partners: the outbox workers.
+    pub outbox: OutboxSettings,
+}
+
+/// The outbox workers that deliver records to partners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Whether `serve` runs the workers (`outbox run` always does).
+    pub enabled: bool,
+    /// Rows one claim takes per partner.
+    pub batch: u32,
+    /// Deliveries in flight to one partner at once.
+    pub concurrency: u32,
+    /// How long a claimed row stays the worker's; a worker that died gives its rows back when it lapses.
+    pub lease_secs: u64,
+    /// How long an idle worker waits before it looks for due rows again.
+    pub poll_ms: u64,
+    /// Per request to a partner.
+    pub timeout_secs: u64,
+    /// Waits before each retry (with ±20 % jitter); when they are spent the delivery is dead.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Longest `Retry-After` honoured.
+    pub retry_after_max_secs: u64,
+    /// How often a held delivery's consent is checked again.
+    pub hold_recheck_secs: u64,
 }
 
 /// Where the mapping files live.
@@ -525,6 +551,25 @@ impl Settings {
         }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             errors.push("api.default_page_size: must be between 1 and api.max_page_size".into());
+        }
+        let o = &self.outbox;
+        for (key, value) in [
+            ("batch", u64::from(o.batch)),
+            ("concurrency", u64::from(o.concurrency)),
+            ("lease_secs", o.lease_secs),
+            ("poll_ms", o.poll_ms),
+            ("timeout_secs", o.timeout_secs),
+            ("hold_recheck_secs", o.hold_recheck_secs),
+        ] {
+            if value == 0 {
+                errors.push(format!("outbox.{key}: must be at least 1"));
+            }
+        }
+        if o.lease_secs <= o.timeout_secs {
+            errors.push("outbox.lease_secs: must be longer than outbox.timeout_secs (a delivery must end before its lease does)".into());
+        }
+        if o.retry_schedule_secs.contains(&0) {
+            errors.push("outbox.retry_schedule_secs: every wait must be at least 1 second".into());
         }
         if let Some(dir) = &self.seed.dir
             && !dir.is_dir()

@@ -32,6 +32,7 @@ pub mod intake;
 pub mod keys;
 pub mod mapping;
 pub mod outbound;
+pub mod outbox;
 pub mod partners;
 pub mod store;
 pub mod telemetry;

@@ -89,6 +89,29 @@ impl Answer {
     }
 }
 
+/// Whatever a server answered to a write (one attempt, never retried here: the caller decides).
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// `Location`, when sent.
+    pub location: Option<String>,
+    /// `ETag`, when sent.
+    pub etag: Option<String>,
+    /// `Retry-After` as a wait, when sent.
+    pub retry_after: Option<Duration>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The first characters of the body, control characters dropped, for an error text.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        summary(&self.body)
+    }
+}
+
 /// One failed attempt: the failure, whether another may succeed, and how long the source asked us to wait.
 struct Failed {
     error: Failure,
@@ -141,6 +164,40 @@ impl HttpClient {
             })
             .await
             .map_err(|f| f.error)
+    }
+
+    /// One `method url` with `headers` and a JSON `body`: any HTTP status is a [`Reply`]; only a request that got
+    /// no answer is a `Failure` (timed out, refused, TLS, dropped).
+    ///
+    /// # Errors
+    /// The transport failure, named.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, Failure> {
+        let mut request = self.client.request(method, url);
+        for (name, value) in &self.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.map_err(|e| name_failure(&e, self.timeout))?;
+        let status = response.status().as_u16();
+        let header = |name: reqwest::header::HeaderName| {
+            response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        };
+        let location = header(reqwest::header::LOCATION).or_else(|| header(reqwest::header::CONTENT_LOCATION));
+        let etag = header(reqwest::header::ETAG);
+        let retry_after = header(reqwest::header::RETRY_AFTER).and_then(|v| retry_after(&v, OffsetDateTime::now_utc()));
+        let body = response.bytes().await.map_err(|e| name_failure(&e, self.timeout))?.to_vec();
+        Ok(Reply { status, location, etag, retry_after, body })
     }
 
     async fn attempt(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, Failed> {

@@ -27,6 +27,14 @@ pub struct PartnerSettings {
     /// How the gateway authenticates to it.
     #[serde(default)]
     pub auth: PartnerAuth,
+    /// Identifier systems the partner knows its patients by (an MRN, a Medicaid id): a client whose record carries
+    /// one is matched to the partner's own Patient (searched by it), which is then referenced and never
+    /// overwritten. Empty: the gateway's own client identifier only.
+    #[serde(default)]
+    pub patient_match: Vec<String>,
+    /// Per request to it; absent: `outbox.timeout_secs`.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
 }
 
 fn default_max_transaction_entries() -> u32 {
@@ -96,6 +104,16 @@ pub fn check(partners: &[PartnerSettings], errors: &mut Vec<String>) {
             && !plain(o)
         {
             errors.push(format!("{at}.overlay: the name of a file in mappings/partners/ (a-z, 0-9, '-')"));
+        }
+        if p.timeout_secs == Some(0) {
+            errors.push(format!("{at}.timeout_secs: must be at least 1"));
+        }
+        for (j, system) in p.patient_match.iter().enumerate() {
+            if reqwest::Url::parse(system).is_err() {
+                errors.push(format!(
+                    "{at}.patient_match[{j}]: expected an identifier system URI (urn:oid:… or https://…)"
+                ));
+            }
         }
         if p.max_transaction_entries > MOST_TRANSACTION_ENTRIES {
             errors

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::FHIR_JSON;
-use crate::outbound::{Failure, HttpClient, RetryPolicy};
+use crate::outbound::{Failure, HttpClient, Reply, RetryPolicy};
 
 /// Why a FHIR call gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +69,26 @@ impl FhirClient {
             return Ok(None);
         }
         serde_json::from_slice(&answer.body).map(Some).map_err(|e| FhirError::Malformed(format!("not JSON: {e}")))
+    }
+
+    /// One write to the server, never retried here (the outbox decides): `method <base>/<path>` with `body` as
+    /// `application/fhir+json` and `headers` (`If-Match`, `If-None-Exist`); `path` empty for a transaction or batch.
+    /// Any HTTP status is a [`Reply`].
+    ///
+    /// # Errors
+    /// A request that got no answer (timed out, refused, TLS, dropped).
+    pub async fn write(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &Value,
+    ) -> Result<Reply, Failure> {
+        let url = if path.is_empty() { self.base.clone() } else { format!("{}/{path}", self.base) };
+        let mut all = vec![("content-type", FHIR_JSON.to_owned()), ("accept", FHIR_JSON.to_owned())];
+        all.extend(headers.iter().map(|(k, v)| (*k, v.clone())));
+        let bytes = serde_json::to_vec(body).map_err(|e| Failure::Build(e.to_string()))?;
+        self.http.send(method, &url, &all, Some(bytes)).await
     }
 
     /// Reads `Type/id`; `None` when the server has no such resource, or answers with another resource type.

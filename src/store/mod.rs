@@ -7,6 +7,7 @@
 mod catalog;
 mod catalog_sql;
 mod group_commit;
+pub mod outbox;
 mod sql;
 mod sync_jobs;
 
@@ -16,6 +17,7 @@ use time::OffsetDateTime;
 use crate::domain::{RecordId, RecordKind};
 
 pub use catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
+pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};
 pub use sql::{SqlStore, connect};
 pub use sync_jobs::{ABANDONED, Begun, NewSyncJob, SyncJobEnd, SyncJobRow, SyncJobs};
 
@@ -40,6 +42,9 @@ pub enum StoreError {
     /// A kept catalog document no longer parses, or a service could not be encoded.
     #[error("catalog document does not parse")]
     CorruptCatalog(#[source] serde_json::Error),
+    /// A kept row holds a value this build cannot read (a kind, an id).
+    #[error("a stored row does not parse: {0}")]
+    Corrupt(String),
     /// The SQLite writer thread is gone (it stops only when the store is dropped, or failed to start).
     #[error("the database writer has stopped")]
     WriterStopped,
@@ -246,7 +251,7 @@ pub struct PoolStats {
 /// The gateway's durable state, as whole use cases (agency records here, the service catalog in [`Catalog`],
 /// directory sync jobs and their leases in [`SyncJobs`]).
 #[async_trait]
-pub trait Store: Catalog + SyncJobs + Send + Sync + 'static {
+pub trait Store: Catalog + SyncJobs + Outbox + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

@@ -249,15 +249,22 @@ macro_rules! impl_store {
                     .await?;
                 }
                 if !matches!(outcome, SaveOutcome::Unchanged(_)) {
+                    // A client's own rows carry its id: the client's other kinds wait for them.
+                    let client = match write.kind {
+                        RecordKind::Client => Some(&write.id),
+                        _ => write.client_id.as_ref(),
+                    };
                     for partner in &write.deliver_to {
                         sqlx::query(
-                            "INSERT INTO deliveries (kind, id, version, partner, state, created_at) \
-                             VALUES ($1, $2, $3, $4, 'pending', $5)",
+                            "INSERT INTO outbox (kind, id, version, partner, client_id, rank, state, not_before, \
+                             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7)",
                         )
                         .bind(write.kind.as_str())
                         .bind(write.id.as_str())
                         .bind(version)
                         .bind(partner)
+                        .bind(client.map(RecordId::as_str))
+                        .bind(super::outbox::rank(write.kind))
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
@@ -310,7 +317,7 @@ macro_rules! impl_store {
 
             async fn deliveries(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<Delivery>, StoreError> {
                 let rows: Vec<(String, i64, String)> = sqlx::query_as(
-                    "SELECT partner, version, state FROM deliveries WHERE kind = $1 AND id = $2 \
+                    "SELECT partner, version, state FROM outbox WHERE kind = $1 AND id = $2 \
                      ORDER BY version, partner",
                 )
                 .bind(kind.as_str())

@@ -68,6 +68,8 @@ pub fn test_settings(dir: &Path) -> Settings {
         .expect("a directory source"),
     ];
     settings.partners = toml::from_str::<PartnersFile>(FIXTURE_PARTNERS).expect("the fixture partners").partners;
+    // The fixture partners are fictional hosts: tests that deliver run the worker themselves, stepping `now`.
+    settings.outbox.enabled = false;
     settings
 }
 
@@ -210,6 +212,9 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
         ));
     }
     text.push_str(FIXTURE_PARTNERS);
+    if !extra.contains("[outbox]") {
+        text.push_str("[outbox]\nenabled = false\n");
+    }
     text.push_str(extra);
     let path = dir.join("carebridge.toml");
     std::fs::write(&path, text).expect("write config");

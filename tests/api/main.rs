@@ -1,6 +1,7 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
 mod connections;
+mod delivery_interop;
 mod directories;
 mod directories_api;
 mod directories_csv;
@@ -8,6 +9,7 @@ mod directories_fhir;
 mod directories_open_now;
 mod directories_search;
 mod errors;
+mod fhir_peer;
 mod hardening;
 mod helpers;
 mod hostile_input;

@@ -1,0 +1,954 @@
+//! Delivery to partners: workers that claim outbox rows, map each record with the partner's overlay, send it
+//! idempotently, and settle the row (delivered, retry at a time, held for consent, or dead for an operator).
+//!
+//! One attempt at one row ([`Worker::deliver`]): the version owed is read; a referral whose cited consent does not
+//! allow the partner is held (never sent); the record is mapped with what its mapping reads (the client, the
+//! client's assessments and care plans); every resource must carry its business identifier; references are
+//! resolved for the partner ([`plan`]); the resources go in dependency order, in parts of at most the partner's
+//! `max_transaction_entries` (0: one request each). What the partner already holds at the same content is not sent
+//! again; a resource it holds is updated by its id with `If-Match`; one it does not hold yet is a conditional create
+//! or conditional update on the business identifier, so sending again after any failure (an answer lost after the
+//! partner committed too) finds the same resource. A 412 re-reads what the partner holds and decides again, once.
+//! Each part's assignments are kept (the crosswalk) as it lands, so a retry resumes where the last attempt stopped.
+//!
+//! Outcomes: 2xx → delivered; a timeout, a dropped connection, 408, 429 (its `Retry-After` honoured, clamped) and
+//! 5xx → retry on the configured schedule with jitter; other 4xx → dead at once with the partner's
+//! `OperationOutcome` kept; the schedule spent → dead. Time is an argument (`now`): tests step the worker.
+
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::config::OutboxSettings;
+use crate::domain::{Consent, ConsentStatus, RecordId, RecordKind, Referral};
+use crate::fhir::client::{Credential, FhirClient, matches};
+use crate::mapping::{MapError, Mappings, Related, RequestKind};
+use crate::outbound::{Failure, Reply, RetryPolicy};
+use crate::partners::{PartnerAuth, PartnerSettings, Partners};
+use crate::store::{AttemptRow, CrosswalkEntry, DeliveryRow, ListQuery, Settle, Settlement, Store, StoreError};
+use plan::{Entry, PARTNER_OWNED};
+
+/// What one run through the queue did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Delivered (or found unchanged).
+    pub delivered: usize,
+    /// To be tried again.
+    pub retried: usize,
+    /// Held for their consent.
+    pub held: usize,
+    /// Dead.
+    pub dead: usize,
+}
+
+impl RunReport {
+    fn add(&mut self, other: &RunReport) {
+        self.claimed += other.claimed;
+        self.delivered += other.delivered;
+        self.retried += other.retried;
+        self.held += other.held;
+        self.dead += other.dead;
+    }
+}
+
+/// One partner as the worker reaches it.
+struct Link {
+    settings: PartnerSettings,
+    client: FhirClient,
+}
+
+/// The delivery worker of one process.
+pub struct Worker {
+    store: Arc<dyn Store>,
+    mappings: Arc<Mappings>,
+    links: Vec<Link>,
+    settings: OutboxSettings,
+    owner: String,
+}
+
+/// How one attempt ended, before it is settled.
+#[derive(Debug)]
+enum Verdict {
+    Delivered { detail: String, status: Option<u16>, unchanged: bool },
+    Retry { detail: String, status: Option<u16>, retry_after: Option<Duration>, operation_outcome: Option<String> },
+    Dead { detail: String, status: Option<u16>, operation_outcome: Option<String> },
+    Held { reason: String },
+}
+
+impl Verdict {
+    /// The verdict a partner's error answer calls for.
+    fn of_reply(what: &str, reply: &Reply) -> Verdict {
+        let operation_outcome = operation_outcome(&reply.body);
+        let said = operation_outcome_text(&reply.body).unwrap_or_else(|| reply.summary());
+        let detail = format!("{what}: HTTP {}: {said}", reply.status);
+        if matches!(reply.status, 408 | 429) || (500..600).contains(&reply.status) {
+            Verdict::Retry { detail, status: Some(reply.status), retry_after: reply.retry_after, operation_outcome }
+        } else {
+            Verdict::Dead { detail, status: Some(reply.status), operation_outcome }
+        }
+    }
+
+    fn of_failure(what: &str, failure: &Failure) -> Verdict {
+        let detail = format!("{what}: {failure}");
+        match failure {
+            Failure::Build(_) => Verdict::Dead { detail, status: None, operation_outcome: None },
+            Failure::Status { status, .. } if !(matches!(status, 408 | 429) || *status >= 500) => {
+                Verdict::Dead { detail, status: Some(*status), operation_outcome: None }
+            }
+            _ => Verdict::Retry { detail, status: None, retry_after: None, operation_outcome: None },
+        }
+    }
+}
+
+/// The `OperationOutcome` of a body, when it is one.
+fn operation_outcome(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    (v.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")).then(|| v.to_string())
+}
+
+/// The diagnostics of an `OperationOutcome` body, joined (the partner's words about our resource, no payload).
+fn operation_outcome_text(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let issues = v.get("issue")?.as_array()?;
+    let words: Vec<String> = issues
+        .iter()
+        .filter_map(|i| {
+            let text = i
+                .get("diagnostics")
+                .and_then(Value::as_str)
+                .or_else(|| i.pointer("/details/text").and_then(Value::as_str))?;
+            let at = i.pointer("/expression/0").and_then(Value::as_str);
+            Some(match at {
+                Some(at) => format!("{text} (at {at})"),
+                None => text.to_owned(),
+            })
+        })
+        .take(5)
+        .collect();
+    (!words.is_empty()).then(|| words.join("; ").chars().take(500).collect())
+}
+
+/// Why a part could not be sent.
+type PartResult = Result<(), Verdict>;
+
+/// The state of one delivery while its parts go.
+struct Sending<'a> {
+    link: &'a Link,
+    row: &'a DeliveryRow,
+    entries: &'a [Entry],
+    own: HashSet<&'a str>,
+    held: HashMap<String, CrosswalkEntry>,
+    sent: usize,
+    requests: usize,
+    logical: usize,
+    last_status: Option<u16>,
+}
+
+impl Worker {
+    /// A worker for the configured partners.
+    ///
+    /// # Errors
+    /// An HTTP client that cannot be built, or a credential that cannot be read.
+    pub fn new(
+        store: Arc<dyn Store>,
+        mappings: Arc<Mappings>,
+        partners: &Partners,
+        settings: &OutboxSettings,
+    ) -> Result<Self, String> {
+        let mut links = Vec::new();
+        for p in partners.iter() {
+            let credential = match &p.auth {
+                PartnerAuth::None => Credential::None,
+                PartnerAuth::Bearer { token_env } => Credential::Bearer(
+                    std::env::var(token_env)
+                        .map_err(|_| format!("partner `{}`: the variable {token_env} is not set", p.name))?,
+                ),
+                PartnerAuth::SmartBackend { .. } => {
+                    tracing::warn!(partner = %p.name, "SMART backend authentication is not wired to delivery yet; its deliveries wait.");
+                    continue;
+                }
+            };
+            let timeout = Duration::from_secs(p.timeout_secs.unwrap_or(settings.timeout_secs));
+            let client = FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credential)
+                .map_err(|e| format!("partner `{}`: {e}", p.name))?;
+            links.push(Link { settings: p.clone(), client });
+        }
+        Ok(Worker { store, mappings, links, settings: settings.clone(), owner: uuid::Uuid::new_v4().to_string() })
+    }
+
+    /// One pass: for each partner, claims due rows, delivers them (up to `concurrency` at once) and settles them in
+    /// one transaction.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn run_once(&self, now: OffsetDateTime) -> Result<RunReport, StoreError> {
+        let mut report = RunReport::default();
+        for link in &self.links {
+            let lease_until = now + Duration::from_secs(self.settings.lease_secs);
+            let rows = self
+                .store
+                .claim_deliveries(&link.settings.name, &self.owner, self.settings.batch, now, lease_until)
+                .await?;
+            if rows.is_empty() {
+                continue;
+            }
+            let concurrency = usize::try_from(self.settings.concurrency).unwrap_or(1).max(1);
+            let claimed = rows.len();
+            let settlements: Vec<Settlement> = futures_util::stream::iter(rows)
+                .map(|row| async move { self.deliver(link, &row, now).await })
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            let mut part = RunReport { claimed, ..RunReport::default() };
+            for s in &settlements {
+                match s.settle {
+                    Settle::Delivered => part.delivered += 1,
+                    Settle::Retry { .. } => part.retried += 1,
+                    Settle::Held { .. } => part.held += 1,
+                    Settle::Dead => part.dead += 1,
+                }
+                metrics::counter!("carebridge_deliveries_total", "partner" => link.settings.name.clone(),
+                    "outcome" => s.attempt.outcome.clone())
+                .increment(1);
+            }
+            self.store.settle_deliveries(&self.owner, &settlements, now).await?;
+            report.add(&part);
+        }
+        Ok(report)
+    }
+
+    /// Runs passes until one claims nothing (rows waiting for a later retry stay), each at `clock()`.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn run_until_idle(&self, clock: impl Fn() -> OffsetDateTime) -> Result<RunReport, StoreError> {
+        let mut report = RunReport::default();
+        loop {
+            let pass = self.run_once(clock()).await?;
+            if pass.claimed == 0 {
+                return Ok(report);
+            }
+            report.add(&pass);
+        }
+    }
+
+    /// Runs until `stopping` turns true: a pass, then (when it claimed nothing) a wait of `poll_ms`.
+    pub async fn run(self, mut stopping: tokio::sync::watch::Receiver<bool>) {
+        let poll = Duration::from_millis(self.settings.poll_ms);
+        let mut last_gauges = Instant::now() - Duration::from_secs(60);
+        while !*stopping.borrow() {
+            let claimed = match self.run_once(OffsetDateTime::now_utc()).await {
+                Ok(r) => r.claimed,
+                Err(e) => {
+                    tracing::error!(error = %e, "The outbox worker could not reach the store; it tries again.");
+                    0
+                }
+            };
+            if last_gauges.elapsed() >= Duration::from_secs(10) {
+                last_gauges = Instant::now();
+                self.publish_gauges().await;
+            }
+            if claimed == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(poll) => {}
+                    _ = stopping.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Queue depth and age of the oldest row, per partner and waiting state.
+    pub async fn publish_gauges(&self) {
+        let Ok(depths) = self.store.queue_depth().await else { return };
+        let now = OffsetDateTime::now_utc();
+        for link in &self.links {
+            for state in [
+                crate::store::outbox::state::PENDING,
+                crate::store::outbox::state::HELD,
+                crate::store::outbox::state::DEAD,
+            ] {
+                let d = depths.iter().find(|d| d.partner == link.settings.name && d.state == state);
+                let (rows, age) = d.map_or((0.0, 0.0), |d| (d.rows as f64, (now - d.oldest).as_seconds_f64().max(0.0)));
+                metrics::gauge!("carebridge_outbox_rows", "partner" => link.settings.name.clone(), "state" => state)
+                    .set(rows);
+                metrics::gauge!("carebridge_outbox_oldest_age_seconds", "partner" => link.settings.name.clone(),
+                    "state" => state)
+                .set(age);
+            }
+        }
+    }
+
+    /// One attempt at one row, as a settlement.
+    async fn deliver(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Settlement {
+        let span = tracing::info_span!("delivery", seq = row.seq, kind = row.kind.as_str(), record = %row.id,
+            version = row.version, partner = %row.partner);
+        let started = Instant::now();
+        let verdict = tracing::Instrument::instrument(self.attempt(link, row, now), span.clone()).await;
+        let elapsed = started.elapsed();
+        metrics::histogram!("carebridge_delivery_attempt_seconds", "partner" => row.partner.clone())
+            .record(elapsed.as_secs_f64());
+        let ms = i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+        let attempt =
+            |outcome: &str, status: Option<u16>, detail: String, operation_outcome: Option<String>| AttemptRow {
+                at: now,
+                ms,
+                outcome: outcome.into(),
+                status: status.map(i64::from),
+                detail,
+                operation_outcome,
+            };
+        let _entered = span.enter();
+        let (settle, attempt) = match verdict {
+            Verdict::Delivered { detail, status, unchanged } => {
+                tracing::info!(unchanged, "Delivered.");
+                (Settle::Delivered, attempt(if unchanged { "unchanged" } else { "delivered" }, status, detail, None))
+            }
+            Verdict::Held { reason } => {
+                tracing::info!(reason = %reason, "Held: not sent.");
+                let recheck_at = now + Duration::from_secs(self.settings.hold_recheck_secs);
+                (Settle::Held { recheck_at }, attempt("held", None, reason, None))
+            }
+            Verdict::Dead { detail, status, operation_outcome } => {
+                tracing::warn!(status, detail = %detail, "Dead letter: an operator must fix and replay it.");
+                (Settle::Dead, attempt("dead", status, detail, operation_outcome))
+            }
+            Verdict::Retry { detail, status, retry_after, operation_outcome } => {
+                let attempts = usize::try_from(row.attempts).unwrap_or(usize::MAX);
+                match self.settings.retry_schedule_secs.get(attempts) {
+                    None => {
+                        let detail = format!("out of retries after {} attempts; the last: {detail}", attempts + 1);
+                        tracing::warn!(status, "Dead letter: out of retries.");
+                        (Settle::Dead, attempt("dead", status, detail, operation_outcome))
+                    }
+                    Some(&wait) => {
+                        let wait = match retry_after {
+                            Some(asked) => asked.min(Duration::from_secs(self.settings.retry_after_max_secs)),
+                            None => jittered(Duration::from_secs(wait)),
+                        };
+                        tracing::info!(status, wait_s = wait.as_secs(), detail = %detail, "Will retry.");
+                        (Settle::Retry { not_before: now + wait }, attempt("retry", status, detail, operation_outcome))
+                    }
+                }
+            }
+        };
+        Settlement { seq: row.seq, settle, attempt, crosswalk: Vec::new() }
+    }
+
+    async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Verdict {
+        match self.try_attempt(link, row, now).await {
+            Ok(v) | Err(v) => v,
+        }
+    }
+
+    async fn try_attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Result<Verdict, Verdict> {
+        let store_failed = |e: StoreError| Verdict::Retry {
+            detail: format!("the gateway's store failed: {e}"),
+            status: None,
+            retry_after: None,
+            operation_outcome: None,
+        };
+        let stored = self.store.get_version(row.kind, &row.id, row.version).await.map_err(store_failed)?;
+        let Some(stored) = stored else {
+            return Err(Verdict::Dead {
+                detail: format!("version {} of the record is not in the store", row.version),
+                status: None,
+                operation_outcome: None,
+            });
+        };
+        let record: Value = serde_json::from_str(&stored.body).map_err(|e| Verdict::Dead {
+            detail: format!("the stored record does not parse: {e}"),
+            status: None,
+            operation_outcome: None,
+        })?;
+        if row.kind == RecordKind::Referral
+            && let Some(reason) = self.consent_withheld(&record, &row.partner, now).await.map_err(store_failed)?
+        {
+            return Ok(Verdict::Held { reason });
+        }
+        let related = related(&*self.store, row.kind, &record).await.map_err(store_failed)?;
+        let output = self
+            .mappings
+            .to_fhir(row.kind, &record, link.settings.overlay.as_deref(), &related)
+            .map_err(|e| Verdict::Dead { detail: map_error(&e), status: None, operation_outcome: None })?;
+        if !output.violations.is_empty() {
+            let first: Vec<String> =
+                output.violations.iter().take(3).map(|v| format!("{} {}: {}", v.profile, v.path, v.message)).collect();
+            return Err(Verdict::Dead {
+                detail: format!(
+                    "the mapped resources break {} rule(s), not sent: {}",
+                    output.violations.len(),
+                    first.join("; ")
+                ),
+                status: None,
+                operation_outcome: None,
+            });
+        }
+        let entries = plan::entries(output.resources).map_err(|e| Verdict::Dead {
+            detail: e.to_string(),
+            status: None,
+            operation_outcome: None,
+        })?;
+        let mut wanted: Vec<String> = entries.iter().map(|e| e.local_ref.clone()).collect();
+        wanted.extend(plan::outside_references(&entries));
+        let held = self.store.crosswalk(&row.partner, &wanted).await.map_err(store_failed)?;
+        let mut s = Sending {
+            link,
+            row,
+            entries: &entries,
+            own: entries.iter().map(|e| e.local_ref.as_str()).collect(),
+            held,
+            sent: 0,
+            requests: 0,
+            logical: 0,
+            last_status: None,
+        };
+        self.match_patients(&mut s, now).await?;
+        let groups = plan::groups(&entries);
+        let parts = plan::parts(&groups, link.settings.max_transaction_entries);
+        let mut deferred = Vec::new();
+        for part in &parts {
+            self.send_part(&mut s, part, &mut deferred, now).await?;
+        }
+        // Resources sent without a reference to one of this record's later parts go again, now that it landed.
+        if !deferred.is_empty() {
+            let again: Vec<Vec<usize>> = plan::parts(&[deferred.clone()], link.settings.max_transaction_entries);
+            let mut still = Vec::new();
+            for part in &again {
+                self.send_part(&mut s, part, &mut still, now).await?;
+            }
+        }
+        let unchanged = s.requests == 0;
+        let detail = if unchanged {
+            "the partner already holds this content: nothing sent".to_owned()
+        } else {
+            format!(
+                "{} resource(s) sent in {} request(s); {} of {} unchanged; {} reference(s) sent as logical references",
+                s.sent,
+                s.requests,
+                entries.len().saturating_sub(s.sent),
+                entries.len(),
+                s.logical
+            )
+        };
+        Ok(Verdict::Delivered { detail, status: s.last_status, unchanged })
+    }
+
+    /// Why a referral's consent withholds it from `partner`, if it does.
+    async fn consent_withheld(
+        &self,
+        referral: &Value,
+        partner: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        let Ok(referral) = serde_json::from_value::<Referral>(referral.clone()) else {
+            return Ok(Some("the stored referral does not parse".into()));
+        };
+        let Some(consent_id) = referral.consent_id.clone() else { return Ok(None) };
+        let Some(stored) = self.store.get_record(RecordKind::Consent, &consent_id).await? else {
+            return Ok(Some(format!("the consent it cites ({consent_id}) does not exist")));
+        };
+        let Ok(consent) = serde_json::from_str::<Consent>(&stored.body) else {
+            return Ok(Some(format!("the consent it cites ({consent_id}) does not parse")));
+        };
+        Ok(consent_verdict(&consent, &referral, partner, now.date()))
+    }
+
+    /// Matches the partner's own Patient by the identifiers it knows (`patient_match`): found once, it is
+    /// referenced and never overwritten; found more than once, the delivery is dead (an operator decides).
+    async fn match_patients(&self, s: &mut Sending<'_>, now: OffsetDateTime) -> PartResult {
+        if s.link.settings.patient_match.is_empty() {
+            return Ok(());
+        }
+        let mut found = Vec::new();
+        for e in s.entries.iter().filter(|e| e.resource_type == "Patient" && !s.held.contains_key(&e.local_ref)) {
+            let ids = e.resource.get("identifier").and_then(Value::as_array).cloned().unwrap_or_default();
+            for id in &ids {
+                let (Some(system), Some(value)) =
+                    (id.get("system").and_then(Value::as_str), id.get("value").and_then(Value::as_str))
+                else {
+                    continue;
+                };
+                if !s.link.settings.patient_match.iter().any(|m| m == system) {
+                    continue;
+                }
+                let bundle =
+                    s.link.client.search("Patient", &[("identifier", format!("{system}|{value}"))]).await.map_err(
+                        |e| Verdict::Retry {
+                            detail: format!("searching the partner's patients: {e}"),
+                            status: None,
+                            retry_after: None,
+                            operation_outcome: None,
+                        },
+                    )?;
+                let hits = matches(&bundle).map_err(|e| Verdict::Retry {
+                    detail: format!("searching the partner's patients: {e}"),
+                    status: None,
+                    retry_after: None,
+                    operation_outcome: None,
+                })?;
+                match hits.as_slice() {
+                    [] => continue,
+                    [one] => {
+                        let Some(id) = one.pointer("/resource/id").and_then(Value::as_str) else { continue };
+                        let entry = CrosswalkEntry {
+                            partner: s.row.partner.clone(),
+                            local_ref: e.local_ref.clone(),
+                            kind: s.row.kind,
+                            record_id: s.row.id.clone(),
+                            remote_type: "Patient".into(),
+                            remote_id: id.to_owned(),
+                            version_id: None,
+                            content_hash: PARTNER_OWNED.into(),
+                        };
+                        found.push(entry);
+                        break;
+                    }
+                    more => {
+                        return Err(Verdict::Dead {
+                            detail: format!(
+                                "the partner holds {} patients with one identifier of system {system}: an operator \
+                                 must say which one is the client",
+                                more.len()
+                            ),
+                            status: None,
+                            operation_outcome: None,
+                        });
+                    }
+                }
+            }
+        }
+        if !found.is_empty() {
+            self.store.save_crosswalk(&found, now).await.map_err(|e| Verdict::Retry {
+                detail: format!("the gateway's store failed: {e}"),
+                status: None,
+                retry_after: None,
+                operation_outcome: None,
+            })?;
+            for f in found {
+                s.held.insert(f.local_ref.clone(), f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one part (the entries at `part` that the partner does not hold at this content), keeps what the
+    /// partner assigned, and notes the entries sent without a reference to a later part in `deferred`.
+    async fn send_part(
+        &self,
+        s: &mut Sending<'_>,
+        part: &[usize],
+        deferred: &mut Vec<usize>,
+        now: OffsetDateTime,
+    ) -> PartResult {
+        let transaction = s.link.settings.max_transaction_entries > 0;
+        let mut refreshed = false;
+        loop {
+            // What goes: not partner-owned, not a create of something it holds, not identical to what it holds.
+            let going: Vec<usize> = part
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let e = &s.entries[i];
+                    match s.held.get(&e.local_ref) {
+                        Some(h) if h.content_hash == PARTNER_OWNED || e.request == RequestKind::Create => false,
+                        Some(h) => h.content_hash != fingerprint(&e.resource, &s.held),
+                        None => true,
+                    }
+                })
+                .collect();
+            if going.is_empty() {
+                return Ok(());
+            }
+            let in_part: HashSet<&str> = going.iter().map(|&i| s.entries[i].local_ref.as_str()).collect();
+            let mut items = Vec::new();
+            let mut part_deferred = Vec::new();
+            for &i in &going {
+                let e = &s.entries[i];
+                let mut resource = e.resource.clone();
+                let r = plan::resolve(&mut resource, &in_part, &s.own, &s.held, transaction);
+                if r.deferred {
+                    part_deferred.push(i);
+                }
+                s.logical += r.logical;
+                let held = s.held.get(&e.local_ref);
+                items.push((i, plan::body(resource, held), plan::request(e, held)));
+            }
+            let answer = if transaction {
+                self.send_transaction(s, &items).await
+            } else {
+                let (i, body, request) = &items[0];
+                self.send_single(s, *i, body, request).await.map(|a| vec![(*i, a)])
+            };
+            let assigned = match answer {
+                Ok(a) => a,
+                Err(Sent::Conflict(reply)) if !refreshed => {
+                    refreshed = true;
+                    tracing::info!(status = reply.status, "The partner's versions moved on; reading them again.");
+                    self.refresh(s, &going).await?;
+                    continue;
+                }
+                Err(Sent::Conflict(reply)) => {
+                    return Err(Verdict::Dead {
+                        detail: format!(
+                            "the partner refused twice with 412 (its resource changed again, or several match one \
+                             identifier): {}",
+                            operation_outcome_text(&reply.body).unwrap_or_else(|| reply.summary())
+                        ),
+                        status: Some(412),
+                        operation_outcome: operation_outcome(&reply.body),
+                    });
+                }
+                Err(Sent::Failed(v)) => return Err(v),
+            };
+            s.requests += if transaction { 1 } else { items.len() };
+            s.sent += items.len();
+            // What landed, with the fingerprint of its content now that every id in this part is known.
+            let mut landed = Vec::new();
+            for (i, a) in assigned {
+                let e = &s.entries[i];
+                let entry = CrosswalkEntry {
+                    partner: s.row.partner.clone(),
+                    local_ref: e.local_ref.clone(),
+                    kind: s.row.kind,
+                    record_id: s.row.id.clone(),
+                    remote_type: a.resource_type,
+                    remote_id: a.id,
+                    version_id: a.version_id,
+                    content_hash: String::new(),
+                };
+                s.held.insert(entry.local_ref.clone(), entry);
+                landed.push(i);
+            }
+            for &i in &landed {
+                let hash = if part_deferred.contains(&i) {
+                    String::new()
+                } else {
+                    fingerprint(&s.entries[i].resource, &s.held)
+                };
+                if let Some(h) = s.held.get_mut(&s.entries[i].local_ref) {
+                    h.content_hash = hash;
+                }
+            }
+            let keep: Vec<CrosswalkEntry> =
+                landed.iter().filter_map(|&i| s.held.get(&s.entries[i].local_ref).cloned()).collect();
+            self.store.save_crosswalk(&keep, now).await.map_err(|e| Verdict::Retry {
+                detail: format!("the gateway's store failed after the partner accepted: {e}"),
+                status: None,
+                retry_after: None,
+                operation_outcome: None,
+            })?;
+            deferred.extend(part_deferred);
+            return Ok(());
+        }
+    }
+
+    /// Re-reads what the partner holds of `entries` (after a 412): new versions are kept, vanished ones forgotten.
+    async fn refresh(&self, s: &mut Sending<'_>, entries: &[usize]) -> PartResult {
+        for &i in entries {
+            let local = &s.entries[i].local_ref;
+            let Some(h) = s.held.get(local).cloned() else { continue };
+            let read = s.link.client.read(&h.remote_type, &h.remote_id).await.map_err(|e| Verdict::Retry {
+                detail: format!("reading {} again after a 412: {e}", h.remote_type),
+                status: None,
+                retry_after: None,
+                operation_outcome: None,
+            })?;
+            match read {
+                Some(r) => {
+                    let entry = s.held.get_mut(local).expect("held");
+                    entry.version_id = r.pointer("/meta/versionId").and_then(Value::as_str).map(str::to_owned);
+                    entry.content_hash = String::new();
+                }
+                None => {
+                    s.held.remove(local);
+                    self.store.forget_crosswalk(&s.row.partner, local).await.map_err(|e| Verdict::Retry {
+                        detail: format!("the gateway's store failed: {e}"),
+                        status: None,
+                        retry_after: None,
+                        operation_outcome: None,
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_transaction(
+        &self,
+        s: &mut Sending<'_>,
+        items: &[(usize, Value, plan::Request)],
+    ) -> Result<Vec<(usize, plan::Assigned)>, Sent> {
+        let bundle = plan::transaction(
+            items.iter().map(|(i, b, r)| (s.entries[*i].local_ref.clone(), b.clone(), r.clone())).collect(),
+        );
+        let reply = s
+            .link
+            .client
+            .write(reqwest::Method::POST, "", &[], &bundle)
+            .await
+            .map_err(|f| Sent::Failed(Verdict::of_failure("the transaction got no answer", &f)))?;
+        s.last_status = Some(reply.status);
+        if reply.status == 412 {
+            return Err(Sent::Conflict(reply));
+        }
+        if !(200..300).contains(&reply.status) {
+            return Err(Sent::Failed(Verdict::of_reply("the partner refused the transaction", &reply)));
+        }
+        let body: Value = serde_json::from_slice(&reply.body).map_err(|_| {
+            Sent::Failed(Verdict::Retry {
+                detail: "the transaction answer is not JSON".into(),
+                status: Some(reply.status),
+                retry_after: None,
+                operation_outcome: None,
+            })
+        })?;
+        let answers = plan::transaction_answers(&body, items.len()).map_err(|detail| {
+            Sent::Failed(Verdict::Retry {
+                detail,
+                status: Some(reply.status),
+                retry_after: None,
+                operation_outcome: None,
+            })
+        })?;
+        let mut out = Vec::new();
+        for ((i, _, _), (status, assigned)) in items.iter().zip(answers) {
+            let local = &s.entries[*i].local_ref;
+            match assigned {
+                Some(a) if (200..300).contains(&status) => out.push((*i, a)),
+                _ => {
+                    return Err(Sent::Failed(Verdict::Retry {
+                        detail: format!("the transaction answer does not say what the partner assigned to {local}"),
+                        status: Some(reply.status),
+                        retry_after: None,
+                        operation_outcome: None,
+                    }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn send_single(
+        &self,
+        s: &mut Sending<'_>,
+        i: usize,
+        body: &Value,
+        request: &plan::Request,
+    ) -> Result<plan::Assigned, Sent> {
+        let local = &s.entries[i].local_ref;
+        let method = if request.method == "POST" { reqwest::Method::POST } else { reqwest::Method::PUT };
+        let mut headers = Vec::new();
+        if let Some(q) = &request.if_none_exist {
+            headers.push(("if-none-exist", q.clone()));
+        }
+        if let Some(m) = &request.if_match {
+            headers.push(("if-match", m.clone()));
+        }
+        let what = format!("{} {}", request.method, s.entries[i].resource_type);
+        let reply = s
+            .link
+            .client
+            .write(method, &request.url, &headers, body)
+            .await
+            .map_err(|f| Sent::Failed(Verdict::of_failure(&format!("{what} got no answer"), &f)))?;
+        s.last_status = Some(reply.status);
+        if reply.status == 412 {
+            return Err(Sent::Conflict(reply));
+        }
+        if !(200..300).contains(&reply.status) {
+            return Err(Sent::Failed(Verdict::of_reply(&format!("the partner refused {what}"), &reply)));
+        }
+        let resource: Option<Value> = serde_json::from_slice(&reply.body).ok();
+        plan::assigned(reply.location.as_deref(), reply.etag.as_deref(), resource.as_ref()).ok_or_else(|| {
+            Sent::Failed(Verdict::Retry {
+                detail: format!("the answer to {what} does not say what the partner assigned to {local}"),
+                status: Some(reply.status),
+                retry_after: None,
+                operation_outcome: None,
+            })
+        })
+    }
+}
+
+/// How a send went wrong.
+enum Sent {
+    /// 412: what the partner holds moved on.
+    Conflict(Reply),
+    /// Anything else, decided.
+    Failed(Verdict),
+}
+
+/// The fingerprint of what a resource says to the partner: its mapped content and the partner's ids of what it
+/// references (`-` where the partner holds nothing). Equal fingerprints: nothing to send.
+fn fingerprint(resource: &Value, held: &HashMap<String, CrosswalkEntry>) -> String {
+    let mut refs = Vec::new();
+    collect_references(resource, &mut refs);
+    let mut text = plan::content_hash(resource);
+    for r in refs {
+        text.push('|');
+        match held.get(&r) {
+            Some(h) => {
+                text.push_str(&h.remote_type);
+                text.push('/');
+                text.push_str(&h.remote_id);
+            }
+            None => text.push('-'),
+        }
+    }
+    plan::content_hash(&Value::String(text))
+}
+
+fn collect_references(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("reference", Value::String(r)) => out.push(r.clone()),
+                    _ => collect_references(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_references(x, out)),
+        _ => {}
+    }
+}
+
+/// Why `consent` withholds `referral` from `partner` on `today`, if it does.
+#[must_use]
+pub fn consent_verdict(consent: &Consent, referral: &Referral, partner: &str, today: time::Date) -> Option<String> {
+    let id = consent.id.as_ref().map_or_else(String::new, |i| format!(" ({i})"));
+    if consent.client_id != referral.client_id {
+        return Some(format!("the consent it cites{id} is another client's"));
+    }
+    if consent.partner.as_str() != partner {
+        return Some(format!("the consent it cites{id} is made out to another partner"));
+    }
+    if consent.status != ConsentStatus::Active {
+        return Some(format!("the consent it cites{id} is {}, not active", consent.status.as_str()));
+    }
+    if today < consent.period.start.0 {
+        return Some(format!("the consent it cites{id} starts later"));
+    }
+    if consent.period.end.is_some_and(|end| today > end.0) {
+        return Some(format!("the consent it cites{id} has expired"));
+    }
+    None
+}
+
+fn map_error(e: &MapError) -> String {
+    match e {
+        MapError::Invalid(errors) => format!("the stored record is invalid ({} rule(s) broken)", errors.len()),
+        other => format!("the record could not be mapped: {other}"),
+    }
+}
+
+/// ±20 % of `wait`.
+fn jittered(wait: Duration) -> Duration {
+    let r = uuid::Uuid::new_v4().as_u128() % 4001;
+    let factor = 0.8 + (r as f64) / 10_000.0;
+    wait.mul_f64(factor)
+}
+
+/// What the mapping of a record of `kind` reads besides the record: the client (care plan and referral
+/// Bundles carry its Patient), and the client's assessments and care plans (the needs of an assessment or a care
+/// plan).
+///
+/// # Errors
+/// When the store fails.
+pub async fn related(store: &dyn Store, kind: RecordKind, record: &Value) -> Result<Related, StoreError> {
+    let mut related = Related::default();
+    let Some(client) = record.get("client_id").and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok()) else {
+        return Ok(related);
+    };
+    if matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
+        let stored = store.get_record(RecordKind::Client, &client).await?;
+        related.client = stored.and_then(|s| serde_json::from_str(&s.body).ok());
+    }
+    if matches!(kind, RecordKind::Assessment | RecordKind::CarePlan) {
+        related.assessments = of_client(store, RecordKind::Assessment, &client).await?;
+        related.care_plans = of_client(store, RecordKind::CarePlan, &client).await?;
+    }
+    Ok(related)
+}
+
+/// The stored records of `kind` of one client, every page.
+async fn of_client(store: &dyn Store, kind: RecordKind, client: &RecordId) -> Result<Vec<Value>, StoreError> {
+    let mut query =
+        ListQuery { kind, client_id: Some(client.clone()), status: None, updated_since: None, after: None, limit: 200 };
+    let mut out = Vec::new();
+    loop {
+        let page = store.list_records(&query).await?;
+        out.extend(page.items.iter().filter_map(|s| serde_json::from_str(&s.body).ok()));
+        match page.next_after {
+            Some(after) => query.after = Some(after),
+            None => return Ok(out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Date, Period};
+
+    fn consent(partner: &str, status: ConsentStatus, end: Option<&str>) -> Consent {
+        serde_json::from_value(serde_json::json!({
+            "id": "co-1", "client_id": "cl-1", "partner": partner, "categories": ["general"],
+            "purpose": "treatment", "period": {"start": "2026-01-01", "end": end}, "status": status.as_str(),
+            "signed_on": "2026-01-01"}))
+        .or_else(|_| {
+            serde_json::from_value(serde_json::json!({
+                "id": "co-1", "client_id": "cl-1", "partner": partner, "categories": ["general"],
+                "purpose": "treatment", "period": {"start": "2026-01-01"}, "status": status.as_str(),
+                "signed_on": "2026-01-01"}))
+        })
+        .expect("consent")
+    }
+
+    #[test]
+    fn a_consent_allows_only_its_partner_while_active_and_in_its_period() {
+        let referral: Referral =
+            serde_json::from_str(&std::fs::read_to_string("fixtures/agency/referral/ref-4001.json").expect("fixture"))
+                .expect("referral");
+        let mut c = consent("st-marys-ehr", ConsentStatus::Active, Some("2026-12-31"));
+        c.client_id = referral.client_id.clone();
+        let day = time::macros::date!(2026 - 06 - 01);
+        assert_eq!(consent_verdict(&c, &referral, "st-marys-ehr", day), None);
+        assert!(consent_verdict(&c, &referral, "county-crisis-team", day).expect("held").contains("another partner"));
+        assert!(
+            consent_verdict(&c, &referral, "st-marys-ehr", time::macros::date!(2027 - 01 - 01))
+                .expect("held")
+                .contains("expired")
+        );
+        c.status = ConsentStatus::Revoked;
+        assert!(consent_verdict(&c, &referral, "st-marys-ehr", day).expect("held").contains("revoked"));
+        c.status = ConsentStatus::Active;
+        c.period = Period { start: Date(time::macros::date!(2026 - 07 - 01)), end: None };
+        assert!(consent_verdict(&c, &referral, "st-marys-ehr", day).expect("held").contains("starts later"));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        for _ in 0..200 {
+            let w = jittered(Duration::from_secs(100));
+            assert!(w >= Duration::from_secs(80) && w <= Duration::from_secs(120), "{w:?}");
+        }
+    }
+
+    #[test]
+    fn the_partners_words_are_read_from_its_operation_outcome() {
+        let body = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid",
+            "diagnostics":"Missing required property","expression":["Task.status"]}]}"#;
+        assert_eq!(operation_outcome_text(body).as_deref(), Some("Missing required property (at Task.status)"));
+        assert!(operation_outcome(body).is_some());
+        assert_eq!(operation_outcome(b"<html>"), None);
+    }
+}

@@ -1,0 +1,609 @@
+//! The outbox as a queue, and the crosswalk of what each partner holds.
+//!
+//! Every new version of a record owes one row per partner that receives it (written with the record, see
+//! [`super::RecordWrite::deliver_to`]). Workers take due rows with a lease (`lease_owner`, `lease_until`: a
+//! crashed worker's rows come back once the lease lapses), deliver them and settle them in batches. A claim takes,
+//! per record and partner, only the newest version waiting and only when no older one is in flight; the older
+//! versions it passes over are `superseded` (never v2 before v1, never v1 after v2). A client's rows go in rank
+//! order (client → consent → assessment → care plan → referral): a row waits while an earlier rank of the same
+//! client and partner is pending, so what a record references is delivered, and in the crosswalk, before it. On
+//! PostgreSQL the claim locks with `FOR UPDATE SKIP LOCKED`, so replicas share the queue without taking a row twice.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use sqlx::{Postgres, Sqlite};
+use time::OffsetDateTime;
+
+use super::sql::SqlStore;
+use super::{StoreError, from_micros, to_micros};
+use crate::domain::{RecordId, RecordKind};
+
+/// The rank of a kind in a client's delivery order: lower ranks go first.
+#[must_use]
+pub fn rank(kind: RecordKind) -> i64 {
+    match kind {
+        RecordKind::Client => 0,
+        RecordKind::Consent => 1,
+        RecordKind::Assessment => 2,
+        RecordKind::CarePlan => 3,
+        RecordKind::Referral => 4,
+    }
+}
+
+/// Where a delivery stands.
+pub mod state {
+    /// Waiting for its first attempt or its next one (`not_before`).
+    pub const PENDING: &str = "pending";
+    /// Not sent because its consent does not allow it; checked again at `not_before`, never sent meanwhile.
+    pub const HELD: &str = "held";
+    /// The partner holds it.
+    pub const DELIVERED: &str = "delivered";
+    /// Refused by the partner, unmappable, or out of retries: waits for an operator (replay or discard).
+    pub const DEAD: &str = "dead";
+    /// A newer version of the same record went instead.
+    pub const SUPERSEDED: &str = "superseded";
+    /// An operator gave it up.
+    pub const DISCARDED: &str = "discarded";
+    /// Every state, for filters.
+    pub const ALL: [&str; 6] = [PENDING, HELD, DELIVERED, DEAD, SUPERSEDED, DISCARDED];
+}
+
+/// One outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRow {
+    /// Its number (the id operators use).
+    pub seq: i64,
+    /// The record's kind.
+    pub kind: RecordKind,
+    /// The record's id.
+    pub id: RecordId,
+    /// The version owed.
+    pub version: i64,
+    /// The partner.
+    pub partner: String,
+    /// The record's client.
+    pub client_id: Option<String>,
+    /// See [`state`].
+    pub state: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+    /// When it may be tried (or checked) next.
+    pub not_before: OffsetDateTime,
+    /// When the version was accepted.
+    pub created_at: OffsetDateTime,
+    /// When the row last changed.
+    pub updated_at: OffsetDateTime,
+    /// What the last attempt said (the reason it waits, is held, or died).
+    pub detail: Option<String>,
+}
+
+/// One attempt, as kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRow {
+    /// When it started.
+    pub at: OffsetDateTime,
+    /// How long it took, in milliseconds.
+    pub ms: i64,
+    /// `delivered`, `retry`, `dead`, `held` or `unchanged`.
+    pub outcome: String,
+    /// The partner's HTTP status, when it answered.
+    pub status: Option<i64>,
+    /// What happened, in words (no payload).
+    pub detail: String,
+    /// The partner's `OperationOutcome`, when it sent one with a refusal.
+    pub operation_outcome: Option<String>,
+}
+
+/// What the partner holds of one of our resources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrosswalkEntry {
+    /// The partner.
+    pub partner: String,
+    /// The resource as the mapping names it (`Observation/as-2001`).
+    pub local_ref: String,
+    /// The record that delivered it.
+    pub kind: RecordKind,
+    /// That record's id.
+    pub record_id: RecordId,
+    /// The partner's resource type.
+    pub remote_type: String,
+    /// The id the partner assigned.
+    pub remote_id: String,
+    /// Its version there, when known (`If-Match`).
+    pub version_id: Option<String>,
+    /// Hash of the content last sent (empty when unknown: the next delivery sends it again).
+    pub content_hash: String,
+}
+
+/// How a delivery ended this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// The partner holds this version.
+    Delivered,
+    /// Try again at `not_before`.
+    Retry {
+        /// When.
+        not_before: OffsetDateTime,
+    },
+    /// Held (consent): checked again at `recheck_at`, never sent meanwhile.
+    Held {
+        /// When to check again.
+        recheck_at: OffsetDateTime,
+    },
+    /// Waits for an operator.
+    Dead,
+}
+
+/// One delivery to settle: the row, how it ended, the attempt to keep, and what the partner now holds.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    /// The row.
+    pub seq: i64,
+    /// How it ended.
+    pub settle: Settle,
+    /// The attempt.
+    pub attempt: AttemptRow,
+    /// Crosswalk rows to keep with it.
+    pub crosswalk: Vec<CrosswalkEntry>,
+}
+
+/// Which rows to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// One state.
+    pub state: Option<String>,
+    /// One partner.
+    pub partner: Option<String>,
+    /// One record.
+    pub record: Option<(RecordKind, RecordId)>,
+    /// Rows after this number (paging).
+    pub after: i64,
+    /// Most rows.
+    pub limit: u32,
+}
+
+/// Depth of one partner's queue in one state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// The partner.
+    pub partner: String,
+    /// The state.
+    pub state: String,
+    /// Rows.
+    pub rows: i64,
+    /// When the oldest of them was accepted.
+    pub oldest: OffsetDateTime,
+}
+
+/// The delivery queue and the crosswalk, as whole use cases.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Takes up to `limit` due rows of `partner` for `owner` until `lease_until` (see the module docs for which
+    /// rows are due), marking the older versions they pass over `superseded`; oldest first.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn claim_deliveries(
+        &self,
+        partner: &str,
+        owner: &str,
+        limit: u32,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Vec<DeliveryRow>, StoreError>;
+
+    /// Settles rows `owner` holds, with their attempts and crosswalk rows, in one transaction; a row whose lease
+    /// another worker took is left alone (counted out of the returned number).
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn settle_deliveries(
+        &self,
+        owner: &str,
+        settlements: &[Settlement],
+        now: OffsetDateTime,
+    ) -> Result<usize, StoreError>;
+
+    /// Keeps crosswalk rows now (a delivery sent in several parts keeps each part's as it lands).
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn save_crosswalk(&self, entries: &[CrosswalkEntry], now: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// What `partner` holds of `local_refs`.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn crosswalk(
+        &self,
+        partner: &str,
+        local_refs: &[String],
+    ) -> Result<HashMap<String, CrosswalkEntry>, StoreError>;
+
+    /// Forgets what `partner` held under `local_ref` (the partner no longer has it).
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn forget_crosswalk(&self, partner: &str, local_ref: &str) -> Result<(), StoreError>;
+
+    /// One row and its attempts, oldest first.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn delivery(&self, seq: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>, StoreError>;
+
+    /// Rows matching `filter`, in number order.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError>;
+
+    /// Puts a row back in the queue (due now) from any state but `pending`; a row of an older version than one
+    /// already delivered cannot come back (it would overwrite the newer one). The row as it is afterwards.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError>;
+
+    /// Gives a waiting row up (`pending`, `held` or `dead` → `discarded`). The row as it is afterwards.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError>;
+
+    /// Rows per partner and state, with the oldest of each, for the states that wait (`pending`, `held`, `dead`).
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError>;
+}
+
+type Row = (i64, String, String, i64, String, Option<String>, String, i64, i64, i64, i64, Option<String>);
+
+const COLUMNS: &str =
+    "seq, kind, id, version, partner, client_id, state, attempts, not_before, created_at, updated_at, detail";
+
+fn delivery_row(r: Row) -> Result<DeliveryRow, StoreError> {
+    let (seq, kind, id, version, partner, client_id, state, attempts, not_before, created_at, updated_at, detail) = r;
+    Ok(DeliveryRow {
+        seq,
+        kind: RecordKind::from_name(&kind).ok_or_else(|| StoreError::Corrupt(format!("outbox kind `{kind}`")))?,
+        id: RecordId::parse(&id).map_err(StoreError::Corrupt)?,
+        version,
+        partner,
+        client_id,
+        state,
+        attempts,
+        not_before: from_micros(not_before),
+        created_at: from_micros(created_at),
+        updated_at: from_micros(updated_at),
+        detail,
+    })
+}
+
+type CrossRow = (String, String, String, String, String, String, Option<String>, String);
+
+fn crosswalk_entry(r: CrossRow) -> Result<CrosswalkEntry, StoreError> {
+    let (partner, local_ref, kind, record_id, remote_type, remote_id, version_id, content_hash) = r;
+    Ok(CrosswalkEntry {
+        partner,
+        local_ref,
+        kind: RecordKind::from_name(&kind).ok_or_else(|| StoreError::Corrupt(format!("crosswalk kind `{kind}`")))?,
+        record_id: RecordId::parse(&record_id).map_err(StoreError::Corrupt)?,
+        remote_type,
+        remote_id,
+        version_id,
+        content_hash,
+    })
+}
+
+/// The rows of `partner` a claim may take at `now`: due, not leased, the newest waiting version of their record
+/// with no older one in flight, and no earlier rank of their client waiting.
+const DUE: &str = "SELECT o.seq FROM outbox o \
+    WHERE o.partner = $1 AND o.state IN ('pending', 'held') AND o.not_before <= $2 \
+    AND (o.lease_until IS NULL OR o.lease_until <= $2) \
+    AND NOT EXISTS (SELECT 1 FROM outbox n WHERE n.kind = o.kind AND n.id = o.id AND n.partner = o.partner \
+        AND n.version > o.version AND n.state IN ('pending', 'held')) \
+    AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.kind = o.kind AND l.id = o.id AND l.partner = o.partner \
+        AND l.version < o.version AND l.state = 'pending' AND l.lease_until > $2) \
+    AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.partner = o.partner AND e.client_id = o.client_id \
+        AND e.rank < o.rank AND e.state = 'pending') \
+    ORDER BY o.not_before, o.seq LIMIT $3";
+
+macro_rules! impl_outbox {
+    ($db:ty, $begin:literal, $skip_locked:literal) => {
+        #[async_trait]
+        impl Outbox for SqlStore<$db> {
+            async fn claim_deliveries(
+                &self,
+                partner: &str,
+                owner: &str,
+                limit: u32,
+                now: OffsetDateTime,
+                lease_until: OffsetDateTime,
+            ) -> Result<Vec<DeliveryRow>, StoreError> {
+                let (now, until) = (to_micros(now), to_micros(lease_until));
+                let mut tx = self.writer().begin_with($begin).await?;
+                let seqs: Vec<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{DUE}{}", $skip_locked)))
+                    .bind(partner)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut rows = Vec::with_capacity(seqs.len());
+                for (seq,) in seqs {
+                    let row: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "UPDATE outbox SET lease_owner = $2, lease_until = $3 WHERE seq = $1 RETURNING {COLUMNS}"
+                    )))
+                    .bind(seq)
+                    .bind(owner)
+                    .bind(until)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let row = delivery_row(row)?;
+                    sqlx::query(
+                        "UPDATE outbox SET state = 'superseded', updated_at = $5, lease_owner = NULL, \
+                         lease_until = NULL, detail = 'a newer version went instead' \
+                         WHERE kind = $1 AND id = $2 AND partner = $3 AND version < $4 AND state IN ('pending', 'held')",
+                    )
+                    .bind(row.kind.as_str())
+                    .bind(row.id.as_str())
+                    .bind(&row.partner)
+                    .bind(row.version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    rows.push(row);
+                }
+                tx.commit().await?;
+                Ok(rows)
+            }
+
+            async fn settle_deliveries(
+                &self,
+                owner: &str,
+                settlements: &[Settlement],
+                now: OffsetDateTime,
+            ) -> Result<usize, StoreError> {
+                let now_us = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                let mut settled = 0;
+                for s in settlements {
+                    let (state, not_before) = match &s.settle {
+                        Settle::Delivered => (state::DELIVERED, now_us),
+                        Settle::Retry { not_before } => (state::PENDING, to_micros(*not_before)),
+                        Settle::Held { recheck_at } => (state::HELD, to_micros(*recheck_at)),
+                        Settle::Dead => (state::DEAD, now_us),
+                    };
+                    let counted = i64::from(!matches!(s.settle, Settle::Held { .. }));
+                    let done = sqlx::query(
+                        "UPDATE outbox SET state = $3, not_before = $4, attempts = attempts + $5, updated_at = $6, \
+                         detail = $7, lease_owner = NULL, lease_until = NULL WHERE seq = $1 AND lease_owner = $2",
+                    )
+                    .bind(s.seq)
+                    .bind(owner)
+                    .bind(state)
+                    .bind(not_before)
+                    .bind(counted)
+                    .bind(now_us)
+                    .bind(&s.attempt.detail)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if done == 0 {
+                        continue;
+                    }
+                    settled += 1;
+                    sqlx::query(
+                        "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(s.seq)
+                    .bind(to_micros(s.attempt.at))
+                    .bind(s.attempt.ms)
+                    .bind(&s.attempt.outcome)
+                    .bind(s.attempt.status)
+                    .bind(&s.attempt.detail)
+                    .bind(&s.attempt.operation_outcome)
+                    .execute(&mut *tx)
+                    .await?;
+                    Self::put_crosswalk(&mut tx, &s.crosswalk, now_us).await?;
+                }
+                tx.commit().await?;
+                Ok(settled)
+            }
+
+            async fn save_crosswalk(&self, entries: &[CrosswalkEntry], now: OffsetDateTime) -> Result<(), StoreError> {
+                if entries.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.writer().begin_with($begin).await?;
+                Self::put_crosswalk(&mut tx, entries, to_micros(now)).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn crosswalk(
+                &self,
+                partner: &str,
+                local_refs: &[String],
+            ) -> Result<HashMap<String, CrosswalkEntry>, StoreError> {
+                let mut out = HashMap::new();
+                for chunk in local_refs.chunks(200) {
+                    let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+                    let sql = format!(
+                        "SELECT partner, local_ref, kind, record_id, remote_type, remote_id, version_id, content_hash \
+                         FROM crosswalk WHERE partner = $1 AND local_ref IN ({})",
+                        marks.join(", ")
+                    );
+                    let mut q = sqlx::query_as::<_, CrossRow>(sqlx::AssertSqlSafe(sql)).bind(partner);
+                    for r in chunk {
+                        q = q.bind(r);
+                    }
+                    for row in q.fetch_all(self.reader()).await? {
+                        let e = crosswalk_entry(row)?;
+                        out.insert(e.local_ref.clone(), e);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn forget_crosswalk(&self, partner: &str, local_ref: &str) -> Result<(), StoreError> {
+                sqlx::query("DELETE FROM crosswalk WHERE partner = $1 AND local_ref = $2")
+                    .bind(partner)
+                    .bind(local_ref)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn delivery(&self, seq: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>, StoreError> {
+                let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
+                    .bind(seq)
+                    .fetch_optional(self.reader())
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let attempts: Vec<(i64, i64, String, Option<i64>, String, Option<String>)> = sqlx::query_as(
+                    "SELECT at, ms, outcome, status, detail, operation_outcome FROM outbox_attempts \
+                     WHERE delivery = $1 ORDER BY seq",
+                )
+                .bind(seq)
+                .fetch_all(self.reader())
+                .await?;
+                let attempts = attempts
+                    .into_iter()
+                    .map(|(at, ms, outcome, status, detail, operation_outcome)| AttemptRow {
+                        at: from_micros(at),
+                        ms,
+                        outcome,
+                        status,
+                        detail,
+                        operation_outcome,
+                    })
+                    .collect();
+                Ok(Some((delivery_row(row)?, attempts)))
+            }
+
+            async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
+                let mut sql = format!("SELECT {COLUMNS} FROM outbox WHERE seq > $1");
+                let mut n = 1;
+                let mut mark = |sql: &mut String, clause: &str| {
+                    n += 1;
+                    sql.push_str(&clause.replace('?', &format!("${n}")));
+                };
+                if filter.state.is_some() {
+                    mark(&mut sql, " AND state = ?");
+                }
+                if filter.partner.is_some() {
+                    mark(&mut sql, " AND partner = ?");
+                }
+                if filter.record.is_some() {
+                    mark(&mut sql, " AND kind = ?");
+                    mark(&mut sql, " AND id = ?");
+                }
+                mark(&mut sql, " ORDER BY seq LIMIT ?");
+                let mut q = sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(sql)).bind(filter.after);
+                if let Some(s) = &filter.state {
+                    q = q.bind(s);
+                }
+                if let Some(p) = &filter.partner {
+                    q = q.bind(p);
+                }
+                if let Some((kind, id)) = &filter.record {
+                    q = q.bind(kind.as_str()).bind(id.as_str());
+                }
+                let rows = q.bind(i64::from(filter.limit)).fetch_all(self.reader()).await?;
+                rows.into_iter().map(delivery_row).collect()
+            }
+
+            async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError> {
+                let now = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                sqlx::query(
+                    "UPDATE outbox SET state = 'pending', not_before = $2, updated_at = $2, lease_owner = NULL, \
+                     lease_until = NULL, detail = 'replayed by an operator' WHERE seq = $1 AND state <> 'pending' \
+                     AND NOT EXISTS (SELECT 1 FROM outbox n WHERE n.kind = outbox.kind AND n.id = outbox.id \
+                     AND n.partner = outbox.partner AND n.version > outbox.version AND n.state = 'delivered')",
+                )
+                .bind(seq)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
+                    .bind(seq)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                row.map(delivery_row).transpose()
+            }
+
+            async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError> {
+                let now = to_micros(now);
+                let mut tx = self.writer().begin_with($begin).await?;
+                sqlx::query(
+                    "UPDATE outbox SET state = 'discarded', updated_at = $2, lease_owner = NULL, lease_until = NULL, \
+                     detail = 'discarded by an operator' WHERE seq = $1 AND state IN ('pending', 'held', 'dead') \
+                     AND (lease_until IS NULL OR lease_until <= $2)",
+                )
+                .bind(seq)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
+                    .bind(seq)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                row.map(delivery_row).transpose()
+            }
+
+            async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
+                let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+                    "SELECT partner, state, COUNT(*), MIN(created_at) FROM outbox \
+                     WHERE state IN ('pending', 'held', 'dead') GROUP BY partner, state ORDER BY partner, state",
+                )
+                .fetch_all(self.reader())
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(partner, state, rows, oldest)| QueueDepth { partner, state, rows, oldest: from_micros(oldest) })
+                    .collect())
+            }
+        }
+
+        impl SqlStore<$db> {
+            async fn put_crosswalk(
+                tx: &mut <$db as sqlx::Database>::Connection,
+                entries: &[CrosswalkEntry],
+                now: i64,
+            ) -> Result<(), StoreError> {
+                for e in entries {
+                    sqlx::query(
+                        "INSERT INTO crosswalk (partner, local_ref, kind, record_id, remote_type, remote_id, \
+                         version_id, content_hash, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                         ON CONFLICT (partner, local_ref) DO UPDATE SET kind = excluded.kind, \
+                         record_id = excluded.record_id, remote_type = excluded.remote_type, \
+                         remote_id = excluded.remote_id, version_id = excluded.version_id, \
+                         content_hash = excluded.content_hash, updated_at = excluded.updated_at",
+                    )
+                    .bind(&e.partner)
+                    .bind(&e.local_ref)
+                    .bind(e.kind.as_str())
+                    .bind(e.record_id.as_str())
+                    .bind(&e.remote_type)
+                    .bind(&e.remote_id)
+                    .bind(&e.version_id)
+                    .bind(&e.content_hash)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+impl_outbox!(Sqlite, "BEGIN IMMEDIATE", "");
+impl_outbox!(Postgres, "BEGIN", " FOR UPDATE OF o SKIP LOCKED");
