@@ -61,3 +61,14 @@ CREATE TABLE crosswalk (
     PRIMARY KEY (partner, local_ref)
 );
 CREATE INDEX crosswalk_by_remote ON crosswalk (partner, remote_type, remote_id);
+
+-- A record delivered with a logical reference to one of our resources that the partner did not hold yet (a care
+-- plan sent before its referrals): when that resource reaches the partner, the record is queued again so the
+-- reference becomes the partner's id.
+CREATE TABLE crosswalk_waits (
+    partner       TEXT   NOT NULL,
+    local_ref     TEXT   NOT NULL,
+    kind          TEXT   NOT NULL,
+    record_id     TEXT   NOT NULL,
+    PRIMARY KEY (partner, local_ref, kind, record_id)
+);

@@ -77,7 +77,7 @@ pub struct Worker {
 /// How one attempt ended, before it is settled.
 #[derive(Debug)]
 enum Verdict {
-    Delivered { detail: String, status: Option<u16>, unchanged: bool },
+    Delivered { detail: String, status: Option<u16>, unchanged: bool, waits_for: Vec<String> },
     Retry { detail: String, status: Option<u16>, retry_after: Option<Duration>, operation_outcome: Option<String> },
     Dead { detail: String, status: Option<u16>, operation_outcome: Option<String> },
     Held { reason: String },
@@ -149,6 +149,7 @@ struct Sending<'a> {
     sent: usize,
     requests: usize,
     logical: usize,
+    waits_for: Vec<String>,
     last_status: Option<u16>,
 }
 
@@ -306,9 +307,11 @@ impl Worker {
                 operation_outcome,
             };
         let _entered = span.enter();
+        let mut waits = Vec::new();
         let (settle, attempt) = match verdict {
-            Verdict::Delivered { detail, status, unchanged } => {
+            Verdict::Delivered { detail, status, unchanged, waits_for } => {
                 tracing::info!(unchanged, "Delivered.");
+                waits = waits_for;
                 (Settle::Delivered, attempt(if unchanged { "unchanged" } else { "delivered" }, status, detail, None))
             }
             Verdict::Held { reason } => {
@@ -339,7 +342,7 @@ impl Worker {
                 }
             }
         };
-        Settlement { seq: row.seq, settle, attempt, crosswalk: Vec::new() }
+        Settlement { seq: row.seq, settle, attempt, crosswalk: Vec::new(), waits_for: waits }
     }
 
     async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Verdict {
@@ -408,6 +411,7 @@ impl Worker {
             sent: 0,
             requests: 0,
             logical: 0,
+            waits_for: Vec::new(),
             last_status: None,
         };
         self.match_patients(&mut s, now).await?;
@@ -438,7 +442,10 @@ impl Worker {
                 s.logical
             )
         };
-        Ok(Verdict::Delivered { detail, status: s.last_status, unchanged })
+        let mut waits_for = std::mem::take(&mut s.waits_for);
+        waits_for.sort();
+        waits_for.dedup();
+        Ok(Verdict::Delivered { detail, status: s.last_status, unchanged, waits_for })
     }
 
     /// Why a referral's consent withholds it from `partner`, if it does.
@@ -578,6 +585,7 @@ impl Worker {
                     part_deferred.push(i);
                 }
                 s.logical += r.logical;
+                s.waits_for.extend(r.waits_for);
                 let held = s.held.get(&e.local_ref);
                 items.push((i, plan::body(resource, held), plan::request(e, held)));
             }

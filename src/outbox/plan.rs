@@ -203,7 +203,14 @@ pub struct Resolved {
     pub deferred: bool,
     /// References made logical (identifier and display only), or dropped when they had neither.
     pub logical: usize,
+    /// The targets of those that are resources the gateway sends (`Type/id` of a type it emits): the partner may
+    /// hold them later.
+    pub waits_for: Vec<String>,
 }
+
+/// The resource types the gateway sends to partners: a logical reference to one of them may resolve later.
+pub const SENT_TYPES: [&str; 9] =
+    ["Patient", "Observation", "Condition", "Goal", "CarePlan", "ServiceRequest", "Task", "Consent", "Flag"];
 
 /// Resolves the references of `resource` for one part (see the module docs).
 pub fn resolve(
@@ -344,6 +351,9 @@ fn settle_reference(
         }
         Fate::Logical => {
             r.logical += 1;
+            if target.split_once('/').is_some_and(|(ty, id)| SENT_TYPES.contains(&ty) && !id.contains('/')) {
+                r.waits_for.push(target.to_owned());
+            }
             m.remove("reference");
             m.contains_key("identifier") || m.contains_key("display")
         }
@@ -581,7 +591,14 @@ mod tests {
         assert_eq!(r["requester"], json!({"display": "J. Ellis"}));
         assert!(r.get("focus").is_none());
         assert_eq!(r["x"]["reference"], "Observation/981");
-        assert_eq!(done, Resolved { deferred: true, logical: 3 });
+        assert_eq!(
+            done,
+            Resolved {
+                deferred: true,
+                logical: 3,
+                waits_for: vec!["CarePlan/other".into(), "ServiceRequest/gone".into()]
+            }
+        );
         // Sent alone (no transaction), a reference to the same part is not a urn:uuid either.
         let mut alone = json!({"subject": {"reference": "Patient/p"}});
         let none = HashMap::new();
@@ -596,6 +613,7 @@ mod tests {
         let none = HashMap::new();
         let done = resolve(&mut r, &HashSet::new(), &HashSet::new(), &none, true);
         assert_eq!(done.logical, 2);
+        assert_eq!(done.waits_for, ["ServiceRequest/x", "Goal/x"]);
         assert_eq!(
             r,
             json!({"activity": [{"detail": {"kind": "Task"}}], "extension": [{"url": "v", "valueString": "s"}]})

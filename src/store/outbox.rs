@@ -146,6 +146,9 @@ pub struct Settlement {
     pub attempt: AttemptRow,
     /// Crosswalk rows to keep with it.
     pub crosswalk: Vec<CrosswalkEntry>,
+    /// Our resources it referenced that the partner does not hold yet: when one arrives there, the record is
+    /// queued again (kept only when delivered).
+    pub waits_for: Vec<String>,
 }
 
 /// Which rows to list.
@@ -409,6 +412,27 @@ macro_rules! impl_outbox {
                     .execute(&mut *tx)
                     .await?;
                     Self::put_crosswalk(&mut tx, &s.crosswalk, now_us).await?;
+                    if s.settle == Settle::Delivered {
+                        let row: Option<(String, String, String)> =
+                            sqlx::query_as("SELECT kind, id, partner FROM outbox WHERE seq = $1")
+                                .bind(s.seq)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        if let Some((kind, id, partner)) = row {
+                            for target in &s.waits_for {
+                                sqlx::query(
+                                    "INSERT INTO crosswalk_waits (partner, local_ref, kind, record_id) \
+                                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                                )
+                                .bind(&partner)
+                                .bind(target)
+                                .bind(&kind)
+                                .bind(&id)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
+                        }
+                    }
                 }
                 tx.commit().await?;
                 Ok(settled)
@@ -598,6 +622,27 @@ macro_rules! impl_outbox {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
+                    // What waited for this resource goes again: its newest delivered version, due now.
+                    let woken = sqlx::query(
+                        "UPDATE outbox SET state = 'pending', not_before = $3, updated_at = $3, \
+                         detail = 'queued again: a resource it references has reached the partner' \
+                         WHERE seq IN (SELECT MAX(o.seq) FROM outbox o JOIN crosswalk_waits w \
+                         ON w.kind = o.kind AND w.record_id = o.id AND w.partner = o.partner \
+                         WHERE w.partner = $1 AND w.local_ref = $2 AND o.state = 'delivered' GROUP BY o.kind, o.id)",
+                    )
+                    .bind(&e.partner)
+                    .bind(&e.local_ref)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if woken > 0 {
+                        sqlx::query("DELETE FROM crosswalk_waits WHERE partner = $1 AND local_ref = $2")
+                            .bind(&e.partner)
+                            .bind(&e.local_ref)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
                 Ok(())
             }
