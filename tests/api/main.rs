@@ -1,6 +1,7 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
 mod connections;
+mod delivery;
 mod delivery_interop;
 mod directories;
 mod directories_api;

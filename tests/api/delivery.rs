@@ -1,0 +1,410 @@
+//! The outbox worker against a fake partner that plays scripts (503, 429 with `Retry-After`, timeouts, dropped
+//! connections, 400 with an OperationOutcome), stepping the worker with `now`: retries on the schedule, dead
+//! letters kept with the partner's words, replay, superseded versions coalesced, a client's rows in order, and a
+//! referral held while its consent withholds it.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use carebridge::config::OutboxSettings;
+use carebridge::domain::{AgencyRecord, Client, Consent, ConsentStatus, RecordId, RecordKind, Redacted, Referral};
+use carebridge::intake::{self, Intake};
+use carebridge::mapping::Mappings;
+use carebridge::outbox::Worker;
+use carebridge::partners::{PartnerSettings, Partners};
+use carebridge::store::{self, Actor, Change, DeliveryFilter, DeliveryRow, Precondition, Store};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::macros::datetime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::helpers::test_settings;
+
+/// What the fake partner does with one request.
+#[derive(Debug, Clone)]
+enum Act {
+    /// Answers this status, with these headers and this body.
+    Answer(u16, Vec<(&'static str, String)>, Value),
+    /// Waits this long, then answers as a healthy server would.
+    Stall(Duration),
+    /// Closes the connection without a word.
+    Drop,
+}
+
+/// One request the fake received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+#[derive(Default)]
+struct Script {
+    acts: VecDeque<Act>,
+    seen: Vec<Seen>,
+    next_id: u64,
+}
+
+/// A partner FHIR server on a real socket: plays its script, then answers like a healthy server (201 with a
+/// `Location` for single requests, a transaction-response for transactions).
+struct FakePartner {
+    base: String,
+    script: Arc<Mutex<Script>>,
+}
+
+impl FakePartner {
+    async fn start() -> FakePartner {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}/fhir", listener.local_addr().expect("addr"));
+        let script = Arc::new(Mutex::new(Script::default()));
+        let shared = script.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                let script = shared.clone();
+                tokio::spawn(async move {
+                    let Some(seen) = read_request(&mut socket).await else { return };
+                    let act = {
+                        let mut s = script.lock().expect("script");
+                        s.seen.push(seen.clone());
+                        s.acts.pop_front()
+                    };
+                    let (status, headers, body) = match act {
+                        Some(Act::Drop) => return,
+                        Some(Act::Answer(status, headers, body)) => (status, headers, body),
+                        Some(Act::Stall(d)) => {
+                            tokio::time::sleep(d).await;
+                            healthy(&seen, &script)
+                        }
+                        None => healthy(&seen, &script),
+                    };
+                    let text = body.to_string();
+                    let mut head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\
+                         connection: close\r\n",
+                        text.len()
+                    );
+                    for (k, v) in headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(text.as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        FakePartner { base, script }
+    }
+
+    fn play(&self, acts: impl IntoIterator<Item = Act>) {
+        self.script.lock().expect("script").acts.extend(acts);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.script.lock().expect("script").seen.clone()
+    }
+}
+
+/// What a healthy server answers to `seen`.
+fn healthy(seen: &Seen, script: &Mutex<Script>) -> (u16, Vec<(&'static str, String)>, Value) {
+    let mut s = script.lock().expect("script");
+    let mut next = || {
+        s.next_id += 1;
+        s.next_id
+    };
+    if seen.method == "POST" && seen.path == "/fhir" {
+        let entries: Vec<Value> = seen.body["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                let url = e["request"]["url"].as_str().unwrap_or_default();
+                let ty = url.split(['?', '/']).next().unwrap_or_default();
+                let id = match url.split_once('/') {
+                    Some((_, id)) if !url.contains('?') => id.to_owned(),
+                    _ => format!("p{}", next()),
+                };
+                json!({"response": {"status": "201 Created", "location": format!("{ty}/{id}/_history/1"), "etag": "W/\"1\""}})
+            })
+            .collect();
+        return (200, vec![], json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}));
+    }
+    let path = seen.path.trim_start_matches("/fhir/");
+    let ty = path.split(['?', '/']).next().unwrap_or_default().to_owned();
+    let id = match path.split_once('/') {
+        Some((_, id)) if !path.contains('?') => id.to_owned(),
+        _ => format!("p{}", next()),
+    };
+    let mut resource = seen.body.clone();
+    resource["id"] = json!(id);
+    (201, vec![("location", format!("{}/{ty}/{id}/_history/1", "http://partner.example/fhir"))], resource)
+}
+
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, path) = (first.next()?.to_owned(), first.next()?.to_owned());
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize =
+        headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
+    Some(Seen { method, path: percent_decode(&path), headers, body })
+}
+
+fn percent_decode(s: &str) -> String {
+    s.replace("%7C", "|").replace("%7c", "|").replace("%3A", ":").replace("%2F", "/")
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    partners: Partners,
+    worker: Worker,
+    fake: FakePartner,
+}
+
+fn outbox_settings() -> OutboxSettings {
+    let mut s = test_settings(Path::new("/nonexistent")).outbox;
+    s.timeout_secs = 1;
+    s.retry_schedule_secs = vec![10, 60, 300];
+    s.retry_after_max_secs = 120;
+    s
+}
+
+/// A store, one partner `st-marys-ehr` (the base mappings) at a fake server, and a worker.
+async fn world(max_transaction_entries: u32, receives: &[&str]) -> World {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = FakePartner::start().await;
+    let partner: PartnerSettings = serde_json::from_value(json!({
+        "name": "st-marys-ehr", "base_url": fake.base, "receives": receives,
+        "max_transaction_entries": max_transaction_entries}))
+    .expect("partner");
+    let partners = Partners::new(&[partner]);
+    let url = format!("sqlite:{}", dir.path().join("carebridge.db").display());
+    let store = store::connect(&url, 4, Duration::from_secs(5)).await.expect("store");
+    let mappings = Arc::new(Mappings::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")).expect("mappings"));
+    let worker = Worker::new(store.clone(), mappings, &partners, &outbox_settings()).expect("worker");
+    World { _dir: dir, store, partners, worker, fake }
+}
+
+const T0: OffsetDateTime = datetime!(2026-12-01 09:00:00 UTC);
+
+fn fixture<T: serde::de::DeserializeOwned>(path: &str) -> T {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agency").join(path))
+        .expect("fixture");
+    serde_json::from_str(&text).expect("fixture parses")
+}
+
+impl World {
+    async fn put<T: AgencyRecord>(&self, id: &str, record: T) {
+        intake::put(
+            Intake { store: &*self.store, partners: &self.partners },
+            RecordId::parse(id).expect("id"),
+            record,
+            Precondition::None,
+            &Actor { key_name: "test".into(), request_id: "req".into() },
+            Change::Put,
+            T0,
+        )
+        .await
+        .expect("saved");
+    }
+
+    async fn rows(&self, kind: RecordKind, id: &str) -> Vec<DeliveryRow> {
+        let filter = DeliveryFilter {
+            record: Some((kind, RecordId::parse(id).expect("id"))),
+            limit: 100,
+            ..DeliveryFilter::default()
+        };
+        self.store.list_deliveries(&filter).await.expect("rows")
+    }
+
+    async fn only_row(&self, kind: RecordKind, id: &str) -> DeliveryRow {
+        let mut rows = self.rows(kind, id).await;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows.remove(0)
+    }
+}
+
+#[tokio::test]
+async fn failures_retry_on_the_schedule_honour_retry_after_and_end_delivered() {
+    let w = world(0, &["client"]).await;
+    w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    w.fake.play([
+        Act::Answer(503, vec![], json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient", "diagnostics": "down for maintenance"}]})),
+        Act::Answer(429, vec![("retry-after", "7".into())], json!({})),
+        Act::Stall(Duration::from_millis(1500)),
+        Act::Drop,
+    ]);
+    let r = w.worker.run_once(T0).await.expect("pass");
+    assert_eq!((r.claimed, r.retried), (1, 1));
+    let row = w.only_row(RecordKind::Client, "cl-1001").await;
+    assert_eq!(row.state, "pending");
+    let wait = row.not_before - T0;
+    assert!(wait >= time::Duration::seconds(8) && wait <= time::Duration::seconds(12), "{wait}");
+    assert!(row.detail.as_deref().is_some_and(|d| d.contains("HTTP 503: down for maintenance")), "{row:?}");
+    // Not due yet: nothing is claimed, nothing is sent.
+    assert_eq!(w.worker.run_once(T0 + Duration::from_secs(5)).await.expect("pass").claimed, 0);
+    assert_eq!(w.fake.seen().len(), 1);
+    // The 429 says 7 s: believed over the schedule's 60 s.
+    let t1 = T0 + Duration::from_secs(13);
+    assert_eq!(w.worker.run_once(t1).await.expect("pass").retried, 1);
+    let row = w.only_row(RecordKind::Client, "cl-1001").await;
+    assert_eq!(row.not_before - t1, time::Duration::seconds(7));
+    // A stall past the timeout, then a dropped connection: both retried, named.
+    let t2 = t1 + Duration::from_secs(7);
+    assert_eq!(w.worker.run_once(t2).await.expect("pass").retried, 1);
+    let row = w.only_row(RecordKind::Client, "cl-1001").await;
+    assert!(row.detail.as_deref().is_some_and(|d| d.contains("timed out after 1 s")), "{row:?}");
+    let t3 = t2 + Duration::from_secs(400);
+    let r = w.worker.run_once(t3).await.expect("pass");
+    assert_eq!(r.retried + r.dead, 1, "{r:?}");
+    // The schedule (10, 60, 300 s) is spent after four attempts: dead, not retried for ever.
+    let row = w.only_row(RecordKind::Client, "cl-1001").await;
+    assert_eq!(row.state, "dead", "{row:?}");
+    assert!(row.detail.as_deref().is_some_and(|d| d.contains("out of retries after 4 attempts")), "{row:?}");
+    // An operator replays it; the partner is back: delivered, with every attempt on record.
+    w.store.replay_delivery(row.seq, t3).await.expect("replay");
+    let r = w.worker.run_once(t3).await.expect("pass");
+    assert_eq!(r.delivered, 1, "{r:?}");
+    let (row, attempts) = w.store.delivery(row.seq).await.expect("read").expect("row");
+    assert_eq!(row.state, "delivered");
+    let outcomes: Vec<(&str, Option<i64>)> = attempts.iter().map(|a| (a.outcome.as_str(), a.status)).collect();
+    assert_eq!(
+        outcomes,
+        [("retry", Some(503)), ("retry", Some(429)), ("retry", None), ("dead", None), ("delivered", Some(201))]
+    );
+    // Every request was a conditional create on the client's business identifier.
+    for s in w.fake.seen() {
+        assert_eq!((s.method.as_str(), s.path.as_str()), ("POST", "/fhir/Patient"));
+        let cond = s.headers.iter().find(|(k, _)| k == "if-none-exist").map(|(_, v)| v.as_str());
+        assert_eq!(cond, Some("identifier=https://agency.example.org/fhir/sid/client|cl-1001"));
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_is_dead_at_once_with_the_partners_operation_outcome() {
+    let w = world(0, &["client"]).await;
+    w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    let outcome = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+        "diagnostics": "Missing required property", "expression": ["Patient.name"]}]});
+    w.fake.play([Act::Answer(400, vec![], outcome.clone())]);
+    let r = w.worker.run_once(T0).await.expect("pass");
+    assert_eq!(r.dead, 1, "{r:?}");
+    let row = w.only_row(RecordKind::Client, "cl-1001").await;
+    assert_eq!(row.state, "dead");
+    assert!(row.detail.as_deref().is_some_and(|d| d.contains("Missing required property (at Patient.name)")));
+    let (_, attempts) = w.store.delivery(row.seq).await.expect("read").expect("row");
+    let kept: Value = serde_json::from_str(attempts[0].operation_outcome.as_deref().expect("kept")).expect("json");
+    assert_eq!(kept, outcome);
+    // Never tried again on its own, however late it gets.
+    assert_eq!(w.worker.run_once(T0 + Duration::from_secs(86_400)).await.expect("pass").claimed, 0);
+    assert_eq!(w.fake.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn versions_written_before_a_delivery_go_as_one_the_newest() {
+    let w = world(0, &["client"]).await;
+    let mut client: Client = fixture("client/cl-1001.json");
+    for phone in ["+1-503-555-0101", "+1-503-555-0102", "+1-503-555-0103"] {
+        client.phone = Some(Redacted(phone.into()));
+        w.put("cl-1001", client.clone()).await;
+    }
+    let r = w.worker.run_once(T0).await.expect("pass");
+    assert_eq!((r.claimed, r.delivered), (1, 1), "{r:?}");
+    let states: Vec<(i64, String)> =
+        w.rows(RecordKind::Client, "cl-1001").await.into_iter().map(|r| (r.version, r.state)).collect();
+    let expected: Vec<(i64, String)> =
+        vec![(1, "superseded".into()), (2, "superseded".into()), (3, "delivered".into())];
+    assert_eq!(states, expected);
+    let seen = w.fake.seen();
+    assert_eq!(seen.len(), 1);
+    let phone = seen[0].body["telecom"].as_array().expect("telecom").iter().find(|t| t["system"] == "phone").cloned();
+    assert_eq!(phone.expect("phone")["value"], "+1-503-555-0103");
+    // A superseded version cannot be replayed over the newer one.
+    let v1 = w.rows(RecordKind::Client, "cl-1001").await.remove(0);
+    let after = w.store.replay_delivery(v1.seq, T0).await.expect("replay").expect("row");
+    assert_eq!(after.state, "superseded");
+}
+
+#[tokio::test]
+async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds_it() {
+    let w = world(8, &["client", "referral", "consent"]).await;
+    w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    let mut consent: Consent = fixture("consent/co-5001.json");
+    consent.status = ConsentStatus::Revoked;
+    w.put("co-5001", consent.clone()).await;
+    w.put("ref-4001", fixture::<Referral>("referral/ref-4001.json")).await;
+    // The client's delivery fails: its consent and referral wait behind it.
+    w.fake.play([Act::Answer(503, vec![], json!({}))]);
+    let r = w.worker.run_once(T0).await.expect("pass");
+    assert_eq!((r.claimed, r.retried), (1, 1), "{r:?}");
+    assert_eq!(w.only_row(RecordKind::Referral, "ref-4001").await.attempts, 0);
+    let t1 = T0 + Duration::from_secs(20);
+    let r = w.worker.run_once(t1).await.expect("pass");
+    assert_eq!((r.claimed, r.delivered), (1, 1), "the client alone: {r:?}");
+    let r = w.worker.run_once(t1).await.expect("pass");
+    let consent_row = w.only_row(RecordKind::Consent, "co-5001").await;
+    assert_eq!((r.claimed, r.delivered), (1, 1), "then its consent: {r:?} {consent_row:?}");
+    let sent = w.fake.seen().len();
+    let r = w.worker.run_once(t1).await.expect("pass");
+    assert_eq!((r.claimed, r.held), (1, 1), "then the referral, held: {r:?}");
+    assert_eq!(w.fake.seen().len(), sent, "a held referral is never sent");
+    let row = w.only_row(RecordKind::Referral, "ref-4001").await;
+    assert_eq!(row.state, "held");
+    assert!(row.detail.as_deref().is_some_and(|d| d.contains("revoked, not active")), "{row:?}");
+    // The consent becomes active again: the next check releases the referral.
+    consent.status = ConsentStatus::Active;
+    w.put("co-5001", consent).await;
+    let t2 = t1 + Duration::from_secs(3600);
+    let r = w.worker.run_until_idle(|| t2).await.expect("passes");
+    assert_eq!(r.held, 0, "{r:?}");
+    assert_eq!(w.only_row(RecordKind::Referral, "ref-4001").await.state, "delivered");
+    let last = w.fake.seen().pop().expect("a transaction");
+    let types: Vec<&str> = last.body["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["resource"]["resourceType"].as_str())
+        .collect();
+    assert!(types.contains(&"ServiceRequest") && types.contains(&"Task"), "{types:?}");
+    // The Patient the client's delivery created is referenced by the partner's id, not sent again.
+    assert!(!types.contains(&"Patient"), "{types:?}");
+    let sr = last.body["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "ServiceRequest")
+        .expect("sr");
+    assert!(sr["resource"]["subject"]["reference"].as_str().is_some_and(|r| r.starts_with("Patient/p")), "{sr}");
+}
