@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use carebridge::domain::{RecordId, RecordKind};
 use carebridge::store::{
-    Actor, Begun, Change, ListQuery, NewSyncJob, Precondition, RecordWrite, SaveOutcome, Store, StoreError, SyncJobEnd,
-    connect,
+    Actor, AttemptRow, Begun, Change, ListQuery, NewSyncJob, Precondition, RecordWrite, SaveOutcome, Settle,
+    Settlement, Store, StoreError, SyncJobEnd, connect,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -429,6 +429,88 @@ impl Drop for PgDatabase {
     }
 }
 
+/// Claims: the newest waiting version of a record only, older ones superseded; a leased row is nobody else's until
+/// its lease lapses; a client's later kinds wait for its earlier ones; racing claimers never take one row twice.
+async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
+    let partner = format!("p-{}", uuid::Uuid::new_v4().simple());
+    let s = &*store;
+    let write = |kind: RecordKind, rid: &str, client: &str, body: &str| RecordWrite {
+        kind,
+        id: id(rid),
+        body: body.to_owned(),
+        client_id: (kind != RecordKind::Client).then(|| id(client)),
+        status: None,
+        change: Change::Put,
+        deliver_to: vec![partner.clone()],
+    };
+    for v in 1..=3 {
+        let w = write(RecordKind::Client, "cl-claim", "cl-claim", &format!(r#"{{"v":{v}}}"#));
+        s.save_record(&w, Precondition::None, &actor(), t0()).await.expect("client");
+    }
+    let w = write(RecordKind::Referral, "ref-claim", "cl-claim", "{}");
+    s.save_record(&w, Precondition::None, &actor(), t0()).await.expect("referral");
+    let until = t0() + Duration::seconds(60);
+    let a = s.claim_deliveries(&partner, "worker-a", 10, t0(), until).await.expect("claim");
+    let got: Vec<(RecordKind, i64)> = a.iter().map(|r| (r.kind, r.version)).collect();
+    assert_eq!(got, [(RecordKind::Client, 3)], "the newest client version only; the referral waits for it");
+    let states: Vec<String> =
+        s.deliveries(RecordKind::Client, &id("cl-claim")).await.expect("rows").into_iter().map(|d| d.state).collect();
+    assert_eq!(states, ["superseded", "superseded", "pending"]);
+    assert!(s.claim_deliveries(&partner, "worker-b", 10, t0(), until).await.expect("claim").is_empty());
+    // The lease lapses: another worker takes the row over.
+    let later = until + Duration::seconds(1);
+    let b = s.claim_deliveries(&partner, "worker-b", 10, later, later + Duration::seconds(60)).await.expect("claim");
+    assert_eq!(b.len(), 1);
+    // The first worker's settlement no longer counts; the second's does, and the referral is due after it.
+    let settle = |seq| Settlement {
+        seq,
+        settle: Settle::Delivered,
+        attempt: AttemptRow {
+            at: later,
+            ms: 1,
+            outcome: "delivered".into(),
+            status: Some(201),
+            detail: "ok".into(),
+            operation_outcome: None,
+        },
+        crosswalk: Vec::new(),
+        waits_for: Vec::new(),
+    };
+    assert_eq!(s.settle_deliveries("worker-a", &[settle(b[0].seq)], later).await.expect("settle"), 0);
+    assert_eq!(s.settle_deliveries("worker-b", &[settle(b[0].seq)], later).await.expect("settle"), 1);
+    let r = s.claim_deliveries(&partner, "worker-a", 10, later, later + Duration::seconds(60)).await.expect("claim");
+    assert_eq!(r.iter().map(|r| r.kind).collect::<Vec<_>>(), [RecordKind::Referral]);
+    // Forty clients, four claimers at once: every row taken exactly once.
+    for i in 0..40 {
+        let c = format!("cl-race-{i}");
+        s.save_record(&write(RecordKind::Client, &c, &c, "{}"), Precondition::None, &actor(), t0()).await.expect("w");
+    }
+    let claims = (0..4).map(|k| {
+        let store = store.clone();
+        let partner = partner.clone();
+        tokio::spawn(async move {
+            let owner = format!("racer-{k}");
+            let mut mine = Vec::new();
+            loop {
+                let got = store.claim_deliveries(&partner, &owner, 3, later, later + Duration::seconds(60)).await;
+                let got = got.expect("claim");
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|r| r.seq));
+            }
+        })
+    });
+    let mut all = Vec::new();
+    for c in claims {
+        all.extend(c.await.expect("claimer"));
+    }
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!((n, all.len()), (40, 40), "a row was claimed twice, or one was missed");
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -462,6 +544,7 @@ contract!(
     a_source_lease_is_taken_by_one_job_and_lapses_when_its_holder_stops_renewing,
     two_jobs_racing_for_one_lease_get_it_once,
     a_service_a_later_sync_saw_is_never_deactivated_by_an_earlier_one,
+    outbox_claims_take_each_row_once_in_order,
 );
 
 /// The whole API on PostgreSQL: the fixtures go in and come back, and readiness follows the database.
