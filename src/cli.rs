@@ -547,6 +547,27 @@ async fn outbox_command(
         OutboxCommand::Replay { seq } | OutboxCommand::Discard { seq } => {
             let replay = matches!(command, OutboxCommand::Replay { .. });
             let now = OffsetDateTime::now_utc();
+            let Some((before, _)) = store.delivery(seq).await? else {
+                eprintln!("no delivery {seq}");
+                return Ok(ExitCode::from(1));
+            };
+            let allowed = if replay {
+                before.state != "pending"
+            } else {
+                ["pending", "held", "dead"].contains(&before.state.as_str())
+            };
+            if !allowed {
+                eprintln!(
+                    "delivery {seq} is {}: {}",
+                    before.state,
+                    if replay {
+                        "it is queued already"
+                    } else {
+                        "only pending, held or dead deliveries can be discarded"
+                    }
+                );
+                return Ok(ExitCode::from(1));
+            }
             let row =
                 if replay { store.replay_delivery(seq, now).await? } else { store.discard_delivery(seq, now).await? };
             let Some(row) = row else {

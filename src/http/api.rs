@@ -612,6 +612,7 @@ impl Modify for BearerKey {
         audit_events, openapi_json,
         super::directory::search, super::directory::service, super::directory::sync_now, super::directory::sync_job,
         super::preview::preview,
+        super::deliveries::list, super::deliveries::get, super::deliveries::replay, super::deliveries::discard,
     ),
     components(schemas(Problem, domain::FieldError)),
     modifiers(&BearerKey),

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod deliveries;
 pub mod directory;
 pub mod extract;
 pub mod fhir;
@@ -133,6 +134,10 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/audit-events", get(api::audit_events))
         .route("/api/v1/directories/{source}/sync", post(directory::sync_now))
         .route("/api/v1/directories/{source}/sync/{job}", get(directory::sync_job))
+        .route("/api/v1/deliveries", get(deliveries::list))
+        .route("/api/v1/deliveries/{id}", get(deliveries::get))
+        .route("/api/v1/deliveries/{id}/replay", post(deliveries::replay))
+        .route("/api/v1/deliveries/{id}/discard", post(deliveries::discard))
         .route_layer(middleware::from_fn_with_state(admin, auth::require_key));
     let ops = Router::new()
         .route("/healthz", get(ops::healthz))

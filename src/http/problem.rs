@@ -55,6 +55,8 @@ pub enum ProblemType {
     StatusChangeNotAllowed,
     /// A sync of the directory is already running (here or on another replica).
     SyncRunning,
+    /// The delivery is not in a state that allows this (replay of a pending one, discard of a delivered one).
+    DeliveryState,
     /// The request took longer than the configured timeout.
     Timeout,
     /// The database is unreachable or overloaded.
@@ -84,6 +86,7 @@ impl ProblemType {
             Self::InvalidHeader => "invalid-header",
             Self::StatusChangeNotAllowed => "status-change-not-allowed",
             Self::SyncRunning => "sync-running",
+            Self::DeliveryState => "delivery-state",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
@@ -107,7 +110,7 @@ impl ProblemType {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-            Self::StatusChangeNotAllowed | Self::SyncRunning => StatusCode::CONFLICT,
+            Self::StatusChangeNotAllowed | Self::SyncRunning | Self::DeliveryState => StatusCode::CONFLICT,
             Self::Timeout | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -133,6 +136,7 @@ impl ProblemType {
             Self::InvalidHeader => "A request header is not valid",
             Self::StatusChangeNotAllowed => "A referral's status changes only through its status endpoint",
             Self::SyncRunning => "A sync of this directory is already running",
+            Self::DeliveryState => "The delivery's state does not allow this",
             Self::Timeout => "The request took too long",
             Self::Unavailable => "The service is temporarily unavailable",
             Self::Internal => "Internal error",

@@ -408,3 +408,43 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
         .expect("sr");
     assert!(sr["resource"]["subject"]["reference"].as_str().is_some_and(|r| r.starts_with("Patient/p")), "{sr}");
 }
+
+#[tokio::test]
+async fn operators_list_read_replay_and_discard_deliveries_through_the_api() {
+    let app = crate::helpers::spawn_app().await;
+    app.load_fixtures().await;
+    let page = app.get_json("/api/v1/deliveries?state=pending&partner=st-marys-ehr&limit=500").await;
+    let items = page["items"].as_array().expect("items");
+    assert!(!items.is_empty(), "{page}");
+    assert!(items.iter().all(|d| d["state"] == "pending" && d["partner"] == "st-marys-ehr"), "{page}");
+    let one = app.get_json("/api/v1/deliveries?record=referral/ref-4001").await;
+    assert_eq!(one["items"].as_array().expect("items").len(), 1, "{one}");
+    let id = one["items"][0]["id"].as_i64().expect("id");
+    let read = app.get_json(&format!("/api/v1/deliveries/{id}")).await;
+    assert_eq!((read["kind"].as_str(), read["record_id"].as_str()), (Some("referral"), Some("ref-4001")));
+    assert_eq!(read["history"], json!([]));
+    let discard = app.post(&format!("/api/v1/deliveries/{id}/discard"), &json!({})).await;
+    assert_eq!(discard.status(), 200);
+    assert_eq!(discard.json::<Value>().await.expect("json")["state"], "discarded");
+    let again = app.post(&format!("/api/v1/deliveries/{id}/discard"), &json!({})).await;
+    assert_eq!(again.status(), 409);
+    let replay = app.post(&format!("/api/v1/deliveries/{id}/replay"), &json!({})).await;
+    assert_eq!(replay.status(), 200);
+    assert_eq!(replay.json::<Value>().await.expect("json")["state"], "pending");
+    let replay_again = app.post(&format!("/api/v1/deliveries/{id}/replay"), &json!({})).await;
+    assert_eq!(replay_again.status(), 409);
+    for bad in ["state=lost", "record=letters/x", "limit=0"] {
+        let r = app.get(&format!("/api/v1/deliveries?{bad}")).await;
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    assert_eq!(app.get("/api/v1/deliveries/999999").await.status(), 404);
+    // Operators only: a writer key may not read the queue.
+    let writer = app
+        .client
+        .get(format!("{}/api/v1/deliveries", app.base))
+        .bearer_auth(crate::helpers::WRITER_KEY)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(writer.status(), 403);
+}
