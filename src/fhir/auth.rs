@@ -738,7 +738,7 @@ fn words(text: &str) -> String {
 }
 
 /// The failure a transport error stands for, said plainly, without the URL. A TLS error is found also inside
-/// the `io::Error` that tokio-rustls wraps it in (`io::Error::source` skips the error it wraps).
+/// the `io::Error`s that tokio-rustls and hyper wrap it in (`io::Error::source` skips the error it wraps).
 #[must_use]
 pub fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
     if e.is_timeout() {
@@ -750,11 +750,13 @@ pub fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
             return Failure::Tls(tls.to_string());
         }
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-                return Failure::Tls(tls.to_string());
-            }
             if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 return Failure::Refused;
+            }
+            // Walk into the error it wraps: its `source()` would skip that one.
+            if let Some(inner) = io.get_ref() {
+                cause = Some(inner);
+                continue;
             }
         }
         cause = c.source();
