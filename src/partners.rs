@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::domain::RecordKind;
+use crate::fhir::auth;
 
 /// One partner, as configured.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +36,24 @@ pub struct PartnerSettings {
     /// Per request to it; absent: `outbox.timeout_secs`.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Mutual TLS and the CAs trusted for it (beside any `auth`); absent: no client certificate, public roots.
+    #[serde(default)]
+    pub tls: Option<PartnerTls>,
+}
+
+/// A partner's TLS: the client certificate the gateway presents, and the CA bundle its servers are checked with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerTls {
+    /// PEM file of the client certificate (its chain after it); set with `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// PEM file of the client certificate's private key (unencrypted).
+    #[serde(default)]
+    pub client_key_file: Option<String>,
+    /// PEM bundle of the CAs trusted for this partner: when set, the only ones (the public roots are not).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_max_transaction_entries() -> u32 {
@@ -55,11 +74,12 @@ pub enum PartnerAuth {
     },
     /// SMART Backend Services: a signed JWT assertion exchanged for an access token.
     SmartBackend {
-        /// The partner's token endpoint.
-        token_url: String,
+        /// The partner's token endpoint; absent: read from `<base_url>/.well-known/smart-configuration`.
+        #[serde(default)]
+        token_url: Option<String>,
         /// The client id the partner registered for the gateway.
         client_id: String,
-        /// PEM file of the private key that signs the assertion.
+        /// PEM file of the private key that signs the assertion: RSA (RS384) or EC P-384 (ES384), PKCS#8.
         private_key_file: String,
         /// The key's id (`kid`) as registered with the partner.
         key_id: String,
@@ -129,19 +149,59 @@ pub fn check(partners: &[PartnerSettings], errors: &mut Vec<String>) {
                 }
             }
             PartnerAuth::SmartBackend { token_url, client_id, private_key_file, key_id, scope } => {
-                if !reqwest::Url::parse(token_url).is_ok_and(|u| u.scheme() == "https") {
-                    errors.push(format!("{at}.auth.token_url: expected an https:// URL"));
+                if let Some(url) = token_url
+                    && !reqwest::Url::parse(url).is_ok_and(|u| auth::is_secure_endpoint(&u))
+                {
+                    errors.push(format!(
+                        "{at}.auth.token_url: expected an https:// URL (http:// only on a loopback address)"
+                    ));
                 }
                 for (key, value) in [("client_id", client_id), ("key_id", key_id), ("scope", scope)] {
                     if value.trim().is_empty() {
                         errors.push(format!("{at}.auth.{key}: must not be empty"));
                     }
                 }
-                if !std::path::Path::new(private_key_file).is_file() {
-                    errors.push(format!("{at}.auth.private_key_file: {private_key_file} is not a file"));
+                match std::fs::read(private_key_file) {
+                    Err(e) => {
+                        errors.push(format!("{at}.auth.private_key_file: {private_key_file} could not be read: {e}"))
+                    }
+                    Ok(pem) => {
+                        if let Err(problem) = auth::AssertionKey::from_pem(&pem) {
+                            errors.push(format!("{at}.auth.private_key_file: {private_key_file}: {problem}"));
+                        }
+                    }
                 }
             }
         }
+        if let Some(tls) = &p.tls {
+            check_tls(tls, &at, errors);
+        }
+    }
+}
+
+/// Checks a partner's `tls` files, pushing one message per problem (a file whose certificate or key cannot be
+/// read is not also said to mismatch).
+fn check_tls(tls: &PartnerTls, at: &str, errors: &mut Vec<String>) {
+    match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = auth::read_certificates(cert)
+                .map_err(|problem| errors.push(format!("{at}.tls.client_cert_file: {problem}")));
+            let private = auth::read_private_key(key)
+                .map_err(|problem| errors.push(format!("{at}.tls.client_key_file: {problem}")));
+            if let (Ok(chain), Ok(private)) = (chain, private)
+                && let Err(problem) = auth::key_matches(chain, private)
+            {
+                errors.push(format!("{at}.tls.client_key_file: {key}: {problem} ({cert})"));
+            }
+        }
+        (None, None) => {}
+        (Some(_), None) => errors.push(format!("{at}.tls.client_key_file: {}", auth::BOTH_OR_NEITHER)),
+        (None, Some(_)) => errors.push(format!("{at}.tls.client_cert_file: {}", auth::BOTH_OR_NEITHER)),
+    }
+    if let Some(ca) = &tls.ca_file
+        && let Err(problem) = auth::read_ca_bundle(ca)
+    {
+        errors.push(format!("{at}.tls.ca_file: {problem}"));
     }
 }
 
@@ -274,5 +334,96 @@ mod tests {
             )
             .is_err()
         );
+    }
+    /// Writes `contents` to `name` in `dir`, giving the path as configured.
+    fn file(dir: &tempfile::TempDir, name: &str, contents: &str) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).expect("written");
+        path.display().to_string()
+    }
+
+    #[test]
+    fn smart_backend_without_a_token_url_discovers_it_and_a_key_of_the_wrong_type_is_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key").serialize_pem();
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key").serialize_pem();
+        let entry = |name: &str, key: &str, extra: &str| {
+            partner(&format!(
+                "name = \"{name}\"\nbase_url = \"https://x.example/r4\"\nreceives = [\"referral\"]\n\
+                 auth = {{ type = \"smart_backend\", client_id = \"cb\", private_key_file = '{key}', \
+                 key_id = \"k1\", scope = \"system/*.write\"{extra} }}"
+            ))
+        };
+        let good = entry("a", &file(&dir, "p384.pem", &p384), "");
+        assert!(matches!(&good.auth, PartnerAuth::SmartBackend { token_url: None, .. }));
+        let mut errors = Vec::new();
+        check(&[good], &mut errors);
+        assert_eq!(errors, Vec::<String>::new());
+        let bad = [
+            entry("b", &file(&dir, "p256.pem", &p256), ""),
+            entry("c", &dir.path().join("missing.pem").display().to_string(), ""),
+            entry("d", &file(&dir, "p384b.pem", &p384), ", token_url = \"http://auth.example/token\""),
+        ];
+        check(&bad, &mut errors);
+        for needle in [
+            "partners[0].auth.private_key_file: ",
+            "not on curve P-384",
+            "partners[1].auth.private_key_file: ",
+            "could not be read",
+            "partners[2].auth.token_url: expected an https:// URL",
+        ] {
+            assert!(errors.iter().any(|e| e.contains(needle)), "{needle}: {errors:?}");
+        }
+        assert_eq!(errors.len(), 3, "one message per problem: {errors:?}");
+    }
+
+    #[test]
+    fn every_unusable_tls_file_is_named_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["carebridge.example".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert")
+            .pem();
+        let cert_file = file(&dir, "cert.pem", &cert);
+        let key_file = file(&dir, "key.pem", &key.serialize_pem());
+        let other_file = file(&dir, "other.pem", &other.serialize_pem());
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let entry = |name: &str, tls: &str| {
+            partner(&format!(
+                "name = \"{name}\"\nbase_url = \"https://x.example/r4\"\nreceives = [\"referral\"]\ntls = {{ {tls} }}"
+            ))
+        };
+        let good = entry(
+            "a",
+            &format!("client_cert_file = '{cert_file}', client_key_file = '{key_file}', ca_file = '{cert_file}'"),
+        );
+        let mut errors = Vec::new();
+        check(&[good], &mut errors);
+        assert_eq!(errors, Vec::<String>::new());
+        let bad = [
+            entry("b", &format!("client_cert_file = '{cert_file}', client_key_file = '{other_file}'")),
+            entry("c", &format!("client_cert_file = '{missing}', client_key_file = '{cert_file}'")),
+            entry("d", &format!("client_cert_file = '{cert_file}'")),
+            entry("e", &format!("ca_file = '{key_file}'")),
+        ];
+        check(&bad, &mut errors);
+        for needle in [
+            "partners[0].tls.client_key_file: ",
+            "does not match the client certificate",
+            "partners[1].tls.client_cert_file: ",
+            "could not be read",
+            "partners[1].tls.client_key_file: ",
+            "holds no private key",
+            "partners[2].tls.client_key_file: client_cert_file and client_key_file go together",
+            "partners[3].tls.ca_file: ",
+            "holds no certificate",
+        ] {
+            assert!(errors.iter().any(|e| e.contains(needle)), "{needle}: {errors:?}");
+        }
+        assert_eq!(errors.len(), 5, "one message per problem: {errors:?}");
+        assert!(toml::from_str::<PartnerTls>("client_cert = 'x'").is_err(), "a typo is an error");
     }
 }

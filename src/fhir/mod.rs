@@ -5,6 +5,7 @@
 //! dropped is an unknown element. Only the resource types carebridge emits are dispatched, so the
 //! (large) generated deserialisers of the other 140 types are never instantiated here.
 
+pub mod auth;
 pub mod client;
 pub mod schema;
 pub mod system;
