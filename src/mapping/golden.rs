@@ -157,7 +157,160 @@ pub fn run(mappings: &Mappings, dir: &Path, bless: bool) -> Vec<CaseResult> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, HashSet};
+
     use super::*;
+    use crate::mapping::references::{self, NEVER_DELIVERED};
+
+    /// The identifier systems of one mapping set: the business identifiers by resource type, and the logical
+    /// references' systems by type.
+    struct Systems {
+        business: HashMap<String, HashSet<String>>,
+        logical: HashMap<String, HashSet<String>>,
+    }
+
+    fn systems(mappings: &Mappings, partner: Option<&str>) -> Systems {
+        let set = mappings.set(partner).expect("a known partner");
+        let mut s = Systems { business: HashMap::new(), logical: HashMap::new() };
+        for m in &set.mappings {
+            if let Some(system) = &m.identifier_system {
+                s.business.entry(m.resource.clone()).or_default().insert(system.clone());
+            }
+            let mut logical = Vec::new();
+            m.template.logical_references(&mut logical);
+            for (ty, system, _) in logical {
+                s.logical.entry(ty).or_default().insert(system);
+            }
+        }
+        s
+    }
+
+    /// The resources of a golden output with their full URLs (a Bundle's entries, a list, or one resource).
+    fn resources(doc: &Value) -> Vec<(Option<String>, Value)> {
+        match doc {
+            Value::Array(items) => items.iter().map(|r| (None, r.clone())).collect(),
+            d if d["resourceType"] == "Bundle" => d["entry"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| (e["fullUrl"].as_str().map(str::to_owned), e["resource"].clone()))
+                .collect(),
+            d => vec![(None, d.clone())],
+        }
+    }
+
+    /// What is wrong with the references of one document; counts the literal and logical references seen.
+    fn reference_problems(doc: &Value, systems: &Systems, seen: &mut (usize, usize)) -> Vec<String> {
+        fn walk(v: &Value, at: &str, each: &mut dyn FnMut(&serde_json::Map<String, Value>, &str)) {
+            match v {
+                Value::Object(m) => {
+                    each(m, at);
+                    m.iter().for_each(|(k, x)| walk(x, &format!("{at}.{k}"), each));
+                }
+                Value::Array(a) => a.iter().enumerate().for_each(|(i, x)| walk(x, &format!("{at}[{i}]"), each)),
+                _ => {}
+            }
+        }
+        let rs = resources(doc);
+        let by_url: HashMap<&str, &Value> = rs.iter().filter_map(|(u, r)| Some((u.as_deref()?, r))).collect();
+        let mut out = Vec::new();
+        for (_, r) in &rs {
+            let ty = r["resourceType"].as_str().unwrap_or("?");
+            out.extend(references::check(r).into_iter().map(|i| format!("{ty}.{}: {}", i.path, i.message)));
+            walk(r, ty, &mut |m, at| {
+                let identifier = m.get("identifier").filter(|i| i.is_object());
+                let pair = identifier.map(|i| (i["system"].as_str().unwrap_or(""), i["value"].as_str().unwrap_or("")));
+                if let Some(reference) = m.get("reference").and_then(Value::as_str) {
+                    seen.0 += 1;
+                    if reference.starts_with("urn:uuid:") {
+                        let Some(target) = by_url.get(reference) else {
+                            out.push(format!("{at}: {reference} is no entry of the Bundle"));
+                            return;
+                        };
+                        let names_it = pair.is_none_or(|(s, v)| {
+                            target["identifier"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .any(|i| i["system"] == s && i["value"] == v)
+                        });
+                        if !names_it {
+                            out.push(format!("{at}: its identifier is not the one the entry it points at carries"));
+                        }
+                    } else if let Some(target) = references::target_type(reference) {
+                        let known =
+                            systems.business.get(target).is_some_and(|s| pair.is_some_and(|(p, _)| s.contains(p)));
+                        if !known {
+                            out.push(format!("{at}: its identifier is not in the business system of {target}"));
+                        }
+                    }
+                } else if let Some(t) = m.get("type").and_then(Value::as_str).filter(|t| NEVER_DELIVERED.contains(t)) {
+                    seen.1 += 1;
+                    let known = systems.logical.get(t).is_some_and(|s| pair.is_some_and(|(p, _)| s.contains(p)));
+                    if !known {
+                        out.push(format!("{at}: a logical reference to a {t} in a system no mapping writes"));
+                    }
+                }
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn no_golden_output_names_what_is_never_delivered_literally_and_every_reference_names_its_record() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mappings = Mappings::load(&root.join("mappings")).expect("mappings load");
+        let (mut files, mut seen, mut problems) = (0, (0, 0), Vec::new());
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("fixtures/mappings"))
+            .expect("readable")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        dirs.sort();
+        for dir in dirs.iter().filter(|d| d.is_dir()) {
+            let name = dir.file_name().and_then(|n| n.to_str()).expect("a name");
+            let systems = systems(&mappings, name.split_once('@').map(|(_, p)| p).filter(|p| *p != "no-such-partner"));
+            for e in std::fs::read_dir(dir).expect("readable") {
+                let path = e.expect("entry").path();
+                if !path.to_string_lossy().ends_with(".expected.json") {
+                    continue;
+                }
+                files += 1;
+                let doc = read_json(&path).expect("a golden output");
+                problems.extend(
+                    reference_problems(&doc, &systems, &mut seen)
+                        .into_iter()
+                        .map(|p| format!("{}: {p}", path.display())),
+                );
+            }
+        }
+        assert!(files >= 20 && seen.0 >= 200 && seen.1 >= 40, "only {files} outputs, {seen:?} references");
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn the_reference_walk_finds_each_kind_of_broken_reference() {
+        let mappings = Mappings::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")).expect("mappings load");
+        let systems = systems(&mappings, None);
+        let sid = "https://agency.example.org/fhir/sid";
+        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient", "identifier": [{"system": format!("{sid}/client"), "value": "cl-1"}]}},
+            {"fullUrl": "urn:uuid:2", "resource": {"resourceType": "ServiceRequest",
+                "subject": {"reference": "urn:uuid:1", "identifier": {"system": format!("{sid}/client"), "value": "cl-2"}},
+                "basedOn": [{"reference": "CarePlan/cp-1", "identifier": {"system": format!("{sid}/goal"), "value": "cp-1"}}],
+                "supportingInfo": [{"reference": "Consent/co-1"}],
+                "requester": {"reference": "Practitioner/staff-1"},
+                "performer": [{"type": "Organization", "identifier": {"system": "urn:elsewhere", "value": "p"}}]}}]});
+        let problems = reference_problems(&bundle, &systems, &mut (0, 0));
+        for want in [
+            "subject: its identifier is not the one",
+            "basedOn[0]: its identifier is not in the business system",
+            "supportingInfo[0]: a reference to a Consent carries no identifier",
+            "requester: a literal reference to a Practitioner",
+            "performer[0]: a logical reference to a Organization in a system no mapping writes",
+        ] {
+            assert!(problems.iter().any(|p| p.contains(want)), "{want} not found in {problems:#?}");
+        }
+    }
 
     #[test]
     fn every_golden_case_gives_its_expected_output() {

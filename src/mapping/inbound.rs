@@ -1,7 +1,9 @@
 //! Who the resources read back from FHIR are: the agency id of a resource comes from the business identifier
 //! the gateway wrote (`identifier.system` of its mapping), never from the resource id a server assigned, and a
 //! reference to another resource is followed to that resource's identifier (within what was read, or through the
-//! caller's crosswalk) before the mapping reads it.
+//! caller's crosswalk) before the mapping reads it. A reference to what the gateway never delivers (staff, an
+//! organisation, a directory service) is read as the logical reference the mappings write (`type` + `identifier`),
+//! also when it comes in the older literal form (`Practitioner/staff-1`).
 
 use std::collections::HashMap;
 
@@ -17,11 +19,13 @@ pub enum Ids<'a> {
     Partner(&'a dyn Fn(&str) -> Option<String>),
 }
 
-/// The business identifier systems of the mappings: system → resource type, and resource type → systems.
+/// The business identifier systems of the mappings: system → resource type, and resource type → systems; and the
+/// systems of the logical references they write (resource type → system).
 #[derive(Debug, Default)]
 pub struct Systems {
     by_system: HashMap<String, String>,
     by_type: HashMap<String, Vec<String>>,
+    logical: HashMap<String, String>,
 }
 
 impl Systems {
@@ -32,6 +36,13 @@ impl Systems {
         if !systems.iter().any(|s| s == system) {
             systems.push(system.to_owned());
         }
+    }
+
+    /// Records that logical references to `resource` name it by an identifier in `system` whose value is an agency
+    /// id (a staff id): a literal `resource/<id>` then reads as that identifier. The first system given for a
+    /// type wins.
+    pub fn add_logical(&mut self, resource: &str, system: &str) {
+        self.logical.entry(resource.to_owned()).or_insert_with(|| system.to_owned());
     }
 
     /// The agency id of a resource: the value of its identifier in one of its type's systems.
@@ -66,13 +77,10 @@ pub struct Localized {
 
 /// `Type/id` of a reference: relative, absolute (`https://…/Patient/1`) or versioned (`…/_history/2`).
 fn relative(reference: &str) -> Option<(String, String)> {
+    let ty = super::references::target_type(reference)?;
     let r = reference.split("/_history/").next().unwrap_or(reference);
-    let mut segs = r.rsplit('/');
-    let id = segs.next()?;
-    let ty = segs.next()?;
-    let type_like =
-        ty.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && ty.chars().all(|c| c.is_ascii_alphabetic());
-    (type_like && !id.is_empty()).then(|| (ty.to_owned(), id.to_owned()))
+    let id = r.rsplit('/').next()?;
+    Some((ty.to_owned(), id.to_owned()))
 }
 
 /// Readies resources read from FHIR for their inverse mappings.
@@ -104,20 +112,24 @@ pub fn localize(resources: &[Value], systems: &Systems, ids: Ids<'_>) -> Vec<Loc
             }
             let mut unresolved = Vec::new();
             let ours = agency_id.is_some();
-            rewrite(&mut resource, "", &mut |path, reference| {
-                resolve(reference, path, ours, systems, &known, ids, &mut unresolved)
+            rewrite(&mut resource, "", systems, &mut |path, reference, named| {
+                resolve(reference, path, ours, named, systems, &known, ids, &mut unresolved)
             });
+            literal_to_logical(&mut resource, systems);
             logical(&mut resource, systems);
             Localized { resource, agency_id, resource_id, unresolved }
         })
         .collect()
 }
 
-/// What one reference becomes: `Some(new)` to keep it (rewritten), `None` to leave it out.
+/// What one reference becomes: `Some(new)` to keep it (rewritten), `None` to leave it out. `named`: the Reference
+/// also carries an identifier in one of the gateway's systems, which says what it names when the id does not.
+#[allow(clippy::too_many_arguments)]
 fn resolve(
     reference: &str,
     path: &str,
     ours: bool,
+    named: bool,
     systems: &Systems,
     known: &HashMap<String, String>,
     ids: Ids<'_>,
@@ -139,19 +151,31 @@ fn resolve(
             if ours && !systems.maps_type(&ty) {
                 return Some(key);
             }
+            // The partner stored the id as given, or one we never learnt: the identifier beside it names the record.
+            if named {
+                return None;
+            }
             unresolved.push(format!("{path}: {key} is not a record the gateway knows; match it by its identifiers"));
             None
         }
     }
 }
 
-/// Calls `f` on every `reference` string under `v`; `None` removes it.
-fn rewrite(v: &mut Value, path: &str, f: &mut dyn FnMut(&str, &str) -> Option<String>) {
+/// Whether a Reference carries an identifier in one of the gateway's record systems.
+fn names_a_record(m: &serde_json::Map<String, Value>, systems: &Systems) -> bool {
+    m.get("identifier")
+        .and_then(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
+        .is_some_and(|(system, value)| systems.by_system.contains_key(system) && !value.is_empty())
+}
+
+/// Calls `f` on every `reference` string under `v`, with whether its Reference also carries an identifier in one
+/// of the gateway's record systems; `None` removes it.
+fn rewrite(v: &mut Value, path: &str, systems: &Systems, f: &mut dyn FnMut(&str, &str, bool) -> Option<String>) {
     match v {
         Value::Object(m) => {
             if let Some(Value::String(r)) = m.get("reference").cloned() {
                 let at = if path.is_empty() { "reference".to_owned() } else { format!("{path}.reference") };
-                match f(&at, &r) {
+                match f(&at, &r, names_a_record(m, systems)) {
                     Some(new) => {
                         m.insert("reference".into(), Value::String(new));
                     }
@@ -163,15 +187,38 @@ fn rewrite(v: &mut Value, path: &str, f: &mut dyn FnMut(&str, &str) -> Option<St
             for (k, x) in m.iter_mut() {
                 if k != "reference" {
                     let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    rewrite(x, &p, f);
+                    rewrite(x, &p, systems, f);
                 }
             }
         }
         Value::Array(a) => {
             for (i, x) in a.iter_mut().enumerate() {
-                rewrite(x, &format!("{path}[{i}]"), f);
+                rewrite(x, &format!("{path}[{i}]"), systems, f);
             }
         }
+        _ => {}
+    }
+}
+
+/// A literal reference to what the gateway never delivers (`Practitioner/staff-1`, as the mappings once wrote and
+/// a hospital may still send) becomes the logical reference the mappings now read: `type` + `identifier`.
+fn literal_to_logical(v: &mut Value, systems: &Systems) {
+    match v {
+        Value::Object(m) => {
+            let target = m
+                .get("reference")
+                .and_then(Value::as_str)
+                .filter(|_| !m.contains_key("identifier"))
+                .and_then(relative)
+                .and_then(|(ty, id)| Some((systems.logical.get(&ty)?.clone(), ty, id)));
+            if let Some((system, ty, id)) = target {
+                m.remove("reference");
+                m.entry("type").or_insert(Value::String(ty));
+                m.insert("identifier".into(), serde_json::json!({ "system": system, "value": id }));
+            }
+            m.values_mut().for_each(|x| literal_to_logical(x, systems));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| literal_to_logical(x, systems)),
         _ => {}
     }
 }
@@ -206,6 +253,7 @@ mod tests {
         s.add("Patient", "urn:x:client");
         s.add("ServiceRequest", "urn:x:referral");
         s.add("CarePlan", "urn:x:care-plan");
+        s.add_logical("Practitioner", "urn:x:staff");
         s
     }
 
@@ -233,7 +281,11 @@ mod tests {
         assert_eq!(out[1].resource["id"], "ref.1");
         assert_eq!(out[1].resource["subject"]["reference"], "Patient/cl-1");
         assert_eq!(out[1].resource["basedOn"][0]["reference"], "CarePlan/cp.1");
-        assert_eq!(out[1].resource["requester"]["reference"], "Practitioner/staff-1", "ours, never delivered");
+        assert_eq!(
+            out[1].resource["requester"],
+            json!({"type": "Practitioner", "identifier": {"system": "urn:x:staff", "value": "staff-1"}}),
+            "ours, never delivered: the old literal form reads as the logical reference"
+        );
         assert!(out[1].unresolved.is_empty(), "{:?}", out[1].unresolved);
     }
 
@@ -251,6 +303,21 @@ mod tests {
             "{:?}",
             out[0].unresolved
         );
+    }
+
+    #[test]
+    fn a_reference_a_partner_cannot_resolve_is_read_by_the_identifier_beside_it() {
+        let sr = json!({"resourceType": "ServiceRequest", "identifier": [{"system": "urn:x:referral", "value": "r"}],
+            "basedOn": [{"reference": "CarePlan/cp-1", "identifier": {"system": "urn:x:care-plan", "value": "cp-1"}}],
+            "requester": {"type": "Practitioner", "identifier": {"system": "urn:x:staff", "value": "staff-1"}}});
+        let out = localize(std::slice::from_ref(&sr), &systems(), Ids::Partner(&|_| None));
+        assert!(out[0].unresolved.is_empty(), "{:?}", out[0].unresolved);
+        assert_eq!(out[0].resource["basedOn"][0], json!({"reference": "CarePlan/cp-1"}));
+        assert_eq!(out[0].resource["requester"], sr["requester"], "a logical reference to staff stays as it is");
+        let bare = json!({"resourceType": "ServiceRequest", "identifier": [{"system": "urn:x:referral", "value": "r"}],
+            "basedOn": [{"reference": "CarePlan/cp-1"}]});
+        let out = localize(&[bare], &systems(), Ids::Partner(&|_| None));
+        assert_eq!(out[0].unresolved.len(), 1, "without an identifier it must be matched: {:?}", out[0].unresolved);
     }
 
     #[test]

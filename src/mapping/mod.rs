@@ -18,6 +18,7 @@ pub mod golden;
 pub mod inbound;
 pub mod needs;
 pub mod profile;
+pub mod references;
 pub mod template;
 pub mod terminology;
 
@@ -578,6 +579,11 @@ impl Mappings {
             path: if i.path.is_empty() { ty.to_owned() } else { format!("{ty}.{}", i.path) },
             message: i.message,
         }));
+        out.extend(references::check(&e.resource).into_iter().map(|i| Violation {
+            profile: REFERENCES_RULE.into(),
+            path: format!("{ty}.{}", i.path),
+            message: i.message,
+        }));
         if let Some(m) = set.mappings.iter().find(|m| m.name == e.mapping) {
             for p in m.profiles.iter().filter_map(|p| self.profiles.get(p)) {
                 out.extend(p.check(&e.resource, &set.us_core));
@@ -612,6 +618,15 @@ impl Mappings {
         for m in &set.mappings {
             if let Some(system) = &m.identifier_system {
                 systems.add(&m.resource, system);
+            }
+        }
+        // A literal reference to staff or a partner (the form the mappings once wrote) reads as the logical one
+        // whose identifier value comes from the record; the agency's own identifier is fixed, never read back.
+        for m in &set.mappings {
+            let mut logical = Vec::new();
+            m.template.logical_references(&mut logical);
+            for (ty, system, _) in logical.into_iter().filter(|(_, _, from_record)| *from_record) {
+                systems.add_logical(&ty, &system);
             }
         }
         let mut referral = Inverse {
@@ -697,6 +712,9 @@ pub struct Inbound {
     /// `Type/<id the resource had>` → the agency id its identifier gave (for a partner: the crosswalk).
     pub server_ids: Vec<(String, String)>,
 }
+
+/// The name violations of invariant 7 are reported under ([`references`]).
+pub const REFERENCES_RULE: &str = "carebridge references (DESIGN invariant 7)";
 
 /// bdl-7: every entry of the transaction Bundle has its own `fullUrl`. The URL is derived from
 /// `Type/id`, so two resources with one id (a need listed twice) would overwrite each other.
@@ -1195,6 +1213,16 @@ fn self_check_one(
                     message: format!("{}.{}: {} (FHIR R4)", m.resource, issue.path, issue.message),
                 });
             }
+            // No literal reference to what is never delivered; every reference names its record by identifier.
+            for issue in references::check(&r) {
+                let s = at(&issue.path);
+                errors.push(LoadError {
+                    file: m.file.clone(),
+                    line: s.line,
+                    column: s.column,
+                    message: format!("{}.{}: {}", m.resource, issue.path, issue.message),
+                });
+            }
             for p in m.profiles.iter().filter_map(|p| profiles.get(p)) {
                 for v in p.check(&r, &set.us_core) {
                     let s = at(&v.path);
@@ -1409,6 +1437,80 @@ mod round_trip {
             n += 1;
         }
         assert!(n >= 7, "only {n} referral fixtures");
+    }
+
+    /// Calls `f` on every Reference (an object with `reference`, or a logical one with `type`) under `v`.
+    fn each_reference(v: &mut Value, f: &mut dyn FnMut(&mut serde_json::Map<String, Value>)) {
+        match v {
+            Value::Object(m) => {
+                if m.contains_key("reference") || m.get("type").is_some_and(Value::is_string) {
+                    f(m);
+                }
+                m.values_mut().for_each(|x| each_reference(x, f));
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| each_reference(x, f)),
+            _ => {}
+        }
+    }
+
+    /// ref-4001 as its Bundle, and the referral and client it was made from.
+    fn therapy_referral(mappings: &Mappings) -> (Value, Value, Value) {
+        let referral =
+            canonical(RecordKind::Referral, &read(&repo("fixtures/agency/referral/ref-4001.json"))).expect("valid");
+        let client = canonical(RecordKind::Client, &read(&repo("fixtures/agency/client/cl-1001.json"))).expect("valid");
+        let related = Related { client: Some(client.clone()), ..Related::default() };
+        let output = mappings.to_fhir(RecordKind::Referral, &referral, None, &related).expect("maps");
+        assert!(output.violations.is_empty(), "{:?}", output.violations);
+        (output.document(RecordKind::Referral), referral, client)
+    }
+
+    #[test]
+    fn references_in_the_older_literal_form_still_read_back() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let (mut bundle, referral, client) = therapy_referral(&mappings);
+        let mut rewritten = 0;
+        each_reference(&mut bundle, &mut |m| {
+            // As the mappings wrote them before references became logical: `Type/id`, no identifier.
+            if let (Some(ty), Some(value)) = (
+                m.get("type").and_then(Value::as_str).map(str::to_owned),
+                m.get("identifier").and_then(|i| i["value"].as_str()).map(str::to_owned),
+            ) && references::NEVER_DELIVERED.contains(&ty.as_str())
+            {
+                if value == "riverside-cmh" {
+                    // The agency had a type and a display only.
+                    m.remove("identifier");
+                    return;
+                }
+                m.remove("type");
+                m.insert("reference".into(), Value::String(format!("{ty}/{value}")));
+                rewritten += 1;
+            }
+            if m.contains_key("reference") {
+                m.remove("identifier");
+            }
+        });
+        assert_eq!(rewritten, 4, "requester, performer, the note's author and the Task's owner");
+        let back = mappings.referral_from_fhir(&[bundle], None).expect("inverts");
+        assert_came_back(&back, &referral, &client, Path::new("ref-4001 in the older form"));
+    }
+
+    #[test]
+    fn references_the_delivery_left_logical_read_back_by_their_identifiers() {
+        let mappings = Mappings::load(&repo("mappings")).expect("mappings load");
+        let (mut bundle, referral, client) = therapy_referral(&mappings);
+        let mut dropped = 0;
+        // The partner was never sent the care plan, its goals or the consent: the delivery drops `reference` and
+        // keeps the identifier of each.
+        each_reference(&mut bundle, &mut |m| {
+            if m.get("reference").and_then(Value::as_str).is_some_and(|r| !r.starts_with("urn:uuid:")) {
+                m.remove("reference");
+                dropped += 1;
+            }
+        });
+        assert_eq!(dropped, 4, "the care plan, two goals and the consent");
+        let back =
+            mappings.referral_from_fhir_with(&[bundle], None, inbound::Ids::Partner(&|_| None)).expect("inverts");
+        assert_came_back(&back, &referral, &client, Path::new("ref-4001 with logical references"));
     }
 
     #[test]
@@ -1694,9 +1796,37 @@ mod broken_files {
     }
 
     #[test]
-    fn a_required_element_no_template_writes_is_reported() {
+    fn a_literal_reference_to_staff_is_refused_at_its_line() {
+        let old = "type = \"Practitioner\"\nidentifier = { system = \"{@system_base}/staff\", value = \"{requester.staff_id}\" }";
         let (file, errors) =
-            load_with("referral.task.toml", "[template.for]\nreference = \"Patient/{client_id}\"\n", "");
+            load_with("referral.service_request.toml", old, "reference = \"Practitioner/{requester.staff_id}\"");
+        let want = line_of("referral.service_request.toml", "[template.requester]");
+        let hit = errors.iter().find(|e| e.file == file && e.message.contains("literal reference to a Practitioner"));
+        assert_eq!(hit.map(|e| e.line), Some(want), "{errors:?}");
+    }
+
+    #[test]
+    fn a_reference_to_an_agency_record_without_its_identifier_is_refused() {
+        let (file, errors) = load_with(
+            "referral.service_request.toml",
+            "identifier = { system = \"{@system_base}/consent\", value = \"{consent_id}\" }\n",
+            "",
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.file == file && e.message.contains("a reference to a Consent carries no identifier")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_required_element_no_template_writes_is_reported() {
+        let (file, errors) = load_with(
+            "referral.task.toml",
+            "[template.for]\nreference = \"Patient/{client_id}\"\nidentifier = { system = \"{@system_base}/client\", value = \"{client_id}\" }\n",
+            "",
+        );
         assert!(errors.iter().any(|e| e.file == file && e.message.contains("never writes `for`")), "{errors:?}");
     }
 }

@@ -78,7 +78,8 @@ pub enum Rule {
         #[serde(default)]
         us_core: Option<String>,
     },
-    /// Every `reference` at `path` points to one of `types`.
+    /// Every Reference at `path` points to one of `types`: its literal `reference`, or, for a logical reference
+    /// (identifier only, which FHIR R4 and the IGs we claim allow), its `type`.
     Reference {
         /// Where (a Reference element).
         path: String,
@@ -195,9 +196,15 @@ impl Profile {
                 }
                 Rule::Reference { types, .. } => {
                     for r in found {
-                        let Some(reference) = r.get("reference").and_then(Value::as_str) else { continue };
-                        let ty = reference.split(['/', '?']).next().unwrap_or("");
-                        let ok = reference.starts_with("urn:uuid:") || types.iter().any(|t| t == ty);
+                        let ok =
+                            match (r.get("reference").and_then(Value::as_str), r.get("type").and_then(Value::as_str)) {
+                                (Some(reference), _) => {
+                                    let ty = reference.split(['/', '?']).next().unwrap_or("");
+                                    reference.starts_with("urn:uuid:") || types.iter().any(|t| t == ty)
+                                }
+                                (None, Some(ty)) => types.iter().any(|t| t == ty),
+                                (None, None) => continue,
+                            };
                         if !ok {
                             fail(path, format!("{path} may only reference {}", types.join(" | ")));
                         }
@@ -235,6 +242,10 @@ type = "reference"
 path = "focus"
 types = ["ServiceRequest"]
 [[rule]]
+type = "reference"
+path = "owner"
+types = ["Organization"]
+[[rule]]
 type = "binding"
 path = "status"
 codes = ["requested", "accepted"]
@@ -245,9 +256,14 @@ us_core = "7.0.0"
     fn every_broken_rule_is_reported_with_its_path() {
         let profile: Profile = toml::from_str(TASK).expect("parses");
         let task = json!({"resourceType": "Task", "intent": "plan", "status": "draft",
-            "focus": {"reference": "Patient/1"}, "code": {"coding": [{"system": "x", "code": "fulfill"}]}});
+            "focus": {"reference": "Patient/1"}, "code": {"coding": [{"system": "x", "code": "fulfill"}]},
+            "owner": {"type": "Practitioner", "identifier": {"system": "urn:x:staff", "value": "s-1"}}});
         let paths: Vec<String> = profile.check(&task, "7.0.0").into_iter().map(|v| v.path).collect();
-        assert_eq!(paths, ["for", "intent", "code.coding", "focus", "status"]);
-        assert_eq!(profile.check(&task, "8.0.0").len(), 4, "the binding only applies to US Core 7");
+        assert_eq!(
+            paths,
+            ["for", "intent", "code.coding", "focus", "owner", "status"],
+            "a logical owner is checked by its type"
+        );
+        assert_eq!(profile.check(&task, "8.0.0").len(), 5, "the binding only applies to US Core 7");
     }
 }

@@ -506,6 +506,30 @@ impl Node {
         })
     }
 
+    /// The logical references the template writes (`type = "Practitioner"` beside an `identifier` with a constant
+    /// system): the type, the system, and whether the value is read from the record (a staff id) rather than
+    /// fixed (the agency's own identifier).
+    pub fn logical_references(&self, out: &mut Vec<(String, String, bool)>) {
+        match self {
+            Node::Object { fields, .. } => {
+                let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, n)| n);
+                if let (Some(Node::Lit(Value::String(ty), _)), Some(Node::Object { fields: id, .. })) =
+                    (field("type"), field("identifier"))
+                    && let Some((_, Node::Lit(Value::String(system), _))) = id.iter().find(|(k, _)| k == "system")
+                {
+                    let from_record = id.iter().any(|(k, n)| k == "value" && matches!(n, Node::Text(..)));
+                    out.push((ty.clone(), system.clone(), from_record));
+                }
+                fields.iter().for_each(|(_, n)| n.logical_references(out));
+            }
+            Node::Array(nodes, _) => nodes.iter().for_each(|n| n.logical_references(out)),
+            Node::Each { item, .. } => item.logical_references(out),
+            Node::Choice(alts, _) => alts.iter().for_each(|(_, n)| n.logical_references(out)),
+            Node::OneWay(inner, _) => inner.logical_references(out),
+            Node::Lit(..) | Node::Text(..) => {}
+        }
+    }
+
     /// Every element path the template can produce (arrays are transparent: `category.coding.code`).
     pub fn produced_paths(&self, prefix: &str, out: &mut HashSet<String>) {
         let join = |k: &str| if prefix.is_empty() { k.to_owned() } else { format!("{prefix}.{k}") };
