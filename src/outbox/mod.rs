@@ -798,7 +798,7 @@ enum Sent {
 /// references (`-` where the partner holds nothing). Equal fingerprints: nothing to send.
 fn fingerprint(resource: &Value, held: &HashMap<String, CrosswalkEntry>) -> String {
     let mut refs = Vec::new();
-    collect_references(resource, &mut refs);
+    plan::references(resource, &mut refs);
     let mut text = plan::content_hash(resource);
     for r in refs {
         text.push('|');
@@ -812,21 +812,6 @@ fn fingerprint(resource: &Value, held: &HashMap<String, CrosswalkEntry>) -> Stri
         }
     }
     plan::content_hash(&Value::String(text))
-}
-
-fn collect_references(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m {
-                match (k.as_str(), x) {
-                    ("reference", Value::String(r)) => out.push(r.clone()),
-                    _ => collect_references(x, out),
-                }
-            }
-        }
-        Value::Array(a) => a.iter().for_each(|x| collect_references(x, out)),
-        _ => {}
-    }
 }
 
 /// Why `consent` withholds `referral` from `partner` on `today`, if it does.

@@ -67,7 +67,7 @@ fn first_identifier(resource: &Value) -> Option<(String, String)> {
 }
 
 /// Every `reference` string in a resource.
-fn references(v: &Value, out: &mut Vec<String>) {
+pub(crate) fn references(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
             for (k, x) in m {
