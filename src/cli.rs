@@ -376,12 +376,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
                 return Ok(ExitCode::from(2));
             };
-            telemetry::init_logs(&settings.log);
-            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let store =
-                store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
-                    .await
-                    .context("cannot open the database")?;
+            let store = open_store(&settings).await?;
             let code = match command {
                 DirectoryCommand::Sync { source, incremental, force } => {
                     directory_sync(&store, &settings, source.as_deref(), incremental, force).await?
@@ -431,12 +426,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
                 return Ok(ExitCode::from(2));
             };
-            telemetry::init_logs(&settings.log);
-            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let store =
-                store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
-                    .await
-                    .context("cannot open the database")?;
+            let store = open_store(&settings).await?;
             let code = outbox_command(&store, &settings, command).await;
             store.close().await;
             code
@@ -458,6 +448,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Logs, the TLS provider and the store, for a subcommand that works on the database.
+async fn open_store(settings: &Settings) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    telemetry::init_logs(&settings.log);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
+        .await
+        .context("cannot open the database")
 }
 
 /// Runs one `outbox` subcommand.
@@ -547,41 +546,19 @@ async fn outbox_command(
         OutboxCommand::Replay { seq } | OutboxCommand::Discard { seq } => {
             let replay = matches!(command, OutboxCommand::Replay { .. });
             let now = OffsetDateTime::now_utc();
-            let Some((before, _)) = store.delivery(seq).await? else {
-                eprintln!("no delivery {seq}");
-                return Ok(ExitCode::from(1));
-            };
-            let allowed = if replay {
-                before.state != "pending"
-            } else {
-                ["pending", "held", "dead"].contains(&before.state.as_str())
-            };
-            if !allowed {
-                eprintln!(
-                    "delivery {seq} is {}: {}",
-                    before.state,
-                    if replay {
-                        "it is queued already"
-                    } else {
-                        "only pending, held or dead deliveries can be discarded"
-                    }
-                );
-                return Ok(ExitCode::from(1));
-            }
             let row =
                 if replay { store.replay_delivery(seq, now).await? } else { store.discard_delivery(seq, now).await? };
-            let Some(row) = row else {
+            let Some((row, changed)) = row else {
                 eprintln!("no delivery {seq}");
                 return Ok(ExitCode::from(1));
             };
             print_row(&row);
-            let done = if replay { row.state == "pending" } else { row.state == "discarded" };
-            if !done {
+            if !changed {
                 eprintln!(
                     "delivery {seq} is {}: {}",
                     row.state,
                     if replay {
-                        "a pending delivery is already queued, and a version older than one delivered cannot go again"
+                        "a pending delivery is queued already, and a version older than one delivered cannot go again"
                     } else {
                         "only pending (not in flight), held or dead deliveries can be discarded"
                     }

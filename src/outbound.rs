@@ -229,7 +229,7 @@ impl HttpClient {
 }
 
 /// The failure a transport error stands for, said plainly.
-fn name_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
+pub fn name_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
     if e.is_timeout() {
         return Failure::TimedOut { secs: timeout.as_secs() };
     }
@@ -238,8 +238,15 @@ fn name_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
         if let Some(tls) = c.downcast_ref::<rustls::Error>() {
             return Failure::Tls(tls.to_string());
         }
-        if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
-            return Failure::Refused;
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return Failure::Refused;
+            }
+            // A refused handshake is an io error wrapping the rustls one, and `source()` skips what it wraps.
+            if let Some(inner) = io.get_ref() {
+                cause = Some(inner);
+                continue;
+            }
         }
         cause = c.source();
     }

@@ -631,9 +631,9 @@ impl SmartClient {
             .body(form)
             .send()
             .await
-            .map_err(|e| unreachable(transport_failure(&e, self.timeout)))?;
+            .map_err(|e| unreachable(crate::outbound::name_failure(&e, self.timeout)))?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|e| unreachable(transport_failure(&e, self.timeout)))?;
+        let body = response.bytes().await.map_err(|e| unreachable(crate::outbound::name_failure(&e, self.timeout)))?;
         let json: Option<Value> = serde_json::from_slice(&body).ok();
         if !(200..300).contains(&status) {
             let field = |name: &str| json.as_ref().and_then(|j| j.get(name)).and_then(Value::as_str).map(words);
@@ -681,9 +681,9 @@ impl SmartClient {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| unreachable(transport_failure(&e, self.timeout)))?;
+            .map_err(|e| unreachable(crate::outbound::name_failure(&e, self.timeout)))?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|e| unreachable(transport_failure(&e, self.timeout)))?;
+        let body = response.bytes().await.map_err(|e| unreachable(crate::outbound::name_failure(&e, self.timeout)))?;
         if !(200..300).contains(&status) {
             return Err(unreachable(Failure::Status { status, body: words(&String::from_utf8_lossy(&body)) }));
         }
@@ -735,36 +735,6 @@ pub fn is_secure_endpoint(url: &reqwest::Url) -> bool {
 fn words(text: &str) -> String {
     let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     clean.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(SERVER_WORDS_CHARS).collect()
-}
-
-/// The failure a transport error stands for, said plainly, without the URL. A TLS error is found also inside
-/// the `io::Error`s that tokio-rustls and hyper wrap it in (`io::Error::source` skips the error it wraps).
-#[must_use]
-pub fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
-    if e.is_timeout() {
-        return Failure::TimedOut { secs: timeout.as_secs() };
-    }
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
-            return Failure::Tls(tls.to_string());
-        }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return Failure::Refused;
-            }
-            // Walk into the error it wraps: its `source()` would skip that one.
-            if let Some(inner) = io.get_ref() {
-                cause = Some(inner);
-                continue;
-            }
-        }
-        cause = c.source();
-    }
-    if e.is_connect() {
-        return Failure::Connect;
-    }
-    Failure::Transport(e.to_string().replace(e.url().map_or("", |u| u.as_str()), "(the server)"))
 }
 
 #[cfg(test)]

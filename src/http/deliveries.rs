@@ -191,25 +191,17 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     security(("api_key" = ["admin"])))]
 pub async fn replay(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Delivery>, ApiError> {
     let seq: i64 = id.parse().map_err(|_| not_found())?;
-    let (before, _) = state.store.delivery(seq).await.map_err(super::api::store_problem)?.ok_or_else(not_found)?;
-    if before.state == state::PENDING {
-        return Err(Problem::new(ProblemType::DeliveryState)
-            .detail("the delivery is pending: it is queued already")
-            .into());
-    }
-    let row = state
+    let (row, changed) = state
         .store
         .replay_delivery(seq, OffsetDateTime::now_utc())
         .await
         .map_err(super::api::store_problem)?
         .ok_or_else(not_found)?;
-    if row.state != state::PENDING {
-        return Err(Problem::new(ProblemType::DeliveryState)
-            .detail(format!(
-                "the delivery is {}: a version older than one delivered cannot go again over it",
-                row.state
-            ))
-            .into());
+    if !changed {
+        return Err(refused(
+            &row,
+            "a pending delivery is queued already, and a version older than one delivered cannot go again",
+        ));
     }
     Ok(Json(delivery(row, None)))
 }
@@ -223,25 +215,19 @@ pub async fn replay(State(state): State<AppState>, Path(id): Path<String>) -> Re
     security(("api_key" = ["admin"])))]
 pub async fn discard(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Delivery>, ApiError> {
     let seq: i64 = id.parse().map_err(|_| not_found())?;
-    let (before, _) = state.store.delivery(seq).await.map_err(super::api::store_problem)?.ok_or_else(not_found)?;
-    if ![state::PENDING, state::HELD, state::DEAD].contains(&before.state.as_str()) {
-        return Err(Problem::new(ProblemType::DeliveryState)
-            .detail(format!("the delivery is {}: only a pending, held or dead delivery can be discarded", before.state))
-            .into());
-    }
-    let row = state
+    let (row, changed) = state
         .store
         .discard_delivery(seq, OffsetDateTime::now_utc())
         .await
         .map_err(super::api::store_problem)?
         .ok_or_else(not_found)?;
-    if row.state != state::DISCARDED {
-        return Err(Problem::new(ProblemType::DeliveryState)
-            .detail(format!(
-                "the delivery is {}: only a pending (not in flight), held or dead delivery can be discarded",
-                row.state
-            ))
-            .into());
+    if !changed {
+        return Err(refused(&row, "only a pending (not in flight), held or dead delivery can be discarded"));
     }
     Ok(Json(delivery(row, None)))
+}
+
+/// 409: the delivery's state does not allow what was asked.
+fn refused(row: &DeliveryRow, why: &str) -> ApiError {
+    Problem::new(ProblemType::DeliveryState).detail(format!("the delivery is {}: {why}", row.state)).into()
 }

@@ -21,10 +21,9 @@ use super::auth::Caller;
 use super::extract::{ApiQuery, JsonBytes, PathText, parse_json};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::config::Scope;
-use crate::domain::{AgencyRecord, KindJob, RecordId, RecordKind, canonical_value};
+use crate::domain::{AgencyRecord, KindJob, RecordKind, canonical_value};
 use crate::mapping::profile::Violation;
 use crate::mapping::{MapError, Related};
-use crate::store::ListQuery;
 
 /// Query of a preview.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -87,16 +86,11 @@ pub async fn preview(
     // What other writers stored (the client, the needs' other records) is read only for a key that may read it.
     // Only what the mapping of this kind reads: the Patient for care plan and referral Bundles, the client's other
     // assessments and care plans for the needs of an assessment or a care plan.
-    let mut related = Related::default();
-    if caller.may(Scope::Read) {
-        if matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
-            related.client = client_of(&state, &record).await?;
-        }
-        if matches!(kind, RecordKind::Assessment | RecordKind::CarePlan) {
-            related.assessments = of_client(&state, RecordKind::Assessment, &record).await?;
-            related.care_plans = of_client(&state, RecordKind::CarePlan, &record).await?;
-        }
-    }
+    let related = if caller.may(Scope::Read) {
+        crate::outbox::related(&*state.store, kind, &record).await.map_err(super::api::store_problem)?
+    } else {
+        Related::default()
+    };
     let _slot = state.mapping_slots.acquire().await.map_err(|e| ApiError::internal(ProblemType::Internal, e))?;
     let mappings = state.mappings.clone();
     // The request's span goes along, so anything logged there (a panic too) carries the request id.
@@ -135,30 +129,4 @@ fn checked(kind: RecordKind, bytes: &[u8]) -> Result<Value, ApiError> {
         }
     }
     kind.with_type(Check(bytes))
-}
-
-/// The stored client a care plan or referral names, for the `Patient` entry of its Bundle.
-/// The stored records of `kind` of the record's client, every page (none when the record names no client).
-async fn of_client(state: &AppState, kind: RecordKind, record: &Value) -> Result<Vec<Value>, ApiError> {
-    let Some(id) = record.get("client_id").and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok()) else {
-        return Ok(Vec::new());
-    };
-    let mut query = ListQuery { kind, client_id: Some(id), status: None, updated_since: None, after: None, limit: 200 };
-    let mut out = Vec::new();
-    loop {
-        let page = state.store.list_records(&query).await.map_err(super::api::store_problem)?;
-        out.extend(page.items.iter().filter_map(|s| serde_json::from_str(&s.body).ok()));
-        match page.next_after {
-            Some(after) => query.after = Some(after),
-            None => return Ok(out),
-        }
-    }
-}
-
-async fn client_of(state: &AppState, record: &Value) -> Result<Option<Value>, ApiError> {
-    let Some(id) = record.get("client_id").and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok()) else {
-        return Ok(None);
-    };
-    let stored = state.store.get_record(RecordKind::Client, &id).await.map_err(super::api::store_problem)?;
-    Ok(stored.and_then(|s| serde_json::from_str(&s.body).ok()))
 }

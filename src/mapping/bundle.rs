@@ -17,7 +17,9 @@ pub fn full_url(reference: &str) -> String {
     format!("urn:uuid:{}", uuid::Uuid::new_v5(&BUNDLE_UUID_NAMESPACE, reference.as_bytes()))
 }
 
-fn first_identifier(resource: &Value) -> Option<(String, String)> {
+/// The (`system`, `value`) of a resource's first identifier.
+#[must_use]
+pub fn first_identifier(resource: &Value) -> Option<(String, String)> {
     let id = resource.get("identifier")?;
     let id = if id.is_array() { id.get(0)? } else { id };
     Some((id.get("system")?.as_str()?.to_owned(), id.get("value")?.as_str()?.to_owned()))

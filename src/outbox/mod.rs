@@ -98,11 +98,9 @@ impl Verdict {
 
     fn of_failure(what: &str, failure: &Failure) -> Verdict {
         let detail = format!("{what}: {failure}");
+        // A write's HTTP answers are replies (`of_reply`); a failure is a request that got none, or could not be built.
         match failure {
             Failure::Build(_) => Verdict::Dead { detail, status: None, operation_outcome: None },
-            Failure::Status { status, .. } if !(matches!(status, 408 | 429) || *status >= 500) => {
-                Verdict::Dead { detail, status: Some(*status), operation_outcome: None }
-            }
             _ => Verdict::Retry { detail, status: None, retry_after: None, operation_outcome: None },
         }
     }
@@ -671,9 +669,10 @@ impl Worker {
             })?;
             match read {
                 Some(r) => {
-                    let entry = s.held.get_mut(local).expect("held");
-                    entry.version_id = r.pointer("/meta/versionId").and_then(Value::as_str).map(str::to_owned);
-                    entry.content_hash = String::new();
+                    if let Some(entry) = s.held.get_mut(local) {
+                        entry.version_id = r.pointer("/meta/versionId").and_then(Value::as_str).map(str::to_owned);
+                        entry.content_hash = String::new();
+                    }
                 }
                 None => {
                     s.held.remove(local);

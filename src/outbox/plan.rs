@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::mapping::bundle::full_url;
+use crate::mapping::bundle::{first_identifier, full_url};
 use crate::mapping::{Emitted, RequestKind};
 use crate::store::CrosswalkEntry;
 
@@ -58,12 +58,6 @@ pub fn entries(resources: Vec<Emitted>) -> Result<Vec<Entry>, PlanError> {
             Ok(Entry { local_ref, resource_type: ty, identifier, request: e.request, resource: e.resource })
         })
         .collect()
-}
-
-fn first_identifier(resource: &Value) -> Option<(String, String)> {
-    let id = resource.get("identifier")?;
-    let id = if id.is_array() { id.get(0)? } else { id };
-    Some((id.get("system")?.as_str()?.to_owned(), id.get("value")?.as_str()?.to_owned()))
 }
 
 /// Every `reference` string in a resource.

@@ -114,17 +114,6 @@ pub struct RecordWrite {
     pub deliver_to: Vec<String>,
 }
 
-/// One outbox row: a version of a record owed to a partner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    /// The partner.
-    pub partner: String,
-    /// The record version owed.
-    pub version: i64,
-    /// `pending` until a worker settles it.
-    pub state: String,
-}
-
 /// Who made a change, and in which request.
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -267,9 +256,6 @@ pub trait Store: Catalog + SyncJobs + Outbox + Send + Sync + 'static {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> Result<SaveOutcome, StoreError>;
-
-    /// The outbox rows of one record, oldest version first.
-    async fn deliveries(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<Delivery>, StoreError>;
 
     /// The current version of a record.
     ///

@@ -243,17 +243,19 @@ pub trait Outbox: Send + Sync {
     async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError>;
 
     /// Puts a row back in the queue (due now) from any state but `pending`; a row of an older version than one
-    /// already delivered cannot come back (it would overwrite the newer one). The row as it is afterwards.
+    /// already delivered cannot come back (it would overwrite the newer one). The row as it is afterwards, and
+    /// whether it changed (`None`: no such row).
     ///
     /// # Errors
     /// `Database`.
-    async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError>;
+    async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError>;
 
-    /// Gives a waiting row up (`pending`, `held` or `dead` → `discarded`). The row as it is afterwards.
+    /// Gives a waiting row up (`pending` and not in flight, `held` or `dead` → `discarded`). The row as it is
+    /// afterwards, and whether it changed (`None`: no such row).
     ///
     /// # Errors
     /// `Database`.
-    async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError>;
+    async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError>;
 
     /// Rows per partner and state, with the oldest of each, for the states that wait (`pending`, `held`, `dead`).
     ///
@@ -483,11 +485,8 @@ macro_rules! impl_outbox {
             }
 
             async fn delivery(&self, seq: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>, StoreError> {
-                let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
-                    .bind(seq)
-                    .fetch_optional(self.reader())
-                    .await?;
-                let Some(row) = row else { return Ok(None) };
+                let mut conn = self.reader().acquire().await?;
+                let Some(row) = Self::row_in(&mut conn, seq).await? else { return Ok(None) };
                 let attempts: Vec<(i64, i64, String, Option<i64>, String, Option<String>)> = sqlx::query_as(
                     "SELECT at, ms, outcome, status, detail, operation_outcome FROM outbox_attempts \
                      WHERE delivery = $1 ORDER BY seq",
@@ -506,7 +505,7 @@ macro_rules! impl_outbox {
                         operation_outcome,
                     })
                     .collect();
-                Ok(Some((delivery_row(row)?, attempts)))
+                Ok(Some((row, attempts)))
             }
 
             async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
@@ -541,10 +540,10 @@ macro_rules! impl_outbox {
                 rows.into_iter().map(delivery_row).collect()
             }
 
-            async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError> {
+            async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError> {
                 let now = to_micros(now);
                 let mut tx = self.writer().begin_with($begin).await?;
-                sqlx::query(
+                let changed = sqlx::query(
                     "UPDATE outbox SET state = 'pending', not_before = $2, updated_at = $2, lease_owner = NULL, \
                      lease_until = NULL, detail = 'replayed by an operator' WHERE seq = $1 AND state <> 'pending' \
                      AND NOT EXISTS (SELECT 1 FROM outbox n WHERE n.kind = outbox.kind AND n.id = outbox.id \
@@ -553,19 +552,18 @@ macro_rules! impl_outbox {
                 .bind(seq)
                 .bind(now)
                 .execute(&mut *tx)
-                .await?;
-                let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
-                    .bind(seq)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                .await?
+                .rows_affected()
+                    == 1;
+                let row = Self::row_in(&mut tx, seq).await?;
                 tx.commit().await?;
-                row.map(delivery_row).transpose()
+                Ok(row.map(|r| (r, changed)))
             }
 
-            async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<DeliveryRow>, StoreError> {
+            async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError> {
                 let now = to_micros(now);
                 let mut tx = self.writer().begin_with($begin).await?;
-                sqlx::query(
+                let changed = sqlx::query(
                     "UPDATE outbox SET state = 'discarded', updated_at = $2, lease_owner = NULL, lease_until = NULL, \
                      detail = 'discarded by an operator' WHERE seq = $1 AND state IN ('pending', 'held', 'dead') \
                      AND (lease_until IS NULL OR lease_until <= $2)",
@@ -573,13 +571,12 @@ macro_rules! impl_outbox {
                 .bind(seq)
                 .bind(now)
                 .execute(&mut *tx)
-                .await?;
-                let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
-                    .bind(seq)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                .await?
+                .rows_affected()
+                    == 1;
+                let row = Self::row_in(&mut tx, seq).await?;
                 tx.commit().await?;
-                row.map(delivery_row).transpose()
+                Ok(row.map(|r| (r, changed)))
             }
 
             async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
@@ -597,6 +594,19 @@ macro_rules! impl_outbox {
         }
 
         impl SqlStore<$db> {
+            /// One row by its number.
+            async fn row_in(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                seq: i64,
+            ) -> Result<Option<DeliveryRow>, StoreError> {
+                let row: Option<Row> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM outbox WHERE seq = $1")))
+                        .bind(seq)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                row.map(delivery_row).transpose()
+            }
+
             async fn put_crosswalk(
                 tx: &mut <$db as sqlx::Database>::Connection,
                 entries: &[CrosswalkEntry],

@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use super::catalog::Catalog;
 use super::group_commit::GroupCommit;
 use super::{
-    Actor, AuditEvent, Change, Delivery, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite,
-    SaveOutcome, Store, StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
+    Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store,
+    StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
 };
 use crate::domain::{RecordId, RecordKind};
 
@@ -313,18 +313,6 @@ macro_rules! impl_store {
                     Some(outcome) => Ok(outcome),
                     None => Err(StoreError::PreconditionFailed { current: None }),
                 }
-            }
-
-            async fn deliveries(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<Delivery>, StoreError> {
-                let rows: Vec<(String, i64, String)> = sqlx::query_as(
-                    "SELECT partner, version, state FROM outbox WHERE kind = $1 AND id = $2 \
-                     ORDER BY version, partner",
-                )
-                .bind(kind.as_str())
-                .bind(id.as_str())
-                .fetch_all(&self.reader)
-                .await?;
-                Ok(rows.into_iter().map(|(partner, version, state)| Delivery { partner, version, state }).collect())
             }
 
             async fn get_record(&self, kind: RecordKind, id: &RecordId) -> Result<Option<StoredRecord>, StoreError> {

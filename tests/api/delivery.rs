@@ -353,8 +353,9 @@ async fn versions_written_before_a_delivery_go_as_one_the_newest() {
     assert_eq!(phone.expect("phone")["value"], "+1-503-555-0103");
     // A superseded version cannot be replayed over the newer one.
     let v1 = w.rows(RecordKind::Client, "cl-1001").await.remove(0);
-    let after = w.store.replay_delivery(v1.seq, T0).await.expect("replay").expect("row");
+    let (after, changed) = w.store.replay_delivery(v1.seq, T0).await.expect("replay").expect("row");
     assert_eq!(after.state, "superseded");
+    assert!(!changed);
 }
 
 #[tokio::test]

@@ -84,9 +84,12 @@ async fn owed(app: &crate::helpers::TestApp, kind: carebridge::domain::RecordKin
     let url = format!("sqlite:{}", app.dir.path().join("carebridge.db").display());
     let store = carebridge::store::connect(&url, 1, std::time::Duration::from_secs(5)).await.expect("the database");
     let id = carebridge::domain::RecordId::parse(id).expect("an id");
-    let rows = store.deliveries(kind, &id).await.expect("deliveries");
+    let filter = carebridge::store::DeliveryFilter { record: Some((kind, id)), limit: 1000, ..Default::default() };
+    let rows = store.list_deliveries(&filter).await.expect("deliveries");
     store.close().await;
-    rows.into_iter().map(|d| (d.version, d.partner)).collect()
+    let mut owed: Vec<(i64, String)> = rows.into_iter().map(|d| (d.version, d.partner)).collect();
+    owed.sort();
+    owed
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use carebridge::domain::{RecordId, RecordKind};
 use carebridge::store::{
-    Actor, AttemptRow, Begun, Change, ListQuery, NewSyncJob, Precondition, RecordWrite, SaveOutcome, Settle,
-    Settlement, Store, StoreError, SyncJobEnd, connect,
+    Actor, AttemptRow, Begun, Change, DeliveryFilter, ListQuery, NewSyncJob, Precondition, RecordWrite, SaveOutcome,
+    Settle, Settlement, Store, StoreError, SyncJobEnd, connect,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -64,13 +64,18 @@ async fn a_write_and_its_deliveries_are_one(store: Arc<dyn Store>) {
     let refused = s.save_record(&write(r#"{"v":2}"#), Precondition::Version(7), &actor(), t0()).await;
     assert!(matches!(refused, Err(StoreError::PreconditionFailed { .. })), "{refused:?}");
     s.save_record(&write(r#"{"v":2}"#), Precondition::None, &actor(), t0()).await.expect("v2");
-    let rows: Vec<(i64, String, String)> = s
-        .deliveries(RecordKind::Referral, &r)
+    let mut rows: Vec<(i64, String, String)> = s
+        .list_deliveries(&DeliveryFilter {
+            record: Some((RecordKind::Referral, r.clone())),
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .expect("deliveries")
         .into_iter()
         .map(|d| (d.version, d.partner, d.state))
         .collect();
+    rows.sort();
     let pending = |v: i64, p: &str| (v, p.to_owned(), "pending".to_owned());
     assert_eq!(
         rows,
@@ -453,8 +458,17 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
     let a = s.claim_deliveries(&partner, "worker-a", 10, t0(), until).await.expect("claim");
     let got: Vec<(RecordKind, i64)> = a.iter().map(|r| (r.kind, r.version)).collect();
     assert_eq!(got, [(RecordKind::Client, 3)], "the newest client version only; the referral waits for it");
-    let states: Vec<String> =
-        s.deliveries(RecordKind::Client, &id("cl-claim")).await.expect("rows").into_iter().map(|d| d.state).collect();
+    let states: Vec<String> = s
+        .list_deliveries(&DeliveryFilter {
+            record: Some((RecordKind::Client, id("cl-claim"))),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|d| d.state)
+        .collect();
     assert_eq!(states, ["superseded", "superseded", "pending"]);
     assert!(s.claim_deliveries(&partner, "worker-b", 10, t0(), until).await.expect("claim").is_empty());
     // The lease lapses: another worker takes the row over.
