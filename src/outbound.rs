@@ -9,6 +9,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use time::OffsetDateTime;
 
+use crate::fhir::auth::ClientTls;
+
 /// Why a request to another server failed, said plainly.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
@@ -41,6 +43,9 @@ pub enum Failure {
     /// The HTTP client could not be built.
     #[error("the HTTP client could not be built: {0}")]
     Build(String),
+    /// No credential for the request: the partner's token endpoint could not be reached or refused the gateway.
+    #[error("no access token: {0}")]
+    Credential(String),
 }
 
 /// The `User-Agent` every outbound request carries.
@@ -134,11 +139,24 @@ impl HttpClient {
     /// # Errors
     /// When the HTTP client cannot be built.
     pub fn new(timeout: Duration, retry: RetryPolicy, headers: Vec<(String, String)>) -> Result<Self, Failure> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .user_agent(USER_AGENT)
-            .build()
-            .map_err(|e| Failure::Build(e.to_string()))?;
+        Self::with_tls(timeout, retry, headers, None)
+    }
+
+    /// [`HttpClient::new`], presenting `tls`'s client certificate and trusting only its CAs when it has a bundle.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built (reqwest refuses the identity).
+    pub fn with_tls(
+        timeout: Duration,
+        retry: RetryPolicy,
+        headers: Vec<(String, String)>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, Failure> {
+        let mut builder = reqwest::Client::builder().timeout(timeout).user_agent(USER_AGENT);
+        if let Some(tls) = tls {
+            builder = tls.apply(builder).map_err(|e| Failure::Build(e.to_string()))?;
+        }
+        let client = builder.build().map_err(|e| Failure::Build(e.to_string()))?;
         Ok(HttpClient { client, timeout, retry, headers })
     }
 
@@ -148,13 +166,27 @@ impl HttpClient {
     /// The last attempt's failure, named (`TimedOut`, `Refused`, `Tls`, `Connect`, `Status` with the body's
     /// summary).
     pub async fn get(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, Failure> {
+        self.get_with(url, query, accept, &[]).await
+    }
+
+    /// [`HttpClient::get`] with `extra` headers on every attempt (a per-request credential).
+    ///
+    /// # Errors
+    /// As [`HttpClient::get`].
+    pub async fn get_with(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+        accept: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Answer, Failure> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
             .with_max_times(self.retry.retries)
             .with_jitter();
         let max_wait = self.retry.retry_after_max;
-        (|| self.attempt(url, query, accept))
+        (|| self.attempt(url, query, accept, extra))
             .retry(backoff)
             .when(|f: &Failed| f.retryable)
             // A source that says when to come back is believed, up to the clamp; `None` means no retries left.
@@ -200,10 +232,19 @@ impl HttpClient {
         Ok(Reply { status, location, etag, retry_after, body })
     }
 
-    async fn attempt(&self, url: &str, query: &[(&str, String)], accept: &str) -> Result<Answer, Failed> {
+    async fn attempt(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+        accept: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Answer, Failed> {
         let mut request = self.client.get(url).query(query).header(reqwest::header::ACCEPT, accept);
         for (name, value) in &self.headers {
             request = request.header(name.as_str(), value.as_str());
+        }
+        for (name, value) in extra {
+            request = request.header(*name, value.as_str());
         }
         let response = request.send().await.map_err(|e| self.failed(&e))?;
         let status = response.status().as_u16();

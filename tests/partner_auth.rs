@@ -12,9 +12,15 @@ use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use carebridge::config::{Overrides, Settings};
+use carebridge::domain::{Client, RecordId, RecordKind};
 use carebridge::fhir::auth::{AuthError, ClientTls, Endpoint, TokenSource};
+use carebridge::intake::{self, Intake};
+use carebridge::mapping::Mappings;
 use carebridge::outbound::Failure;
-use carebridge::partners::PartnerSettings;
+use carebridge::outbox::Worker;
+use carebridge::partners::{PartnerSettings, Partners};
+use carebridge::store::{self, Actor, Change, DeliveryFilter, Precondition};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
@@ -351,7 +357,13 @@ fn pki() -> Pki {
 }
 
 /// An HTTPS server that requires a client certificate from the test CA; counts the handshakes that presented one.
-async fn spawn_mtls_server(pki: &Pki, app: Router) -> (String, Arc<AtomicUsize>) {
+async fn bind() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("https://{}", listener.local_addr().expect("addr"));
+    (listener, base)
+}
+
+async fn spawn_mtls_server(pki: &Pki, listener: tokio::net::TcpListener, app: Router) -> Arc<AtomicUsize> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).expect("CA root");
@@ -367,8 +379,6 @@ async fn spawn_mtls_server(pki: &Pki, app: Router) -> (String, Arc<AtomicUsize>)
         .expect("server config");
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("https://{}", listener.local_addr().expect("addr"));
     let presented = Arc::new(AtomicUsize::new(0));
     let seen = presented.clone();
     tokio::spawn(async move {
@@ -386,7 +396,7 @@ async fn spawn_mtls_server(pki: &Pki, app: Router) -> (String, Arc<AtomicUsize>)
             });
         }
     });
-    (base, presented)
+    presented
 }
 
 fn tls_table(cert: Option<&str>, key: Option<&str>, ca: Option<&str>) -> String {
@@ -415,7 +425,8 @@ async fn a_server_requiring_a_client_certificate_accepts_ours_and_the_partner_ca
         token_requests: AtomicUsize::new(0),
         discoveries: AtomicUsize::new(0),
     });
-    let (base, presented) = spawn_mtls_server(&pki, router(token_server)).await;
+    let (listener, base) = bind().await;
+    let presented = spawn_mtls_server(&pki, listener, router(token_server)).await;
 
     let with = partner(&base, "type = \"none\"", &tls_table(Some(&cert), Some(&key), Some(&ca)));
     let tls = ClientTls::from_settings(&with.name, with.tls.as_ref().expect("tls")).expect("identity");
@@ -442,4 +453,97 @@ async fn a_server_requiring_a_client_certificate_accepts_ours_and_the_partner_ca
         assert!(!err.is_transient(), "{what}");
     }
     assert_eq!(presented.load(Ordering::SeqCst), 1);
+}
+
+/// A partner EHR behind mutual TLS whose FHIR endpoint wants a SMART access token from its own token endpoint, and
+/// takes the first token as revoked (401): the delivery presents our certificate, obtains a token with a signed
+/// assertion, is refused once, obtains another and is delivered, with one Patient created.
+#[tokio::test]
+async fn a_delivery_goes_through_mutual_tls_with_a_smart_token_renewed_after_a_401() {
+    install_provider();
+    let pki = pki();
+    let keys = keys();
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, cert, key) = (
+        write(&dir, "ca.pem", &pki.ca),
+        write(&dir, "client.pem", &pki.client),
+        write(&dir, "client.key", &pki.client_key),
+    );
+    let key_file = write(&dir, "rsa.pem", &keys.rsa);
+    let (listener, base) = bind().await;
+    let token_server = Arc::new(TokenServer {
+        base: base.clone(),
+        jwks: keys.jwks.clone(),
+        now: Mutex::new(OffsetDateTime::now_utc()),
+        token_requests: AtomicUsize::new(0),
+        discoveries: AtomicUsize::new(0),
+    });
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let log = seen.clone();
+    let ehr = Router::new().route(
+        "/r4/Patient",
+        post(move |headers: axum::http::HeaderMap, Json(patient): Json<Value>| {
+            let log = log.clone();
+            async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let cond = headers.get("if-none-exist").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                log.lock().expect("log").push((auth.clone(), cond));
+                if auth != "Bearer token-2" {
+                    let outcome = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+                        "code": "security", "diagnostics": "token revoked"}]});
+                    return (StatusCode::UNAUTHORIZED, axum::http::HeaderMap::new(), Json(outcome));
+                }
+                let mut answer = axum::http::HeaderMap::new();
+                answer.insert("location", "Patient/p-1/_history/1".parse().expect("header"));
+                (StatusCode::CREATED, answer, Json(patient))
+            }
+        }),
+    );
+    let presented = spawn_mtls_server(&pki, listener, router(token_server.clone()).merge(ehr)).await;
+
+    let partner = partner(
+        &format!("{base}/r4"),
+        &smart_auth(Some(&format!("{base}/token")), &key_file, "rsa-1"),
+        &tls_table(Some(&cert), Some(&key), Some(&ca)),
+    );
+    // Single requests (no transactions): each is seen on its own.
+    let partner = PartnerSettings { receives: vec!["client".into()], max_transaction_entries: 0, ..partner };
+    let partners = Partners::new(&[partner]);
+    let url = format!("sqlite:{}", dir.path().join("carebridge.db").display());
+    let store = store::connect(&url, 4, Duration::from_secs(5)).await.expect("store");
+    let mappings =
+        Arc::new(Mappings::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")).expect("mappings"));
+    let mut settings = Settings::load_with_env(None, &Overrides::default(), []).expect("settings").outbox;
+    settings.timeout_secs = 10;
+    let worker = Worker::new(store.clone(), mappings, &partners, &settings).expect("worker");
+
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/agency/client/cl-1001.json"))
+        .expect("fixture");
+    let client: Client = serde_json::from_str(&text).expect("client");
+    let now = OffsetDateTime::now_utc();
+    let actor = Actor { key_name: "test".into(), request_id: "req".into() };
+    let id = RecordId::parse("cl-1001").expect("id");
+    intake::put(
+        Intake { store: &*store, partners: &partners },
+        id.clone(),
+        client,
+        Precondition::None,
+        &actor,
+        Change::Put,
+        now,
+    )
+    .await
+    .expect("saved");
+    let report = worker.run_once(now).await.expect("pass");
+    let filter = DeliveryFilter { record: Some((RecordKind::Client, id)), limit: 10, ..DeliveryFilter::default() };
+    let rows = store.list_deliveries(&filter).await.expect("rows");
+    assert_eq!((report.claimed, report.delivered), (1, 1), "{rows:?}");
+    assert_eq!(rows.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(), ["delivered"]);
+
+    let seen = seen.lock().expect("log").clone();
+    let auths: Vec<&str> = seen.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(auths, ["Bearer token-1", "Bearer token-2"], "refused once, then a new token");
+    assert!(seen.iter().all(|(_, c)| c == "identifier=https://agency.example.org/fhir/sid/client|cl-1001"));
+    assert_eq!(token_server.token_requests.load(Ordering::SeqCst), 2);
+    assert!(presented.load(Ordering::SeqCst) >= 1, "our client certificate was presented");
 }

@@ -31,7 +31,8 @@ use super::{
     TaxonomyTerm, gateway_id,
 };
 use crate::domain::ServiceCode;
-use crate::fhir::client::{self, Credential, FhirClient};
+use crate::fhir::auth::TokenSource;
+use crate::fhir::client::{self, FhirClient};
 use crate::mapping::terminology::{self, AGENCY_VOCABULARY};
 use crate::mapping::{LoadError, LoadErrors};
 use crate::outbound::RetryPolicy;
@@ -517,9 +518,9 @@ impl FhirDirectory {
         timeout: Duration,
         categories: CategoryMap,
     ) -> Result<Self, SourceError> {
-        let credential = bearer_token.map_or(Credential::None, Credential::Bearer);
+        let token = bearer_token.map_or(TokenSource::None, TokenSource::Bearer);
         // Not retried yet: its sync reads follow references page by page, and its faults are tested as they are.
-        let client = FhirClient::new(base_url, timeout, RetryPolicy::NONE, credential)?;
+        let client = FhirClient::new(base_url, timeout, RetryPolicy::NONE, token, None)?;
         Ok(FhirDirectory { name: name.to_owned(), per_page: per_page.max(1), categories, client })
     }
 

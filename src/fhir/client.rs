@@ -1,12 +1,16 @@
-//! The one FHIR REST client: what the FHIR directory source reads and partner delivery will write through.
-//! `application/fhir+json` both ways, one [`HttpClient`] per server (timeouts, retries, named failures), the
-//! server's credential on every request, and reads by relative reference or search.
+//! The one FHIR REST client: what the FHIR directory source reads and partner delivery writes through.
+//! `application/fhir+json` both ways, one [`HttpClient`] per server (timeouts, retries, named failures, the
+//! partner's client certificate and CAs), the server's `Authorization` on every request (a SMART access token
+//! renewed once when the server answers 401), and reads by relative reference or search.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
+use time::OffsetDateTime;
+
 use super::FHIR_JSON;
+use super::auth::{ClientTls, TokenSource};
 use crate::outbound::{Failure, HttpClient, Reply, RetryPolicy};
 
 /// Why a FHIR call gave no usable answer.
@@ -20,37 +24,52 @@ pub enum FhirError {
     Malformed(String),
 }
 
-/// How the gateway authenticates to a FHIR server.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Credential {
-    /// No credential.
-    #[default]
-    None,
-    /// `Authorization: Bearer <token>`.
-    Bearer(String),
-}
-
 /// A client of one FHIR R4 server.
 pub struct FhirClient {
     base: String,
     http: HttpClient,
+    token: TokenSource,
 }
 
 impl FhirClient {
     /// A client of the server at `base_url` (the FHIR base, `https://…/r4`), attempts giving up after `timeout`,
-    /// reads retried as `retry` says.
+    /// reads retried as `retry` says, each request carrying `token`'s `Authorization` and presenting `tls`'s
+    /// client certificate.
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(base_url: &str, timeout: Duration, retry: RetryPolicy, credential: Credential) -> Result<Self, Failure> {
-        let headers = match credential {
-            Credential::None => Vec::new(),
-            Credential::Bearer(token) => vec![("authorization".to_owned(), format!("Bearer {token}"))],
-        };
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        retry: RetryPolicy,
+        token: TokenSource,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, Failure> {
         Ok(FhirClient {
             base: base_url.trim_end_matches('/').to_owned(),
-            http: HttpClient::new(timeout, retry, headers)?,
+            http: HttpClient::with_tls(timeout, retry, Vec::new(), tls)?,
+            token,
         })
+    }
+
+    /// The `Authorization` header of a request made now (none without a credential).
+    async fn authorization(&self) -> Result<Vec<(&'static str, String)>, Failure> {
+        match self.token.authorization(OffsetDateTime::now_utc()).await {
+            Ok(Some(value)) => Ok(vec![("authorization", value)]),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(Failure::Credential(e.to_string())),
+        }
+    }
+
+    /// Whether a 401 may be cured by another access token: the cached one is forgotten (SMART only; a static
+    /// bearer token or none would be refused again).
+    async fn renew_after_401(&self) -> bool {
+        if !matches!(self.token, TokenSource::Smart(_)) {
+            return false;
+        }
+        tracing::info!(server = %self.base, "The server refused the access token (401); obtaining another.");
+        self.token.forget_token().await;
+        true
     }
 
     /// The server's base URL, without a trailing `/`.
@@ -64,7 +83,12 @@ impl FhirClient {
     /// # Errors
     /// A failed request, or a body that is not JSON.
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Option<Value>, FhirError> {
-        let answer = self.http.get(&format!("{}/{path}", self.base), query, FHIR_JSON).await?;
+        let url = format!("{}/{path}", self.base);
+        let mut answer = self.http.get_with(&url, query, FHIR_JSON, &self.authorization().await?).await;
+        if matches!(answer, Err(Failure::Status { status: 401, .. })) && self.renew_after_401().await {
+            answer = self.http.get_with(&url, query, FHIR_JSON, &self.authorization().await?).await;
+        }
+        let answer = answer?;
         if answer.is_gone() {
             return Ok(None);
         }
@@ -85,10 +109,19 @@ impl FhirClient {
         body: &Value,
     ) -> Result<Reply, Failure> {
         let url = if path.is_empty() { self.base.clone() } else { format!("{}/{path}", self.base) };
-        let mut all = vec![("content-type", FHIR_JSON.to_owned()), ("accept", FHIR_JSON.to_owned())];
-        all.extend(headers.iter().map(|(k, v)| (*k, v.clone())));
         let bytes = serde_json::to_vec(body).map_err(|e| Failure::Build(e.to_string()))?;
-        self.http.send(method, &url, &all, Some(bytes)).await
+        let send = || async {
+            let mut all = vec![("content-type", FHIR_JSON.to_owned()), ("accept", FHIR_JSON.to_owned())];
+            all.extend(headers.iter().map(|(k, v)| (*k, v.clone())));
+            all.extend(self.authorization().await?);
+            self.http.send(method.clone(), &url, &all, Some(bytes.clone())).await
+        };
+        let reply = send().await?;
+        // A refused token has changed nothing on the server: the same write, once more with a new token.
+        if reply.status == 401 && self.renew_after_401().await {
+            return send().await;
+        }
+        Ok(reply)
     }
 
     /// Reads `Type/id`; `None` when the server has no such resource, or answers with another resource type.

@@ -27,10 +27,11 @@ use time::OffsetDateTime;
 
 use crate::config::OutboxSettings;
 use crate::domain::{Consent, ConsentStatus, RecordId, RecordKind, Referral};
-use crate::fhir::client::{Credential, FhirClient, matches};
+use crate::fhir::auth::PartnerCredentials;
+use crate::fhir::client::{FhirClient, matches};
 use crate::mapping::{MapError, Mappings, Related, RequestKind};
 use crate::outbound::{Failure, Reply, RetryPolicy};
-use crate::partners::{PartnerAuth, PartnerSettings, Partners};
+use crate::partners::{PartnerSettings, Partners};
 use crate::store::{AttemptRow, CrosswalkEntry, DeliveryRow, ListQuery, Settle, Settlement, Store, StoreError};
 use plan::{Entry, PARTNER_OWNED};
 
@@ -101,6 +102,8 @@ impl Verdict {
         // A write's HTTP answers are replies (`of_reply`); a failure is a request that got none, or could not be built.
         match failure {
             Failure::Build(_) => Verdict::Dead { detail, status: None, operation_outcome: None },
+            // The partner's token endpoint down or refusing us says nothing against the record: tried again on the
+            // schedule (an operator fixing the registration meanwhile), dead only when the schedule is spent.
             _ => Verdict::Retry { detail, status: None, retry_after: None, operation_outcome: None },
         }
     }
@@ -164,20 +167,11 @@ impl Worker {
     ) -> Result<Self, String> {
         let mut links = Vec::new();
         for p in partners.iter() {
-            let credential = match &p.auth {
-                PartnerAuth::None => Credential::None,
-                PartnerAuth::Bearer { token_env } => Credential::Bearer(
-                    std::env::var(token_env)
-                        .map_err(|_| format!("partner `{}`: the variable {token_env} is not set", p.name))?,
-                ),
-                PartnerAuth::SmartBackend { .. } => {
-                    tracing::warn!(partner = %p.name, "SMART backend authentication is not wired to delivery yet; its deliveries wait.");
-                    continue;
-                }
-            };
             let timeout = Duration::from_secs(p.timeout_secs.unwrap_or(settings.timeout_secs));
-            let client = FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credential)
-                .map_err(|e| format!("partner `{}`: {e}", p.name))?;
+            let credentials = PartnerCredentials::from_settings(p, timeout).map_err(|e| e.to_string())?;
+            let client =
+                FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credentials.token, credentials.tls.as_ref())
+                    .map_err(|e| format!("partner `{}`: {e}", p.name))?;
             links.push(Link { settings: p.clone(), client });
         }
         Ok(Worker { store, mappings, links, settings: settings.clone(), owner: uuid::Uuid::new_v4().to_string() })
