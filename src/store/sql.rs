@@ -269,6 +269,19 @@ macro_rules! impl_store {
                         .execute(&mut *tx)
                         .await?;
                     }
+                    // A consent written may be the one a held delivery waits for: the client's held rows are
+                    // looked at again at once (the worker decides anew; one still withheld is held again).
+                    if write.kind == RecordKind::Consent
+                        && let Some(client) = client
+                    {
+                        sqlx::query(
+                            "UPDATE outbox SET not_before = $1 WHERE state = 'held' AND client_id = $2 AND not_before > $1",
+                        )
+                        .bind(now)
+                        .bind(client.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                 }
                 sqlx::query(
                     "INSERT INTO audit_events (at, actor, action, kind, record_id, version, request_id) \

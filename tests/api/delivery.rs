@@ -384,10 +384,12 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
     let row = w.only_row(RecordKind::Referral, "ref-4001").await;
     assert_eq!(row.state, "held");
     assert!(row.detail.as_deref().is_some_and(|d| d.contains("revoked, not active")), "{row:?}");
-    // The consent becomes active again: the next check releases the referral.
+    // Not due again before the recheck interval (300 s) while nothing changes.
+    assert_eq!(w.worker.run_once(t1 + Duration::from_secs(10)).await.expect("pass").claimed, 0);
+    // The consent becomes active again: its write releases the referral at once, not after the recheck interval.
     consent.status = ConsentStatus::Active;
     w.put("co-5001", consent).await;
-    let t2 = t1 + Duration::from_secs(3600);
+    let t2 = t1 + Duration::from_secs(10);
     let r = w.worker.run_until_idle(|| t2).await.expect("passes");
     assert_eq!(r.held, 0, "{r:?}");
     assert_eq!(w.only_row(RecordKind::Referral, "ref-4001").await.state, "delivered");
