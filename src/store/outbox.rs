@@ -317,7 +317,7 @@ const DUE: &str = "SELECT o.seq FROM outbox o \
     ORDER BY o.not_before, o.seq LIMIT $3";
 
 macro_rules! impl_outbox {
-    ($db:ty, $begin:literal, $skip_locked:literal) => {
+    ($db:ty, $begin:literal, $skip_locked:literal, $lock_partner:literal) => {
         #[async_trait]
         impl Outbox for SqlStore<$db> {
             async fn claim_deliveries(
@@ -421,6 +421,9 @@ macro_rules! impl_outbox {
                                 .fetch_optional(&mut *tx)
                                 .await?;
                         if let Some((kind, id, partner)) = row {
+                            if !s.waits_for.is_empty() {
+                                Self::lock_partner_crosswalk(&mut tx, &partner).await?;
+                            }
                             for target in &s.waits_for {
                                 sqlx::query(
                                     "INSERT INTO crosswalk_waits (partner, local_ref, kind, record_id) \
@@ -432,6 +435,32 @@ macro_rules! impl_outbox {
                                 .bind(&id)
                                 .execute(&mut *tx)
                                 .await?;
+                                // The target may have reached the partner after this delivery looked for it (another
+                                // worker settled it in between, and found no wait to wake): this row goes again now.
+                                let requeued = sqlx::query(
+                                    "UPDATE outbox SET state = 'pending', not_before = $3, updated_at = $3, \
+                                     detail = 'queued again: a resource it references has reached the partner' \
+                                     WHERE seq = $4 AND state = 'delivered' AND EXISTS \
+                                     (SELECT 1 FROM crosswalk WHERE partner = $1 AND local_ref = $2)",
+                                )
+                                .bind(&partner)
+                                .bind(target)
+                                .bind(now_us)
+                                .bind(s.seq)
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                                if requeued > 0 {
+                                    sqlx::query(
+                                        "DELETE FROM crosswalk_waits WHERE partner = $1 AND kind = $2 AND record_id = $3",
+                                    )
+                                    .bind(&partner)
+                                    .bind(&kind)
+                                    .bind(&id)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                    break;
+                                }
                             }
                         }
                     }
@@ -594,6 +623,19 @@ macro_rules! impl_outbox {
         }
 
         impl SqlStore<$db> {
+            /// Serialises, until the transaction ends, the writes of `partner`'s crosswalk and of what waits on it,
+            /// so that a wait recorded as its target arrives is either seen by the target's wake or sees the
+            /// target (PostgreSQL: a transaction advisory lock per partner; SQLite's writes are serial already).
+            async fn lock_partner_crosswalk(
+                tx: &mut <$db as sqlx::Database>::Connection,
+                partner: &str,
+            ) -> Result<(), StoreError> {
+                if !$lock_partner.is_empty() {
+                    sqlx::query($lock_partner).bind(format!("carebridge-crosswalk:{partner}")).execute(&mut *tx).await?;
+                }
+                Ok(())
+            }
+
             /// One row by its number.
             async fn row_in(
                 conn: &mut <$db as sqlx::Database>::Connection,
@@ -613,6 +655,7 @@ macro_rules! impl_outbox {
                 now: i64,
             ) -> Result<(), StoreError> {
                 for e in entries {
+                    Self::lock_partner_crosswalk(tx, &e.partner).await?;
                     sqlx::query(
                         "INSERT INTO crosswalk (partner, local_ref, kind, record_id, remote_type, remote_id, \
                          version_id, content_hash, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -660,5 +703,5 @@ macro_rules! impl_outbox {
     };
 }
 
-impl_outbox!(Sqlite, "BEGIN IMMEDIATE", "");
-impl_outbox!(Postgres, "BEGIN", " FOR UPDATE OF o SKIP LOCKED");
+impl_outbox!(Sqlite, "BEGIN IMMEDIATE", "", "");
+impl_outbox!(Postgres, "BEGIN", " FOR UPDATE OF o SKIP LOCKED", "SELECT pg_advisory_xact_lock(hashtext($1))");

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use carebridge::domain::{RecordId, RecordKind};
 use carebridge::store::{
-    Actor, AttemptRow, Begun, Change, DeliveryFilter, ListQuery, NewSyncJob, Precondition, RecordWrite, SaveOutcome,
-    Settle, Settlement, Store, StoreError, SyncJobEnd, connect,
+    Actor, AttemptRow, Begun, Change, CrosswalkEntry, DeliveryFilter, ListQuery, NewSyncJob, Precondition, RecordWrite,
+    SaveOutcome, Settle, Settlement, Store, StoreError, SyncJobEnd, connect,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -525,6 +525,67 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
     assert_eq!((n, all.len()), (40, 40), "a row was claimed twice, or one was missed");
 }
 
+/// A delivery that went with a logical reference to a resource not yet at the partner, settled after that resource
+/// arrived (another worker delivered it meanwhile and found nothing waiting): it goes again now, never waits for a
+/// wake that already happened; one settled before the arrival is woken by it.
+async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<dyn Store>) {
+    let partner = format!("p-{}", uuid::Uuid::new_v4().simple());
+    let s = &*store;
+    let referral = |rid: &str| RecordWrite {
+        kind: RecordKind::Referral,
+        id: id(rid),
+        body: "{}".into(),
+        client_id: Some(id("cl-wait")),
+        status: None,
+        change: Change::Put,
+        deliver_to: vec![partner.clone()],
+    };
+    for r in ["ref-late", "ref-early"] {
+        s.save_record(&referral(r), Precondition::None, &actor(), t0()).await.expect("referral");
+    }
+    let until = t0() + Duration::seconds(60);
+    let rows = s.claim_deliveries(&partner, "worker-a", 10, t0(), until).await.expect("claim");
+    assert_eq!(rows.len(), 2);
+    let seq = |rid: &str| rows.iter().find(|r| r.id.as_str() == rid).expect("row").seq;
+    let delivered = |seq, waits: &[&str]| Settlement {
+        seq,
+        settle: Settle::Delivered,
+        attempt: AttemptRow {
+            at: t0(),
+            ms: 1,
+            outcome: "delivered".into(),
+            status: Some(200),
+            detail: "ok".into(),
+            operation_outcome: None,
+        },
+        crosswalk: Vec::new(),
+        waits_for: waits.iter().map(|w| (*w).to_owned()).collect(),
+    };
+    // `ref-early` settles while its target is still missing: it waits.
+    s.settle_deliveries("worker-a", &[delivered(seq("ref-early"), &["ServiceRequest/ref-target"])], t0())
+        .await
+        .expect("settle");
+    // The target arrives (a part saved by another worker); nothing waits on `Goal/g-target` yet.
+    let entry = |local_ref: &str| CrosswalkEntry {
+        partner: partner.clone(),
+        local_ref: local_ref.into(),
+        kind: RecordKind::Referral,
+        record_id: id("ref-target"),
+        remote_type: "ServiceRequest".into(),
+        remote_id: "srv-1".into(),
+        version_id: Some("1".into()),
+        content_hash: "h".into(),
+    };
+    s.save_crosswalk(&[entry("ServiceRequest/ref-target"), entry("Goal/g-target")], t0()).await.expect("crosswalk");
+    // `ref-late` looked for `Goal/g-target` before it arrived, and settles after.
+    s.settle_deliveries("worker-a", &[delivered(seq("ref-late"), &["Goal/g-target"])], t0()).await.expect("settle");
+    for rid in ["ref-early", "ref-late"] {
+        let filter = DeliveryFilter { record: Some((RecordKind::Referral, id(rid))), limit: 10, ..Default::default() };
+        let row = s.list_deliveries(&filter).await.expect("rows").remove(0);
+        assert_eq!(row.state, "pending", "{rid} goes again: {row:?}");
+    }
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -559,6 +620,7 @@ contract!(
     two_jobs_racing_for_one_lease_get_it_once,
     a_service_a_later_sync_saw_is_never_deactivated_by_an_earlier_one,
     outbox_claims_take_each_row_once_in_order,
+    a_wait_recorded_after_its_target_arrived_goes_again_at_once,
 );
 
 /// The whole API on PostgreSQL: the fixtures go in and come back, and readiness follows the database.
