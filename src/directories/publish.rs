@@ -334,14 +334,26 @@ fn fhir_time(t: &str) -> Option<String> {
     }
 }
 
-/// A catalog service as a FHIR `HealthcareService`.
+/// A catalog service as a FHIR `HealthcareService`: identified by the source's own id and, when `service_system`
+/// is given (the mappings' `{system_base}/directory-service`), by the gateway's catalog id under it — the identifier
+/// a referral's logical `performer` reference carries, so a partner holding both can match them.
 #[must_use]
-pub fn healthcare_service(s: &CatalogService, active: bool, updated_at: OffsetDateTime) -> Value {
+pub fn healthcare_service(
+    s: &CatalogService,
+    active: bool,
+    updated_at: OffsetDateTime,
+    service_system: Option<&str>,
+) -> Value {
+    let mut identifiers =
+        vec![json!({"system": format!("urn:carebridge:directory:{}", s.source), "value": s.source_id})];
+    if let Some(system) = service_system {
+        identifiers.push(json!({"system": system, "value": s.id}));
+    }
     let mut r = json!({
         "resourceType": "HealthcareService",
         "id": s.id,
         "meta": {"lastUpdated": instant(updated_at)},
-        "identifier": [{"system": format!("urn:carebridge:directory:{}", s.source), "value": s.source_id}],
+        "identifier": identifiers,
         "active": active,
         "name": s.name,
     });
@@ -490,7 +502,12 @@ mod tests {
             }],
             ..CatalogService::default()
         };
-        let published = healthcare_service(&service, true, OffsetDateTime::UNIX_EPOCH);
+        let published = healthcare_service(
+            &service,
+            true,
+            OffsetDateTime::UNIX_EPOCH,
+            Some("https://a.example/sid/directory-service"),
+        );
         assert_eq!(
             published["availableTime"],
             json!([{"daysOfWeek": ["mon", "wed"], "availableStartTime": "09:00:00", "availableEndTime": "17:00:00"}])

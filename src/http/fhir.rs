@@ -165,7 +165,9 @@ pub async fn search_healthcare_services(
     }
     used.sort();
     let (rows, total) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
-    let entries = rows.iter().map(|l| publish::healthcare_service(&l.item, l.active, l.updated_at)).collect();
+    let system = state.mappings.identifier_system("directory-service");
+    let entries =
+        rows.iter().map(|l| publish::healthcare_service(&l.item, l.active, l.updated_at, system.as_deref())).collect();
     Ok(fhir(StatusCode::OK, &searchset(&base(&public), "HealthcareService", &used, entries, total, offset, count)))
 }
 
@@ -181,7 +183,8 @@ pub async fn read_healthcare_service(
         CatalogListing { id: Some(id.clone()), include_inactive: true, limit: 1, ..CatalogListing::default() };
     let (rows, _) = state.store.list_services(&listing).await.map_err(super::api::store_problem)?;
     let l = rows.first().ok_or_else(|| not_found("HealthcareService"))?;
-    Ok(fhir(StatusCode::OK, &publish::healthcare_service(&l.item, l.active, l.updated_at)))
+    let system = state.mappings.identifier_system("directory-service");
+    Ok(fhir(StatusCode::OK, &publish::healthcare_service(&l.item, l.active, l.updated_at, system.as_deref())))
 }
 
 /// The parameters Organization and Location searches take: `name`, `_count`, `_offset`.

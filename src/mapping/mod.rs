@@ -188,6 +188,8 @@ pub struct MappingSet {
     pub us_core: String,
     /// Compiled mappings, in bundle order.
     pub mappings: Vec<Mapping>,
+    /// The layer's variables (`system_base`, `agency_id`…), the partner's over the defaults.
+    pub vars: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -487,6 +489,13 @@ impl Mappings {
             errors.dedup();
             Err(LoadErrors(errors))
         }
+    }
+
+    /// The identifier system of `what` (`directory-service`, `client`…) under the defaults' `system_base`: what a
+    /// logical reference names, and what a published resource carries so that such a reference finds it.
+    #[must_use]
+    pub fn identifier_system(&self, what: &str) -> Option<String> {
+        self.default.vars.get("system_base").map(|base| format!("{}/{what}", base.trim_end_matches('/')))
     }
 
     /// Partner names with an overlay.
@@ -1073,7 +1082,7 @@ fn compile_set(
         }
     }
     mappings.sort_by(|a, b| (a.order, &a.name).cmp(&(b.order, &b.name)));
-    let set = MappingSet { us_core, mappings };
+    let set = MappingSet { us_core, mappings, vars };
     self_check(&set, maps, profiles, exemplars, errors);
     set
 }

@@ -112,6 +112,12 @@ async fn services_organizations_and_locations_read_by_id_and_unknown_ids_get_an_
     let (status, _, read) = fhir_get(&app, &format!("/fhir/HealthcareService/{id}")).await;
     assert_eq!(status, 200);
     assert_eq!(&read, service);
+    // The identifier a referral's logical `performer` reference carries for this service is on it.
+    let ids = service["identifier"].as_array().expect("identifiers");
+    assert!(
+        ids.iter().any(|i| i["system"] == "https://agency.example.org/fhir/sid/directory-service" && i["value"] == id),
+        "{ids:?}"
+    );
 
     let org = service["providedBy"]["reference"].as_str().expect("org");
     let (status, _, organization) = fhir_get(&app, &format!("/fhir/{org}")).await;
