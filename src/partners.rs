@@ -39,6 +39,11 @@ pub struct PartnerSettings {
     /// Mutual TLS and the CAs trusted for it (beside any `auth`); absent: no client certificate, public roots.
     #[serde(default)]
     pub tls: Option<PartnerTls>,
+    /// Whether its server resolves conditional references in a transaction (`Patient?identifier=system|value`):
+    /// then a reference to a resource not yet in the crosswalk is sent as one rather than made logical. Off by
+    /// default: not every server resolves them (some store them as they are).
+    #[serde(default)]
+    pub conditional_references: bool,
 }
 
 /// A partner's TLS: the client certificate the gateway presents, and the CA bundle its servers are checked with.

@@ -572,7 +572,14 @@ impl Worker {
             for &i in &going {
                 let e = &s.entries[i];
                 let mut resource = e.resource.clone();
-                let r = plan::resolve(&mut resource, &in_part, &s.own, &s.held, transaction);
+                let r = plan::resolve(
+                    &mut resource,
+                    &in_part,
+                    &s.own,
+                    &s.held,
+                    transaction,
+                    s.link.settings.conditional_references,
+                );
                 if r.deferred {
                     part_deferred.push(i);
                 }

@@ -206,20 +206,33 @@ pub struct Resolved {
 pub const SENT_TYPES: [&str; 9] =
     ["Patient", "Observation", "Condition", "Goal", "CarePlan", "ServiceRequest", "Task", "Consent", "Flag"];
 
-/// Resolves the references of `resource` for one part (see the module docs).
+/// Resolves the references of `resource` for one part (see the module docs); `conditional`: the partner resolves
+/// conditional references in a transaction (`Patient?identifier=system|value`), so a reference to a resource it
+/// may hold under our identifier is sent as one instead of made logical.
 pub fn resolve(
     resource: &mut Value,
     in_part: &HashSet<&str>,
     own: &HashSet<&str>,
     held: &HashMap<String, CrosswalkEntry>,
     transaction: bool,
+    conditional: bool,
 ) -> Resolved {
     let mut r = Resolved::default();
-    resolve_in(resource, in_part, own, held, transaction, &mut r);
+    let scope = Scope { in_part, own, held, transaction, conditional: conditional && transaction };
+    resolve_in(resource, &scope, &mut r);
     if r.deferred || r.logical > 0 {
         prune(resource);
     }
     r
+}
+
+/// What one part knows of the targets of its references.
+struct Scope<'a> {
+    in_part: &'a HashSet<&'a str>,
+    own: &'a HashSet<&'a str>,
+    held: &'a HashMap<String, CrosswalkEntry>,
+    transaction: bool,
+    conditional: bool,
 }
 
 /// Whether an element is left with nothing to say: an empty object or array, or an extension with only its
@@ -260,33 +273,20 @@ enum Fate {
     Defer,
 }
 
-fn fate(
-    target: &str,
-    in_part: &HashSet<&str>,
-    own: &HashSet<&str>,
-    held: &HashMap<String, CrosswalkEntry>,
-    transaction: bool,
-) -> Fate {
+fn fate(target: &str, scope: &Scope<'_>) -> Fate {
     if target.starts_with('#') || target.starts_with("urn:") {
         return Fate::Keep;
     }
-    if transaction && in_part.contains(target) {
+    if scope.transaction && scope.in_part.contains(target) {
         return Fate::Rewrite(full_url(target));
     }
-    if let Some(h) = held.get(target) {
+    if let Some(h) = scope.held.get(target) {
         return Fate::Rewrite(format!("{}/{}", h.remote_type, h.remote_id));
     }
-    if own.contains(target) { Fate::Defer } else { Fate::Logical }
+    if scope.own.contains(target) { Fate::Defer } else { Fate::Logical }
 }
 
-fn resolve_in(
-    v: &mut Value,
-    in_part: &HashSet<&str>,
-    own: &HashSet<&str>,
-    held: &HashMap<String, CrosswalkEntry>,
-    transaction: bool,
-    r: &mut Resolved,
-) {
+fn resolve_in(v: &mut Value, scope: &Scope<'_>, r: &mut Resolved) {
     match v {
         Value::Object(m) => {
             let mut drop_keys = Vec::new();
@@ -294,11 +294,11 @@ fn resolve_in(
                 if let Some(target) = x.get("reference").and_then(Value::as_str).map(str::to_owned)
                     && x.is_object()
                 {
-                    if !settle_reference(x, &target, in_part, own, held, transaction, r) {
+                    if !settle_reference(x, &target, scope, r) {
                         drop_keys.push(k.clone());
                     }
                 } else {
-                    resolve_in(x, in_part, own, held, transaction, r);
+                    resolve_in(x, scope, r);
                 }
             }
             for k in drop_keys {
@@ -310,9 +310,9 @@ fn resolve_in(
                 if let Some(target) = x.get("reference").and_then(Value::as_str).map(str::to_owned)
                     && x.is_object()
                 {
-                    settle_reference(x, &target, in_part, own, held, transaction, r)
+                    settle_reference(x, &target, scope, r)
                 } else {
-                    resolve_in(x, in_part, own, held, transaction, r);
+                    resolve_in(x, scope, r);
                     true
                 }
             });
@@ -321,18 +321,21 @@ fn resolve_in(
     }
 }
 
+/// The conditional reference (`Type?identifier=system|value`) for a Reference to a resource the gateway sends,
+/// by the business identifier it carries; `None` without one.
+fn conditional_reference(target: &str, reference: &serde_json::Map<String, Value>) -> Option<String> {
+    let (ty, _) = target.split_once('/').filter(|(ty, id)| SENT_TYPES.contains(ty) && !id.contains('/'))?;
+    let identifier = reference.get("identifier")?;
+    let system = identifier.get("system").and_then(Value::as_str).filter(|s| !s.is_empty())?;
+    let value = identifier.get("value").and_then(Value::as_str).filter(|v| !v.is_empty())?;
+    let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    Some(format!("{ty}?identifier={}%7C{}", encode(system), encode(value)))
+}
+
 /// Settles one Reference object in place; `false` when nothing of it is left to keep.
-fn settle_reference(
-    x: &mut Value,
-    target: &str,
-    in_part: &HashSet<&str>,
-    own: &HashSet<&str>,
-    held: &HashMap<String, CrosswalkEntry>,
-    transaction: bool,
-    r: &mut Resolved,
-) -> bool {
+fn settle_reference(x: &mut Value, target: &str, scope: &Scope<'_>, r: &mut Resolved) -> bool {
     let Some(m) = x.as_object_mut() else { return true };
-    match fate(target, in_part, own, held, transaction) {
+    match fate(target, scope) {
         Fate::Keep => true,
         Fate::Rewrite(to) => {
             m.insert("reference".into(), Value::String(to));
@@ -344,6 +347,12 @@ fn settle_reference(
             m.contains_key("identifier") || m.contains_key("display")
         }
         Fate::Logical => {
+            if scope.conditional
+                && let Some(to) = conditional_reference(target, m)
+            {
+                m.insert("reference".into(), Value::String(to));
+                return true;
+            }
             r.logical += 1;
             if target.split_once('/').is_some_and(|(ty, id)| SENT_TYPES.contains(&ty) && !id.contains('/')) {
                 r.waits_for.push(target.to_owned());
@@ -579,7 +588,7 @@ mod tests {
         let own: HashSet<&str> = ["Patient/p", "Goal/later"].into();
         let mut crosswalk = HashMap::new();
         crosswalk.insert("Observation/held".to_owned(), held("Observation/held", "981"));
-        let done = resolve(&mut r, &in_part, &own, &crosswalk, true);
+        let done = resolve(&mut r, &in_part, &own, &crosswalk, true, false);
         assert_eq!(r["subject"]["reference"], full_url("Patient/p"));
         assert_eq!(r["basedOn"], json!([{"identifier": {"system": "s", "value": "other"}}]));
         assert_eq!(r["requester"], json!({"display": "J. Ellis"}));
@@ -596,7 +605,7 @@ mod tests {
         // Sent alone (no transaction), a reference to the same part is not a urn:uuid either.
         let mut alone = json!({"subject": {"reference": "Patient/p"}});
         let none = HashMap::new();
-        resolve(&mut alone, &in_part, &own, &none, false);
+        resolve(&mut alone, &in_part, &own, &none, false, false);
         assert!(alone.get("subject").is_none());
     }
 
@@ -605,7 +614,7 @@ mod tests {
         let mut r = json!({"activity": [{"reference": {"reference": "ServiceRequest/x"}}, {"detail": {"kind": "Task"}}],
             "extension": [{"url": "u", "valueReference": {"reference": "Goal/x"}}, {"url": "v", "valueString": "s"}]});
         let none = HashMap::new();
-        let done = resolve(&mut r, &HashSet::new(), &HashSet::new(), &none, true);
+        let done = resolve(&mut r, &HashSet::new(), &HashSet::new(), &none, true, false);
         assert_eq!(done.logical, 2);
         assert_eq!(done.waits_for, ["ServiceRequest/x", "Goal/x"]);
         assert_eq!(
@@ -663,5 +672,33 @@ mod tests {
             content_hash(&json!({"a": 1, "meta": {"versionId": "2"}}))
         );
         assert_ne!(content_hash(&json!({"a": 1})), content_hash(&json!({"a": 2})));
+    }
+
+    #[test]
+    fn a_partner_that_resolves_conditional_references_gets_one_in_a_transaction_and_no_wait() {
+        let sr = || {
+            json!({"resourceType": "ServiceRequest", "subject": {"reference": "Patient/cl-1",
+                "identifier": {"system": "https://a.example/sid/client", "value": "cl 1"}},
+                "performer": [{"reference": "Practitioner/staff-1",
+                "identifier": {"system": "https://a.example/sid/staff", "value": "s1"}}]})
+        };
+        let none = HashMap::new();
+        let mut r = sr();
+        let done = resolve(&mut r, &HashSet::new(), &HashSet::new(), &none, true, true);
+        assert_eq!(
+            r["subject"]["reference"],
+            "Patient?identifier=https%3A%2F%2Fa.example%2Fsid%2Fclient%7Ccl+1",
+            "{r}"
+        );
+        // What the gateway never sends stays logical; nothing waits for the Patient.
+        assert!(r["performer"][0].get("reference").is_none(), "{r}");
+        assert_eq!((done.logical, done.waits_for.len()), (1, 0));
+        // Outside a transaction, or for a partner that does not say so: logical, and waiting for the Patient.
+        for (transaction, conditional) in [(false, true), (true, false)] {
+            let mut r = sr();
+            let done = resolve(&mut r, &HashSet::new(), &HashSet::new(), &none, transaction, conditional);
+            assert!(r["subject"].get("reference").is_none(), "{r}");
+            assert_eq!(done.waits_for, ["Patient/cl-1"]);
+        }
     }
 }
