@@ -686,8 +686,7 @@ mod tests {
         let mut r = sr();
         let done = resolve(&mut r, &HashSet::new(), &HashSet::new(), &none, true, true);
         assert_eq!(
-            r["subject"]["reference"],
-            "Patient?identifier=https%3A%2F%2Fa.example%2Fsid%2Fclient%7Ccl+1",
+            r["subject"]["reference"], "Patient?identifier=https%3A%2F%2Fa.example%2Fsid%2Fclient%7Ccl+1",
             "{r}"
         );
         // What the gateway never sends stays logical; nothing waits for the Patient.
