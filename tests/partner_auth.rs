@@ -399,6 +399,11 @@ async fn spawn_mtls_server(pki: &Pki, listener: tokio::net::TcpListener, app: Ro
     presented
 }
 
+/// The test PKI's CA bundle, client certificate and client key, written as files: (ca, cert, key).
+fn pki_files(dir: &tempfile::TempDir, pki: &Pki) -> (String, String, String) {
+    (write(dir, "ca.pem", &pki.ca), write(dir, "client.pem", &pki.client), write(dir, "client.key", &pki.client_key))
+}
+
 fn tls_table(cert: Option<&str>, key: Option<&str>, ca: Option<&str>) -> String {
     let entries: Vec<String> = [("client_cert_file", cert), ("client_key_file", key), ("ca_file", ca)]
         .into_iter()
@@ -413,11 +418,7 @@ async fn a_server_requiring_a_client_certificate_accepts_ours_and_the_partner_ca
     let pki = pki();
     let keys = keys();
     let dir = tempfile::tempdir().expect("dir");
-    let (ca, cert, key) = (
-        write(&dir, "ca.pem", &pki.ca),
-        write(&dir, "client.pem", &pki.client),
-        write(&dir, "client.key", &pki.client_key),
-    );
+    let (ca, cert, key) = pki_files(&dir, &pki);
     let token_server = Arc::new(TokenServer {
         base: String::new(),
         jwks: keys.jwks.clone(),
@@ -464,11 +465,7 @@ async fn a_delivery_goes_through_mutual_tls_with_a_smart_token_renewed_after_a_4
     let pki = pki();
     let keys = keys();
     let dir = tempfile::tempdir().expect("dir");
-    let (ca, cert, key) = (
-        write(&dir, "ca.pem", &pki.ca),
-        write(&dir, "client.pem", &pki.client),
-        write(&dir, "client.key", &pki.client_key),
-    );
+    let (ca, cert, key) = pki_files(&dir, &pki);
     let key_file = write(&dir, "rsa.pem", &keys.rsa);
     let (listener, base) = bind().await;
     let token_server = Arc::new(TokenServer {
