@@ -125,7 +125,7 @@ fn references(v: &Value, out: &mut Vec<String>) {
 
 /// What a peer holds, checked: one resource per business identifier, every reference resolving. Returns the
 /// resources by business identifier.
-async fn check_peer(name: &str, peer: &Peer, step: &str) -> HashMap<String, Value> {
+pub(crate) async fn check_peer(name: &str, peer: &Peer, step: &str) -> HashMap<String, Value> {
     let mut by_id: HashMap<String, Value> = HashMap::new();
     let mut all = Vec::new();
     for ty in TYPES {

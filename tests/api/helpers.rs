@@ -196,8 +196,13 @@ pub struct ServerProcess {
     pub seen: Vec<String>,
 }
 
-/// Writes a config for the binary: port 0, SQLite in `dir`, JSON logs, the test keys.
+/// Writes a config for the binary: port 0, SQLite in `dir`, JSON logs, the test keys, the fixture partners.
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    write_config_with_partners(dir, FIXTURE_PARTNERS, extra)
+}
+
+/// [`write_config`] with these `[[partners]]` instead of the fixture partners.
+pub fn write_config_with_partners(dir: &Path, partners: &str, extra: &str) -> PathBuf {
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n[database]\nurl = \"sqlite:{}\"\n[log]\nformat = \"json\"\nfilter = \"debug\"\n",
         dir.join("carebridge.db").display()
@@ -211,7 +216,7 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
             scopes.join(", ")
         ));
     }
-    text.push_str(FIXTURE_PARTNERS);
+    text.push_str(partners);
     if !extra.contains("[outbox]") {
         text.push_str("[outbox]\nenabled = false\n");
     }

@@ -2,6 +2,7 @@
 
 mod connections;
 mod delivery;
+mod delivery_crash;
 mod delivery_interop;
 mod directories;
 mod directories_api;
