@@ -1,0 +1,554 @@
+//! Delivery load tests: the release `carebridge` binary's outbox against a partner over loopback.
+//!
+//! Each run writes `--count` clients (with `--mix`, each also with a consent and a referral: three deliveries, the
+//! referral waiting for the other two) through `PUT /api/v1/…` with the outbox off, stops the gateway, then starts
+//! it again with the outbox on and times the drain: from the start until no delivery is pending. Rows are claimed
+//! and settled in batches (`--batch` per claim, `--concurrency` in flight per partner).
+//!
+//! ```text
+//! # the gateway's own ceiling against a fast fake partner (canned transaction-responses)
+//! cargo bench --bench delivery -- --backend sqlite   --count 10000 --batch 64 --concurrency 8
+//! cargo bench --bench delivery -- --backend postgres --count 10000 --batch 64 --concurrency 8
+//! # a backlog: 100,000 deliveries while the partner answers 503 for 60 s, then the drain when it is back
+//! cargo bench --bench delivery -- --backend sqlite --count 100000 --down-secs 60
+//! # the real FHIR server of ../shared/interop: through the gateway, then the same requests sent directly
+//! cargo bench --bench delivery -- --partner interop --count 300 --mix
+//! ```
+//! The gateway's memory (resident set, sampled every second, and its peak) and the queue gauges of `/metrics` are
+//! printed along the way. With `--partner interop` the peer's request log (its last 2,000 requests) is replayed
+//! after `POST /_harness/reset` by a plain load client with the same concurrency; the ratio of the two rates says
+//! whether the gateway is the bottleneck. PostgreSQL: `CAREBRIDGE_BENCH_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) names a server where the bench creates and drops a database.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use carebridge::keys::KeyHash;
+use serde_json::{Value, json};
+
+const KEY: &str = "bench-key";
+const PARTNER: &str = "st-marys-ehr";
+
+struct Options {
+    backend: String,
+    count: usize,
+    mix: bool,
+    batch: u32,
+    concurrency: u32,
+    down_secs: u64,
+    partner: String,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        backend: "sqlite".into(),
+        count: 10_000,
+        mix: false,
+        batch: 64,
+        concurrency: 8,
+        down_secs: 0,
+        partner: "fake".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context("a value is missing after a flag");
+        match arg.as_str() {
+            "--backend" => o.backend = value()?,
+            "--count" => o.count = value()?.parse()?,
+            "--mix" => o.mix = true,
+            "--batch" => o.batch = value()?.parse()?,
+            "--concurrency" => o.concurrency = value()?.parse()?,
+            "--down-secs" => o.down_secs = value()?.parse()?,
+            "--partner" => o.partner = value()?,
+            // cargo bench passes --bench to every bench target.
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    anyhow::ensure!(["sqlite", "postgres"].contains(&o.backend.as_str()), "--backend sqlite|postgres");
+    anyhow::ensure!(["fake", "interop"].contains(&o.partner.as_str()), "--partner fake|interop");
+    Ok(o)
+}
+
+fn admin_url() -> String {
+    std::env::var("CAREBRIDGE_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of the run's own; dropped by [`Database::drop`].
+struct Database {
+    url: String,
+    pg_name: Option<String>,
+}
+
+impl Database {
+    fn create(backend: &str, dir: &Path) -> anyhow::Result<Database> {
+        if backend == "sqlite" {
+            return Ok(Database { url: format!("sqlite:{}", dir.join("bench.db").display()), pg_name: None });
+        }
+        let admin = admin_url();
+        let name = format!("carebridge_delivery_{}", std::process::id());
+        let status = Command::new("psql").args([&admin, "-qc", &format!("CREATE DATABASE {name}")]).status()?;
+        anyhow::ensure!(status.success(), "cannot create database {name} on {admin}");
+        let root = admin.rsplit_once('/').map_or(admin.as_str(), |(r, _)| r);
+        Ok(Database { url: format!("{root}/{name}"), pg_name: Some(name) })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name {
+            let _ =
+                Command::new("psql").args([&admin_url(), "-qc", &format!("DROP DATABASE IF EXISTS {name}")]).status();
+        }
+    }
+}
+
+/// The fake partner: canned transaction-responses, or 503 while `down`.
+#[derive(Default)]
+struct Fake {
+    down: AtomicBool,
+    next_id: AtomicU64,
+    requests: AtomicU64,
+}
+
+async fn fake_fhir(State(fake): State<Arc<Fake>>, uri: Uri, body: axum::body::Bytes) -> axum::response::Response {
+    fake.requests.fetch_add(1, Ordering::Relaxed);
+    let fhir = [("content-type", "application/fhir+json")];
+    if fake.down.load(Ordering::Relaxed) {
+        let outcome =
+            json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient"}]});
+        return (StatusCode::SERVICE_UNAVAILABLE, fhir, outcome.to_string()).into_response();
+    }
+    let bundle: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if bundle["resourceType"] == "Bundle" {
+        let entries: Vec<Value> = bundle["entry"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                let url = e["request"]["url"].as_str().unwrap_or_default();
+                let ty = url.split(['?', '/']).next().unwrap_or_default();
+                let id = match url.split_once('/') {
+                    Some((_, id)) if !url.contains('?') => id.to_owned(),
+                    _ => format!("f{}", fake.next_id.fetch_add(1, Ordering::Relaxed)),
+                };
+                json!({"response": {"status": "201 Created", "location": format!("{ty}/{id}/_history/1"), "etag": "W/\"1\""}})
+            })
+            .collect();
+        let answer = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries});
+        return (StatusCode::OK, fhir, answer.to_string()).into_response();
+    }
+    if body.is_empty() {
+        let empty = json!({"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []});
+        return (StatusCode::OK, fhir, empty.to_string()).into_response();
+    }
+    let ty = uri.path().trim_start_matches("/fhir/").split(['?', '/']).next().unwrap_or_default().to_owned();
+    let id = format!("f{}", fake.next_id.fetch_add(1, Ordering::Relaxed));
+    let mut resource = bundle;
+    resource["id"] = json!(id);
+    let location = format!("http://{}/fhir/{ty}/{id}/_history/1", "127.0.0.1");
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/fhir+json".to_owned()), ("location", location)],
+        resource.to_string(),
+    )
+        .into_response()
+}
+
+async fn start_fake() -> anyhow::Result<(String, Arc<Fake>)> {
+    let fake = Arc::new(Fake::default());
+    let app = axum::Router::new().fallback(fake_fhir).with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}/fhir", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((base, fake))
+}
+
+/// The interop FHIR server, stopped on drop.
+struct Peer {
+    port: u16,
+    run_dir: tempfile::TempDir,
+    base: String,
+}
+
+fn interop() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop")
+}
+
+impl Peer {
+    fn start() -> anyhow::Result<Peer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let run_dir = tempfile::tempdir()?;
+        let out = Command::new(interop().join("ehr/start.sh"))
+            .arg(port.to_string())
+            .env("EHR_RUN_DIR", run_dir.path())
+            .output()
+            .context("ehr/start.sh of ../shared/interop")?;
+        anyhow::ensure!(out.status.success(), "the FHIR peer did not start: {}", String::from_utf8_lossy(&out.stderr));
+        let base = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(Peer { port, run_dir, base })
+    }
+
+    fn harness(&self, path: &str) -> String {
+        format!("{}/_harness/{path}", self.base.trim_end_matches("/fhir"))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = Command::new(interop().join("ehr/stop.sh"))
+            .arg(self.port.to_string())
+            .env("EHR_RUN_DIR", self.run_dir.path())
+            .output();
+    }
+}
+
+/// The gateway, a child process.
+struct Gateway {
+    child: Child,
+    base: String,
+}
+
+impl Gateway {
+    fn start(config: &Path) -> anyhow::Result<Gateway> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_carebridge"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let addr = loop {
+            let line = lines.next().context("the gateway stopped before listening")??;
+            if line.contains("Listening.") {
+                let event: Value = serde_json::from_str(&line)?;
+                break event["addr"].as_str().context("addr")?.to_owned();
+            }
+        };
+        // Keep draining the log so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        Ok(Gateway { child, base: format!("http://{addr}") })
+    }
+
+    /// Resident set and its peak, in MiB.
+    fn memory(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(dir: &Path, o: &Options, db: &str, partner: &str, outbox: bool) -> anyhow::Result<PathBuf> {
+    let hash = KeyHash::generate(KEY).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path = dir.join(if outbox { "deliver.toml" } else { "write.toml" });
+    // Retries come due at once, so the drain starts as soon as the partner is back; never dead while it is down.
+    let schedule = vec!["1"; 200].join(", ");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{db}\"\nmax_connections = 16\n\
+             [log]\nformat = \"json\"\nfilter = \"info\"\n\
+             [[api_keys]]\nname = \"bench\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\", \"admin\"]\n\
+             [[partners]]\nname = \"{PARTNER}\"\nbase_url = \"{partner}\"\n\
+             receives = [\"client\", \"referral\", \"consent\"]\noverlay = \"{PARTNER}\"\nmax_transaction_entries = 8\n\
+             [outbox]\nenabled = {outbox}\nbatch = {}\nconcurrency = {}\npoll_ms = 100\ntimeout_secs = 10\n\
+             lease_secs = 120\nretry_schedule_secs = [{schedule}]\n",
+            o.batch, o.concurrency
+        ),
+    )?;
+    Ok(path)
+}
+
+fn fixture(kind: &str, id: &str) -> anyhow::Result<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/agency/{kind}/{id}.json"));
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+/// The records of unit `i`: a client, and with `mix` its consent and a referral citing it.
+fn unit(i: usize, mix: bool, t: &[Value; 3]) -> Vec<(&'static str, String, Value)> {
+    let client = format!("cl-b{i}");
+    let mut c = t[0].clone();
+    c["id"] = json!(client);
+    c["identifiers"][0]["value"] = json!(format!("OR6{i:07}"));
+    let mut out = vec![("client", client.clone(), c)];
+    if mix {
+        let consent = format!("co-b{i}");
+        let mut co = t[1].clone();
+        co["id"] = json!(consent);
+        co["client_id"] = json!(client);
+        let mut r = t[2].clone();
+        r["id"] = json!(format!("ref-b{i}"));
+        r["client_id"] = json!(client);
+        r["consent_id"] = json!(consent);
+        r["goal_ids"] = json!([]);
+        r.as_object_mut().map(|m| m.remove("care_plan_id"));
+        out.push(("consent", consent, co));
+        out.push(("referral", format!("ref-b{i}"), r));
+    }
+    out
+}
+
+/// Writes every unit through the API, 32 requests at a time.
+async fn write_records(http: &reqwest::Client, base: &str, o: &Options) -> anyhow::Result<usize> {
+    let t = Arc::new([fixture("client", "cl-1001")?, fixture("consent", "co-5001")?, fixture("referral", "ref-4001")?]);
+    let next = Arc::new(AtomicU64::new(0));
+    let written = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (http, base, t, next, written, count, mix) =
+            (http.clone(), base.to_owned(), t.clone(), next.clone(), written.clone(), o.count, o.mix);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = usize::try_from(next.fetch_add(1, Ordering::Relaxed)).unwrap_or(usize::MAX);
+                if i >= count {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                for (kind, id, body) in unit(i, mix, &t) {
+                    let r = http.put(format!("{base}/api/v1/{kind}s/{id}")).bearer_auth(KEY).json(&body).send().await?;
+                    let status = r.status();
+                    anyhow::ensure!(status == 201, "{kind}/{id}: {status} {}", r.text().await.unwrap_or_default());
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(usize::try_from(written.load(Ordering::Relaxed))?)
+}
+
+/// Deliveries in `state` (counted a page of 500 at a time; `limit` stops early).
+async fn count_state(http: &reqwest::Client, base: &str, state: &str, limit: usize) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut after = 0i64;
+    loop {
+        let page: Value = http
+            .get(format!("{base}/api/v1/deliveries?state={state}&limit=500&after={after}"))
+            .bearer_auth(KEY)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let items = page["items"].as_array().context("items")?;
+        n += items.len();
+        match page["next_after"].as_i64() {
+            Some(a) if n < limit => after = a,
+            _ => return Ok(n),
+        }
+    }
+}
+
+/// The outbox gauges of `/metrics` (published by the worker every 10 s).
+async fn gauges(http: &reqwest::Client, base: &str) -> String {
+    let text = match http.get(format!("{base}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter(|l| l.starts_with("carebridge_outbox_") && l.contains("state=\"pending\""))
+        .map(|l| l.replace(&format!("partner=\"{PARTNER}\","), ""))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+/// Starts the gateway with the outbox on and waits until nothing is pending; returns the seconds it took.
+async fn drain(
+    http: &reqwest::Client,
+    config: &Path,
+    deliveries: usize,
+    fake: Option<&Fake>,
+    down_secs: u64,
+) -> anyhow::Result<f64> {
+    let gateway = Gateway::start(config)?;
+    let started = Instant::now();
+    if down_secs > 0 {
+        println!("partner down (503) for {down_secs} s:");
+        let mut tick = 0;
+        while started.elapsed() < Duration::from_secs(down_secs) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tick += 1;
+            if tick % 10 == 0 {
+                let (rss, peak) = gateway.memory();
+                println!("  t={tick:>3} s  rss {rss:.1} MiB (peak {peak:.1})  {}", gauges(http, &gateway.base).await);
+            }
+        }
+        if let Some(f) = fake {
+            f.down.store(false, Ordering::Relaxed);
+        }
+        println!("partner back");
+    }
+    let back = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let pending = count_state(http, &gateway.base, "pending", 1).await?;
+        if pending == 0 {
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            let (rss, peak) = gateway.memory();
+            let left = count_state(http, &gateway.base, "pending", usize::MAX).await?;
+            println!("  +{:>5.1} s  {left} pending  rss {rss:.1} MiB (peak {peak:.1})", back.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = back.elapsed().as_secs_f64();
+    let (rss, peak) = gateway.memory();
+    let delivered = count_state(http, &gateway.base, "delivered", usize::MAX).await?;
+    let dead = count_state(http, &gateway.base, "dead", usize::MAX).await?;
+    let held = count_state(http, &gateway.base, "held", usize::MAX).await?;
+    println!(
+        "drained {deliveries} deliveries in {seconds:.2} s: {:.0}/s  (delivered {delivered}, dead {dead}, held {held}; \
+         rss at the end {rss:.1} MiB, peak {peak:.1} MiB)",
+        deliveries as f64 / seconds
+    );
+    anyhow::ensure!(delivered == deliveries && dead == 0, "not every delivery was delivered");
+    gateway.stop();
+    Ok(seconds)
+}
+
+/// Replays the peer's logged requests (after a reset) with `concurrency` clients; returns the seconds it took.
+async fn replay(http: &reqwest::Client, peer: &Peer, log: &[Value], concurrency: usize) -> anyhow::Result<f64> {
+    let requests: Arc<Vec<Value>> = Arc::new(log.to_vec());
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let origin = peer.base.trim_end_matches("/fhir").to_owned();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (http, requests, next, failed, origin) =
+            (http.clone(), requests.clone(), next.clone(), failed.clone(), origin.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = usize::try_from(next.fetch_add(1, Ordering::Relaxed)).unwrap_or(usize::MAX);
+                let Some(r) = requests.get(i) else { return };
+                let method = reqwest::Method::from_bytes(r["method"].as_str().unwrap_or("GET").as_bytes())
+                    .unwrap_or(reqwest::Method::GET);
+                let mut request = http.request(method, format!("{origin}{}", r["url"].as_str().unwrap_or("/")));
+                let mut headers = HeaderMap::new();
+                for name in ["accept", "content-type", "if-match", "if-none-exist", "prefer"] {
+                    if let Some(v) = r["headers"][name].as_str().and_then(|v| v.parse().ok()) {
+                        headers.insert(name, v);
+                    }
+                }
+                request = request.headers(headers);
+                if !r["body"].is_null() {
+                    request = request.body(r["body"].to_string());
+                }
+                match request.send().await {
+                    Ok(answer) if answer.status().is_success() => {
+                        let _ = answer.bytes().await;
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "direct: {} requests in {seconds:.2} s ({:.0} requests/s), {} not 2xx",
+        log.len(),
+        log.len() as f64 / seconds,
+        failed.load(Ordering::Relaxed)
+    );
+    Ok(seconds)
+}
+
+async fn run(o: Options) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = Database::create(&o.backend, dir.path())?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let (base, fake, peer) = if o.partner == "fake" {
+        let (base, fake) = start_fake().await?;
+        fake.down.store(o.down_secs > 0, Ordering::Relaxed);
+        (base, Some(fake), None)
+    } else {
+        let peer = Peer::start()?;
+        (peer.base.clone(), None, Some(peer))
+    };
+    println!(
+        "backend {}, partner {}, {} clients{}, batch {}, concurrency {}",
+        o.backend,
+        o.partner,
+        o.count,
+        if o.mix { " with a consent and a referral each" } else { "" },
+        o.batch,
+        o.concurrency
+    );
+
+    let writer = Gateway::start(&config(dir.path(), &o, &db.url, &base, false)?)?;
+    let started = Instant::now();
+    let deliveries = write_records(&http, &writer.base, &o).await?;
+    println!(
+        "wrote {deliveries} records in {:.1} s ({:.0}/s), each owing one delivery",
+        started.elapsed().as_secs_f64(),
+        deliveries as f64 / started.elapsed().as_secs_f64()
+    );
+    writer.stop();
+
+    let deliver = config(dir.path(), &o, &db.url, &base, true)?;
+    let through = drain(&http, &deliver, deliveries, fake.as_deref(), o.down_secs).await?;
+    if let Some(fake) = &fake {
+        println!("the fake partner answered {} requests", fake.requests.load(Ordering::Relaxed));
+    }
+    if let Some(peer) = &peer {
+        let log: Vec<Value> = http.get(peer.harness("requests")).send().await?.json().await?;
+        let log: Vec<Value> = log.into_iter().filter(|r| r["status"].as_u64().is_some_and(|s| s < 300)).collect();
+        anyhow::ensure!(log.len() < 2000, "the peer keeps its last 2,000 requests only: lower --count");
+        let answered = log.len();
+        let status = http.post(peer.harness("reset")).send().await?.status();
+        anyhow::ensure!(status.is_success(), "reset: {status}");
+        let direct = replay(&http, peer, &log, usize::try_from(o.concurrency)?).await?;
+        println!(
+            "through the gateway: {deliveries} deliveries ({answered} requests) in {through:.2} s = {:.0}/s; \
+             directly: {direct:.2} s = {:.0}/s; ratio (gateway / direct) {:.2}",
+            deliveries as f64 / through,
+            deliveries as f64 / direct,
+            direct / through
+        );
+    }
+    drop(db);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(run(o))
+}
