@@ -1,22 +1,25 @@
 //! Directory benchmark: full sync of a generated 100,000-service HSDS directory, then catalog search latency.
 //!
 //! ```text
-//! cargo bench --bench directory -- --backend sqlite --count 100000 --queries 2000
-//! cargo bench --bench directory -- --backend postgres --count 100000 --queries 2000
+//! cargo bench --bench directory -- --backend sqlite --count 100000 --engine index
+//! cargo bench --bench directory -- --backend sqlite --count 100000 --engine sql
+//! cargo bench --bench directory -- --backend postgres --count 100000 --engine index
 //! cargo bench --bench directory -- --backend sqlite --db /tmp/directory.db   # keep the catalog; reuse it next time
 //! cargo bench --bench directory -- --backend postgres --db carebridge_dirbench   # the same, a database by name
 //! ```
-//! With `--db`, a catalog kept by an earlier run is searched without syncing again (to compare
+//! With `--db`, a catalog kept by an earlier run is searched without syncing again (to compare engines and
 //! search plans quickly, or to open it with `sqlite3`).
 //! The directory comes from `carebridge::directories::synthetic` (deterministic: same count, same services),
 //! written as an HSDS data package and synced through the same code as `carebridge directory sync`. Searches go
-//! straight to the store (no HTTP), three kinds in turn: text + radius + category, radius + category, text alone.
+//! through the gateway's search (`--engine index`: the in-memory index, built first and timed; `--engine sql`: the
+//! database's full text) without HTTP, `--queries` of each shape the README documents, in turn.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use carebridge::directories::hsds::HsdsPackage;
+use carebridge::directories::index::{ServiceIndex, ServiceSearch};
 use carebridge::directories::{self, ServiceQuery, SyncMode, SyncOptions, synthetic};
 use time::OffsetDateTime;
 
@@ -35,6 +38,85 @@ fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The query shapes the README documents for `GET /api/v1/services`, with the generator's words: unselective
+/// ones (a category's noun matches one service in nine, "interpreters" every one), a selective one (a service's
+/// number), a word being typed, two words.
+const SHAPES: [&str; 15] = [
+    "q (unselective word)",
+    "q (selective word)",
+    "q (prefix being typed)",
+    "q (two words)",
+    "q + category",
+    "q + near 10 km + category",
+    "near 10 km + category",
+    "near 10 km",
+    "category",
+    "language",
+    "q + language",
+    "taxonomy_term",
+    "open_now",
+    "q + open_now",
+    "q + include_inactive",
+];
+
+const PREFIXES: [&str; 4] = ["coun", "pan", "rec", "shel"];
+const PAIRS: [&str; 4] = ["crisis counseling", "food pantry", "peer recovery", "housing shelter"];
+const LANGUAGES: [&str; 5] = ["es", "vi", "zh", "ru", "so"];
+
+/// The `n`th query of `shape`.
+fn shape_query(shape: usize, n: usize, count: u64) -> ServiceQuery {
+    let centre = CENTRES[n % CENTRES.len()];
+    let near = (centre.0 + ((n * 7) % 10) as f64 * 0.01, centre.1 - ((n * 3) % 10) as f64 * 0.01);
+    let word = WORDS[n % WORDS.len()].to_owned();
+    let category = CATEGORIES[n % CATEGORIES.len()].to_owned();
+    // A weekday 10:30 in the Pacific zone (open), or a Sunday (closed), in turn.
+    let open_at = if n.is_multiple_of(2) {
+        time::macros::datetime!(2026-07-13 18:30 UTC)
+    } else {
+        time::macros::datetime!(2026-07-12 18:30 UTC)
+    };
+    let mut q = ServiceQuery {
+        text: None,
+        category: None,
+        taxonomy_term: None,
+        near: None,
+        radius_km: 10.0,
+        language: None,
+        include_inactive: false,
+        open_at: None,
+        page: 1,
+        per_page: 20,
+    };
+    match shape {
+        0 => q.text = Some(word),
+        1 => q.text = Some(((n as u64 * 7919) % count.max(1)).to_string()),
+        2 => q.text = Some(PREFIXES[n % PREFIXES.len()].to_owned()),
+        3 => q.text = Some(PAIRS[n % PAIRS.len()].to_owned()),
+        4 => (q.text, q.category) = (Some(word), Some(category)),
+        5 => (q.text, q.category, q.near) = (Some(word), Some(category), Some(near)),
+        6 => (q.category, q.near) = (Some(category), Some(near)),
+        7 => q.near = Some(near),
+        8 => q.category = Some(category),
+        9 => q.language = Some(LANGUAGES[n % LANGUAGES.len()].to_owned()),
+        10 => (q.text, q.language) = (Some(word), Some(LANGUAGES[n % LANGUAGES.len()].to_owned())),
+        11 => q.taxonomy_term = Some(category),
+        12 => q.open_at = Some(open_at),
+        13 => (q.text, q.open_at) = (Some(word), Some(open_at)),
+        _ => (q.text, q.include_inactive) = (Some(word), true),
+    }
+    q
+}
+
+/// This process's resident memory, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i].as_secs_f64() * 1000.0
@@ -43,7 +125,10 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let backend = arg("--backend", "sqlite");
     let count: u64 = arg("--count", "100000").parse()?;
-    let queries: usize = arg("--queries", "2000").parse()?;
+    // Queries of each shape.
+    let queries: usize = arg("--queries", "100").parse()?;
+    let engine = arg("--engine", "index");
+    anyhow::ensure!(engine == "index" || engine == "sql", "--engine index|sql");
     let kept_db = std::env::args().any(|a| a == "--db").then(|| arg("--db", ""));
     let dir = tempfile::tempdir()?;
     let package = dir.path().join("services.json");
@@ -88,58 +173,77 @@ fn main() -> anyhow::Result<()> {
         if reuse {
             println!("searching the catalog kept in {}", kept_db.as_deref().unwrap_or_default());
         } else {
-        let started = Instant::now();
-        let report = directories::sync(&*store, &*source, SyncOptions::new(SyncMode::Full, OffsetDateTime::now_utc()), &|_| {}).await?;
-        let sync_secs = started.elapsed().as_secs_f64();
-        println!(
-            "full sync backend={backend}: {} added, {} rejected in {sync_secs:.1} s ({:.0} services/s)",
-            report.added,
-            report.rejected.len(),
-            report.added as f64 / sync_secs
-        );
-        let started = Instant::now();
-        let again = directories::sync(&*store, &*source, SyncOptions::new(SyncMode::Full, OffsetDateTime::now_utc()), &|_| {}).await?;
-        println!("unchanged re-sync: {} unchanged in {:.1} s", again.unchanged, started.elapsed().as_secs_f64());
+            let started = Instant::now();
+            let report = directories::sync(
+                &*store,
+                &*source,
+                SyncOptions::new(SyncMode::Full, OffsetDateTime::now_utc()),
+                &|_| {},
+            )
+            .await?;
+            let sync_secs = started.elapsed().as_secs_f64();
+            println!(
+                "full sync backend={backend}: {} added, {} rejected in {sync_secs:.1} s ({:.0} services/s)",
+                report.added,
+                report.rejected.len(),
+                report.added as f64 / sync_secs
+            );
+            let started = Instant::now();
+            let again = directories::sync(
+                &*store,
+                &*source,
+                SyncOptions::new(SyncMode::Full, OffsetDateTime::now_utc()),
+                &|_| {},
+            )
+            .await?;
+            println!("unchanged re-sync: {} unchanged in {:.1} s", again.unchanged, started.elapsed().as_secs_f64());
         }
 
-        let mut by_kind: [Vec<Duration>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-        let mut found = [0usize; 3];
-        for i in 0..queries {
-            let kind = i % 3;
-            let centre = CENTRES[i % CENTRES.len()];
-            let near = (centre.0 + ((i * 7) % 10) as f64 * 0.01, centre.1 - ((i * 3) % 10) as f64 * 0.01);
-            let query = ServiceQuery {
-                text: (kind != 1).then(|| WORDS[i % WORDS.len()].to_owned()),
-                category: (kind != 2).then(|| CATEGORIES[i % CATEGORIES.len()].to_owned()),
-                taxonomy_term: None,
-                near: (kind != 2).then_some(near),
-                radius_km: 10.0,
-                language: None,
-                include_inactive: false,
-                open_at: None,
-                page: 1,
-                per_page: 20,
-            };
+        let search = if engine == "index" {
+            let index = ServiceIndex::new()?;
+            let rss_before = rss_mib();
             let started = Instant::now();
-            let (_, total) = store.search_services(&query).await?;
-            by_kind[kind].push(started.elapsed());
-            found[kind] += total;
-        }
-        for (kind, name) in ["text+radius+category", "radius+category", "text only"].iter().enumerate() {
-            let mut times = std::mem::take(&mut by_kind[kind]);
-            times.sort_unstable();
+            index.catch_up(&*store).await?;
             println!(
-                "search {name} backend={backend}: {} queries, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {:.0} matches on average",
-                times.len(),
-                percentile(&times, 0.5),
-                percentile(&times, 0.99),
-                times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-                found[kind] as f64 / times.len().max(1) as f64
+                "index built: {} services in {:.1} s, resident memory +{:.0} MiB",
+                index.len(),
+                started.elapsed().as_secs_f64(),
+                rss_mib() - rss_before
+            );
+            ServiceSearch::indexed(index)
+        } else {
+            ServiceSearch::sql()
+        };
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); SHAPES.len()];
+        let mut found = vec![0usize; SHAPES.len()];
+        for i in 0..queries * SHAPES.len() {
+            let shape = i % SHAPES.len();
+            let n = i / SHAPES.len();
+            let query = shape_query(shape, n, count);
+            let started = Instant::now();
+            let (_, total) = search.search(&*store, &query).await?;
+            times[shape].push(started.elapsed());
+            found[shape] += total;
+        }
+        println!("| shape (backend {backend}, engine {engine}) | p50 | p95 | p99 | max | matches (mean) |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (shape, name) in SHAPES.iter().enumerate() {
+            let mut t = std::mem::take(&mut times[shape]);
+            t.sort_unstable();
+            println!(
+                "| {name} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} |",
+                percentile(&t, 0.5),
+                percentile(&t, 0.95),
+                percentile(&t, 0.99),
+                t.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+                found[shape] as f64 / t.len().max(1) as f64
             );
         }
         store.close().await;
         if let Some((pool, name)) = pg {
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&pool).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                .execute(&pool)
+                .await?;
         }
         anyhow::Ok(())
     })

@@ -46,6 +46,9 @@ pub enum StartError {
     /// A directory source could not be set up.
     #[error("cannot set up a directory source: {0}")]
     Directory(#[source] directories::SourceError),
+    /// The directory search index could not be set up.
+    #[error("cannot set up the directory search index: {0}")]
+    SearchIndex(#[source] StoreError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -66,9 +69,16 @@ pub struct Application {
     stop: tokio::sync::watch::Sender<bool>,
     workers: tokio::task::JoinSet<()>,
     syncs: SyncRunner,
+    search: crate::directories::index::ServiceSearch,
 }
 
 impl Application {
+    /// How the gateway searches its directory catalog (to wait for the index's first build).
+    #[must_use]
+    pub fn search(&self) -> crate::directories::index::ServiceSearch {
+        self.search.clone()
+    }
+
     /// Opens the store, loads the seed, builds the router and binds the listener.
     ///
     /// # Errors
@@ -116,6 +126,16 @@ impl Application {
         let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         let public_url =
             PublicUrl::new(settings.server.public_base_url.as_deref(), bound, settings.server.trusted_networks());
+        let search = match settings.search.engine {
+            crate::config::SearchEngine::Index => {
+                let search = crate::directories::index::ServiceSearch::indexed(
+                    crate::directories::index::ServiceIndex::new().map_err(StartError::SearchIndex)?,
+                );
+                search.build_in_background(store.clone());
+                search
+            }
+            crate::config::SearchEngine::Sql => crate::directories::index::ServiceSearch::sql(),
+        };
         let state = AppState {
             store: store.clone(),
             api: settings.api.clone(),
@@ -126,6 +146,7 @@ impl Application {
             mapping_slots: Arc::new(tokio::sync::Semaphore::new(http::mapping_slots())),
             public_url: Arc::new(public_url),
             partners,
+            search: search.clone(),
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {
@@ -140,6 +161,7 @@ impl Application {
             stop,
             workers,
             syncs,
+            search,
         })
     }
 
@@ -158,7 +180,7 @@ impl Application {
     /// # Errors
     /// None today (a failed accept is logged and retried); kept so a caller handles a future listener failure.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { listener, router, store, limits, stop, mut workers, syncs } = self;
+        let Application { listener, router, store, limits, stop, mut workers, syncs, search: _ } = self;
         let shutdown = async move {
             shutdown.await;
             // Syncs are not requests: they stop at once rather than hold the grace period.

@@ -42,6 +42,27 @@ pub struct Settings {
     pub partners: Vec<crate::partners::PartnerSettings>,
     /// Delivery to partners: the outbox workers.
     pub outbox: OutboxSettings,
+    /// Directory search.
+    pub search: SearchSettings,
+}
+
+/// How `/api/v1/services` searches the catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSettings {
+    /// The engine.
+    pub engine: SearchEngine,
+}
+
+/// A directory search engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchEngine {
+    /// An in-memory index per gateway (tantivy), built from the catalog at start and brought up to date before
+    /// each search; SQL until it is built.
+    Index,
+    /// The database's own full-text search (SQLite FTS5, PostgreSQL `tsvector`).
+    Sql,
 }
 
 /// The outbox workers that deliver records to partners.

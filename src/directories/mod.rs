@@ -14,6 +14,7 @@ pub mod fhir_directory;
 pub mod hours;
 pub mod hsds;
 pub mod hsds_csv;
+pub mod index;
 pub mod jobs;
 pub mod publish;
 pub mod schedule;

@@ -87,6 +87,13 @@ pub fn service(seed: u64, n: u64) -> Value {
         }
     }
     let org = n / 3;
+    // Hours at the city's standard UTC offset (HSDS `timezone`, in hours), so open-now has hours to match.
+    let offset = match state {
+        "OR" | "WA" | "CA" => -8,
+        "ID" | "CO" | "AZ" => -7,
+        "MN" | "IL" => -6,
+        _ => -5,
+    };
     json!({
         "id": uuid(1, n),
         "name": format!("{adjective} {noun} {n}"),
@@ -102,7 +109,7 @@ pub fn service(seed: u64, n: u64) -> Value {
             "addresses": [{"id": uuid(6, n), "address_1": format!("{} Main St", 100 + r.below(9000)), "city": city,
                 "state_province": state, "postal_code": format!("{:05}", r.below(99_999)), "country": "US",
                 "address_type": "physical"}]}}],
-        "schedules": [{"id": uuid(7, n), "freq": "WEEKLY", "byday": "MO,TU,WE,TH,FR", "opens_at": "09:00", "closes_at": "17:00"}],
+        "schedules": [{"id": uuid(7, n), "freq": "WEEKLY", "byday": "MO,TU,WE,TH,FR", "opens_at": "09:00", "closes_at": "17:00", "timezone": offset}],
         "phones": [{"id": uuid(8, n), "number": format!("555-01{:02}", r.below(100)), "type": "voice"}],
         "attributes": [{"id": uuid(9, n), "link_type": "service", "link_entity": "service", "link_id": uuid(1, n),
             "taxonomy_term": {"id": format!("cbsc-{code}"), "code": code, "name": noun,

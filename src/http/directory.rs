@@ -150,7 +150,7 @@ pub async fn search(
     ApiQuery(params): ApiQuery<SearchParams>,
 ) -> Result<Json<SearchPage>, ApiError> {
     let query = service_query(params, OffsetDateTime::now_utc())?;
-    let (items, total) = state.store.search_services(&query).await.map_err(super::api::store_problem)?;
+    let (items, total) = state.search.search(&*state.store, &query).await.map_err(super::api::store_problem)?;
     Ok(Json(SearchPage { items, total, page: query.page, per_page: query.per_page }))
 }
 

@@ -61,6 +61,8 @@ pub struct AppState {
     pub mapping_slots: Arc<tokio::sync::Semaphore>,
     /// The configured partners (`[[partners]]`).
     pub partners: Arc<crate::partners::Partners>,
+    /// How `/api/v1/services` searches the catalog (the in-memory index, or SQL).
+    pub search: crate::directories::index::ServiceSearch,
 }
 
 /// How many mapping jobs may run at once on this machine: every core but one, and at least one.

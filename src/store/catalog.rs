@@ -8,6 +8,19 @@ use time::OffsetDateTime;
 use super::StoreError;
 use crate::directories::{CatalogService, ServiceHit, ServiceQuery, Upserted};
 
+/// A service as the catalog changed it: its change number, id, kept document and whether it is active.
+#[derive(Debug, Clone)]
+pub struct CatalogChange {
+    /// The change that last touched it.
+    pub seq: i64,
+    /// Gateway id.
+    pub id: String,
+    /// The kept [`CatalogService`] as JSON.
+    pub doc: String,
+    /// Whether its source still offers it.
+    pub active: bool,
+}
+
 /// Filters of a publication listing (the catalog as `/fhir` and `/hsds` serve it), in id order.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogListing {
@@ -189,6 +202,37 @@ pub trait Catalog: Send + Sync {
     /// # Errors
     /// `Database`.
     async fn search_services(&self, query: &ServiceQuery) -> Result<(Vec<ServiceHit>, usize), StoreError>;
+
+    /// The catalog's change counter: the number of the last committed change that a search may see.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn catalog_version(&self) -> Result<i64, StoreError>;
+
+    /// The services changed after `after` (a `(change_seq, id)` position; `(-1, "")` from the start) up to
+    /// change `upto`, at most `limit`, in change order: `(change_seq, id, doc, active)`.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn catalog_changes(
+        &self,
+        after: (i64, &str),
+        upto: i64,
+        limit: u32,
+    ) -> Result<Vec<CatalogChange>, StoreError>;
+
+    /// The kept documents of these services and whether each is active, in no particular order.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn service_docs(&self, ids: &[String]) -> Result<Vec<(String, String, bool)>, StoreError>;
+
+    /// The `(taxonomy, code)` of a taxonomy term (by code, or by a source's id of it) and of every term under it,
+    /// as each source gave the hierarchy.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn taxonomy_subtree(&self, term: &str) -> Result<Vec<(String, String)>, StoreError>;
 
     /// One service as kept, with whether it is still active at its source.
     ///

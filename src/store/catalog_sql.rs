@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::{Postgres, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
+use super::catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
 use super::sql::SqlStore;
 use super::{StoreError, from_micros, to_micros};
 use crate::directories::hours::{self, LocalMoment};
@@ -22,7 +22,7 @@ use crate::directories::{
 };
 
 /// Kilometres per degree of latitude.
-const KM_PER_DEGREE: f64 = 111.195;
+pub(crate) const KM_PER_DEGREE: f64 = 111.195;
 
 /// SQLite: words through FTS5 (see [`search_text`]: the words are folded and stemmed by the gateway). Without a
 /// radius the matches are a set of their own, ranked by BM25 with the name weighing ten times the description.
@@ -396,7 +396,7 @@ fn named_sql(table: &str, id: Option<&str>, name: Option<&str>, offset: u32, lim
 }
 
 /// The words a service is found by: its name and alternate name, and its description (see [`search_text`]).
-fn search_words(service: &CatalogService) -> (String, String) {
+pub(crate) fn search_words(service: &CatalogService) -> (String, String) {
     let name = match &service.alternate_name {
         Some(alternate) => format!("{} {alternate}", service.name),
         None => service.name.clone(),
@@ -405,7 +405,7 @@ fn search_words(service: &CatalogService) -> (String, String) {
 }
 
 /// Every language a service is offered in: its own, its locations', and those spoken on its phones.
-fn all_languages(service: &CatalogService) -> Vec<String> {
+pub(crate) fn all_languages(service: &CatalogService) -> Vec<String> {
     let phones = service
         .phones
         .iter()
@@ -423,7 +423,7 @@ fn all_languages(service: &CatalogService) -> Vec<String> {
     all
 }
 
-fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, StoreError> {
+pub(crate) fn hit(row_doc: &str, active: bool, d2: Option<f64>) -> Result<ServiceHit, StoreError> {
     let service: CatalogService = serde_json::from_str(row_doc).map_err(StoreError::CorruptCatalog)?;
     let categories = service.terms.iter().filter(|t| t.taxonomy == CATEGORY_TAXONOMY).map(|t| t.code.clone()).collect();
     Ok(ServiceHit {
@@ -489,6 +489,12 @@ macro_rules! impl_catalog {
                         // Kept before its hours were indexed (or by older rules): index them now.
                         if *hours_version != hours::RULES_VERSION {
                             Self::replace_hours(tx, service).await?;
+                            let seq = Self::next_change(tx).await?;
+                            sqlx::query("UPDATE directory_services SET change_seq = $2 WHERE id = $1")
+                                .bind(&service.id)
+                                .bind(seq)
+                                .execute(&mut **tx)
+                                .await?;
                         }
                         return Ok(Upserted::Unchanged);
                     }
@@ -532,11 +538,13 @@ macro_rules! impl_catalog {
                     .await?;
                 }
                 let (search_name, search_body) = search_words(service);
+                let seq = Self::next_change(tx).await?;
                 sqlx::query(
                     "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
                      active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id, hours_version, \
-                     alternate_name, search_name, search_body, search_version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12, $13, $14, $15, $16, $17) \
+                     alternate_name, search_name, search_body, search_version, change_seq) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9, $10, $11, $11, $12, $13, $14, $15, $16, $17, \
+                     $18) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description, \
                      status = excluded.status, organization_id = excluded.organization_id, active = 1, \
                      vanished_at = NULL, doc = excluded.doc, raw = excluded.raw, \
@@ -546,7 +554,7 @@ macro_rules! impl_catalog {
                      updated_at = excluded.updated_at, public_id = excluded.public_id, \
                      hours_version = excluded.hours_version, alternate_name = excluded.alternate_name, \
                      search_name = excluded.search_name, search_body = excluded.search_body, \
-                     search_version = excluded.search_version",
+                     search_version = excluded.search_version, change_seq = excluded.change_seq",
                 )
                 .bind(&service.id)
                 .bind(&service.source)
@@ -565,6 +573,7 @@ macro_rules! impl_catalog {
                 .bind(search_name)
                 .bind(search_body)
                 .bind(search_text::RULES_VERSION)
+                .bind(seq)
                 .execute(&mut **tx)
                 .await?;
                 for table in [
@@ -633,6 +642,17 @@ macro_rules! impl_catalog {
                 }
                 Self::replace_hours(tx, service).await?;
                 Ok(if current.is_some() { Upserted::Updated } else { Upserted::Added })
+            }
+
+            /// The next number of the catalog's change counter, in `tx`: the counter row stays locked until `tx`
+            /// ends, so changes commit in the order of their numbers (see migration 0012).
+            async fn next_change(tx: &mut sqlx::Transaction<'_, $db>) -> Result<i64, StoreError> {
+                let (seq,): (i64,) = sqlx::query_as(
+                    "UPDATE directory_catalog_version SET seq = seq + 1 WHERE id = 1 RETURNING seq",
+                )
+                .fetch_one(&mut **tx)
+                .await?;
+                Ok(seq)
             }
 
             /// The HSDS id row `id` of `table` is published under: `wanted` (the source's UUID) unless another row
@@ -892,16 +912,21 @@ macro_rules! impl_catalog {
                 now: OffsetDateTime,
             ) -> Result<usize, StoreError> {
                 let now = to_micros(now);
+                if source_ids.is_empty() {
+                    return Ok(0);
+                }
                 let mut tx = self.writer().begin_with($begin).await?;
+                let seq = Self::next_change(&mut tx).await?;
                 let mut done = 0;
                 for id in source_ids {
                     let row = sqlx::query(
-                        "UPDATE directory_services SET active = 0, vanished_at = $3, updated_at = $3 \
+                        "UPDATE directory_services SET active = 0, vanished_at = $3, updated_at = $3, change_seq = $4 \
                          WHERE source = $1 AND source_id = $2 AND active = 1 AND seen_at <= $3",
                     )
                     .bind(source)
                     .bind(id)
                     .bind(now)
+                    .bind(seq)
                     .execute(&mut *tx)
                     .await?;
                     done += usize::try_from(row.rows_affected()).unwrap_or(0);
@@ -1093,6 +1118,64 @@ macro_rules! impl_catalog {
                 let (page, count, args) = named_sql("directory_locations", id, name, offset, limit);
                 let rows = self.listing_rows(page, count, &args, offset).await?;
                 Ok((rows.0.iter().map(|(d, a, u)| listed(d, *a, *u)).collect::<Result<_, _>>()?, rows.1))
+            }
+
+            async fn catalog_version(&self) -> Result<i64, StoreError> {
+                let (seq,): (i64,) = sqlx::query_as("SELECT seq FROM directory_catalog_version WHERE id = 1")
+                    .fetch_one(self.reader())
+                    .await?;
+                Ok(seq)
+            }
+
+            async fn catalog_changes(
+                &self,
+                after: (i64, &str),
+                upto: i64,
+                limit: u32,
+            ) -> Result<Vec<CatalogChange>, StoreError> {
+                let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+                    "SELECT change_seq, id, doc, active FROM directory_services \
+                     WHERE (change_seq > $1 OR (change_seq = $1 AND id > $2)) AND change_seq <= $3 \
+                     ORDER BY change_seq, id LIMIT $4",
+                )
+                .bind(after.0)
+                .bind(after.1)
+                .bind(upto)
+                .bind(i64::from(limit))
+                .fetch_all(self.reader())
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(seq, id, doc, active)| CatalogChange { seq, id, doc, active: active == 1 })
+                    .collect())
+            }
+
+            async fn service_docs(&self, ids: &[String]) -> Result<Vec<(String, String, bool)>, StoreError> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+                let sql = format!("SELECT id, doc, active FROM directory_services WHERE id IN ({})", marks.join(", "));
+                let rows: Vec<(String, String, i64)> = ids
+                    .iter()
+                    .fold(sqlx::query_as(sqlx::AssertSqlSafe(sql)), |q, id| q.bind(id))
+                    .fetch_all(self.reader())
+                    .await?;
+                Ok(rows.into_iter().map(|(id, doc, active)| (id, doc, active == 1)).collect())
+            }
+
+            async fn taxonomy_subtree(&self, term: &str) -> Result<Vec<(String, String)>, StoreError> {
+                Ok(sqlx::query_as(
+                    "WITH RECURSIVE tree (source, term_id, taxonomy, code) AS (\
+                       SELECT source, term_id, taxonomy, code FROM directory_taxonomy_terms \
+                       WHERE code = $1 OR term_id = $1 OR parent_id = $1 \
+                       UNION SELECT t.source, t.term_id, t.taxonomy, t.code FROM directory_taxonomy_terms t \
+                       JOIN tree ON t.source = tree.source AND t.parent_id = tree.term_id) \
+                     SELECT DISTINCT taxonomy, code FROM tree",
+                )
+                .bind(term)
+                .fetch_all(self.reader())
+                .await?)
             }
 
             async fn directory_service(&self, id: &str) -> Result<Option<(CatalogService, bool)>, StoreError> {

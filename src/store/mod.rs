@@ -5,7 +5,7 @@
 //! writer connection) and PostgreSQL (several replicas), chosen by the database URL in [`connect`].
 
 mod catalog;
-mod catalog_sql;
+pub(crate) mod catalog_sql;
 mod group_commit;
 pub mod outbox;
 mod sql;
@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{RecordId, RecordKind};
 
-pub use catalog::{Catalog, CatalogListing, DirectorySyncState, Listed};
+pub use catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
 pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};
 pub use sql::{SqlStore, connect};
 pub use sync_jobs::{ABANDONED, Begun, NewSyncJob, SyncJobEnd, SyncJobRow, SyncJobs};
@@ -48,6 +48,9 @@ pub enum StoreError {
     /// The SQLite writer thread is gone (it stops only when the store is dropped, or failed to start).
     #[error("the database writer has stopped")]
     WriterStopped,
+    /// The in-memory directory search index failed (tantivy, or its build task).
+    #[error("directory search index: {0}")]
+    Index(String),
     /// Migrations this binary expects are not applied.
     #[error("database schema is at migration {applied:?}; this build needs {expected}")]
     NotMigrated {

@@ -71,12 +71,18 @@ async fn sync(app: &TestApp, source: &str) -> Value {
 
 /// The gateway with both packages synced (on `database` when given); the packages live in the returned directory.
 pub async fn open_now_app(database: Option<String>) -> (TestApp, TempDir) {
+    open_now_app_on(database, carebridge::config::SearchEngine::Index).await
+}
+
+/// [`open_now_app`] searching with `engine`.
+pub async fn open_now_app_on(database: Option<String>, engine: carebridge::config::SearchEngine) -> (TestApp, TempDir) {
     let packages = tempfile::tempdir().expect("temp dir");
     let (pdx, nozone) = write_packages(packages.path());
     let app = spawn_app_with(|s| {
         if let Some(url) = database {
             s.database.url = url;
         }
+        s.search.engine = engine;
         s.directories = vec![
             DirectorySettings::HsdsPackage {
                 name: "pdx".into(),
@@ -182,7 +188,9 @@ async fn a_bad_open_now_or_open_at_is_a_400_naming_the_parameter() {
 
 #[tokio::test]
 async fn a_service_kept_before_hours_were_indexed_gets_them_at_its_next_sync() {
-    let (app, _packages) = open_now_app(None).await;
+    // The SQL engine's hours table, emptied behind the gateway's back (the in-memory index reads hours from each
+    // kept service, not from that table).
+    let (app, _packages) = open_now_app_on(None, carebridge::config::SearchEngine::Sql).await;
     let july = "open_at=2026-07-01T16:30:00Z";
     assert_eq!(found(&app, july).await.len(), 3);
     // As a catalog synced before migration 0004 left it: services without hours, and no zones.

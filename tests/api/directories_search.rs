@@ -3,6 +3,7 @@
 //! HSDS API; and search quality (prefixes on the word as typed, folded diacritics, queries without a word).
 //! `search_quality` runs on SQLite here and on PostgreSQL in `store_contract`.
 
+use carebridge::config::SearchEngine;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app_with};
@@ -97,23 +98,34 @@ pub fn services() -> Vec<Value> {
 /// A gateway syncing [`services`] from the fake API as `metro` (Los Angeles time, the open-eligibility map),
 /// on `database` when given.
 pub async fn search_app(database: Option<String>) -> (TestApp, FakeHsdsApi) {
+    search_app_on(database, SearchEngine::Index).await
+}
+
+/// [`search_app`] searching with `engine`.
+pub async fn search_app_on(database: Option<String>, engine: SearchEngine) -> (TestApp, FakeHsdsApi) {
     let fake = FakeHsdsApi::with(services());
+    let app = gateway_of(&fake, database, engine).await;
+    let report = crate::helpers::synced_report(&app, "metro", "mode=full").await;
+    assert_eq!(report["added"], 7, "{report}");
+    (app, fake)
+}
+
+/// A gateway with `fake` as the source `metro`, not synced yet.
+pub async fn gateway_of(fake: &FakeHsdsApi, database: Option<String>, engine: SearchEngine) -> TestApp {
     let base = fake.start().await;
     let source: carebridge::config::DirectorySettings = serde_json::from_value(json!({
         "type": "hsds_api", "name": "metro", "base_url": base, "per_page": 3, "timeout_secs": 5, "retries": 0,
         "detail": "per_service", "time_zone": "America/Los_Angeles", "category_map": "directory/open-eligibility-category.json",
     }))
     .expect("a directory source");
-    let app = spawn_app_with(|s| {
+    spawn_app_with(|s| {
         if let Some(url) = database {
             s.database.url = url;
         }
         s.directories = vec![source];
+        s.search.engine = engine;
     })
-    .await;
-    let report = crate::helpers::synced_report(&app, "metro", "mode=full").await;
-    assert_eq!(report["added"], 7, "{report}");
-    (app, fake)
+    .await
 }
 
 fn gateway_id(source_id: &str) -> String {
@@ -121,7 +133,7 @@ fn gateway_id(source_id: &str) -> String {
 }
 
 /// The source ids of the services a search finds, in order.
-async fn found(app: &TestApp, query: &str) -> Vec<String> {
+pub async fn found(app: &TestApp, query: &str) -> Vec<String> {
     let response = app.get(&format!("/api/v1/services?{query}&per_page=100")).await;
     assert_eq!(response.status(), 200, "{query}: {}", response.text().await.unwrap_or_default());
     let page: Value = response.json().await.expect("JSON");
@@ -180,6 +192,58 @@ async fn the_catalog_finds_what_it_should_and_nothing_else() {
     let (app, _fake) = search_app(None).await;
     search_quality(&app).await;
     app.stop().await;
+}
+
+#[tokio::test]
+async fn the_sql_engine_finds_the_same() {
+    let (app, _fake) = search_app_on(None, SearchEngine::Sql).await;
+    search_quality(&app).await;
+    app.stop().await;
+}
+
+/// The source changes: Westside's alternate name, the pantry gone (deactivated by the full sync), a new service.
+pub fn change_the_source(fake: &FakeHsdsApi) {
+    let mut services = fake.services.lock().expect("lock");
+    services.retain(|s| s["id"] != PANTRY);
+    for s in services.iter_mut().filter(|s| s["id"] == WESTSIDE) {
+        s["alternate_name"] = json!("Juniper Counseling Annex");
+        s["last_modified"] = json!("2026-10-01T10:00:00Z");
+    }
+    services.push(service(NEW_SERVICE, "Birchwood Respite House", "Short stays for adults in crisis."));
+}
+
+/// The source id of the service [`change_the_source`] adds.
+pub const NEW_SERVICE: &str = "0b8f1e2a-3c4d-4e5f-8a6b-7c8d9e0f1a08";
+
+/// What a search finds after [`change_the_source`] and a full sync.
+pub async fn finds_the_changes(app: &TestApp) {
+    assert!(found(app, "q=rosewood").await.is_empty(), "the old alternate name is gone");
+    assert_eq!(found(app, "q=juniper").await, [WESTSIDE], "the new alternate name");
+    assert_eq!(found(app, "q=juniper&near=45.54,-122.70&radius_km=5").await, [WESTSIDE]);
+    assert_eq!(found(app, "q=birchwood").await, [NEW_SERVICE], "a new service");
+    assert!(found(app, "category=food_assistance").await.is_empty(), "the pantry is no longer offered");
+    assert!(found(app, "q=pantry").await.is_empty());
+    assert_eq!(found(app, "q=pantry&include_inactive=true").await, [PANTRY]);
+}
+
+async fn the_search_follows_the_catalog(engine: SearchEngine) {
+    let (app, fake) = search_app_on(None, engine).await;
+    assert_eq!(found(&app, "q=rosewood").await, [WESTSIDE]);
+    change_the_source(&fake);
+    let report = crate::helpers::synced_report(&app, "metro", "mode=full").await;
+    assert_eq!((report["added"].as_u64(), report["deactivated"].as_u64()), (Some(1), Some(1)), "{report}");
+    finds_the_changes(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_index_follows_every_change_of_the_catalog() {
+    the_search_follows_the_catalog(SearchEngine::Index).await;
+}
+
+#[tokio::test]
+async fn the_sql_engine_follows_every_change_of_the_catalog() {
+    the_search_follows_the_catalog(SearchEngine::Sql).await;
 }
 
 #[tokio::test]

@@ -110,6 +110,8 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings(dir.path());
     adjust(&mut settings);
     let app = Application::build(&settings).await.expect("the gateway starts");
+    // Searches go to the in-memory index once it is built (SQL before): the tests search the index.
+    assert!(app.search().wait_built(Duration::from_secs(30)).await, "the search index was not built in 30 s");
     let addr = app.local_addr().expect("bound");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {

@@ -707,6 +707,24 @@ async fn search_quality_is_the_same_on_postgres() {
     app.stop().await;
 }
 
+/// Two gateways on one PostgreSQL database, each with its own search index: what one syncs, the other finds at
+/// its next search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_postgres_database_each_find_what_the_other_synced() {
+    use crate::directories_search::{WESTSIDE, change_the_source, finds_the_changes, found, gateway_of, search_app};
+    let Some(db) = postgres_store().await else { return };
+    let (syncing, fake) = search_app(Some(db.url.clone())).await;
+    let other = gateway_of(&fake, Some(db.url.clone()), carebridge::config::SearchEngine::Index).await;
+    assert_eq!(found(&other, "q=rosewood").await, [WESTSIDE], "built from what the first one synced");
+    change_the_source(&fake);
+    let report = crate::helpers::synced_report(&syncing, "metro", "mode=full").await;
+    assert_eq!(report["deactivated"], 1, "{report}");
+    finds_the_changes(&other).await;
+    finds_the_changes(&syncing).await;
+    other.stop().await;
+    syncing.stop().await;
+}
+
 /// Rows kept before a migration added their HSDS ids get them when the store next opens, so the `/hsds` id
 /// filters find them without waiting for a sync.
 async fn public_ids_are_filled_when_the_store_opens(url: &str, clear: &str) {

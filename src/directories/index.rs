@@ -1,0 +1,590 @@
+//! The catalog's search index, one per gateway, in memory: the store stays the source of truth, the index is built
+//! from it at start and brought up to date before each search.
+//!
+//! Text goes through [`tantivy`] (BM25, the name weighing ten times the description, as FTS5 does), on the words
+//! [`search_text`] makes, so both engines find the same services; the filters are terms of the same documents
+//! (active, taxonomy terms and agency categories, languages), so a search with text and filters but no place or
+//! time keeps only its page (top-k with pruning) instead of ranking every match. Radius and open-now are checked
+//! here on what each service's locations and hours say, kept beside the index, after tantivy narrowed the set.
+//!
+//! Keeping current: every catalog write that changes what a search may find takes the next number of the
+//! catalog's change counter in its transaction and stamps the service with it (migration 0012). Before a search
+//! the index reads the counter (one indexed row); when it moved, it reads the services stamped after what it has
+//! read, in change order, and indexes them again. Replicas on one PostgreSQL database each keep their own index
+//! and each catches up by itself. Until the first build is done, searches go to the SQL path (same results,
+//! slower).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tantivy::collector::{Collector, Count, SegmentCollector, TopDocs};
+use tantivy::columnar::Column;
+use tantivy::query::{AllQuery, BooleanQuery, BoostQuery, Occur, Query, RegexQuery, TermQuery};
+use tantivy::schema::{FAST, Field, INDEXED, IndexRecordOption, STRING, Schema, TextFieldIndexing, TextOptions};
+use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument, Term};
+use time::OffsetDateTime;
+
+use super::hours::{self, OpeningInterval};
+use super::search_text::TextQuery;
+use super::{CATEGORY_TAXONOMY, CatalogService, ServiceHit, ServiceQuery};
+use crate::store::catalog_sql::{KM_PER_DEGREE, MAX_COUNTED, all_languages, hit, search_words};
+use crate::store::{Store, StoreError};
+
+/// Services read from the store per query while catching up.
+const CHANGES_PAGE: u32 = 2_000;
+
+/// The index writer's memory: one indexing thread, flushed to a segment when full.
+const WRITER_BYTES: usize = 50_000_000;
+
+/// Weight of a name match against a description match (FTS5's `bm25(…, 10.0, 1.0)`).
+const NAME_BOOST: Score = 10.0;
+
+/// Separates the parts of a filter term (never in a code or language the catalog keeps as one).
+const SEP: char = '\u{1f}';
+
+struct Fields {
+    key: Field,
+    name: Field,
+    body: Field,
+    tag: Field,
+}
+
+/// What a search checks beside the index: where a service is and when it is open.
+struct Entry {
+    id: String,
+    name: String,
+    points: Vec<(f64, f64)>,
+    hours: Vec<OpeningInterval>,
+}
+
+#[derive(Default)]
+struct Entries {
+    /// By index key.
+    by_key: Vec<Option<Entry>>,
+    /// Index key by service id.
+    keys: HashMap<String, u64>,
+    /// Every zone a service keeps hours in.
+    zones: BTreeSet<String>,
+}
+
+/// How far the index has read the catalog's changes: `(change_seq, id)` of the last service read.
+struct Position {
+    seq: i64,
+    id: String,
+}
+
+/// The in-memory search index of the catalog.
+pub struct ServiceIndex {
+    reader: IndexReader,
+    fields: Fields,
+    writer: Mutex<IndexWriter>,
+    entries: RwLock<Entries>,
+    position: tokio::sync::Mutex<Position>,
+    /// The change counter the index is current with; -1 until it is built.
+    version: AtomicI64,
+}
+
+fn tag(parts: &[&str]) -> String {
+    parts.join(&SEP.to_string())
+}
+
+fn index_error(e: tantivy::TantivyError) -> StoreError {
+    StoreError::Index(e.to_string())
+}
+
+impl ServiceIndex {
+    /// An empty index, not built yet.
+    ///
+    /// # Errors
+    /// When tantivy cannot create its writer.
+    pub fn new() -> Result<Arc<Self>, StoreError> {
+        let mut schema = Schema::builder();
+        let words = TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default().set_tokenizer("whitespace").set_index_option(IndexRecordOption::WithFreqs),
+        );
+        let fields = Fields {
+            key: schema.add_u64_field("key", FAST | INDEXED),
+            name: schema.add_text_field("name", words.clone()),
+            body: schema.add_text_field("body", words),
+            tag: schema.add_text_field("tag", STRING),
+        };
+        let index = Index::create_in_ram(schema.build());
+        let writer = index.writer_with_num_threads(1, WRITER_BYTES).map_err(index_error)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(index_error)?;
+        Ok(Arc::new(ServiceIndex {
+            reader,
+            fields,
+            writer: Mutex::new(writer),
+            entries: RwLock::new(Entries::default()),
+            position: tokio::sync::Mutex::new(Position { seq: -1, id: String::new() }),
+            version: AtomicI64::new(-1),
+        }))
+    }
+
+    /// Whether the first build is done (searches may use the index).
+    #[must_use]
+    pub fn is_built(&self) -> bool {
+        self.version.load(Ordering::Acquire) >= 0
+    }
+
+    /// Services in the index.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.read().map_or(0, |e| e.keys.len())
+    }
+
+    /// Whether the index holds no service.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the catalog's changes since the last call and indexes them; the first call builds the index.
+    ///
+    /// # Errors
+    /// When the store cannot be read or tantivy fails.
+    pub async fn catch_up(self: &Arc<Self>, store: &dyn Store) -> Result<(), StoreError> {
+        let current = store.catalog_version().await?;
+        if self.version.load(Ordering::Acquire) >= current {
+            return Ok(());
+        }
+        let mut position = self.position.lock().await;
+        if self.version.load(Ordering::Acquire) >= current {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut read = 0;
+        loop {
+            let rows = store.catalog_changes((position.seq, &position.id), current, CHANGES_PAGE).await?;
+            let Some(last) = rows.last() else { break };
+            *position = Position { seq: last.seq, id: last.id.clone() };
+            read += rows.len();
+            let full = rows.len() == CHANGES_PAGE as usize;
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.apply(rows))
+                .await
+                .map_err(|e| StoreError::Index(e.to_string()))??;
+            if !full {
+                break;
+            }
+        }
+        if read > 0 {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                me.writer
+                    .lock()
+                    .map_err(|_| StoreError::Index("the index writer is poisoned".into()))?
+                    .commit()
+                    .map_err(index_error)?;
+                me.reader.reload().map_err(index_error)
+            })
+            .await
+            .map_err(|e| StoreError::Index(e.to_string()))??;
+        }
+        let first = self.version.swap(current, Ordering::AcqRel) < 0;
+        if first || read > 100 {
+            tracing::info!(
+                services = self.len(),
+                read,
+                version = current,
+                ms = started.elapsed().as_millis() as u64,
+                "The directory search index is current."
+            );
+        }
+        Ok(())
+    }
+
+    /// Indexes these services again (their old documents are deleted); committed by the caller.
+    fn apply(&self, rows: Vec<crate::store::CatalogChange>) -> Result<(), StoreError> {
+        let writer = self.writer.lock().map_err(|_| StoreError::Index("the index writer is poisoned".into()))?;
+        let mut entries = self.entries.write().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
+        for row in rows {
+            let service: CatalogService = match serde_json::from_str(&row.doc) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(service = %row.id, error = %e, "A kept service does not parse; it is left out of the search index.");
+                    continue;
+                }
+            };
+            let next = entries.by_key.len() as u64;
+            let key = *entries.keys.entry(row.id.clone()).or_insert(next);
+            if key == next {
+                entries.by_key.push(None);
+            }
+            writer.delete_term(Term::from_field_u64(self.fields.key, key));
+            let mut doc = TantivyDocument::default();
+            doc.add_u64(self.fields.key, key);
+            let (name, body) = search_words(&service);
+            doc.add_text(self.fields.name, name);
+            doc.add_text(self.fields.body, body);
+            if row.active && service.status == "active" {
+                doc.add_text(self.fields.tag, "active");
+            }
+            for t in &service.terms {
+                doc.add_text(self.fields.tag, tag(&["term", &t.taxonomy, &t.code]));
+                doc.add_text(self.fields.tag, tag(&["code", &t.code]));
+            }
+            for language in all_languages(&service) {
+                doc.add_text(self.fields.tag, tag(&["lang", &language]));
+            }
+            writer.add_document(doc).map_err(index_error)?;
+            let hours = hours::weekly_intervals(&service);
+            for h in &hours {
+                if !entries.zones.contains(&h.zone) {
+                    entries.zones.insert(h.zone.clone());
+                }
+            }
+            let points = service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
+            let slot = usize::try_from(key).map_err(|e| StoreError::Index(e.to_string()))?;
+            entries.by_key[slot] = Some(Entry { id: service.id, name: service.name, points, hours });
+        }
+        Ok(())
+    }
+
+    /// The query of `text`: every word by its stem, the last also as a prefix of the word as typed, in the name
+    /// (weighted) or the description; in the name only when `name_only`.
+    fn text_query(&self, text: &TextQuery, name_only: bool) -> Box<dyn Query> {
+        let f = &self.fields;
+        let either = |field_query: &dyn Fn(Field) -> Box<dyn Query>| -> Box<dyn Query> {
+            let name: Box<dyn Query> = Box::new(BoostQuery::new(field_query(f.name), NAME_BOOST));
+            if name_only {
+                return name;
+            }
+            Box::new(BooleanQuery::new(vec![(Occur::Should, name), (Occur::Should, field_query(f.body))]))
+        };
+        let term = |word: String| {
+            move |field: Field| -> Box<dyn Query> {
+                Box::new(TermQuery::new(Term::from_field_text(field, &word), IndexRecordOption::WithFreqs))
+            }
+        };
+        let mut must: Vec<(Occur, Box<dyn Query>)> =
+            text.complete.iter().map(|w| (Occur::Must, either(&term(w.clone())))).collect();
+        let stem = either(&term(text.last_stem.clone()));
+        // The word as typed is letters and digits only (search_text splits at everything else): no regex syntax.
+        let pattern = format!("{}.*", text.last_word);
+        let prefix = either(&|field: Field| -> Box<dyn Query> {
+            match RegexQuery::from_pattern(&pattern, field) {
+                Ok(q) => Box::new(q),
+                Err(_) => Box::new(BooleanQuery::new(Vec::new())),
+            }
+        });
+        must.push((Occur::Must, Box::new(BooleanQuery::new(vec![(Occur::Should, stem), (Occur::Should, prefix)]))));
+        Box::new(BooleanQuery::new(must))
+    }
+
+    /// The filters the index holds as terms: active, category, taxonomy term (with the terms under it), language.
+    fn filters(&self, q: &ServiceQuery, subtree: Option<&[(String, String)]>) -> Vec<(Occur, Box<dyn Query>)> {
+        let exact = |t: String| -> Box<dyn Query> {
+            Box::new(TermQuery::new(Term::from_field_text(self.fields.tag, &t), IndexRecordOption::Basic))
+        };
+        let mut out: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        if !q.include_inactive {
+            out.push((Occur::Must, exact("active".into())));
+        }
+        if let Some(category) = &q.category {
+            out.push((Occur::Must, exact(tag(&["term", CATEGORY_TAXONOMY, category]))));
+        }
+        if let Some(term) = &q.taxonomy_term {
+            let mut any: Vec<(Occur, Box<dyn Query>)> = vec![(Occur::Should, exact(tag(&["code", term])))];
+            for (taxonomy, code) in subtree.unwrap_or_default() {
+                any.push((Occur::Should, exact(tag(&["term", taxonomy, code]))));
+            }
+            out.push((Occur::Must, Box::new(BooleanQuery::new(any))));
+        }
+        if let Some(language) = &q.language {
+            out.push((Occur::Must, exact(tag(&["lang", &language.to_ascii_lowercase()]))));
+        }
+        out
+    }
+
+    /// One page of services matching `q`, best first, and how many matched, as the SQL path answers it.
+    ///
+    /// # Errors
+    /// When the store cannot be read or tantivy fails.
+    pub async fn search(
+        self: &Arc<Self>,
+        store: &dyn Store,
+        q: &ServiceQuery,
+    ) -> Result<(Vec<ServiceHit>, usize), StoreError> {
+        self.catch_up(store).await?;
+        let text = match &q.text {
+            None => None,
+            Some(t) => match TextQuery::parse(t) {
+                Some(words) => Some(words),
+                // No word to look for finds nothing, never everything (the API refuses such a `q`).
+                None => return Ok((Vec::new(), 0)),
+            },
+        };
+        let subtree = match &q.taxonomy_term {
+            Some(term) => Some(store.taxonomy_subtree(term).await?),
+            None => None,
+        };
+        let (page, total) = self.page(q, text.as_ref(), subtree.as_deref())?;
+        let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
+        let docs: HashMap<String, (String, bool)> =
+            store.service_docs(&ids).await?.into_iter().map(|(id, doc, active)| (id, (doc, active))).collect();
+        let hits = page
+            .iter()
+            .filter_map(|(id, d2)| docs.get(id).map(|(doc, active)| hit(doc, *active, *d2)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((hits, total))
+    }
+
+    /// The page's `(id, squared distance in degrees)` and the number of matches.
+    fn page(
+        &self,
+        q: &ServiceQuery,
+        text: Option<&TextQuery>,
+        subtree: Option<&[(String, String)]>,
+    ) -> Result<(Vec<PageRow>, usize), StoreError> {
+        let searcher = self.reader.searcher();
+        let per_page = q.per_page.max(1) as usize;
+        let offset = (q.page.max(1) as usize - 1) * per_page;
+        let mut clauses = self.filters(q, subtree);
+        let entries = self.entries.read().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
+        let id_of = |key: u64| entries.by_key.get(key as usize).and_then(Option::as_ref).map(|e| e.id.clone());
+        if let (Some(text), None, None) = (text, q.near, q.open_at) {
+            // Text and term filters only: tantivy keeps the page alone.
+            clauses.push((Occur::Must, self.text_query(text, false)));
+            let query = BooleanQuery::new(clauses);
+            let (top, total) = searcher
+                .search(&query, &(TopDocs::with_limit(per_page).and_offset(offset), Count))
+                .map_err(index_error)?;
+            let mut page = Vec::with_capacity(top.len());
+            for (_, address) in top {
+                let keys =
+                    searcher.segment_reader(address.segment_ord).fast_fields().u64("key").map_err(index_error)?;
+                if let Some(id) = keys.first(address.doc_id).and_then(id_of) {
+                    page.push((id, None));
+                }
+            }
+            return Ok((page, total));
+        }
+        let name_matches: HashSet<u64> = match (text, q.near) {
+            (Some(text), Some(_)) => {
+                let mut only_name = self.filters(q, subtree);
+                only_name.push((Occur::Must, self.text_query(text, true)));
+                let found =
+                    searcher.search(&BooleanQuery::new(only_name), &Keys { scoring: false }).map_err(index_error)?;
+                found.into_iter().map(|(k, _)| k).collect()
+            }
+            _ => HashSet::new(),
+        };
+        if let Some(text) = text {
+            clauses.push((Occur::Must, self.text_query(text, false)));
+        }
+        let query: Box<dyn Query> =
+            if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
+        let found = searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?;
+        let moments: Option<Vec<hours::LocalMoment>> = q
+            .open_at
+            .map(|at: OffsetDateTime| entries.zones.iter().filter_map(|z| hours::local_moment(z, at)).collect());
+        let near = q.near.map(|(lat, lon)| Near::new(lat, lon, q.radius_km));
+        struct Row<'a> {
+            entry: &'a Entry,
+            score: Score,
+            name_miss: bool,
+            d2: Option<f64>,
+        }
+        let mut rows: Vec<Row<'_>> = found
+            .into_iter()
+            .filter_map(|(key, score)| {
+                let entry = entries.by_key.get(key as usize)?.as_ref()?;
+                if let Some(moments) = &moments {
+                    let open = entry.hours.iter().any(|i| {
+                        moments.iter().any(|m| {
+                            i.zone == m.zone && i.day == m.day && i.opens_min <= m.minute && i.closes_min > m.minute
+                        })
+                    });
+                    if !open {
+                        return None;
+                    }
+                }
+                let d2 = match &near {
+                    Some(n) => Some(n.distance(&entry.points)?),
+                    None => None,
+                };
+                Some(Row { entry, score, name_miss: !name_matches.contains(&key), d2 })
+            })
+            .collect();
+        let by_name =
+            |a: &Row<'_>, b: &Row<'_>| a.entry.name.cmp(&b.entry.name).then_with(|| a.entry.id.cmp(&b.entry.id));
+        let by_d2 = |a: &Row<'_>, b: &Row<'_>| a.d2.partial_cmp(&b.d2).unwrap_or(std::cmp::Ordering::Equal);
+        let order = |a: &Row<'_>, b: &Row<'_>| match (text.is_some(), near.is_some()) {
+            (true, false) => {
+                b.score.partial_cmp(&a.score).unwrap_or(std::cmp::Ordering::Equal).then_with(|| by_name(a, b))
+            }
+            (true, true) => a.name_miss.cmp(&b.name_miss).then_with(|| by_d2(a, b)).then_with(|| by_name(a, b)),
+            (false, true) => by_d2(a, b).then_with(|| by_name(a, b)),
+            (false, false) => by_name(a, b),
+        };
+        let total = rows.len();
+        let end = (offset + per_page).min(total);
+        if offset >= total {
+            return Ok((Vec::new(), total.min(MAX_COUNTED as usize)));
+        }
+        if end < total {
+            rows.select_nth_unstable_by(end - 1, order);
+            rows.truncate(end);
+        }
+        rows.sort_by(order);
+        Ok((rows[offset..end].iter().map(|r| (r.entry.id.clone(), r.d2)).collect(), total))
+    }
+}
+
+/// A service of a page: its id and its squared distance (in degrees of latitude) from `near`.
+type PageRow = (String, Option<f64>);
+
+/// A radius around a point, checked as the SQL path does: each location inside the bounding box, the nearest by
+/// the equirectangular distance, within the radius.
+struct Near {
+    lat: f64,
+    lon: f64,
+    scale: f64,
+    box_lat: (f64, f64),
+    box_lon: (f64, f64),
+    max: f64,
+}
+
+impl Near {
+    fn new(lat: f64, lon: f64, radius_km: f64) -> Self {
+        let scale = lat.to_radians().cos().max(0.01);
+        let dlat = radius_km / KM_PER_DEGREE;
+        let dlon = dlat / scale;
+        Near { lat, lon, scale, box_lat: (lat - dlat, lat + dlat), box_lon: (lon - dlon, lon + dlon), max: dlat * dlat }
+    }
+
+    /// The squared distance (in degrees of latitude) of the nearest point within the radius.
+    fn distance(&self, points: &[(f64, f64)]) -> Option<f64> {
+        points
+            .iter()
+            .filter(|(la, lo)| {
+                (self.box_lat.0..=self.box_lat.1).contains(la) && (self.box_lon.0..=self.box_lon.1).contains(lo)
+            })
+            .map(|(la, lo)| {
+                let (dy, dx) = (la - self.lat, self.scale * (lo - self.lon));
+                dy * dy + dx * dx
+            })
+            .min_by(f64::total_cmp)
+            .filter(|d2| *d2 <= self.max)
+    }
+}
+
+/// Collects the key (and score) of every match.
+struct Keys {
+    scoring: bool,
+}
+
+struct SegmentKeys {
+    keys: Column<u64>,
+    out: Vec<(u64, Score)>,
+}
+
+impl Collector for Keys {
+    type Fruit = Vec<(u64, Score)>;
+    type Child = SegmentKeys;
+
+    fn for_segment(&self, _: u32, segment: &SegmentReader) -> tantivy::Result<SegmentKeys> {
+        Ok(SegmentKeys { keys: segment.fast_fields().u64("key")?, out: Vec::new() })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        self.scoring
+    }
+
+    fn merge_fruits(&self, fruits: Vec<Vec<(u64, Score)>>) -> tantivy::Result<Vec<(u64, Score)>> {
+        Ok(fruits.into_iter().flatten().collect())
+    }
+}
+
+impl SegmentCollector for SegmentKeys {
+    type Fruit = Vec<(u64, Score)>;
+
+    fn collect(&mut self, doc: DocId, score: Score) {
+        if let Some(key) = self.keys.first(doc) {
+            self.out.push((key, score));
+        }
+    }
+
+    fn harvest(self) -> Self::Fruit {
+        self.out
+    }
+}
+
+/// How the gateway searches its catalog: through the in-memory index once it is built, else through SQL.
+#[derive(Clone)]
+pub struct ServiceSearch {
+    index: Option<Arc<ServiceIndex>>,
+}
+
+impl ServiceSearch {
+    /// Searches through SQL only.
+    #[must_use]
+    pub fn sql() -> Self {
+        ServiceSearch { index: None }
+    }
+
+    /// Searches through `index` once it is built.
+    #[must_use]
+    pub fn indexed(index: Arc<ServiceIndex>) -> Self {
+        ServiceSearch { index: Some(index) }
+    }
+
+    /// Builds the index from the store in the background (searches use SQL meanwhile); a failed build is tried
+    /// again every 10 s.
+    pub fn build_in_background(&self, store: Arc<dyn Store>) {
+        let Some(index) = self.index.clone() else { return };
+        tokio::spawn(async move {
+            while let Err(e) = index.catch_up(&*store).await {
+                tracing::error!(error = %e, "The directory search index could not be built; searches use SQL until it is.");
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            }
+        });
+    }
+
+    /// Waits until the index's first build is done (at most `limit`); `true` when it is, or when there is no index.
+    pub async fn wait_built(&self, limit: std::time::Duration) -> bool {
+        let Some(index) = &self.index else { return true };
+        let until = Instant::now() + limit;
+        while !index.is_built() {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// One page of services matching `q` and how many matched.
+    ///
+    /// # Errors
+    /// When the store cannot be read or the index fails.
+    pub async fn search(&self, store: &dyn Store, q: &ServiceQuery) -> Result<(Vec<ServiceHit>, usize), StoreError> {
+        match &self.index {
+            Some(index) if index.is_built() => index.search(store, q).await,
+            _ => store.search_services(q).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_point_counts_inside_the_radius_only() {
+        let near = Near::new(45.5, -122.6, 10.0);
+        assert!(near.distance(&[(45.5, -122.6)]).is_some_and(|d| d == 0.0));
+        assert!(near.distance(&[(45.58, -122.6)]).is_some(), "8.9 km north");
+        assert!(near.distance(&[(45.6, -122.6)]).is_none(), "11.1 km north");
+        assert!(near.distance(&[(47.6, -122.3), (45.51, -122.6)]).is_some(), "the nearest location counts");
+        assert!(near.distance(&[]).is_none());
+    }
+
+    #[test]
+    fn filter_terms_cannot_run_into_each_other() {
+        assert_ne!(tag(&["term", "a", "bc"]), tag(&["term", "ab", "c"]));
+    }
+}
