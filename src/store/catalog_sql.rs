@@ -499,6 +499,9 @@ macro_rules! impl_catalog {
                         return Ok(Upserted::Unchanged);
                     }
                 }
+                // The change counter first, before any row of the change is written (one lock order for every
+                // writer of the catalog).
+                let seq = Self::next_change(tx).await?;
                 if let Some(org) = &service.organization {
                     sqlx::query(
                         "INSERT INTO directory_organizations (id, source, source_id, name, doc, updated_at, public_id) \
@@ -538,7 +541,6 @@ macro_rules! impl_catalog {
                     .await?;
                 }
                 let (search_name, search_body) = search_words(service);
-                let seq = Self::next_change(tx).await?;
                 sqlx::query(
                     "INSERT INTO directory_services (id, source, source_id, name, description, status, organization_id, \
                      active, vanished_at, doc, raw, source_modified, seen_at, updated_at, public_id, hours_version, \
