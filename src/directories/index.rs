@@ -14,7 +14,7 @@
 //! and each catches up by itself. Until the first build is done, searches go to the SQL path (same results,
 //! slower).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -26,7 +26,7 @@ use tantivy::schema::{FAST, Field, INDEXED, IndexRecordOption, STRING, Schema, T
 use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument, Term};
 use time::OffsetDateTime;
 
-use super::hours::{self, OpeningInterval};
+use super::hours;
 use super::search_text::TextQuery;
 use super::{CATEGORY_TAXONOMY, CatalogService, ServiceHit, ServiceQuery};
 use crate::store::catalog_sql::{KM_PER_DEGREE, MAX_COUNTED, all_languages, hit, search_words};
@@ -56,7 +56,26 @@ struct Entry {
     id: String,
     name: String,
     points: Vec<(f64, f64)>,
-    hours: Vec<OpeningInterval>,
+    /// Opening intervals, packed (a search may check every service's).
+    hours: Box<[Opening]>,
+}
+
+/// An opening interval of [`hours::weekly_intervals`], its zone by number in [`Entries::zones`].
+#[derive(Clone, Copy)]
+struct Opening {
+    zone: u16,
+    day: u8,
+    opens: u16,
+    closes: u16,
+}
+
+impl Opening {
+    fn holds(self, zone: u16, day: i32, minute: i32) -> bool {
+        self.zone == zone
+            && i32::from(self.day) == day
+            && i32::from(self.opens) <= minute
+            && i32::from(self.closes) > minute
+    }
 }
 
 #[derive(Default)]
@@ -65,8 +84,8 @@ struct Entries {
     by_key: Vec<Option<Entry>>,
     /// Index key by service id.
     keys: HashMap<String, u64>,
-    /// Every zone a service keeps hours in.
-    zones: BTreeSet<String>,
+    /// Every zone a service keeps hours in, numbered in the order first seen.
+    zones: Vec<String>,
 }
 
 /// How far the index has read the catalog's changes: `(change_seq, id)` of the last service read.
@@ -201,19 +220,21 @@ impl ServiceIndex {
         let writer = self.writer.lock().map_err(|_| StoreError::Index("the index writer is poisoned".into()))?;
         let mut entries = self.entries.write().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
         for row in rows {
-            let service: CatalogService = match serde_json::from_str(&row.doc) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(service = %row.id, error = %e, "A kept service does not parse; it is left out of the search index.");
-                    continue;
-                }
-            };
             let next = entries.by_key.len() as u64;
             let key = *entries.keys.entry(row.id.clone()).or_insert(next);
             if key == next {
                 entries.by_key.push(None);
             }
             writer.delete_term(Term::from_field_u64(self.fields.key, key));
+            let slot = usize::try_from(key).map_err(|e| StoreError::Index(e.to_string()))?;
+            let service: CatalogService = match serde_json::from_str(&row.doc) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(service = %row.id, error = %e, "A kept service does not parse; it is left out of the search index.");
+                    entries.by_key[slot] = None;
+                    continue;
+                }
+            };
             let mut doc = TantivyDocument::default();
             doc.add_u64(self.fields.key, key);
             let (name, body) = search_words(&service);
@@ -230,14 +251,24 @@ impl ServiceIndex {
                 doc.add_text(self.fields.tag, tag(&["lang", &language]));
             }
             writer.add_document(doc).map_err(index_error)?;
-            let hours = hours::weekly_intervals(&service);
-            for h in &hours {
-                if !entries.zones.contains(&h.zone) {
-                    entries.zones.insert(h.zone.clone());
-                }
+            let mut hours = Vec::new();
+            for h in hours::weekly_intervals(&service) {
+                let zone = match entries.zones.iter().position(|z| *z == h.zone) {
+                    Some(i) => i,
+                    None => {
+                        entries.zones.push(h.zone.clone());
+                        entries.zones.len() - 1
+                    }
+                };
+                let (Ok(zone), Ok(day), Ok(opens), Ok(closes)) =
+                    (u16::try_from(zone), u8::try_from(h.day), u16::try_from(h.opens_min), u16::try_from(h.closes_min))
+                else {
+                    continue;
+                };
+                hours.push(Opening { zone, day, opens, closes });
             }
+            let hours = hours.into_boxed_slice();
             let points = service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
-            let slot = usize::try_from(key).map_err(|e| StoreError::Index(e.to_string()))?;
             entries.by_key[slot] = Some(Entry { id: service.id, name: service.name, points, hours });
         }
         Ok(())
@@ -378,9 +409,12 @@ impl ServiceIndex {
         let query: Box<dyn Query> =
             if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
         let found = searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?;
-        let moments: Option<Vec<hours::LocalMoment>> = q
-            .open_at
-            .map(|at: OffsetDateTime| entries.zones.iter().filter_map(|z| hours::local_moment(z, at)).collect());
+        let moments: Option<Vec<(u16, i32, i32)>> = q.open_at.map(|at: OffsetDateTime| {
+            (0u16..)
+                .zip(&entries.zones)
+                .filter_map(|(n, z)| hours::local_moment(z, at).map(|m| (n, m.day, m.minute)))
+                .collect()
+        });
         let near = q.near.map(|(lat, lon)| Near::new(lat, lon, q.radius_km));
         struct Row<'a> {
             entry: &'a Entry,
@@ -393,11 +427,10 @@ impl ServiceIndex {
             .filter_map(|(key, score)| {
                 let entry = entries.by_key.get(key as usize)?.as_ref()?;
                 if let Some(moments) = &moments {
-                    let open = entry.hours.iter().any(|i| {
-                        moments.iter().any(|m| {
-                            i.zone == m.zone && i.day == m.day && i.opens_min <= m.minute && i.closes_min > m.minute
-                        })
-                    });
+                    let open = entry
+                        .hours
+                        .iter()
+                        .any(|o| moments.iter().any(|&(zone, day, minute)| o.holds(zone, day, minute)));
                     if !open {
                         return None;
                     }
