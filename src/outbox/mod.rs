@@ -9,7 +9,8 @@
 //! again; a resource it holds is updated by its id with `If-Match`; one it does not hold yet is a conditional create
 //! or conditional update on the business identifier, so sending again after any failure (an answer lost after the
 //! partner committed too) finds the same resource. A 412 re-reads what the partner holds and decides again, once.
-//! Each part's assignments are kept (the crosswalk) as it lands, so a retry resumes where the last attempt stopped.
+//! Each part's assignments are kept (the crosswalk) before the next part goes, and the last part's with the row's
+//! settlement (one transaction per claimed batch), so a retry resumes where the last attempt stopped.
 //!
 //! Outcomes: 2xx → delivered; a timeout, a dropped connection, 408, 429 (its `Retry-After` honoured, clamped) and
 //! 5xx → retry on the configured schedule with jitter; other 4xx → dead at once with the partner's
@@ -78,10 +79,28 @@ pub struct Worker {
 /// How one attempt ended, before it is settled.
 #[derive(Debug)]
 enum Verdict {
-    Delivered { detail: String, status: Option<u16>, unchanged: bool, waits_for: Vec<String> },
-    Retry { detail: String, status: Option<u16>, retry_after: Option<Duration>, operation_outcome: Option<String> },
-    Dead { detail: String, status: Option<u16>, operation_outcome: Option<String> },
-    Held { reason: String },
+    Delivered {
+        detail: String,
+        status: Option<u16>,
+        unchanged: bool,
+        waits_for: Vec<String>,
+        /// What the last part's answer assigned, kept with the settlement (earlier parts are kept as they land).
+        crosswalk: Vec<CrosswalkEntry>,
+    },
+    Retry {
+        detail: String,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        operation_outcome: Option<String>,
+    },
+    Dead {
+        detail: String,
+        status: Option<u16>,
+        operation_outcome: Option<String>,
+    },
+    Held {
+        reason: String,
+    },
 }
 
 impl Verdict {
@@ -152,6 +171,8 @@ struct Sending<'a> {
     logical: usize,
     waits_for: Vec<String>,
     last_status: Option<u16>,
+    /// What the last part landed, not kept yet: kept before another part goes, or with the settlement.
+    unsaved: Vec<CrosswalkEntry>,
 }
 
 impl Worker {
@@ -300,10 +321,12 @@ impl Worker {
             };
         let _entered = span.enter();
         let mut waits = Vec::new();
+        let mut crosswalk = Vec::new();
         let (settle, attempt) = match verdict {
-            Verdict::Delivered { detail, status, unchanged, waits_for } => {
+            Verdict::Delivered { detail, status, unchanged, waits_for, crosswalk: landed } => {
                 tracing::info!(unchanged, "Delivered.");
                 waits = waits_for;
+                crosswalk = landed;
                 (Settle::Delivered, attempt(if unchanged { "unchanged" } else { "delivered" }, status, detail, None))
             }
             Verdict::Held { reason } => {
@@ -334,7 +357,7 @@ impl Worker {
                 }
             }
         };
-        Settlement { seq: row.seq, settle, attempt, crosswalk: Vec::new(), waits_for: waits }
+        Settlement { seq: row.seq, settle, attempt, crosswalk, waits_for: waits }
     }
 
     async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Verdict {
@@ -405,6 +428,7 @@ impl Worker {
             logical: 0,
             waits_for: Vec::new(),
             last_status: None,
+            unsaved: Vec::new(),
         };
         self.match_patients(&mut s, now).await?;
         let groups = plan::groups(&entries);
@@ -437,7 +461,7 @@ impl Worker {
         let mut waits_for = std::mem::take(&mut s.waits_for);
         waits_for.sort();
         waits_for.dedup();
-        Ok(Verdict::Delivered { detail, status: s.last_status, unchanged, waits_for })
+        Ok(Verdict::Delivered { detail, status: s.last_status, unchanged, waits_for, crosswalk: s.unsaved })
     }
 
     /// Why a referral's consent withholds it from `partner`, if it does.
@@ -548,6 +572,15 @@ impl Worker {
         now: OffsetDateTime,
     ) -> PartResult {
         let transaction = s.link.settings.max_transaction_entries > 0;
+        if !s.unsaved.is_empty() {
+            let keep = std::mem::take(&mut s.unsaved);
+            self.store.save_crosswalk(&keep, now).await.map_err(|e| Verdict::Retry {
+                detail: format!("the gateway's store failed after the partner accepted: {e}"),
+                status: None,
+                retry_after: None,
+                operation_outcome: None,
+            })?;
+        }
         let mut refreshed = false;
         loop {
             // What goes: not partner-owned, not a create of something it holds, not identical to what it holds.
@@ -644,14 +677,9 @@ impl Worker {
                     h.content_hash = hash;
                 }
             }
-            let keep: Vec<CrosswalkEntry> =
-                landed.iter().filter_map(|&i| s.held.get(&s.entries[i].local_ref).cloned()).collect();
-            self.store.save_crosswalk(&keep, now).await.map_err(|e| Verdict::Retry {
-                detail: format!("the gateway's store failed after the partner accepted: {e}"),
-                status: None,
-                retry_after: None,
-                operation_outcome: None,
-            })?;
+            // Kept before the next part goes (so a retry resumes after this one), or, when this was the last,
+            // with the settlement: one transaction per claimed batch instead of one per delivery.
+            s.unsaved = landed.iter().filter_map(|&i| s.held.get(&s.entries[i].local_ref).cloned()).collect();
             deferred.extend(part_deferred);
             return Ok(());
         }
