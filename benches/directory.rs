@@ -205,7 +205,7 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             index.catch_up(&*store).await?;
             println!(
-                "index built: {} services in {:.1} s, resident memory +{:.0} MiB",
+                "index built: {} services in {:.1} s, anonymous resident memory +{:.0} MiB",
                 index.len(),
                 started.elapsed().as_secs_f64(),
                 rss_mib() - rss_before

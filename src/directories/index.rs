@@ -86,6 +86,8 @@ struct Entries {
     keys: HashMap<String, u64>,
     /// Every zone a service keeps hours in, numbered in the order first seen.
     zones: Vec<String>,
+    /// Each key's place in (name, id) order, made again after each catch-up that changed something.
+    rank: Vec<u32>,
 }
 
 /// How far the index has read the catalog's changes: `(change_seq, id)` of the last service read.
@@ -192,6 +194,7 @@ impl ServiceIndex {
         if read > 0 {
             let me = self.clone();
             tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                me.rank()?;
                 me.writer
                     .lock()
                     .map_err(|_| StoreError::Index("the index writer is poisoned".into()))?
@@ -212,6 +215,22 @@ impl ServiceIndex {
                 "The directory search index is current."
             );
         }
+        Ok(())
+    }
+
+    /// Orders every service by (name, id) once, so a search sorts by a number.
+    fn rank(&self) -> Result<(), StoreError> {
+        let mut entries = self.entries.write().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
+        let mut keys: Vec<usize> = (0..entries.by_key.len()).filter(|&k| entries.by_key[k].is_some()).collect();
+        keys.sort_by(|&a, &b| match (&entries.by_key[a], &entries.by_key[b]) {
+            (Some(x), Some(y)) => x.name.cmp(&y.name).then_with(|| x.id.cmp(&y.id)),
+            _ => std::cmp::Ordering::Equal,
+        });
+        let mut rank = vec![u32::MAX; entries.by_key.len()];
+        for (place, key) in (0u32..).zip(keys) {
+            rank[key] = place;
+        }
+        entries.rank = rank;
         Ok(())
     }
 
@@ -418,6 +437,8 @@ impl ServiceIndex {
         let near = q.near.map(|(lat, lon)| Near::new(lat, lon, q.radius_km));
         struct Row<'a> {
             entry: &'a Entry,
+            /// Place in (name, id) order: compared without reading the names.
+            rank: u32,
             score: Score,
             name_miss: bool,
             d2: Option<f64>,
@@ -439,11 +460,11 @@ impl ServiceIndex {
                     Some(n) => Some(n.distance(&entry.points)?),
                     None => None,
                 };
-                Some(Row { entry, score, name_miss: !name_matches.contains(&key), d2 })
+                let rank = entries.rank.get(key as usize).copied().unwrap_or(u32::MAX);
+                Some(Row { entry, rank, score, name_miss: !name_matches.contains(&key), d2 })
             })
             .collect();
-        let by_name =
-            |a: &Row<'_>, b: &Row<'_>| a.entry.name.cmp(&b.entry.name).then_with(|| a.entry.id.cmp(&b.entry.id));
+        let by_name = |a: &Row<'_>, b: &Row<'_>| a.rank.cmp(&b.rank);
         let by_d2 = |a: &Row<'_>, b: &Row<'_>| a.d2.partial_cmp(&b.d2).unwrap_or(std::cmp::Ordering::Equal);
         let order = |a: &Row<'_>, b: &Row<'_>| match (text.is_some(), near.is_some()) {
             (true, false) => {
