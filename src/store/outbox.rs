@@ -262,6 +262,13 @@ pub trait Outbox: Send + Sync {
     /// # Errors
     /// `Database`.
     async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError>;
+
+    /// Refreshes the planner's statistics of the queue (PostgreSQL: `ANALYZE outbox`; a no-op on SQLite), so a
+    /// claim is planned on the rows there are even where autovacuum is off or has not caught up with a burst.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn analyze_outbox(&self) -> Result<(), StoreError>;
 }
 
 type Row = (i64, String, String, i64, String, Option<String>, String, i64, i64, i64, i64, Option<String>);
@@ -317,7 +324,7 @@ const DUE: &str = "SELECT o.seq FROM outbox o \
     ORDER BY o.not_before, o.seq LIMIT $3";
 
 macro_rules! impl_outbox {
-    ($db:ty, $begin:literal, $skip_locked:literal, $lock_partner:literal) => {
+    ($db:ty, $begin:literal, $skip_locked:literal, $lock_partner:literal, $analyze:literal) => {
         #[async_trait]
         impl Outbox for SqlStore<$db> {
             async fn claim_deliveries(
@@ -608,6 +615,13 @@ macro_rules! impl_outbox {
                 Ok(row.map(|r| (r, changed)))
             }
 
+            async fn analyze_outbox(&self) -> Result<(), StoreError> {
+                if !$analyze.is_empty() {
+                    sqlx::query($analyze).execute(self.writer()).await?;
+                }
+                Ok(())
+            }
+
             async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
                 let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
                     "SELECT partner, state, COUNT(*), MIN(created_at) FROM outbox \
@@ -703,5 +717,11 @@ macro_rules! impl_outbox {
     };
 }
 
-impl_outbox!(Sqlite, "BEGIN IMMEDIATE", "", "");
-impl_outbox!(Postgres, "BEGIN", " FOR UPDATE OF o SKIP LOCKED", "SELECT pg_advisory_xact_lock(hashtext($1))");
+impl_outbox!(Sqlite, "BEGIN IMMEDIATE", "", "", "");
+impl_outbox!(
+    Postgres,
+    "BEGIN",
+    " FOR UPDATE OF o SKIP LOCKED",
+    "SELECT pg_advisory_xact_lock(hashtext($1))",
+    "ANALYZE outbox"
+);
