@@ -104,6 +104,16 @@ enum Verdict {
 }
 
 impl Verdict {
+    /// The gateway's own store failed (`after`: what had already happened): tried again on the schedule.
+    fn store_failed(after: &str, e: &StoreError) -> Verdict {
+        Verdict::Retry {
+            detail: format!("the gateway's store failed{after}: {e}"),
+            status: None,
+            retry_after: None,
+            operation_outcome: None,
+        }
+    }
+
     /// The verdict a partner's error answer calls for.
     fn of_reply(what: &str, reply: &Reply) -> Verdict {
         let operation_outcome = operation_outcome(&reply.body);
@@ -378,12 +388,7 @@ impl Worker {
     }
 
     async fn try_attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Result<Verdict, Verdict> {
-        let store_failed = |e: StoreError| Verdict::Retry {
-            detail: format!("the gateway's store failed: {e}"),
-            status: None,
-            retry_after: None,
-            operation_outcome: None,
-        };
+        let store_failed = |e: StoreError| Verdict::store_failed("", &e);
         let stored = self.store.get_version(row.kind, &row.id, row.version).await.map_err(store_failed)?;
         let Some(stored) = stored else {
             return Err(Verdict::Dead {
@@ -560,12 +565,7 @@ impl Worker {
             }
         }
         if !found.is_empty() {
-            self.store.save_crosswalk(&found, now).await.map_err(|e| Verdict::Retry {
-                detail: format!("the gateway's store failed: {e}"),
-                status: None,
-                retry_after: None,
-                operation_outcome: None,
-            })?;
+            self.store.save_crosswalk(&found, now).await.map_err(|e| Verdict::store_failed("", &e))?;
             for f in found {
                 s.held.insert(f.local_ref.clone(), f);
             }
@@ -585,12 +585,10 @@ impl Worker {
         let transaction = s.link.settings.max_transaction_entries > 0;
         if !s.unsaved.is_empty() {
             let keep = std::mem::take(&mut s.unsaved);
-            self.store.save_crosswalk(&keep, now).await.map_err(|e| Verdict::Retry {
-                detail: format!("the gateway's store failed after the partner accepted: {e}"),
-                status: None,
-                retry_after: None,
-                operation_outcome: None,
-            })?;
+            self.store
+                .save_crosswalk(&keep, now)
+                .await
+                .map_err(|e| Verdict::store_failed(" after the partner accepted", &e))?;
         }
         let mut refreshed = false;
         loop {
@@ -716,12 +714,10 @@ impl Worker {
                 }
                 None => {
                     s.held.remove(local);
-                    self.store.forget_crosswalk(&s.row.partner, local).await.map_err(|e| Verdict::Retry {
-                        detail: format!("the gateway's store failed: {e}"),
-                        status: None,
-                        retry_after: None,
-                        operation_outcome: None,
-                    })?;
+                    self.store
+                        .forget_crosswalk(&s.row.partner, local)
+                        .await
+                        .map_err(|e| Verdict::store_failed("", &e))?;
                 }
             }
         }
