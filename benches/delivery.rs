@@ -352,9 +352,10 @@ async fn write_records(http: &reqwest::Client, base: &str, o: &Options) -> anyho
 async fn count_state(http: &reqwest::Client, base: &str, state: &str, limit: usize) -> anyhow::Result<usize> {
     let mut n = 0;
     let mut after = 0i64;
+    let page_size = limit.min(500);
     loop {
         let page: Value = http
-            .get(format!("{base}/api/v1/deliveries?state={state}&limit=500&after={after}"))
+            .get(format!("{base}/api/v1/deliveries?state={state}&limit={page_size}&after={after}"))
             .bearer_auth(KEY)
             .send()
             .await?
@@ -417,11 +418,15 @@ async fn drain(
         }
         if last_print.elapsed() >= Duration::from_secs(5) {
             last_print = Instant::now();
+            // The worker's own gauges (every 10 s): counting the queue through the API would compete with it.
             let (rss, peak) = gateway.memory();
-            let left = count_state(http, &gateway.base, "pending", usize::MAX).await?;
-            println!("  +{:>5.1} s  {left} pending  rss {rss:.1} MiB (peak {peak:.1})", back.elapsed().as_secs_f64());
+            println!(
+                "  +{:>5.1} s  rss {rss:.1} MiB (peak {peak:.1})  {}",
+                back.elapsed().as_secs_f64(),
+                gauges(http, &gateway.base).await
+            );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = back.elapsed().as_secs_f64();
     let (rss, peak) = gateway.memory();

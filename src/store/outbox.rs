@@ -310,10 +310,11 @@ fn crosswalk_entry(r: CrossRow) -> Result<CrosswalkEntry, StoreError> {
     })
 }
 
-/// The rows of `partner` a claim may take at `now`: due, not leased, the newest waiting version of their record
-/// with no older one in flight, and no earlier rank of their client waiting.
+/// The rows of `partner` in state `$4` a claim may take at `now`: due, not leased, the newest waiting version of
+/// their record with no older one in flight, and no earlier rank of their client waiting. One state at a time, so
+/// the walk follows the `outbox_due` index in its order and stops after `$3` rows, on any size of queue.
 const DUE: &str = "SELECT o.seq FROM outbox o \
-    WHERE o.partner = $1 AND o.state IN ('pending', 'held') AND o.not_before <= $2 \
+    WHERE o.partner = $1 AND o.state = $4 AND o.not_before <= $2 \
     AND (o.lease_until IS NULL OR o.lease_until <= $2) \
     AND NOT EXISTS (SELECT 1 FROM outbox n WHERE n.kind = o.kind AND n.id = o.id AND n.partner = o.partner \
         AND n.version > o.version AND n.state IN ('pending', 'held')) \
@@ -337,12 +338,21 @@ macro_rules! impl_outbox {
             ) -> Result<Vec<DeliveryRow>, StoreError> {
                 let (now, until) = (to_micros(now), to_micros(lease_until));
                 let mut tx = self.writer().begin_with($begin).await?;
-                let seqs: Vec<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{DUE}{}", $skip_locked)))
-                    .bind(partner)
-                    .bind(now)
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let mut seqs: Vec<(i64,)> = Vec::new();
+                for waiting in [state::PENDING, state::HELD] {
+                    let left = i64::from(limit) - i64::try_from(seqs.len()).unwrap_or(i64::MAX);
+                    if left <= 0 {
+                        break;
+                    }
+                    let more: Vec<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{DUE}{}", $skip_locked)))
+                        .bind(partner)
+                        .bind(now)
+                        .bind(left)
+                        .bind(waiting)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    seqs.extend(more);
+                }
                 let mut rows = Vec::with_capacity(seqs.len());
                 for (seq,) in seqs {
                     let row: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -41,6 +41,8 @@ struct Seen {
     path: String,
     headers: Vec<(String, String)>,
     body: Value,
+    /// When its head arrived.
+    at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -148,6 +150,7 @@ fn healthy(seen: &Seen, script: &Mutex<Script>) -> (u16, Vec<(&'static str, Stri
 }
 
 async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Seen> {
+    let at = std::time::Instant::now();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -178,7 +181,7 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Seen> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
-    Some(Seen { method, path: percent_decode(&path), headers, body })
+    Some(Seen { method, path: percent_decode(&path), headers, body, at })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -203,6 +206,10 @@ fn outbox_settings() -> OutboxSettings {
 
 /// A store, one partner `st-marys-ehr` (the base mappings) at a fake server, and a worker.
 async fn world(max_transaction_entries: u32, receives: &[&str]) -> World {
+    world_with(max_transaction_entries, receives, outbox_settings()).await
+}
+
+async fn world_with(max_transaction_entries: u32, receives: &[&str], settings: OutboxSettings) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
     let fake = FakePartner::start().await;
     let partner: PartnerSettings = serde_json::from_value(json!({
@@ -213,7 +220,7 @@ async fn world(max_transaction_entries: u32, receives: &[&str]) -> World {
     let url = format!("sqlite:{}", dir.path().join("carebridge.db").display());
     let store = store::connect(&url, 4, Duration::from_secs(5)).await.expect("store");
     let mappings = Arc::new(Mappings::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")).expect("mappings"));
-    let worker = Worker::new(store.clone(), mappings, &partners, &outbox_settings()).expect("worker");
+    let worker = Worker::new(store.clone(), mappings, &partners, &settings).expect("worker");
     World { _dir: dir, store, partners, worker, fake }
 }
 
@@ -309,6 +316,33 @@ async fn failures_retry_on_the_schedule_honour_retry_after_and_end_delivered() {
         assert_eq!((s.method.as_str(), s.path.as_str()), ("POST", "/fhir/Patient"));
         let cond = s.headers.iter().find(|(k, _)| k == "if-none-exist").map(|(_, v)| v.as_str());
         assert_eq!(cond, Some("identifier=https://agency.example.org/fhir/sid/client|cl-1001"));
+    }
+}
+
+#[tokio::test]
+async fn a_slow_delivery_holds_up_no_other() {
+    // Two in flight, four per claim: the partner stalls the first request for 1.5 s. The worker keeps the other
+    // slot busy meanwhile, claiming more as it goes, instead of waiting for its batch's slowest delivery.
+    let mut settings = outbox_settings();
+    settings.batch = 4;
+    settings.concurrency = 2;
+    settings.timeout_secs = 5;
+    let w = world_with(0, &["client"], settings).await;
+    for i in 0..10 {
+        let id = format!("cl-{}", 2000 + i);
+        let mut client: Value = fixture("client/cl-1001.json");
+        client["id"] = json!(id);
+        w.put(&id, serde_json::from_value::<Client>(client).expect("client")).await;
+    }
+    w.fake.play([Act::Stall(Duration::from_millis(1500))]);
+    let r = w.worker.run_until_idle(OffsetDateTime::now_utc).await.expect("passes");
+    assert_eq!((r.claimed, r.delivered), (10, 10), "{r:?}");
+    let seen = w.fake.seen();
+    let first = seen.iter().map(|s| s.at).min().expect("requests");
+    let during_the_stall = seen.iter().filter(|s| s.at < first + Duration::from_millis(1200)).count();
+    assert_eq!(during_the_stall, 10, "only {during_the_stall} of 10 requests went while one stalled");
+    for i in 0..10 {
+        assert_eq!(w.only_row(RecordKind::Client, &format!("cl-{}", 2000 + i)).await.state, "delivered");
     }
 }
 
