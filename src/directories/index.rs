@@ -55,6 +55,8 @@ struct Fields {
 struct Entry {
     id: String,
     name: String,
+    /// Kept active by its source and in the catalog (the `active` term of its document).
+    active: bool,
     points: Vec<(f64, f64)>,
     /// Opening intervals, packed (a search may check every service's).
     hours: Box<[Opening]>,
@@ -88,6 +90,67 @@ struct Entries {
     zones: Vec<String>,
     /// Each key's place in (name, id) order, made again after each catch-up that changed something.
     rank: Vec<u32>,
+    /// The keys of the services with a location in each cell of [`CELL_DEGREES`] (a radius search without a term
+    /// filter measures the services of the cells its box covers, not every service).
+    cells: HashMap<(i32, i32), Vec<u64>>,
+}
+
+/// The side of a cell of [`Entries::cells`], in degrees of latitude and of longitude (about 11 km north–south).
+const CELL_DEGREES: f64 = 0.1;
+
+/// A radius whose box covers more cells than this walks every service instead.
+const MAX_CELLS: i64 = 4_096;
+
+fn cell_of(lat: f64, lon: f64) -> (i32, i32) {
+    // Latitudes and longitudes are bounded (±90, ±180), so the cell numbers fit.
+    #[allow(clippy::cast_possible_truncation)]
+    ((lat / CELL_DEGREES).floor() as i32, (lon / CELL_DEGREES).floor() as i32)
+}
+
+impl Entries {
+    fn unplace(&mut self, key: u64) {
+        let Some(Some(old)) = self.by_key.get(key as usize) else { return };
+        let cells: Vec<(i32, i32)> = old.points.iter().map(|&(la, lo)| cell_of(la, lo)).collect();
+        for c in cells {
+            if let Some(keys) = self.cells.get_mut(&c) {
+                keys.retain(|&k| k != key);
+                if keys.is_empty() {
+                    self.cells.remove(&c);
+                }
+            }
+        }
+    }
+
+    fn place(&mut self, key: u64, points: &[(f64, f64)]) {
+        let mut cells: Vec<(i32, i32)> = points.iter().map(|&(la, lo)| cell_of(la, lo)).collect();
+        cells.sort_unstable();
+        cells.dedup();
+        for c in cells {
+            self.cells.entry(c).or_default().push(key);
+        }
+    }
+
+    /// The keys of the services with a location in the cells `near`'s box covers, each once; `None` when the box
+    /// covers too many cells to be worth it.
+    fn in_box(&self, near: &Near) -> Option<Vec<u64>> {
+        let (south, west) = cell_of(near.box_lat.0, near.box_lon.0);
+        let (north, east) = cell_of(near.box_lat.1, near.box_lon.1);
+        let count = (i64::from(north) - i64::from(south) + 1) * (i64::from(east) - i64::from(west) + 1);
+        if count > MAX_CELLS {
+            return None;
+        }
+        let mut keys = Vec::new();
+        for la in south..=north {
+            for lo in west..=east {
+                if let Some(k) = self.cells.get(&(la, lo)) {
+                    keys.extend_from_slice(k);
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        Some(keys)
+    }
 }
 
 /// How far the index has read the catalog's changes: `(change_seq, id)` of the last service read.
@@ -246,6 +309,7 @@ impl ServiceIndex {
             }
             writer.delete_term(Term::from_field_u64(self.fields.key, key));
             let slot = usize::try_from(key).map_err(|e| StoreError::Index(e.to_string()))?;
+            entries.unplace(key);
             let service: CatalogService = match serde_json::from_str(&row.doc) {
                 Ok(s) => s,
                 Err(e) => {
@@ -259,7 +323,8 @@ impl ServiceIndex {
             let (name, body) = search_words(&service);
             doc.add_text(self.fields.name, name);
             doc.add_text(self.fields.body, body);
-            if row.active && service.status == "active" {
+            let active = row.active && service.status == "active";
+            if active {
                 doc.add_text(self.fields.tag, "active");
             }
             for t in &service.terms {
@@ -287,8 +352,10 @@ impl ServiceIndex {
                 hours.push(Opening { zone, day, opens, closes });
             }
             let hours = hours.into_boxed_slice();
-            let points = service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
-            entries.by_key[slot] = Some(Entry { id: service.id, name: service.name, points, hours });
+            let points: Vec<(f64, f64)> =
+                service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
+            entries.place(key, &points);
+            entries.by_key[slot] = Some(Entry { id: service.id, name: service.name, active, points, hours });
         }
         Ok(())
     }
@@ -422,19 +489,33 @@ impl ServiceIndex {
             }
             _ => HashSet::new(),
         };
-        if let Some(text) = text {
-            clauses.push((Occur::Must, self.text_query(text, false)));
-        }
-        let query: Box<dyn Query> =
-            if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
-        let found = searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?;
+        let near = q.near.map(|(lat, lon)| Near::new(lat, lon, q.radius_km));
+        let term_filter = q.category.is_some() || q.taxonomy_term.is_some() || q.language.is_some();
+        let found: Vec<(u64, Score)> = if text.is_none() && !term_filter {
+            // Nothing for tantivy to narrow: the services themselves (of the radius's cells), checked below.
+            let all = || (0u64..).zip(&entries.by_key).filter(|(_, e)| e.is_some()).map(|(k, _)| k).collect();
+            let keys: Vec<u64> = near.as_ref().and_then(|n| entries.in_box(n)).unwrap_or_else(all);
+            keys.into_iter()
+                .filter(|&k| {
+                    q.include_inactive
+                        || entries.by_key.get(k as usize).and_then(Option::as_ref).is_some_and(|e| e.active)
+                })
+                .map(|k| (k, 0.0))
+                .collect()
+        } else {
+            if let Some(text) = text {
+                clauses.push((Occur::Must, self.text_query(text, false)));
+            }
+            let query: Box<dyn Query> =
+                if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
+            searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?
+        };
         let moments: Option<Vec<(u16, i32, i32)>> = q.open_at.map(|at: OffsetDateTime| {
             (0u16..)
                 .zip(&entries.zones)
                 .filter_map(|(n, z)| hours::local_moment(z, at).map(|m| (n, m.day, m.minute)))
                 .collect()
         });
-        let near = q.near.map(|(lat, lon)| Near::new(lat, lon, q.radius_km));
         struct Row<'a> {
             entry: &'a Entry,
             /// Place in (name, id) order: compared without reading the names.
@@ -635,6 +716,35 @@ mod tests {
         assert!(near.distance(&[(45.6, -122.6)]).is_none(), "11.1 km north");
         assert!(near.distance(&[(47.6, -122.3), (45.51, -122.6)]).is_some(), "the nearest location counts");
         assert!(near.distance(&[]).is_none());
+    }
+
+    #[test]
+    fn a_radius_looks_in_the_cells_its_box_covers_and_follows_a_move() {
+        let mut entries = Entries::default();
+        let entry = |points: Vec<(f64, f64)>| Entry {
+            id: "s".into(),
+            name: "s".into(),
+            active: true,
+            points,
+            hours: Box::new([]),
+        };
+        // Portland, two locations in one cell and one across a cell edge; Seattle.
+        let portland = vec![(45.52, -122.68), (45.521, -122.681), (45.499, -122.6)];
+        entries.place(0, &portland);
+        entries.by_key.push(Some(entry(portland)));
+        entries.place(1, &[(47.6, -122.33)]);
+        entries.by_key.push(Some(entry(vec![(47.6, -122.33)])));
+        let near = Near::new(45.5, -122.6, 10.0);
+        assert_eq!(entries.in_box(&near), Some(vec![0]), "once, though it has three locations there");
+        // The Portland service moves to Seattle.
+        entries.unplace(0);
+        entries.place(0, &[(47.61, -122.33)]);
+        entries.by_key[0] = Some(entry(vec![(47.61, -122.33)]));
+        assert_eq!(entries.in_box(&near), Some(vec![]));
+        assert_eq!(entries.in_box(&Near::new(47.6, -122.33, 5.0)), Some(vec![0, 1]));
+        assert!(entries.cells.values().all(|k| !k.is_empty()), "no empty cell is kept");
+        // A radius across a continent is not looked up cell by cell.
+        assert_eq!(entries.in_box(&Near::new(40.0, -100.0, 2_000.0)), None);
     }
 
     #[test]
