@@ -364,6 +364,11 @@ macro_rules! impl_outbox {
                     .fetch_one(&mut *tx)
                     .await?;
                     let row = delivery_row(row)?;
+                    if row.version == 1 {
+                        // Versions start at 1: nothing older to supersede.
+                        rows.push(row);
+                        continue;
+                    }
                     sqlx::query(
                         "UPDATE outbox SET state = 'superseded', updated_at = $5, lease_owner = NULL, \
                          lease_until = NULL, detail = 'a newer version went instead' \
@@ -431,16 +436,14 @@ macro_rules! impl_outbox {
                     .execute(&mut *tx)
                     .await?;
                     Self::put_crosswalk(&mut tx, &s.crosswalk, now_us).await?;
-                    if s.settle == Settle::Delivered {
+                    if s.settle == Settle::Delivered && !s.waits_for.is_empty() {
                         let row: Option<(String, String, String)> =
                             sqlx::query_as("SELECT kind, id, partner FROM outbox WHERE seq = $1")
                                 .bind(s.seq)
                                 .fetch_optional(&mut *tx)
                                 .await?;
                         if let Some((kind, id, partner)) = row {
-                            if !s.waits_for.is_empty() {
-                                Self::lock_partner_crosswalk(&mut tx, &partner).await?;
-                            }
+                            Self::lock_partner_crosswalk(&mut tx, &partner).await?;
                             for target in &s.waits_for {
                                 sqlx::query(
                                     "INSERT INTO crosswalk_waits (partner, local_ref, kind, record_id) \
@@ -699,20 +702,32 @@ macro_rules! impl_outbox {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    // What waited for this resource goes again: its newest delivered version, due now.
-                    let woken = sqlx::query(
-                        "UPDATE outbox SET state = 'pending', not_before = $3, updated_at = $3, \
-                         detail = 'queued again: a resource it references has reached the partner' \
-                         WHERE seq IN (SELECT MAX(o.seq) FROM outbox o JOIN crosswalk_waits w \
-                         ON w.kind = o.kind AND w.record_id = o.id AND w.partner = o.partner \
-                         WHERE w.partner = $1 AND w.local_ref = $2 AND o.state = 'delivered' GROUP BY o.kind, o.id)",
+                    // What waited for this resource goes again: its newest delivered version, due now. The waits are
+                    // read first (usually none) and each waiting record's row found by its own key, so no plan can
+                    // walk every delivered row of the partner (one did, without statistics, once per resource).
+                    let waiting: Vec<(String, String)> = sqlx::query_as(
+                        "SELECT kind, record_id FROM crosswalk_waits WHERE partner = $1 AND local_ref = $2",
                     )
                     .bind(&e.partner)
                     .bind(&e.local_ref)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let mut woken = 0;
+                    for (kind, record_id) in &waiting {
+                        woken += sqlx::query(
+                            "UPDATE outbox SET state = 'pending', not_before = $4, updated_at = $4, \
+                             detail = 'queued again: a resource it references has reached the partner' \
+                             WHERE seq = (SELECT seq FROM outbox WHERE kind = $1 AND id = $2 AND partner = $3 \
+                             AND state = 'delivered' ORDER BY version DESC LIMIT 1)",
+                        )
+                        .bind(kind)
+                        .bind(record_id)
+                        .bind(&e.partner)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    }
                     if woken > 0 {
                         sqlx::query("DELETE FROM crosswalk_waits WHERE partner = $1 AND local_ref = $2")
                             .bind(&e.partner)
