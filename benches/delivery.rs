@@ -14,7 +14,8 @@
 //! # the real FHIR server of ../shared/interop: through the gateway, then the same requests sent directly
 //! cargo bench --bench delivery -- --partner interop --count 300 --mix
 //! ```
-//! The gateway's memory (resident set, sampled every second, and its peak) and the queue gauges of `/metrics` are
+//! The gateway's memory (resident set split into anonymous memory, mapped files and shared memory, sampled at
+//! every poll; the peak resident set; the most anonymous memory seen) and the queue gauges of `/metrics` are
 //! printed along the way. With `--partner interop` the peer's request log (its last 2,000 requests) is replayed
 //! after `POST /_harness/reset` by a plain load client with the same concurrency; the ratio of the two rates says
 //! whether the gateway is the bottleneck. PostgreSQL: `CAREBRIDGE_BENCH_POSTGRES_URL` (default
@@ -241,8 +242,8 @@ impl Gateway {
         Ok(Gateway { child, base: format!("http://{addr}") })
     }
 
-    /// Resident set and its peak, in MiB.
-    fn memory(&self) -> (f64, f64) {
+    /// Its memory now, in MiB (from `/proc/<pid>/status`).
+    fn memory(&self) -> Memory {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let field = |name: &str| {
             status
@@ -252,7 +253,23 @@ impl Gateway {
                 .and_then(|kb| kb.parse::<f64>().ok())
                 .map_or(0.0, |kb| kb / 1024.0)
         };
-        (field("VmRSS:"), field("VmHWM:"))
+        Memory {
+            rss: field("VmRSS:"),
+            anon: field("RssAnon:"),
+            file: field("RssFile:"),
+            shmem: field("RssShmem:"),
+            hwm: field("VmHWM:"),
+        }
+    }
+
+    /// CPU seconds it has used (user + system).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // After the command name in parentheses: state is field 3, utime 14, stime 15 (clock ticks, 100 a second).
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(14) + ticks(15)) / 100.0
     }
 
     fn stop(mut self) {
@@ -383,6 +400,27 @@ async fn gauges(http: &reqwest::Client, base: &str) -> String {
         .join("  ")
 }
 
+/// A process's memory in MiB: resident in all, of which anonymous (its heap), mapped files (the database file
+/// and its WAL index, shared with the page cache) and shared memory; and the peak resident set.
+#[derive(Clone, Copy, Default)]
+struct Memory {
+    rss: f64,
+    anon: f64,
+    file: f64,
+    shmem: f64,
+    hwm: f64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rss {:.1} MiB (anon {:.1}, file {:.1}, shmem {:.1}; peak rss {:.1})",
+            self.rss, self.anon, self.file, self.shmem, self.hwm
+        )
+    }
+}
+
 /// Starts the gateway with the outbox on and waits until nothing is pending; returns the seconds it took.
 async fn drain(
     http: &reqwest::Client,
@@ -393,15 +431,18 @@ async fn drain(
 ) -> anyhow::Result<f64> {
     let gateway = Gateway::start(config)?;
     let started = Instant::now();
+    // The most anonymous memory seen (sampled at every poll): the gateway's own, apart from mapped files.
+    let mut peak_anon: f64 = 0.0;
     if down_secs > 0 {
         println!("partner down (503) for {down_secs} s:");
         let mut tick = 0;
         while started.elapsed() < Duration::from_secs(down_secs) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             tick += 1;
+            let m = gateway.memory();
+            peak_anon = peak_anon.max(m.anon);
             if tick % 10 == 0 {
-                let (rss, peak) = gateway.memory();
-                println!("  t={tick:>3} s  rss {rss:.1} MiB (peak {peak:.1})  {}", gauges(http, &gateway.base).await);
+                println!("  t={tick:>3} s  {m}  {}", gauges(http, &gateway.base).await);
             }
         }
         if let Some(f) = fake {
@@ -410,37 +451,61 @@ async fn drain(
         println!("partner back");
     }
     let back = Instant::now();
+    let cpu_at_back = gateway.cpu_seconds();
     let mut last_print = Instant::now();
     loop {
         let pending = count_state(http, &gateway.base, "pending", 1).await?;
         if pending == 0 {
             break;
         }
+        let m = gateway.memory();
+        peak_anon = peak_anon.max(m.anon);
         if last_print.elapsed() >= Duration::from_secs(5) {
             last_print = Instant::now();
             // The worker's own gauges (every 10 s): counting the queue through the API would compete with it.
-            let (rss, peak) = gateway.memory();
-            println!(
-                "  +{:>5.1} s  rss {rss:.1} MiB (peak {peak:.1})  {}",
-                back.elapsed().as_secs_f64(),
-                gauges(http, &gateway.base).await
-            );
+            println!("  +{:>5.1} s  {m}  {}", back.elapsed().as_secs_f64(), gauges(http, &gateway.base).await);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = back.elapsed().as_secs_f64();
-    let (rss, peak) = gateway.memory();
+    let cpu = gateway.cpu_seconds() - cpu_at_back;
+    println!(
+        "the gateway used {cpu:.2} CPU-s while draining ({:.0} % of one core; {:.2} ms a delivery)",
+        cpu / seconds * 100.0,
+        cpu * 1000.0 / deliveries as f64
+    );
+    let m = gateway.memory();
+    peak_anon = peak_anon.max(m.anon);
     let delivered = count_state(http, &gateway.base, "delivered", usize::MAX).await?;
     let dead = count_state(http, &gateway.base, "dead", usize::MAX).await?;
     let held = count_state(http, &gateway.base, "held", usize::MAX).await?;
     println!(
-        "drained {deliveries} deliveries in {seconds:.2} s: {:.0}/s  (delivered {delivered}, dead {dead}, held {held}; \
-         rss at the end {rss:.1} MiB, peak {peak:.1} MiB)",
+        "drained {deliveries} deliveries in {seconds:.2} s: {:.0}/s  (delivered {delivered}, dead {dead}, held {held}); \
+         at the end {m}; most anonymous memory seen {peak_anon:.1} MiB",
         deliveries as f64 / seconds
     );
     anyhow::ensure!(delivered == deliveries && dead == 0, "not every delivery was delivered");
     gateway.stop();
     Ok(seconds)
+}
+
+/// The share of the time from the first request of the peer's `log` to the end of its last that the peer spent
+/// handling one (it handles one at a time), and that time in seconds.
+fn busy(log: &[Value]) -> (f64, f64) {
+    let at = |r: &Value| {
+        r["time"]
+            .as_str()
+            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+    };
+    let ms = |r: &Value| r["ms"].as_f64().unwrap_or(0.0);
+    let spans: Vec<(f64, f64)> =
+        log.iter().filter_map(|r| at(r).map(|t| ((t.unix_timestamp_nanos() as f64) / 1e6, ms(r)))).collect();
+    let start = spans.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
+    let end = spans.iter().map(|s| s.0 + s.1).fold(f64::NEG_INFINITY, f64::max);
+    if end <= start {
+        return (0.0, 0.0);
+    }
+    (spans.iter().map(|s| s.1).sum::<f64>() / (end - start), (end - start) / 1000.0)
 }
 
 /// Replays the peer's logged requests (after a reset) with `concurrency` clients; returns the seconds it took.
@@ -539,7 +604,20 @@ async fn run(o: Options) -> anyhow::Result<()> {
         let answered = log.len();
         let status = http.post(peer.harness("reset")).send().await?.status();
         anyhow::ensure!(status.is_success(), "reset: {status}");
+        let busy_gateway = busy(&log);
         let direct = replay(&http, peer, &log, usize::try_from(o.concurrency)?).await?;
+        let replayed: Vec<Value> = http.get(peer.harness("requests")).send().await?.json().await?;
+        let busy_direct = busy(&replayed);
+        println!(
+            "at the peer, from its first request to the end of its last: through the gateway {:.2} s, busy {:.0} % \
+             of it; directly {:.2} s, busy {:.0} % (one request at a time there: below 100 % it waited for the next); \
+             ratio of those spans (direct / gateway) {:.2}",
+            busy_gateway.1,
+            busy_gateway.0 * 100.0,
+            busy_direct.1,
+            busy_direct.0 * 100.0,
+            busy_direct.1 / busy_gateway.1
+        );
         println!(
             "through the gateway: {deliveries} deliveries ({answered} requests) in {through:.2} s = {:.0}/s; \
              directly: {direct:.2} s = {:.0}/s; ratio (gateway / direct) {:.2}",

@@ -72,11 +72,9 @@ struct Opening {
 }
 
 impl Opening {
-    fn holds(self, zone: u16, day: i32, minute: i32) -> bool {
-        self.zone == zone
-            && i32::from(self.day) == day
-            && i32::from(self.opens) <= minute
-            && i32::from(self.closes) > minute
+    /// Whether it is open at this local weekday and minute of its zone.
+    fn holds(self, day: i32, minute: i32) -> bool {
+        i32::from(self.day) == day && i32::from(self.opens) <= minute && i32::from(self.closes) > minute
     }
 }
 
@@ -510,11 +508,10 @@ impl ServiceIndex {
                 if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
             searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?
         };
-        let moments: Option<Vec<(u16, i32, i32)>> = q.open_at.map(|at: OffsetDateTime| {
-            (0u16..)
-                .zip(&entries.zones)
-                .filter_map(|(n, z)| hours::local_moment(z, at).map(|m| (n, m.day, m.minute)))
-                .collect()
+        // The local (weekday, minute) of `open_at` in each zone, by zone number: an opening is checked against its
+        // own zone's moment alone.
+        let moments: Option<Vec<Option<(i32, i32)>>> = q.open_at.map(|at: OffsetDateTime| {
+            entries.zones.iter().map(|z| hours::local_moment(z, at).map(|m| (m.day, m.minute))).collect()
         });
         struct Row<'a> {
             entry: &'a Entry,
@@ -529,10 +526,13 @@ impl ServiceIndex {
             .filter_map(|(key, score)| {
                 let entry = entries.by_key.get(key as usize)?.as_ref()?;
                 if let Some(moments) = &moments {
-                    let open = entry
-                        .hours
-                        .iter()
-                        .any(|o| moments.iter().any(|&(zone, day, minute)| o.holds(zone, day, minute)));
+                    let open = entry.hours.iter().any(|o| {
+                        moments
+                            .get(usize::from(o.zone))
+                            .copied()
+                            .flatten()
+                            .is_some_and(|(day, minute)| o.holds(day, minute))
+                    });
                     if !open {
                         return None;
                     }

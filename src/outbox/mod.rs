@@ -229,12 +229,12 @@ impl Worker {
             }
             let concurrency = usize::try_from(self.settings.concurrency).unwrap_or(1).max(1);
             let claimed = rows.len();
-            let mut settlements: Vec<Settlement> = futures_util::stream::iter(rows)
+            let settlements: Vec<Settlement> = futures_util::stream::iter(rows)
                 .map(|row| async move { self.deliver(link, &row, now).await })
                 .buffer_unordered(concurrency)
                 .collect()
                 .await;
-            let mut part = self.settle(link, &mut settlements, now).await?;
+            let mut part = self.settle(link, settlements, now).await?;
             part.claimed = claimed;
             report.add(&part);
         }
@@ -312,11 +312,11 @@ impl Worker {
 
     /// Delivers to one partner until nothing is due, or `stopping` turns true: up to `concurrency` deliveries in
     /// flight at all times, the next rows claimed while those go (a claim takes up to `batch` when fewer than
-    /// `concurrency` are in hand), and finished ones settled in groups: `batch` of them, whatever has finished
-    /// after [`SETTLE_AFTER`], or everything when nothing else is in hand (a settlement can make a client's next
-    /// row due). Nothing waits for the slowest delivery of a batch, so a partner that answers one request at a
-    /// time is never left idle while the gateway settles and claims. On stopping, nothing more is claimed and
-    /// what is in hand goes and is settled.
+    /// `concurrency` are in hand), and finished ones settled in groups (`batch` of them, whatever has finished
+    /// after [`SETTLE_AFTER`], or everything when nothing else is in hand: a settlement can make a client's next row
+    /// due). Claims and settlements run beside the deliveries, one of each at a time, so a partner that answers one
+    /// request at a time always has the next ones waiting while the gateway writes. On stopping, nothing more is
+    /// claimed and what is in hand goes and is settled.
     ///
     /// # Errors
     /// When the store fails (the rows in hand are then given back when their lease lapses).
@@ -329,25 +329,30 @@ impl Worker {
     where
         C: Fn() -> OffsetDateTime + Sync,
     {
+        type Pending<'f, T> = Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'f>>>;
         let concurrency = usize::try_from(self.settings.concurrency).unwrap_or(1).max(1);
         let batch = self.settings.batch.max(1);
+        let settle_at = usize::try_from(batch).unwrap_or(usize::MAX);
         let lease = Duration::from_secs(self.settings.lease_secs);
         let mut report = RunReport::default();
         let mut ready: VecDeque<DeliveryRow> = VecDeque::new();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut done: Vec<Settlement> = Vec::new();
         let mut first_done: Option<tokio::time::Instant> = None;
-        // The last claim found nothing, and nothing has been settled since.
+        let mut claiming: Pending<'_, (u64, Result<Vec<DeliveryRow>, StoreError>)> = None;
+        let mut settling: Pending<'_, Result<RunReport, StoreError>> = None;
+        // Settlements committed so far: a claim that began before the last of them may have missed rows it made due.
+        let mut settled: u64 = 0;
+        // The last claim found nothing, and nothing has been settled since it began.
         let mut dry = false;
         loop {
             let stop = stopping.is_some_and(|s| *s.borrow());
-            if !stop && !dry && ready.len() < concurrency {
+            if claiming.is_none() && !stop && !dry && ready.len() < concurrency {
                 let now = clock();
-                let rows =
-                    self.store.claim_deliveries(&link.settings.name, &self.owner, batch, now, now + lease).await?;
-                report.claimed += rows.len();
-                dry = rows.is_empty();
-                ready.extend(rows);
+                let (partner, owner, began) = (&link.settings.name, &self.owner, settled);
+                claiming = Some(Box::pin(async move {
+                    (began, self.store.claim_deliveries(partner, owner, batch, now, now + lease).await)
+                }));
             }
             while in_flight.len() < concurrency
                 && let Some(row) = ready.pop_front()
@@ -357,43 +362,48 @@ impl Worker {
                     self.deliver(link, &row, now).await
                 });
             }
-            if in_flight.is_empty() {
-                if done.is_empty() {
-                    return Ok(report);
+            let idle = ready.is_empty() && in_flight.is_empty() && claiming.is_none();
+            if settling.is_none() && !done.is_empty() {
+                let late = first_done.is_some_and(|t| t.elapsed() >= SETTLE_AFTER);
+                if done.len() >= settle_at || late || idle || (ready.is_empty() && (dry || stop)) {
+                    let group = std::mem::take(&mut done);
+                    first_done = None;
+                    settling = Some(Box::pin(self.settle(link, group, clock())));
                 }
-                report.add(&self.settle(link, &mut done, clock()).await?);
-                first_done = None;
-                dry = false;
-                continue;
             }
-            let deadline = first_done.map_or_else(|| tokio::time::Instant::now() + SETTLE_AFTER, |t| t + SETTLE_AFTER);
-            let waited = tokio::select! {
-                s = in_flight.next() => s,
-                () = tokio::time::sleep_until(deadline), if first_done.is_some() => None,
-            };
-            if let Some(s) = waited {
-                first_done.get_or_insert_with(tokio::time::Instant::now);
-                done.push(s);
+            if idle && settling.is_none() && done.is_empty() && (dry || stop) {
+                return Ok(report);
             }
-            let starved = ready.is_empty() && (dry || stop);
-            let late = first_done.is_some_and(|t| t.elapsed() >= SETTLE_AFTER);
-            if done.len() >= usize::try_from(batch).unwrap_or(usize::MAX) || starved || late {
-                report.add(&self.settle(link, &mut done, clock()).await?);
-                first_done = None;
-                dry = false;
+            let deadline = first_done.map_or_else(tokio::time::Instant::now, |t| t + SETTLE_AFTER);
+            tokio::select! {
+                Some(s) = in_flight.next(), if !in_flight.is_empty() => {
+                    first_done.get_or_insert_with(tokio::time::Instant::now);
+                    done.push(s);
+                }
+                (began, rows) = async { claiming.as_mut().expect("claiming").await }, if claiming.is_some() => {
+                    claiming = None;
+                    let rows = rows?;
+                    report.claimed += rows.len();
+                    dry = rows.is_empty() && began == settled;
+                    ready.extend(rows);
+                }
+                part = async { settling.as_mut().expect("settling").await }, if settling.is_some() => {
+                    settling = None;
+                    report.add(&part?);
+                    settled += 1;
+                    dry = false;
+                }
+                () = tokio::time::sleep_until(deadline), if first_done.is_some() && settling.is_none() => {}
+                // Nothing in hand, claimed or settling (returned above): not reached.
+                else => return Ok(report),
             }
         }
     }
 
     /// Settles finished deliveries in one transaction and counts them.
-    async fn settle(
-        &self,
-        link: &Link,
-        done: &mut Vec<Settlement>,
-        now: OffsetDateTime,
-    ) -> Result<RunReport, StoreError> {
+    async fn settle(&self, link: &Link, done: Vec<Settlement>, now: OffsetDateTime) -> Result<RunReport, StoreError> {
         let mut part = RunReport::default();
-        for s in done.iter() {
+        for s in &done {
             match s.settle {
                 Settle::Delivered => part.delivered += 1,
                 Settle::Retry { .. } => part.retried += 1,
@@ -404,8 +414,7 @@ impl Worker {
                 "outcome" => s.attempt.outcome.clone())
             .increment(1);
         }
-        self.store.settle_deliveries(&self.owner, done, now).await?;
-        done.clear();
+        self.store.settle_deliveries(&self.owner, &done, now).await?;
         Ok(part)
     }
 
