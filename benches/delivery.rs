@@ -12,7 +12,7 @@
 //! # a backlog: 100,000 deliveries while the partner answers 503 for 60 s, then the drain when it is back
 //! cargo bench --bench delivery -- --backend sqlite --count 100000 --down-secs 60
 //! # the real FHIR server of ../shared/interop: through the gateway, then the same requests sent directly
-//! cargo bench --bench delivery -- --partner interop --count 300 --mix
+//! cargo bench --bench delivery -- --partner interop --count 600 --mix
 //! ```
 //! The gateway's memory (resident set split into anonymous memory, mapped files and shared memory, sampled at
 //! every poll; the peak resident set; the most anonymous memory seen) and the queue gauges of `/metrics` are
