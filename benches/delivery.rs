@@ -335,8 +335,8 @@ fn unit(i: usize, mix: bool, t: &[Value; 3]) -> Vec<(&'static str, String, Value
     out
 }
 
-/// Writes every unit through the API, 32 requests at a time.
-async fn write_records(http: &reqwest::Client, base: &str, o: &Options) -> anyhow::Result<usize> {
+/// Writes units `first..first + o.count` through the API, 32 requests at a time.
+async fn write_records(http: &reqwest::Client, base: &str, o: &Options, first: usize) -> anyhow::Result<usize> {
     let t = Arc::new([fixture("client", "cl-1001")?, fixture("consent", "co-5001")?, fixture("referral", "ref-4001")?]);
     let next = Arc::new(AtomicU64::new(0));
     let written = Arc::new(AtomicU64::new(0));
@@ -350,7 +350,7 @@ async fn write_records(http: &reqwest::Client, base: &str, o: &Options) -> anyho
                 if i >= count {
                     return Ok::<(), anyhow::Error>(());
                 }
-                for (kind, id, body) in unit(i, mix, &t) {
+                for (kind, id, body) in unit(first + i, mix, &t) {
                     let r = http.put(format!("{base}/api/v1/{kind}s/{id}")).bearer_auth(KEY).json(&body).send().await?;
                     let status = r.status();
                     anyhow::ensure!(status == 201, "{kind}/{id}: {status} {}", r.text().await.unwrap_or_default());
@@ -426,6 +426,7 @@ async fn drain(
     http: &reqwest::Client,
     config: &Path,
     deliveries: usize,
+    already: usize,
     fake: Option<&Fake>,
     down_secs: u64,
 ) -> anyhow::Result<f64> {
@@ -433,16 +434,22 @@ async fn drain(
     let started = Instant::now();
     // The most anonymous memory seen (sampled at every poll): the gateway's own, apart from mapped files.
     let mut peak_anon: f64 = 0.0;
+    let mut peak_rss_seen: f64 = 0.0;
     if down_secs > 0 {
         println!("partner down (503) for {down_secs} s:");
         let mut tick = 0;
         while started.elapsed() < Duration::from_secs(down_secs) {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
             tick += 1;
             let m = gateway.memory();
             peak_anon = peak_anon.max(m.anon);
-            if tick % 10 == 0 {
-                println!("  t={tick:>3} s  {m}  {}", gauges(http, &gateway.base).await);
+            if tick <= 30 && m.hwm > peak_rss_seen + 1.0 {
+                // The first 3 s in detail: what the resident set's peak is made of when it is reached.
+                println!("  t={:>4.1} s  {m}", f64::from(tick) / 10.0);
+            }
+            peak_rss_seen = peak_rss_seen.max(m.hwm);
+            if tick % 100 == 0 {
+                println!("  t={:>3} s  {m}  {}", tick / 10, gauges(http, &gateway.base).await);
             }
         }
         if let Some(f) = fake {
@@ -484,7 +491,7 @@ async fn drain(
          at the end {m}; most anonymous memory seen {peak_anon:.1} MiB",
         deliveries as f64 / seconds
     );
-    anyhow::ensure!(delivered == deliveries && dead == 0, "not every delivery was delivered");
+    anyhow::ensure!(delivered == already + deliveries && dead == 0, "not every delivery was delivered");
     gateway.stop();
     Ok(seconds)
 }
@@ -582,9 +589,21 @@ async fn run(o: Options) -> anyhow::Result<()> {
         o.concurrency
     );
 
+    if let Some(peer) = &peer {
+        // A rehearsal first, with other records, then the peer is reset: a freshly started peer is slower until
+        // its JavaScript is compiled, and the measured runs (through the gateway, then directly) should both
+        // find it warm.
+        let writer = Gateway::start(&config(dir.path(), &o, &db.url, &base, false)?)?;
+        let rehearsed = write_records(&http, &writer.base, &o, o.count).await?;
+        writer.stop();
+        drain(&http, &config(dir.path(), &o, &db.url, &base, true)?, rehearsed, 0, None, 0).await?;
+        let status = http.post(peer.harness("reset")).send().await?.status();
+        anyhow::ensure!(status.is_success(), "reset: {status}");
+        println!("(rehearsal above: {rehearsed} deliveries to warm the peer; it was reset after)");
+    }
     let writer = Gateway::start(&config(dir.path(), &o, &db.url, &base, false)?)?;
     let started = Instant::now();
-    let deliveries = write_records(&http, &writer.base, &o).await?;
+    let deliveries = write_records(&http, &writer.base, &o, 0).await?;
     println!(
         "wrote {deliveries} records in {:.1} s ({:.0}/s), each owing one delivery",
         started.elapsed().as_secs_f64(),
@@ -593,7 +612,9 @@ async fn run(o: Options) -> anyhow::Result<()> {
     writer.stop();
 
     let deliver = config(dir.path(), &o, &db.url, &base, true)?;
-    let through = drain(&http, &deliver, deliveries, fake.as_deref(), o.down_secs).await?;
+    // The rehearsal delivered as many records as this run writes.
+    let already = if peer.is_some() { deliveries } else { 0 };
+    let through = drain(&http, &deliver, deliveries, already, fake.as_deref(), o.down_secs).await?;
     if let Some(fake) = &fake {
         println!("the fake partner answered {} requests", fake.requests.load(Ordering::Relaxed));
     }
