@@ -172,6 +172,11 @@ fn tag(parts: &[&str]) -> String {
     parts.join(&SEP.to_string())
 }
 
+/// The term of a service open at some minute of `hour` on `day` (0 = Monday) in `zone`.
+fn open_tag(zone: &str, day: i32, hour: i32) -> String {
+    tag(&["open", zone, &day.to_string(), &hour.to_string()])
+}
+
 fn index_error(e: tantivy::TantivyError) -> StoreError {
     StoreError::Index(e.to_string())
 }
@@ -332,7 +337,6 @@ impl ServiceIndex {
             for language in all_languages(&service) {
                 doc.add_text(self.fields.tag, tag(&["lang", &language]));
             }
-            writer.add_document(doc).map_err(index_error)?;
             let mut hours = Vec::new();
             for h in hours::weekly_intervals(&service) {
                 let zone = match entries.zones.iter().position(|z| *z == h.zone) {
@@ -349,6 +353,21 @@ impl ServiceIndex {
                 };
                 hours.push(Opening { zone, day, opens, closes });
             }
+            // Each hour an opening touches, as a term (zone, weekday, hour): open-now narrows in the index, and
+            // the minute is checked beside it on the service's own intervals.
+            let mut open_terms: Vec<(u16, u8, u16)> = Vec::new();
+            for o in &hours {
+                for hour in (o.opens / 60)..=(o.closes.saturating_sub(1) / 60) {
+                    open_terms.push((o.zone, o.day, hour));
+                }
+            }
+            open_terms.sort_unstable();
+            open_terms.dedup();
+            for (zone, day, hour) in open_terms {
+                let zone = &entries.zones[usize::from(zone)];
+                doc.add_text(self.fields.tag, open_tag(zone, i32::from(day), i32::from(hour)));
+            }
+            writer.add_document(doc).map_err(index_error)?;
             let hours = hours.into_boxed_slice();
             let points: Vec<(f64, f64)> =
                 service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
@@ -460,6 +479,24 @@ impl ServiceIndex {
         let mut clauses = self.filters(q, subtree);
         let entries = self.entries.read().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
         let id_of = |key: u64| entries.by_key.get(key as usize).and_then(Option::as_ref).map(|e| e.id.clone());
+        // The local (weekday, minute) of `open_at` in each zone, by zone number: an opening is checked against its
+        // own zone's moment alone, after the index kept the services open at some minute of that hour.
+        let moments: Option<Vec<Option<(i32, i32)>>> = q.open_at.map(|at: OffsetDateTime| {
+            entries.zones.iter().map(|z| hours::local_moment(z, at).map(|m| (m.day, m.minute))).collect()
+        });
+        if let Some(moments) = &moments {
+            let exact = |t: String| -> Box<dyn Query> {
+                Box::new(TermQuery::new(Term::from_field_text(self.fields.tag, &t), IndexRecordOption::Basic))
+            };
+            let any: Vec<(Occur, Box<dyn Query>)> = entries
+                .zones
+                .iter()
+                .zip(moments)
+                .filter_map(|(zone, m)| m.map(|(day, minute)| (Occur::Should, exact(open_tag(zone, day, minute / 60)))))
+                .collect();
+            // No zone has a moment: nothing can be open (an empty disjunction matches nothing).
+            clauses.push((Occur::Must, Box::new(BooleanQuery::new(any))));
+        }
         if let (Some(text), None, None) = (text, q.near, q.open_at) {
             // Text and term filters only: tantivy keeps the page alone.
             clauses.push((Occur::Must, self.text_query(text, false)));
@@ -488,7 +525,8 @@ impl ServiceIndex {
             _ => HashSet::new(),
         };
         let near = q.near.map(|(lat, lon)| Near::new(lat, lon, q.radius_km));
-        let term_filter = q.category.is_some() || q.taxonomy_term.is_some() || q.language.is_some();
+        let term_filter =
+            q.category.is_some() || q.taxonomy_term.is_some() || q.language.is_some() || q.open_at.is_some();
         let found: Vec<(u64, Score)> = if text.is_none() && !term_filter {
             // Nothing for tantivy to narrow: the services themselves (of the radius's cells), checked below.
             let all = || (0u64..).zip(&entries.by_key).filter(|(_, e)| e.is_some()).map(|(k, _)| k).collect();
@@ -508,11 +546,6 @@ impl ServiceIndex {
                 if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
             searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?
         };
-        // The local (weekday, minute) of `open_at` in each zone, by zone number: an opening is checked against its
-        // own zone's moment alone.
-        let moments: Option<Vec<Option<(i32, i32)>>> = q.open_at.map(|at: OffsetDateTime| {
-            entries.zones.iter().map(|z| hours::local_moment(z, at).map(|m| (m.day, m.minute))).collect()
-        });
         struct Row<'a> {
             entry: &'a Entry,
             /// Place in (name, id) order: compared without reading the names.
