@@ -408,11 +408,14 @@ impl ServiceIndex {
         Box::new(BooleanQuery::new(must))
     }
 
+    /// The documents holding the filter term `t`.
+    fn tag_query(&self, t: &str) -> Box<dyn Query> {
+        Box::new(TermQuery::new(Term::from_field_text(self.fields.tag, t), IndexRecordOption::Basic))
+    }
+
     /// The filters the index holds as terms: active, category, taxonomy term (with the terms under it), language.
     fn filters(&self, q: &ServiceQuery, subtree: Option<&[(String, String)]>) -> Vec<(Occur, Box<dyn Query>)> {
-        let exact = |t: String| -> Box<dyn Query> {
-            Box::new(TermQuery::new(Term::from_field_text(self.fields.tag, &t), IndexRecordOption::Basic))
-        };
+        let exact = |t: String| self.tag_query(&t);
         let mut out: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         if !q.include_inactive {
             out.push((Occur::Must, exact("active".into())));
@@ -485,14 +488,13 @@ impl ServiceIndex {
             entries.zones.iter().map(|z| hours::local_moment(z, at).map(|m| (m.day, m.minute))).collect()
         });
         if let Some(moments) = &moments {
-            let exact = |t: String| -> Box<dyn Query> {
-                Box::new(TermQuery::new(Term::from_field_text(self.fields.tag, &t), IndexRecordOption::Basic))
-            };
             let any: Vec<(Occur, Box<dyn Query>)> = entries
                 .zones
                 .iter()
                 .zip(moments)
-                .filter_map(|(zone, m)| m.map(|(day, minute)| (Occur::Should, exact(open_tag(zone, day, minute / 60)))))
+                .filter_map(|(zone, m)| {
+                    m.map(|(day, minute)| (Occur::Should, self.tag_query(&open_tag(zone, day, minute / 60))))
+                })
                 .collect();
             // No zone has a moment: nothing can be open (an empty disjunction matches nothing).
             clauses.push((Occur::Must, Box::new(BooleanQuery::new(any))));

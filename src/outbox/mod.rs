@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::future::OptionFuture;
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -380,14 +381,14 @@ impl Worker {
                     first_done.get_or_insert_with(tokio::time::Instant::now);
                     done.push(s);
                 }
-                (began, rows) = async { claiming.as_mut().expect("claiming").await }, if claiming.is_some() => {
+                Some((began, rows)) = OptionFuture::from(claiming.as_mut()), if claiming.is_some() => {
                     claiming = None;
                     let rows = rows?;
                     report.claimed += rows.len();
                     dry = rows.is_empty() && began == settled;
                     ready.extend(rows);
                 }
-                part = async { settling.as_mut().expect("settling").await }, if settling.is_some() => {
+                Some(part) = OptionFuture::from(settling.as_mut()), if settling.is_some() => {
                     settling = None;
                     report.add(&part?);
                     settled += 1;

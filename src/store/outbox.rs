@@ -339,7 +339,9 @@ macro_rules! impl_outbox {
                 let (now, until) = (to_micros(now), to_micros(lease_until));
                 let mut tx = self.writer().begin_with($begin).await?;
                 let mut seqs: Vec<(i64,)> = Vec::new();
-                for waiting in [state::PENDING, state::HELD] {
+                // Held rows first: few are due at a time (each comes back once per recheck), and a backlog of
+                // pending rows must not keep a referral whose consent became valid from being checked again.
+                for waiting in [state::HELD, state::PENDING] {
                     let left = i64::from(limit) - i64::try_from(seqs.len()).unwrap_or(i64::MAX);
                     if left <= 0 {
                         break;
