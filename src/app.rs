@@ -131,7 +131,7 @@ impl Application {
                 let search = crate::directories::index::ServiceSearch::indexed(
                     crate::directories::index::ServiceIndex::new().map_err(StartError::SearchIndex)?,
                 );
-                search.build_in_background(store.clone());
+                workers.spawn(search.clone().build(store.clone(), stopping.clone()));
                 search
             }
             crate::config::SearchEngine::Sql => crate::directories::index::ServiceSearch::sql(),

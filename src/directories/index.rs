@@ -86,8 +86,12 @@ struct Entries {
     keys: HashMap<String, u64>,
     /// Every zone a service keeps hours in, numbered in the order first seen.
     zones: Vec<String>,
-    /// Each key's place in (name, id) order, made again after each catch-up that changed something.
+    /// Each key's place in [`Entries::order`].
     rank: Vec<u32>,
+    /// The keys of the indexed services in (name, id) order, as of the last catch-up.
+    order: Vec<u64>,
+    /// The keys indexed again since the order was last made.
+    dirty: Vec<u64>,
     /// The keys of the services with a location in each cell of [`CELL_DEGREES`] (a radius search without a term
     /// filter measures the services of the cells its box covers, not every service).
     cells: HashMap<(i32, i32), Vec<u64>>,
@@ -151,6 +155,71 @@ impl Entries {
     }
 }
 
+/// What [`ServiceIndex::apply`] takes from a kept service before it locks the index.
+struct Parsed {
+    name: String,
+    name_words: String,
+    body_words: String,
+    active: bool,
+    /// Taxonomy, code and language terms.
+    tags: Vec<String>,
+    intervals: Vec<hours::OpeningInterval>,
+    points: Vec<(f64, f64)>,
+}
+
+impl Parsed {
+    fn of(service: CatalogService) -> Self {
+        let (name_words, body_words) = search_words(&service);
+        let mut tags = Vec::new();
+        for t in &service.terms {
+            tags.push(tag(&["term", &t.taxonomy, &t.code]));
+            tags.push(tag(&["code", &t.code]));
+        }
+        for language in all_languages(&service) {
+            tags.push(tag(&["lang", &language]));
+        }
+        let intervals = hours::weekly_intervals(&service);
+        let points = service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
+        Parsed {
+            active: service.status == "active",
+            name: service.name,
+            name_words,
+            body_words,
+            tags,
+            intervals,
+            points,
+        }
+    }
+}
+
+/// The opening terms of a service's hours: for each (zone, weekday, hour) an opening touches, a `whole` term when
+/// some opening covers the whole hour (open at every minute of it: a search needs no other check), else an `open`
+/// term (open at some minute: the minute is checked on the service's own intervals).
+fn open_terms(hours: &[Opening], zones: &[String]) -> Vec<String> {
+    let mut hours_touched: Vec<(u16, u8, u16, bool)> = Vec::new();
+    for o in hours {
+        for hour in (o.opens / 60)..=(o.closes.saturating_sub(1) / 60) {
+            let whole = o.opens <= hour * 60 && o.closes >= (hour + 1) * 60;
+            hours_touched.push((o.zone, o.day, hour, whole));
+        }
+    }
+    // Sorted with the whole ones last in each hour, so the last of each run says whether any is whole.
+    hours_touched.sort_unstable();
+    let mut out = Vec::new();
+    for (i, &(zone, day, hour, whole)) in hours_touched.iter().enumerate() {
+        if hours_touched.get(i + 1).is_some_and(|&(z, d, h, _)| (z, d, h) == (zone, day, hour)) {
+            continue;
+        }
+        let zone = &zones[usize::from(zone)];
+        out.push(if whole {
+            whole_tag(zone, i32::from(day), i32::from(hour))
+        } else {
+            open_tag(zone, i32::from(day), i32::from(hour))
+        });
+    }
+    out
+}
+
 /// How far the index has read the catalog's changes: `(change_seq, id)` of the last service read.
 struct Position {
     seq: i64,
@@ -172,9 +241,14 @@ fn tag(parts: &[&str]) -> String {
     parts.join(&SEP.to_string())
 }
 
-/// The term of a service open at some minute of `hour` on `day` (0 = Monday) in `zone`.
+/// The term of a service open at some minute of `hour` on `day` (0 = Monday) in `zone`, not at all of them.
 fn open_tag(zone: &str, day: i32, hour: i32) -> String {
     tag(&["open", zone, &day.to_string(), &hour.to_string()])
+}
+
+/// The term of a service open at every minute of `hour` on `day` (0 = Monday) in `zone`.
+fn whole_tag(zone: &str, day: i32, hour: i32) -> String {
+    tag(&["whole", zone, &day.to_string(), &hour.to_string()])
 }
 
 fn index_error(e: tantivy::TantivyError) -> StoreError {
@@ -284,61 +358,94 @@ impl ServiceIndex {
         Ok(())
     }
 
-    /// Orders every service by (name, id) once, so a search sorts by a number.
+    /// Keeps every service's place in (name, id) order, so a search sorts by a number: the services indexed since
+    /// the last call leave the order and go back in at their new places (a catch-up that changed a few services
+    /// costs a walk of the order, not a sort of every name).
     fn rank(&self) -> Result<(), StoreError> {
-        let mut entries = self.entries.write().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
-        let mut keys: Vec<usize> = (0..entries.by_key.len()).filter(|&k| entries.by_key[k].is_some()).collect();
-        keys.sort_by(|&a, &b| match (&entries.by_key[a], &entries.by_key[b]) {
+        let mut guard = self.entries.write().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
+        let entries = &mut *guard;
+        if entries.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut changed = vec![false; entries.by_key.len()];
+        for &k in &entries.dirty {
+            changed[k as usize] = true;
+        }
+        let mut dirty = std::mem::take(&mut entries.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let by_key = &entries.by_key;
+        dirty.retain(|&k| by_key[k as usize].is_some());
+        let before = |a: u64, b: u64| match (&by_key[a as usize], &by_key[b as usize]) {
             (Some(x), Some(y)) => x.name.cmp(&y.name).then_with(|| x.id.cmp(&y.id)),
             _ => std::cmp::Ordering::Equal,
-        });
-        let mut rank = vec![u32::MAX; entries.by_key.len()];
-        for (place, key) in (0u32..).zip(keys) {
-            rank[key] = place;
+        };
+        dirty.sort_by(|&a, &b| before(a, b));
+        let kept: Vec<u64> = entries.order.iter().copied().filter(|&k| !changed[k as usize]).collect();
+        let mut order = Vec::with_capacity(kept.len() + dirty.len());
+        let mut from = 0;
+        for k in dirty {
+            // Everything kept that sorts before `k` (the dirty keys come in order, so the places only grow).
+            let at = from + kept[from..].partition_point(|&o| before(o, k) == std::cmp::Ordering::Less);
+            order.extend_from_slice(&kept[from..at]);
+            order.push(k);
+            from = at;
         }
+        order.extend_from_slice(&kept[from..]);
+        let mut rank = vec![u32::MAX; entries.by_key.len()];
+        for (place, &key) in (0u32..).zip(&order) {
+            rank[key as usize] = place;
+        }
+        entries.order = order;
         entries.rank = rank;
         Ok(())
     }
 
-    /// Indexes these services again (their old documents are deleted); committed by the caller.
+    /// Indexes these services again (their old documents are deleted); committed by the caller. The rows are read
+    /// before the index is locked, so searches wait only for the index's own work.
     fn apply(&self, rows: Vec<crate::store::CatalogChange>) -> Result<(), StoreError> {
+        let parsed: Vec<(String, bool, Option<Parsed>)> = rows
+            .into_iter()
+            .map(|row| {
+                let parsed = match serde_json::from_str::<CatalogService>(&row.doc) {
+                    Ok(service) => Some(Parsed::of(service)),
+                    Err(e) => {
+                        tracing::warn!(service = %row.id, error = %e, "A kept service does not parse; it is left out of the search index.");
+                        None
+                    }
+                };
+                (row.id, row.active, parsed)
+            })
+            .collect();
         let writer = self.writer.lock().map_err(|_| StoreError::Index("the index writer is poisoned".into()))?;
         let mut entries = self.entries.write().map_err(|_| StoreError::Index("the index is poisoned".into()))?;
-        for row in rows {
+        for (id, row_active, parsed) in parsed {
             let next = entries.by_key.len() as u64;
-            let key = *entries.keys.entry(row.id.clone()).or_insert(next);
+            let key = *entries.keys.entry(id.clone()).or_insert(next);
             if key == next {
                 entries.by_key.push(None);
             }
             writer.delete_term(Term::from_field_u64(self.fields.key, key));
             let slot = usize::try_from(key).map_err(|e| StoreError::Index(e.to_string()))?;
             entries.unplace(key);
-            let service: CatalogService = match serde_json::from_str(&row.doc) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(service = %row.id, error = %e, "A kept service does not parse; it is left out of the search index.");
-                    entries.by_key[slot] = None;
-                    continue;
-                }
+            entries.dirty.push(key);
+            let Some(p) = parsed else {
+                entries.by_key[slot] = None;
+                continue;
             };
             let mut doc = TantivyDocument::default();
             doc.add_u64(self.fields.key, key);
-            let (name, body) = search_words(&service);
-            doc.add_text(self.fields.name, name);
-            doc.add_text(self.fields.body, body);
-            let active = row.active && service.status == "active";
+            doc.add_text(self.fields.name, p.name_words);
+            doc.add_text(self.fields.body, p.body_words);
+            let active = row_active && p.active;
             if active {
                 doc.add_text(self.fields.tag, "active");
             }
-            for t in &service.terms {
-                doc.add_text(self.fields.tag, tag(&["term", &t.taxonomy, &t.code]));
-                doc.add_text(self.fields.tag, tag(&["code", &t.code]));
-            }
-            for language in all_languages(&service) {
-                doc.add_text(self.fields.tag, tag(&["lang", &language]));
+            for t in p.tags {
+                doc.add_text(self.fields.tag, t);
             }
             let mut hours = Vec::new();
-            for h in hours::weekly_intervals(&service) {
+            for h in p.intervals {
                 let zone = match entries.zones.iter().position(|z| *z == h.zone) {
                     Some(i) => i,
                     None => {
@@ -353,26 +460,13 @@ impl ServiceIndex {
                 };
                 hours.push(Opening { zone, day, opens, closes });
             }
-            // Each hour an opening touches, as a term (zone, weekday, hour): open-now narrows in the index, and
-            // the minute is checked beside it on the service's own intervals.
-            let mut open_terms: Vec<(u16, u8, u16)> = Vec::new();
-            for o in &hours {
-                for hour in (o.opens / 60)..=(o.closes.saturating_sub(1) / 60) {
-                    open_terms.push((o.zone, o.day, hour));
-                }
-            }
-            open_terms.sort_unstable();
-            open_terms.dedup();
-            for (zone, day, hour) in open_terms {
-                let zone = &entries.zones[usize::from(zone)];
-                doc.add_text(self.fields.tag, open_tag(zone, i32::from(day), i32::from(hour)));
+            for t in open_terms(&hours, &entries.zones) {
+                doc.add_text(self.fields.tag, t);
             }
             writer.add_document(doc).map_err(index_error)?;
-            let hours = hours.into_boxed_slice();
-            let points: Vec<(f64, f64)> =
-                service.locations.iter().filter_map(|l| Some((l.latitude?, l.longitude?))).collect();
-            entries.place(key, &points);
-            entries.by_key[slot] = Some(Entry { id: service.id, name: service.name, active, points, hours });
+            entries.place(key, &p.points);
+            entries.by_key[slot] =
+                Some(Entry { id, name: p.name, active, points: p.points, hours: hours.into_boxed_slice() });
         }
         Ok(())
     }
@@ -487,15 +581,31 @@ impl ServiceIndex {
         let moments: Option<Vec<Option<(i32, i32)>>> = q.open_at.map(|at: OffsetDateTime| {
             entries.zones.iter().map(|z| hours::local_moment(z, at).map(|m| (m.day, m.minute))).collect()
         });
+        // Services open at that moment: a `whole` term of its hour in some zone, or an `open` one whose minute is
+        // then checked (`partly`: the keys to check, usually few).
+        let mut partly: Option<Vec<bool>> = None;
         if let Some(moments) = &moments {
-            let any: Vec<(Occur, Box<dyn Query>)> = entries
-                .zones
-                .iter()
-                .zip(moments)
-                .filter_map(|(zone, m)| {
-                    m.map(|(day, minute)| (Occur::Should, self.tag_query(&open_tag(zone, day, minute / 60))))
-                })
-                .collect();
+            let terms = |kind: fn(&str, i32, i32) -> String| -> Vec<(Occur, Box<dyn Query>)> {
+                entries
+                    .zones
+                    .iter()
+                    .zip(moments)
+                    .filter_map(|(zone, m)| {
+                        m.map(|(day, minute)| (Occur::Should, self.tag_query(&kind(zone, day, minute / 60))))
+                    })
+                    .collect()
+            };
+            let mut check = vec![false; entries.by_key.len()];
+            for (key, _) in
+                searcher.search(&BooleanQuery::new(terms(open_tag)), &Keys { scoring: false }).map_err(index_error)?
+            {
+                if let Some(c) = check.get_mut(key as usize) {
+                    *c = true;
+                }
+            }
+            partly = Some(check);
+            let mut any = terms(whole_tag);
+            any.extend(terms(open_tag));
             // No zone has a moment: nothing can be open (an empty disjunction matches nothing).
             clauses.push((Occur::Must, Box::new(BooleanQuery::new(any))));
         }
@@ -548,20 +658,24 @@ impl ServiceIndex {
                 if clauses.is_empty() { Box::new(AllQuery) } else { Box::new(BooleanQuery::new(clauses)) };
             searcher.search(&*query, &Keys { scoring: text.is_some() }).map_err(index_error)?
         };
-        struct Row<'a> {
-            entry: &'a Entry,
+        struct Row {
+            key: u64,
             /// Place in (name, id) order: compared without reading the names.
             rank: u32,
             score: Score,
             name_miss: bool,
             d2: Option<f64>,
         }
-        let mut rows: Vec<Row<'_>> = found
+        let mut rows: Vec<Row> = found
             .into_iter()
             .filter_map(|(key, score)| {
-                let entry = entries.by_key.get(key as usize)?.as_ref()?;
-                if let Some(moments) = &moments {
-                    let open = entry.hours.iter().any(|o| {
+                // The entry is read only for what the index cannot say: the minute of a partly open hour, the
+                // distance.
+                let entry = || entries.by_key.get(key as usize).and_then(Option::as_ref);
+                if let (Some(moments), Some(partly)) = (&moments, &partly)
+                    && partly.get(key as usize).copied().unwrap_or(false)
+                {
+                    let open = entry()?.hours.iter().any(|o| {
                         moments
                             .get(usize::from(o.zone))
                             .copied()
@@ -573,16 +687,16 @@ impl ServiceIndex {
                     }
                 }
                 let d2 = match &near {
-                    Some(n) => Some(n.distance(&entry.points)?),
+                    Some(n) => Some(n.distance(&entry()?.points)?),
                     None => None,
                 };
                 let rank = entries.rank.get(key as usize).copied().unwrap_or(u32::MAX);
-                Some(Row { entry, rank, score, name_miss: !name_matches.contains(&key), d2 })
+                Some(Row { key, rank, score, name_miss: !name_matches.contains(&key), d2 })
             })
             .collect();
-        let by_name = |a: &Row<'_>, b: &Row<'_>| a.rank.cmp(&b.rank);
-        let by_d2 = |a: &Row<'_>, b: &Row<'_>| a.d2.partial_cmp(&b.d2).unwrap_or(std::cmp::Ordering::Equal);
-        let order = |a: &Row<'_>, b: &Row<'_>| match (text.is_some(), near.is_some()) {
+        let by_name = |a: &Row, b: &Row| a.rank.cmp(&b.rank);
+        let by_d2 = |a: &Row, b: &Row| a.d2.partial_cmp(&b.d2).unwrap_or(std::cmp::Ordering::Equal);
+        let order = |a: &Row, b: &Row| match (text.is_some(), near.is_some()) {
             (true, false) => {
                 b.score.partial_cmp(&a.score).unwrap_or(std::cmp::Ordering::Equal).then_with(|| by_name(a, b))
             }
@@ -600,7 +714,7 @@ impl ServiceIndex {
             rows.truncate(end);
         }
         rows.sort_by(order);
-        Ok((rows[offset..end].iter().map(|r| (r.entry.id.clone(), r.d2)).collect(), total))
+        Ok((rows[offset..end].iter().filter_map(|r| Some((id_of(r.key)?, r.d2))).collect(), total))
     }
 }
 
@@ -702,16 +816,23 @@ impl ServiceSearch {
         ServiceSearch { index: Some(index) }
     }
 
-    /// Builds the index from the store in the background (searches use SQL meanwhile); a failed build is tried
-    /// again every 10 s.
-    pub fn build_in_background(&self, store: Arc<dyn Store>) {
-        let Some(index) = self.index.clone() else { return };
-        tokio::spawn(async move {
+    /// Builds the index from the store (searches use SQL meanwhile); a failed build is tried again every 10 s.
+    /// Returns when the first build is done, or at once when `stop` turns `true` (a gateway shutting down does not
+    /// wait for a build; a page being indexed finishes on the blocking pool and is dropped).
+    pub async fn build(self, store: Arc<dyn Store>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(index) = self.index else { return };
+        let build = async {
             while let Err(e) = index.catch_up(&*store).await {
                 tracing::error!(error = %e, "The directory search index could not be built; searches use SQL until it is.");
                 tokio::time::sleep(std::time::Duration::from_secs(10)).await;
             }
-        });
+        };
+        tokio::select! {
+            () = build => {}
+            _ = stop.wait_for(|stopping| *stopping) => {
+                tracing::info!("The directory search index build stopped with the gateway.");
+            }
+        }
     }
 
     /// Waits until the index's first build is done (at most `limit`); `true` when it is, or when there is no index.
@@ -785,5 +906,65 @@ mod tests {
     #[test]
     fn filter_terms_cannot_run_into_each_other() {
         assert_ne!(tag(&["term", "a", "bc"]), tag(&["term", "ab", "c"]));
+    }
+
+    #[test]
+    fn an_hour_covered_whole_needs_no_minute_check_and_a_partial_one_does() {
+        let zones = vec!["America/Los_Angeles".to_owned()];
+        // Monday 08:30–12:00 and 11:00–11:15 (an hour both partial and whole), Tuesday until midnight.
+        let hours = [
+            Opening { zone: 0, day: 0, opens: 8 * 60 + 30, closes: 12 * 60 },
+            Opening { zone: 0, day: 0, opens: 11 * 60, closes: 11 * 60 + 15 },
+            Opening { zone: 0, day: 1, opens: 23 * 60, closes: 1440 },
+        ];
+        let z = "America/Los_Angeles";
+        let mut terms = open_terms(&hours, &zones);
+        terms.sort();
+        let mut expected =
+            vec![open_tag(z, 0, 8), whole_tag(z, 0, 9), whole_tag(z, 0, 10), whole_tag(z, 0, 11), whole_tag(z, 1, 23)];
+        expected.sort();
+        assert_eq!(terms, expected);
+    }
+
+    #[test]
+    fn the_name_order_follows_a_rename_a_newcomer_and_a_removal() {
+        let index = ServiceIndex::new().expect("index");
+        let put = |entries: &mut Entries, key: u64, name: Option<&str>| {
+            while entries.by_key.len() <= key as usize {
+                entries.by_key.push(None);
+            }
+            entries.by_key[key as usize] = name.map(|n| Entry {
+                id: format!("s{key}"),
+                name: n.into(),
+                active: true,
+                points: Vec::new(),
+                hours: Box::new([]),
+            });
+            entries.dirty.push(key);
+        };
+        let order = |index: &ServiceIndex| {
+            index.rank().expect("rank");
+            let e = index.entries.read().expect("lock");
+            let mut by_rank: Vec<(u32, String)> = (0..e.by_key.len())
+                .filter_map(|k| e.by_key[k].as_ref().map(|x| (e.rank[k], format!("{} {}", x.id, x.name))))
+                .collect();
+            by_rank.sort_unstable();
+            assert_eq!(e.order.len(), by_rank.len(), "one place per service");
+            by_rank.into_iter().map(|(_, n)| n).collect::<Vec<_>>()
+        };
+        {
+            let mut e = index.entries.write().expect("lock");
+            for (k, n) in ["Delta", "Alpha", "Charlie", "Bravo"].into_iter().enumerate() {
+                put(&mut e, k as u64, Some(n));
+            }
+        }
+        assert_eq!(order(&index), ["s1 Alpha", "s3 Bravo", "s2 Charlie", "s0 Delta"]);
+        {
+            let mut e = index.entries.write().expect("lock");
+            put(&mut e, 0, Some("Aardvark")); // renamed to the front
+            put(&mut e, 4, Some("Bravo")); // a second Bravo, after the first by id
+            put(&mut e, 2, None); // gone
+        }
+        assert_eq!(order(&index), ["s0 Aardvark", "s1 Alpha", "s3 Bravo", "s4 Bravo"]);
     }
 }
