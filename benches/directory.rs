@@ -107,14 +107,18 @@ fn shape_query(shape: usize, n: usize, count: u64) -> ServiceQuery {
     q
 }
 
-/// This process's resident memory, in MiB.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+/// This process's resident memory, in MiB: its own (anonymous: heap, the in-memory index) and mapped files (the
+/// executable and the database pages SQLite's readers map).
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -204,11 +208,15 @@ fn main() -> anyhow::Result<()> {
             let rss_before = rss_mib();
             let started = Instant::now();
             index.catch_up(&*store).await?;
+            let rss_after = rss_mib();
             println!(
-                "index built: {} services in {:.1} s, anonymous resident memory +{:.0} MiB",
+                "index built: {} services in {:.1} s, resident memory: anonymous +{:.0} MiB (to {:.0}), mapped files +{:.0} MiB (to {:.0})",
                 index.len(),
                 started.elapsed().as_secs_f64(),
-                rss_mib() - rss_before
+                rss_after.0 - rss_before.0,
+                rss_after.0,
+                rss_after.1 - rss_before.1,
+                rss_after.1
             );
             ServiceSearch::indexed(index)
         } else {

@@ -97,6 +97,10 @@ fn walk(v: &Value, path: &mut String, out: &mut Vec<Issue>) {
                 }
             }
             for (k, x) in m {
+                // A scalar holds no Reference: no path is made for it (most elements are scalars).
+                if !(x.is_object() || x.is_array()) {
+                    continue;
+                }
                 let len = path.len();
                 if !path.is_empty() {
                     path.push('.');
@@ -108,8 +112,14 @@ fn walk(v: &Value, path: &mut String, out: &mut Vec<Issue>) {
         }
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
+                if !(x.is_object() || x.is_array()) {
+                    continue;
+                }
                 let len = path.len();
-                path.push_str(&format!("[{i}]"));
+                {
+                    use std::fmt::Write as _;
+                    let _ = write!(path, "[{i}]");
+                }
                 walk(x, path, out);
                 path.truncate(len);
             }
