@@ -323,9 +323,11 @@ fn eval(
     if let Some(t) = trace {
         *t.reads.entry((span.line, span.column, e.path.to_string())).or_default() |= found.is_some();
     }
-    let Some(mut v) = found.cloned() else { return Ok(None) };
+    let Some(found) = found else { return Ok(None) };
+    // Borrowed until a filter makes a new value: a code mapped through a ConceptMap is never copied first.
+    let mut v: std::borrow::Cow<'_, Value> = std::borrow::Cow::Borrowed(found);
     for f in &e.filters {
-        v = match f {
+        v = std::borrow::Cow::Owned(match f {
             Filter::Map(m) | Filter::Coding(m) | Filter::Display(m) => {
                 let map = env.maps.get(m).ok_or_else(|| RenderError { span, message: format!("no ConceptMap {m}") })?;
                 let code = scalar_text(&v)
@@ -366,9 +368,9 @@ fn eval(
                     None => return Ok(None),
                 }
             }
-        };
+        });
     }
-    Ok(Some(v))
+    Ok(Some(v.into_owned()))
 }
 
 fn escape_xhtml(s: &str) -> String {
