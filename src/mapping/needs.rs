@@ -50,18 +50,18 @@ fn text<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
 /// first clinician a care plan names), `assessment_ids` (oldest first), `care_plan_ids` and `notes` (the care
 /// plans' descriptions of it, each once).
 #[must_use]
-pub fn views(kind: RecordKind, record: &Value, related: &Related) -> Vec<Value> {
+pub fn views<'r>(kind: RecordKind, record: &'r Value, related: &'r Related) -> Vec<Value> {
     let Some(client_id) = text(record, "client_id") else { return Vec::new() };
     let id = text(record, "id");
-    let others = |list: &'_ [Value], of: RecordKind| -> Vec<Value> {
-        let mut out: Vec<Value> = list
+    // Borrowed, not copied: a care plan is read here once per need it names.
+    let others = |list: &'r [Value], of: RecordKind| -> Vec<&'r Value> {
+        let mut out: Vec<&Value> = list
             .iter()
             .filter(|r| text(r, "client_id") == Some(client_id))
             .filter(|r| !(kind == of && id.is_some() && text(r, "id") == id))
-            .cloned()
             .collect();
         if kind == of {
-            out.push(record.clone());
+            out.push(record);
         }
         out.sort_by(|a, b| text(a, "id").cmp(&text(b, "id")));
         out
