@@ -101,8 +101,26 @@ pub fn check(resource: &Value) -> Vec<SchemaIssue> {
             }
         },
     }
-    codings_without_code(resource, &mut String::new(), &mut out);
+    // Nearly every resource has none: a walk that makes no paths first, the paths only when it finds one.
+    if has_coding_without_code(resource) {
+        codings_without_code(resource, &mut String::new(), &mut out);
+    }
     out
+}
+
+/// Whether any `coding` under `v` holds a Coding with a system and no code (no paths made).
+fn has_coding_without_code(v: &Value) -> bool {
+    let nested = |x: &Value| (x.is_object() || x.is_array()) && has_coding_without_code(x);
+    match v {
+        Value::Object(m) => m.iter().any(|(k, x)| {
+            (k == "coding"
+                && x.as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c.get("system").is_some() && c.get("code").is_none())))
+                || nested(x)
+        }),
+        Value::Array(a) => a.iter().any(nested),
+        _ => false,
+    }
 }
 
 /// What an error says, without the value: the primitive type a pattern belongs to, or the masked

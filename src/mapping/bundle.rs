@@ -33,12 +33,14 @@ fn rewrite_references(v: &mut Value, urls: &HashMap<String, String>) {
                     && let Some(url) = x.as_str().and_then(|r| urls.get(r))
                 {
                     *x = Value::String(url.clone());
-                } else {
+                } else if x.is_object() || x.is_array() {
                     rewrite_references(x, urls);
                 }
             }
         }
-        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_references(x, urls)),
+        Value::Array(a) => {
+            a.iter_mut().filter(|x| x.is_object() || x.is_array()).for_each(|x| rewrite_references(x, urls))
+        }
         _ => {}
     }
 }
@@ -51,18 +53,12 @@ pub fn into_transaction(resources: Vec<Emitted>) -> Value {
         let id = r.get("id").and_then(Value::as_str).unwrap_or_default();
         format!("{ty}/{id}")
     };
-    let urls: HashMap<String, String> = resources
-        .iter()
-        .map(|e| {
-            let k = key(&e.resource);
-            let url = full_url(&k);
-            (k, url)
-        })
-        .collect();
+    let keys: Vec<String> = resources.iter().map(|e| key(&e.resource)).collect();
+    let urls: HashMap<String, String> = keys.iter().map(|k| (k.clone(), full_url(k))).collect();
     let entries: Vec<Value> = resources
         .into_iter()
-        .map(|e| {
-            let k = key(&e.resource);
+        .zip(&keys)
+        .map(|(e, k)| {
             let ty = e.resource.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_owned();
             let query = first_identifier(&e.resource).map(|(s, v)| format!("identifier={s}|{v}"));
             let mut resource = e.resource;
@@ -77,7 +73,7 @@ pub fn into_transaction(resources: Vec<Emitted>) -> Value {
             };
             // Built field by field: `json!` would serialise the resource into a second copy.
             let mut entry = serde_json::Map::new();
-            entry.insert("fullUrl".into(), Value::String(urls[&k].clone()));
+            entry.insert("fullUrl".into(), Value::String(urls[k].clone()));
             entry.insert("resource".into(), resource);
             entry.insert("request".into(), request);
             Value::Object(entry)

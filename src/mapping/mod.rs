@@ -821,9 +821,9 @@ fn fit_ids(resource: &mut Value) {
                 {
                     *r = format!("{ty}/{}", fitted_id(ty, id));
                 }
-                m.values_mut().for_each(references);
+                m.values_mut().filter(|x| x.is_object() || x.is_array()).for_each(references);
             }
-            Value::Array(a) => a.iter_mut().for_each(references),
+            Value::Array(a) => a.iter_mut().filter(|x| x.is_object() || x.is_array()).for_each(references),
             _ => {}
         }
     }

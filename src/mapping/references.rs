@@ -52,49 +52,62 @@ fn has_identifier(reference: &serde_json::Map<String, Value>) -> bool {
 #[must_use]
 pub fn check(resource: &Value) -> Vec<Issue> {
     let mut out = Vec::new();
-    walk(resource, &mut String::new(), &mut out);
+    // Nearly every resource keeps the rule: a walk that makes no paths first, the paths only when it finds a break.
+    if breaks(resource) {
+        walk(resource, &mut String::new(), &mut out);
+    }
     out
+}
+
+/// What the Reference held in `m` (if `m` is one) breaks, as messages.
+fn issues_at(m: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    let literal = m.get("reference").and_then(Value::as_str);
+    let logical_type = m.get("type").and_then(Value::as_str).filter(|t| NEVER_DELIVERED.contains(t));
+    if literal.is_none() && logical_type.is_none() {
+        return out;
+    }
+    if let Some(r) = literal {
+        match target_type(r) {
+            Some(ty) if NEVER_DELIVERED.contains(&ty) => out.push(format!(
+                "a literal reference to a {ty}, which the gateway never delivers: write a logical reference (type, \
+                 identifier, display) instead"
+            )),
+            Some(ty) if !internal(r) && !has_identifier(m) => out.push(format!(
+                "a reference to a {ty} carries no identifier (system and value): the partner may not hold it under \
+                 that id"
+            )),
+            _ => {}
+        }
+    }
+    if let Some(ty) = logical_type {
+        if literal.is_some_and(|r| target_type(r).is_none()) {
+            out.push(format!("a reference to a {ty}, which the gateway never delivers, is logical only"));
+        }
+        if !has_identifier(m) {
+            out.push(format!("a logical reference to a {ty} carries an identifier (system and value)"));
+        }
+    }
+    out
+}
+
+/// Whether any Reference under `v` breaks the rule (no paths made).
+fn breaks(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => {
+            !issues_at(m).is_empty() || m.values().any(|x| (x.is_object() || x.is_array()) && breaks(x))
+        }
+        Value::Array(a) => a.iter().any(|x| (x.is_object() || x.is_array()) && breaks(x)),
+        _ => false,
+    }
 }
 
 fn walk(v: &Value, path: &mut String, out: &mut Vec<Issue>) {
     match v {
         Value::Object(m) => {
-            let at = || if path.is_empty() { "(the resource)".to_owned() } else { path.clone() };
-            let literal = m.get("reference").and_then(Value::as_str);
-            let logical_type =
-                m.get("type").and_then(Value::as_str).filter(|t| NEVER_DELIVERED.contains(t)).map(str::to_owned);
-            if let Some(r) = literal {
-                match target_type(r) {
-                    Some(ty) if NEVER_DELIVERED.contains(&ty) => out.push(Issue {
-                        path: at(),
-                        message: format!(
-                            "a literal reference to a {ty}, which the gateway never delivers: write a logical \
-                             reference (type, identifier, display) instead"
-                        ),
-                    }),
-                    Some(ty) if !internal(r) && !has_identifier(m) => out.push(Issue {
-                        path: at(),
-                        message: format!(
-                            "a reference to a {ty} carries no identifier (system and value): the partner may not \
-                             hold it under that id"
-                        ),
-                    }),
-                    _ => {}
-                }
-            }
-            if let Some(ty) = logical_type {
-                if literal.is_some_and(|r| target_type(r).is_none()) {
-                    out.push(Issue {
-                        path: at(),
-                        message: format!("a reference to a {ty}, which the gateway never delivers, is logical only"),
-                    });
-                }
-                if !has_identifier(m) {
-                    out.push(Issue {
-                        path: at(),
-                        message: format!("a logical reference to a {ty} carries an identifier (system and value)"),
-                    });
-                }
+            for message in issues_at(m) {
+                let path = if path.is_empty() { "(the resource)".to_owned() } else { path.clone() };
+                out.push(Issue { path, message });
             }
             for (k, x) in m {
                 // A scalar holds no Reference: no path is made for it (most elements are scalars).

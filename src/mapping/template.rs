@@ -51,8 +51,15 @@ pub enum Node {
     Lit(Value, Span),
     /// A string with expressions.
     Text(Vec<Part>, Span),
-    /// An object; `when` gates it, `oneway` marks derived content.
-    Object { fields: Vec<(String, Node)>, when: Option<Cond>, oneway: Option<String>, span: Span },
+    /// An object; `when` gates it, `oneway` marks derived content; `constant` is what it always renders to when
+    /// nothing in it reads the record (a `Coding` written out, say), made once when the template compiles.
+    Object {
+        fields: Vec<(String, Node)>,
+        when: Option<Cond>,
+        oneway: Option<String>,
+        span: Span,
+        constant: Option<Value>,
+    },
     /// An array of elements (some may be `Each`).
     Array(Vec<Node>, Span),
     /// One element per item of an agency list.
@@ -262,8 +269,30 @@ impl Compiler<'_> {
             }
             fields.push((key.to_owned(), self.node(v, oneway)));
         }
-        Node::Object { fields, when, oneway: reason, span }
+        let constant = if when.is_none() { constant_object(&fields) } else { None };
+        Node::Object { fields, when, oneway: reason, span, constant }
     }
+}
+
+/// What `node` always renders to, when nothing in it reads the record; `None` when it reads the record or
+/// renders to nothing.
+fn constant(node: &Node) -> Option<Value> {
+    match node {
+        Node::Lit(v, _) => Some(v.clone()),
+        Node::Object { constant, .. } => constant.clone(),
+        Node::Array(nodes, _) if !nodes.is_empty() => {
+            nodes.iter().map(constant).collect::<Option<Vec<_>>>().map(Value::Array)
+        }
+        _ => None,
+    }
+}
+
+fn constant_object(fields: &[(String, Node)]) -> Option<Value> {
+    if fields.is_empty() {
+        return None;
+    }
+    let map = fields.iter().map(|(k, n)| Some((k.clone(), constant(n)?))).collect::<Option<Map<String, Value>>>()?;
+    Some(Value::Object(map))
 }
 
 /// A problem while rendering one record.
@@ -415,6 +444,8 @@ impl Node {
                     Some(Value::String(s))
                 }
             }
+            // Rendered once when compiled; a trace still walks it to record where each element was written.
+            Node::Object { constant: Some(c), .. } if trace.is_none() => Some(c.clone()),
             Node::Object { fields, when, .. } => {
                 if when.as_ref().is_some_and(|c| !c.holds(env.root, item)) {
                     return Ok(None);
