@@ -428,7 +428,9 @@ impl Node {
                 if let [Part::Expr(e)] = parts.as_slice() {
                     eval(e, env, item, *span, trace)?
                 } else {
-                    let mut s = String::new();
+                    // Sized for the literal text and a short value per expression: one allocation, most times.
+                    let want: usize = parts.iter().map(|p| if let Part::Lit(l) = p { l.len() } else { 24 }).sum();
+                    let mut s = String::with_capacity(want);
                     for part in parts {
                         match part {
                             Part::Lit(l) => s.push_str(l),
@@ -465,7 +467,7 @@ impl Node {
                 (!map.is_empty()).then_some(Value::Object(map))
             }
             Node::Array(nodes, _) => {
-                let mut out = Vec::new();
+                let mut out = Vec::with_capacity(nodes.len());
                 for n in nodes {
                     if let Node::Each { path, when, item: tpl, .. } = n {
                         let Some(list) = path.get(env.root, item) else { continue };

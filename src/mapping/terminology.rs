@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::LoadError;
 use crate::domain;
@@ -75,11 +75,14 @@ impl Concept {
     /// The concept as a FHIR `Coding`.
     #[must_use]
     pub fn coding(&self) -> Value {
-        let mut c = json!({"system": self.system, "code": self.code});
+        // Field by field: `json!` would go through serde for each string, and `c["display"]` search again.
+        let mut c = serde_json::Map::new();
+        c.insert("system".into(), Value::String(self.system.clone()));
+        c.insert("code".into(), Value::String(self.code.clone()));
         if let Some(d) = &self.display {
-            c["display"] = json!(d);
+            c.insert("display".into(), Value::String(d.clone()));
         }
-        c
+        Value::Object(c)
     }
 }
 
