@@ -1046,6 +1046,47 @@ mod tests {
         assert_eq!(split_pattern(&parts, "Goal/.x"), None);
     }
 
+    fn compile(text: &str) -> Node {
+        let vars = |_: &str| None;
+        let lines = LineIndex::new(text);
+        let doc = toml::de::DeTable::parse(text).expect("TOML");
+        let tpl = doc.get_ref().get("template").expect("a template");
+        let mut c =
+            Compiler { vars: &vars, lines: &lines, errors: Vec::new(), maps_used: Vec::new(), lossy: Vec::new() };
+        let node = c.node(tpl, false);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        node
+    }
+
+    #[test]
+    fn an_all_literal_object_renders_once_and_the_same_as_walked_while_one_reading_the_record_is_walked() {
+        let node = compile(
+            "[template]\nresourceType = \"Flag\"\nstatus = \"{status}\"\n\
+             [[template.category]]\ncoding = [{ system = \"http://x\", code = \"c\" }]\ntext = \"t\"\n\
+             [template.code]\n\"$when\" = \"status == active\"\ntext = \"fixed\"\n",
+        );
+        let Node::Object { fields, constant: None, .. } = &node else { panic!("the resource reads the record") };
+        let field = |k: &str| &fields.iter().find(|(f, _)| f == k).expect(k).1;
+        let Node::Array(items, _) = field("category") else { panic!("category is an array") };
+        let Node::Object { constant: Some(category), .. } = &items[0] else { panic!("the category is all literal") };
+        assert_eq!(category, &serde_json::json!({"coding": [{"system": "http://x", "code": "c"}], "text": "t"}));
+        // A `$when` reads the record, so its object is never made in advance.
+        assert!(matches!(field("code"), Node::Object { constant: None, .. }));
+
+        let maps = HashMap::new();
+        for status in ["active", "inactive"] {
+            let record = serde_json::json!({"status": status});
+            let env = Env { root: &record, maps: &maps, parent: None, index: None };
+            let fast = node.render(&env, &record, &mut None).expect("renders");
+            let mut trace = Some(Trace::default());
+            let walked = node.render(&env, &record, &mut trace).expect("renders");
+            assert_eq!(fast, walked);
+            assert_eq!(fast.as_ref().map(|r| r["code"].is_object()), Some(status == "active"));
+            let trace = trace.expect("trace");
+            assert!(trace.span_of("category[0].coding[0].code").is_some(), "a traced render still names its line");
+        }
+    }
+
     #[test]
     fn line_index_finds_lines_and_columns() {
         let idx = LineIndex::new("a\nbc\n\nd");
