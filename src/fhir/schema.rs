@@ -108,15 +108,17 @@ pub fn check(resource: &Value) -> Vec<SchemaIssue> {
     out
 }
 
+/// A Coding with a `system` and no `code`: it says nothing a receiver can act on.
+fn system_without_code(c: &Value) -> bool {
+    c.get("system").is_some() && c.get("code").is_none()
+}
+
 /// Whether any `coding` under `v` holds a Coding with a system and no code (no paths made).
 fn has_coding_without_code(v: &Value) -> bool {
     let nested = |x: &Value| (x.is_object() || x.is_array()) && has_coding_without_code(x);
     match v {
         Value::Object(m) => m.iter().any(|(k, x)| {
-            (k == "coding"
-                && x.as_array()
-                    .is_some_and(|cs| cs.iter().any(|c| c.get("system").is_some() && c.get("code").is_none())))
-                || nested(x)
+            (k == "coding" && x.as_array().is_some_and(|cs| cs.iter().any(system_without_code))) || nested(x)
         }),
         Value::Array(a) => a.iter().any(nested),
         _ => false,
@@ -185,7 +187,7 @@ fn codings_without_code(v: &Value, at: &mut String, out: &mut Vec<SchemaIssue>) 
                     && let Some(codings) = x.as_array()
                 {
                     for (i, c) in codings.iter().enumerate() {
-                        if c.get("system").is_some() && c.get("code").is_none() {
+                        if system_without_code(c) {
                             out.push(SchemaIssue {
                                 path: format!("{at}[{i}]"),
                                 message: "a Coding with a system and no code".into(),
