@@ -25,6 +25,7 @@ use crate::intake::{self, SeedError};
 use crate::keys::KeyRing;
 use crate::mapping::Mappings;
 use crate::partners::Partners;
+use crate::policy::Policy;
 use crate::store::{self, Store, StoreError};
 use crate::telemetry;
 
@@ -96,7 +97,9 @@ impl Application {
             tracing::info!(created = report.created, kept = report.kept, "Seed records loaded.");
         }
         let mappings = Arc::new(Mappings::load(&settings.mappings.dir).map_err(StartError::Mappings)?);
-        let missing = partners.missing_overlays(&mappings);
+        let policy = Arc::new(Policy::load(&settings.mappings.dir).map_err(StartError::Mappings)?);
+        let mut missing = partners.missing_overlays(&mappings);
+        missing.extend(policy.missing_profiles(&partners));
         if !missing.is_empty() {
             return Err(StartError::Partners(missing));
         }
@@ -146,6 +149,7 @@ impl Application {
             mapping_slots: Arc::new(tokio::sync::Semaphore::new(http::mapping_slots())),
             public_url: Arc::new(public_url),
             partners,
+            policy,
             search: search.clone(),
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));

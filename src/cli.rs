@@ -306,7 +306,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if overlays.is_empty() { "none".to_owned() } else { overlays.join(", ") }
             );
             let registry = carebridge_partners(&settings);
-            let missing = registry.missing_overlays(&mappings);
+            let mut missing = registry.missing_overlays(&mappings);
+            match crate::policy::Policy::load(&settings.mappings.dir) {
+                Ok(policy) => missing.extend(policy.missing_profiles(&registry)),
+                Err(errors) => missing.push(format!("policy profiles have errors:\n{errors}")),
+            }
             for m in &missing {
                 eprintln!("carebridge: {m}");
             }

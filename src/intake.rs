@@ -98,6 +98,40 @@ pub fn check_partner<T: AgencyRecord>(record: &T, partners: &Partners) -> Result
     }
 }
 
+/// Refuses a record of a client the gateway does not hold, or one citing a record of another client (or, where the
+/// citation must already exist, one that does not): a need's or a progress note's assessment, a referral's care
+/// plan, an intervention's referral.
+///
+/// # Errors
+/// `Invalid`, naming each field; `Store` when the store fails.
+pub async fn check_links<T: AgencyRecord>(record: &T, store: &dyn Store) -> Result<(), IntakeError> {
+    let mut errors = Vec::new();
+    if T::KIND != RecordKind::Client
+        && let Some(client) = record.client_id()
+        && store.get_record(RecordKind::Client, client).await?.is_none()
+    {
+        errors.push(FieldError {
+            path: "$.client_id".into(),
+            detail: "no client of this id is held: write the client first".into(),
+        });
+    }
+    for c in record.citations() {
+        let Some(stored) = store.get_record(c.kind, &c.id).await? else {
+            if c.must_exist {
+                errors.push(FieldError { path: c.path, detail: format!("no {} of this id is held", c.kind) });
+            }
+            continue;
+        };
+        let theirs = serde_json::from_str::<serde_json::Value>(&stored.body)
+            .ok()
+            .and_then(|v| v.get("client_id").and_then(serde_json::Value::as_str).map(str::to_owned));
+        if theirs.as_deref() != record.client_id().map(RecordId::as_str) {
+            errors.push(FieldError { path: c.path, detail: format!("this {} is another client's", c.kind) });
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(IntakeError::Invalid(errors)) }
+}
+
 /// Where intake keeps records, and the partners their new versions are owed to.
 #[derive(Clone, Copy)]
 pub struct Intake<'a> {
@@ -105,18 +139,6 @@ pub struct Intake<'a> {
     pub store: &'a dyn Store,
     /// The configured partners.
     pub partners: &'a Partners,
-}
-
-/// The partners a new version of `record` goes to: the one it names (a referral's target, a consent's
-/// recipient) when that partner receives its kind; otherwise every partner that receives its kind. Consent and
-/// security labels narrow this further when delivery applies them.
-fn recipients<T: AgencyRecord>(record: &T, partners: &Partners) -> Vec<String> {
-    match record.partner() {
-        Some((_, named)) => {
-            partners.receiving(T::KIND).filter(|p| p.name == named.as_str()).map(|p| p.name.clone()).collect()
-        }
-        None => partners.receiving(T::KIND).map(|p| p.name.clone()).collect(),
-    }
 }
 
 /// Validates `record` and keeps it under `id`.
@@ -140,9 +162,10 @@ pub async fn put<T: AgencyRecord>(
     record.validate(&mut v);
     v.finish().map_err(IntakeError::Invalid)?;
     record.set_id(id.clone());
+    check_links(&record, intake.store).await?;
     let body = canonical(&record)?;
     let store = intake.store;
-    let deliver_to = recipients(&record, intake.partners);
+    let deliver_to = crate::policy::recipients(&record, intake.partners);
 
     if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
         let write = record_write(&record, &id, body, change, deliver_to);
@@ -207,8 +230,13 @@ pub async fn change_referral_status(
         }
         referral.apply(change, Timestamp(now));
         let body = canonical(&referral)?;
-        let write =
-            record_write(&referral, id, body.clone(), Change::StatusChanged, recipients(&referral, intake.partners));
+        let write = record_write(
+            &referral,
+            id,
+            body.clone(),
+            Change::StatusChanged,
+            crate::policy::recipients(&referral, intake.partners),
+        );
         match store.save_record(&write, Precondition::Version(version), actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => {
@@ -248,6 +276,7 @@ fn record_write<T: AgencyRecord>(
         status: record.status_code(),
         change,
         deliver_to,
+        reopens_held: crate::policy::reopens_held(T::KIND),
     }
 }
 

@@ -16,7 +16,10 @@
 //!   into the catalog, and published back as FHIR and HSDS.
 //! - [`mapping`]: declarative mappings (`mappings/`) agency records ⇄ FHIR R4, ConceptMaps, profile rules.
 //! - [`fhir`]: FHIR URI constants and the fhir-sdk typed-model check of what we emit.
-//! - [`intake`]: the write use cases: validate an agency record, keep it with history and audit.
+//! - [`intake`]: the write use cases: validate an agency record (and its links to the client's other records), keep
+//!   it with history and audit.
+//! - [`outbox`]: delivery to partners: claim, ask the policy, map, plan references and parts, send, settle.
+//! - [`policy`]: the egress decision (send, redact, hold) for one record version, one partner, one moment.
 //! - [`domain`]: the agency's records as validated types (client, assessment, care plan, referral, consent).
 //! - [`store`]: the `Store` trait and its SQLite/PostgreSQL implementation, with migrations.
 //! - [`telemetry`]: JSON logs without PHI, and the Prometheus recorder.
@@ -34,5 +37,6 @@ pub mod mapping;
 pub mod outbound;
 pub mod outbox;
 pub mod partners;
+pub mod policy;
 pub mod store;
 pub mod telemetry;

@@ -309,10 +309,15 @@ fn retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
 
 /// The first characters of a server's body, control characters dropped, for an error text.
 fn summary(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
+    server_words(&String::from_utf8_lossy(body), BODY_SUMMARY_CHARS)
+}
+
+/// Another server's words as the gateway keeps them: control characters (newlines, escapes) dropped, whitespace
+/// collapsed, at most `max` characters. Never logged: kept as data with the attempt that received them.
+#[must_use]
+pub fn server_words(text: &str, max: usize) -> String {
     let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    let words = clean.split_whitespace().collect::<Vec<_>>().join(" ");
-    words.chars().take(BODY_SUMMARY_CHARS).collect()
+    clean.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(max).collect()
 }
 
 #[cfg(test)]

@@ -44,6 +44,18 @@ pub struct PartnerSettings {
     /// default: not every server resolves them (some store them as they are).
     #[serde(default)]
     pub conditional_references: bool,
+    /// Its policy profile (`mappings/policy/profiles.toml`): what it may receive, on what grounds; absent:
+    /// `treating-provider`.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+impl PartnerSettings {
+    /// The name of its policy profile.
+    #[must_use]
+    pub fn policy_profile(&self) -> &str {
+        self.policy.as_deref().unwrap_or(crate::policy::DEFAULT_PROFILE)
+    }
 }
 
 /// A partner's TLS: the client certificate the gateway presents, and the CA bundle its servers are checked with.
@@ -143,6 +155,15 @@ pub fn check(partners: &[PartnerSettings], errors: &mut Vec<String>) {
         if p.max_transaction_entries > MOST_TRANSACTION_ENTRIES {
             errors
                 .push(format!("{at}.max_transaction_entries: at most {MOST_TRANSACTION_ENTRIES} (0: no transactions)"));
+        }
+        // A credential sent in clear text can be read and replayed by anyone on the path.
+        if !matches!(p.auth, PartnerAuth::None)
+            && reqwest::Url::parse(&p.base_url).is_ok_and(|u| !auth::is_secure_endpoint(&u))
+        {
+            errors.push(format!(
+                "{at}.base_url: a bearer token or SMART credentials go only over https:// (http:// only on a loopback \
+                 address)"
+            ));
         }
         match &p.auth {
             PartnerAuth::None => {}

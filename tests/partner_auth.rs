@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use carebridge::config::{Overrides, Settings};
-use carebridge::domain::{Client, RecordId, RecordKind};
+use carebridge::domain::{Client, Consent, RecordId, RecordKind};
 use carebridge::fhir::auth::{AuthError, ClientTls, Endpoint, TokenSource};
 use carebridge::intake::{self, Intake};
 use carebridge::mapping::Mappings;
@@ -524,6 +524,23 @@ async fn a_delivery_goes_through_mutual_tls_with_a_smart_token_renewed_after_a_4
         Intake { store: &*store, partners: &partners },
         id.clone(),
         client,
+        Precondition::None,
+        &actor,
+        Change::Put,
+        now,
+    )
+    .await
+    .expect("saved");
+    // The client's consent to share with the partner: the grounds its delivery needs.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/agency/consent/co-5001.json"))
+        .expect("fixture");
+    let mut consent: Consent = serde_json::from_str(&text).expect("consent");
+    consent.partner = RecordId::parse("test-ehr").expect("id");
+    consent.period.end = None;
+    intake::put(
+        Intake { store: &*store, partners: &partners },
+        RecordId::parse("co-5001").expect("id"),
+        consent,
         Precondition::None,
         &actor,
         Change::Put,

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::values::vocabulary;
-use super::{AgencyRecord, Date, NeedCode, RecordId, RecordKind, Redacted, Validator};
+use super::{AgencyRecord, ConsentCategory, Date, NeedCode, RecordId, RecordKind, Redacted, Validator};
 
 vocabulary! {
     /// The instrument administered: `phq9` (depression, 9 items scored 0–3), `phq2` (depression pre-screen,
@@ -70,6 +70,11 @@ pub struct Assessment {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 14)]
     pub identified_needs: Vec<NeedCode>,
+    /// Categories of sensitive data the case manager marks this record as holding, on top of what its codes say
+    /// (a note naming a medication used in substance-use treatment: `substance_use`); each at most once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 3)]
+    pub sensitivity: Vec<ConsentCategory>,
 }
 
 /// One answered question.
@@ -180,6 +185,7 @@ impl AgencyRecord for Assessment {
     }
 
     fn validate(&self, v: &mut Validator) {
+        v.no_repeats(&self.sensitivity, "$.sensitivity");
         let today = time::OffsetDateTime::now_utc().date();
         v.check(self.date.0 <= today + time::Duration::days(1), "$.date", "the assessment date is in the future");
         if self.items.len() > MAX_ITEMS {
@@ -294,6 +300,7 @@ mod tests {
             total_score: Some(total),
             interpretation,
             identified_needs: vec![NeedCode::Depression],
+            sensitivity: Vec::new(),
         }
     }
 
@@ -335,6 +342,7 @@ mod tests {
             total_score: None,
             interpretation: Interpretation::Positive,
             identified_needs: vec![],
+            sensitivity: Vec::new(),
         };
         assert_eq!(errors(&a), ["$.items[0].number"]);
     }

@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::values::vocabulary;
-use super::{AgencyRecord, Date, NeedCode, Period, RecordId, RecordKind, Redacted, ServiceCode, Validator};
+use super::{
+    AgencyRecord, Citation, ConsentCategory, Date, NeedCode, Period, RecordId, RecordKind, Redacted, ServiceCode,
+    Validator,
+};
 
 vocabulary! {
     /// Where the plan stands: `draft`, `active`, `on_hold`, `completed`, `revoked`, `entered_in_error`.
@@ -98,6 +101,11 @@ pub struct CarePlan {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 100)]
     pub interventions: Vec<Intervention>,
+    /// Categories of sensitive data the case manager marks this record as holding, on top of what its codes say
+    /// (a note naming a medication used in substance-use treatment: `substance_use`); each at most once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 3)]
+    pub sensitivity: Vec<ConsentCategory>,
 }
 
 /// A need the plan addresses (a health concern or social risk).
@@ -242,7 +250,33 @@ impl AgencyRecord for CarePlan {
         CarePlanStatus::from_code(code).is_some()
     }
 
+    fn citations(&self) -> Vec<Citation> {
+        let mut out = Vec::new();
+        let mut cite = |path: String, kind: RecordKind, id: &RecordId, must_exist: bool| {
+            out.push(Citation { path, kind, id: id.clone(), must_exist });
+        };
+        for (i, n) in self.needs.iter().enumerate() {
+            if let Some(a) = &n.assessment_id {
+                cite(format!("$.needs[{i}].assessment_id"), RecordKind::Assessment, a, true);
+            }
+        }
+        for (i, g) in self.goals.iter().enumerate() {
+            for (j, p) in g.progress.iter().enumerate() {
+                if let Some(a) = &p.assessment_id {
+                    cite(format!("$.goals[{i}].progress[{j}].assessment_id"), RecordKind::Assessment, a, true);
+                }
+            }
+        }
+        for (i, x) in self.interventions.iter().enumerate() {
+            if let Some(r) = &x.referral_id {
+                cite(format!("$.interventions[{i}].referral_id"), RecordKind::Referral, r, false);
+            }
+        }
+        out
+    }
+
     fn validate(&self, v: &mut Validator) {
+        v.no_repeats(&self.sensitivity, "$.sensitivity");
         v.text(&self.title, "$.title", 200);
         self.period.validate("$.period", v);
         v.check(!self.needs.is_empty(), "$.needs", "a care plan addresses at least one need");

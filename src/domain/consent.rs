@@ -108,6 +108,9 @@ impl AgencyRecord for Consent {
             "$.signed_on",
             "the signature date is in the future",
         );
+        if let Some(end) = self.period.end {
+            v.check(self.signed_on.0 <= end.0, "$.signed_on", "the consent is signed after its period ended");
+        }
         if let Some(doc) = &self.source_document {
             v.text(doc, "$.source_document", 500);
         }

@@ -151,4 +151,24 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn partner(&self) -> Option<(&'static str, &RecordId)> {
         None
     }
+
+    /// The client's other records this one cites, each with its JSON path: each must be a record of the same
+    /// client (checked on write, against the store).
+    fn citations(&self) -> Vec<Citation> {
+        Vec::new()
+    }
+}
+
+/// One record cited by another (a need's assessment, a referral's care plan).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Citation {
+    /// Where the citing record names it (`$.needs[0].assessment_id`).
+    pub path: String,
+    /// Its kind.
+    pub kind: RecordKind,
+    /// Its id.
+    pub id: RecordId,
+    /// Whether it must exist already (a care plan's assessment); otherwise it may come later, but if it exists it
+    /// must be the same client's (an intervention's referral, often written after the plan).
+    pub must_exist: bool,
 }

@@ -4,7 +4,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::values::vocabulary;
-use super::{AgencyRecord, NeedCode, RecordId, RecordKind, Redacted, ServiceCode, Timestamp, Validator};
+use super::{
+    AgencyRecord, Citation, ConsentCategory, NeedCode, RecordId, RecordKind, Redacted, ServiceCode, Timestamp,
+    Validator,
+};
 
 vocabulary! {
     /// How soon the client must be seen: `routine`, `urgent`, or `crisis` (same day; raises a safety alert).
@@ -98,6 +101,11 @@ pub struct Referral {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 200)]
     pub notes: Vec<ReferralNote>,
+    /// Categories of sensitive data the case manager marks this record as holding, on top of what its codes say
+    /// (a note naming a medication used in substance-use treatment: `substance_use`); each at most once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 3)]
+    pub sensitivity: Vec<ConsentCategory>,
 }
 
 /// The person and organisation asking for the service.
@@ -213,6 +221,18 @@ impl AgencyRecord for Referral {
 
     const STATUS_HAS_ITS_OWN_ENDPOINT: bool = true;
 
+    fn citations(&self) -> Vec<Citation> {
+        self.care_plan_id
+            .iter()
+            .map(|id| Citation {
+                path: "$.care_plan_id".into(),
+                kind: RecordKind::CarePlan,
+                id: id.clone(),
+                must_exist: false,
+            })
+            .collect()
+    }
+
     fn directory_service(&self) -> Option<&RecordId> {
         match &self.target {
             ReferralTarget::DirectoryService { service_id } => Some(service_id),
@@ -228,6 +248,7 @@ impl AgencyRecord for Referral {
     }
 
     fn validate(&self, v: &mut Validator) {
+        v.no_repeats(&self.sensitivity, "$.sensitivity");
         v.check(
             self.goal_ids.is_empty() || self.care_plan_id.is_some(),
             "$.goal_ids",

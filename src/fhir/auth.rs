@@ -733,8 +733,7 @@ pub fn is_secure_endpoint(url: &reqwest::Url) -> bool {
 
 /// A server's words for an error text: control characters dropped, whitespace collapsed, shortened.
 fn words(text: &str) -> String {
-    let clean: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    clean.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(SERVER_WORDS_CHARS).collect()
+    crate::outbound::server_words(text, SERVER_WORDS_CHARS)
 }
 
 #[cfg(test)]

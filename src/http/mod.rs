@@ -61,6 +61,8 @@ pub struct AppState {
     pub mapping_slots: Arc<tokio::sync::Semaphore>,
     /// The configured partners (`[[partners]]`).
     pub partners: Arc<crate::partners::Partners>,
+    /// The egress policy's profiles (what each partner may receive).
+    pub policy: Arc<crate::policy::Policy>,
     /// How `/api/v1/services` searches the catalog (the in-memory index, or SQL).
     pub search: crate::directories::index::ServiceSearch,
 }

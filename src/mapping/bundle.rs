@@ -81,6 +81,9 @@ pub fn into_transaction(resources: Vec<Emitted>) -> Value {
         .collect();
     let mut bundle = serde_json::Map::new();
     bundle.insert("resourceType".into(), Value::String("Bundle".into()));
+    if let Some(security) = super::labels::high_water(entries.iter().filter_map(|e| e.get("resource"))) {
+        bundle.insert("meta".into(), json!({ "security": security }));
+    }
     bundle.insert("type".into(), Value::String("transaction".into()));
     bundle.insert("entry".into(), Value::Array(entries));
     Value::Object(bundle)
@@ -156,8 +159,18 @@ mod tests {
         let sr = json!({"resourceType": "ServiceRequest", "id": "ref-1", "subject": {"reference": "Patient/cl-1"},
             "identifier": [{"system": "urn:x:referral", "value": "ref-1"}]});
         let emitted = [
-            Emitted { mapping: "client.patient".into(), resource: patient.clone(), request: RequestKind::Create },
-            Emitted { mapping: "referral.service_request".into(), resource: sr.clone(), request: RequestKind::Upsert },
+            Emitted {
+                mapping: "client.patient".into(),
+                resource: patient.clone(),
+                request: RequestKind::Create,
+                categories: crate::mapping::labels::Categories::GENERAL,
+            },
+            Emitted {
+                mapping: "referral.service_request".into(),
+                resource: sr.clone(),
+                request: RequestKind::Upsert,
+                categories: crate::mapping::labels::Categories::GENERAL,
+            },
         ];
         let b = into_transaction(emitted.to_vec());
         assert_eq!(b["entry"][1]["resource"]["subject"]["reference"], b["entry"][0]["fullUrl"]);

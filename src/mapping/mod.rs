@@ -16,6 +16,7 @@ pub mod bundle;
 pub mod expr;
 pub mod golden;
 pub mod inbound;
+pub mod labels;
 pub mod needs;
 pub mod profile;
 pub mod references;
@@ -227,6 +228,7 @@ pub struct Mappings {
     profiles: HashMap<String, Profile>,
     default: MappingSet,
     partners: BTreeMap<String, MappingSet>,
+    labels: labels::LabelRules,
 }
 
 /// A resource produced from a record, with how it is sent.
@@ -238,6 +240,8 @@ pub struct Emitted {
     pub resource: Value,
     /// How it goes in a transaction.
     pub request: RequestKind,
+    /// The categories of data it carries (what its security labels say).
+    pub categories: labels::Categories,
 }
 
 /// What mapping one record gave.
@@ -405,7 +409,8 @@ fn read_dir_sorted(dir: &Path, ext: &str) -> Vec<PathBuf> {
     files
 }
 
-fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> LoadError {
+/// A TOML parse error at its file:line:column.
+pub(crate) fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> LoadError {
     let span = e.span().map_or(Span { line: 1, column: 1 }, |s| LineIndex::new(text).span(s.start));
     LoadError { file: file.to_owned(), line: span.line, column: span.column, message: e.message().to_owned() }
 }
@@ -482,8 +487,9 @@ impl Mappings {
             let set = compile_set(&sources, &defaults, Some(&layer), &maps, &profiles, &exemplars, &mut errors);
             partners.insert(name, set);
         }
-        if errors.is_empty() {
-            Ok(Mappings { dir: dir.to_owned(), maps, profiles, default, partners })
+        let labels = labels::LabelRules::load(dir, &mut errors);
+        if let (true, Some(labels)) = (errors.is_empty(), labels) {
+            Ok(Mappings { dir: dir.to_owned(), maps, profiles, default, partners, labels })
         } else {
             errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             errors.dedup();
@@ -520,7 +526,7 @@ impl Mappings {
         }
     }
 
-    /// Maps one agency record (already canonical) to FHIR, checking every resource.
+    /// Maps one agency record (already canonical) to FHIR: render, label, check every resource.
     ///
     /// # Errors
     /// An unknown partner, or a rule that failed (an unmapped code).
@@ -531,6 +537,30 @@ impl Mappings {
         partner: Option<&str>,
         related: &Related,
     ) -> Result<Output, MapError> {
+        let mut resources = self.render(kind, record, partner, related)?;
+        self.label(&mut resources);
+        let violations = self.check(partner, &resources)?;
+        Ok(Output { resources, violations })
+    }
+
+    /// The label rules (`mappings/policy/labels.toml`): what the egress policy classifies records by.
+    #[must_use]
+    pub fn labels(&self) -> &labels::LabelRules {
+        &self.labels
+    }
+
+    /// Renders the resources of one record (the first step of [`Mappings::to_fhir`]), each with the categories of
+    /// data it carries; nothing is labelled or checked yet.
+    ///
+    /// # Errors
+    /// An unknown partner, or a rule that failed (an unmapped code).
+    pub fn render(
+        &self,
+        kind: RecordKind,
+        record: &Value,
+        partner: Option<&str>,
+        related: &Related,
+    ) -> Result<Vec<Emitted>, MapError> {
         let set = self.set(partner)?;
         let mut resources = Vec::new();
         if matches!(kind, RecordKind::CarePlan | RecordKind::Referral)
@@ -540,12 +570,29 @@ impl Mappings {
         }
         let needs = needs::views(kind, record, related);
         self.render_kind(set, kind, record, &needs, &mut resources)?;
+        Ok(resources)
+    }
+
+    /// Writes each resource's security labels (`meta.security`) from its categories: the second step.
+    pub fn label(&self, resources: &mut [Emitted]) {
+        for e in resources {
+            labels::apply(&mut e.resource, self.labels.security(e.categories));
+        }
+    }
+
+    /// Checks every resource (base R4, typed model, references, the profiles its mapping claims, labels included)
+    /// and the set for duplicate full URLs: the last step.
+    ///
+    /// # Errors
+    /// An unknown partner.
+    pub fn check(&self, partner: Option<&str>, resources: &[Emitted]) -> Result<Vec<Violation>, MapError> {
+        let set = self.set(partner)?;
         let mut violations = Vec::new();
-        for e in &resources {
+        for e in resources {
             violations.extend(self.check_resource(set, e));
         }
-        violations.extend(duplicate_full_urls(&resources));
-        Ok(Output { resources, violations })
+        violations.extend(duplicate_full_urls(resources));
+        Ok(violations)
     }
 
     /// Renders the mappings of `kind` against `record`, and the need mappings against each of `needs`, in
@@ -565,8 +612,15 @@ impl Mappings {
                 MappingKind::Record(_) => continue,
             };
             for source in sources {
-                for resource in render_mapping(m, &self.maps, source, &mut None)? {
-                    out.push(Emitted { mapping: m.name.clone(), resource, request: m.request });
+                for (resource, item, parent) in render_mapping(m, &self.maps, source, &mut None)? {
+                    let categories = match m.kind {
+                        MappingKind::Need => self.labels.need(item.get("code").and_then(Value::as_str)),
+                        MappingKind::Record(RecordKind::CarePlan) if !std::ptr::eq(item, source) => {
+                            self.labels.care_plan_part(source, item, parent)
+                        }
+                        MappingKind::Record(k) => self.labels.record(k, source),
+                    };
+                    out.push(Emitted { mapping: m.name.clone(), resource, request: m.request, categories });
                 }
             }
         }
@@ -747,12 +801,17 @@ fn duplicate_full_urls(resources: &[Emitted]) -> Vec<Violation> {
     out
 }
 
-fn render_mapping(
+/// A rendered resource, with the item it was rendered from and the item holding that one.
+type Rendered<'v> = (Value, &'v Value, Option<&'v Value>);
+
+/// The resources `m` renders from `record`, each with the item it was rendered from and the item holding that
+/// one (for a mapping without `for_each`, the record itself and none).
+fn render_mapping<'v>(
     m: &Mapping,
     maps: &HashMap<String, ConceptMap>,
-    record: &Value,
+    record: &'v Value,
     trace: &mut Option<Trace>,
-) -> Result<Vec<Value>, MapError> {
+) -> Result<Vec<Rendered<'v>>, MapError> {
     let fail =
         |e: template::RenderError| MapError::Rule { file: m.file.clone(), line: e.span.line, message: e.message };
     fn list<'v>(root: &'v Value, v: &'v Value, path: &expr::Path) -> &'v [Value] {
@@ -789,7 +848,7 @@ fn render_mapping(
                 bundle::merge(&mut v, x);
             }
         }
-        out.push(v);
+        out.push((v, item, parent));
     }
     Ok(out)
 }
@@ -1183,7 +1242,7 @@ fn self_check_one(
             *reads.entry(k.clone()).or_default() |= *found;
         }
         count = rendered.len();
-        for r in rendered {
+        for (r, _, _) in rendered {
             let at = |path: &str| trace.span_of(path).unwrap_or(Span { line: 1, column: 1 });
             match fhir::typed_check(&r) {
                 Ok(()) => {}
@@ -1269,6 +1328,7 @@ mod tests {
             mapping: "m".into(),
             resource: serde_json::json!({"resourceType": "Condition", "id": id}),
             request: RequestKind::Upsert,
+            categories: crate::mapping::labels::Categories::GENERAL,
         };
         let v = duplicate_full_urls(&[e("cp-1.n1"), e("cp-1.n2"), e("cp-1.n1")]);
         assert_eq!(v.len(), 1, "{v:?}");

@@ -1,9 +1,10 @@
 //! Delivery to partners: workers that claim outbox rows, map each record with the partner's overlay, send it
 //! idempotently, and settle the row (delivered, retry at a time, held for consent, or dead for an operator).
 //!
-//! One attempt at one row ([`Worker::deliver`]): the version owed is read; a referral whose cited consent does not
-//! allow the partner is held (never sent); the record is mapped with what its mapping reads (the client, the
-//! client's assessments and care plans); every resource must carry its business identifier; references are
+//! One attempt at one row ([`Worker::deliver`]): the version owed is read; the egress policy ([`crate::policy`])
+//! decides from the client's consents and referrals what may go (held: nothing is sent; redacted: what the partner
+//! may not receive is left out); what may go is mapped with what its mapping reads (the client, the client's
+//! assessments and care plans, filtered by the same decision), labelled and checked; every resource must carry its business identifier; references are
 //! resolved for the partner ([`plan`]); the resources go in dependency order, in parts of at most the partner's
 //! `max_transaction_entries` (0: one request each). What the partner already holds at the same content is not sent
 //! again; a resource it holds is updated by its id with `If-Match`; one it does not hold yet is a conditional create
@@ -28,14 +29,18 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::config::OutboxSettings;
-use crate::domain::{Consent, ConsentStatus, RecordId, RecordKind, Referral};
+use crate::domain::{RecordId, RecordKind};
 use crate::fhir::auth::PartnerCredentials;
 use crate::fhir::client::{FhirClient, matches};
 use crate::mapping::{MapError, Mappings, Related, RequestKind};
-use crate::outbound::{Failure, Reply, RetryPolicy};
+use crate::outbound::{Failure, Reply, RetryPolicy, server_words};
 use crate::partners::{PartnerSettings, Partners};
+use crate::policy::{self, Decision, Facts, Policy, Profile, Recipient};
 use crate::store::{AttemptRow, CrosswalkEntry, DeliveryRow, ListQuery, Settle, Settlement, Store, StoreError};
 use plan::{Entry, PARTNER_OWNED};
+
+/// The longest a held row waits before it is decided again (a consent or referral written wakes it sooner).
+const HOLD_RECHECK_MOST: Duration = Duration::from_secs(3600);
 
 /// The longest a finished delivery waits for its settlement while others are in flight.
 const SETTLE_AFTER: Duration = Duration::from_millis(200);
@@ -68,6 +73,7 @@ impl RunReport {
 /// One partner as the worker reaches it.
 struct Link {
     settings: PartnerSettings,
+    profile: Profile,
     client: FhirClient,
 }
 
@@ -142,13 +148,66 @@ impl Verdict {
     }
 }
 
-/// The `OperationOutcome` of a body, when it is one.
+/// The longest text kept of one partner diagnostic.
+const DIAGNOSTIC_CHARS: usize = 500;
+/// The most issues kept of one partner `OperationOutcome`.
+const KEPT_ISSUES: usize = 20;
+
+/// The `OperationOutcome` of a body, when it is one, as kept with the attempt: its issues' severity, code,
+/// diagnostics, details text and expressions, each text without control characters and capped (a partner that
+/// quotes the record, or sends a newline to forge a line, gets neither into what operators read as one line).
 fn operation_outcome(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
-    (v.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")).then(|| v.to_string())
+    if v.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") {
+        return None;
+    }
+    let clean = |x: Option<&Value>| x.and_then(Value::as_str).map(|t| Value::String(server_words(t, DIAGNOSTIC_CHARS)));
+    let issues: Vec<Value> = v
+        .get("issue")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .take(KEPT_ISSUES)
+        .map(|i| {
+            let mut out = serde_json::Map::new();
+            for key in ["severity", "code", "diagnostics"] {
+                if let Some(t) = clean(i.get(key)) {
+                    out.insert(key.into(), t);
+                }
+            }
+            if let Some(t) = clean(i.pointer("/details/text")) {
+                out.insert("details".into(), serde_json::json!({ "text": t }));
+            }
+            let at: Vec<Value> = i
+                .get("expression")
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .take(3)
+                .filter_map(|e| clean(Some(e)))
+                .collect();
+            if !at.is_empty() {
+                out.insert("expression".into(), Value::Array(at));
+            }
+            Value::Object(out)
+        })
+        .collect();
+    Some(serde_json::json!({"resourceType": "OperationOutcome", "issue": issues}).to_string())
 }
 
-/// The diagnostics of an `OperationOutcome` body, joined (the partner's words about our resource, no payload).
+/// The code of the first issue of a kept `OperationOutcome`, and how many it has: what the log says of a partner's
+/// refusal (its words stay with the attempt).
+fn issue_summary(operation_outcome: Option<&str>) -> (Option<String>, usize) {
+    let Some(v) = operation_outcome.and_then(|o| serde_json::from_str::<Value>(o).ok()) else { return (None, 0) };
+    let issues = v.get("issue").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    let code = issues.first().and_then(|i| i.get("code")).and_then(Value::as_str);
+    // A code is a FHIR token: anything else a partner puts there is not repeated.
+    let code = code.filter(|c| c.len() <= 32 && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
+    (code.map(str::to_owned), issues.len())
+}
+
+/// The diagnostics of an `OperationOutcome` body, joined, without control characters and capped (the partner's
+/// words about our resource, kept as data with the attempt, never logged).
 fn operation_outcome_text(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let issues = v.get("issue")?.as_array()?;
@@ -167,7 +226,7 @@ fn operation_outcome_text(body: &[u8]) -> Option<String> {
         })
         .take(5)
         .collect();
-    (!words.is_empty()).then(|| words.join("; ").chars().take(500).collect())
+    (!words.is_empty()).then(|| server_words(&words.join("; "), DIAGNOSTIC_CHARS))
 }
 
 /// Why a part could not be sent.
@@ -200,14 +259,19 @@ impl Worker {
         partners: &Partners,
         settings: &OutboxSettings,
     ) -> Result<Self, String> {
+        let policy = Policy::load(&mappings.dir).map_err(|e| e.to_string())?;
         let mut links = Vec::new();
         for p in partners.iter() {
+            let profile = policy
+                .profile(p.policy_profile())
+                .cloned()
+                .ok_or_else(|| format!("partner `{}`: no policy profile `{}`", p.name, p.policy_profile()))?;
             let timeout = Duration::from_secs(p.timeout_secs.unwrap_or(settings.timeout_secs));
             let credentials = PartnerCredentials::from_settings(p, timeout).map_err(|e| e.to_string())?;
             let client =
                 FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credentials.token, credentials.tls.as_ref())
                     .map_err(|e| format!("partner `{}`: {e}", p.name))?;
-            links.push(Link { settings: p.clone(), client });
+            links.push(Link { settings: p.clone(), profile, client });
         }
         Ok(Worker { store, mappings, links, settings: settings.clone(), owner: uuid::Uuid::new_v4().to_string() })
     }
@@ -462,6 +526,7 @@ impl Worker {
         let _entered = span.enter();
         let mut waits = Vec::new();
         let mut crosswalk = Vec::new();
+        let mut repeat = false;
         let (settle, attempt) = match verdict {
             Verdict::Delivered { detail, status, unchanged, waits_for, crosswalk: landed } => {
                 tracing::info!(unchanged, "Delivered.");
@@ -470,12 +535,30 @@ impl Worker {
                 (Settle::Delivered, attempt(if unchanged { "unchanged" } else { "delivered" }, status, detail, None))
             }
             Verdict::Held { reason } => {
-                tracing::info!(reason = %reason, "Held: not sent.");
-                let recheck_at = now + Duration::from_secs(self.settings.hold_recheck_secs);
+                // Checked again after `hold_recheck_secs`, then less often the longer the row has waited (a quarter
+                // of its age, at most an hour): a consent or referral written wakes it at once anyway.
+                let age = (now - row.created_at).unsigned_abs();
+                let base = Duration::from_secs(self.settings.hold_recheck_secs);
+                let recheck_at = now + (age / 4).clamp(base, base.max(HOLD_RECHECK_MOST));
+                repeat = row.state == crate::store::outbox::state::HELD && row.detail.as_deref() == Some(&reason);
+                if !repeat {
+                    tracing::info!(reason = %reason, "Held: not sent.");
+                }
                 (Settle::Held { recheck_at }, attempt("held", None, reason, None))
             }
             Verdict::Dead { detail, status, operation_outcome } => {
-                tracing::warn!(status, detail = %detail, "Dead letter: an operator must fix and replay it.");
+                // The partner's words stay with the attempt; the log says who answered what, and our own words.
+                let (issue, issues) = issue_summary(operation_outcome.as_deref());
+                if status.is_some() {
+                    tracing::warn!(
+                        status,
+                        issue,
+                        issues,
+                        "Dead letter: the partner refused; an operator must fix and replay it."
+                    );
+                } else {
+                    tracing::warn!(detail = %detail, "Dead letter: an operator must fix and replay it.");
+                }
                 (Settle::Dead, attempt("dead", status, detail, operation_outcome))
             }
             Verdict::Retry { detail, status, retry_after, operation_outcome } => {
@@ -491,13 +574,18 @@ impl Worker {
                             Some(asked) => asked.min(Duration::from_secs(self.settings.retry_after_max_secs)),
                             None => jittered(Duration::from_secs(wait)),
                         };
-                        tracing::info!(status, wait_s = wait.as_secs(), detail = %detail, "Will retry.");
+                        let (issue, issues) = issue_summary(operation_outcome.as_deref());
+                        if status.is_some() {
+                            tracing::info!(status, issue, issues, wait_s = wait.as_secs(), "Will retry.");
+                        } else {
+                            tracing::info!(wait_s = wait.as_secs(), detail = %detail, "Will retry.");
+                        }
                         (Settle::Retry { not_before: now + wait }, attempt("retry", status, detail, operation_outcome))
                     }
                 }
             }
         };
-        Settlement { seq: row.seq, settle, attempt, crosswalk, waits_for: waits }
+        Settlement { seq: row.seq, settle, attempt, crosswalk, waits_for: waits, keep_attempt: !repeat }
     }
 
     async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Verdict {
@@ -521,30 +609,39 @@ impl Worker {
             status: None,
             operation_outcome: None,
         })?;
-        if row.kind == RecordKind::Referral
-            && let Some(reason) = self.consent_withheld(&record, &row.partner, now).await.map_err(store_failed)?
-        {
-            return Ok(Verdict::Held { reason });
-        }
         let related = related(&*self.store, row.kind, &record).await.map_err(store_failed)?;
-        let output = self
-            .mappings
-            .to_fhir(row.kind, &record, link.settings.overlay.as_deref(), &related)
-            .map_err(|e| Verdict::Dead { detail: map_error(&e), status: None, operation_outcome: None })?;
-        if !output.violations.is_empty() {
+        let facts = match client_of(row.kind, &record) {
+            Some(client) => policy::facts(&*self.store, &client).await.map_err(store_failed)?,
+            None => Facts::default(),
+        };
+        // Whether the partner holds a version of this record already (an ended consent goes only to end it there).
+        let holds_record = row.kind == RecordKind::Consent
+            && policy::partner_holds_consent(&*self.store, &row.partner, &row.id).await.map_err(store_failed)?;
+        let recipient = Recipient { name: &link.settings.name, profile: &link.profile, holds_record };
+        let release =
+            match policy::decide(self.mappings.labels(), recipient, row.kind, &record, &related, &facts, now.date()) {
+                Decision::Hold(reason) => return Ok(Verdict::Held { reason }),
+                Decision::Send(release) => release,
+            };
+        let overlay = link.settings.overlay.as_deref();
+        let dead = |e: MapError| Verdict::Dead { detail: map_error(&e), status: None, operation_outcome: None };
+        let mut resources = self.mappings.render(row.kind, &release.record, overlay, &release.related).map_err(dead)?;
+        self.mappings.label(&mut resources);
+        let violations = self.mappings.check(overlay, &resources).map_err(dead)?;
+        if !violations.is_empty() {
             let first: Vec<String> =
-                output.violations.iter().take(3).map(|v| format!("{} {}: {}", v.profile, v.path, v.message)).collect();
+                violations.iter().take(3).map(|v| format!("{} {}: {}", v.profile, v.path, v.message)).collect();
             return Err(Verdict::Dead {
                 detail: format!(
                     "the mapped resources break {} rule(s), not sent: {}",
-                    output.violations.len(),
+                    violations.len(),
                     first.join("; ")
                 ),
                 status: None,
                 operation_outcome: None,
             });
         }
-        let entries = plan::entries(output.resources).map_err(|e| Verdict::Dead {
+        let entries = plan::entries(resources).map_err(|e| Verdict::Dead {
             detail: e.to_string(),
             status: None,
             operation_outcome: None,
@@ -581,7 +678,7 @@ impl Worker {
             }
         }
         let unchanged = s.requests == 0;
-        let detail = if unchanged {
+        let mut detail = if unchanged {
             "the partner already holds this content: nothing sent".to_owned()
         } else {
             format!(
@@ -593,30 +690,14 @@ impl Worker {
                 s.logical
             )
         };
+        if !release.left_out.is_empty() {
+            let said: Vec<String> = release.left_out.iter().map(|l| format!("{} ({})", l.what, l.why)).collect();
+            detail = format!("redacted, {} left out: {}; {detail}", said.len(), said.join("; "));
+        }
         let mut waits_for = std::mem::take(&mut s.waits_for);
         waits_for.sort();
         waits_for.dedup();
         Ok(Verdict::Delivered { detail, status: s.last_status, unchanged, waits_for, crosswalk: s.unsaved })
-    }
-
-    /// Why a referral's consent withholds it from `partner`, if it does.
-    async fn consent_withheld(
-        &self,
-        referral: &Value,
-        partner: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<String>, StoreError> {
-        let Ok(referral) = serde_json::from_value::<Referral>(referral.clone()) else {
-            return Ok(Some("the stored referral does not parse".into()));
-        };
-        let Some(consent_id) = referral.consent_id.clone() else { return Ok(None) };
-        let Some(stored) = self.store.get_record(RecordKind::Consent, &consent_id).await? else {
-            return Ok(Some(format!("the consent it cites ({consent_id}) does not exist")));
-        };
-        let Ok(consent) = serde_json::from_str::<Consent>(&stored.body) else {
-            return Ok(Some(format!("the consent it cites ({consent_id}) does not parse")));
-        };
-        Ok(consent_verdict(&consent, &referral, partner, now.date()))
     }
 
     /// Matches the partner's own Patient by the identifiers it knows (`patient_match`): found once, it is
@@ -968,28 +1049,6 @@ fn fingerprint(resource: &Value, held: &HashMap<String, CrosswalkEntry>) -> Stri
     plan::content_hash(&Value::String(text))
 }
 
-/// Why `consent` withholds `referral` from `partner` on `today`, if it does.
-#[must_use]
-pub fn consent_verdict(consent: &Consent, referral: &Referral, partner: &str, today: time::Date) -> Option<String> {
-    let id = consent.id.as_ref().map_or_else(String::new, |i| format!(" ({i})"));
-    if consent.client_id != referral.client_id {
-        return Some(format!("the consent it cites{id} is another client's"));
-    }
-    if consent.partner.as_str() != partner {
-        return Some(format!("the consent it cites{id} is made out to another partner"));
-    }
-    if consent.status != ConsentStatus::Active {
-        return Some(format!("the consent it cites{id} is {}, not active", consent.status.as_str()));
-    }
-    if today < consent.period.start.0 {
-        return Some(format!("the consent it cites{id} starts later"));
-    }
-    if consent.period.end.is_some_and(|end| today > end.0) {
-        return Some(format!("the consent it cites{id} has expired"));
-    }
-    None
-}
-
 fn map_error(e: &MapError) -> String {
     match e {
         MapError::Invalid(errors) => format!("the stored record is invalid ({} rule(s) broken)", errors.len()),
@@ -1002,6 +1061,12 @@ fn jittered(wait: Duration) -> Duration {
     let r = uuid::Uuid::new_v4().as_u128() % 4001;
     let factor = 0.8 + (r as f64) / 10_000.0;
     wait.mul_f64(factor)
+}
+
+/// The client a record of `kind` belongs to (a client belongs to itself).
+fn client_of(kind: RecordKind, record: &Value) -> Option<RecordId> {
+    let key = if kind == RecordKind::Client { "id" } else { "client_id" };
+    record.get(key).and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok())
 }
 
 /// What the mapping of a record of `kind` reads besides the record: the client (care plan and referral
@@ -1044,43 +1109,6 @@ async fn of_client(store: &dyn Store, kind: RecordKind, client: &RecordId) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Date, Period};
-
-    fn consent(partner: &str, status: ConsentStatus, end: Option<&str>) -> Consent {
-        serde_json::from_value(serde_json::json!({
-            "id": "co-1", "client_id": "cl-1", "partner": partner, "categories": ["general"],
-            "purpose": "treatment", "period": {"start": "2026-01-01", "end": end}, "status": status.as_str(),
-            "signed_on": "2026-01-01"}))
-        .or_else(|_| {
-            serde_json::from_value(serde_json::json!({
-                "id": "co-1", "client_id": "cl-1", "partner": partner, "categories": ["general"],
-                "purpose": "treatment", "period": {"start": "2026-01-01"}, "status": status.as_str(),
-                "signed_on": "2026-01-01"}))
-        })
-        .expect("consent")
-    }
-
-    #[test]
-    fn a_consent_allows_only_its_partner_while_active_and_in_its_period() {
-        let referral: Referral =
-            serde_json::from_str(&std::fs::read_to_string("fixtures/agency/referral/ref-4001.json").expect("fixture"))
-                .expect("referral");
-        let mut c = consent("st-marys-ehr", ConsentStatus::Active, Some("2026-12-31"));
-        c.client_id = referral.client_id.clone();
-        let day = time::macros::date!(2026 - 06 - 01);
-        assert_eq!(consent_verdict(&c, &referral, "st-marys-ehr", day), None);
-        assert!(consent_verdict(&c, &referral, "county-crisis-team", day).expect("held").contains("another partner"));
-        assert!(
-            consent_verdict(&c, &referral, "st-marys-ehr", time::macros::date!(2027 - 01 - 01))
-                .expect("held")
-                .contains("expired")
-        );
-        c.status = ConsentStatus::Revoked;
-        assert!(consent_verdict(&c, &referral, "st-marys-ehr", day).expect("held").contains("revoked"));
-        c.status = ConsentStatus::Active;
-        c.period = Period { start: Date(time::macros::date!(2026 - 07 - 01)), end: None };
-        assert!(consent_verdict(&c, &referral, "st-marys-ehr", day).expect("held").contains("starts later"));
-    }
 
     #[test]
     fn jitter_stays_within_a_fifth() {

@@ -363,13 +363,24 @@ fn settle_reference(x: &mut Value, target: &str, scope: &Scope<'_>, r: &mut Reso
     }
 }
 
-/// The hash of what is sent (the resolved resource without its id): identical content is not sent again.
+/// Keeps of a resource's `meta` only its security labels: what it says of the data goes to the partner; the
+/// profiles it was checked against and any server bookkeeping do not (a partner validating against a profile it does
+/// not hold would refuse the resource).
+fn labels_only(m: &mut Map<String, Value>) {
+    let security = m.remove("meta").and_then(|mut meta| meta.get_mut("security").map(Value::take));
+    if let Some(security) = security.filter(|s| !s.is_null()) {
+        m.insert("meta".into(), json!({ "security": security }));
+    }
+}
+
+/// The hash of what is sent (the resolved resource without its id, with its labels): identical content is not sent
+/// again.
 #[must_use]
 pub fn content_hash(resource: &Value) -> String {
     let mut r = resource.clone();
     if let Some(m) = r.as_object_mut() {
         m.remove("id");
-        m.remove("meta");
+        labels_only(m);
     }
     hex::encode(Sha256::digest(r.to_string().as_bytes()))
 }
@@ -413,12 +424,12 @@ pub fn request(entry: &Entry, held: Option<&CrosswalkEntry>) -> Request {
     }
 }
 
-/// The body of one request: the resolved resource, with the partner's id when it updates one by id and none
-/// otherwise (a create or a conditional update must not carry one).
+/// The body of one request: the resolved resource with its security labels, with the partner's id when it updates
+/// one by id and none otherwise (a create or a conditional update must not carry one).
 #[must_use]
 pub fn body(mut resource: Value, held: Option<&CrosswalkEntry>) -> Value {
     if let Some(m) = resource.as_object_mut() {
-        m.remove("meta");
+        labels_only(m);
         match held {
             Some(h) => {
                 m.insert("id".into(), Value::String(h.remote_id.clone()));
@@ -453,7 +464,15 @@ pub fn transaction(items: Vec<(String, Value, Request)>) -> Value {
             Value::Object(entry)
         })
         .collect();
-    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    let mut bundle = Map::new();
+    bundle.insert("resourceType".into(), Value::String("Bundle".into()));
+    // The high-water mark of what it carries: its entries' highest confidentiality, never a sensitivity code.
+    if let Some(security) = crate::mapping::labels::high_water(entries.iter().filter_map(|e| e.get("resource"))) {
+        bundle.insert("meta".into(), json!({ "security": security }));
+    }
+    bundle.insert("type".into(), Value::String("transaction".into()));
+    bundle.insert("entry".into(), Value::Array(entries));
+    Value::Object(bundle)
 }
 
 /// What the partner assigned to one resource.
@@ -538,7 +557,14 @@ mod tests {
         resource["resourceType"] = json!(ty);
         resource["id"] = json!(id);
         resource["identifier"] = json!([{"system": format!("urn:x:{ty}"), "value": id}]);
-        entries(vec![Emitted { mapping: "m".into(), resource, request: RequestKind::Upsert }]).expect("entry").remove(0)
+        entries(vec![Emitted {
+            mapping: "m".into(),
+            resource,
+            request: RequestKind::Upsert,
+            categories: crate::mapping::labels::Categories::GENERAL,
+        }])
+        .expect("entry")
+        .remove(0)
     }
 
     fn held(r: &str, id: &str) -> CrosswalkEntry {
@@ -661,6 +687,7 @@ mod tests {
             mapping: "m".into(),
             resource: json!({"resourceType": "Task", "id": "t"}),
             request: RequestKind::Upsert,
+            categories: crate::mapping::labels::Categories::GENERAL,
         };
         assert_eq!(entries(vec![e]).unwrap_err(), PlanError::NoIdentifier("Task/t".into()));
     }
@@ -672,6 +699,15 @@ mod tests {
             content_hash(&json!({"a": 1, "meta": {"versionId": "2"}}))
         );
         assert_ne!(content_hash(&json!({"a": 1})), content_hash(&json!({"a": 2})));
+    }
+
+    #[test]
+    fn labels_go_with_the_body_and_count_in_its_hash_while_profiles_do_not() {
+        let labelled = json!({"a": 1, "meta": {"profile": ["p"], "security": [{"code": "R"}]}});
+        assert_eq!(body(labelled.clone(), None), json!({"a": 1, "meta": {"security": [{"code": "R"}]}}));
+        assert_eq!(body(json!({"a": 1, "meta": {"profile": ["p"]}}), None), json!({"a": 1}));
+        assert_ne!(content_hash(&labelled), content_hash(&json!({"a": 1, "meta": {"security": [{"code": "N"}]}})));
+        assert_eq!(content_hash(&labelled), content_hash(&json!({"a": 1, "meta": {"security": [{"code": "R"}]}})));
     }
 
     #[test]

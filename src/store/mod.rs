@@ -115,6 +115,9 @@ pub struct RecordWrite {
     /// The partners this version goes to: one outbox row each, in the write's transaction (none when the write
     /// changes nothing).
     pub deliver_to: Vec<String>,
+    /// Whether the client's held deliveries are decided again at once (a new consent or referral may give a
+    /// partner the grounds it lacked): the egress policy says which writes do.
+    pub reopens_held: bool,
 }
 
 /// Who made a change, and in which request.

@@ -149,6 +149,9 @@ pub struct Settlement {
     /// Our resources it referenced that the partner does not hold yet: when one arrives there, the record is
     /// queued again (kept only when delivered).
     pub waits_for: Vec<String>,
+    /// Whether the attempt is kept in the row's history: not when it only repeats the hold the row is already in
+    /// (a row held for weeks is checked again and again; its history says so once).
+    pub keep_attempt: bool,
 }
 
 /// Which rows to list.
@@ -424,19 +427,21 @@ macro_rules! impl_outbox {
                         continue;
                     }
                     settled += 1;
-                    sqlx::query(
-                        "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(s.seq)
-                    .bind(to_micros(s.attempt.at))
-                    .bind(s.attempt.ms)
-                    .bind(&s.attempt.outcome)
-                    .bind(s.attempt.status)
-                    .bind(&s.attempt.detail)
-                    .bind(&s.attempt.operation_outcome)
-                    .execute(&mut *tx)
-                    .await?;
+                    if s.keep_attempt {
+                        sqlx::query(
+                            "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        )
+                        .bind(s.seq)
+                        .bind(to_micros(s.attempt.at))
+                        .bind(s.attempt.ms)
+                        .bind(&s.attempt.outcome)
+                        .bind(s.attempt.status)
+                        .bind(&s.attempt.detail)
+                        .bind(&s.attempt.operation_outcome)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                     Self::put_crosswalk(&mut tx, &s.crosswalk, now_us).await?;
                     if s.settle == Settle::Delivered && !s.waits_for.is_empty() {
                         let row: Option<(String, String, String)> =

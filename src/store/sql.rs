@@ -269,9 +269,9 @@ macro_rules! impl_store {
                         .execute(&mut *tx)
                         .await?;
                     }
-                    // A consent written may be the one a held delivery waits for: the client's held rows are
-                    // looked at again at once (the worker decides anew; one still withheld is held again).
-                    if write.kind == RecordKind::Consent
+                    // The client's held rows are looked at again at once when the policy says this write may
+                    // change their decision (the worker decides anew; one still withheld is held again).
+                    if write.reopens_held
                         && let Some(client) = client
                     {
                         sqlx::query(

@@ -247,6 +247,15 @@ impl World {
         .expect("saved");
     }
 
+    /// Records the client's consent to share general and mental-health data with the partner for treatment: the
+    /// grounds every delivery of the client's records needs (a partner nothing names receives nothing).
+    async fn consent_for(&self, client: &str) {
+        let mut consent: Consent = fixture("consent/co-5001.json");
+        consent.id = None;
+        consent.client_id = RecordId::parse(client).expect("id");
+        self.put(&format!("co-{client}"), consent).await;
+    }
+
     async fn rows(&self, kind: RecordKind, id: &str) -> Vec<DeliveryRow> {
         let filter = DeliveryFilter {
             record: Some((kind, RecordId::parse(id).expect("id"))),
@@ -267,6 +276,7 @@ impl World {
 async fn failures_retry_on_the_schedule_honour_retry_after_and_end_delivered() {
     let w = world(0, &["client"]).await;
     w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    w.consent_for("cl-1001").await;
     w.fake.play([
         Act::Answer(503, vec![], json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient", "diagnostics": "down for maintenance"}]})),
         Act::Answer(429, vec![("retry-after", "7".into())], json!({})),
@@ -333,6 +343,7 @@ async fn a_slow_delivery_holds_up_no_other() {
         let mut client: Value = fixture("client/cl-1001.json");
         client["id"] = json!(id);
         w.put(&id, serde_json::from_value::<Client>(client).expect("client")).await;
+        w.consent_for(&id).await;
     }
     w.fake.play([Act::Stall(Duration::from_millis(1500))]);
     let r = w.worker.run_until_idle(OffsetDateTime::now_utc).await.expect("passes");
@@ -350,6 +361,7 @@ async fn a_slow_delivery_holds_up_no_other() {
 async fn a_refusal_is_dead_at_once_with_the_partners_operation_outcome() {
     let w = world(0, &["client"]).await;
     w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    w.consent_for("cl-1001").await;
     let outcome = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
         "diagnostics": "Missing required property", "expression": ["Patient.name"]}]});
     w.fake.play([Act::Answer(400, vec![], outcome.clone())]);
@@ -374,6 +386,7 @@ async fn versions_written_before_a_delivery_go_as_one_the_newest() {
         client.phone = Some(Redacted(phone.into()));
         w.put("cl-1001", client.clone()).await;
     }
+    w.consent_for("cl-1001").await;
     let r = w.worker.run_once(T0).await.expect("pass");
     assert_eq!((r.claimed, r.delivered), (1, 1), "{r:?}");
     let states: Vec<(i64, String)> =
@@ -397,9 +410,9 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
     let w = world(8, &["client", "referral", "consent"]).await;
     w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
     let mut consent: Consent = fixture("consent/co-5001.json");
-    consent.status = ConsentStatus::Revoked;
     w.put("co-5001", consent.clone()).await;
-    w.put("ref-4001", fixture::<Referral>("referral/ref-4001.json")).await;
+    let mut referral: Referral = fixture("referral/ref-4001.json");
+    w.put("ref-4001", referral.clone()).await;
     // The client's delivery fails: its consent and referral wait behind it.
     w.fake.play([Act::Answer(503, vec![], json!({}))]);
     let r = w.worker.run_once(T0).await.expect("pass");
@@ -408,25 +421,30 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
     let t1 = T0 + Duration::from_secs(20);
     let r = w.worker.run_once(t1).await.expect("pass");
     assert_eq!((r.claimed, r.delivered), (1, 1), "the client alone: {r:?}");
-    let r = w.worker.run_once(t1).await.expect("pass");
-    let consent_row = w.only_row(RecordKind::Consent, "co-5001").await;
-    assert_eq!((r.claimed, r.delivered), (1, 1), "then its consent: {r:?} {consent_row:?}");
+    let r = w.worker.run_until_idle(|| t1).await.expect("passes");
+    assert_eq!((r.delivered, r.held), (2, 0), "then its consent and the referral: {r:?}");
+    // The client revokes: the revocation reaches the partner (it holds the consent), and the referral's next
+    // version is held, never sent.
+    consent.status = ConsentStatus::Revoked;
+    w.put("co-5001", consent.clone()).await;
+    referral.reason = Some(Redacted("Prefers evening sessions".into()));
+    w.put("ref-4001", referral.clone()).await;
+    let r = w.worker.run_until_idle(|| t1).await.expect("passes");
+    assert_eq!((r.delivered, r.held), (1, 1), "the revocation goes, the referral waits: {r:?}");
     let sent = w.fake.seen().len();
-    let r = w.worker.run_once(t1).await.expect("pass");
-    assert_eq!((r.claimed, r.held), (1, 1), "then the referral, held: {r:?}");
-    assert_eq!(w.fake.seen().len(), sent, "a held referral is never sent");
-    let row = w.only_row(RecordKind::Referral, "ref-4001").await;
+    let row = w.rows(RecordKind::Referral, "ref-4001").await.pop().expect("row");
     assert_eq!(row.state, "held");
-    assert!(row.detail.as_deref().is_some_and(|d| d.contains("revoked, not active")), "{row:?}");
+    assert!(row.detail.as_deref().is_some_and(|d| d.contains("co-5001") && d.contains("was revoked")), "{row:?}");
     // Not due again before the recheck interval (300 s) while nothing changes.
     assert_eq!(w.worker.run_once(t1 + Duration::from_secs(10)).await.expect("pass").claimed, 0);
+    assert_eq!(w.fake.seen().len(), sent, "a held referral is never sent");
     // The consent becomes active again: its write releases the referral at once, not after the recheck interval.
     consent.status = ConsentStatus::Active;
     w.put("co-5001", consent).await;
     let t2 = t1 + Duration::from_secs(10);
     let r = w.worker.run_until_idle(|| t2).await.expect("passes");
     assert_eq!(r.held, 0, "{r:?}");
-    assert_eq!(w.only_row(RecordKind::Referral, "ref-4001").await.state, "delivered");
+    assert_eq!(w.rows(RecordKind::Referral, "ref-4001").await.pop().expect("row").state, "delivered");
     let last = w.fake.seen().pop().expect("a transaction");
     let types: Vec<&str> = last.body["entry"]
         .as_array()
@@ -434,9 +452,9 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
         .iter()
         .filter_map(|e| e["resource"]["resourceType"].as_str())
         .collect();
-    assert!(types.contains(&"ServiceRequest") && types.contains(&"Task"), "{types:?}");
-    // The Patient the client's delivery created is referenced by the partner's id, not sent again.
-    assert!(!types.contains(&"Patient"), "{types:?}");
+    // Only what changed goes: the ServiceRequest with its new reason (the Task and the Patient the partner holds at
+    // this content are not sent again; the Patient is referenced by the partner's id).
+    assert_eq!(types, ["ServiceRequest"], "{types:?}");
     let sr = last.body["entry"]
         .as_array()
         .expect("entries")
@@ -444,6 +462,7 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
         .find(|e| e["resource"]["resourceType"] == "ServiceRequest")
         .expect("sr");
     assert!(sr["resource"]["subject"]["reference"].as_str().is_some_and(|r| r.starts_with("Patient/p")), "{sr}");
+    assert_eq!(sr["resource"]["reasonCode"][0]["text"], "Prefers evening sessions");
 }
 
 #[tokio::test]

@@ -57,13 +57,13 @@ async fn world() -> World {
 }
 
 impl World {
-    /// Passes at `now`, `now + 1 h`, … until one claims nothing: every retry comes due.
+    /// Passes at `now`, `now + 1 h`, … until one claims nothing but held rows: every retry comes due.
     async fn drain(&self) -> RunReport {
         let mut total = RunReport::default();
         let mut at = OffsetDateTime::now_utc();
         for _ in 0..20 {
             let r = self.worker.run_once(at).await.expect("a pass");
-            if r.claimed == 0 {
+            if r.claimed == r.held {
                 return total;
             }
             total.claimed += r.claimed;
@@ -208,11 +208,43 @@ async fn every_fixture_reaches_a_real_fhir_server_once_with_references_that_reso
     let w = world().await;
     let first = w.drain().await;
     w.assert_all_delivered("first delivery").await;
-    assert!(first.delivered > 20, "{first:?}");
+    // cl-1001's seven records to St. Mary's, three each of cl-1002 to the crisis team and cl-1004 to Harbor.
+    assert!(first.delivered >= 13, "{first:?}");
     let mut everything = Vec::new();
     for (name, peer) in &w.peers {
         let held = check_peer(name, peer, "first delivery").await;
         assert!(!held.is_empty(), "{name} got nothing");
+        // Each partner holds only the client a consent or a referral names it for.
+        let clients: Vec<String> = held
+            .iter()
+            .filter(|(_, r)| r["resourceType"] == "Patient")
+            .map(|(id, _)| id.rsplit('|').next().unwrap_or_default().to_owned())
+            .collect();
+        let expected = match name.as_str() {
+            "st-marys-ehr" => "cl-1001",
+            "county-crisis-team" => "cl-1002",
+            _ => "cl-1004",
+        };
+        assert_eq!(clients, [expected], "{name} holds these clients");
+        for (id, r) in &held {
+            let text = r.to_string();
+            // No referral to a directory service reaches an EHR; the DAST-10 and the substance-use need go nowhere
+            // but to the Part 2 program, which does not receive assessments or care plans.
+            for never in ["ref-4004", "ref-4005", "ref-4007", "as-2005", "cl-1004.substance_use"] {
+                assert!(!id.ends_with(&format!("|{never}")), "{name} holds {id}");
+            }
+            let security = r.pointer("/meta/security").and_then(Value::as_array).cloned().unwrap_or_default();
+            assert!(
+                security.iter().any(|c| c["system"] == "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"),
+                "{name}: {id} carries no confidentiality label"
+            );
+            if name != "harbor-recovery-center" {
+                assert!(
+                    !text.contains("\"SUD\"") && !text.contains("42CFRPart2"),
+                    "{name}: {id} carries a Part 2 label"
+                );
+            }
+        }
         everything.extend(held.into_values());
     }
     validate(&everything);

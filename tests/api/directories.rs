@@ -338,6 +338,7 @@ async fn a_referral_names_a_directory_service_the_catalog_offers() {
         ];
     })
     .await;
+    app.put_clients().await;
     let referral = crate::helpers::fixture("referral", "ref-4004");
     let service_id = referral["target"]["service_id"].as_str().expect("a directory target").to_owned();
     let with_target = |id: &str, target: &str| {

@@ -44,6 +44,7 @@ async fn assert_problem(response: reqwest::Response, status: u16, what: &str) ->
 #[tokio::test]
 async fn malformed_json_wrong_types_and_unknown_fields_are_4xx_on_every_write_route() {
     let app = spawn_app().await;
+    app.put_clients().await;
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     for (path, valid) in write_routes() {
         let valid = strip_id(valid);
@@ -247,6 +248,7 @@ fn run_cases<S: Strategy>(app: &TestApp, strategy: S, check: impl Fn(&TestApp, S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_json_on_every_write_route_is_a_4xx_problem_never_a_5xx() {
     let app = spawn_app().await;
+    app.put_clients().await;
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     let handle = tokio::runtime::Handle::current();
     run_cases(&app, prop::collection::vec(arb_json(), 6), |app, bodies| {
@@ -271,6 +273,7 @@ async fn random_json_on_every_write_route_is_a_4xx_problem_never_a_5xx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_records_are_kept_whole_or_refused_whole() {
     let app = spawn_app().await;
+    app.put_clients().await;
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     let handle = tokio::runtime::Handle::current();
     let picks = prop::collection::vec((any::<usize>(), prop::option::of(arb_json())), 6);

@@ -66,6 +66,7 @@ async fn a_write_only_key_previews_a_referral_without_seeing_the_stored_client()
 #[tokio::test]
 async fn a_write_only_key_moves_a_referral_and_gets_no_body_back() {
     let app = app_with_write_only_key().await;
+    app.put_clients().await;
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
     let moved =
         post_as(&app, WRITE_ONLY_KEY, "/api/v1/referrals/ref-4001/status", &json!({"status": "in_progress"})).await;
@@ -192,6 +193,7 @@ async fn lists_over_their_bounds_are_refused_and_the_bounds_are_in_the_openapi_d
 #[tokio::test]
 async fn control_characters_and_invisible_names_are_refused_but_notes_keep_their_line_breaks() {
     let app = spawn_app().await;
+    app.put_clients().await;
     let client = fixture("client", "cl-1001");
     for (field, value) in [
         ("given_name", "Ma\u{0}ria"),

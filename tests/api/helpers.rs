@@ -81,17 +81,20 @@ base_url = "https://fhir.stmarys.example/r4"
 receives = ["client", "assessment", "care-plan", "referral", "consent"]
 overlay = "st-marys-ehr"
 max_transaction_entries = 8
+policy = "treating-provider"
 
 [[partners]]
 name = "county-crisis-team"
 base_url = "https://fhir.county-crisis.example/r4"
 receives = ["client", "referral", "consent"]
 overlay = "county-crisis-team"
+policy = "treating-provider"
 
 [[partners]]
 name = "harbor-recovery-center"
 base_url = "https://fhir.harbor-recovery.example/r4"
 receives = ["client", "referral", "consent"]
+policy = "part2-program"
 "#;
 
 #[derive(serde::Deserialize)]
@@ -150,6 +153,15 @@ impl TestApp {
             n += 1;
         }
         n
+    }
+
+    /// Stores the fixture clients, whose other records name them (intake refuses a record of a client it does not
+    /// hold).
+    pub async fn put_clients(&self) {
+        for (kind, id, body) in fixtures().into_iter().filter(|(k, _, _)| k == "client") {
+            let response = self.put(&format!("/api/v1/{kind}s/{id}"), &body).await;
+            assert!(response.status().is_success(), "fixture {kind}/{id}: {}", response.status());
+        }
     }
 
     /// Stops the gateway the way SIGTERM would, and waits for it.

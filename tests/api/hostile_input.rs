@@ -39,6 +39,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn no_error_answer_repeats_a_marker_sent_in_bad_input() {
     let app = spawn_app().await;
+    app.put_clients().await;
     let mut bad_priority = without_id(fixture("referral", "ref-4001"));
     bad_priority["priority"] = json!(format!("{MARKER} with, expected words"));
     let mut unknown_field = without_id(fixture("referral", "ref-4001"));

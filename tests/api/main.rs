@@ -10,6 +10,8 @@ mod directories_csv;
 mod directories_fhir;
 mod directories_open_now;
 mod directories_search;
+mod egress;
+mod egress_interop;
 mod errors;
 mod fhir_peer;
 mod hardening;

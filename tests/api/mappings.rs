@@ -35,6 +35,7 @@ async fn a_preview_shows_the_bundle_a_referral_becomes_with_the_stored_client_an
 #[tokio::test]
 async fn a_preview_gathers_the_needs_evidence_from_the_clients_stored_assessments() {
     let app = spawn_app().await;
+    app.put_clients().await;
     for id in ["as-2001", "as-2007"] {
         assert_eq!(app.put(&format!("/api/v1/assessments/{id}"), &fixture("assessment", id)).await.status(), 201);
     }

@@ -34,6 +34,9 @@ async fn a_partner_without_an_overlay_maps_with_the_base_mappings() {
     let app = spawn_app().await;
     let referral = fixture("referral", "ref-4006");
     assert_eq!(referral["target"]["partner"], "harbor-recovery-center", "the fixture changed; update this test");
+    // Its client and the consent it cites, so that delivery (and so preview) would send it.
+    assert_eq!(app.put("/api/v1/clients/cl-1004", &fixture("client", "cl-1004")).await.status(), 201);
+    assert_eq!(app.put("/api/v1/consents/co-5002", &fixture("consent", "co-5002")).await.status(), 201);
     let harbor = app.post("/api/v1/preview/referral?partner=harbor-recovery-center", &referral).await;
     assert_eq!(harbor.status(), 200);
     let harbor: Value = harbor.json().await.expect("JSON");
@@ -58,6 +61,24 @@ fn a_partner_whose_overlay_is_missing_stops_check_and_the_start() {
     let out = Command::new(bin).current_dir(root).args(["serve", "--config"]).arg(&config).output().expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("overlay `lakeside-ehr`"));
+}
+
+#[test]
+fn a_partner_whose_policy_profile_is_unknown_stops_check_and_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let extra = "[[partners]]\nname = \"lakeside\"\nbase_url = \"https://fhir.lakeside.example/r4\"\n\
+                 receives = [\"referral\"]\npolicy = \"anyone-may-read\"\n";
+    let config = write_config(dir.path(), extra);
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(bin).current_dir(root).args(["check", "--config"]).arg(&config).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("partner `lakeside`: policy `anyone-may-read` is not a profile"), "{stderr}");
+    assert!(stderr.contains("treating-provider"), "the known profiles are named: {stderr}");
+    let out = Command::new(bin).current_dir(root).args(["serve", "--config"]).arg(&config).output().expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy `anyone-may-read`"));
 }
 
 #[test]
@@ -112,6 +133,10 @@ async fn every_new_version_is_owed_to_the_partners_that_receive_it_in_the_same_w
         [(1, "st-marys-ehr".to_owned()), (2, "st-marys-ehr".to_owned())],
         "a referral is owed to the partner it names, each version once"
     );
+    // The assessments the plan's need cites are held first (intake refuses a citation of nothing).
+    for id in ["as-2001", "as-2007"] {
+        assert_eq!(app.put(&format!("/api/v1/assessments/{id}"), &fixture("assessment", id)).await.status(), 201);
+    }
     let mut plan = fixture("care-plan", "cp-3001");
     assert_eq!(app.put("/api/v1/care-plans/cp-3001", &plan).await.status(), 201);
     plan["title"] = json!("Revised plan");

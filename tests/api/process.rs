@@ -48,7 +48,7 @@ fn a_record_answered_201_survives_kill_9() {
     let sent;
     {
         let server = ServerProcess::start(&config);
-        sent = put_fixtures(&server, &[("referral", "ref-4003"), ("client", "cl-1002"), ("consent", "co-5003")]);
+        sent = put_fixtures(&server, &[("client", "cl-1002"), ("referral", "ref-4003"), ("consent", "co-5003")]);
         // SIGKILL right after the last 201: no shutdown hook runs.
         let mut child = server;
         child.child.kill().expect("kill -9");
@@ -217,6 +217,7 @@ fn concurrent_writes_answered_201_survive_kill_9_too() {
     let config = write_config(dir.path(), "");
     let server = ServerProcess::start(&config);
     let base = server.base();
+    put_fixtures(&server, &[("client", "cl-1001")]);
     let template = fixture("referral", "ref-4001");
     // Many writers at once, so the writer commits them in shared transactions.
     let writers: Vec<_> = (0..8)
@@ -262,7 +263,7 @@ fn a_clean_sigterm_leaves_no_wal_or_shm_file_and_keeps_every_record() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(dir.path(), "");
     let mut server = ServerProcess::start(&config);
-    let kept = put_fixtures(&server, &[("client", "cl-1001"), ("referral", "ref-4001"), ("consent", "co-5003")]);
+    let kept = put_fixtures(&server, &[("client", "cl-1002"), ("referral", "ref-4003"), ("consent", "co-5003")]);
     let wal = dir.path().join("carebridge.db-wal");
     let shm = dir.path().join("carebridge.db-shm");
     assert!(wal.exists() && shm.exists(), "a serving gateway has its WAL open");
@@ -383,4 +384,121 @@ fn check_refuses_a_directory_credential_variable_that_is_not_set_and_a_zero_time
         .expect("runs");
     assert_eq!(check.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&check.stderr).contains("directories[0].timeout_secs"));
+}
+
+/// A partner FHIR server that answers every request 400 with an `OperationOutcome` quoting the record: a name, a
+/// birth date and a newline followed by a forged log line.
+fn quoting_partner() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}/fhir", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Read the head and the body (Content-Length) before answering.
+                loop {
+                    let Ok(n) = stream.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let body = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invariant",
+                    "diagnostics": "Patient Zebulon Quackenbush born 1966-04-17 already exists\n{\"level\":\"ERROR\",\"message\":\"FORGED-LINE\"}"}]})
+                .to_string();
+                let answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes());
+            });
+        }
+    });
+    base
+}
+
+#[test]
+fn a_partners_words_are_kept_cleaned_with_the_attempt_and_never_logged() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = quoting_partner();
+    let partners = format!(
+        "[[partners]]\nname = \"st-marys-ehr\"\nbase_url = \"{base}\"\nreceives = [\"client\", \"consent\"]\nmax_transaction_entries = 0\n"
+    );
+    let config =
+        crate::helpers::write_config_with_partners(dir.path(), &partners, "[outbox]\nenabled = true\npoll_ms = 100\n");
+    let mut server = ServerProcess::start(&config);
+    put_fixtures(&server, &[("client", "cl-1001"), ("consent", "co-5001")]);
+    server.wait_for_line("Dead letter");
+    let list: Value = client()
+        .get(format!("{}/api/v1/deliveries?state=dead", server.base()))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .expect("sent")
+        .json()
+        .expect("JSON");
+    let first = list["items"][0]["id"].as_i64().or_else(|| list["items"][0]["seq"].as_i64()).expect("a dead row");
+    let row: Value = client()
+        .get(format!("{}/api/v1/deliveries/{first}", server.base()))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .expect("sent")
+        .json()
+        .expect("JSON");
+    let kept = row.to_string();
+    // The words are kept as data, stripped of the newline that would have started a line of its own.
+    assert!(kept.contains("already exists"), "{row}");
+    assert!(!kept.contains("\\n{"), "a control character was kept: {row}");
+    server.signal("TERM");
+    let lines = server.drain();
+    assert!(lines.iter().any(|l| l.contains("Dead letter") && l.contains("\"issue\":\"invariant\"")), "{lines:#?}");
+    for line in &lines {
+        assert!(
+            !line.contains("Quackenbush") && !line.contains("1966-04-17"),
+            "a partner's words reached the log: {line}"
+        );
+        assert!(!line.contains("FORGED-LINE"), "a partner forged a log line: {line}");
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+}
+
+#[test]
+fn check_refuses_a_bearer_token_sent_over_plain_http_to_another_host() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_carebridge");
+    for (url, ok) in [
+        ("http://fhir.partner.example/r4", false),
+        ("http://127.0.0.1:9/fhir", true),
+        ("https://fhir.partner.example/r4", true),
+    ] {
+        let partners = format!(
+            "[[partners]]\nname = \"p\"\nbase_url = \"{url}\"\nreceives = [\"client\"]\nauth = {{ type = \"bearer\", token_env = \"CB_TEST_TOKEN\" }}\n"
+        );
+        let config = crate::helpers::write_config_with_partners(dir.path(), &partners, "");
+        let check = Command::new(bin)
+            .env("CB_TEST_TOKEN", "t0ken")
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.success(), ok, "{url}: {stderr}");
+        if !ok {
+            assert!(stderr.contains("partners[0].base_url") && stderr.contains("https://"), "{stderr}");
+        }
+    }
 }

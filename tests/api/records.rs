@@ -22,6 +22,7 @@ async fn every_fixture_is_accepted_and_reads_back_identical() {
 #[tokio::test]
 async fn a_put_creates_then_replaces_and_an_identical_put_changes_nothing() {
     let app = spawn_app().await;
+    app.put_clients().await;
     let mut referral = fixture("referral", "ref-4002");
     let first = app.put("/api/v1/referrals/ref-4002", &referral).await;
     assert_eq!(first.status(), 201);
@@ -71,6 +72,7 @@ async fn an_id_in_the_body_must_match_the_path() {
 #[tokio::test]
 async fn a_stale_if_match_is_refused_with_412_and_a_current_one_is_applied() {
     let app = spawn_app().await;
+    app.put_clients().await;
     let mut consent = fixture("consent", "co-5001");
     assert_eq!(app.put("/api/v1/consents/co-5001", &consent).await.status(), 201);
     consent["status"] = json!("revoked");
@@ -167,6 +169,7 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
 #[tokio::test]
 async fn a_referral_status_changes_through_its_endpoint_only() {
     let app = spawn_app().await;
+    app.put_clients().await;
     let mut referral = fixture("referral", "ref-4002");
     assert_eq!(app.put("/api/v1/referrals/ref-4002", &referral).await.status(), 201);
 
@@ -303,6 +306,7 @@ where
 #[tokio::test]
 async fn the_status_change_that_ends_a_crisis_referral_closes_its_flag_and_reopening_clears_it() {
     let app = spawn_app().await;
+    app.put_clients().await;
     let mut referral = fixture("referral", "ref-4003");
     referral["status"] = json!("accepted");
     assert_eq!(app.put("/api/v1/referrals/ref-4003", &referral).await.status(), 201);

@@ -43,6 +43,7 @@ async fn save(
         status,
         change: Change::Put,
         deliver_to: Vec::new(),
+        reopens_held: false,
     };
     store.save_record(&write, pre, &actor(), now).await
 }
@@ -57,6 +58,7 @@ async fn a_write_and_its_deliveries_are_one(store: Arc<dyn Store>) {
         status: Some("sent"),
         change: Change::Put,
         deliver_to: vec!["st-marys-ehr".to_owned(), "county-crisis-team".to_owned()],
+        reopens_held: false,
     };
     let s = &*store;
     s.save_record(&write(r#"{"v":1}"#), Precondition::None, &actor(), t0()).await.expect("v1");
@@ -447,6 +449,7 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
         status: None,
         change: Change::Put,
         deliver_to: vec![partner.clone()],
+        reopens_held: false,
     };
     for v in 1..=3 {
         let w = write(RecordKind::Client, "cl-claim", "cl-claim", &format!(r#"{{"v":{v}}}"#));
@@ -489,6 +492,7 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
         },
         crosswalk: Vec::new(),
         waits_for: Vec::new(),
+        keep_attempt: true,
     };
     assert_eq!(s.settle_deliveries("worker-a", &[settle(b[0].seq)], later).await.expect("settle"), 0);
     assert_eq!(s.settle_deliveries("worker-b", &[settle(b[0].seq)], later).await.expect("settle"), 1);
@@ -539,6 +543,7 @@ async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<
         status: None,
         change: Change::Put,
         deliver_to: vec![partner.clone()],
+        reopens_held: false,
     };
     for r in ["ref-late", "ref-early"] {
         s.save_record(&referral(r), Precondition::None, &actor(), t0()).await.expect("referral");
@@ -560,6 +565,7 @@ async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<
         },
         crosswalk: Vec::new(),
         waits_for: waits.iter().map(|w| (*w).to_owned()).collect(),
+        keep_attempt: true,
     };
     // `ref-early` settles while its target is still missing: it waits.
     s.settle_deliveries("worker-a", &[delivered(seq("ref-early"), &["ServiceRequest/ref-target"])], t0())
