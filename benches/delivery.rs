@@ -1,7 +1,9 @@
 //! Delivery load tests: the release `carebridge` binary's outbox against a partner over loopback.
 //!
-//! Each run writes `--count` clients (with `--mix`, each also with a consent and a referral: three deliveries, the
-//! referral waiting for the other two) through `PUT /api/v1/…` with the outbox off, stops the gateway, then starts
+//! Each run writes `--count` clients, each with the consent that gives the partner grounds to receive it (the egress
+//! policy holds a client no consent or referral names; without `--mix` the partner does not receive consents, so
+//! each client is one delivery, decided by the policy on its consent), and with `--mix` also a referral: three
+//! deliveries, the referral waiting for the other two. They are written through `PUT /api/v1/…` with the outbox off, stops the gateway, then starts
 //! it again with the outbox on and times the drain: from the start until no delivery is pending. Rows are claimed
 //! and settled in batches (`--batch` per claim, `--concurrency` in flight per partner).
 //!
@@ -297,10 +299,12 @@ fn config(dir: &Path, o: &Options, db: &str, partner: &str, outbox: bool) -> any
              [log]\nformat = \"json\"\nfilter = \"info\"\n\
              [[api_keys]]\nname = \"bench\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\", \"admin\"]\n\
              [[partners]]\nname = \"{PARTNER}\"\nbase_url = \"{partner}\"\n\
-             receives = [\"client\", \"referral\", \"consent\"]\noverlay = \"{PARTNER}\"\nmax_transaction_entries = 8\n\
+             receives = [{receives}]\noverlay = \"{PARTNER}\"\nmax_transaction_entries = 8\n\
              [outbox]\nenabled = {outbox}\nbatch = {}\nconcurrency = {}\npoll_ms = 100\ntimeout_secs = 10\n\
              lease_secs = 120\nretry_schedule_secs = [{schedule}]\n",
-            o.batch, o.concurrency
+            o.batch,
+            o.concurrency,
+            receives = if o.mix { "\"client\", \"referral\", \"consent\"" } else { "\"client\"" },
         ),
     )?;
     Ok(path)
@@ -311,31 +315,33 @@ fn fixture(kind: &str, id: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
-/// The records of unit `i`: a client, and with `mix` its consent and a referral citing it.
+/// The records of unit `i`: a client and its consent, and with `mix` a referral citing it.
 fn unit(i: usize, mix: bool, t: &[Value; 3]) -> Vec<(&'static str, String, Value)> {
     let client = format!("cl-b{i}");
     let mut c = t[0].clone();
     c["id"] = json!(client);
     c["identifiers"][0]["value"] = json!(format!("OR6{i:07}"));
-    let mut out = vec![("client", client.clone(), c)];
+    let consent = format!("co-b{i}");
+    let mut co = t[1].clone();
+    co["id"] = json!(consent);
+    co["client_id"] = json!(client);
+    // Open-ended, so the bench's clients stay consented whatever day it runs.
+    co["period"] = json!({"start": "2026-01-01"});
+    co["signed_on"] = json!("2026-01-01");
+    let mut out = vec![("client", client.clone(), c), ("consent", consent.clone(), co)];
     if mix {
-        let consent = format!("co-b{i}");
-        let mut co = t[1].clone();
-        co["id"] = json!(consent);
-        co["client_id"] = json!(client);
         let mut r = t[2].clone();
         r["id"] = json!(format!("ref-b{i}"));
         r["client_id"] = json!(client);
         r["consent_id"] = json!(consent);
         r["goal_ids"] = json!([]);
         r.as_object_mut().map(|m| m.remove("care_plan_id"));
-        out.push(("consent", consent, co));
         out.push(("referral", format!("ref-b{i}"), r));
     }
     out
 }
 
-/// Writes units `first..first + o.count` through the API, 32 requests at a time.
+/// Writes units `first..first + o.count` through the API, 32 requests at a time; gives the deliveries they owe.
 async fn write_records(http: &reqwest::Client, base: &str, o: &Options, first: usize) -> anyhow::Result<usize> {
     let t = Arc::new([fixture("client", "cl-1001")?, fixture("consent", "co-5001")?, fixture("referral", "ref-4001")?]);
     let next = Arc::new(AtomicU64::new(0));
@@ -354,7 +360,10 @@ async fn write_records(http: &reqwest::Client, base: &str, o: &Options, first: u
                     let r = http.put(format!("{base}/api/v1/{kind}s/{id}")).bearer_auth(KEY).json(&body).send().await?;
                     let status = r.status();
                     anyhow::ensure!(status == 201, "{kind}/{id}: {status} {}", r.text().await.unwrap_or_default());
-                    written.fetch_add(1, Ordering::Relaxed);
+                    // Without --mix the partner does not receive consents: the consent owes no delivery.
+                    if mix || kind != "consent" {
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }));
@@ -605,7 +614,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let deliveries = write_records(&http, &writer.base, &o, 0).await?;
     println!(
-        "wrote {deliveries} records in {:.1} s ({:.0}/s), each owing one delivery",
+        "wrote records owing {deliveries} deliveries in {:.1} s ({:.0}/s)",
         started.elapsed().as_secs_f64(),
         deliveries as f64 / started.elapsed().as_secs_f64()
     );
