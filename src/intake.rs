@@ -115,18 +115,32 @@ pub async fn check_links<T: AgencyRecord>(record: &T, store: &dyn Store) -> Resu
             detail: "no client of this id is held: write the client first".into(),
         });
     }
+    // Each cited record is read once, however often it is cited (a plan's progress notes cite few assessments).
+    let mut owners: std::collections::HashMap<(RecordKind, RecordId), Option<Option<String>>> =
+        std::collections::HashMap::new();
     for c in record.citations() {
-        let Some(stored) = store.get_record(c.kind, &c.id).await? else {
-            if c.must_exist {
+        let key = (c.kind, c.id.clone());
+        let owner = match owners.get(&key) {
+            Some(o) => o.clone(),
+            None => {
+                let o = store.get_record(c.kind, &c.id).await?.map(|stored| {
+                    serde_json::from_str::<serde_json::Value>(&stored.body)
+                        .ok()
+                        .and_then(|v| v.get("client_id").and_then(serde_json::Value::as_str).map(str::to_owned))
+                });
+                owners.insert(key, o.clone());
+                o
+            }
+        };
+        match owner {
+            None if c.must_exist => {
                 errors.push(FieldError { path: c.path, detail: format!("no {} of this id is held", c.kind) });
             }
-            continue;
-        };
-        let theirs = serde_json::from_str::<serde_json::Value>(&stored.body)
-            .ok()
-            .and_then(|v| v.get("client_id").and_then(serde_json::Value::as_str).map(str::to_owned));
-        if theirs.as_deref() != record.client_id().map(RecordId::as_str) {
-            errors.push(FieldError { path: c.path, detail: format!("this {} is another client's", c.kind) });
+            None => {}
+            Some(theirs) if theirs.as_deref() != record.client_id().map(RecordId::as_str) => {
+                errors.push(FieldError { path: c.path, detail: format!("this {} is another client's", c.kind) });
+            }
+            Some(_) => {}
         }
     }
     if errors.is_empty() { Ok(()) } else { Err(IntakeError::Invalid(errors)) }

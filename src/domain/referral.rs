@@ -222,15 +222,21 @@ impl AgencyRecord for Referral {
     const STATUS_HAS_ITS_OWN_ENDPOINT: bool = true;
 
     fn citations(&self) -> Vec<Citation> {
-        self.care_plan_id
-            .iter()
-            .map(|id| Citation {
-                path: "$.care_plan_id".into(),
-                kind: RecordKind::CarePlan,
-                id: id.clone(),
-                must_exist: false,
-            })
-            .collect()
+        // Both may be written after the referral (the seed writes consents last); once held, each must be this
+        // client's.
+        let care_plan = self.care_plan_id.iter().map(|id| Citation {
+            path: "$.care_plan_id".into(),
+            kind: RecordKind::CarePlan,
+            id: id.clone(),
+            must_exist: false,
+        });
+        let consent = self.consent_id.iter().map(|id| Citation {
+            path: "$.consent_id".into(),
+            kind: RecordKind::Consent,
+            id: id.clone(),
+            must_exist: false,
+        });
+        care_plan.chain(consent).collect()
     }
 
     fn directory_service(&self) -> Option<&RecordId> {

@@ -138,11 +138,10 @@ pub async fn preview(
     };
     let mut holding = std::collections::HashSet::new();
     if readable
-        && kind == RecordKind::Consent
         && let Some(id) = record.get("id").and_then(Value::as_str).and_then(|i| crate::domain::RecordId::parse(i).ok())
     {
         for name in &owed {
-            if policy::partner_holds_consent(&*state.store, name, &id).await.map_err(super::api::store_problem)? {
+            if policy::partner_holds(&*state.store, name, kind, &id).await.map_err(super::api::store_problem)? {
                 holding.insert(name.clone());
             }
         }
@@ -171,10 +170,12 @@ pub async fn preview(
             }
         }
         // The document shown: the partner's release when one is asked for (and known), else the whole record.
-        let (document, held) = match focus.as_deref().filter(|_| readable).and_then(decide) {
+        // A partner the record is not owed to would receive nothing of it, whatever the policy says.
+        let owed_there = focus.as_deref().is_none_or(|name| owed.iter().any(|o| o == name));
+        let (document, held) = match focus.as_deref().filter(|_| readable && owed_there).and_then(decide) {
             Some((Decision::Hold(_), _)) => (None, true),
             Some((Decision::Send(release), _)) => (Some((release.record, release.related)), false),
-            None => (None, false),
+            None => (None, !owed_there),
         };
         let (source, source_related) = match document {
             Some(d) => d,

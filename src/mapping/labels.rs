@@ -398,23 +398,27 @@ impl LabelRules {
     }
 
     /// The categories of one part of a care plan (a goal, an intervention, a goal's progress entry, with the goal
-    /// holding it as `parent`): its service and the needs it names.
+    /// holding it as `parent`): its service, the needs it names, and the needs of the goals it serves.
     #[must_use]
     pub fn care_plan_part(&self, plan: &Value, part: &Value, parent: Option<&Value>) -> Categories {
         // A flag on the plan marks every part of it.
         let mut out = self.flags(plan);
+        let list = |v: &Value, key: &str| v.get(key).and_then(Value::as_array).map_or(&[][..], Vec::as_slice).to_vec();
+        let needs = list(plan, "needs");
+        let goals = list(plan, "goals");
+        let need_of = |id: &Value| {
+            needs.iter().find(|n| n.get("id") == Some(id)).and_then(|n| n.get("code")).and_then(Value::as_str)
+        };
         for v in std::iter::once(part).chain(parent.filter(|p| !std::ptr::eq(*p, plan))) {
             out = out.union(self.service(v.get("service").and_then(Value::as_str)));
-            for id in v.get("need_ids").and_then(Value::as_array).into_iter().flatten() {
-                let code = plan
-                    .get("needs")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .find(|n| n.get("id") == Some(id))
-                    .and_then(|n| n.get("code"))
-                    .and_then(Value::as_str);
-                out = out.union(self.need(code));
+            for id in list(v, "need_ids") {
+                out = out.union(self.need(need_of(&id)));
+            }
+            // An intervention serving a goal carries what that goal's needs say.
+            for goal in list(v, "goal_ids").iter().filter_map(|g| goals.iter().find(|x| x.get("id") == Some(g))) {
+                for id in list(goal, "need_ids") {
+                    out = out.union(self.need(need_of(&id)));
+                }
             }
         }
         out

@@ -614,7 +614,10 @@ impl Mappings {
             for source in sources {
                 for (resource, item, parent) in render_mapping(m, &self.maps, source, &mut None)? {
                     let categories = match m.kind {
-                        MappingKind::Need => self.labels.need(item.get("code").and_then(Value::as_str)),
+                        // A need's Condition says what its need says, and what the record it came from is marked.
+                        MappingKind::Need => {
+                            self.labels.need(item.get("code").and_then(Value::as_str)).union(self.labels.flags(record))
+                        }
                         MappingKind::Record(RecordKind::CarePlan) if !std::ptr::eq(item, source) => {
                             self.labels.care_plan_part(source, item, parent)
                         }

@@ -195,6 +195,12 @@ fn operation_outcome(body: &[u8]) -> Option<String> {
     Some(serde_json::json!({"resourceType": "OperationOutcome", "issue": issues}).to_string())
 }
 
+/// What the log says of a failure without an HTTP answer: the gateway's own words, before the first `: ` (what was
+/// being done: "POST Patient got no answer", "searching the partner's patients"); what follows may quote a server.
+fn cause(detail: &str) -> &str {
+    detail.split(": ").next().unwrap_or_default()
+}
+
 /// The code of the first issue of a kept `OperationOutcome`, and how many it has: what the log says of a partner's
 /// refusal (its words stay with the attempt).
 fn issue_summary(operation_outcome: Option<&str>) -> (Option<String>, usize) {
@@ -557,7 +563,7 @@ impl Worker {
                         "Dead letter: the partner refused; an operator must fix and replay it."
                     );
                 } else {
-                    tracing::warn!(detail = %detail, "Dead letter: an operator must fix and replay it.");
+                    tracing::warn!(cause = %cause(&detail), "Dead letter: an operator must fix and replay it.");
                 }
                 (Settle::Dead, attempt("dead", status, detail, operation_outcome))
             }
@@ -578,7 +584,7 @@ impl Worker {
                         if status.is_some() {
                             tracing::info!(status, issue, issues, wait_s = wait.as_secs(), "Will retry.");
                         } else {
-                            tracing::info!(wait_s = wait.as_secs(), detail = %detail, "Will retry.");
+                            tracing::info!(wait_s = wait.as_secs(), cause = %cause(&detail), "Will retry.");
                         }
                         (Settle::Retry { not_before: now + wait }, attempt("retry", status, detail, operation_outcome))
                     }
@@ -615,8 +621,16 @@ impl Worker {
             None => Facts::default(),
         };
         // Whether the partner holds a version of this record already (an ended consent goes only to end it there).
-        let holds_record = row.kind == RecordKind::Consent
-            && policy::partner_holds_consent(&*self.store, &row.partner, &row.id).await.map_err(store_failed)?;
+        // A newer version that names another partner or a directory service withdraws this one from the partner.
+        if matches!(row.kind, RecordKind::Referral | RecordKind::Consent)
+            && let Some(current) = self.store.get_record(row.kind, &row.id).await.map_err(store_failed)?
+            && let Ok(body) = serde_json::from_str::<Value>(&current.body)
+            && let Some(reason) = policy::withdrawn(row.kind, row.version, &body, current.meta.version, &row.partner)
+        {
+            return Ok(Verdict::Held { reason });
+        }
+        let holds_record =
+            policy::partner_holds(&*self.store, &row.partner, row.kind, &row.id).await.map_err(store_failed)?;
         let recipient = Recipient { name: &link.settings.name, profile: &link.profile, holds_record };
         let release =
             match policy::decide(self.mappings.labels(), recipient, row.kind, &record, &related, &facts, now.date()) {

@@ -34,7 +34,9 @@ use serde_json::Value;
 use time::Date;
 use utoipa::ToSchema;
 
-use crate::domain::{Consent, ConsentCategory, ConsentStatus, RecordId, RecordKind, Referral, ReferralTarget};
+use crate::domain::{
+    Consent, ConsentCategory, ConsentStatus, RecordId, RecordKind, Referral, ReferralStatus, ReferralTarget,
+};
 use crate::mapping::labels::{Categories, LabelRules};
 use crate::mapping::{LoadErrors, Related};
 use crate::store::{ListQuery, Store, StoreError};
@@ -153,15 +155,56 @@ pub async fn facts(store: &dyn Store, client: &RecordId) -> Result<Facts, StoreE
     })
 }
 
-/// Whether `partner` holds a version of consent `id` (the crosswalk has it): what [`Recipient::holds_record`] says
-/// of a consent.
+/// Whether `partner` holds a version of record `id` of `kind` (the crosswalk has its Consent or its
+/// ServiceRequest): what [`Recipient::holds_record`] says. Only consents and referrals are asked about: their later
+/// versions end what the partner holds.
 ///
 /// # Errors
 /// When the store fails.
-pub async fn partner_holds_consent(store: &dyn Store, partner: &str, id: &RecordId) -> Result<bool, StoreError> {
-    let local = format!("Consent/{id}");
+pub async fn partner_holds(
+    store: &dyn Store,
+    partner: &str,
+    kind: RecordKind,
+    id: &RecordId,
+) -> Result<bool, StoreError> {
+    let local = match kind {
+        RecordKind::Consent => format!("Consent/{id}"),
+        RecordKind::Referral => format!("ServiceRequest/{id}"),
+        _ => return Ok(false),
+    };
     Ok(!store.crosswalk(partner, std::slice::from_ref(&local)).await?.is_empty())
 }
+
+/// Why the version owed to `partner` no longer goes there, when a newer version of the record (`current`) names
+/// another partner or a directory service: the agency withdrew it from that partner, and the older version must not
+/// reach it later (woken by a consent, or replayed).
+#[must_use]
+pub fn withdrawn(kind: RecordKind, owed: i64, current: &Value, current_version: i64, partner: &str) -> Option<String> {
+    if current_version <= owed {
+        return None;
+    }
+    let named = match kind {
+        RecordKind::Referral => match current.pointer("/target/type").and_then(Value::as_str) {
+            Some("partner") => current.pointer("/target/partner").and_then(Value::as_str),
+            _ => None,
+        },
+        RecordKind::Consent => text(current, "partner"),
+        _ => return None,
+    };
+    (named != Some(partner)).then(|| {
+        format!("version {current_version} of the record no longer names this partner: version {owed} is not sent")
+    })
+}
+
+/// The referral statuses in which a referral to a partner says that partner cares for the client (a draft was not
+/// sent; a declined, cancelled, failed or mistaken one gives no standing grounds).
+const CARING: [ReferralStatus; 5] = [
+    ReferralStatus::Sent,
+    ReferralStatus::Accepted,
+    ReferralStatus::InProgress,
+    ReferralStatus::OnHold,
+    ReferralStatus::Completed,
+];
 
 /// Something left out of what is sent, and why (codes and ids, never values).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -202,7 +245,8 @@ pub struct Recipient<'a> {
     /// Its profile.
     pub profile: &'a Profile,
     /// Whether it already holds a version of the record decided on (the crosswalk says so): a consent no longer in
-    /// force goes only to a partner that holds it, to end it there.
+    /// force, or a referral that was withdrawn, cancelled or entered in error, goes to a partner that holds it, to end
+    /// it there.
     pub holds_record: bool,
 }
 
@@ -225,6 +269,24 @@ fn ended(consent: &Consent, today: Date) -> Option<&'static str> {
         ConsentStatus::Active if consent.period.end.is_some_and(|end| today > end.0) => Some("has expired"),
         _ => None,
     }
+}
+
+/// Why the consent a referral cites does not allow `partner` today, if it does not.
+fn cited_consent(facts: &Facts, cited: &str, client: Option<&str>, partner: &str, today: Date) -> Option<String> {
+    let Some(c) = facts.consents.iter().find(|c| c.id.as_ref().is_some_and(|i| i.as_str() == cited)) else {
+        return Some(format!("the consent it cites ({cited}) is not held for this client"));
+    };
+    if Some(c.client_id.as_str()) != client {
+        return Some(format!("the consent it cites ({cited}) is another client's"));
+    }
+    if c.partner.as_str() != partner {
+        return Some(format!("the consent it cites ({cited}) is made out to another partner"));
+    }
+    if !in_force(c, today) {
+        let why = ended(c, today).unwrap_or("is not in force yet");
+        return Some(format!("the consent it cites ({cited}) {why}"));
+    }
+    None
 }
 
 /// What the partner's consents and referrals allow.
@@ -320,12 +382,15 @@ pub fn decide(
     }
     let referred = |r: &Referral| {
         Some(r.client_id.as_str()) == client
-            && r.status != crate::domain::ReferralStatus::EnteredInError
+            && CARING.contains(&r.status)
             && matches!(&r.target, ReferralTarget::Partner { partner } if partner.as_str() == recipient.name)
     };
+    // The referral decided on names this partner: its own grounds while it is live, and, once the partner holds it,
+    // every later version (a cancellation or a correction must reach it).
     let named_here = kind == RecordKind::Referral
         && record.pointer("/target/partner").and_then(Value::as_str) == Some(recipient.name)
-        && text(record, "status") != Some("entered_in_error");
+        && (recipient.holds_record
+            || text(record, "status").and_then(ReferralStatus::from_code).is_some_and(|s| CARING.contains(&s)));
     let grounds = Grounds {
         recipient,
         relationship: !in_force.is_empty() || named_here || facts.referrals.iter().any(referred),
@@ -335,6 +400,14 @@ pub fn decide(
         grounds.in_force.iter().filter_map(|c| c.id.as_ref().map(|i| i.as_str().to_owned())).collect();
     // General data goes with everything (the Patient rides along in every Bundle).
     if let Some(why) = grounds.refuses(ConsentCategory::General) {
+        return Decision::Hold(why);
+    }
+    // A referral that cites a consent goes only while that consent allows this partner: the agency said on what
+    // grounds it refers, and the ServiceRequest carries that consent as its support.
+    if kind == RecordKind::Referral
+        && let Some(cited) = text(record, "consent_id")
+        && let Some(why) = cited_consent(facts, cited, client, recipient.name, today)
+    {
         return Decision::Hold(why);
     }
     let mut left_out = Vec::new();
@@ -418,12 +491,14 @@ fn redact_care_plan(
     left_out: &mut Vec<LeftOut>,
 ) -> usize {
     let allowed_assessments: HashSet<&str> = related.assessments.iter().filter_map(|a| text(a, "id")).collect();
-    let blocked_referrals: HashSet<&str> = facts
+    // The client's referrals this partner may receive: an intervention cites no other (another client's, written
+    // after the plan, or one of a category the partner may not receive).
+    let cited_referrals: HashSet<&str> = facts
         .referrals
         .iter()
         .filter(|r| {
             let v = serde_json::to_value(r).unwrap_or(Value::Null);
-            !grounds.allows(labels.record(RecordKind::Referral, &v))
+            text(&v, "client_id") == text(plan, "client_id") && grounds.allows(labels.record(RecordKind::Referral, &v))
         })
         .filter_map(|r| r.id.as_ref().map(RecordId::as_str))
         .collect();
@@ -493,8 +568,15 @@ fn redact_care_plan(
                 });
                 return false;
             }
-            strip(i, "goal_ids", &dropped_goals);
-            if text(i, "referral_id").is_some_and(|r| blocked_referrals.contains(r))
+            let no_needs = i.get("need_ids").and_then(Value::as_array).is_none_or(Vec::is_empty);
+            if strip(i, "goal_ids", &dropped_goals) && no_needs {
+                left_out.push(LeftOut {
+                    what: format!("intervention {}", id_of(i)),
+                    why: "it serves only goals left out".into(),
+                });
+                return false;
+            }
+            if text(i, "referral_id").is_some_and(|r| !cited_referrals.contains(r))
                 && let Some(m) = i.as_object_mut()
             {
                 m.remove("referral_id");

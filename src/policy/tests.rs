@@ -250,3 +250,79 @@ fn a_record_the_case_manager_marks_as_substance_use_is_decided_as_such() {
     assert!(held(&d).contains("marked"), "{d:?}");
     assert!(labels().record(RecordKind::Referral, &r).contains(ConsentCategory::SubstanceUse));
 }
+
+#[test]
+fn a_referral_goes_only_while_the_consent_it_cites_allows_this_partner() {
+    let mut r = referral_to("ehr", "housing_instability", "housing_assistance");
+    r["consent_id"] = json!("co-other");
+    // It cites a consent made out to another partner: held, although a referral alone gives general grounds.
+    let f = facts(vec![consent("co-other", "elsewhere", &["general"], "active", None)], &[]);
+    let d = decide_for("treating-provider", RecordKind::Referral, &r, &Related::default(), &f);
+    assert!(held(&d).contains("another partner"), "{d:?}");
+    let f = facts(vec![consent("co-other", "ehr", &["general"], "draft", None)], &[]);
+    let d = decide_for("treating-provider", RecordKind::Referral, &r, &Related::default(), &f);
+    assert!(held(&d).contains("not in force"), "{d:?}");
+    let f = facts(vec![consent("co-other", "ehr", &["general"], "active", None)], &[]);
+    sent(decide_for("treating-provider", RecordKind::Referral, &r, &Related::default(), &f));
+}
+
+#[test]
+fn only_a_live_referral_gives_a_partner_standing_grounds_and_a_held_one_still_reaches_it_to_end() {
+    for status in ["draft", "declined", "cancelled", "failed", "entered_in_error"] {
+        let mut r = referral_to("ehr", "housing_instability", "housing_assistance");
+        r["status"] = json!(status);
+        if matches!(status, "declined" | "cancelled" | "failed") {
+            r["status_reason"] = json!("x");
+        }
+        let f = facts(Vec::new(), std::slice::from_ref(&r));
+        let d = decide_for("treating-provider", RecordKind::Client, &client(), &Related::default(), &f);
+        assert!(matches!(d, Decision::Hold(_)), "{status}: {d:?}");
+        // The referral's own version: held when the partner never had it, sent to end it when it does.
+        let p = policy();
+        let profile = p.profile("treating-provider").expect("p");
+        let fresh = Recipient { name: "ehr", profile, holds_record: false };
+        let d = decide(&labels(), fresh, RecordKind::Referral, &r, &Related::default(), &f, TODAY);
+        assert!(matches!(d, Decision::Hold(_)), "{status}: {d:?}");
+        let holder = Recipient { name: "ehr", profile, holds_record: true };
+        sent(decide(&labels(), holder, RecordKind::Referral, &r, &Related::default(), &f, TODAY));
+    }
+}
+
+#[test]
+fn an_intervention_serving_only_a_goal_left_out_is_left_out_too() {
+    let f = facts(vec![consent("co-1", "ehr", &["general", "mental_health"], "active", None)], &[]);
+    let mut p = plan();
+    p["interventions"]
+        .as_array_mut()
+        .expect("interventions")
+        .push(json!({"id": "i-aa", "description": "AA meetings", "status": "not_started", "goal_ids": ["g-sud"],
+            "ordered": false}));
+    let r = sent(decide_for("treating-provider", RecordKind::CarePlan, &p, &Related::default(), &f));
+    let ids: Vec<&str> =
+        r.record["interventions"].as_array().expect("i").iter().filter_map(|i| i["id"].as_str()).collect();
+    assert_eq!(ids, ["i-pantry"], "{}", r.record);
+    // Labelled by the goal's need where it may go.
+    let aa = &p["interventions"][3];
+    assert!(labels().care_plan_part(&p, aa, Some(&p)).contains(ConsentCategory::SubstanceUse));
+}
+
+#[test]
+fn an_intervention_cites_only_its_own_clients_referrals_the_partner_may_receive() {
+    let f = facts(vec![consent("co-1", "ehr", &["general", "mental_health"], "active", None)], &[]);
+    let mut p = plan();
+    p["interventions"][2]["referral_id"] = json!("ref-elsewhere");
+    let r = sent(decide_for("treating-provider", RecordKind::CarePlan, &p, &Related::default(), &f));
+    assert!(r.record["interventions"][0].get("referral_id").is_none(), "{}", r.record);
+}
+
+#[test]
+fn a_version_that_names_another_target_withdraws_the_older_one_from_its_partner() {
+    let mut v2 = referral_to("other", "depression", "therapy");
+    assert!(withdrawn(RecordKind::Referral, 1, &v2, 2, "ehr").is_some());
+    assert!(withdrawn(RecordKind::Referral, 1, &v2, 2, "other").is_none());
+    assert!(withdrawn(RecordKind::Referral, 2, &v2, 2, "ehr").is_none(), "the current version is decided as it is");
+    v2["target"] = json!({"type": "directory_service", "service_id": "d.s"});
+    assert!(withdrawn(RecordKind::Referral, 1, &v2, 2, "other").is_some());
+    let c = serde_json::to_value(consent("co-1", "b", &["general"], "active", None)).expect("json");
+    assert!(withdrawn(RecordKind::Consent, 1, &c, 3, "a").is_some());
+}

@@ -60,6 +60,12 @@ async fn a_care_plan_citing_another_clients_assessment_or_none_is_refused_at_the
     referral["care_plan_id"] = json!("cp-3003");
     let errors = refused(&app, "/api/v1/referrals/ref-4001", &referral).await;
     assert_eq!(errors[0].0, "$.care_plan_id", "{errors:?}");
+    // A referral citing another client's consent.
+    assert_eq!(app.put("/api/v1/consents/co-5002", &fixture("consent", "co-5002")).await.status(), 201);
+    let mut referral = fixture("referral", "ref-4001");
+    referral["consent_id"] = json!("co-5002");
+    let errors = refused(&app, "/api/v1/referrals/ref-4001", &referral).await;
+    assert_eq!(errors, [("$.consent_id".to_owned(), "this consent is another client's".to_owned())]);
     app.stop().await;
 }
 
