@@ -239,27 +239,7 @@ pub struct LabelRules {
 impl LabelRules {
     /// Loads `<dir>/policy/labels.toml`, pushing every problem with its line.
     pub fn load(dir: &Path, errors: &mut Vec<LoadError>) -> Option<LabelRules> {
-        let path = dir.join(FILE);
-        let file = path.display().to_string();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(LoadError {
-                    file,
-                    line: 1,
-                    column: 1,
-                    message: format!("cannot read the label rules: {e}"),
-                });
-                return None;
-            }
-        };
-        let parsed: RulesFile = match toml::from_str(&text) {
-            Ok(p) => p,
-            Err(e) => {
-                errors.push(super::toml_error(&file, &text, &e));
-                return None;
-            }
-        };
+        let (parsed, file, text): (RulesFile, _, _) = super::read_toml(dir, FILE, "the label rules", errors)?;
         let lines = LineIndex::new(&text);
         let before = errors.len();
         let mut err = |at: std::ops::Range<usize>, message: String| {

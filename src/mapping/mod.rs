@@ -409,6 +409,33 @@ fn read_dir_sorted(dir: &Path, ext: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Reads and parses `<dir>/<file>` (a TOML file of the mapping files that is not a mapping: the label rules, the
+/// policy profiles), pushing a problem reading or parsing it at its line; gives the value, the file's name as
+/// messages say it and its text (for the lines of later problems).
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    file: &str,
+    what: &str,
+    errors: &mut Vec<LoadError>,
+) -> Option<(T, String, String)> {
+    let path = dir.join(file);
+    let name = path.display().to_string();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push(LoadError { file: name, line: 1, column: 1, message: format!("cannot read {what}: {e}") });
+            return None;
+        }
+    };
+    match toml::from_str(&text) {
+        Ok(parsed) => Some((parsed, name, text)),
+        Err(e) => {
+            errors.push(toml_error(&name, &text, &e));
+            None
+        }
+    }
+}
+
 /// A TOML parse error at its file:line:column.
 pub(crate) fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> LoadError {
     let span = e.span().map_or(Span { line: 1, column: 1 }, |s| LineIndex::new(text).span(s.start));

@@ -36,7 +36,7 @@ use crate::mapping::{MapError, Mappings, Related, RequestKind};
 use crate::outbound::{Failure, Reply, RetryPolicy, server_words};
 use crate::partners::{PartnerSettings, Partners};
 use crate::policy::{self, Decision, Facts, Policy, Profile, Recipient};
-use crate::store::{AttemptRow, CrosswalkEntry, DeliveryRow, ListQuery, Settle, Settlement, Store, StoreError};
+use crate::store::{AttemptRow, CrosswalkEntry, DeliveryRow, Settle, Settlement, Store, StoreError};
 use plan::{Entry, PARTNER_OWNED};
 
 /// The longest a held row waits before it is decided again (a consent or referral written wakes it sooner).
@@ -1099,25 +1099,10 @@ pub async fn related(store: &dyn Store, kind: RecordKind, record: &Value) -> Res
         related.client = stored.and_then(|s| serde_json::from_str(&s.body).ok());
     }
     if matches!(kind, RecordKind::Assessment | RecordKind::CarePlan) {
-        related.assessments = of_client(store, RecordKind::Assessment, &client).await?;
-        related.care_plans = of_client(store, RecordKind::CarePlan, &client).await?;
+        related.assessments = crate::store::all_of_client(store, RecordKind::Assessment, &client).await?;
+        related.care_plans = crate::store::all_of_client(store, RecordKind::CarePlan, &client).await?;
     }
     Ok(related)
-}
-
-/// The stored records of `kind` of one client, every page.
-async fn of_client(store: &dyn Store, kind: RecordKind, client: &RecordId) -> Result<Vec<Value>, StoreError> {
-    let mut query =
-        ListQuery { kind, client_id: Some(client.clone()), status: None, updated_since: None, after: None, limit: 200 };
-    let mut out = Vec::new();
-    loop {
-        let page = store.list_records(&query).await?;
-        out.extend(page.items.iter().filter_map(|s| serde_json::from_str(&s.body).ok()));
-        match page.next_after {
-            Some(after) => query.after = Some(after),
-            None => return Ok(out),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use crate::domain::{
 };
 use crate::mapping::labels::{Categories, LabelRules};
 use crate::mapping::{LoadErrors, Related};
-use crate::store::{ListQuery, Store, StoreError};
+use crate::store::{Store, StoreError};
 pub use profiles::{CategoryRule, Profile, Profiles, Requires};
 
 /// The profile of a partner whose entry names none.
@@ -126,32 +126,9 @@ pub struct Facts {
 /// # Errors
 /// When the store fails.
 pub async fn facts(store: &dyn Store, client: &RecordId) -> Result<Facts, StoreError> {
-    async fn all<T: serde::de::DeserializeOwned>(
-        store: &dyn Store,
-        kind: RecordKind,
-        client: &RecordId,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut query = ListQuery {
-            kind,
-            client_id: Some(client.clone()),
-            status: None,
-            updated_since: None,
-            after: None,
-            limit: 200,
-        };
-        let mut out = Vec::new();
-        loop {
-            let page = store.list_records(&query).await?;
-            out.extend(page.items.iter().filter_map(|s| serde_json::from_str(&s.body).ok()));
-            match page.next_after {
-                Some(after) => query.after = Some(after),
-                None => return Ok(out),
-            }
-        }
-    }
     Ok(Facts {
-        consents: all(store, RecordKind::Consent, client).await?,
-        referrals: all(store, RecordKind::Referral, client).await?,
+        consents: crate::store::all_of_client(store, RecordKind::Consent, client).await?,
+        referrals: crate::store::all_of_client(store, RecordKind::Referral, client).await?,
     })
 }
 

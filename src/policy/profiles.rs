@@ -90,27 +90,7 @@ pub struct Profiles(BTreeMap<String, Profile>);
 impl Profiles {
     /// Loads `<dir>/policy/profiles.toml`, pushing every problem with its line.
     pub fn load(dir: &Path, errors: &mut Vec<LoadError>) -> Option<Profiles> {
-        let path = dir.join(FILE);
-        let file = path.display().to_string();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(LoadError {
-                    file,
-                    line: 1,
-                    column: 1,
-                    message: format!("cannot read the policy profiles: {e}"),
-                });
-                return None;
-            }
-        };
-        let parsed: File = match toml::from_str(&text) {
-            Ok(p) => p,
-            Err(e) => {
-                errors.push(crate::mapping::toml_error(&file, &text, &e));
-                return None;
-            }
-        };
+        let (parsed, file, text): (File, _, _) = crate::mapping::read_toml(dir, FILE, "the policy profiles", errors)?;
         let lines = LineIndex::new(&text);
         let before = errors.len();
         let mut err = |at: usize, message: String| {
