@@ -46,39 +46,37 @@ async fn a_partner_without_an_overlay_maps_with_the_base_mappings() {
     app.stop().await;
 }
 
-#[test]
-fn a_partner_whose_overlay_is_missing_stops_check_and_the_start() {
+/// `check` exits 2 with what it says on stderr, and `serve` refuses to start naming `serve_says`, for a config with
+/// the fixture partners and `extra`.
+fn check_and_serve_refuse(extra: &str, serve_says: &str) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
-    let extra = "[[partners]]\nname = \"lakeside\"\nbase_url = \"https://fhir.lakeside.example/r4\"\n\
-                 receives = [\"referral\"]\noverlay = \"lakeside-ehr\"\n";
     let config = write_config(dir.path(), extra);
     let bin = env!("CARGO_BIN_EXE_carebridge");
     let root = env!("CARGO_MANIFEST_DIR");
     let out = Command::new(bin).current_dir(root).args(["check", "--config"]).arg(&config).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("partner `lakeside`: overlay `lakeside-ehr` is not in"), "{stderr}");
+    let check_says = String::from_utf8_lossy(&out.stderr).into_owned();
     let out = Command::new(bin).current_dir(root).args(["serve", "--config"]).arg(&config).output().expect("runs");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("overlay `lakeside-ehr`"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(serve_says));
+    check_says
+}
+
+#[test]
+fn a_partner_whose_overlay_is_missing_stops_check_and_the_start() {
+    let extra = "[[partners]]\nname = \"lakeside\"\nbase_url = \"https://fhir.lakeside.example/r4\"\n\
+                 receives = [\"referral\"]\noverlay = \"lakeside-ehr\"\n";
+    let stderr = check_and_serve_refuse(extra, "overlay `lakeside-ehr`");
+    assert!(stderr.contains("partner `lakeside`: overlay `lakeside-ehr` is not in"), "{stderr}");
 }
 
 #[test]
 fn a_partner_whose_policy_profile_is_unknown_stops_check_and_the_start() {
-    let dir = tempfile::tempdir().expect("temp dir");
     let extra = "[[partners]]\nname = \"lakeside\"\nbase_url = \"https://fhir.lakeside.example/r4\"\n\
                  receives = [\"referral\"]\npolicy = \"anyone-may-read\"\n";
-    let config = write_config(dir.path(), extra);
-    let bin = env!("CARGO_BIN_EXE_carebridge");
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(bin).current_dir(root).args(["check", "--config"]).arg(&config).output().expect("runs");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = check_and_serve_refuse(extra, "policy `anyone-may-read`");
     assert!(stderr.contains("partner `lakeside`: policy `anyone-may-read` is not a profile"), "{stderr}");
     assert!(stderr.contains("treating-provider"), "the known profiles are named: {stderr}");
-    let out = Command::new(bin).current_dir(root).args(["serve", "--config"]).arg(&config).output().expect("runs");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("policy `anyone-may-read`"));
 }
 
 #[test]
