@@ -602,7 +602,13 @@ impl Worker {
 
     async fn try_attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Result<Verdict, Verdict> {
         let store_failed = |e: StoreError| Verdict::store_failed("", &e);
-        let stored = self.store.get_version(row.kind, &row.id, row.version).await.map_err(store_failed)?;
+        // The version owed and what the policy and the mapping read beside it, in one read.
+        let client = row.client_id.as_deref().and_then(|c| RecordId::parse(c).ok());
+        let (stored, others) = self
+            .store
+            .version_and_client_records(row.kind, &row.id, row.version, client.as_ref(), kinds_read(row.kind))
+            .await
+            .map_err(store_failed)?;
         let Some(stored) = stored else {
             return Err(Verdict::Dead {
                 detail: format!("version {} of the record is not in the store", row.version),
@@ -615,20 +621,15 @@ impl Worker {
             status: None,
             operation_outcome: None,
         })?;
-        let related = related(&*self.store, row.kind, &record).await.map_err(store_failed)?;
-        let facts = match client_of(row.kind, &record) {
-            Some(client) => policy::facts(&*self.store, &client).await.map_err(store_failed)?,
-            None => Facts::default(),
-        };
-        // Whether the partner holds a version of this record already (an ended consent goes only to end it there).
         // A newer version that names another partner or a directory service withdraws this one from the partner.
-        if matches!(row.kind, RecordKind::Referral | RecordKind::Consent)
-            && let Some(current) = self.store.get_record(row.kind, &row.id).await.map_err(store_failed)?
+        if let Some((_, current)) = others.iter().find(|(k, r)| *k == row.kind && r.id == row.id.as_str())
             && let Ok(body) = serde_json::from_str::<Value>(&current.body)
             && let Some(reason) = policy::withdrawn(row.kind, row.version, &body, current.meta.version, &row.partner)
         {
             return Ok(Verdict::Held { reason });
         }
+        let (related, facts) = context(row.kind, &others);
+        // Whether the partner holds a version of this record already (an ended consent goes only to end it there).
         let holds_record =
             policy::partner_holds(&*self.store, &row.partner, row.kind, &row.id).await.map_err(store_failed)?;
         let recipient = Recipient { name: &link.settings.name, profile: &link.profile, holds_record };
@@ -1077,10 +1078,36 @@ fn jittered(wait: Duration) -> Duration {
     wait.mul_f64(factor)
 }
 
-/// The client a record of `kind` belongs to (a client belongs to itself).
-fn client_of(kind: RecordKind, record: &Value) -> Option<RecordId> {
-    let key = if kind == RecordKind::Client { "id" } else { "client_id" };
-    record.get(key).and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok())
+/// The kinds of the client's records a delivery of `kind` reads: its consents and referrals (the policy's facts),
+/// and what its mapping reads (see [`related`]).
+fn kinds_read(kind: RecordKind) -> &'static [RecordKind] {
+    use RecordKind::{Assessment, CarePlan, Client, Consent, Referral};
+    match kind {
+        Client | Consent => &[Consent, Referral],
+        Assessment => &[Consent, Referral, Assessment, CarePlan],
+        CarePlan => &[Client, Consent, Referral, Assessment, CarePlan],
+        Referral => &[Client, Consent, Referral],
+    }
+}
+
+/// What a delivery of `kind` reads beside its record, from the client's current records: the mapping's related
+/// records (as [`related`] gives them) and the policy's facts.
+fn context(kind: RecordKind, records: &[(RecordKind, crate::store::StoredRecord)]) -> (Related, Facts) {
+    let of = |k: RecordKind| records.iter().filter(move |(x, _)| *x == k).map(|(_, r)| r.body.as_str());
+    let values = |k: RecordKind| of(k).filter_map(|b| serde_json::from_str::<Value>(b).ok()).collect::<Vec<_>>();
+    let mut related = Related::default();
+    if matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
+        related.client = of(RecordKind::Client).find_map(|b| serde_json::from_str(b).ok());
+    }
+    if matches!(kind, RecordKind::Assessment | RecordKind::CarePlan) {
+        related.assessments = values(RecordKind::Assessment);
+        related.care_plans = values(RecordKind::CarePlan);
+    }
+    let facts = Facts {
+        consents: of(RecordKind::Consent).filter_map(|b| serde_json::from_str(b).ok()).collect(),
+        referrals: of(RecordKind::Referral).filter_map(|b| serde_json::from_str(b).ok()).collect(),
+    };
+    (related, facts)
 }
 
 /// What the mapping of a record of `kind` reads besides the record: the client (care plan and referral

@@ -308,6 +308,20 @@ pub trait Store: Catalog + SyncJobs + Outbox + Send + Sync + 'static {
     /// `Database` when they could not be read.
     async fn list_records(&self, query: &ListQuery) -> Result<Page, StoreError>;
 
+    /// Version `version` of a record and, in the same read, the current records of `kinds` (at most five) of
+    /// `client`: what a delivery's policy and mapping read beside the version owed, in one round trip.
+    ///
+    /// # Errors
+    /// `Database` when they could not be read.
+    async fn version_and_client_records(
+        &self,
+        kind: RecordKind,
+        id: &RecordId,
+        version: i64,
+        client: Option<&RecordId>,
+        kinds: &[RecordKind],
+    ) -> Result<(Option<StoredRecord>, Vec<(RecordKind, StoredRecord)>), StoreError>;
+
     /// Every version of a record, oldest first (empty when it does not exist).
     ///
     /// # Errors

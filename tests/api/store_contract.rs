@@ -592,6 +592,37 @@ async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<
     }
 }
 
+/// A delivery's one read: the version owed, and the client's current records of the kinds asked for (no other
+/// client's, no other kind), whatever the version owed is.
+async fn a_delivery_reads_its_version_and_its_clients_records_at_once(store: Arc<dyn Store>) {
+    let s = &*store;
+    let (mine, theirs) = (id("cl-ctx-1"), id("cl-ctx-2"));
+    let ok = |r: Result<SaveOutcome, StoreError>| r.expect("saved");
+    ok(save(s, RecordKind::Client, &mine, r#"{"n":1}"#, Some(&mine), None, Precondition::None, t0()).await);
+    ok(save(s, RecordKind::Consent, &id("co-ctx-1"), r#"{"c":1}"#, Some(&mine), None, Precondition::None, t0()).await);
+    ok(save(s, RecordKind::Consent, &id("co-ctx-2"), r#"{"c":2}"#, Some(&theirs), None, Precondition::None, t0())
+        .await);
+    ok(save(s, RecordKind::Referral, &id("ref-ctx-1"), r#"{"r":1}"#, Some(&mine), None, Precondition::None, t0())
+        .await);
+    ok(save(s, RecordKind::Client, &mine, r#"{"n":2}"#, Some(&mine), None, Precondition::None, t0()).await);
+    let kinds = [RecordKind::Consent, RecordKind::Referral];
+    let (owed, others) =
+        s.version_and_client_records(RecordKind::Client, &mine, 1, Some(&mine), &kinds).await.expect("read");
+    assert_eq!(owed.expect("version 1").body, r#"{"n":1}"#);
+    let mut got: Vec<(RecordKind, String)> = others.into_iter().map(|(k, r)| (k, r.id)).collect();
+    got.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(got, [(RecordKind::Consent, "co-ctx-1".to_owned()), (RecordKind::Referral, "ref-ctx-1".to_owned())]);
+    let (owed, others) =
+        s.version_and_client_records(RecordKind::Client, &mine, 9, None, &[RecordKind::Client]).await.expect("read");
+    assert!(owed.is_none() && others.is_empty());
+    let (_, others) = s
+        .version_and_client_records(RecordKind::Client, &mine, 2, Some(&mine), &[RecordKind::Client])
+        .await
+        .expect("read");
+    assert_eq!(others.len(), 1);
+    assert_eq!((others[0].1.meta.version, others[0].1.body.as_str()), (2, r#"{"n":2}"#));
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -627,6 +658,7 @@ contract!(
     a_service_a_later_sync_saw_is_never_deactivated_by_an_earlier_one,
     outbox_claims_take_each_row_once_in_order,
     a_wait_recorded_after_its_target_arrived_goes_again_at_once,
+    a_delivery_reads_its_version_and_its_clients_records_at_once,
 );
 
 /// The whole API on PostgreSQL: the fixtures go in and come back, and readiness follows the database.
