@@ -126,13 +126,7 @@ pub async fn preview(
     // referral Bundles, the client's other assessments and care plans for the needs of an assessment or a care plan.
     let readable = caller.may(Scope::Read);
     let (related, facts) = if readable {
-        let related = crate::outbox::related(&*state.store, kind, &record).await.map_err(super::api::store_problem)?;
-        let client = record.get(if kind == RecordKind::Client { "id" } else { "client_id" }).and_then(Value::as_str);
-        let facts = match client.and_then(|c| crate::domain::RecordId::parse(c).ok()) {
-            Some(c) => policy::facts(&*state.store, &c).await.map_err(super::api::store_problem)?,
-            None => Facts::default(),
-        };
-        (related, facts)
+        crate::outbox::context_now(&*state.store, kind, &record).await.map_err(super::api::store_problem)?
     } else {
         (Related::default(), Facts::default())
     };

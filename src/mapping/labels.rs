@@ -63,12 +63,6 @@ impl Categories {
     pub fn iter(self) -> impl Iterator<Item = ConsentCategory> {
         ConsentCategory::ALL.iter().copied().filter(move |c| self.contains(*c))
     }
-
-    /// The categories as codes (`mental_health, substance_use`), for messages.
-    #[must_use]
-    pub fn codes(self) -> Vec<&'static str> {
-        self.iter().map(ConsentCategory::as_str).collect()
-    }
 }
 
 /// A confidentiality code, in its order of protection (`U` < `L` < `M` < `N` < `R` < `V`).

@@ -1079,7 +1079,8 @@ fn jittered(wait: Duration) -> Duration {
 }
 
 /// The kinds of the client's records a delivery of `kind` reads: its consents and referrals (the policy's facts),
-/// and what its mapping reads (see [`related`]).
+/// and what its mapping reads: the client (care plan and referral Bundles carry its Patient), and the client's
+/// assessments and care plans (the needs of an assessment or a care plan).
 fn kinds_read(kind: RecordKind) -> &'static [RecordKind] {
     use RecordKind::{Assessment, CarePlan, Client, Consent, Referral};
     match kind {
@@ -1090,8 +1091,8 @@ fn kinds_read(kind: RecordKind) -> &'static [RecordKind] {
     }
 }
 
-/// What a delivery of `kind` reads beside its record, from the client's current records: the mapping's related
-/// records (as [`related`] gives them) and the policy's facts.
+/// What a delivery of `kind` reads beside its record, from the client's current records (of [`kinds_read`]): the
+/// mapping's related records and the policy's facts.
 fn context(kind: RecordKind, records: &[(RecordKind, crate::store::StoredRecord)]) -> (Related, Facts) {
     let of = |k: RecordKind| records.iter().filter(move |(x, _)| *x == k).map(|(_, r)| r.body.as_str());
     let values = |k: RecordKind| of(k).filter_map(|b| serde_json::from_str::<Value>(b).ok()).collect::<Vec<_>>();
@@ -1110,26 +1111,21 @@ fn context(kind: RecordKind, records: &[(RecordKind, crate::store::StoredRecord)
     (related, facts)
 }
 
-/// What the mapping of a record of `kind` reads besides the record: the client (care plan and referral
-/// Bundles carry its Patient), and the client's assessments and care plans (the needs of an assessment or a care
-/// plan).
+/// What the policy and the mapping read beside a record of `kind` (agency JSON), as the store holds it now: the
+/// same as a delivery reads with its version ([`kinds_read`], [`context`]), one kind at a time (preview).
 ///
 /// # Errors
 /// When the store fails.
-pub async fn related(store: &dyn Store, kind: RecordKind, record: &Value) -> Result<Related, StoreError> {
-    let mut related = Related::default();
-    let Some(client) = record.get("client_id").and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok()) else {
-        return Ok(related);
+pub async fn context_now(store: &dyn Store, kind: RecordKind, record: &Value) -> Result<(Related, Facts), StoreError> {
+    let key = if kind == RecordKind::Client { "id" } else { "client_id" };
+    let Some(client) = record.get(key).and_then(Value::as_str).and_then(|s| RecordId::parse(s).ok()) else {
+        return Ok((Related::default(), Facts::default()));
     };
-    if matches!(kind, RecordKind::CarePlan | RecordKind::Referral) {
-        let stored = store.get_record(RecordKind::Client, &client).await?;
-        related.client = stored.and_then(|s| serde_json::from_str(&s.body).ok());
+    let mut records = Vec::new();
+    for &k in kinds_read(kind) {
+        records.extend(crate::store::all_of_client(store, k, &client).await?.into_iter().map(|r| (k, r)));
     }
-    if matches!(kind, RecordKind::Assessment | RecordKind::CarePlan) {
-        related.assessments = crate::store::all_of_client(store, RecordKind::Assessment, &client).await?;
-        related.care_plans = crate::store::all_of_client(store, RecordKind::CarePlan, &client).await?;
-    }
-    Ok(related)
+    Ok(context(kind, &records))
 }
 
 #[cfg(test)]

@@ -121,17 +121,6 @@ pub struct Facts {
     pub referrals: Vec<Referral>,
 }
 
-/// Reads the facts of `client` from the store.
-///
-/// # Errors
-/// When the store fails.
-pub async fn facts(store: &dyn Store, client: &RecordId) -> Result<Facts, StoreError> {
-    Ok(Facts {
-        consents: crate::store::all_of_client(store, RecordKind::Consent, client).await?,
-        referrals: crate::store::all_of_client(store, RecordKind::Referral, client).await?,
-    })
-}
-
 /// Whether `partner` holds a version of record `id` of `kind` (the crosswalk has its Consent or its
 /// ServiceRequest): what [`Recipient::holds_record`] says. Only consents and referrals are asked about: their later
 /// versions end what the partner holds.

@@ -187,21 +187,21 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-/// Every current record of `kind` of one client, parsed (a body that does not parse is left out), every page.
+/// Every current record of `kind` of one client, every page.
 ///
 /// # Errors
 /// When the store fails.
-pub async fn all_of_client<T: serde::de::DeserializeOwned>(
+pub async fn all_of_client(
     store: &dyn Store,
     kind: RecordKind,
     client: &RecordId,
-) -> Result<Vec<T>, StoreError> {
+) -> Result<Vec<StoredRecord>, StoreError> {
     let mut query =
         ListQuery { kind, client_id: Some(client.clone()), status: None, updated_since: None, after: None, limit: 200 };
     let mut out = Vec::new();
     loop {
         let page = store.list_records(&query).await?;
-        out.extend(page.items.iter().filter_map(|s| serde_json::from_str(&s.body).ok()));
+        out.extend(page.items);
         match page.next_after {
             Some(after) => query.after = Some(after),
             None => return Ok(out),
