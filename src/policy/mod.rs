@@ -224,6 +224,9 @@ pub fn in_force(consent: &Consent, today: Date) -> bool {
         && consent.period.end.is_none_or(|end| today <= end.0)
 }
 
+/// What [`ended`] says of an active consent past its period.
+const EXPIRED: &str = "has expired";
+
 /// Why a consent no longer allows anything, when it has ended (revoked, expired, rejected, inactive, entered in
 /// error); `None` for one in force or not yet in force (draft, proposed, starting later).
 fn ended(consent: &Consent, today: Date) -> Option<&'static str> {
@@ -232,7 +235,7 @@ fn ended(consent: &Consent, today: Date) -> Option<&'static str> {
         ConsentStatus::Rejected => Some("was rejected"),
         ConsentStatus::Inactive => Some("is inactive"),
         ConsentStatus::EnteredInError => Some("was entered in error"),
-        ConsentStatus::Active if consent.period.end.is_some_and(|end| today > end.0) => Some("has expired"),
+        ConsentStatus::Active if consent.period.end.is_some_and(|end| today > end.0) => Some(EXPIRED),
         _ => None,
     }
 }
@@ -323,10 +326,7 @@ pub fn decide(
             );
         }
         let mut record = record.clone();
-        if text(&record, "status") == Some("active")
-            && let Some(end) = record.pointer("/period/end").and_then(Value::as_str)
-            && Date::parse(end, &time::format_description::well_known::Iso8601::DATE).is_ok_and(|end| today > end)
-        {
+        if parsed.as_ref().and_then(|c| ended(c, today)) == Some(EXPIRED) {
             record["status"] = Value::String("inactive".into());
         }
         let id = text(&record, "id").map(str::to_owned).into_iter().collect();
