@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 
 use crate::domain::{
-    AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, RecordId, RecordKind, Referral, StatusChange,
-    Timestamp, Validator,
+    AgencyRecord, Assessment, CarePlan, Client, Consent, FieldError, IllegalMove, Party, RecordId, RecordKind,
+    Referral, StatusChange, Timestamp, Validator,
 };
 use crate::partners::Partners;
 use crate::store::{Actor, Change, Precondition, RecordWrite, SaveOutcome, Store, StoreError};
@@ -35,6 +35,9 @@ pub enum IntakeError {
         /// Status the request asked for.
         requested: String,
     },
+    /// The state machine does not let this caller make this status move.
+    #[error("illegal status move")]
+    IllegalMove(IllegalMove),
     /// No record with this id.
     #[error("no such record")]
     NotFound,
@@ -190,7 +193,12 @@ pub async fn put<T: AgencyRecord>(
     // status change that lands in between makes this write fail instead of undoing it.
     for attempt in 1..=CONFLICT_ATTEMPTS {
         let checked = match (load::<T>(store, &id).await?, pre) {
-            (None, Precondition::None | Precondition::Absent) => Precondition::Absent,
+            (None, Precondition::None | Precondition::Absent) => {
+                let mut v = Validator::new();
+                record.check_new(&mut v);
+                v.finish().map_err(IntakeError::Invalid)?;
+                Precondition::Absent
+            }
             (None, Precondition::Exists | Precondition::Version(_)) => {
                 return Err(IntakeError::PreconditionFailed { current: None });
             }
@@ -219,14 +227,16 @@ pub async fn put<T: AgencyRecord>(
     Err(IntakeError::PreconditionFailed { current: None })
 }
 
-/// Moves a referral to a new status (the state machine's rules come with partner delivery).
+/// Moves a referral to a new status, as `by` asks, through the state machine ([`Referral::move_status`]).
 ///
 /// # Errors
-/// `Invalid` for a change without a required reason, `NotFound`, `PreconditionFailed`, `Store`.
+/// `Invalid` for a change without a required reason, `IllegalMove` for a move the state machine does not give
+/// `by`, `NotFound`, `PreconditionFailed`, `Store`.
 pub async fn change_referral_status(
     intake: Intake<'_>,
     id: &RecordId,
     change: &StatusChange,
+    by: Party<'_>,
     pre: Precondition,
     actor: &Actor,
     now: OffsetDateTime,
@@ -242,7 +252,7 @@ pub async fn change_referral_status(
         {
             return Err(IntakeError::PreconditionFailed { current: Some(version) });
         }
-        referral.apply(change, Timestamp(now));
+        referral.move_status(change, by, Timestamp(now)).map_err(IntakeError::IllegalMove)?;
         let body = canonical(&referral)?;
         let write = record_write(
             &referral,
@@ -288,6 +298,7 @@ fn record_write<T: AgencyRecord>(
         body,
         client_id: record.client_id().cloned(),
         status: record.status_code(),
+        direction: record.direction_code(),
         change,
         deliver_to,
         reopens_held: crate::policy::reopens_held(T::KIND),
@@ -383,7 +394,7 @@ async fn seed_file(
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
     let id = RecordId::parse(stem).map_err(|e| invalid(format!("file name is not a record id: {e}")))?;
     let text = std::fs::read_to_string(path).map_err(|source| SeedError::Io { path: path.to_owned(), source })?;
-    let actor = Actor { key_name: "seed".into(), request_id: format!("seed-{}", kind.as_str()) };
+    let actor = Actor { key_name: "seed".into(), request_id: format!("seed-{}", kind.as_str()), partner: None };
     macro_rules! seed_as {
         ($t:ty) => {{
             let record: $t = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;

@@ -518,7 +518,7 @@ async fn a_delivery_goes_through_mutual_tls_with_a_smart_token_renewed_after_a_4
         .expect("fixture");
     let client: Client = serde_json::from_str(&text).expect("client");
     let now = OffsetDateTime::now_utc();
-    let actor = Actor { key_name: "test".into(), request_id: "req".into() };
+    let actor = Actor { key_name: "test".into(), request_id: "req".into(), partner: None };
     let id = RecordId::parse("cl-1001").expect("id");
     intake::put(
         Intake { store: &*store, partners: &partners },

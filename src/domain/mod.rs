@@ -9,6 +9,7 @@ mod care_plan;
 mod client;
 mod consent;
 mod referral;
+mod referral_status;
 mod values;
 
 pub use assessment::{Assessment, AssessmentItem, Instrument, Interpretation};
@@ -18,7 +19,8 @@ pub use care_plan::{
 };
 pub use client::{Address, Client, Gender, Identifier};
 pub use consent::{Consent, ConsentCategory, ConsentPurpose, ConsentStatus};
-pub use referral::{Priority, Referral, ReferralNote, ReferralStatus, ReferralTarget, Requester, StatusChange};
+pub use referral::{Direction, Party, Priority, Referral, ReferralNote, ReferralTarget, Requester, StatusChange};
+pub use referral_status::{IllegalMove, ReferralStatus, SetBy, Side};
 pub use values::{Date, FieldError, NeedCode, Period, RecordId, Redacted, ServiceCode, Timestamp, Validator};
 
 use serde::Serialize;
@@ -130,6 +132,11 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The record's status code, for list filters; `None` for kinds without a status.
     fn status_code(&self) -> Option<&'static str>;
 
+    /// Which way the record goes (`outbound`, `inbound`), for kinds that have a direction (referrals).
+    fn direction_code(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Whether `code` is one of this kind's status codes (for list filters).
     fn is_known_status(_code: &str) -> bool {
         false
@@ -140,6 +147,10 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// Checks the rules a type cannot express, adding every violation to `v`.
     fn validate(&self, v: &mut Validator);
+
+    /// Checks the rules for a record's first version only (a referral begins as a draft or sent), adding every
+    /// violation to `v`.
+    fn check_new(&self, _v: &mut Validator) {}
 
     /// The directory service this record names as its target (referrals), checked against the catalog on write.
     fn directory_service(&self) -> Option<&RecordId> {

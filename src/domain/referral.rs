@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::referral_status::{IllegalMove, ReferralStatus, Side};
 use super::values::vocabulary;
 use super::{
     AgencyRecord, Citation, ConsentCategory, NeedCode, RecordId, RecordKind, Redacted, ServiceCode, Timestamp,
@@ -15,38 +16,6 @@ vocabulary! {
         Routine = "routine",
         Urgent = "urgent",
         Crisis = "crisis",
-    }
-}
-
-vocabulary! {
-    /// Where a referral stands: `draft`, `sent`, `accepted`, `declined`, `in_progress`, `on_hold`,
-    /// `completed`, `cancelled`, `failed`, `entered_in_error`. `declined`, `cancelled`, `on_hold` and `failed`
-    /// need a reason.
-    pub enum ReferralStatus {
-        Draft = "draft",
-        Sent = "sent",
-        Accepted = "accepted",
-        Declined = "declined",
-        InProgress = "in_progress",
-        OnHold = "on_hold",
-        Completed = "completed",
-        Cancelled = "cancelled",
-        Failed = "failed",
-        EnteredInError = "entered_in_error",
-    }
-}
-
-impl ReferralStatus {
-    /// Whether moving to this status must say why (FHIR `Task.statusReason`).
-    #[must_use]
-    pub fn needs_reason(self) -> bool {
-        matches!(self, Self::Declined | Self::Cancelled | Self::OnHold | Self::Failed)
-    }
-
-    /// Whether the referral has ended in this status (its crisis alert, if any, is then closed).
-    #[must_use]
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Cancelled | Self::Declined | Self::Failed | Self::EnteredInError)
     }
 }
 
@@ -120,6 +89,10 @@ pub struct Requester {
     /// Name of the requesting organisation.
     #[schema(example = "Riverside Community Mental Health", max_length = 200)]
     pub organization: String,
+    /// The partner (its configured name) the requester works for, on a referral a partner sent the agency
+    /// (`target` is then `agency`); absent on the agency's own referrals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<RecordId>,
 }
 
 /// Who is asked to provide the service.
@@ -136,6 +109,39 @@ pub enum ReferralTarget {
         /// The gateway's id of the directory service.
         service_id: RecordId,
     },
+    /// The agency itself: a referral a partner sent (inbound); `requester.partner` names who sent it.
+    Agency,
+}
+
+/// Which way a referral goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The agency refers its client out (to a partner or a directory service).
+    Outbound,
+    /// A partner refers a client to the agency.
+    Inbound,
+}
+
+impl Direction {
+    /// `outbound` or `inbound`, as stored and filtered on.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Who moves a referral: the agency (through its API key), or a partner (through its key on `/fhir`, or its
+/// server's Task read back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party<'a> {
+    /// The agency's case-management system.
+    Agency,
+    /// A configured partner, by name.
+    Partner(&'a str),
 }
 
 /// A note about the referral.
@@ -183,16 +189,57 @@ pub const MAX_GOAL_IDS: usize = 50;
 pub const MAX_NOTES: usize = 200;
 
 impl Referral {
-    /// Applies a status change at `now`; the reason replaces the previous one (or clears it when none is
-    /// given). A change that ends the referral records `now` as `closed_at`; one that reopens it clears it.
-    pub fn apply(&mut self, change: &StatusChange, now: Timestamp) {
-        if !change.status.is_final() {
-            self.closed_at = None;
-        } else if !self.status.is_final() || self.closed_at.is_none() {
+    /// Which way this referral goes: inbound when a partner sent it (its target is the agency).
+    #[must_use]
+    pub fn direction(&self) -> Direction {
+        match self.target {
+            ReferralTarget::Agency => Direction::Inbound,
+            ReferralTarget::Partner { .. } | ReferralTarget::DirectoryService { .. } => Direction::Outbound,
+        }
+    }
+
+    /// The partner on the other side of this referral: the target of an outbound one, the sender of an inbound
+    /// one; `None` for a directory service.
+    #[must_use]
+    pub fn counterpart(&self) -> Option<&RecordId> {
+        match &self.target {
+            ReferralTarget::Partner { partner } => Some(partner),
+            ReferralTarget::Agency => self.requester.partner.as_ref(),
+            ReferralTarget::DirectoryService { .. } => None,
+        }
+    }
+
+    /// The sides `party` holds on this referral: the agency requests what it sends out and performs what it
+    /// receives, and holds both for a directory service (which has no system to answer with, so the case manager
+    /// records its answers); a partner holds the other side when it is the counterpart, none otherwise.
+    #[must_use]
+    pub fn sides_of(&self, party: Party<'_>) -> Vec<Side> {
+        match (party, &self.target) {
+            (Party::Agency, ReferralTarget::Partner { .. }) => vec![Side::Requester],
+            (Party::Agency, ReferralTarget::DirectoryService { .. }) => vec![Side::Requester, Side::Performer],
+            (Party::Agency, ReferralTarget::Agency) => vec![Side::Performer],
+            (Party::Partner(p), _) if self.counterpart().is_some_and(|c| c.as_str() == p) => match self.direction() {
+                Direction::Outbound => vec![Side::Performer],
+                Direction::Inbound => vec![Side::Requester],
+            },
+            (Party::Partner(_), _) => Vec::new(),
+        }
+    }
+
+    /// Moves the referral as `by` asks at `now`, if the state machine lets `by` make that move; the reason
+    /// replaces the previous one (or clears it when none is given). A move that ends the referral records `now`
+    /// as `closed_at`.
+    ///
+    /// # Errors
+    /// [`IllegalMove`], naming the statuses `by` may set instead; the referral is then unchanged.
+    pub fn move_status(&mut self, change: &StatusChange, by: Party<'_>, now: Timestamp) -> Result<(), IllegalMove> {
+        self.status.check_move(change.status, &self.sides_of(by))?;
+        if change.status.is_final() && (self.closed_at.is_none() || !self.status.is_final()) {
             self.closed_at = Some(now);
         }
         self.status = change.status;
         self.status_reason.clone_from(&change.reason);
+        Ok(())
     }
 }
 
@@ -213,6 +260,10 @@ impl AgencyRecord for Referral {
 
     fn status_code(&self) -> Option<&'static str> {
         Some(self.status.as_str())
+    }
+
+    fn direction_code(&self) -> Option<&'static str> {
+        Some(self.direction().as_str())
     }
 
     fn is_known_status(code: &str) -> bool {
@@ -242,15 +293,28 @@ impl AgencyRecord for Referral {
     fn directory_service(&self) -> Option<&RecordId> {
         match &self.target {
             ReferralTarget::DirectoryService { service_id } => Some(service_id),
-            ReferralTarget::Partner { .. } => None,
+            ReferralTarget::Partner { .. } | ReferralTarget::Agency => None,
         }
     }
 
     fn partner(&self) -> Option<(&'static str, &RecordId)> {
         match &self.target {
             ReferralTarget::Partner { partner } => Some(("$.target.partner", partner)),
+            ReferralTarget::Agency => self.requester.partner.as_ref().map(|p| ("$.requester.partner", p)),
             ReferralTarget::DirectoryService { .. } => None,
         }
+    }
+
+    fn check_new(&self, v: &mut Validator) {
+        v.check(
+            self.status.may_begin(),
+            "$.status",
+            format!(
+                "a referral begins as draft or sent, not {}: later statuses are the performer's answers, set through \
+                 POST /api/v1/referrals/{{id}}/status",
+                self.status
+            ),
+        );
     }
 
     fn validate(&self, v: &mut Validator) {
@@ -265,6 +329,11 @@ impl AgencyRecord for Referral {
         v.at_most(self.notes.len(), "$.notes", MAX_NOTES);
         v.text(&self.requester.name, "$.requester.name", 200);
         v.text(&self.requester.organization, "$.requester.organization", 200);
+        v.check(
+            matches!(self.target, ReferralTarget::Agency) == self.requester.partner.is_some(),
+            "$.requester.partner",
+            "a referral to the agency (target agency) names the partner that sent it, and only such a referral does",
+        );
         v.check(
             self.closed_at.is_none() || self.status.is_final(),
             "$.closed_at",

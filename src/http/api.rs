@@ -36,6 +36,9 @@ pub struct ListParams {
     status: Option<String>,
     /// Only records changed at or after this instant (RFC 3339).
     updated_since: Option<String>,
+    /// Only referrals going this way: `outbound` (the agency refers out) or `inbound` (a partner referred to the
+    /// agency). Referrals only.
+    direction: Option<domain::Direction>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Page size (default and maximum set in the configuration).
@@ -78,7 +81,7 @@ pub struct History {
     versions: Vec<HistoryEntry>,
 }
 
-/// One version of a record: who made it, when, how.
+/// One version of a record: who made it, when, how, and where it left the record's status.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HistoryEntry {
     /// Version number, from 1.
@@ -88,8 +91,18 @@ pub struct HistoryEntry {
     /// When.
     #[schema(value_type = String, format = DateTime)]
     changed_at: String,
-    /// Name of the API key that made it.
+    /// Name of the API key that made it (`seed` for the demo seed; the follow-up worker's name for a status read
+    /// from a partner's server).
     changed_by: String,
+    /// The partner on whose word it was made (a hospital that moved a referral's status), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partner: Option<String>,
+    /// The record's status in this version (kinds with a status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<String>,
+    /// Why the referral was in that status, when it said (`declined`, `cancelled`, `on_hold`, `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_reason: Option<String>,
     /// Request id of the call that made it.
     request_id: String,
 }
@@ -189,6 +202,9 @@ fn intake_problem(e: IntakeError) -> ApiError {
             .detail(format!(
                 "the referral is {current}; POST {{\"status\":\"{requested}\"}} to /api/v1/referrals/{{id}}/status to change it"
             )),
+        IntakeError::IllegalMove(m) => Problem::new(ProblemType::IllegalStatusMove)
+            .detail(m.explain())
+            .allowed_next(m.allowed().iter().map(|s| s.as_str().to_owned()).collect()),
         IntakeError::NotFound => Problem::new(ProblemType::NotFound).detail("no record with this id"),
         IntakeError::PreconditionFailed { current } => Problem::new(ProblemType::PreconditionFailed).detail(match current {
             Some(v) => format!("the record is at version {v} (ETag {})", etag(v)),
@@ -340,8 +356,12 @@ fn list_query<T: AgencyRecord>(state: &AppState, p: ListParams) -> Result<ListQu
                 .ok_or_else(|| invalid_query("cursor: not a cursor this API issued"))
         })
         .transpose()?;
+    if p.direction.is_some() && T::KIND != RecordKind::Referral {
+        return Err(invalid_query("direction: only referrals have a direction"));
+    }
+    let direction = p.direction.map(domain::Direction::as_str);
     let limit = page_limit(state, p.limit)?;
-    Ok(ListQuery { kind: T::KIND, client_id, status: p.status, updated_since, after, limit })
+    Ok(ListQuery { kind: T::KIND, client_id, status: p.status, direction, updated_since, after, limit })
 }
 
 fn listed(record: StoredRecord) -> Result<ListedRecord, ApiError> {
@@ -368,12 +388,19 @@ async fn record_history(state: &AppState, kind: RecordKind, path: IdPath) -> Res
     }
     let versions = versions
         .into_iter()
-        .map(|v| HistoryEntry {
-            version: v.version,
-            action: v.change,
-            changed_at: rfc3339(v.changed_at),
-            changed_by: v.changed_by,
-            request_id: v.request_id,
+        .map(|v| {
+            let body: serde_json::Value = serde_json::from_str(&v.body).unwrap_or_default();
+            let text = |k: &str| body.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
+            HistoryEntry {
+                version: v.version,
+                action: v.change,
+                changed_at: rfc3339(v.changed_at),
+                changed_by: v.changed_by,
+                partner: v.partner,
+                status: text("status"),
+                status_reason: text("status_reason"),
+                request_id: v.request_id,
+            }
         })
         .collect();
     Ok(Json(History { id: path.id.to_string(), kind, versions }))
@@ -516,6 +543,7 @@ record_routes!(
         (status = 200, description = "The referral after the change (keys with the read scope)", body = domain::Referral, headers(("ETag" = String))),
         (status = 204, description = "Changed (keys without the read scope)", headers(("ETag" = String))),
         (status = 404, description = "No such referral", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The state machine does not let the agency make this move (`allowed_next` says what it may set)", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "The referral is not at the expected version", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown status, or a reason missing", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = ["write"])))]
@@ -528,10 +556,17 @@ pub async fn change_referral_status(
     JsonBody(change): JsonBody<StatusChange>,
 ) -> Result<Response, ApiError> {
     let pre = precondition(&state, RecordKind::Referral, &path.id, pre).await?;
-    let saved =
-        intake::change_referral_status(intake_of(&state), &path.id, &change, pre, &actor.0, OffsetDateTime::now_utc())
-            .await
-            .map_err(intake_problem)?;
+    let saved = intake::change_referral_status(
+        intake_of(&state),
+        &path.id,
+        &change,
+        domain::Party::Agency,
+        pre,
+        &actor.0,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .map_err(intake_problem)?;
     if !caller.may(Scope::Read) {
         let mut response = StatusCode::NO_CONTENT.into_response();
         if let Ok(tag) = HeaderValue::from_str(&etag(saved.outcome.meta().version)) {

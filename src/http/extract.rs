@@ -675,7 +675,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CallerActor {
             .ok_or_else(|| Problem::new(ProblemType::Unauthorized).detail("send Authorization: Bearer <api key>"))?;
         let request_id =
             parts.headers.get(super::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-        Ok(CallerActor(Actor { key_name: caller.name.to_string(), request_id }))
+        Ok(CallerActor(Actor { key_name: caller.name.to_string(), request_id, partner: None }))
     }
 }
 

@@ -53,6 +53,8 @@ pub enum ProblemType {
     InvalidHeader,
     /// A referral `PUT` tried to move the status.
     StatusChangeNotAllowed,
+    /// A referral status move the state machine does not allow this caller.
+    IllegalStatusMove,
     /// A sync of the directory is already running (here or on another replica).
     SyncRunning,
     /// The delivery is not in a state that allows this (replay of a pending one, discard of a delivered one).
@@ -85,6 +87,7 @@ impl ProblemType {
             Self::InvalidPrecondition => "invalid-precondition",
             Self::InvalidHeader => "invalid-header",
             Self::StatusChangeNotAllowed => "status-change-not-allowed",
+            Self::IllegalStatusMove => "illegal-status-move",
             Self::SyncRunning => "sync-running",
             Self::DeliveryState => "delivery-state",
             Self::Timeout => "timeout",
@@ -110,7 +113,9 @@ impl ProblemType {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-            Self::StatusChangeNotAllowed | Self::SyncRunning | Self::DeliveryState => StatusCode::CONFLICT,
+            Self::StatusChangeNotAllowed | Self::IllegalStatusMove | Self::SyncRunning | Self::DeliveryState => {
+                StatusCode::CONFLICT
+            }
             Self::Timeout | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -135,6 +140,7 @@ impl ProblemType {
             Self::InvalidPrecondition => "A conditional request header is not valid",
             Self::InvalidHeader => "A request header is not valid",
             Self::StatusChangeNotAllowed => "A referral's status changes only through its status endpoint",
+            Self::IllegalStatusMove => "The referral cannot move to this status, or not by this caller",
             Self::SyncRunning => "A sync of this directory is already running",
             Self::DeliveryState => "The delivery's state does not allow this",
             Self::Timeout => "The request took too long",
@@ -149,7 +155,8 @@ impl ProblemType {
 pub struct Problem {
     /// Stable URI of the kind of problem, `urn:carebridge:problem:<slug>`.
     #[serde(rename = "type")]
-    pub type_uri: String,
+    #[schema(value_type = String)]
+    pub type_uri: Box<str>,
     /// Short summary of the kind of problem.
     pub title: &'static str,
     /// HTTP status code.
@@ -160,6 +167,10 @@ pub struct Problem {
     /// Every offending field, with its JSON path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// For an illegal referral status move: the statuses the caller may set instead (possibly none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub allowed_next: Option<Box<Vec<String>>>,
     /// The request id (also in the `x-request-id` header): quote it when reporting a problem.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -184,11 +195,12 @@ impl Problem {
     #[must_use]
     pub fn new(kind: ProblemType) -> Self {
         Problem {
-            type_uri: format!("urn:carebridge:problem:{}", kind.slug()),
+            type_uri: format!("urn:carebridge:problem:{}", kind.slug()).into_boxed_str(),
             title: kind.title(),
             status: kind.status().as_u16(),
             detail: None,
             errors: Vec::new(),
+            allowed_next: None,
             request_id: None,
             kind: Some(kind),
         }
@@ -205,6 +217,13 @@ impl Problem {
     #[must_use]
     pub fn errors(mut self, errors: Vec<FieldError>) -> Self {
         self.errors = errors;
+        self
+    }
+
+    /// With the statuses a referral may move to instead.
+    #[must_use]
+    pub fn allowed_next(mut self, allowed: Vec<String>) -> Self {
+        self.allowed_next = Some(Box::new(allowed));
         self
     }
 

@@ -34,9 +34,7 @@ use serde_json::Value;
 use time::Date;
 use utoipa::ToSchema;
 
-use crate::domain::{
-    Consent, ConsentCategory, ConsentStatus, RecordId, RecordKind, Referral, ReferralStatus, ReferralTarget,
-};
+use crate::domain::{Consent, ConsentCategory, ConsentStatus, RecordId, RecordKind, Referral, ReferralStatus};
 use crate::mapping::labels::{Categories, LabelRules};
 use crate::mapping::{LoadErrors, Related};
 use crate::store::{Store, StoreError};
@@ -349,12 +347,13 @@ pub fn decide(
     let referred = |r: &Referral| {
         Some(r.client_id.as_str()) == client
             && CARING.contains(&r.status)
-            && matches!(&r.target, ReferralTarget::Partner { partner } if partner.as_str() == recipient.name)
+            && r.counterpart().is_some_and(|p| p.as_str() == recipient.name)
     };
     // The referral decided on names this partner: its own grounds while it is live, and, once the partner holds it,
     // every later version (a cancellation or a correction must reach it).
     let named_here = kind == RecordKind::Referral
-        && record.pointer("/target/partner").and_then(Value::as_str) == Some(recipient.name)
+        && record.pointer("/target/partner").or_else(|| record.pointer("/requester/partner")).and_then(Value::as_str)
+            == Some(recipient.name)
         && (recipient.holds_record
             || text(record, "status").and_then(ReferralStatus::from_code).is_some_and(|s| CARING.contains(&s)));
     let grounds = Grounds {

@@ -110,6 +110,8 @@ pub struct RecordWrite {
     pub client_id: Option<RecordId>,
     /// Its status code, for filtering.
     pub status: Option<&'static str>,
+    /// Its direction (`outbound`, `inbound`) for kinds that have one (referrals), for filtering.
+    pub direction: Option<&'static str>,
     /// What kind of change this is.
     pub change: Change,
     /// The partners this version goes to: one outbox row each, in the write's transaction (none when the write
@@ -127,6 +129,9 @@ pub struct Actor {
     pub key_name: String,
     /// Request id of the call that made it.
     pub request_id: String,
+    /// The partner on whose word the change was made (a hospital moving a referral's status), if any; the key
+    /// or worker that carried it is `key_name`.
+    pub partner: Option<String>,
 }
 
 /// What a write did.
@@ -179,6 +184,8 @@ pub struct ListQuery {
     pub client_id: Option<RecordId>,
     /// Only records with this status code.
     pub status: Option<String>,
+    /// Only referrals going this way (`outbound`, `inbound`).
+    pub direction: Option<&'static str>,
     /// Only records changed at or after this instant.
     pub updated_since: Option<OffsetDateTime>,
     /// Only records whose id sorts after this one (the cursor).
@@ -196,8 +203,15 @@ pub async fn all_of_client(
     kind: RecordKind,
     client: &RecordId,
 ) -> Result<Vec<StoredRecord>, StoreError> {
-    let mut query =
-        ListQuery { kind, client_id: Some(client.clone()), status: None, updated_since: None, after: None, limit: 200 };
+    let mut query = ListQuery {
+        kind,
+        client_id: Some(client.clone()),
+        status: None,
+        direction: None,
+        updated_since: None,
+        after: None,
+        limit: 200,
+    };
     let mut out = Vec::new();
     loop {
         let page = store.list_records(&query).await?;
@@ -231,6 +245,10 @@ pub struct VersionInfo {
     pub changed_by: String,
     /// Request id of the call.
     pub request_id: String,
+    /// The partner that made the change (through its key on `/fhir`, or on its own server), if one did.
+    pub partner: Option<String>,
+    /// The record as this version left it (canonical JSON).
+    pub body: String,
 }
 
 /// One audit entry: a write (or an idempotent no-op) by an API key.

@@ -191,8 +191,8 @@ macro_rules! impl_store {
                     Plan::Unchanged(meta) => SaveOutcome::Unchanged(meta),
                     Plan::Insert => {
                         let done = sqlx::query(
-                            "INSERT INTO records (kind, id, version, body, client_id, status, created_at, updated_at, updated_by) \
-                             VALUES ($1, $2, 1, $3, $4, $5, $6, $6, $7) ON CONFLICT (kind, id) DO NOTHING",
+                            "INSERT INTO records (kind, id, version, body, client_id, status, created_at, updated_at, updated_by, \
+                             direction) VALUES ($1, $2, 1, $3, $4, $5, $6, $6, $7, $8) ON CONFLICT (kind, id) DO NOTHING",
                         )
                         .bind(write.kind.as_str())
                         .bind(write.id.as_str())
@@ -201,6 +201,7 @@ macro_rules! impl_store {
                         .bind(write.status)
                         .bind(now)
                         .bind(&actor.key_name)
+                        .bind(write.direction)
                         .execute(&mut *tx)
                         .await?;
                         if done.rows_affected() == 0 {
@@ -211,7 +212,7 @@ macro_rules! impl_store {
                     Plan::Update { version } => {
                         let done = sqlx::query(
                             "UPDATE records SET version = $3, body = $4, client_id = $5, status = $6, updated_at = $7, \
-                             updated_by = $8 WHERE kind = $1 AND id = $2 AND version = $9",
+                             updated_by = $8, direction = $10 WHERE kind = $1 AND id = $2 AND version = $9",
                         )
                         .bind(write.kind.as_str())
                         .bind(write.id.as_str())
@@ -222,6 +223,7 @@ macro_rules! impl_store {
                         .bind(now)
                         .bind(&actor.key_name)
                         .bind(version)
+                        .bind(write.direction)
                         .execute(&mut *tx)
                         .await?;
                         if done.rows_affected() == 0 {
@@ -234,8 +236,8 @@ macro_rules! impl_store {
                 let version = outcome.meta().version;
                 if !matches!(outcome, SaveOutcome::Unchanged(_)) {
                     sqlx::query(
-                        "INSERT INTO record_versions (kind, id, version, body, action, changed_at, changed_by, request_id) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        "INSERT INTO record_versions (kind, id, version, body, action, changed_at, changed_by, request_id, \
+                         partner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     )
                     .bind(write.kind.as_str())
                     .bind(write.id.as_str())
@@ -245,6 +247,7 @@ macro_rules! impl_store {
                     .bind(now)
                     .bind(&actor.key_name)
                     .bind(&actor.request_id)
+                    .bind(actor.partner.as_deref())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -409,12 +412,12 @@ macro_rules! impl_store {
                     "SELECT id, version, updated_at, body FROM records WHERE kind = $1 \
                      AND client_id = $2 AND ($3 IS NULL OR status = $3) \
                      AND ($4 IS NULL OR updated_at >= $4) AND ($5 IS NULL OR id > $5) \
-                     ORDER BY id LIMIT $6"
+                     AND ($7 IS NULL OR direction = $7) ORDER BY id LIMIT $6"
                 } else {
                     "SELECT id, version, updated_at, body FROM records WHERE kind = $1 \
                      AND ($2 IS NULL OR client_id = $2) AND ($3 IS NULL OR status = $3) \
                      AND ($4 IS NULL OR updated_at >= $4) AND ($5 IS NULL OR id > $5) \
-                     ORDER BY id LIMIT $6"
+                     AND ($7 IS NULL OR direction = $7) ORDER BY id LIMIT $6"
                 };
                 let rows = sqlx::query(sql)
                 .bind(q.kind.as_str())
@@ -423,6 +426,7 @@ macro_rules! impl_store {
                 .bind(q.updated_since.map(to_micros))
                 .bind(q.after.as_deref())
                 .bind(i64::from(q.limit) + 1)
+                .bind(q.direction)
                 .fetch_all(&self.reader)
                 .await?;
                 let mut items = rows.iter().map(stored_record).collect::<Result<Vec<_>, _>>()?;
@@ -434,7 +438,7 @@ macro_rules! impl_store {
 
             async fn history(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<VersionInfo>, StoreError> {
                 let rows = sqlx::query(
-                    "SELECT version, action, changed_at, changed_by, request_id FROM record_versions \
+                    "SELECT version, action, changed_at, changed_by, request_id, partner, body FROM record_versions \
                      WHERE kind = $1 AND id = $2 ORDER BY version",
                 )
                 .bind(kind.as_str())
@@ -449,6 +453,8 @@ macro_rules! impl_store {
                             changed_at: from_micros(r.try_get(2)?),
                             changed_by: r.try_get(3)?,
                             request_id: r.try_get(4)?,
+                            partner: r.try_get(5)?,
+                            body: r.try_get(6)?,
                         })
                     })
                     .collect()

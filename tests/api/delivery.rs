@@ -239,7 +239,7 @@ impl World {
             RecordId::parse(id).expect("id"),
             record,
             Precondition::None,
-            &Actor { key_name: "test".into(), request_id: "req".into() },
+            &Actor { key_name: "test".into(), request_id: "req".into(), partner: None },
             Change::Put,
             T0,
         )

@@ -176,7 +176,7 @@ fn validate(resources: &[Value]) {
 }
 
 fn actor() -> Actor {
-    Actor { key_name: "interop-test".into(), request_id: "req-interop".into() }
+    Actor { key_name: "interop-test".into(), request_id: "req-interop".into(), partner: None }
 }
 
 async fn retitle_care_plan(w: &World, id: &str, title: &str) {

@@ -71,7 +71,7 @@ impl World {
             RecordId::parse(id).expect("id"),
             record,
             Precondition::None,
-            &Actor { key_name: "egress-test".into(), request_id: "req".into() },
+            &Actor { key_name: "egress-test".into(), request_id: "req".into(), partner: None },
             Change::Put,
             OffsetDateTime::now_utc(),
         )

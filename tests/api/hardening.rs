@@ -68,8 +68,13 @@ async fn a_write_only_key_moves_a_referral_and_gets_no_body_back() {
     let app = app_with_write_only_key().await;
     app.put_clients().await;
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &fixture("referral", "ref-4001")).await.status(), 201);
-    let moved =
-        post_as(&app, WRITE_ONLY_KEY, "/api/v1/referrals/ref-4001/status", &json!({"status": "in_progress"})).await;
+    let moved = post_as(
+        &app,
+        WRITE_ONLY_KEY,
+        "/api/v1/referrals/ref-4001/status",
+        &json!({"status": "cancelled", "reason": "moved"}),
+    )
+    .await;
     assert_eq!(moved.status(), 204);
     assert_eq!(moved.headers()["etag"], "\"2\"");
     assert!(moved.text().await.expect("body").is_empty());
@@ -81,7 +86,7 @@ async fn a_write_only_key_moves_a_referral_and_gets_no_body_back() {
         .await
         .expect("sent");
     assert_eq!(read.status(), 403);
-    assert_eq!(app.get_json("/api/v1/referrals/ref-4001").await["status"], "in_progress");
+    assert_eq!(app.get_json("/api/v1/referrals/ref-4001").await["status"], "cancelled");
     app.stop().await;
 }
 

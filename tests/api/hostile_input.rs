@@ -238,7 +238,7 @@ async fn a_well_formed_if_match_that_matches_nothing_is_412_and_only_a_malformed
     let status_change = |tag: &'static str| {
         app.request(Method::POST, "/api/v1/referrals/ref-4001/status")
             .header("if-match", tag)
-            .json(&json!({"status": "completed"}))
+            .json(&json!({"status": "cancelled", "reason": "the client moved away"}))
             .send()
     };
     assert_eq!(status_change("\"stale-version\"").await.expect("sent").status(), 412);

@@ -124,7 +124,8 @@ async fn every_new_version_is_owed_to_the_partners_that_receive_it_in_the_same_w
     assert_eq!(referral["target"]["partner"], "st-marys-ehr");
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &referral).await.status(), 201);
     assert_eq!(app.put("/api/v1/referrals/ref-4001", &referral).await.status(), 200, "identical: nothing new");
-    let moved = app.post("/api/v1/referrals/ref-4001/status", &json!({"status": "in_progress"})).await;
+    let moved =
+        app.post("/api/v1/referrals/ref-4001/status", &json!({"status": "cancelled", "reason": "moved away"})).await;
     assert!(moved.status().is_success(), "{}", moved.status());
     assert_eq!(
         owed(&app, RecordKind::Referral, "ref-4001").await,

@@ -124,7 +124,7 @@ fn logs_never_contain_names_birth_dates_or_notes() {
     assert_eq!(
         http.post(format!("{base}/api/v1/referrals/ref-4001/status"))
             .bearer_auth(ADMIN_KEY)
-            .json(&json!({"status": "failed", "reason": "Xyzzy-confidential-note"}))
+            .json(&json!({"status": "cancelled", "reason": "Xyzzy-confidential-note"}))
             .send()
             .expect("sent")
             .status(),

@@ -141,9 +141,13 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
     let of_client: Value = app.get_json("/api/v1/referrals?client=cl-1001").await;
     let ids = pluck(&of_client, "items", "id");
     assert_eq!(ids, ["ref-4001", "ref-4002"]);
-    let accepted: Value = app.get_json("/api/v1/referrals?status=accepted").await;
-    let ids = pluck(&accepted, "items", "id");
-    assert_eq!(ids, ["ref-4001", "ref-4006"]);
+    let drafts: Value = app.get_json("/api/v1/referrals?status=draft").await;
+    let ids = pluck(&drafts, "items", "id");
+    assert_eq!(ids, ["ref-4007"]);
+    let outbound: Value = app.get_json("/api/v1/referrals?direction=outbound&limit=100").await;
+    assert_eq!(outbound["items"].as_array().expect("items").len(), 7);
+    let inbound: Value = app.get_json("/api/v1/referrals?direction=inbound").await;
+    assert!(inbound["items"].as_array().expect("items").is_empty());
     let future: Value = app.get_json("/api/v1/referrals?updated_since=2999-01-01T00:00:00Z").await;
     assert!(future["items"].as_array().expect("items").is_empty());
     let past: Value = app.get_json("/api/v1/clients?updated_since=2000-01-01T00:00:00Z").await;
@@ -158,6 +162,8 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
         "/api/v1/referrals?updated_since=yesterday",
         "/api/v1/referrals?client=has%20space",
         "/api/v1/referrals?stauts=accepted",
+        "/api/v1/referrals?direction=sideways",
+        "/api/v1/clients?direction=inbound",
     ] {
         let response = app.get(bad).await;
         assert_eq!(response.status(), 400, "{bad}");
@@ -170,40 +176,43 @@ async fn lists_page_by_cursor_and_filter_by_client_status_and_time() {
 async fn a_referral_status_changes_through_its_endpoint_only() {
     let app = spawn_app().await;
     app.put_clients().await;
-    let mut referral = fixture("referral", "ref-4002");
-    assert_eq!(app.put("/api/v1/referrals/ref-4002", &referral).await.status(), 201);
+    // A referral to a community program from the directory: the program has no system of its own, so the case
+    // manager records its answers (the agency holds both sides).
+    let mut referral = fixture("referral", "ref-4004");
+    assert_eq!(referral["target"]["type"], "directory_service");
+    assert_eq!(app.put("/api/v1/referrals/ref-4004", &referral).await.status(), 201);
 
     referral["status"] = json!("accepted");
-    let via_put = app.put("/api/v1/referrals/ref-4002", &referral).await;
+    let via_put = app.put("/api/v1/referrals/ref-4004", &referral).await;
     assert_eq!(via_put.status(), 409);
     let problem: Value = via_put.json().await.expect("JSON");
     assert_eq!(problem["type"], "urn:carebridge:problem:status-change-not-allowed");
 
-    let accepted = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "accepted"})).await;
+    let accepted = app.post("/api/v1/referrals/ref-4004/status", &json!({"status": "accepted"})).await;
     assert_eq!(accepted.status(), 200);
     assert_eq!(accepted.headers()["etag"], "\"2\"");
     let body: Value = accepted.json().await.expect("JSON");
     assert_eq!(body["status"], "accepted");
 
-    let no_reason = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "on_hold"})).await;
+    let no_reason = app.post("/api/v1/referrals/ref-4004/status", &json!({"status": "on_hold"})).await;
     assert_eq!(no_reason.status(), 422);
     let problem: Value = no_reason.json().await.expect("JSON");
     assert_eq!(problem["errors"][0]["path"], "$.reason");
 
-    let unknown = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "teleported"})).await;
+    let unknown = app.post("/api/v1/referrals/ref-4004/status", &json!({"status": "teleported"})).await;
     assert_eq!(unknown.status(), 422);
     let problem: Value = unknown.json().await.expect("JSON");
     assert_eq!(problem["errors"][0]["path"], "$.status");
 
     let held = app
-        .post("/api/v1/referrals/ref-4002/status", &json!({"status": "on_hold", "reason": "client in hospital"}))
+        .post("/api/v1/referrals/ref-4004/status", &json!({"status": "on_hold", "reason": "client in hospital"}))
         .await;
     assert_eq!(held.status(), 200);
     let body: Value = held.json().await.expect("JSON");
     assert_eq!(body["status_reason"], "client in hospital");
 
     let stale = app
-        .request(reqwest::Method::POST, "/api/v1/referrals/ref-4002/status")
+        .request(reqwest::Method::POST, "/api/v1/referrals/ref-4004/status")
         .header("if-match", "\"2\"")
         .json(&json!({"status": "in_progress"}))
         .send()
@@ -213,14 +222,84 @@ async fn a_referral_status_changes_through_its_endpoint_only() {
     assert_eq!(app.post("/api/v1/referrals/ref-0000/status", &json!({"status": "accepted"})).await.status(), 404);
 
     // A PUT that keeps the new status is an ordinary replacement.
-    let current: Value = app.get_json("/api/v1/referrals/ref-4002").await;
+    let current: Value = app.get_json("/api/v1/referrals/ref-4004").await;
     let mut edited = current.clone();
     edited["reason"] = json!("Evaluate for antidepressant; prefers mornings");
-    assert_eq!(app.put("/api/v1/referrals/ref-4002", &edited).await.status(), 200);
+    assert_eq!(app.put("/api/v1/referrals/ref-4004", &edited).await.status(), 200);
 
-    let history: Value = app.get_json("/api/v1/referrals/ref-4002/history").await;
-    let actions = pluck(&history, "versions", "action");
-    assert_eq!(actions, ["created", "status_changed", "status_changed", "replaced"]);
+    // The history says where each version left the referral, why, and who moved it.
+    let history: Value = app.get_json("/api/v1/referrals/ref-4004/history").await;
+    assert_eq!(pluck(&history, "versions", "action"), ["created", "status_changed", "status_changed", "replaced"]);
+    assert_eq!(pluck(&history, "versions", "status"), ["sent", "accepted", "on_hold", "on_hold"]);
+    assert_eq!(history["versions"][2]["status_reason"], "client in hospital");
+    assert!(history["versions"][1].get("status_reason").is_none(), "{history}");
+    assert_eq!(pluck(&history, "versions", "changed_by"), ["admin"; 4]);
+    assert!(history["versions"][1].get("partner").is_none(), "the agency moved it");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_agency_requests_what_it_sends_to_a_partner_and_the_partner_answers() {
+    let app = spawn_app().await;
+    app.put_clients().await;
+    let referral = fixture("referral", "ref-4002");
+    assert_eq!(referral["target"]["type"], "partner");
+    assert_eq!(app.put("/api/v1/referrals/ref-4002", &referral).await.status(), 201);
+    // Accepting is the hospital's word, not the agency's: 409 naming what the agency may do instead.
+    for performer_says in ["accepted", "in_progress", "completed"] {
+        let refused = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": performer_says})).await;
+        assert_eq!(refused.status(), 409, "{performer_says}");
+        assert_eq!(refused.headers()["content-type"], "application/problem+json");
+        let problem: Value = refused.json().await.expect("JSON");
+        assert_eq!(problem["type"], "urn:carebridge:problem:illegal-status-move");
+        assert_eq!(problem["allowed_next"], json!(["cancelled", "entered_in_error"]), "{problem}");
+        assert!(problem["detail"].as_str().expect("detail").contains("sent"), "{problem}");
+    }
+    // Back to draft is no move at all.
+    let refused = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "draft"})).await;
+    assert_eq!(refused.status(), 409);
+    let cancelled = app
+        .post("/api/v1/referrals/ref-4002/status", &json!({"status": "cancelled", "reason": "client moved away"}))
+        .await;
+    assert_eq!(cancelled.status(), 200);
+    // Cancelled is an end: only entered_in_error remains, and after it nothing.
+    let reopened = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "sent"})).await;
+    assert_eq!(reopened.status(), 409);
+    let problem: Value = reopened.json().await.expect("JSON");
+    assert_eq!(problem["allowed_next"], json!(["entered_in_error"]));
+    assert_eq!(
+        app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "entered_in_error"})).await.status(),
+        200
+    );
+    let stuck = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "cancelled", "reason": "x"})).await;
+    assert_eq!(stuck.status(), 409);
+    let problem: Value = stuck.json().await.expect("JSON");
+    assert_eq!(problem["allowed_next"], json!([]));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_referral_begins_as_a_draft_or_sent_never_further_along() {
+    let app = spawn_app().await;
+    app.put_clients().await;
+    for status in ["accepted", "in_progress", "completed", "cancelled", "entered_in_error"] {
+        let mut referral = fixture("referral", "ref-4002");
+        referral["status"] = json!(status);
+        if status == "cancelled" {
+            referral["status_reason"] = json!("never mind");
+            referral["closed_at"] = json!("2026-11-20T10:00:00Z");
+        }
+        let refused = app.put("/api/v1/referrals/ref-4002", &referral).await;
+        assert_eq!(refused.status(), 422, "{status}");
+        let problem: Value = refused.json().await.expect("JSON");
+        assert_eq!(problem["errors"][0]["path"], "$.status", "{status}: {problem}");
+    }
+    assert_eq!(app.get("/api/v1/referrals/ref-4002").await.status(), 404, "nothing was kept");
+    let mut draft = fixture("referral", "ref-4002");
+    draft["status"] = json!("draft");
+    assert_eq!(app.put("/api/v1/referrals/ref-4002", &draft).await.status(), 201);
+    let sent = app.post("/api/v1/referrals/ref-4002/status", &json!({"status": "sent"})).await;
+    assert_eq!(sent.status(), 200);
     app.stop().await;
 }
 
@@ -304,11 +383,10 @@ where
 }
 
 #[tokio::test]
-async fn the_status_change_that_ends_a_crisis_referral_closes_its_flag_and_reopening_clears_it() {
+async fn the_status_change_that_ends_a_crisis_referral_closes_its_flag_and_nothing_reopens_it() {
     let app = spawn_app().await;
     app.put_clients().await;
-    let mut referral = fixture("referral", "ref-4003");
-    referral["status"] = json!("accepted");
+    let referral = fixture("referral", "ref-4003");
     assert_eq!(app.put("/api/v1/referrals/ref-4003", &referral).await.status(), 201);
     let flag_of = |preview: &Value| {
         preview["fhir"]["entry"]
@@ -336,12 +414,10 @@ async fn the_status_change_that_ends_a_crisis_referral_closes_its_flag_and_reope
     assert_eq!(flag["status"], "inactive");
     assert_eq!(flag["period"]["end"], closed_at.as_str());
 
-    let reopened: Value = app
-        .post("/api/v1/referrals/ref-4003/status", &json!({"status": "in_progress"}))
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    assert!(reopened.get("closed_at").is_none(), "{reopened}");
+    // An ended referral is not reopened: its end stands.
+    let reopened = app.post("/api/v1/referrals/ref-4003/status", &json!({"status": "sent"})).await;
+    assert_eq!(reopened.status(), 409);
+    let kept: Value = app.get_json("/api/v1/referrals/ref-4003").await;
+    assert_eq!(kept["closed_at"], closed_at.as_str());
     app.stop().await;
 }

@@ -17,7 +17,7 @@ fn id(s: &str) -> RecordId {
 }
 
 fn actor() -> Actor {
-    Actor { key_name: "contract".into(), request_id: "req-1".into() }
+    Actor { key_name: "contract".into(), request_id: "req-1".into(), partner: None }
 }
 
 fn t0() -> OffsetDateTime {
@@ -41,6 +41,7 @@ async fn save(
         body: body.to_owned(),
         client_id: client.cloned(),
         status,
+        direction: None,
         change: Change::Put,
         deliver_to: Vec::new(),
         reopens_held: false,
@@ -56,6 +57,7 @@ async fn a_write_and_its_deliveries_are_one(store: Arc<dyn Store>) {
         body: body.to_owned(),
         client_id: None,
         status: Some("sent"),
+        direction: None,
         change: Change::Put,
         deliver_to: vec!["st-marys-ehr".to_owned(), "county-crisis-team".to_owned()],
         reopens_held: false,
@@ -180,6 +182,7 @@ async fn lists_filter_and_page_in_id_order(store: Arc<dyn Store>) {
         kind: RecordKind::Referral,
         client_id: client.cloned(),
         status: status.map(str::to_owned),
+        direction: None,
         updated_since: since,
         after,
         limit,
@@ -447,6 +450,7 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
         body: body.to_owned(),
         client_id: (kind != RecordKind::Client).then(|| id(client)),
         status: None,
+        direction: None,
         change: Change::Put,
         deliver_to: vec![partner.clone()],
         reopens_held: false,
@@ -541,6 +545,7 @@ async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<
         body: "{}".into(),
         client_id: Some(id("cl-wait")),
         status: None,
+        direction: None,
         change: Change::Put,
         deliver_to: vec![partner.clone()],
         reopens_held: false,
