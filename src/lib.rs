@@ -19,6 +19,8 @@
 //! - [`intake`]: the write use cases: validate an agency record (and its links to the client's other records), keep
 //!   it with history and audit.
 //! - [`outbox`]: delivery to partners: claim, ask the policy, map, plan references and parts, send, settle.
+//! - [`followup`]: the closed loop of referrals: the shared Task (whose fields are whose, merged into the
+//!   partner's copy).
 //! - [`policy`]: the egress decision (send, redact, hold) for one record version, one partner, one moment.
 //! - [`domain`]: the agency's records as validated types (client, assessment, care plan, referral, consent).
 //! - [`store`]: the `Store` trait and its SQLite/PostgreSQL implementation, with migrations.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod directories;
 pub mod domain;
 pub mod fhir;
+pub mod followup;
 pub mod http;
 pub mod intake;
 pub mod keys;

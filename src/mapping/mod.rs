@@ -685,6 +685,22 @@ impl Mappings {
         out
     }
 
+    /// The referral status a FHIR `Task.status` code stands for: the `referral-status-task` ConceptMap read
+    /// backwards (`None` for a code no referral status maps to, such as `ready` or `received`).
+    #[must_use]
+    pub fn referral_status_of_task(&self, code: &str) -> Option<crate::domain::ReferralStatus> {
+        let map = self.maps.get(TASK_STATUS_MAP)?;
+        let system = map.target_system()?;
+        crate::domain::ReferralStatus::from_code(map.reverse(system, code).ok()?)
+    }
+
+    /// The FHIR `Task.status` code of a referral status (the `referral-status-task` ConceptMap).
+    #[must_use]
+    pub fn task_status_of(&self, status: crate::domain::ReferralStatus) -> Option<String> {
+        let map = self.maps.get(TASK_STATUS_MAP)?;
+        map.translate(status.as_str()).ok().flatten().map(|c| c.code.clone())
+    }
+
     /// Reads a referral (and its client) back from FHIR resources that carry the agency's own ids: a
     /// `ServiceRequest`, its `Task` and the `Patient`, loose or in a Bundle.
     ///
@@ -805,6 +821,9 @@ pub struct Inbound {
     /// `Type/<id the resource had>` → the agency id its identifier gave (for a partner: the crosswalk).
     pub server_ids: Vec<(String, String)>,
 }
+
+/// The ConceptMap between referral statuses and FHIR Task statuses (the closed loop reads it both ways).
+pub const TASK_STATUS_MAP: &str = "referral-status-task";
 
 /// The name violations of invariant 7 are reported under ([`references`]).
 pub const REFERENCES_RULE: &str = "carebridge references (DESIGN invariant 7)";

@@ -29,6 +29,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::config::OutboxSettings;
+use crate::domain::{Party, Referral, Side};
 use crate::domain::{RecordId, RecordKind};
 use crate::fhir::auth::PartnerCredentials;
 use crate::fhir::client::{FhirClient, matches};
@@ -252,6 +253,11 @@ struct Sending<'a> {
     last_status: Option<u16>,
     /// What the last part landed, not kept yet: kept before another part goes, or with the settlement.
     unsaved: Vec<CrosswalkEntry>,
+    /// The gateway's side of the referral whose Task this delivery writes (`None`: not a referral): the Task is
+    /// shared, so an update merges into the partner's copy ([`crate::followup::task::merge`]).
+    task_side: Option<Side>,
+    /// The partner's current copies of the shared Tasks it holds, by local reference, read before an update.
+    theirs: HashMap<String, Value>,
 }
 
 impl Worker {
@@ -676,6 +682,8 @@ impl Worker {
             waits_for: Vec::new(),
             last_status: None,
             unsaved: Vec::new(),
+            task_side: task_side(row.kind, &release.record),
+            theirs: HashMap::new(),
         };
         self.match_patients(&mut s, now).await?;
         let groups = plan::groups(&entries);
@@ -823,6 +831,9 @@ impl Worker {
             if going.is_empty() {
                 return Ok(());
             }
+            if self.read_shared_tasks(s, &going).await? {
+                continue;
+            }
             let in_part: HashSet<&str> = going.iter().map(|&i| s.entries[i].local_ref.as_str()).collect();
             let mut items = Vec::new();
             let mut part_deferred = Vec::new();
@@ -843,6 +854,11 @@ impl Worker {
                 s.logical += r.logical;
                 s.waits_for.extend(r.waits_for);
                 let held = s.held.get(&e.local_ref);
+                if let (Some(side), Some(theirs)) = (s.task_side, s.theirs.get(&e.local_ref)) {
+                    resource = crate::followup::task::merge(&resource, theirs, side, &|code| {
+                        self.mappings.referral_status_of_task(code)
+                    });
+                }
                 items.push((i, plan::body(resource, held), plan::request(e, held)));
             }
             let answer = if transaction {
@@ -909,6 +925,29 @@ impl Worker {
         }
     }
 
+    /// Reads the partner's current copy of each shared Task among `entries` it holds and has not been read in this
+    /// delivery, so the update merges into it instead of overwriting the partner's fields; `true` when one has
+    /// vanished there (the part is then planned again: it is created anew).
+    async fn read_shared_tasks(&self, s: &mut Sending<'_>, entries: &[usize]) -> Result<bool, Verdict> {
+        if s.task_side.is_none() {
+            return Ok(false);
+        }
+        let unread: Vec<usize> = entries
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let local = &s.entries[i].local_ref;
+                s.entries[i].resource_type == "Task" && s.held.contains_key(local) && !s.theirs.contains_key(local)
+            })
+            .collect();
+        if unread.is_empty() {
+            return Ok(false);
+        }
+        let before = s.held.len();
+        self.refresh(s, &unread).await?;
+        Ok(s.held.len() != before)
+    }
+
     /// Re-reads what the partner holds of `entries` (after a 412): new versions are kept, vanished ones forgotten.
     async fn refresh(&self, s: &mut Sending<'_>, entries: &[usize]) -> PartResult {
         for &i in entries {
@@ -926,8 +965,12 @@ impl Worker {
                         entry.version_id = r.pointer("/meta/versionId").and_then(Value::as_str).map(str::to_owned);
                         entry.content_hash = String::new();
                     }
+                    if s.task_side.is_some() && h.remote_type == "Task" {
+                        s.theirs.insert(local.clone(), r);
+                    }
                 }
                 None => {
+                    s.theirs.remove(local);
                     s.held.remove(local);
                     self.store
                         .forget_crosswalk(&s.row.partner, local)
@@ -1034,6 +1077,18 @@ impl Worker {
             })
         })
     }
+}
+
+/// The gateway's side of a referral (whose Task it writes): the requester of what it refers out, the performer of
+/// what a partner referred to it; `None` for other kinds.
+fn task_side(kind: RecordKind, record: &Value) -> Option<Side> {
+    if kind != RecordKind::Referral {
+        return None;
+    }
+    let referral: Referral = serde_json::from_value(record.clone()).ok()?;
+    let sides = referral.sides_of(Party::Agency);
+    // A directory service has no Task of its own anywhere: the agency holds both sides and writes as requester.
+    sides.first().copied()
 }
 
 /// How a send went wrong.
