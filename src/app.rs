@@ -123,6 +123,18 @@ impl Application {
             let worker = crate::outbox::Worker::new(store.clone(), mappings.clone(), &partners, &settings.outbox)
                 .map_err(|e| StartError::Partners(vec![e]))?;
             workers.spawn(worker.run(stopping.clone()));
+            // What was sent is followed on the partners' servers (each partner that receives referrals and is
+            // polled).
+            let poller = crate::followup::poll::Poller::new(
+                store.clone(),
+                mappings.clone(),
+                partners.clone(),
+                Duration::from_secs(settings.outbox.timeout_secs),
+            )
+            .map_err(|e| StartError::Partners(vec![e]))?;
+            if poller.followed().next().is_some() {
+                workers.spawn(poller.run(stopping.clone()));
+            }
         }
         let addr = settings.listen_addr();
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;

@@ -254,13 +254,12 @@ pub async fn change_referral_status(
         }
         referral.move_status(change, by, Timestamp(now)).map_err(IntakeError::IllegalMove)?;
         let body = canonical(&referral)?;
-        let write = record_write(
-            &referral,
-            id,
-            body.clone(),
-            Change::StatusChanged,
-            crate::policy::recipients(&referral, intake.partners),
-        );
+        // A partner's own move is already on its server: it is owed to the others only (no echo back to it).
+        let mut deliver_to = crate::policy::recipients(&referral, intake.partners);
+        if let Party::Partner(mover) = by {
+            deliver_to.retain(|p| p != mover);
+        }
+        let write = record_write(&referral, id, body.clone(), Change::StatusChanged, deliver_to);
         match store.save_record(&write, Precondition::Version(version), actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => {

@@ -48,6 +48,14 @@ pub struct PartnerSettings {
     /// `treating-provider`.
     #[serde(default)]
     pub policy: Option<String>,
+    /// How often, in seconds, the gateway reads the Tasks of the referrals it sent this partner that changed on
+    /// its server (one `_lastUpdated` search a sweep); 0: never (the partner reports on `/fhir` instead).
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+}
+
+fn default_poll_secs() -> u64 {
+    60
 }
 
 impl PartnerSettings {

@@ -133,6 +133,26 @@ impl FhirClient {
         Ok(found.filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type)))
     }
 
+    /// The next page of a searchset (its `next` link), when there is one on this server: a link elsewhere is not
+    /// followed (the credentials of this server must not go to another host).
+    ///
+    /// # Errors
+    /// A failed request, a link to another server, or an answer that is not a Bundle.
+    pub async fn next_page(&self, bundle: &Value) -> Result<Option<Value>, FhirError> {
+        let Some(url) = next_link(bundle) else { return Ok(None) };
+        let Some(rest) = url.strip_prefix(&self.base).filter(|r| r.starts_with('/') || r.starts_with('?')) else {
+            return Err(FhirError::Malformed("the next page link points away from the server's base".into()));
+        };
+        let page = self
+            .get(rest.trim_start_matches('/'), &[])
+            .await?
+            .ok_or_else(|| FhirError::Http(Failure::Status { status: 404, body: "the next page is gone".into() }))?;
+        if page.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+            return Err(FhirError::Malformed("the next page is not a Bundle".into()));
+        }
+        Ok(Some(page))
+    }
+
     /// Searches `resource_type` with `query`: the searchset Bundle.
     ///
     /// # Errors
@@ -162,6 +182,18 @@ pub fn matches(bundle: &Value) -> Result<Vec<&Value>, FhirError> {
         .iter()
         .filter(|e| !matches!(e.pointer("/search/mode").and_then(Value::as_str), Some("include" | "outcome")))
         .collect())
+}
+
+/// The URL of a Bundle's `next` link.
+#[must_use]
+pub fn next_link(bundle: &Value) -> Option<&str> {
+    bundle
+        .get("link")?
+        .as_array()?
+        .iter()
+        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))?
+        .get("url")?
+        .as_str()
 }
 
 /// Whether a Bundle links to a next page.

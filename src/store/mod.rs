@@ -6,6 +6,7 @@
 
 mod catalog;
 pub(crate) mod catalog_sql;
+pub(crate) mod followup;
 mod group_commit;
 pub mod outbox;
 mod sql;
@@ -17,6 +18,7 @@ use time::OffsetDateTime;
 use crate::domain::{RecordId, RecordKind};
 
 pub use catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
+pub use followup::{Followup, SweepClaim};
 pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};
 pub use sql::{SqlStore, connect};
 pub use sync_jobs::{ABANDONED, Begun, NewSyncJob, SyncJobEnd, SyncJobRow, SyncJobs};
@@ -286,7 +288,7 @@ pub struct PoolStats {
 /// The gateway's durable state, as whole use cases (agency records here, the service catalog in [`Catalog`],
 /// directory sync jobs and their leases in [`SyncJobs`]).
 #[async_trait]
-pub trait Store: Catalog + SyncJobs + Outbox + Send + Sync + 'static {
+pub trait Store: Catalog + SyncJobs + Outbox + Followup + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

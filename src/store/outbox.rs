@@ -297,9 +297,9 @@ fn delivery_row(r: Row) -> Result<DeliveryRow, StoreError> {
     })
 }
 
-type CrossRow = (String, String, String, String, String, String, Option<String>, String);
+pub(super) type CrossRow = (String, String, String, String, String, String, Option<String>, String);
 
-fn crosswalk_entry(r: CrossRow) -> Result<CrosswalkEntry, StoreError> {
+pub(super) fn crosswalk_entry(r: CrossRow) -> Result<CrosswalkEntry, StoreError> {
     let (partner, local_ref, kind, record_id, remote_type, remote_id, version_id, content_hash) = r;
     Ok(CrosswalkEntry {
         partner,

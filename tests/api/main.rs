@@ -14,6 +14,7 @@ mod egress;
 mod egress_interop;
 mod errors;
 mod fhir_peer;
+mod followup_interop;
 mod hardening;
 mod helpers;
 mod hostile_input;
