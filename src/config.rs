@@ -87,6 +87,8 @@ pub struct OutboxSettings {
     pub retry_after_max_secs: u64,
     /// How often a held delivery's consent is checked again.
     pub hold_recheck_secs: u64,
+    /// While a partner does not answer, one delivery is tried this often (a probe) instead of every due one.
+    pub probe_secs: u64,
 }
 
 /// Where the mapping files live.
@@ -581,6 +583,7 @@ impl Settings {
             ("poll_ms", o.poll_ms),
             ("timeout_secs", o.timeout_secs),
             ("hold_recheck_secs", o.hold_recheck_secs),
+            ("probe_secs", o.probe_secs),
         ] {
             if value == 0 {
                 errors.push(format!("outbox.{key}: must be at least 1"));

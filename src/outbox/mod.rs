@@ -76,7 +76,94 @@ struct Link {
     settings: PartnerSettings,
     profile: Profile,
     client: FhirClient,
+    circuit: std::sync::Mutex<Circuit>,
 }
+
+/// A partner's circuit: closed while it answers; opened by [`OPEN_AFTER`] attempts in a row that got no answer (or
+/// 408, 429, 5xx), after
+/// which its rows are left waiting and one at a time is tried (a probe) every `probe_secs`, so a partner that is
+/// down costs one attempt per probe instead of one per row. Any answer closes it.
+#[derive(Debug, Default)]
+struct Circuit {
+    /// When the next probe may go; `None`: closed.
+    probe_at: Option<OffsetDateTime>,
+    /// Attempts in a row that got no answer.
+    unanswered: u32,
+}
+
+/// Attempts in a row without an answer that open a partner's circuit (one lost answer does not).
+const OPEN_AFTER: u32 = 3;
+
+/// What a claim may take from a partner now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// As many as a claim takes.
+    All,
+    /// One row: the probe.
+    Probe,
+    /// Nothing: the partner is down and the next probe is not due.
+    Nothing,
+}
+
+impl Link {
+    /// What may be claimed at `now`; a probe admitted moves the next one `probe` later.
+    fn admit(&self, now: OffsetDateTime, probe: Duration) -> Admit {
+        let mut c = self.circuit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match c.probe_at {
+            None => Admit::All,
+            Some(at) if now >= at => {
+                c.probe_at = Some(now + probe);
+                Admit::Probe
+            }
+            Some(_) => Admit::Nothing,
+        }
+    }
+
+    /// Takes what an attempt found: no answer opens the circuit (`true` when it was closed); an answer closes it
+    /// (`true` when it was open: the rows waiting for a retry are then due at once).
+    fn observe(&self, answered: Option<bool>, now: OffsetDateTime, probe: Duration) -> CircuitChange {
+        let mut c = self.circuit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (answered, c.probe_at) {
+            (Some(false), None) => {
+                c.unanswered += 1;
+                if c.unanswered < OPEN_AFTER {
+                    return CircuitChange::Same;
+                }
+                c.probe_at = Some(now + probe);
+                CircuitChange::Opened
+            }
+            (Some(true), was) => {
+                c.unanswered = 0;
+                c.probe_at = None;
+                if was.is_some() { CircuitChange::Closed } else { CircuitChange::Same }
+            }
+            _ => CircuitChange::Same,
+        }
+    }
+}
+
+/// How an attempt changed a partner's circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CircuitChange {
+    Opened,
+    Closed,
+    Same,
+}
+
+/// What a verdict says of the partner's availability (see [`Settlement::partner_answered`]).
+fn answered(v: &Verdict) -> Option<bool> {
+    let unavailable = |status: u16| status == 408 || status == 429 || status >= 500;
+    match v {
+        Verdict::Delivered { .. } => Some(true),
+        Verdict::Held { .. } => None,
+        Verdict::Retry { detail, .. } if detail.starts_with(STORE_FAILED) => None,
+        Verdict::Retry { status, .. } => Some(status.is_some_and(|s| !unavailable(s))),
+        Verdict::Dead { status, .. } => status.map(|s| !unavailable(s)),
+    }
+}
+
+/// How the details of our own store failures begin (they say nothing of the partner).
+const STORE_FAILED: &str = "the gateway's store failed";
 
 /// The delivery worker of one process.
 pub struct Worker {
@@ -118,7 +205,7 @@ impl Verdict {
     /// The gateway's own store failed (`after`: what had already happened): tried again on the schedule.
     fn store_failed(after: &str, e: &StoreError) -> Verdict {
         Verdict::Retry {
-            detail: format!("the gateway's store failed{after}: {e}"),
+            detail: format!("{STORE_FAILED}{after}: {e}"),
             status: None,
             retry_after: None,
             operation_outcome: None,
@@ -283,7 +370,7 @@ impl Worker {
             let client =
                 FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credentials.token, credentials.tls.as_ref())
                     .map_err(|e| format!("partner `{}`: {e}", p.name))?;
-            links.push(Link { settings: p.clone(), profile, client });
+            links.push(Link { settings: p.clone(), profile, client, circuit: std::sync::Mutex::default() });
         }
         Ok(Worker { store, mappings, links, settings: settings.clone(), owner: uuid::Uuid::new_v4().to_string() })
     }
@@ -297,10 +384,12 @@ impl Worker {
         let mut report = RunReport::default();
         for link in &self.links {
             let lease_until = now + Duration::from_secs(self.settings.lease_secs);
-            let rows = self
-                .store
-                .claim_deliveries(&link.settings.name, &self.owner, self.settings.batch, now, lease_until)
-                .await?;
+            let take = match link.admit(now, Duration::from_secs(self.settings.probe_secs)) {
+                Admit::All => self.settings.batch,
+                Admit::Probe => 1,
+                Admit::Nothing => continue,
+            };
+            let rows = self.store.claim_deliveries(&link.settings.name, &self.owner, take, now, lease_until).await?;
             if rows.is_empty() {
                 continue;
             }
@@ -311,6 +400,9 @@ impl Worker {
                 .buffer_unordered(concurrency)
                 .collect()
                 .await;
+            for s in &settlements {
+                self.after_attempt(link, s, now).await?;
+            }
             let mut part = self.settle(link, settlements, now).await?;
             part.claimed = claimed;
             report.add(&part);
@@ -411,6 +503,7 @@ impl Worker {
         let batch = self.settings.batch.max(1);
         let settle_at = usize::try_from(batch).unwrap_or(usize::MAX);
         let lease = Duration::from_secs(self.settings.lease_secs);
+        let probe = Duration::from_secs(self.settings.probe_secs);
         let mut report = RunReport::default();
         let mut ready: VecDeque<DeliveryRow> = VecDeque::new();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
@@ -426,10 +519,21 @@ impl Worker {
             let stop = stopping.is_some_and(|s| *s.borrow());
             if claiming.is_none() && !stop && !dry && ready.len() < concurrency {
                 let now = clock();
-                let (partner, owner, began) = (&link.settings.name, &self.owner, settled);
-                claiming = Some(Box::pin(async move {
-                    (began, self.store.claim_deliveries(partner, owner, batch, now, now + lease).await)
-                }));
+                let take = match link.admit(now, probe) {
+                    Admit::All => Some(batch),
+                    // One row at a time while the partner is down, and only once nothing else is out.
+                    Admit::Probe if in_flight.is_empty() && ready.is_empty() => Some(1),
+                    Admit::Probe | Admit::Nothing => None,
+                };
+                match take {
+                    Some(take) => {
+                        let (partner, owner, began) = (&link.settings.name, &self.owner, settled);
+                        claiming = Some(Box::pin(async move {
+                            (began, self.store.claim_deliveries(partner, owner, take, now, now + lease).await)
+                        }));
+                    }
+                    None => dry = true,
+                }
             }
             while in_flight.len() < concurrency
                 && let Some(row) = ready.pop_front()
@@ -455,6 +559,7 @@ impl Worker {
             tokio::select! {
                 Some(s) = in_flight.next(), if !in_flight.is_empty() => {
                     first_done.get_or_insert_with(tokio::time::Instant::now);
+                    self.after_attempt(link, &s, clock()).await?;
                     done.push(s);
                 }
                 Some((began, rows)) = OptionFuture::from(claiming.as_mut()), if claiming.is_some() => {
@@ -475,6 +580,26 @@ impl Worker {
                 else => return Ok(report),
             }
         }
+    }
+
+    /// Lets an attempt's outcome open or close the partner's circuit; a partner answering again has every row that
+    /// waited for a retry made due at once.
+    async fn after_attempt(&self, link: &Link, s: &Settlement, now: OffsetDateTime) -> Result<(), StoreError> {
+        let probe = Duration::from_secs(self.settings.probe_secs);
+        match link.observe(s.partner_answered, now, probe) {
+            CircuitChange::Opened => {
+                tracing::warn!(partner = %link.settings.name, probe_s = probe.as_secs(),
+                    "Partner not answering; its deliveries wait and one is tried at a time.");
+                metrics::gauge!("carebridge_partner_circuit_open", "partner" => link.settings.name.clone()).set(1.0);
+            }
+            CircuitChange::Closed => {
+                let woken = self.store.wake_deliveries(&link.settings.name, now).await?;
+                tracing::info!(partner = %link.settings.name, woken, "Partner answering again; its waiting deliveries are due.");
+                metrics::gauge!("carebridge_partner_circuit_open", "partner" => link.settings.name.clone()).set(0.0);
+            }
+            CircuitChange::Same => {}
+        }
+        Ok(())
     }
 
     /// Settles finished deliveries in one transaction and counts them.
@@ -539,6 +664,7 @@ impl Worker {
         let mut waits = Vec::new();
         let mut crosswalk = Vec::new();
         let mut repeat = false;
+        let partner_answered = answered(&verdict);
         let (settle, attempt) = match verdict {
             Verdict::Delivered { detail, status, unchanged, waits_for, crosswalk: landed } => {
                 tracing::info!(unchanged, "Delivered.");
@@ -597,7 +723,15 @@ impl Worker {
                 }
             }
         };
-        Settlement { seq: row.seq, settle, attempt, crosswalk, waits_for: waits, keep_attempt: !repeat }
+        Settlement {
+            seq: row.seq,
+            settle,
+            attempt,
+            crosswalk,
+            waits_for: waits,
+            keep_attempt: !repeat,
+            partner_answered,
+        }
     }
 
     async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Verdict {

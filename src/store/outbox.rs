@@ -152,6 +152,10 @@ pub struct Settlement {
     /// Whether the attempt is kept in the row's history: not when it only repeats the hold the row is already in
     /// (a row held for weeks is checked again and again; its history says so once).
     pub keep_attempt: bool,
+    /// What the attempt says of the partner (not kept): `Some(true)` it answered, `Some(false)` it did not (a
+    /// timeout, a refused connection, 408, 429, 5xx), `None` nothing was asked of it (held, unmappable, our own
+    /// failure).
+    pub partner_answered: Option<bool>,
 }
 
 /// Which rows to list.
@@ -226,6 +230,13 @@ pub trait Outbox: Send + Sync {
         partner: &str,
         local_refs: &[String],
     ) -> Result<HashMap<String, CrosswalkEntry>, StoreError>;
+
+    /// Makes every row of `partner` that waits for a retry due at `now` (the partner answers again); the number of
+    /// rows.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn wake_deliveries(&self, partner: &str, now: OffsetDateTime) -> Result<u64, StoreError>;
 
     /// Forgets what `partner` held under `local_ref` (the partner no longer has it).
     ///
@@ -529,6 +540,19 @@ macro_rules! impl_outbox {
                     }
                 }
                 Ok(out)
+            }
+
+            async fn wake_deliveries(&self, partner: &str, now: OffsetDateTime) -> Result<u64, StoreError> {
+                let now = to_micros(now);
+                let woken = sqlx::query(
+                    "UPDATE outbox SET not_before = $2 WHERE partner = $1 AND state = 'pending' AND not_before > $2",
+                )
+                .bind(partner)
+                .bind(now)
+                .execute(self.writer())
+                .await?
+                .rows_affected();
+                Ok(woken)
             }
 
             async fn forget_crosswalk(&self, partner: &str, local_ref: &str) -> Result<(), StoreError> {

@@ -108,6 +108,11 @@ impl FakePartner {
         self.script.lock().expect("script").acts.extend(acts);
     }
 
+    /// Forgets the acts not played yet: healthy answers from now on.
+    fn heal(&self) {
+        self.script.lock().expect("script").acts.clear();
+    }
+
     fn seen(&self) -> Vec<Seen> {
         self.script.lock().expect("script").seen.clone()
     }
@@ -310,9 +315,12 @@ async fn failures_retry_on_the_schedule_honour_retry_after_and_end_delivered() {
     let row = w.only_row(RecordKind::Client, "cl-1001").await;
     assert_eq!(row.state, "dead", "{row:?}");
     assert!(row.detail.as_deref().is_some_and(|d| d.contains("out of retries after 4 attempts")), "{row:?}");
-    // An operator replays it; the partner is back: delivered, with every attempt on record.
+    // Three attempts in a row got no answer: the partner's circuit is open, and the next probe goes 15 s after the
+    // last. An operator replays the row meanwhile; it waits for that probe; the partner is back: delivered, with
+    // every attempt on record.
     w.store.replay_delivery(row.seq, t3).await.expect("replay");
-    let r = w.worker.run_once(t3).await.expect("pass");
+    assert_eq!(w.worker.run_once(t3).await.expect("pass").claimed, 0, "the circuit is open");
+    let r = w.worker.run_once(t3 + Duration::from_secs(15)).await.expect("pass");
     assert_eq!(r.delivered, 1, "{r:?}");
     let (row, attempts) = w.store.delivery(row.seq).await.expect("read").expect("row");
     assert_eq!(row.state, "delivered");
@@ -503,4 +511,44 @@ async fn operators_list_read_replay_and_discard_deliveries_through_the_api() {
         .await
         .expect("sent");
     assert_eq!(writer.status(), 403);
+}
+
+#[tokio::test]
+async fn a_partner_that_does_not_answer_costs_one_probe_at_a_time_and_its_return_makes_every_row_due() {
+    let w = world(0, &["client"]).await;
+    let mut clients = Vec::new();
+    for n in 0..8 {
+        let id = format!("cl-down-{n}");
+        let mut client: Client = fixture("client/cl-1001.json");
+        client.id = None;
+        w.put(&id, client).await;
+        w.consent_for(&id).await;
+        clients.push(id);
+    }
+    // Down: every request dropped. The first pass opens the circuit after three attempts in a row got no answer;
+    // concurrency takes a few more out at once, no more than that.
+    w.fake.play(std::iter::repeat_n(Act::Drop, 40).collect::<Vec<_>>());
+    let first = w.worker.run_once(T0).await.expect("pass");
+    assert_eq!(first.retried, first.claimed, "{first:?}");
+    let tried = w.fake.seen().len();
+    // Until the probe is due nothing is claimed, however many rows are due (their retry step, 10 s, has passed).
+    assert_eq!(w.worker.run_once(T0 + Duration::from_secs(12)).await.expect("pass").claimed, 0);
+    assert_eq!(w.fake.seen().len(), tried);
+    // Each probe is one row.
+    for k in 1..=3u64 {
+        let r = w.worker.run_once(T0 + Duration::from_secs(15 * k + 60)).await.expect("pass");
+        assert_eq!((r.claimed, r.retried), (1, 1), "probe {k}: {r:?}");
+    }
+    assert_eq!(w.fake.seen().len(), tried + 3);
+    // Back: the next probe is answered, the circuit closes and every row waiting for its retry (some of them for
+    // five minutes) is due at once: the next pass delivers them all.
+    w.fake.heal();
+    let back = T0 + Duration::from_secs(15 * 4 + 60);
+    let probe = w.worker.run_once(back).await.expect("pass");
+    assert_eq!((probe.claimed, probe.delivered), (1, 1), "{probe:?}");
+    let rest = w.worker.run_once(back).await.expect("pass");
+    assert_eq!(rest.delivered, 8 - 1, "every other client row: {rest:?}");
+    for id in &clients {
+        assert_eq!(w.only_row(RecordKind::Client, id).await.state, "delivered");
+    }
 }

@@ -497,6 +497,7 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
         crosswalk: Vec::new(),
         waits_for: Vec::new(),
         keep_attempt: true,
+        partner_answered: None,
     };
     assert_eq!(s.settle_deliveries("worker-a", &[settle(b[0].seq)], later).await.expect("settle"), 0);
     assert_eq!(s.settle_deliveries("worker-b", &[settle(b[0].seq)], later).await.expect("settle"), 1);
@@ -571,6 +572,7 @@ async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<
         crosswalk: Vec::new(),
         waits_for: waits.iter().map(|w| (*w).to_owned()).collect(),
         keep_attempt: true,
+        partner_answered: None,
     };
     // `ref-early` settles while its target is still missing: it waits.
     s.settle_deliveries("worker-a", &[delivered(seq("ref-early"), &["ServiceRequest/ref-target"])], t0())
