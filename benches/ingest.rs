@@ -9,7 +9,12 @@
 //! cargo bench --bench ingest -- --backend sqlite --seconds 20 --concurrency 32
 //! cargo bench --bench ingest -- --backend postgres --seconds 20 --concurrency 32
 //! cargo bench --bench ingest -- --backend sqlite --seconds 20 --concurrency 32 --previews 4
+//! cargo bench --bench ingest -- --backend sqlite --seconds 20 --concurrency 32 --outbox off
 //! ```
+//!
+//! Its one partner is unreachable (a name that does not resolve) and the referrals' client has consented to it:
+//! every referral written is owed to it and, with the outbox on (the default), attempted; `--outbox off` measures
+//! the same writes without delivery.
 //! With `--previews N`, N more connections keep previewing the largest care plan the bounds and the body limit
 //! allow (30 needs, 50 goals with progress, 100 interventions), and two probes time `GET /healthz` and a record
 //! read every 10 ms: what one caller's heavy work costs everyone else.
@@ -34,10 +39,11 @@ struct Options {
     warmup: u64,
     concurrency: usize,
     previews: usize,
+    outbox: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut o = Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32, previews: 0 };
+    let mut o = Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32, previews: 0, outbox: true };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("a value is missing after a flag");
@@ -47,6 +53,13 @@ fn options() -> anyhow::Result<Options> {
             "--warmup" => o.warmup = value()?.parse()?,
             "--concurrency" => o.concurrency = value()?.parse()?,
             "--previews" => o.previews = value()?.parse()?,
+            "--outbox" => {
+                o.outbox = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("--outbox takes on or off, not {other}"),
+                }
+            }
             // cargo bench passes --bench to every bench target.
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -80,7 +93,9 @@ fn main() -> anyhow::Result<()> {
             "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{url}\"\nmax_connections = 16\n[log]\nformat = \"json\"\nfilter = \"info\"\n\
              [[api_keys]]\nname = \"bench\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\"]\n\
              [[partners]]\nname = \"st-marys-ehr\"\nbase_url = \"https://fhir.stmarys.example/r4\"\n\
-             receives = [\"client\", \"care-plan\", \"referral\"]\noverlay = \"st-marys-ehr\"\n"
+             receives = [\"client\", \"care-plan\", \"referral\"]\noverlay = \"st-marys-ehr\"\n\
+             [outbox]\nenabled = {}\n",
+            o.outbox
         ),
     )?;
     let mut server = Command::new(env!("CARGO_BIN_EXE_carebridge"))
@@ -185,6 +200,18 @@ async fn probe(
 
 async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency + o.previews + 2).build()?;
+    // The referrals' client, and her consent to share with the partner: every referral written is owed to it and
+    // attempted (with the partner unreachable: refused connections) rather than held for want of grounds.
+    for (kind, path) in [("clients", "client/cl-1001"), ("consents", "consent/co-5001")] {
+        let body: Value = serde_json::from_str(&std::fs::read_to_string(format!(
+            "{}/fixtures/agency/{path}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))?)?;
+        let id = body["id"].as_str().context("fixture id")?.to_owned();
+        let stored =
+            client.put(format!("http://{addr}/api/v1/{kind}/{id}")).bearer_auth(KEY).json(&body).send().await?;
+        anyhow::ensure!(stored.status().is_success(), "storing {path} answered {}", stored.status());
+    }
     let template = Arc::new(template);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -264,8 +291,9 @@ async fn run(o: &Options, addr: &str, template: Value) -> anyhow::Result<()> {
     let writes = all.len();
     let (p50, p99, max) = percentiles(all);
     println!(
-        "ingest backend={} concurrency={} previews={} seconds={:.1}: {} writes, {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, failures {}",
+        "ingest backend={} outbox={} concurrency={} previews={} seconds={:.1}: {} writes, {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, failures {}",
         o.backend,
+        if o.outbox { "on" } else { "off" },
         o.concurrency,
         o.previews,
         elapsed.as_secs_f64(),
