@@ -43,7 +43,8 @@ struct Options {
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut o = Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32, previews: 0, outbox: true };
+    let mut o =
+        Options { backend: "sqlite".into(), seconds: 20, warmup: 3, concurrency: 32, previews: 0, outbox: true };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("a value is missing after a flag");

@@ -441,6 +441,10 @@ pub struct ApiKeySettings {
     pub hash: String,
     /// What it may do.
     pub scopes: Vec<Scope>,
+    /// The partner (`[[partners]]` name) this key belongs to: it then acts as that partner on `/fhir` only (never
+    /// on `/api/v1`), and sees only that partner's referrals and what the egress policy lets it see.
+    #[serde(default)]
+    pub partner: Option<String>,
 }
 
 /// What an API key may do.
@@ -613,6 +617,11 @@ impl Settings {
             }
             if key.scopes.is_empty() {
                 errors.push(format!("{at}.scopes: a key needs at least one scope"));
+            }
+            if let Some(partner) = &key.partner
+                && !self.partners.iter().any(|p| &p.name == partner)
+            {
+                errors.push(format!("{at}.partner: no [[partners]] entry is named `{partner}`"));
             }
         }
         let mut sources = HashSet::new();

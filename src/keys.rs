@@ -98,6 +98,8 @@ pub fn new_key() -> Result<String, getrandom::Error> {
 pub struct Caller {
     /// The key's configured name.
     pub name: Arc<str>,
+    /// The partner the key acts as (`/fhir` only), if it is a partner's key.
+    pub partner: Option<Arc<str>>,
     scopes: HashSet<Scope>,
 }
 
@@ -123,7 +125,14 @@ impl KeyRing {
             .iter()
             .filter_map(|k| {
                 let hash = KeyHash::parse(&k.hash).ok()?;
-                Some((hash, Caller { name: Arc::from(k.name.as_str()), scopes: k.scopes.iter().copied().collect() }))
+                Some((
+                    hash,
+                    Caller {
+                        name: Arc::from(k.name.as_str()),
+                        partner: k.partner.as_deref().map(Arc::from),
+                        scopes: k.scopes.iter().copied().collect(),
+                    },
+                ))
             })
             .collect();
         KeyRing { keys }

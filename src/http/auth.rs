@@ -19,6 +19,8 @@ pub struct Guard {
     pub keys: Arc<KeyRing>,
     /// The scope needed; `None` means read for GET/HEAD and write for the rest.
     pub scope: Option<Scope>,
+    /// Whether a partner's key may use these routes (`/fhir` only).
+    pub partners: bool,
 }
 
 /// Middleware: authenticates the bearer key and checks the scope, then passes the [`Caller`] on.
@@ -36,6 +38,9 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
     });
+    if caller.partner.is_some() && !guard.partners {
+        return Problem::new(ProblemType::Forbidden).detail("a partner's key acts on /fhir only").into_response();
+    }
     if !caller.may(scope) {
         return Problem::new(ProblemType::Forbidden)
             .detail(format!("this call needs the {} scope", scope.as_str()))

@@ -25,31 +25,55 @@ const DEFAULT_COUNT: u32 = 20;
 const MAX_COUNT: u32 = 100;
 
 /// A FHIR JSON answer.
-fn fhir(status: StatusCode, body: &Value) -> Response {
+pub(super) fn fhir(status: StatusCode, body: &Value) -> Response {
     (status, [(header::CONTENT_TYPE, FHIR_JSON)], serde_json::to_vec(body).unwrap_or_default()).into_response()
 }
 
-fn invalid(detail: impl Into<String>) -> ApiError {
+pub(super) fn invalid(detail: impl Into<String>) -> ApiError {
     Problem::new(ProblemType::InvalidQuery).detail(detail).into()
 }
 
 /// A read of an id the catalog lacks; the id is the caller's text and is not repeated.
-fn not_found(kind: &str) -> ApiError {
+pub(super) fn not_found(kind: &str) -> ApiError {
     Problem::new(ProblemType::NotFound).detail(format!("no {kind} with this id")).into()
 }
 
 /// The FHIR base URL (`https://gw.example/fhir`) for absolute `fullUrl`s and links: configured or from a trusted
 /// proxy, never the caller's `Host` (see [`super::public_url`]).
-fn base(public: &RequestBase) -> String {
+pub(super) fn base(public: &RequestBase) -> String {
     format!("{}/fhir", public.0)
 }
 
-/// Query parameters by name (the last value of a repeated one wins).
-fn params(raw: Option<&str>) -> HashMap<String, String> {
+/// Query parameters by name (the last value of a repeated one wins), for searches whose parameters do not repeat.
+pub(super) fn params(raw: Option<&str>) -> HashMap<String, String> {
     raw.map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
-fn number(p: &HashMap<String, String>, name: &str, default: u32, max: u32) -> Result<u32, ApiError> {
+/// Every query parameter in order, repeated ones each time (`_lastUpdated=gt…&_lastUpdated=lt…`).
+pub(super) fn all_params(raw: Option<&str>) -> Vec<(String, String)> {
+    raw.map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+/// The bounds of every `_lastUpdated` among `p`, combined: the latest lower bound and the earliest upper one.
+///
+/// # Errors
+/// A malformed value.
+pub(super) fn last_updated_bounds(
+    p: &[(String, String)],
+) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
+    let (mut after, mut before): (Option<OffsetDateTime>, Option<OffsetDateTime>) = (None, None);
+    for (_, v) in p.iter().filter(|(k, _)| k == "_lastUpdated") {
+        let (a, b) = last_updated(v)?;
+        after = after.max(a);
+        before = match (before, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+    }
+    Ok((after, before))
+}
+
+pub(super) fn number(p: &HashMap<String, String>, name: &str, default: u32, max: u32) -> Result<u32, ApiError> {
     match p.get(name) {
         None => Ok(default),
         Some(v) => v.parse::<u32>().map(|n| n.min(max)).map_err(|_| invalid(format!("{name} must be a whole number"))),
@@ -57,7 +81,7 @@ fn number(p: &HashMap<String, String>, name: &str, default: u32, max: u32) -> Re
 }
 
 /// `_lastUpdated=gt2026-10-01T00:00:00Z` (or a date): `(after, before)`.
-fn last_updated(value: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
+pub(super) fn last_updated(value: &str) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
     // `get`, not `split_at`: the caller's text may have a multi-byte character where the prefix would end.
     let (prefix, rest) = match value.get(..2) {
         Some(p) if p.bytes().all(|b| b.is_ascii_alphabetic()) => (p, &value[2..]),
@@ -83,7 +107,7 @@ fn reference_id<'a>(value: &'a str, ty: &str) -> &'a str {
 }
 
 /// A searchset Bundle with `self`, `next` and `previous` links.
-fn searchset(
+pub(super) fn searchset(
     base: &str,
     ty: &str,
     used: &[(String, String)],
@@ -155,9 +179,13 @@ pub async fn search_healthcare_services(
                 _ => return Err(invalid("active is true or false")),
             },
             "_lastUpdated" => {
-                let (after, before) = last_updated(v)?;
-                listing.updated_after = after.or(listing.updated_after);
-                listing.updated_before = before.or(listing.updated_before);
+                // Repeated (`gt…&lt…`): every value counts, not the last one.
+                let every = all_params(raw.as_deref());
+                let (after, before) = last_updated_bounds(&every)?;
+                listing.updated_after = after;
+                listing.updated_before = before;
+                used.extend(every.into_iter().filter(|(k, _)| k == "_lastUpdated"));
+                continue;
             }
             _ => continue,
         }
@@ -267,26 +295,55 @@ pub async fn read_location(State(state): State<AppState>, PathText(id): PathText
     Ok(fhir(StatusCode::OK, &publish::location(&l.item, l.updated_at)))
 }
 
-/// `GET /fhir/metadata`: what this FHIR endpoint offers.
+/// When this process started: the date its CapabilityStatement gives (what it offers was read from its
+/// configuration and mappings then).
+static STARTED: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+
+/// Notes the start, for the CapabilityStatement's date (called once, as the router is built).
+pub fn note_start() {
+    STARTED.get_or_init(OffsetDateTime::now_utc);
+}
+
+/// `GET /fhir/metadata`: what this FHIR endpoint offers; public (FHIR clients read it before they authenticate).
 pub async fn capability_statement() -> Response {
     let search =
         |names: &[(&str, &str)]| -> Vec<Value> { names.iter().map(|(n, t)| json!({"name": n, "type": t})).collect() };
-    let resource = |ty: &str, params: Vec<Value>| json!({"type": ty, "interaction": [{"code": "read"}, {"code": "search-type"}], "searchParam": params});
+    let read_only = |ty: &str, params: Vec<Value>| json!({"type": ty, "interaction": [{"code": "read"}, {"code": "search-type"}], "searchParam": params});
+    let date = STARTED.get_or_init(OffsetDateTime::now_utc).format(&Rfc3339).unwrap_or_default();
+    let task = json!({
+        "type": "Task",
+        "profile": "http://hl7.org/fhir/us/sdoh-clinicalcare/StructureDefinition/SDOHCC-TaskForReferralManagement",
+        "interaction": [{"code": "read"}, {"code": "vread"}, {"code": "update"}, {"code": "search-type"}],
+        "versioning": "versioned-update",
+        "readHistory": false,
+        "updateCreate": false,
+        "conditionalUpdate": false,
+        "searchParam": search(&[("_id", "token"), ("identifier", "token"), ("_lastUpdated", "date"), ("status", "token"),
+            ("owner", "reference"), ("requester", "reference"), ("focus", "reference"), ("patient", "reference")]),
+    });
     let body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": "2026-11-29",
+        "date": date,
         "kind": "instance",
         "software": {"name": "carebridge", "version": env!("CARGO_PKG_VERSION")},
-        "implementation": {"description": "carebridge service directory (read only)"},
+        "implementation": {"description": "carebridge: referrals (Task) and the service directory"},
         "fhirVersion": "4.0.1",
         "format": ["json"],
         "rest": [{
             "mode": "server",
+            "security": {
+                "cors": false,
+                "description": "Every call but this one needs Authorization: Bearer <API key>. An agency key reads \
+                    every referral's Task; a partner's key acts as that partner: it sees the Tasks of the referrals \
+                    it sent or received, as the client's consents allow, and moves their status as its side of \
+                    the referral may (Gravity SDOH Clinical Care state machine)."
+            },
             "resource": [
-                resource("HealthcareService", search(&[("name", "string"), ("service-category", "token"), ("organization", "reference"), ("location", "reference"), ("active", "token"), ("_lastUpdated", "date")])),
-                resource("Organization", search(&[("name", "string")])),
-                resource("Location", search(&[("name", "string")])),
+                task,
+                read_only("HealthcareService", search(&[("name", "string"), ("service-category", "token"), ("organization", "reference"), ("location", "reference"), ("active", "token"), ("_lastUpdated", "date")])),
+                read_only("Organization", search(&[("name", "string")])),
+                read_only("Location", search(&[("name", "string")])),
             ]
         }]
     });

@@ -9,6 +9,7 @@ pub mod deliveries;
 pub mod directory;
 pub mod extract;
 pub mod fhir;
+pub mod fhir_tasks;
 pub mod hsds;
 pub mod ops;
 pub mod preview;
@@ -95,8 +96,10 @@ impl Limits {
 
 /// Builds the whole HTTP application.
 pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
-    let by_method = Guard { keys: keys.clone(), scope: None };
-    let admin = Guard { keys, scope: Some(Scope::Admin) };
+    fhir::note_start();
+    let by_method = Guard { keys: keys.clone(), scope: None, partners: false };
+    let fhir_callers = Guard { keys: keys.clone(), scope: None, partners: true };
+    let admin = Guard { keys, scope: Some(Scope::Admin), partners: false };
     let records = Router::new()
         .route("/api/v1/clients", get(api::clients::list))
         .route("/api/v1/clients/{id}", put(api::clients::put).get(api::clients::get))
@@ -123,17 +126,24 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/services", get(directory::search))
         .route("/api/v1/services/{id}", get(directory::service))
         .route("/api/v1/preview/{kind}", post(preview::preview))
+        .route("/hsds/", get(hsds::root))
+        .route("/hsds/services", get(hsds::services))
+        .route("/hsds/services/{id}", get(hsds::service))
+        .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
+    // The FHIR endpoint: agency keys, and partner keys acting as their partner.
+    let fhir_routes = Router::new()
         .route("/fhir/HealthcareService", get(fhir::search_healthcare_services))
         .route("/fhir/HealthcareService/{id}", get(fhir::read_healthcare_service))
         .route("/fhir/Organization", get(fhir::search_organizations))
         .route("/fhir/Organization/{id}", get(fhir::read_organization))
         .route("/fhir/Location", get(fhir::search_locations))
         .route("/fhir/Location/{id}", get(fhir::read_location))
-        .route("/fhir/metadata", get(fhir::capability_statement))
-        .route("/hsds/", get(hsds::root))
-        .route("/hsds/services", get(hsds::services))
-        .route("/hsds/services/{id}", get(hsds::service))
-        .route_layer(middleware::from_fn_with_state(by_method, auth::require_key));
+        .route("/fhir/Task", get(fhir_tasks::search))
+        .route("/fhir/Task/{id}", get(fhir_tasks::read).put(fhir_tasks::update))
+        .route("/fhir/Task/{id}/_history/{version}", get(fhir_tasks::vread))
+        .route_layer(middleware::from_fn_with_state(fhir_callers, auth::require_key));
+    // What the endpoint offers is public (FHIR clients read it before they authenticate).
+    let public = Router::new().route("/fhir/metadata", get(fhir::capability_statement));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))
         .route("/api/v1/directories/{source}/sync", post(directory::sync_now))
@@ -150,6 +160,8 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
 
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     records
+        .merge(fhir_routes)
+        .merge(public)
         .merge(audit)
         .merge(ops)
         .fallback(not_found)

@@ -55,6 +55,8 @@ pub enum ProblemType {
     StatusChangeNotAllowed,
     /// A referral status move the state machine does not allow this caller.
     IllegalStatusMove,
+    /// A FHIR write that breaks a business rule (a status move the state machine refuses, on `/fhir`).
+    BusinessRule,
     /// A sync of the directory is already running (here or on another replica).
     SyncRunning,
     /// The delivery is not in a state that allows this (replay of a pending one, discard of a delivered one).
@@ -88,6 +90,7 @@ impl ProblemType {
             Self::InvalidHeader => "invalid-header",
             Self::StatusChangeNotAllowed => "status-change-not-allowed",
             Self::IllegalStatusMove => "illegal-status-move",
+            Self::BusinessRule => "business-rule",
             Self::SyncRunning => "sync-running",
             Self::DeliveryState => "delivery-state",
             Self::Timeout => "timeout",
@@ -105,7 +108,7 @@ impl ProblemType {
             | Self::InvalidQuery
             | Self::InvalidPrecondition
             | Self::InvalidHeader => StatusCode::BAD_REQUEST,
-            Self::InvalidRecord | Self::IdMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidRecord | Self::IdMismatch | Self::BusinessRule => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -141,6 +144,7 @@ impl ProblemType {
             Self::InvalidHeader => "A request header is not valid",
             Self::StatusChangeNotAllowed => "A referral's status changes only through its status endpoint",
             Self::IllegalStatusMove => "The referral cannot move to this status, or not by this caller",
+            Self::BusinessRule => "The change breaks a business rule",
             Self::SyncRunning => "A sync of this directory is already running",
             Self::DeliveryState => "The delivery's state does not allow this",
             Self::Timeout => "The request took too long",
@@ -261,6 +265,8 @@ impl Problem {
             Some(ProblemType::Unavailable) => "transient",
             Some(ProblemType::Internal) | None => "exception",
             Some(ProblemType::PayloadTooLarge) => "too-costly",
+            Some(ProblemType::PreconditionFailed) => "conflict",
+            Some(ProblemType::BusinessRule | ProblemType::IllegalStatusMove) => "business-rule",
             Some(_) => "invalid",
         };
         let mut diagnostics = self.detail.clone().unwrap_or_else(|| self.title.to_owned());

@@ -161,7 +161,7 @@ pub(crate) async fn check_peer(name: &str, peer: &Peer, step: &str) -> HashMap<S
 }
 
 /// Runs `validate.sh` on every resource the peers hold.
-fn validate(resources: &[Value]) {
+pub fn validate(resources: &[Value]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("delivered.json");
     std::fs::write(&file, serde_json::to_string(resources).expect("json")).expect("write");

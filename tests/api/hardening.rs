@@ -25,6 +25,7 @@ async fn app_with_write_only_key() -> TestApp {
             name: "write-only".into(),
             hash: KeyHash::generate(WRITE_ONLY_KEY).expect("randomness").to_string(),
             scopes: vec![Scope::Write],
+            partner: None,
         });
     })
     .await

@@ -20,6 +20,10 @@ pub const ADMIN_KEY: &str = "test-admin-key";
 pub const WRITER_KEY: &str = "test-writer-key";
 /// Key with read only.
 pub const READER_KEY: &str = "test-reader-key";
+/// The key of partner `st-marys-ehr` (read and write, on `/fhir` only).
+pub const ST_MARYS_KEY: &str = "test-st-marys-key";
+/// The key of partner `county-crisis-team` (read and write, on `/fhir` only).
+pub const COUNTY_KEY: &str = "test-county-key";
 
 /// The three test keys, hashed as the configuration keeps them.
 pub fn test_keys() -> Vec<ApiKeySettings> {
@@ -27,12 +31,19 @@ pub fn test_keys() -> Vec<ApiKeySettings> {
         ("admin", ADMIN_KEY, vec![Scope::Read, Scope::Write, Scope::Admin]),
         ("writer", WRITER_KEY, vec![Scope::Read, Scope::Write]),
         ("reader", READER_KEY, vec![Scope::Read]),
+        ("st-marys-key", ST_MARYS_KEY, vec![Scope::Read, Scope::Write]),
+        ("county-key", COUNTY_KEY, vec![Scope::Read, Scope::Write]),
     ]
     .into_iter()
     .map(|(name, key, scopes)| ApiKeySettings {
         name: name.into(),
         hash: KeyHash::generate(key).expect("randomness").to_string(),
         scopes,
+        partner: match key {
+            ST_MARYS_KEY => Some("st-marys-ehr".into()),
+            COUNTY_KEY => Some("county-crisis-team".into()),
+            _ => None,
+        },
     })
     .collect()
 }
@@ -221,7 +232,11 @@ pub fn write_config_with_partners(dir: &Path, partners: &str, extra: &str) -> Pa
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n[database]\nurl = \"sqlite:{}\"\n[log]\nformat = \"json\"\nfilter = \"debug\"\n",
         dir.join("carebridge.db").display()
     );
-    for key in test_keys() {
+    // A partner's key belongs to a configured partner: keys of partners this configuration lacks are left out.
+    for key in test_keys()
+        .into_iter()
+        .filter(|k| k.partner.as_ref().is_none_or(|p| partners.contains(&format!("name = \"{p}\""))))
+    {
         let scopes: Vec<String> = key.scopes.iter().map(|s| format!("\"{}\"", s.as_str())).collect();
         text.push_str(&format!(
             "[[api_keys]]\nname = \"{}\"\nhash = \"{}\"\nscopes = [{}]\n",
@@ -229,6 +244,9 @@ pub fn write_config_with_partners(dir: &Path, partners: &str, extra: &str) -> Pa
             key.hash,
             scopes.join(", ")
         ));
+        if let Some(partner) = &key.partner {
+            text.push_str(&format!("partner = \"{partner}\"\n"));
+        }
     }
     text.push_str(partners);
     if !extra.contains("[outbox]") {

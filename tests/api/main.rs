@@ -28,6 +28,7 @@ mod process;
 mod public_links;
 mod publication;
 mod records;
+mod referrals_fhir;
 mod search_fuzz;
 mod store_contract;
 mod sync_jobs;

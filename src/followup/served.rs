@@ -1,0 +1,223 @@
+//! The referrals as the gateway's own FHIR endpoint serves them: each referral's `Task` (its id is the referral's),
+//! rendered by the same mapping as a delivery, and, for a partner's key, only the referrals that partner is a side
+//! of and only what the egress decision lets it see (a referral held from it does not exist for it); and a status
+//! a caller sets on that Task, applied as that caller's move through the state machine.
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::domain::{Party, RecordId, RecordKind, Redacted, Referral, StatusChange};
+use crate::intake::{self, Intake, IntakeError};
+use crate::mapping::{MapError, Mappings};
+use crate::partners::Partners;
+use crate::policy::{self, Decision, Policy, Recipient};
+use crate::store::{Actor, ListQuery, Precondition, Store, StoreError, StoredRecord};
+
+/// Who reads: the agency (every referral, whole), or a partner (its own referrals, as the policy decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader<'a> {
+    /// An agency key.
+    Agency,
+    /// A partner's key, by partner name.
+    Partner(&'a str),
+}
+
+impl<'a> Reader<'a> {
+    /// The party this reader moves a referral as.
+    #[must_use]
+    pub fn party(self) -> Party<'a> {
+        match self {
+            Reader::Agency => Party::Agency,
+            Reader::Partner(p) => Party::Partner(p),
+        }
+    }
+}
+
+/// What serving needs.
+#[derive(Clone, Copy)]
+pub struct Served<'a> {
+    /// The store.
+    pub store: &'a dyn Store,
+    /// The mappings.
+    pub mappings: &'a Mappings,
+    /// The egress policy's profiles.
+    pub policy: &'a Policy,
+    /// The configured partners.
+    pub partners: &'a Partners,
+}
+
+/// Why a Task could not be served or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A kept referral does not parse, or does not map (a mapping file broken since it was kept).
+    #[error("the referral cannot be rendered: {0}")]
+    Render(String),
+    /// The change was refused.
+    #[error(transparent)]
+    Intake(IntakeError),
+    /// The Task sent is not one the gateway can read a status from.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A referral's Task as one reader may see it.
+#[derive(Debug, Clone)]
+pub struct ServedTask {
+    /// The Task (with `meta.versionId` and `meta.lastUpdated` of the referral).
+    pub task: Value,
+    /// The referral's version.
+    pub version: i64,
+}
+
+impl Served<'_> {
+    /// The Task of referral `id` (at `version`, or the current one) as `reader` may see it; `None` when there is
+    /// none for it.
+    ///
+    /// # Errors
+    /// The store failed, or the referral does not render.
+    pub async fn task(
+        &self,
+        reader: Reader<'_>,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Option<ServedTask>, ServeError> {
+        let Ok(id) = RecordId::parse(id) else { return Ok(None) };
+        let stored = match version {
+            None => self.store.get_record(RecordKind::Referral, &id).await?,
+            Some(v) => self.store.get_version(RecordKind::Referral, &id, v).await?,
+        };
+        let Some(stored) = stored else { return Ok(None) };
+        self.render(reader, &stored).await
+    }
+
+    /// Every Task `reader` may see whose referral was changed after `after` (all when `None`), oldest id first: the
+    /// candidates a search filters.
+    ///
+    /// # Errors
+    /// The store failed, or a referral does not render.
+    pub async fn tasks(
+        &self,
+        reader: Reader<'_>,
+        client: Option<RecordId>,
+        after: Option<OffsetDateTime>,
+    ) -> Result<Vec<ServedTask>, ServeError> {
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let q = ListQuery {
+                kind: RecordKind::Referral,
+                client_id: client.clone(),
+                status: None,
+                direction: None,
+                updated_since: after,
+                after: cursor.take(),
+                limit: 500,
+            };
+            let page = self.store.list_records(&q).await?;
+            for stored in &page.items {
+                if let Some(t) = self.render(reader, stored).await? {
+                    out.push(t);
+                }
+            }
+            match page.next_after {
+                Some(next) => cursor = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    async fn render(&self, reader: Reader<'_>, stored: &StoredRecord) -> Result<Option<ServedTask>, ServeError> {
+        let referral: Referral =
+            serde_json::from_str(&stored.body).map_err(|e| ServeError::Render(format!("stored referral: {e}")))?;
+        let record: Value =
+            serde_json::from_str(&stored.body).map_err(|e| ServeError::Render(format!("stored referral: {e}")))?;
+        let (related, facts) = crate::outbox::context_now(self.store, RecordKind::Referral, &record).await?;
+        let (record, related, overlay) = match reader {
+            Reader::Agency => (record, related, None),
+            Reader::Partner(name) => {
+                if referral.counterpart().is_none_or(|c| c.as_str() != name) {
+                    return Ok(None);
+                }
+                let Some(settings) = self.partners.get(name) else { return Ok(None) };
+                let Some(profile) = self.policy.profile(settings.policy_profile()) else { return Ok(None) };
+                let Ok(id) = RecordId::parse(&stored.id) else { return Ok(None) };
+                let holds_record = policy::partner_holds(self.store, name, RecordKind::Referral, &id).await?;
+                let recipient = Recipient { name, profile, holds_record };
+                let today = OffsetDateTime::now_utc().date();
+                match policy::decide(
+                    self.mappings.labels(),
+                    recipient,
+                    RecordKind::Referral,
+                    &record,
+                    &related,
+                    &facts,
+                    today,
+                ) {
+                    Decision::Hold(_) => return Ok(None),
+                    Decision::Send(release) => (release.record, release.related, settings.overlay.clone()),
+                }
+            }
+        };
+        let render = |e: MapError| ServeError::Render(e.to_string());
+        let mut resources =
+            self.mappings.render(RecordKind::Referral, &record, overlay.as_deref(), &related).map_err(render)?;
+        self.mappings.label(&mut resources);
+        let Some(mut task) = resources
+            .into_iter()
+            .map(|e| e.resource)
+            .find(|r| r.get("resourceType").and_then(Value::as_str) == Some("Task"))
+        else {
+            return Ok(None);
+        };
+        if let Some(obj) = task.as_object_mut() {
+            let meta = obj.entry("meta").or_insert_with(|| Value::Object(serde_json::Map::new()));
+            if let Some(meta) = meta.as_object_mut() {
+                meta.insert("versionId".into(), Value::String(stored.meta.version.to_string()));
+                let at = stored.meta.updated_at.format(&Rfc3339).unwrap_or_default();
+                meta.insert("lastUpdated".into(), Value::String(at));
+            }
+        }
+        Ok(Some(ServedTask { task, version: stored.meta.version }))
+    }
+
+    /// Applies the status of `sent` (a Task a caller PUT on `/fhir/Task/<id>`) to referral `id` as `reader`'s
+    /// move: its `status` read through the `referral-status-task` ConceptMap, its `statusReason.text` as the
+    /// reason. The other fields are not the caller's to change here and are ignored.
+    ///
+    /// # Errors
+    /// `Invalid` for a Task without a status a referral status stands for; `Intake` for a refused move (an
+    /// illegal one, a missing reason, a stale version, no such referral); `Store`.
+    pub async fn set_status(
+        &self,
+        reader: Reader<'_>,
+        id: &RecordId,
+        sent: &Value,
+        pre: Precondition,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<(), ServeError> {
+        let code = sent.get("status").and_then(Value::as_str).unwrap_or_default();
+        let status = self.mappings.referral_status_of_task(code).ok_or_else(|| {
+            ServeError::Invalid(format!(
+                "Task.status `{}` is not one this endpoint takes (draft, requested, accepted, rejected, in-progress, \
+                 on-hold, completed, cancelled, failed, entered-in-error)",
+                code.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect::<String>()
+            ))
+        })?;
+        let reason = sent
+            .pointer("/statusReason/text")
+            .and_then(Value::as_str)
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| Redacted(t.to_owned()));
+        let change = StatusChange { status, reason };
+        let intake = Intake { store: self.store, partners: self.partners };
+        intake::change_referral_status(intake, id, &change, reader.party(), pre, actor, now)
+            .await
+            .map(|_| ())
+            .map_err(ServeError::Intake)
+    }
+}

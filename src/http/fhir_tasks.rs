@@ -1,0 +1,275 @@
+//! `/fhir/Task`: the referrals' Tasks (read, vread, search) and their status (update), for agency keys and for
+//! partner keys acting as their partner (see [`crate::followup::served`] for what each may see and do).
+//!
+//! Errors are `OperationOutcome`s: 404 for a Task the caller may not see (it does not exist for it), 412
+//! (`conflict`) for a stale `If-Match`, 422 (`business-rule`) for a move the state machine does not give the caller,
+//! 400 for a body that is not a Task of this id, 415 for a body that is not FHIR JSON.
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::AppState;
+use super::api::store_problem;
+use super::extract::{CallerActor, Conditions};
+use super::fhir::{all_params, base, fhir, invalid, last_updated_bounds, not_found, number, params, searchset};
+use super::problem::{ApiError, Problem, ProblemType};
+use super::public_url::RequestBase;
+use crate::domain::RecordId;
+use crate::followup::served::{Reader, ServeError, Served, ServedTask};
+use crate::intake::IntakeError;
+use crate::keys::Caller;
+use crate::store::Precondition;
+
+const DEFAULT_COUNT: u32 = 20;
+const MAX_COUNT: u32 = 100;
+
+fn served(state: &AppState) -> Served<'_> {
+    Served { store: &*state.store, mappings: &state.mappings, policy: &state.policy, partners: &state.partners }
+}
+
+fn reader(caller: &Caller) -> Reader<'_> {
+    caller.partner.as_deref().map_or(Reader::Agency, Reader::Partner)
+}
+
+fn serve_problem(e: ServeError) -> ApiError {
+    match e {
+        ServeError::Store(e) => store_problem(e),
+        ServeError::Render(_) => ApiError::internal(ProblemType::Internal, e),
+        ServeError::Invalid(detail) => Problem::new(ProblemType::InvalidRecord).detail(detail).into(),
+        ServeError::Intake(IntakeError::IllegalMove(m)) => Problem::new(ProblemType::BusinessRule)
+            .detail(m.explain())
+            .allowed_next(m.allowed().iter().map(|s| s.as_str().to_owned()).collect())
+            .into(),
+        ServeError::Intake(IntakeError::PreconditionFailed { current }) => {
+            Problem::new(ProblemType::PreconditionFailed)
+                .detail(match current {
+                    Some(v) => format!("the Task is at version {v} (ETag W/\"{v}\")"),
+                    None => "the Task changed while this request was checked".into(),
+                })
+                .into()
+        }
+        ServeError::Intake(IntakeError::Invalid(errors)) => Problem::new(ProblemType::BusinessRule)
+            .detail(errors.iter().map(|e| e.detail.clone()).collect::<Vec<_>>().join("; "))
+            .into(),
+        ServeError::Intake(IntakeError::NotFound) => not_found("Task"),
+        ServeError::Intake(IntakeError::Store(e)) => store_problem(e),
+        ServeError::Intake(e) => ApiError::internal(ProblemType::Internal, e),
+    }
+}
+
+/// A Task answer with its `ETag` and `Last-Modified`.
+fn task_response(status: StatusCode, t: &ServedTask) -> Response {
+    let mut response = fhir(status, &t.task);
+    if let Ok(tag) = HeaderValue::from_str(&format!("W/\"{}\"", t.version)) {
+        response.headers_mut().insert(header::ETAG, tag);
+    }
+    if let Some(at) = t.task.pointer("/meta/lastUpdated").and_then(Value::as_str)
+        && let Ok(at) = OffsetDateTime::parse(at, &Rfc3339)
+        && let Ok(text) = at.to_offset(time::UtcOffset::UTC).format(&time::format_description::well_known::Rfc2822)
+        && let Ok(value) = HeaderValue::from_str(&text.replace("+0000", "GMT"))
+    {
+        response.headers_mut().insert(header::LAST_MODIFIED, value);
+    }
+    response
+}
+
+/// `GET /fhir/Task/{id}`.
+///
+/// # Errors
+/// 404 when there is no such Task for this caller.
+pub async fn read(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let t = served(&state).task(reader(&caller), &id, None).await.map_err(serve_problem)?;
+    Ok(task_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task"))?))
+}
+
+/// `GET /fhir/Task/{id}/_history/{version}`.
+///
+/// # Errors
+/// 404 when there is no such Task or version for this caller.
+pub async fn vread(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let version = version.parse::<i64>().map_err(|_| not_found("Task version"))?;
+    let t = served(&state).task(reader(&caller), &id, Some(version)).await.map_err(serve_problem)?;
+    Ok(task_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task version"))?))
+}
+
+/// `PUT /fhir/Task/{id}` (with `If-Match: W/"<version>"` to update only that version): sets the referral's status
+/// as the caller's move; the answer is the Task as the caller now sees it.
+///
+/// # Errors
+/// 400, 404, 412, 415 or 422 `OperationOutcome`s (see the module docs).
+pub async fn update(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    actor: CallerActor,
+    Path(id): Path<String>,
+    conditions: Conditions,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let sent = fhir_body(&headers, &body)?;
+    if sent.get("resourceType").and_then(Value::as_str) != Some("Task") {
+        return Err(invalid("the body must be a Task"));
+    }
+    if sent.get("id").and_then(Value::as_str).is_some_and(|b| b != id) {
+        return Err(invalid("the Task's id must be the id in the URL"));
+    }
+    let served = served(&state);
+    let reader = reader(&caller);
+    // A Task the caller may not see does not exist for it, whatever it sends.
+    let current = served.task(reader, &id, None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
+    let pre = match conditions {
+        Conditions::Store(Precondition::Absent) => {
+            return Err(invalid("If-None-Match does not apply to a Task update"));
+        }
+        Conditions::Store(p) => p,
+        Conditions::AnyVersion(versions) if versions.contains(&current.version) => {
+            Precondition::Version(current.version)
+        }
+        Conditions::AnyVersion(_) => Precondition::Version(-1),
+    };
+    let id = RecordId::parse(&id).map_err(|_| not_found("Task"))?;
+    let mut actor = actor.0;
+    actor.partner = caller.partner.as_deref().map(str::to_owned);
+    served.set_status(reader, &id, &sent, pre, &actor, OffsetDateTime::now_utc()).await.map_err(serve_problem)?;
+    let after =
+        served.task(reader, id.as_str(), None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
+    Ok(task_response(StatusCode::OK, &after))
+}
+
+/// The body of a FHIR write: `application/fhir+json` (or `application/json`), a JSON object.
+fn fhir_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if !matches!(essence.as_deref(), Some("application/fhir+json" | "application/json")) {
+        return Err(Problem::new(ProblemType::UnsupportedMediaType)
+            .detail("send the resource as application/fhir+json")
+            .into());
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|_| invalid("the body is not JSON"))?;
+    if !value.is_object() {
+        return Err(invalid("the body must be a FHIR resource (a JSON object)"));
+    }
+    Ok(value)
+}
+
+/// Whether a reference element matches a reference search value: `Type/id` or `id` against `reference`, or
+/// `system|value` (or `value`) against its logical `identifier`.
+fn reference_matches(r: Option<&Value>, wanted: &str) -> bool {
+    let Some(r) = r else { return false };
+    if let Some(reference) = r.get("reference").and_then(Value::as_str)
+        && (reference == wanted || reference.rsplit('/').next() == Some(wanted))
+    {
+        return true;
+    }
+    identifier_matches(r.get("identifier"), wanted)
+}
+
+/// Whether an identifier (or a list of them) matches a token: `system|value`, `|value`, `system|` or `value`.
+fn identifier_matches(ids: Option<&Value>, wanted: &str) -> bool {
+    let list: Vec<&Value> = match ids {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(one @ Value::Object(_)) => vec![one],
+        _ => return false,
+    };
+    list.iter().any(|i| {
+        let system = i.get("system").and_then(Value::as_str).unwrap_or_default();
+        let value = i.get("value").and_then(Value::as_str).unwrap_or_default();
+        match wanted.split_once('|') {
+            Some(("", v)) => value == v,
+            Some((s, "")) => system == s,
+            Some((s, v)) => system == s && value == v,
+            None => value == wanted,
+        }
+    })
+}
+
+/// `GET /fhir/Task?_id=&identifier=&_lastUpdated=&status=&owner=&requester=&focus=&patient=&_count=&_offset=`:
+/// each parameter a comma-separated OR of values, `_lastUpdated` repeated to bound both sides; parameters this
+/// endpoint does not know are ignored (and left out of the `self` link).
+///
+/// # Errors
+/// A malformed parameter.
+pub async fn search(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    public: RequestBase,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let every = all_params(raw.as_deref());
+    let one = params(raw.as_deref());
+    let count = number(&one, "_count", DEFAULT_COUNT, MAX_COUNT)?;
+    let offset = number(&one, "_offset", 0, u32::MAX)?;
+    let (after, before) = last_updated_bounds(&every)?;
+    const KNOWN: [&str; 9] =
+        ["_id", "identifier", "_lastUpdated", "status", "owner", "requester", "focus", "patient", "subject"];
+    let used: Vec<(String, String)> = every.iter().filter(|(k, _)| KNOWN.contains(&k.as_str())).cloned().collect();
+    // A patient named by our id narrows the read to that client's referrals.
+    let client = every
+        .iter()
+        .find(|(k, _)| k == "patient" || k == "subject")
+        .and_then(|(_, v)| RecordId::parse(v.strip_prefix("Patient/").unwrap_or(v)).ok());
+    let all = served(&state).tasks(reader(&caller), client, after).await.map_err(serve_problem)?;
+    let hits: Vec<Value> = all
+        .into_iter()
+        .map(|t| t.task)
+        .filter(|task| {
+            let at = task
+                .pointer("/meta/lastUpdated")
+                .and_then(Value::as_str)
+                .and_then(|a| OffsetDateTime::parse(a, &Rfc3339).ok());
+            let in_time = at.is_some_and(|at| after.is_none_or(|a| at > a) && before.is_none_or(|b| at < b));
+            in_time
+                && used.iter().all(|(k, v)| {
+                    let any = |f: &dyn Fn(&str) -> bool| v.split(',').any(f);
+                    match k.as_str() {
+                        "_id" => any(&|w| task.get("id").and_then(Value::as_str) == Some(w)),
+                        "identifier" => any(&|w| identifier_matches(task.get("identifier"), w)),
+                        "status" => any(&|w| task.get("status").and_then(Value::as_str) == Some(w)),
+                        "owner" => any(&|w| reference_matches(task.get("owner"), w)),
+                        "requester" => any(&|w| reference_matches(task.get("requester"), w)),
+                        "focus" => any(&|w| reference_matches(task.get("focus"), w)),
+                        "patient" | "subject" => any(&|w| reference_matches(task.get("for"), w)),
+                        _ => true,
+                    }
+                })
+        })
+        .collect();
+    let total = hits.len();
+    let page: Vec<Value> = hits.into_iter().skip(offset as usize).take(count as usize).collect();
+    Ok(fhir(StatusCode::OK, &searchset(&base(&public), "Task", &used, page, total, offset, count)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn references_match_by_literal_id_or_logical_identifier() {
+        let r = json!({"reference": "Patient/cl-1", "identifier": {"system": "urn:a/client", "value": "cl-1"}});
+        for yes in ["Patient/cl-1", "cl-1", "urn:a/client|cl-1", "|cl-1", "urn:a/client|"] {
+            assert!(reference_matches(Some(&r), yes), "{yes}");
+        }
+        for no in ["Patient/cl-2", "urn:b/client|cl-1", "cl"] {
+            assert!(!reference_matches(Some(&r), no), "{no}");
+        }
+        assert!(!reference_matches(None, "cl-1"));
+    }
+}
