@@ -6,6 +6,7 @@
 //! into the partner's copy instead of overwriting it, and what the partner writes there moves the agency's referral
 //! through the same state machine as every other status change.
 
+pub mod inbound;
 pub mod poll;
 pub mod served;
 pub mod task;

@@ -21,9 +21,11 @@ use super::fhir::{all_params, base, fhir, invalid, last_updated_bounds, not_foun
 use super::problem::{ApiError, Problem, ProblemType};
 use super::public_url::RequestBase;
 use crate::domain::RecordId;
+use crate::followup::inbound::{Inbound, InboundError, Received};
 use crate::followup::served::{Reader, ServeError, Served, ServedTask};
 use crate::intake::IntakeError;
 use crate::keys::Caller;
+use crate::partners::PartnerSettings;
 use crate::store::Precondition;
 
 const DEFAULT_COUNT: u32 = 20;
@@ -148,6 +150,135 @@ pub async fn update(
     let after =
         served.task(reader, id.as_str(), None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
     Ok(task_response(StatusCode::OK, &after))
+}
+
+fn inbound_problem(e: InboundError) -> ApiError {
+    match e {
+        InboundError::Invalid(problems) => Problem::new(ProblemType::BusinessRule)
+            .detail(format!("{} problem(s)", problems.len()))
+            .errors(
+                problems
+                    .into_iter()
+                    .map(|p| match p.split_once(": ") {
+                        Some((path, detail)) if !path.contains(' ') => {
+                            crate::domain::FieldError { path: path.to_owned(), detail: detail.to_owned() }
+                        }
+                        _ => crate::domain::FieldError { path: "Bundle".into(), detail: p },
+                    })
+                    .collect(),
+            )
+            .into(),
+        InboundError::Ambiguous(n) => Problem::new(ProblemType::BusinessRule)
+            .detail(format!(
+                "the patient's identifiers match {n} of the agency's clients: the agency must resolve the duplicate \
+                 before this referral can be taken in"
+            ))
+            .into(),
+        InboundError::Partner(why) => {
+            Problem::new(ProblemType::Unavailable).detail(format!("reading the partner's server: {why}")).into()
+        }
+        InboundError::Intake(IntakeError::Invalid(errors)) => Problem::new(ProblemType::BusinessRule)
+            .detail(format!("{} rule(s) broken by the referral read from it", errors.len()))
+            .errors(errors)
+            .into(),
+        InboundError::Intake(IntakeError::Store(e)) | InboundError::Store(e) => store_problem(e),
+        InboundError::Intake(e) => ApiError::internal(ProblemType::Internal, e),
+    }
+}
+
+/// The partner a write on `/fhir` comes from: only a partner sends the agency referrals.
+fn sending_partner<'s>(state: &'s AppState, caller: &Caller) -> Result<&'s PartnerSettings, ApiError> {
+    caller
+        .partner
+        .as_deref()
+        .and_then(|p| state.partners.get(p))
+        .ok_or_else(|| Problem::new(ProblemType::Forbidden).detail("only a partner's key sends referrals in").into())
+}
+
+/// Takes in a referral and answers with its Task: what receiving did, and the Task as the partner sees it.
+async fn take_in(
+    state: &AppState,
+    caller: &Caller,
+    actor: CallerActor,
+    sent: &Value,
+) -> Result<(Received, ServedTask), ApiError> {
+    let partner = sending_partner(state, caller)?;
+    let inbound = Inbound { store: &*state.store, mappings: &state.mappings, partners: &state.partners };
+    let mut actor = actor.0;
+    actor.partner = Some(partner.name.clone());
+    let received = inbound.receive(partner, sent, &actor, OffsetDateTime::now_utc()).await.map_err(inbound_problem)?;
+    let task = served(state)
+        .task(Reader::Partner(&partner.name), received.referral.as_str(), None)
+        .await
+        .map_err(serve_problem)?
+        .ok_or_else(|| not_found("Task"))?;
+    Ok((received, task))
+}
+
+/// `POST /fhir` with a transaction Bundle of a referral (Task, ServiceRequest, Patient and what they reference):
+/// a partner's key only. The answer is a `transaction-response`: the Task entry `201 Created` (or `200 OK` when
+/// the same Task came before) with the gateway's Task location; the partner's own resources `200 OK` (kept as
+/// theirs, not stored as ours).
+///
+/// # Errors
+/// 400 for a body that is not a transaction, 403 for an agency key, 422 `business-rule` for a referral the
+/// gateway cannot take (each problem named), 415.
+pub async fn transaction(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    actor: CallerActor,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let sent = fhir_body(&headers, &body)?;
+    if sent.get("resourceType").and_then(Value::as_str) != Some("Bundle")
+        || sent.get("type").and_then(Value::as_str) != Some("transaction")
+    {
+        return Err(invalid("POST /fhir takes a transaction Bundle"));
+    }
+    let (received, task) = take_in(&state, &caller, actor, &sent).await?;
+    let location = format!("Task/{}/_history/{}", received.referral, task.version);
+    let entries: Vec<Value> = sent["entry"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|e| {
+            if e.pointer("/resource/resourceType").and_then(Value::as_str) == Some("Task") {
+                let status = if received.created { "201 Created" } else { "200 OK" };
+                serde_json::json!({"response": {"status": status, "location": location, "etag": format!("W/\"{}\"", task.version)}})
+            } else {
+                serde_json::json!({"response": {"status": "200 OK"}})
+            }
+        })
+        .collect();
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries});
+    Ok(fhir(StatusCode::OK, &bundle))
+}
+
+/// `POST /fhir/Task`: a referral's Task alone (a partner's key), its focus and patient read from the partner's
+/// server. `201 Created` with the gateway's Task, or `200 OK` with it when the same Task came before (so an
+/// `If-None-Exist` on its identifier is always honoured).
+///
+/// # Errors
+/// As [`transaction`].
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    actor: CallerActor,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let sent = fhir_body(&headers, &body)?;
+    if sent.get("resourceType").and_then(Value::as_str) != Some("Task") {
+        return Err(invalid("POST /fhir/Task takes a Task"));
+    }
+    let (received, task) = take_in(&state, &caller, actor, &sent).await?;
+    let status = if received.created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut response = task_response(status, &task);
+    if let Ok(location) = HeaderValue::from_str(&format!("Task/{}/_history/{}", received.referral, task.version)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
 }
 
 /// The body of a FHIR write: `application/fhir+json` (or `application/json`), a JSON object.

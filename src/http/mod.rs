@@ -138,7 +138,8 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/fhir/Organization/{id}", get(fhir::read_organization))
         .route("/fhir/Location", get(fhir::search_locations))
         .route("/fhir/Location/{id}", get(fhir::read_location))
-        .route("/fhir/Task", get(fhir_tasks::search))
+        .route("/fhir", post(fhir_tasks::transaction))
+        .route("/fhir/Task", get(fhir_tasks::search).post(fhir_tasks::create))
         .route("/fhir/Task/{id}", get(fhir_tasks::read).put(fhir_tasks::update))
         .route("/fhir/Task/{id}/_history/{version}", get(fhir_tasks::vread))
         .route_layer(middleware::from_fn_with_state(fhir_callers, auth::require_key));

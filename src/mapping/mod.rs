@@ -14,6 +14,7 @@
 
 pub mod bundle;
 pub mod expr;
+pub mod foreign;
 pub mod golden;
 pub mod inbound;
 pub mod labels;

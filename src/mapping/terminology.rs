@@ -191,6 +191,16 @@ impl ConceptMap {
         }
     }
 
+    /// The one source code whose target is `system|code`, whatever the equivalence (`wider` included): how a
+    /// partner's code is read back when the partner writes in its terms, not ours. `None` when no source, or
+    /// several, map there (the partner's code then says too little to choose).
+    #[must_use]
+    pub fn read_back(&self, system: &str, code: &str) -> Option<&str> {
+        let mut found = self.forward.iter().filter(|(_, c)| c.system == system && c.code == code).map(|(k, _)| k);
+        let one = found.next()?;
+        found.next().is_none().then_some(one.as_str())
+    }
+
     /// The target system (one per map).
     #[must_use]
     pub fn target_system(&self) -> Option<&str> {

@@ -958,7 +958,9 @@ impl Worker {
                     match s.held.get(&e.local_ref) {
                         Some(h) if h.content_hash == PARTNER_OWNED || e.request == RequestKind::Create => false,
                         Some(h) => h.content_hash != fingerprint(&e.resource, &s.held),
-                        None => true,
+                        // On a partner's own referral the agency answers in the partner's Task and creates nothing
+                        // there.
+                        None => s.task_side != Some(Side::Performer),
                     }
                 })
                 .collect();

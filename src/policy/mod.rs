@@ -330,6 +330,20 @@ pub fn decide(
         let id = text(&record, "id").map(str::to_owned).into_iter().collect();
         return Decision::Send(Release { record, related: related.clone(), left_out: Vec::new(), consents: id });
     }
+    // A referral a partner sent the agency goes back to that partner (the agency's answers on the partner's own
+    // referral): what it says came from the partner; the agency adds only where the referral stands. Nothing
+    // else of the client rides along (the mapping reads no other record for a referral's Task).
+    if kind == RecordKind::Referral
+        && record.pointer("/target/type").and_then(Value::as_str) == Some("agency")
+        && record.pointer("/requester/partner").and_then(Value::as_str) == Some(recipient.name)
+    {
+        return Decision::Send(Release {
+            record: record.clone(),
+            related: Related::default(),
+            left_out: Vec::new(),
+            consents: Vec::new(),
+        });
+    }
     if kind == RecordKind::Referral
         && record.pointer("/target/type").and_then(Value::as_str) == Some("directory_service")
     {

@@ -19,6 +19,7 @@ mod hardening;
 mod helpers;
 mod hostile_input;
 mod hsds_api_fake;
+mod inbound;
 mod mappings;
 mod metrics_labels;
 mod ops;
