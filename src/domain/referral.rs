@@ -59,6 +59,10 @@ pub struct Referral {
     /// referral. It closes the referral's crisis alert (`Flag.period.end`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<Timestamp>,
+    /// What came of the referral, in the performer's words (set with `completed`; FHIR `Task.output`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, max_length = 2000)]
+    pub outcome: Option<Redacted<String>>,
     /// Clinical reason for the referral, in the case manager's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, max_length = 2000)]
@@ -167,11 +171,23 @@ pub struct StatusChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, max_length = 1000)]
     pub reason: Option<Redacted<String>>,
+    /// What came of it, with `completed` only (the performer's words: "seen twice, discharged to primary care").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, max_length = 2000)]
+    pub outcome: Option<Redacted<String>>,
 }
 
 impl StatusChange {
     /// Checks the change on its own, before it meets the referral.
     pub fn validate(&self, v: &mut Validator) {
+        if let Some(outcome) = &self.outcome {
+            v.multiline_text(outcome, "$.outcome", 2000);
+            v.check(
+                self.status == ReferralStatus::Completed,
+                "$.outcome",
+                "an outcome is recorded with completed only",
+            );
+        }
         match &self.reason {
             Some(reason) => v.multiline_text(reason, "$.reason", 1000),
             None => v.check(
@@ -239,6 +255,9 @@ impl Referral {
         }
         self.status = change.status;
         self.status_reason.clone_from(&change.reason);
+        if change.outcome.is_some() {
+            self.outcome.clone_from(&change.outcome);
+        }
         Ok(())
     }
 }
@@ -349,6 +368,14 @@ impl AgencyRecord for Referral {
         }
         if let Some(reason) = &self.reason {
             v.multiline_text(reason, "$.reason", 2000);
+        }
+        if let Some(outcome) = &self.outcome {
+            v.multiline_text(outcome, "$.outcome", 2000);
+            v.check(
+                matches!(self.status, ReferralStatus::Completed | ReferralStatus::EnteredInError),
+                "$.outcome",
+                format!("a referral that is {} has no outcome", self.status),
+            );
         }
         for (i, note) in self.notes.iter().enumerate() {
             v.multiline_text(&note.text, format!("$.notes[{i}].text"), 4000);

@@ -270,7 +270,11 @@ impl Poller {
             .filter(|t| !t.trim().is_empty())
             .map(str::to_owned)
             .or_else(|| status.needs_reason().then(|| format!("{partner} gave no reason")));
-        let change = StatusChange { status, reason: reason.map(Redacted) };
+        let outcome = (status == crate::domain::ReferralStatus::Completed)
+            .then(|| super::task::outcome(task))
+            .flatten()
+            .map(Redacted);
+        let change = StatusChange { status, reason: reason.map(Redacted), outcome };
         let actor =
             Actor { key_name: "followup".into(), request_id: request_id.to_owned(), partner: Some(partner.to_owned()) };
         let intake = Intake { store: &*self.store, partners: &self.partners };

@@ -213,7 +213,11 @@ impl Served<'_> {
             .and_then(Value::as_str)
             .filter(|t| !t.trim().is_empty())
             .map(|t| Redacted(t.to_owned()));
-        let change = StatusChange { status, reason };
+        let outcome = (status == crate::domain::ReferralStatus::Completed)
+            .then(|| super::task::outcome(sent))
+            .flatten()
+            .map(Redacted);
+        let change = StatusChange { status, reason, outcome };
         let intake = Intake { store: self.store, partners: self.partners };
         intake::change_referral_status(intake, id, &change, reader.party(), pre, actor, now)
             .await

@@ -95,6 +95,18 @@ pub fn merge(ours: &Value, theirs: &Value, side: Side, status_of: &dyn Fn(&str) 
     Value::Object(out)
 }
 
+/// What came of a referral, as its Task says: the first text `output` (`valueString`), trimmed; `None` without one.
+#[must_use]
+pub fn outcome(task: &Value) -> Option<String> {
+    task.get("output")?
+        .as_array()?
+        .iter()
+        .find_map(|o| o.get("valueString").and_then(Value::as_str))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+}
+
 /// Whether the gateway's status replaces the partner's: equal, or a move the state machine gives `side`. A status
 /// either copy lacks or that no referral status stands for is never a reason to overwrite the partner's.
 fn takes_status(

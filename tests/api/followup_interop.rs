@@ -181,10 +181,15 @@ async fn the_hospital_performs_on_its_own_server_and_the_agency_referral_follows
     assert_eq!(w.task().await["status"], "in-progress", "an agency edit leaves the hospital's status");
     assert_eq!(w.sweep().await.applied, 0, "the agency's own write is not the hospital's move");
 
-    w.hospital_sets("completed", None).await;
+    let mut task = w.task().await;
+    task["status"] = json!("completed");
+    task["output"] = json!([{"type": {"text": "outcome"}, "valueString": "Eight sessions; goals met"}]);
+    let id = task["id"].as_str().expect("id").to_owned();
+    assert_eq!(w.peer.send(Method::PUT, &format!("Task/{id}"), Some(&task)).await.0, 200);
     assert_eq!(w.sweep().await.applied, 1);
     let done = w.referral().await;
     assert_eq!(done["status"], "completed");
+    assert_eq!(done["outcome"], "Eight sessions; goals met", "the hospital's outcome is kept: {done}");
     assert!(done["closed_at"].is_string(), "the end is recorded: {done}");
 
     // A sweep with nothing new reads nothing new.

@@ -111,16 +111,19 @@ async fn a_hospitals_referral_comes_in_once_is_answered_by_the_agency_and_read_b
     assert_eq!((status, outcome["issue"][0]["code"].as_str()), (422, Some("business-rule")), "{outcome}");
 
     // The agency performs: accepted, in progress, completed.
-    for (to, reason) in [("accepted", None), ("in_progress", None), ("completed", None::<&str>)] {
+    let steps =
+        [("accepted", None), ("in_progress", None), ("completed", Some("Seen twice; discharged to primary care"))];
+    for (to, outcome) in steps {
         let mut change = json!({"status": to});
-        if let Some(r) = reason {
-            change["reason"] = json!(r);
+        if let Some(o) = outcome {
+            change["outcome"] = json!(o);
         }
         let moved = app.post(&format!("/api/v1/referrals/{task_id}/status"), &change).await;
         assert_eq!(moved.status(), 200, "{to}");
     }
     let (status, done) = send(&app, ST_MARYS_KEY, Method::GET, &path, None).await;
     assert_eq!((status, done["status"].as_str()), (200, Some("completed")), "{done}");
+    assert_eq!(done["output"][0]["valueString"], "Seen twice; discharged to primary care", "{done}");
     assert_eq!(done["requester"]["identifier"]["value"], "st-marys-ehr", "the hospital requested it: {done}");
     assert!(done["owner"]["identifier"]["value"].is_string(), "the agency owns it: {done}");
     crate::delivery_interop::validate(&[done]);
@@ -218,10 +221,9 @@ async fn a_task_alone_is_read_from_the_hospitals_server_and_the_agencys_answers_
     );
     let worker = carebridge::outbox::Worker::new(store.clone(), mappings, &partners, &settings.outbox).expect("worker");
     for (to, on_peer_status) in [("accepted", "accepted"), ("in_progress", "in-progress"), ("completed", "completed")] {
-        assert_eq!(
-            app.post(&format!("/api/v1/referrals/{referral_id}/status"), &json!({"status": to})).await.status(),
-            200
-        );
+        let change =
+            if to == "completed" { json!({"status": to, "outcome": "Seen twice"}) } else { json!({"status": to}) };
+        assert_eq!(app.post(&format!("/api/v1/referrals/{referral_id}/status"), &change).await.status(), 200);
         let report = worker.run_until_idle(time::OffsetDateTime::now_utc).await.expect("a pass");
         assert_eq!(report.dead, 0, "{report:?}");
         let (_, theirs) = peer.send(Method::GET, &format!("Task/{task_id}"), None).await;
@@ -229,6 +231,8 @@ async fn a_task_alone_is_read_from_the_hospitals_server_and_the_agencys_answers_
         assert_eq!(theirs["focus"]["reference"], format!("ServiceRequest/{sr_id}"), "the request is the hospital's");
         assert_eq!(theirs["identifier"][0]["value"], "H-REF-9");
     }
+    let (_, theirs) = peer.send(Method::GET, &format!("Task/{task_id}"), None).await;
+    assert_eq!(theirs["output"][0]["valueString"], "Seen twice", "the outcome reaches the hospital: {theirs}");
     // Nothing of ours was created there: the hospital's records only, its Task updated in place.
     assert_eq!(peer.all("Task").await.len(), 1);
     assert_eq!(peer.all("ServiceRequest").await.len(), 1);
