@@ -1,7 +1,8 @@
-//! The referrals as the gateway's own FHIR endpoint serves them: each referral's `Task` (its id is the referral's),
-//! rendered by the same mapping as a delivery, and, for a partner's key, only the referrals that partner is a side
-//! of and only what the egress decision lets it see (a referral held from it does not exist for it); and a status
-//! a caller sets on that Task, applied as that caller's move through the state machine.
+//! The agency's records as the gateway's own FHIR endpoint serves them: each referral's `Task` and `ServiceRequest`
+//! (their ids are the referral's), each client's `Patient`, each care plan's `CarePlan`, `Goal`s and intervention
+//! `ServiceRequest`s, each `Consent`, rendered by the same mappings as a delivery; for a partner's key, only the
+//! referrals that partner is a side of, and only what the egress decision lets it see (what it holds from it does
+//! not exist for it); and a status a caller sets on a Task, applied as that caller's move through the state machine.
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -64,13 +65,35 @@ pub enum ServeError {
     Invalid(String),
 }
 
-/// A referral's Task as one reader may see it.
+/// A resource (a referral's Task, a client's Patient…) as one reader may see it.
 #[derive(Debug, Clone)]
 pub struct ServedTask {
-    /// The Task (with `meta.versionId` and `meta.lastUpdated` of the referral).
+    /// The resource (with `meta.versionId` and `meta.lastUpdated` of the record it comes from).
     pub task: Value,
-    /// The referral's version.
+    /// The version of the record it comes from.
     pub version: i64,
+}
+
+/// The record kinds a FHIR resource type on `/fhir` is rendered from.
+#[must_use]
+pub fn kinds_of(resource_type: &str) -> &'static [RecordKind] {
+    match resource_type {
+        "Task" => &[RecordKind::Referral],
+        "ServiceRequest" => &[RecordKind::Referral, RecordKind::CarePlan],
+        "Patient" => &[RecordKind::Client],
+        "CarePlan" | "Goal" => &[RecordKind::CarePlan],
+        "Consent" => &[RecordKind::Consent],
+        _ => &[],
+    }
+}
+
+/// The agency ids a resource id may come from: the whole id, then each part before a `.` (a goal's
+/// `<plan>.<goal>`, an intervention's `<plan>.<intervention>`), longest first.
+fn source_ids(id: &str) -> Vec<RecordId> {
+    let mut out: Vec<RecordId> = RecordId::parse(id).into_iter().collect();
+    let dots: Vec<usize> = id.match_indices('.').map(|(i, _)| i).collect();
+    out.extend(dots.iter().rev().filter_map(|&i| RecordId::parse(&id[..i]).ok()));
+    out
 }
 
 impl Served<'_> {
@@ -85,17 +108,38 @@ impl Served<'_> {
         id: &str,
         version: Option<i64>,
     ) -> Result<Option<ServedTask>, ServeError> {
-        let Ok(id) = RecordId::parse(id) else { return Ok(None) };
-        let stored = match version {
-            None => self.store.get_record(RecordKind::Referral, &id).await?,
-            Some(v) => self.store.get_version(RecordKind::Referral, &id, v).await?,
-        };
-        let Some(stored) = stored else { return Ok(None) };
-        self.render(reader, &stored).await
+        self.resource(reader, "Task", id, version).await
     }
 
-    /// Every Task `reader` may see whose referral was changed after `after` (all when `None`), oldest id first: the
-    /// candidates a search filters.
+    /// The resource `resource_type/id` (at the `version` of the record it comes from, or the current one) as
+    /// `reader` may see it; `None` when there is none for it.
+    ///
+    /// # Errors
+    /// The store failed, or the record does not render.
+    pub async fn resource(
+        &self,
+        reader: Reader<'_>,
+        resource_type: &str,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Option<ServedTask>, ServeError> {
+        for &kind in kinds_of(resource_type) {
+            for source in source_ids(id) {
+                let stored = match version {
+                    None => self.store.get_record(kind, &source).await?,
+                    Some(v) => self.store.get_version(kind, &source, v).await?,
+                };
+                let Some(stored) = stored else { continue };
+                let found = self.render(reader, kind, &stored, resource_type).await?;
+                if let Some(t) = found.into_iter().find(|t| t.task.get("id").and_then(Value::as_str) == Some(id)) {
+                    return Ok(Some(t));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every Task `reader` may see whose referral was changed after `after` (all when `None`), by referral id.
     ///
     /// # Errors
     /// The store failed, or a referral does not render.
@@ -105,83 +149,103 @@ impl Served<'_> {
         client: Option<RecordId>,
         after: Option<OffsetDateTime>,
     ) -> Result<Vec<ServedTask>, ServeError> {
-        let mut out = Vec::new();
-        let mut cursor = None;
-        loop {
-            let q = ListQuery {
-                kind: RecordKind::Referral,
-                client_id: client.clone(),
-                status: None,
-                direction: None,
-                updated_since: after,
-                after: cursor.take(),
-                limit: 500,
-            };
-            let page = self.store.list_records(&q).await?;
-            for stored in &page.items {
-                if let Some(t) = self.render(reader, stored).await? {
-                    out.push(t);
-                }
-            }
-            match page.next_after {
-                Some(next) => cursor = Some(next),
-                None => return Ok(out),
-            }
-        }
+        self.resources(reader, "Task", client, after).await
     }
 
-    async fn render(&self, reader: Reader<'_>, stored: &StoredRecord) -> Result<Option<ServedTask>, ServeError> {
-        let referral: Referral =
-            serde_json::from_str(&stored.body).map_err(|e| ServeError::Render(format!("stored referral: {e}")))?;
-        let record: Value =
-            serde_json::from_str(&stored.body).map_err(|e| ServeError::Render(format!("stored referral: {e}")))?;
-        let (related, facts) = crate::outbox::context_now(self.store, RecordKind::Referral, &record).await?;
+    /// Every resource of `resource_type` `reader` may see, from the records (of `client`, when given) changed after
+    /// `after`: the candidates a search filters.
+    ///
+    /// # Errors
+    /// The store failed, or a record does not render.
+    pub async fn resources(
+        &self,
+        reader: Reader<'_>,
+        resource_type: &str,
+        client: Option<RecordId>,
+        after: Option<OffsetDateTime>,
+    ) -> Result<Vec<ServedTask>, ServeError> {
+        let mut out = Vec::new();
+        for &kind in kinds_of(resource_type) {
+            let mut cursor = None;
+            loop {
+                let q = ListQuery {
+                    kind,
+                    // A client's own record is found by its id, not by `client_id`.
+                    client_id: if kind == RecordKind::Client { None } else { client.clone() },
+                    status: None,
+                    direction: None,
+                    updated_since: after,
+                    after: cursor.take(),
+                    limit: 500,
+                };
+                let page = self.store.list_records(&q).await?;
+                for stored in &page.items {
+                    if kind == RecordKind::Client && client.as_ref().is_some_and(|c| c.as_str() != stored.id) {
+                        continue;
+                    }
+                    out.extend(self.render(reader, kind, stored, resource_type).await?);
+                }
+                match page.next_after {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The resources of `resource_type` one record renders to, as `reader` may see them (none when the policy
+    /// holds the record from a partner, or the referral is not that partner's).
+    async fn render(
+        &self,
+        reader: Reader<'_>,
+        kind: RecordKind,
+        stored: &StoredRecord,
+        resource_type: &str,
+    ) -> Result<Vec<ServedTask>, ServeError> {
+        let corrupt = |e: serde_json::Error| ServeError::Render(format!("stored {kind}: {e}"));
+        let record: Value = serde_json::from_str(&stored.body).map_err(corrupt)?;
+        let (related, facts) = crate::outbox::context_now(self.store, kind, &record).await?;
         let (record, related, overlay) = match reader {
             Reader::Agency => (record, related, None),
             Reader::Partner(name) => {
-                if referral.counterpart().is_none_or(|c| c.as_str() != name) {
-                    return Ok(None);
+                if kind == RecordKind::Referral {
+                    let referral: Referral = serde_json::from_str(&stored.body).map_err(corrupt)?;
+                    if referral.counterpart().is_none_or(|c| c.as_str() != name) {
+                        return Ok(Vec::new());
+                    }
                 }
-                let Some(settings) = self.partners.get(name) else { return Ok(None) };
-                let Some(profile) = self.policy.profile(settings.policy_profile()) else { return Ok(None) };
-                let Ok(id) = RecordId::parse(&stored.id) else { return Ok(None) };
-                let holds_record = policy::partner_holds(self.store, name, RecordKind::Referral, &id).await?;
+                let Some(settings) = self.partners.get(name) else { return Ok(Vec::new()) };
+                let Some(profile) = self.policy.profile(settings.policy_profile()) else { return Ok(Vec::new()) };
+                let Ok(id) = RecordId::parse(&stored.id) else { return Ok(Vec::new()) };
+                let holds_record = policy::partner_holds(self.store, name, kind, &id).await?;
                 let recipient = Recipient { name, profile, holds_record };
                 let today = OffsetDateTime::now_utc().date();
-                match policy::decide(
-                    self.mappings.labels(),
-                    recipient,
-                    RecordKind::Referral,
-                    &record,
-                    &related,
-                    &facts,
-                    today,
-                ) {
-                    Decision::Hold(_) => return Ok(None),
+                match policy::decide(self.mappings.labels(), recipient, kind, &record, &related, &facts, today) {
+                    Decision::Hold(_) => return Ok(Vec::new()),
                     Decision::Send(release) => (release.record, release.related, settings.overlay.clone()),
                 }
             }
         };
         let render = |e: MapError| ServeError::Render(e.to_string());
-        let mut resources =
-            self.mappings.render(RecordKind::Referral, &record, overlay.as_deref(), &related).map_err(render)?;
+        let mut resources = self.mappings.render(kind, &record, overlay.as_deref(), &related).map_err(render)?;
         self.mappings.label(&mut resources);
-        let Some(mut task) = resources
+        let at = stored.meta.updated_at.format(&Rfc3339).unwrap_or_default();
+        Ok(resources
             .into_iter()
             .map(|e| e.resource)
-            .find(|r| r.get("resourceType").and_then(Value::as_str) == Some("Task"))
-        else {
-            return Ok(None);
-        };
-        if let Some(obj) = task.as_object_mut() {
-            let meta = obj.entry("meta").or_insert_with(|| Value::Object(serde_json::Map::new()));
-            if let Some(meta) = meta.as_object_mut() {
-                meta.insert("versionId".into(), Value::String(stored.meta.version.to_string()));
-                let at = stored.meta.updated_at.format(&Rfc3339).unwrap_or_default();
-                meta.insert("lastUpdated".into(), Value::String(at));
-            }
-        }
-        Ok(Some(ServedTask { task, version: stored.meta.version }))
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+            .map(|mut r| {
+                if let Some(obj) = r.as_object_mut() {
+                    let meta = obj.entry("meta").or_insert_with(|| Value::Object(serde_json::Map::new()));
+                    if let Some(meta) = meta.as_object_mut() {
+                        meta.insert("versionId".into(), Value::String(stored.meta.version.to_string()));
+                        meta.insert("lastUpdated".into(), Value::String(at.clone()));
+                    }
+                }
+                ServedTask { task: r, version: stored.meta.version }
+            })
+            .collect())
     }
 
     /// Applies the status of `sent` (a Task a caller PUT on `/fhir/Task/<id>`) to referral `id` as `reader`'s

@@ -321,6 +321,14 @@ pub async fn capability_statement() -> Response {
         "searchParam": search(&[("_id", "token"), ("identifier", "token"), ("_lastUpdated", "date"), ("status", "token"),
             ("owner", "reference"), ("requester", "reference"), ("focus", "reference"), ("patient", "reference")]),
     });
+    // The agency's other records: read and search, each by who it is about.
+    let record = |ty: &str| {
+        let mut params = vec![("_id", "token"), ("identifier", "token"), ("_lastUpdated", "date")];
+        if ty != "Patient" {
+            params.push(("patient", "reference"));
+        }
+        read_only(ty, search(&params))
+    };
     let body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -341,6 +349,11 @@ pub async fn capability_statement() -> Response {
             },
             "resource": [
                 task,
+                record("ServiceRequest"),
+                record("Patient"),
+                record("CarePlan"),
+                record("Goal"),
+                record("Consent"),
                 read_only("HealthcareService", search(&[("name", "string"), ("service-category", "token"), ("organization", "reference"), ("location", "reference"), ("active", "token"), ("_lastUpdated", "date")])),
                 read_only("Organization", search(&[("name", "string")])),
                 read_only("Location", search(&[("name", "string")])),

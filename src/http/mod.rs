@@ -9,7 +9,7 @@ pub mod deliveries;
 pub mod directory;
 pub mod extract;
 pub mod fhir;
-pub mod fhir_tasks;
+pub mod fhir_records;
 pub mod hsds;
 pub mod ops;
 pub mod preview;
@@ -138,10 +138,20 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/fhir/Organization/{id}", get(fhir::read_organization))
         .route("/fhir/Location", get(fhir::search_locations))
         .route("/fhir/Location/{id}", get(fhir::read_location))
-        .route("/fhir", post(fhir_tasks::transaction))
-        .route("/fhir/Task", get(fhir_tasks::search).post(fhir_tasks::create))
-        .route("/fhir/Task/{id}", get(fhir_tasks::read).put(fhir_tasks::update))
-        .route("/fhir/Task/{id}/_history/{version}", get(fhir_tasks::vread))
+        .route("/fhir", post(fhir_records::transaction))
+        .route("/fhir/Task", get(fhir_records::search).post(fhir_records::create))
+        .route("/fhir/Task/{id}", get(fhir_records::read).put(fhir_records::update))
+        .route("/fhir/Task/{id}/_history/{version}", get(fhir_records::vread))
+        .route("/fhir/ServiceRequest", get(fhir_records::search_service_requests))
+        .route("/fhir/ServiceRequest/{id}", get(fhir_records::read_service_request))
+        .route("/fhir/Patient", get(fhir_records::search_patients))
+        .route("/fhir/Patient/{id}", get(fhir_records::read_patient))
+        .route("/fhir/CarePlan", get(fhir_records::search_care_plans))
+        .route("/fhir/CarePlan/{id}", get(fhir_records::read_care_plan))
+        .route("/fhir/Goal", get(fhir_records::search_goals))
+        .route("/fhir/Goal/{id}", get(fhir_records::read_goal))
+        .route("/fhir/Consent", get(fhir_records::search_consents))
+        .route("/fhir/Consent/{id}", get(fhir_records::read_consent))
         .route_layer(middleware::from_fn_with_state(fhir_callers, auth::require_key));
     // What the endpoint offers is public (FHIR clients read it before they authenticate).
     let public = Router::new().route("/fhir/metadata", get(fhir::capability_statement));

@@ -314,6 +314,10 @@ pub fn decide(
     let mine = |c: &&Consent| c.partner.as_str() == recipient.name && Some(c.client_id.as_str()) == client;
     let consents: Vec<&Consent> = facts.consents.iter().filter(mine).collect();
     if kind == RecordKind::Consent {
+        // A consent is the authorisation of the partner it names, and of no one else.
+        if text(record, "partner") != Some(recipient.name) {
+            return Decision::Hold("a consent goes only to the partner it names".into());
+        }
         // The partner's own authorisation: in force, it goes; ended (revoked, past its period), it goes only to end
         // what the partner holds, never to tell a partner that was never told. Past its period it is no longer in
         // force, whatever the agency's status says.

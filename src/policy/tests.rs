@@ -227,6 +227,26 @@ fn an_ended_consent_goes_only_to_a_partner_that_holds_it() {
 }
 
 #[test]
+fn a_consent_naming_another_partner_goes_to_no_one_else() {
+    let c = serde_json::to_value(consent("co-1", "county", &["general"], "active", None)).expect("json");
+    let d = decide_for("treating-provider", RecordKind::Consent, &c, &Related::default(), &Facts::default());
+    assert!(held(&d).contains("only to the partner it names"), "{d:?}");
+}
+
+#[test]
+fn a_referral_a_partner_sent_goes_back_to_it_whatever_the_consents_and_to_no_other() {
+    let mut r = referral_to("ehr", "depression", "therapy");
+    r["target"] = json!({"type": "agency"});
+    r["requester"]["partner"] = json!("ehr");
+    let sent_back =
+        sent(decide_for("treating-provider", RecordKind::Referral, &r, &Related::default(), &Facts::default()));
+    assert_eq!(sent_back.record["target"]["type"], "agency");
+    r["requester"]["partner"] = json!("county");
+    let d = decide_for("treating-provider", RecordKind::Referral, &r, &Related::default(), &Facts::default());
+    assert!(matches!(d, Decision::Hold(_)), "{d:?}");
+}
+
+#[test]
 fn a_referral_to_a_directory_service_goes_to_no_partner() {
     let mut r = referral_to("ehr", "food_insecurity", "food_assistance");
     r["target"] = json!({"type": "directory_service", "service_id": "dir.svc-1"});

@@ -203,3 +203,43 @@ async fn the_hospital_moves_its_referral_through_its_side_of_the_state_machine_w
             .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_partner_reads_the_clients_records_the_policy_releases_to_it_and_nothing_else() {
+    let app = referred(true).await;
+    for id in ["as-2001", "as-2007"] {
+        assert_eq!(app.put(&format!("/api/v1/assessments/{id}"), &fixture("assessment", id)).await.status(), 201);
+    }
+    assert_eq!(app.put("/api/v1/care-plans/cp-3001", &fixture("care-plan", "cp-3001")).await.status(), 201);
+    let get = |key: &'static str, path: String| {
+        let app = &app;
+        async move { json_of(as_key(app, key, Method::GET, &path, None).await).await }
+    };
+    let mut served = Vec::new();
+    for path in ["Patient/cl-1001", "ServiceRequest/ref-4001", "CarePlan/cp-3001", "Consent/co-5001"] {
+        let (status, r) = get(ST_MARYS_KEY, format!("/fhir/{path}")).await;
+        assert_eq!(status, 200, "{path}: {r}");
+        assert_eq!(format!("{}/{}", r["resourceType"].as_str().unwrap_or(""), r["id"].as_str().unwrap_or("")), path);
+        assert!(r["meta"]["versionId"].is_string(), "{r}");
+        served.push(r);
+    }
+    let goal = served[2]["goal"][0]["reference"].as_str().expect("a goal of the plan").to_owned();
+    let (status, g) = get(ST_MARYS_KEY, format!("/fhir/{goal}")).await;
+    assert_eq!((status, g["resourceType"].as_str()), (200, Some("Goal")), "{goal}: {g}");
+    served.push(g);
+    // Another client (the county's referral), another partner's consent: not there for St Mary's.
+    for path in ["Patient/cl-1002", "Consent/co-5003", "ServiceRequest/ref-4003", "Patient/nobody"] {
+        assert_eq!(get(ST_MARYS_KEY, format!("/fhir/{path}")).await.0, 404, "{path}");
+    }
+    // Searches by identifier and by patient see the same.
+    let (_, found) =
+        get(ST_MARYS_KEY, "/fhir/Patient?identifier=urn:oid:2.16.840.1.113883.4.3.25|OR8812345".into()).await;
+    assert_eq!(found["total"], 1, "{found}");
+    let (_, none) = get(ST_MARYS_KEY, "/fhir/Patient?_id=cl-1002".into()).await;
+    assert_eq!(none["total"], 0, "{none}");
+    let (_, consents) = get(ST_MARYS_KEY, "/fhir/Consent?patient=Patient/cl-1001".into()).await;
+    assert_eq!(consents["total"], 1, "{consents}");
+    let (_, all) = json_of(app.get("/fhir/Consent").await).await;
+    assert_eq!(all["total"], 2, "the agency sees both: {all}");
+    crate::delivery_interop::validate(&served);
+}

@@ -1,5 +1,7 @@
-//! `/fhir/Task`: the referrals' Tasks (read, vread, search) and their status (update), for agency keys and for
-//! partner keys acting as their partner (see [`crate::followup::served`] for what each may see and do).
+//! `/fhir` for the agency's records: the referrals' Tasks (read, vread, search, and their status by update), and
+//! `ServiceRequest`, `Patient`, `CarePlan`, `Goal` and `Consent` (read, search); inbound referrals (`POST /fhir`,
+//! `POST /fhir/Task`). For agency keys and for partner keys acting as their partner (see
+//! [`crate::followup::served`] for what each may see and do).
 //!
 //! Errors are `OperationOutcome`s: 404 for a Task the caller may not see (it does not exist for it), 412
 //! (`conflict`) for a stale `If-Match`, 422 (`business-rule`) for a move the state machine does not give the caller,
@@ -331,9 +333,78 @@ fn identifier_matches(ids: Option<&Value>, wanted: &str) -> bool {
     })
 }
 
-/// `GET /fhir/Task?_id=&identifier=&_lastUpdated=&status=&owner=&requester=&focus=&patient=&_count=&_offset=`:
-/// each parameter a comma-separated OR of values, `_lastUpdated` repeated to bound both sides; parameters this
-/// endpoint does not know are ignored (and left out of the `self` link).
+/// The search parameters of each resource type served (beyond `_count` and `_offset`).
+fn known_parameters(resource_type: &str) -> &'static [&'static str] {
+    match resource_type {
+        "Task" => &["_id", "identifier", "_lastUpdated", "status", "owner", "requester", "focus", "patient", "subject"],
+        "Patient" => &["_id", "identifier", "_lastUpdated"],
+        _ => &["_id", "identifier", "_lastUpdated", "patient", "subject"],
+    }
+}
+
+/// Whether `resource` passes search parameter `name` = `value` (a comma-separated OR).
+fn passes(resource: &Value, name: &str, value: &str) -> bool {
+    let any = |f: &dyn Fn(&str) -> bool| value.split(',').any(f);
+    match name {
+        "_id" => any(&|w| resource.get("id").and_then(Value::as_str) == Some(w)),
+        "identifier" => any(&|w| identifier_matches(resource.get("identifier"), w)),
+        "status" => any(&|w| resource.get("status").and_then(Value::as_str) == Some(w)),
+        "owner" | "requester" | "focus" => any(&|w| reference_matches(resource.get(name), w)),
+        // Whom it is about: a Task's `for`, a request's or a plan's `subject`, a consent's `patient`.
+        "patient" | "subject" => {
+            any(&|w| ["for", "subject", "patient"].iter().any(|f| reference_matches(resource.get(*f), w)))
+        }
+        _ => true,
+    }
+}
+
+/// `GET /fhir/<type>?…` for the agency's records: `_id`, `identifier`, `_lastUpdated` (repeated to bound both
+/// sides), `patient`/`subject` (and, for Task, `status`, `owner`, `requester`, `focus`), each a comma-separated OR;
+/// `_count`, `_offset`. Parameters a type does not know are ignored (and left out of the `self` link).
+async fn search_of(
+    state: &AppState,
+    caller: &Caller,
+    public: &RequestBase,
+    raw: Option<&str>,
+    resource_type: &str,
+) -> Result<Response, ApiError> {
+    let every = all_params(raw);
+    let one = params(raw);
+    let count = number(&one, "_count", DEFAULT_COUNT, MAX_COUNT)?;
+    let offset = number(&one, "_offset", 0, u32::MAX)?;
+    let (after, before) = last_updated_bounds(&every)?;
+    let known = known_parameters(resource_type);
+    let used: Vec<(String, String)> = every.iter().filter(|(k, _)| known.contains(&k.as_str())).cloned().collect();
+    // A patient named by our id narrows the read to that client's records.
+    let client = used
+        .iter()
+        .find(|(k, _)| k == "patient" || k == "subject")
+        .and_then(|(_, v)| RecordId::parse(v.strip_prefix("Patient/").unwrap_or(v)).ok());
+    let all = served(state).resources(reader(caller), resource_type, client, after).await.map_err(serve_problem)?;
+    let hits: Vec<Value> = all
+        .into_iter()
+        .map(|t| t.task)
+        .filter(|r| {
+            let at = r
+                .pointer("/meta/lastUpdated")
+                .and_then(Value::as_str)
+                .and_then(|a| OffsetDateTime::parse(a, &Rfc3339).ok());
+            at.is_some_and(|at| after.is_none_or(|a| at > a) && before.is_none_or(|b| at < b))
+                && used.iter().all(|(k, v)| passes(r, k, v))
+        })
+        .collect();
+    let total = hits.len();
+    let page: Vec<Value> = hits.into_iter().skip(offset as usize).take(count as usize).collect();
+    Ok(fhir(StatusCode::OK, &searchset(&base(public), resource_type, &used, page, total, offset, count)))
+}
+
+/// `GET /fhir/<type>/{id}` for the agency's records.
+async fn read_of(state: &AppState, caller: &Caller, resource_type: &str, id: &str) -> Result<Response, ApiError> {
+    let t = served(state).resource(reader(caller), resource_type, id, None).await.map_err(serve_problem)?;
+    Ok(task_response(StatusCode::OK, &t.ok_or_else(|| not_found(resource_type))?))
+}
+
+/// `GET /fhir/Task?_id=&identifier=&_lastUpdated=&status=&owner=&requester=&focus=&patient=&_count=&_offset=`.
 ///
 /// # Errors
 /// A malformed parameter.
@@ -343,49 +414,44 @@ pub async fn search(
     public: RequestBase,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let every = all_params(raw.as_deref());
-    let one = params(raw.as_deref());
-    let count = number(&one, "_count", DEFAULT_COUNT, MAX_COUNT)?;
-    let offset = number(&one, "_offset", 0, u32::MAX)?;
-    let (after, before) = last_updated_bounds(&every)?;
-    const KNOWN: [&str; 9] =
-        ["_id", "identifier", "_lastUpdated", "status", "owner", "requester", "focus", "patient", "subject"];
-    let used: Vec<(String, String)> = every.iter().filter(|(k, _)| KNOWN.contains(&k.as_str())).cloned().collect();
-    // A patient named by our id narrows the read to that client's referrals.
-    let client = every
-        .iter()
-        .find(|(k, _)| k == "patient" || k == "subject")
-        .and_then(|(_, v)| RecordId::parse(v.strip_prefix("Patient/").unwrap_or(v)).ok());
-    let all = served(&state).tasks(reader(&caller), client, after).await.map_err(serve_problem)?;
-    let hits: Vec<Value> = all
-        .into_iter()
-        .map(|t| t.task)
-        .filter(|task| {
-            let at = task
-                .pointer("/meta/lastUpdated")
-                .and_then(Value::as_str)
-                .and_then(|a| OffsetDateTime::parse(a, &Rfc3339).ok());
-            let in_time = at.is_some_and(|at| after.is_none_or(|a| at > a) && before.is_none_or(|b| at < b));
-            in_time
-                && used.iter().all(|(k, v)| {
-                    let any = |f: &dyn Fn(&str) -> bool| v.split(',').any(f);
-                    match k.as_str() {
-                        "_id" => any(&|w| task.get("id").and_then(Value::as_str) == Some(w)),
-                        "identifier" => any(&|w| identifier_matches(task.get("identifier"), w)),
-                        "status" => any(&|w| task.get("status").and_then(Value::as_str) == Some(w)),
-                        "owner" => any(&|w| reference_matches(task.get("owner"), w)),
-                        "requester" => any(&|w| reference_matches(task.get("requester"), w)),
-                        "focus" => any(&|w| reference_matches(task.get("focus"), w)),
-                        "patient" | "subject" => any(&|w| reference_matches(task.get("for"), w)),
-                        _ => true,
-                    }
-                })
-        })
-        .collect();
-    let total = hits.len();
-    let page: Vec<Value> = hits.into_iter().skip(offset as usize).take(count as usize).collect();
-    Ok(fhir(StatusCode::OK, &searchset(&base(&public), "Task", &used, page, total, offset, count)))
+    search_of(&state, &caller, &public, raw.as_deref(), "Task").await
 }
+
+/// Read and search handlers of one resource type of the agency's records.
+macro_rules! read_only_routes {
+    ($read:ident, $search:ident, $ty:literal) => {
+        #[doc = concat!("`GET /fhir/", $ty, "/{id}`.")]
+        ///
+        /// # Errors
+        /// 404 when there is none for this caller.
+        pub async fn $read(
+            State(state): State<AppState>,
+            Extension(caller): Extension<Caller>,
+            Path(id): Path<String>,
+        ) -> Result<Response, ApiError> {
+            read_of(&state, &caller, $ty, &id).await
+        }
+
+        #[doc = concat!("`GET /fhir/", $ty, "?_id=&identifier=&_lastUpdated=&patient=&_count=&_offset=`.")]
+        ///
+        /// # Errors
+        /// A malformed parameter.
+        pub async fn $search(
+            State(state): State<AppState>,
+            Extension(caller): Extension<Caller>,
+            public: RequestBase,
+            RawQuery(raw): RawQuery,
+        ) -> Result<Response, ApiError> {
+            search_of(&state, &caller, &public, raw.as_deref(), $ty).await
+        }
+    };
+}
+
+read_only_routes!(read_service_request, search_service_requests, "ServiceRequest");
+read_only_routes!(read_patient, search_patients, "Patient");
+read_only_routes!(read_care_plan, search_care_plans, "CarePlan");
+read_only_routes!(read_goal, search_goals, "Goal");
+read_only_routes!(read_consent, search_consents, "Consent");
 
 #[cfg(test)]
 mod tests {
