@@ -12,7 +12,7 @@
 //!
 //! `sweep` runs in this process: `--open` referrals sent to one partner (their Tasks in the crosswalk), a partner
 //! server (an axum fake) whose `_lastUpdated` search returns the Tasks changed since the last sweep, and one sweep
-//! timed for 0, 10 and 100 changed Tasks, with `--open` open referrals and with 100: the cost should follow the
+//! timed for 0, 10 and 100 changed Tasks, with `--open` open referrals and with 200: the cost should follow the
 //! changed Tasks, not the open ones.
 
 use std::net::SocketAddr;
@@ -251,7 +251,7 @@ async fn sweep(o: &Options) -> anyhow::Result<()> {
         Arc::new(carebridge::mapping::Mappings::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"))?);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/agency");
     println!("open referrals | changed Tasks | sweep ms | searches");
-    for open in [o.open, 100] {
+    for open in [o.open, 200] {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite:{}", dir.path().join("bench.db").display());
         let store = store::connect(&url, 4, Duration::from_secs(5)).await?;

@@ -46,7 +46,12 @@ pub enum Command {
         listen: Option<String>,
     },
     /// Check the configuration and the mapping files and exit: 0 when valid, 2 with every error (file:line) otherwise.
-    Check,
+    Check {
+        /// Also read each partner's CapabilityStatement and say what delivery falls back from there (1 when one
+        /// cannot be read).
+        #[arg(long)]
+        partners: bool,
+    },
     /// Map one agency record (JSON file) to FHIR and print it: a transaction Bundle for care plans and referrals.
     Map {
         /// The record's kind.
@@ -274,7 +279,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             application.run_until_stopped(app::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check => {
+        Command::Check { partners: read_partners } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
                 return Ok(ExitCode::from(2));
             };
@@ -318,7 +323,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if missing.is_empty() {
                 println!("partners OK: {}", if names.is_empty() { "none".to_owned() } else { names.join(", ") });
             }
-            Ok(if categories_ok && missing.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            if !(categories_ok && missing.is_empty()) {
+                return Ok(ExitCode::from(2));
+            }
+            if read_partners && !partner_capabilities(&settings).await {
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Map { kind, file, partner, client } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
@@ -751,6 +762,46 @@ fn beside_related(
             .collect()
     };
     (of("assessment"), of("care-plan"))
+}
+
+/// Reads and reports each partner's CapabilityStatement; `false` when one could not be read.
+async fn partner_capabilities(settings: &crate::config::Settings) -> bool {
+    let mut all_read = true;
+    for p in &settings.partners {
+        let timeout = std::time::Duration::from_secs(p.timeout_secs.unwrap_or(settings.outbox.timeout_secs));
+        let read = match crate::fhir::auth::PartnerCredentials::from_settings(p, timeout) {
+            Err(e) => Err(e.to_string()),
+            Ok(c) => match crate::fhir::client::FhirClient::new(
+                &p.base_url,
+                timeout,
+                crate::outbound::RetryPolicy::NONE,
+                c.token,
+                c.tls.as_ref(),
+            ) {
+                Err(e) => Err(e.to_string()),
+                Ok(client) => crate::outbox::read_capabilities(&client).await,
+            },
+        };
+        match read {
+            Ok(caps) => {
+                let yes = |b: bool| if b { "yes" } else { "no" };
+                println!(
+                    "partner {}: transactions {}, topic-based subscriptions {}",
+                    p.name,
+                    yes(caps.transaction),
+                    yes(caps.subscriptions)
+                );
+                for f in caps.fallbacks(crate::outbox::DELIVERED_TYPES) {
+                    println!("  {f}");
+                }
+            }
+            Err(e) => {
+                all_read = false;
+                eprintln!("carebridge: partner {}: its CapabilityStatement could not be read: {e}", p.name);
+            }
+        }
+    }
+    all_read
 }
 
 fn carebridge_partners(settings: &crate::config::Settings) -> crate::partners::Partners {

@@ -298,6 +298,7 @@ fn record_write<T: AgencyRecord>(
         client_id: record.client_id().cloned(),
         status: record.status_code(),
         direction: record.direction_code(),
+        keys: record.lookup_keys(),
         change,
         deliver_to,
         reopens_held: crate::policy::reopens_held(T::KIND),

@@ -93,6 +93,10 @@ pub const MAX_ADDRESS_LINES: usize = 4;
 impl AgencyRecord for Client {
     const KIND: RecordKind = RecordKind::Client;
 
+    fn lookup_keys(&self) -> Vec<(String, String)> {
+        self.identifiers.iter().map(|i| (i.system.clone(), i.value.0.clone())).collect()
+    }
+
     fn body_id(&self) -> Option<&RecordId> {
         self.id.as_ref()
     }

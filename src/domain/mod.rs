@@ -132,6 +132,11 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The record's status code, for list filters; `None` for kinds without a status.
     fn status_code(&self) -> Option<&'static str>;
 
+    /// The identifiers the record is found by (`system`, `value`): a client's.
+    fn lookup_keys(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Which way the record goes (`outbound`, `inbound`), for kinds that have a direction (referrals).
     fn direction_code(&self) -> Option<&'static str> {
         None

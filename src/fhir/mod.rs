@@ -6,6 +6,7 @@
 //! (large) generated deserialisers of the other 140 types are never instantiated here.
 
 pub mod auth;
+pub mod capabilities;
 pub mod client;
 pub mod schema;
 pub mod system;

@@ -22,7 +22,7 @@ use crate::mapping::Mappings;
 use crate::mapping::inbound::Ids;
 use crate::outbox::plan::PARTNER_OWNED;
 use crate::partners::{PartnerSettings, Partners};
-use crate::store::{Actor, Change, CrosswalkEntry, ListQuery, Precondition, SaveOutcome, Store, StoreError};
+use crate::store::{Actor, Change, CrosswalkEntry, Precondition, SaveOutcome, Store, StoreError};
 
 /// What receiving did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +273,7 @@ impl Inbound<'_> {
             })?;
         let timeout = Duration::from_secs(partner.timeout_secs.unwrap_or(30));
         let credentials = crate::fhir::auth::PartnerCredentials::from_settings(partner, timeout)
-            .map_err(|e| InboundError::Partner(e.to_string()))?;
+            .map_err(|e| InboundError::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
         let client = FhirClient::new(
             &partner.base_url,
             timeout,
@@ -281,8 +281,11 @@ impl Inbound<'_> {
             credentials.token,
             credentials.tls.as_ref(),
         )
-        .map_err(|e| InboundError::Partner(e.to_string()))?;
-        let read = client.read(ty, id).await.map_err(|e| InboundError::Partner(e.to_string()))?;
+        .map_err(|e| InboundError::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
+        let read = client
+            .read(ty, id)
+            .await
+            .map_err(|e| InboundError::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
         let r = read.ok_or_else(|| InboundError::Invalid(vec![format!("{ty}/{id}: the partner's server has none")]))?;
         gate(&[(None, r.clone())])?;
         all.push((None, r.clone()));
@@ -339,34 +342,19 @@ impl Inbound<'_> {
         }
     }
 
-    /// The clients holding one of `wanted` (system, value).
+    /// The clients holding one of `wanted` (system, value), each once.
     async fn clients_with(&self, wanted: &[(String, String)]) -> Result<Vec<RecordId>, StoreError> {
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let q = ListQuery {
-                kind: RecordKind::Client,
-                client_id: None,
-                status: None,
-                direction: None,
-                updated_since: None,
-                after: after.take(),
-                limit: 500,
-            };
-            let page = self.store.list_records(&q).await?;
-            for stored in &page.items {
-                let Ok(c) = serde_json::from_str::<Client>(&stored.body) else { continue };
-                if c.identifiers.iter().any(|i| wanted.iter().any(|(s, v)| *s == i.system && *v == i.value.0))
-                    && let Ok(id) = RecordId::parse(&stored.id)
+        let mut out: Vec<RecordId> = Vec::new();
+        for (system, value) in wanted {
+            for id in self.store.find_by_key(RecordKind::Client, system, value).await? {
+                if let Ok(id) = RecordId::parse(&id)
+                    && !out.contains(&id)
                 {
                     out.push(id);
                 }
             }
-            match page.next_after {
-                Some(n) => after = Some(n),
-                None => return Ok(out),
-            }
         }
+        Ok(out)
     }
 }
 

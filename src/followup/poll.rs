@@ -206,12 +206,16 @@ impl Poller {
         now: OffsetDateTime,
     ) -> Result<(), Failed> {
         let query = [("_lastUpdated", format!("ge{since}")), ("_count", PAGE.to_string())];
-        let mut page = f.client.search("Task", &query).await.map_err(|e| Failed::Partner(e.to_string()))?;
+        let mut page = f
+            .client
+            .search("Task", &query)
+            .await
+            .map_err(|e| Failed::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
         let request_id = format!("followup-{}", uuid::Uuid::new_v4());
         loop {
             report.pages += 1;
             let tasks: Vec<Value> = matches(&page)
-                .map_err(|e| Failed::Partner(e.to_string()))?
+                .map_err(|e| Failed::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?
                 .into_iter()
                 .filter_map(|e| e.get("resource").cloned())
                 .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("Task"))
@@ -242,7 +246,12 @@ impl Poller {
                 seen.version_id = version.map(str::to_owned);
                 self.store.save_crosswalk(&[seen], now).await.map_err(Failed::Store)?;
             }
-            match f.client.next_page(&page).await.map_err(|e| Failed::Partner(e.to_string()))? {
+            match f
+                .client
+                .next_page(&page)
+                .await
+                .map_err(|e| Failed::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?
+            {
                 Some(next) => page = next,
                 None => return Ok(()),
             }

@@ -32,6 +32,7 @@ use crate::config::OutboxSettings;
 use crate::domain::{Party, Referral, Side};
 use crate::domain::{RecordId, RecordKind};
 use crate::fhir::auth::PartnerCredentials;
+use crate::fhir::capabilities::Capabilities;
 use crate::fhir::client::{FhirClient, matches};
 use crate::mapping::{MapError, Mappings, Related, RequestKind};
 use crate::outbound::{Failure, Reply, RetryPolicy, server_words};
@@ -77,6 +78,8 @@ struct Link {
     profile: Profile,
     client: FhirClient,
     circuit: std::sync::Mutex<Circuit>,
+    /// What its server says it supports (read at start; everything assumed until then or when unreadable).
+    capabilities: std::sync::RwLock<Capabilities>,
 }
 
 /// A partner's circuit: closed while it answers; opened by [`OPEN_AFTER`] attempts in a row that got no answer (or
@@ -106,6 +109,13 @@ enum Admit {
 }
 
 impl Link {
+    /// Most entries a transaction to it holds: its configured limit, 0 (single requests) when its server declares no
+    /// transactions.
+    fn transaction_limit(&self) -> u32 {
+        let caps = self.capabilities.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if caps.transaction { self.settings.max_transaction_entries } else { 0 }
+    }
+
     /// What may be claimed at `now`; a probe admitted moves the next one `probe` later.
     fn admit(&self, now: OffsetDateTime, probe: Duration) -> Admit {
         let mut c = self.circuit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -285,7 +295,7 @@ fn operation_outcome(body: &[u8]) -> Option<String> {
 
 /// What the log says of a failure without an HTTP answer: the gateway's own words, before the first `: ` (what was
 /// being done: "POST Patient got no answer", "searching the partner's patients"); what follows may quote a server.
-fn cause(detail: &str) -> &str {
+pub(crate) fn cause(detail: &str) -> &str {
     detail.split(": ").next().unwrap_or_default()
 }
 
@@ -370,7 +380,13 @@ impl Worker {
             let client =
                 FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credentials.token, credentials.tls.as_ref())
                     .map_err(|e| format!("partner `{}`: {e}", p.name))?;
-            links.push(Link { settings: p.clone(), profile, client, circuit: std::sync::Mutex::default() });
+            links.push(Link {
+                settings: p.clone(),
+                profile,
+                client,
+                circuit: std::sync::Mutex::default(),
+                capabilities: std::sync::RwLock::new(Capabilities::assumed()),
+            });
         }
         Ok(Worker { store, mappings, links, settings: settings.clone(), owner: uuid::Uuid::new_v4().to_string() })
     }
@@ -410,6 +426,32 @@ impl Worker {
         Ok(report)
     }
 
+    /// Reads every partner's CapabilityStatement and delivers with what it declares from then on (a partner whose
+    /// statement cannot be read keeps everything assumed); the fallbacks each partner gets, by partner.
+    pub async fn read_capabilities(&self) -> Vec<(String, Result<Vec<String>, String>)> {
+        let read = futures_util::future::join_all(self.links.iter().map(|l| read_capabilities(&l.client))).await;
+        let mut out = Vec::new();
+        for (link, read) in self.links.iter().zip(read) {
+            let name = link.settings.name.clone();
+            match read {
+                Ok(caps) => {
+                    let fallbacks = caps.fallbacks(DELIVERED_TYPES);
+                    for f in &fallbacks {
+                        tracing::info!(partner = %name, fallback = %f, "Partner capability: falling back.");
+                    }
+                    *link.capabilities.write().unwrap_or_else(std::sync::PoisonError::into_inner) = caps;
+                    out.push((name, Ok(fallbacks)));
+                }
+                Err(e) => {
+                    tracing::warn!(partner = %name, error = %e,
+                        "The partner's CapabilityStatement could not be read; conditional requests are assumed.");
+                    out.push((name, Err(e)));
+                }
+            }
+        }
+        out
+    }
+
     /// Delivers until nothing is due (rows waiting for a later retry stay), every partner at once, each through
     /// `pump` at `clock()`.
     ///
@@ -433,6 +475,7 @@ impl Worker {
     /// Runs until `stopping` turns true: for each partner, `pump` until nothing is due, then a wait of
     /// `poll_ms`; beside them, the queue's statistics (every 30 s) and gauges (every 10 s).
     pub async fn run(self, stopping: tokio::sync::watch::Receiver<bool>) {
+        self.read_capabilities().await;
         // A queue written in one burst before the planner has statistics of it is claimed by scanning every
         // pending row for each one (minutes per claim at 10,000 rows on PostgreSQL): refresh them every 30 s.
         if let Err(e) = self.store.analyze_outbox().await {
@@ -821,14 +864,14 @@ impl Worker {
         };
         self.match_patients(&mut s, now).await?;
         let groups = plan::groups(&entries);
-        let parts = plan::parts(&groups, link.settings.max_transaction_entries);
+        let parts = plan::parts(&groups, link.transaction_limit());
         let mut deferred = Vec::new();
         for part in &parts {
             self.send_part(&mut s, part, &mut deferred, now).await?;
         }
         // Resources sent without a reference to one of this record's later parts go again, now that it landed.
         if !deferred.is_empty() {
-            let again: Vec<Vec<usize>> = plan::parts(&[deferred.clone()], link.settings.max_transaction_entries);
+            let again: Vec<Vec<usize>> = plan::parts(&[deferred.clone()], link.transaction_limit());
             let mut still = Vec::new();
             for part in &again {
                 self.send_part(&mut s, part, &mut still, now).await?;
@@ -939,7 +982,7 @@ impl Worker {
         deferred: &mut Vec<usize>,
         now: OffsetDateTime,
     ) -> PartResult {
-        let transaction = s.link.settings.max_transaction_entries > 0;
+        let transaction = s.link.transaction_limit() > 0;
         if !s.unsaved.is_empty() {
             let keep = std::mem::take(&mut s.unsaved);
             self.store
@@ -995,7 +1038,11 @@ impl Worker {
                         self.mappings.referral_status_of_task(code)
                     });
                 }
-                items.push((i, plan::body(resource, held), plan::request(e, held)));
+                let request = {
+                    let caps = s.link.capabilities.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    plan::request(e, held, &caps)
+                };
+                items.push((i, plan::body(resource, held), request));
             }
             let answer = if transaction {
                 self.send_transaction(s, &items).await
@@ -1225,6 +1272,20 @@ fn task_side(kind: RecordKind, record: &Value) -> Option<Side> {
     let sides = referral.sides_of(Party::Agency);
     // A directory service has no Task of its own anywhere: the agency holds both sides and writes as requester.
     sides.first().copied()
+}
+
+/// The resource types deliveries write (what `check --partners` reports on).
+pub const DELIVERED_TYPES: &[&str] =
+    &["Patient", "Observation", "Condition", "Goal", "CarePlan", "ServiceRequest", "Task", "Consent", "Flag"];
+
+/// A partner's CapabilityStatement (`GET <base>/metadata`).
+///
+/// # Errors
+/// The server could not be read, or its answer is not a CapabilityStatement.
+pub async fn read_capabilities(client: &FhirClient) -> Result<Capabilities, String> {
+    // Our own words only (`HTTP 400`, `could not connect`): the partner's answer may quote anything.
+    let statement = client.get("metadata", &[]).await.map_err(|e| cause(&e.to_string()).to_owned())?;
+    Capabilities::parse(&statement.ok_or("no metadata there (404)")?)
 }
 
 /// How a send went wrong.

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::fhir::capabilities::Capabilities;
 use crate::mapping::bundle::{first_identifier, full_url};
 use crate::mapping::{Emitted, RequestKind};
 use crate::store::CrosswalkEntry;
@@ -398,11 +399,16 @@ pub struct Request {
     pub if_match: Option<String>,
 }
 
-/// The request that sends `entry` (resolved as `resource`) given what the partner holds of it.
+/// The request that sends `entry` (resolved as `resource`) given what the partner holds of it and what its server
+/// supports: a conditional create or update on the business identifier where the server searches that type by
+/// identifier and takes conditional requests, else a plain create whose id the crosswalk keeps (later versions
+/// then update it by that id).
 #[must_use]
-pub fn request(entry: &Entry, held: Option<&CrosswalkEntry>) -> Request {
+pub fn request(entry: &Entry, held: Option<&CrosswalkEntry>, caps: &Capabilities) -> Request {
     let (system, value) = &entry.identifier;
     let query = format!("identifier={system}|{value}");
+    let ty = entry.resource_type.as_str();
+    let plain = || Request { method: "POST", url: entry.resource_type.clone(), if_none_exist: None, if_match: None };
     match held {
         Some(h) => Request {
             method: "PUT",
@@ -411,15 +417,16 @@ pub fn request(entry: &Entry, held: Option<&CrosswalkEntry>) -> Request {
             if_match: h.version_id.as_ref().map(|v| format!("W/\"{v}\"")),
         },
         None => match entry.request {
-            RequestKind::Create => {
+            RequestKind::Create if caps.conditional_create(ty) => {
                 Request { method: "POST", url: entry.resource_type.clone(), if_none_exist: Some(query), if_match: None }
             }
-            RequestKind::Upsert => Request {
+            RequestKind::Upsert if caps.conditional_update(ty) => Request {
                 method: "PUT",
                 url: format!("{}?{query}", entry.resource_type),
                 if_none_exist: None,
                 if_match: None,
             },
+            RequestKind::Create | RequestKind::Upsert => plain(),
         },
     }
 }
@@ -652,15 +659,26 @@ mod tests {
     #[test]
     fn requests_are_conditional_until_the_partner_id_is_known() {
         let e = entry("Goal/g1", json!({}));
-        assert_eq!(request(&e, None).url, "Goal?identifier=urn:x:Goal|g1");
+        let all = Capabilities::assumed();
+        assert_eq!(request(&e, None, &all).url, "Goal?identifier=urn:x:Goal|g1");
         let h = held("Goal/g1", "77");
-        let r = request(&e, Some(&h));
+        let r = request(&e, Some(&h), &all);
         assert_eq!((r.method, r.url.as_str(), r.if_match.as_deref()), ("PUT", "Goal/77", Some("W/\"v1\"")));
         assert_eq!(body(e.resource.clone(), Some(&h))["id"], "77");
         assert!(body(e.resource.clone(), None).get("id").is_none());
         let mut create = e.clone();
         create.request = RequestKind::Create;
-        assert_eq!(request(&create, None).if_none_exist.as_deref(), Some("identifier=urn:x:Goal|g1"));
+        assert_eq!(request(&create, None, &all).if_none_exist.as_deref(), Some("identifier=urn:x:Goal|g1"));
+        // A server that cannot find a Goal by identifier gets a plain create (its id is kept), then updates by id.
+        let no_goal_search = Capabilities::parse(&serde_json::json!({"resourceType": "CapabilityStatement",
+            "rest": [{"mode": "server", "resource": [{"type": "Goal", "conditionalCreate": true,
+                "conditionalUpdate": true, "searchParam": [{"name": "patient", "type": "reference"}]}]}]}))
+        .expect("parses");
+        for entry in [&e, &create] {
+            let r = request(entry, None, &no_goal_search);
+            assert_eq!((r.method, r.url.as_str(), r.if_none_exist.as_deref()), ("POST", "Goal", None));
+        }
+        assert_eq!(request(&e, Some(&h), &no_goal_search).method, "PUT");
     }
 
     #[test]

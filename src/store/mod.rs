@@ -114,6 +114,8 @@ pub struct RecordWrite {
     pub status: Option<&'static str>,
     /// Its direction (`outbound`, `inbound`) for kinds that have one (referrals), for filtering.
     pub direction: Option<&'static str>,
+    /// The identifiers it is found by (`system`, `value`: a client's), replacing those of its earlier version.
+    pub keys: Vec<(String, String)>,
     /// What kind of change this is.
     pub change: Change,
     /// The partners this version goes to: one outbox row each, in the write's transaction (none when the write
@@ -347,6 +349,12 @@ pub trait Store: Catalog + SyncJobs + Outbox + Followup + Send + Sync + 'static 
     /// # Errors
     /// `Database` when it could not be read.
     async fn history(&self, kind: RecordKind, id: &RecordId) -> Result<Vec<VersionInfo>, StoreError>;
+
+    /// The ids of the current records of `kind` found by identifier `system|value`.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn find_by_key(&self, kind: RecordKind, system: &str, value: &str) -> Result<Vec<String>, StoreError>;
 
     /// Audit entries after `after_seq`, oldest first.
     ///

@@ -351,6 +351,27 @@ macro_rules! impl_outbox {
                 lease_until: OffsetDateTime,
             ) -> Result<Vec<DeliveryRow>, StoreError> {
                 let (now, until) = (to_micros(now), to_micros(lease_until));
+                // Looked for first on a reader: a queue with nothing due (every row waiting for its retry, or behind
+                // its client's first row while the partner is down) costs the writers nothing. On SQLite the claim
+                // below holds the one write lock while it walks the queue; taken once a second for nothing, it
+                // stalled the agency's writes.
+                let mut anything = false;
+                for waiting in [state::HELD, state::PENDING] {
+                    let one: Vec<(i64,)> = sqlx::query_as(DUE)
+                        .bind(partner)
+                        .bind(now)
+                        .bind(1_i64)
+                        .bind(waiting)
+                        .fetch_all(self.reader())
+                        .await?;
+                    if !one.is_empty() {
+                        anything = true;
+                        break;
+                    }
+                }
+                if !anything {
+                    return Ok(Vec::new());
+                }
                 let mut tx = self.writer().begin_with($begin).await?;
                 let mut seqs: Vec<(i64,)> = Vec::new();
                 // Held rows first: few are due at a time (each comes back once per recheck), and a backlog of

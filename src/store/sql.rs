@@ -252,6 +252,25 @@ macro_rules! impl_store {
                     .await?;
                 }
                 if !matches!(outcome, SaveOutcome::Unchanged(_)) {
+                    sqlx::query("DELETE FROM record_keys WHERE kind = $1 AND id = $2")
+                        .bind(write.kind.as_str())
+                        .bind(write.id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    for (system, value) in &write.keys {
+                        sqlx::query(
+                            "INSERT INTO record_keys (kind, system, value, id) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(write.kind.as_str())
+                        .bind(system)
+                        .bind(value)
+                        .bind(write.id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                if !matches!(outcome, SaveOutcome::Unchanged(_)) {
                     // A client's own rows carry its id: the client's other kinds wait for them.
                     let client = match write.kind {
                         RecordKind::Client => Some(&write.id),
@@ -458,6 +477,22 @@ macro_rules! impl_store {
                         })
                     })
                     .collect()
+            }
+
+            async fn find_by_key(
+                &self,
+                kind: RecordKind,
+                system: &str,
+                value: &str,
+            ) -> Result<Vec<String>, StoreError> {
+                let rows: Vec<(String,)> =
+                    sqlx::query_as("SELECT id FROM record_keys WHERE kind = $1 AND system = $2 AND value = $3 ORDER BY id")
+                        .bind(kind.as_str())
+                        .bind(system)
+                        .bind(value)
+                        .fetch_all(&self.reader)
+                        .await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
             }
 
             async fn audit_events(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {

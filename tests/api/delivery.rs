@@ -50,6 +50,8 @@ struct Script {
     acts: VecDeque<Act>,
     seen: Vec<Seen>,
     next_id: u64,
+    /// The CapabilityStatement `GET /fhir/metadata` answers, when set.
+    metadata: Option<Value>,
 }
 
 /// A partner FHIR server on a real socket: plays its script, then answers like a healthy server (201 with a
@@ -108,6 +110,11 @@ impl FakePartner {
         self.script.lock().expect("script").acts.extend(acts);
     }
 
+    /// What `GET /fhir/metadata` answers from now on.
+    fn declare(&self, statement: Value) {
+        self.script.lock().expect("script").metadata = Some(statement);
+    }
+
     /// Forgets the acts not played yet: healthy answers from now on.
     fn heal(&self) {
         self.script.lock().expect("script").acts.clear();
@@ -125,6 +132,12 @@ fn healthy(seen: &Seen, script: &Mutex<Script>) -> (u16, Vec<(&'static str, Stri
         s.next_id += 1;
         s.next_id
     };
+    if seen.method == "GET" && seen.path == "/fhir/metadata" {
+        return match s.metadata.clone() {
+            Some(statement) => (200, vec![], statement),
+            None => (404, vec![], json!({"resourceType": "OperationOutcome", "issue": []})),
+        };
+    }
     if seen.method == "POST" && seen.path == "/fhir" {
         let entries: Vec<Value> = seen.body["entry"]
             .as_array()
@@ -551,4 +564,62 @@ async fn a_partner_that_does_not_answer_costs_one_probe_at_a_time_and_its_return
     for id in &clients {
         assert_eq!(w.only_row(RecordKind::Client, id).await.state, "delivered");
     }
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_find_goals_by_identifier_gets_them_created_once_and_updated_by_id() {
+    use carebridge::domain::{Assessment, CarePlan};
+    let w = world(0, &["client", "care-plan"]).await;
+    // Like a real server seen from outside: Goal lists its search parameters, and identifier is not one of them.
+    w.fake.declare(json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+    "fhirVersion": "4.0.1", "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": [
+        {"type": "Patient", "conditionalCreate": true, "conditionalUpdate": true},
+        {"type": "Condition", "conditionalCreate": true, "conditionalUpdate": true},
+        {"type": "Observation", "conditionalCreate": true, "conditionalUpdate": true},
+        {"type": "CarePlan", "conditionalCreate": true, "conditionalUpdate": true},
+        {"type": "ServiceRequest", "conditionalCreate": true, "conditionalUpdate": true},
+        {"type": "Goal", "conditionalCreate": true, "conditionalUpdate": true,
+         "searchParam": [{"name": "patient", "type": "reference"}, {"name": "lifecycle-status", "type": "token"}]}
+    ]}]}));
+    let read = w.worker.read_capabilities().await;
+    assert!(matches!(&read[0].1, Ok(f) if f.iter().any(|l| l.starts_with("Goal: no identifier search"))), "{read:?}");
+    w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    w.consent_for("cl-1001").await;
+    for a in ["as-2001", "as-2007"] {
+        w.put(a, fixture::<Assessment>(&format!("assessment/{a}.json"))).await;
+    }
+    let mut plan: CarePlan = fixture("care-plan/cp-3001.json");
+    w.put("cp-3001", plan.clone()).await;
+    let r = w.worker.run_until_idle(|| T0).await.expect("pass");
+    assert_eq!(r.dead, 0, "nothing dead: {r:?}");
+    let goals: Vec<Seen> = w.fake.seen().into_iter().filter(|s| s.path.starts_with("/fhir/Goal")).collect();
+    assert!(!goals.is_empty());
+    // Each Goal is created once by a plain POST (its id kept), then only ever updated by that id: no request on a
+    // Goal is conditional.
+    let creates = goals.iter().filter(|g| g.method == "POST" && g.path == "/fhir/Goal").count();
+    assert_eq!(
+        creates,
+        plan.goals.len(),
+        "{:?}",
+        goals.iter().map(|g| format!("{} {}", g.method, g.path)).collect::<Vec<_>>()
+    );
+    for g in &goals {
+        assert!(!g.path.contains('?'), "no conditional update: {}", g.path);
+        assert!(!g.headers.iter().any(|(k, _)| k == "if-none-exist"), "no conditional create: {:?}", g.headers);
+    }
+    // Every other resource still goes conditionally on its business identifier.
+    assert!(w.fake.seen().iter().any(|s| s.path.starts_with("/fhir/CarePlan?identifier=")), "conditional update");
+    // The next version updates each Goal by the id it was given, and creates none.
+    let before = w.fake.seen().len();
+    plan.goals[0].description = carebridge::domain::Redacted("Fewer depressive symptoms, revised".into());
+    w.put("cp-3001", plan).await;
+    let r = w.worker.run_until_idle(|| T0 + Duration::from_secs(1)).await.expect("pass");
+    assert_eq!(r.dead, 0, "{r:?}");
+    let again: Vec<Seen> =
+        w.fake.seen()[before..].iter().filter(|s| s.path.starts_with("/fhir/Goal")).cloned().collect();
+    assert!(
+        !again.is_empty() && again.iter().all(|g| g.method == "PUT" && g.path.starts_with("/fhir/Goal/p")),
+        "{:?}",
+        again.iter().map(|g| format!("{} {}", g.method, g.path)).collect::<Vec<_>>()
+    );
 }
