@@ -768,19 +768,10 @@ fn beside_related(
 async fn partner_capabilities(settings: &crate::config::Settings) -> bool {
     let mut all_read = true;
     for p in &settings.partners {
-        let timeout = std::time::Duration::from_secs(p.timeout_secs.unwrap_or(settings.outbox.timeout_secs));
-        let read = match crate::fhir::auth::PartnerCredentials::from_settings(p, timeout) {
-            Err(e) => Err(e.to_string()),
-            Ok(c) => match crate::fhir::client::FhirClient::new(
-                &p.base_url,
-                timeout,
-                crate::outbound::RetryPolicy::NONE,
-                c.token,
-                c.tls.as_ref(),
-            ) {
-                Err(e) => Err(e.to_string()),
-                Ok(client) => crate::outbox::read_capabilities(&client).await,
-            },
+        let timeout = std::time::Duration::from_secs(settings.outbox.timeout_secs);
+        let read = match crate::fhir::auth::partner_client(p, timeout) {
+            Err(e) => Err(e),
+            Ok(client) => crate::outbox::read_capabilities(&client).await,
         };
         match read {
             Ok(caps) => {

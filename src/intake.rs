@@ -166,11 +166,30 @@ pub struct Intake<'a> {
 pub async fn put<T: AgencyRecord>(
     intake: Intake<'_>,
     id: RecordId,
+    record: T,
+    pre: Precondition,
+    actor: &Actor,
+    change: Change,
+    now: OffsetDateTime,
+) -> Result<Saved, IntakeError> {
+    put_holding(intake, id, record, pre, actor, change, now, Vec::new()).await
+}
+
+/// [`put`], keeping `crosswalk` (what a partner holds of the record: an inbound referral's own resources there) in
+/// the same transaction.
+///
+/// # Errors
+/// As [`put`].
+#[allow(clippy::too_many_arguments)]
+pub async fn put_holding<T: AgencyRecord>(
+    intake: Intake<'_>,
+    id: RecordId,
     mut record: T,
     pre: Precondition,
     actor: &Actor,
     change: Change,
     now: OffsetDateTime,
+    crosswalk: Vec<crate::store::CrosswalkEntry>,
 ) -> Result<Saved, IntakeError> {
     if record.body_id().is_some_and(|b| *b != id) {
         return Err(IntakeError::IdMismatch);
@@ -185,7 +204,8 @@ pub async fn put<T: AgencyRecord>(
     let deliver_to = crate::policy::recipients(&record, intake.partners);
 
     if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
-        let write = record_write(&record, &id, body, change, deliver_to);
+        let mut write = record_write(&record, &id, body, change, deliver_to);
+        write.crosswalk = crosswalk;
         let outcome = store.save_record(&write, pre, actor, now).await?;
         return Ok(Saved { outcome, body: write.body });
     }
@@ -218,7 +238,8 @@ pub async fn put<T: AgencyRecord>(
                 Precondition::Version(version)
             }
         };
-        let write = record_write(&record, &id, body.clone(), change, deliver_to.clone());
+        let mut write = record_write(&record, &id, body.clone(), change, deliver_to.clone());
+        write.crosswalk.clone_from(&crosswalk);
         match store.save_record(&write, checked, actor, now).await {
             Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
             result => return Ok(Saved { outcome: result?, body }),
@@ -301,6 +322,7 @@ fn record_write<T: AgencyRecord>(
         keys: record.lookup_keys(),
         change,
         deliver_to,
+        crosswalk: Vec::new(),
         reopens_held: crate::policy::reopens_held(T::KIND),
     }
 }

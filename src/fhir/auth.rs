@@ -736,6 +736,28 @@ fn words(text: &str) -> String {
     crate::outbound::server_words(text, SERVER_WORDS_CHARS)
 }
 
+/// The one FHIR client of a partner's server, as configured: its base URL, its credentials and TLS, a request
+/// timeout of `timeout_secs` (else `default_timeout`), reads not retried (the caller decides).
+///
+/// # Errors
+/// A credential that cannot be read (named by its configuration key, never the secret) or a client that cannot be
+/// built; the message names the partner.
+pub fn partner_client(
+    partner: &PartnerSettings,
+    default_timeout: Duration,
+) -> Result<crate::fhir::client::FhirClient, String> {
+    let timeout = partner.timeout_secs.map_or(default_timeout, Duration::from_secs);
+    let credentials = PartnerCredentials::from_settings(partner, timeout).map_err(|e| e.to_string())?;
+    crate::fhir::client::FhirClient::new(
+        &partner.base_url,
+        timeout,
+        crate::outbound::RetryPolicy::NONE,
+        credentials.token,
+        credentials.tls.as_ref(),
+    )
+    .map_err(|e| format!("partner `{}`: {e}", partner.name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::domain::{Client, RecordId, RecordKind, Referral};
-use crate::fhir::client::FhirClient;
 use crate::intake::{self, Intake, IntakeError};
 use crate::mapping::Mappings;
 use crate::mapping::inbound::Ids;
@@ -214,17 +213,8 @@ impl Inbound<'_> {
         }
         let referral: Referral = serde_json::from_value(referral)
             .map_err(|e| InboundError::Invalid(vec![format!("the referral read from it: {e}")]))?;
-        let intake = Intake { store: self.store, partners: self.partners };
-        let saved =
-            intake::put(intake, referral_id.clone(), referral, Precondition::Absent, actor, Change::Put, now).await;
-        let created = match saved {
-            Ok(s) => matches!(s.outcome, SaveOutcome::Created(_)),
-            // Another copy of the same Task got in first.
-            Err(IntakeError::PreconditionFailed { .. }) => false,
-            Err(e) => return Err(InboundError::Intake(e)),
-        };
         // The partner's own resources: its Task (the agency's answers merge into it), its request and its patient
-        // (never overwritten).
+        // (never overwritten), kept in the referral's own transaction.
         let mut mine = Vec::new();
         for (local, r, owned) in [
             (format!("Task/{referral_id}"), &task, false),
@@ -243,7 +233,24 @@ impl Inbound<'_> {
                 content_hash: if owned { PARTNER_OWNED.to_owned() } else { String::new() },
             });
         }
-        self.store.save_crosswalk(&mine, now).await?;
+        let intake = Intake { store: self.store, partners: self.partners };
+        let saved = intake::put_holding(
+            intake,
+            referral_id.clone(),
+            referral,
+            Precondition::Absent,
+            actor,
+            Change::Put,
+            now,
+            mine,
+        )
+        .await;
+        let created = match saved {
+            Ok(s) => matches!(s.outcome, SaveOutcome::Created(_)),
+            // Another copy of the same Task got in first.
+            Err(IntakeError::PreconditionFailed { .. }) => false,
+            Err(e) => return Err(InboundError::Intake(e)),
+        };
         Ok(Received { referral: referral_id, created, client: (client_id, client_created) })
     }
 
@@ -271,17 +278,8 @@ impl Inbound<'_> {
                     "{ty} {reference}: neither in the Bundle nor a {ty}/id on the partner's server"
                 )])
             })?;
-        let timeout = Duration::from_secs(partner.timeout_secs.unwrap_or(30));
-        let credentials = crate::fhir::auth::PartnerCredentials::from_settings(partner, timeout)
-            .map_err(|e| InboundError::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
-        let client = FhirClient::new(
-            &partner.base_url,
-            timeout,
-            crate::outbound::RetryPolicy::NONE,
-            credentials.token,
-            credentials.tls.as_ref(),
-        )
-        .map_err(|e| InboundError::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
+        let client = crate::fhir::auth::partner_client(partner, Duration::from_secs(30))
+            .map_err(|e| InboundError::Partner(crate::outbox::cause(&e).to_owned()))?;
         let read = client
             .read(ty, id)
             .await

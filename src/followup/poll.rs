@@ -77,17 +77,7 @@ impl Poller {
     ) -> Result<Self, String> {
         let mut followed = Vec::new();
         for p in partners.receiving(crate::domain::RecordKind::Referral).filter(|p| p.poll_secs > 0) {
-            let timeout = p.timeout_secs.map_or(default_timeout, Duration::from_secs);
-            let credentials =
-                crate::fhir::auth::PartnerCredentials::from_settings(p, timeout).map_err(|e| e.to_string())?;
-            let client = FhirClient::new(
-                &p.base_url,
-                timeout,
-                crate::outbound::RetryPolicy::NONE,
-                credentials.token,
-                credentials.tls.as_ref(),
-            )
-            .map_err(|e| format!("partner `{}`: {e}", p.name))?;
+            let client = crate::fhir::auth::partner_client(p, default_timeout)?;
             followed.push(Followed { settings: p.clone(), client });
         }
         Ok(Poller { store, mappings, partners, followed, holder: uuid::Uuid::new_v4().to_string() })

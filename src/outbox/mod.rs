@@ -31,11 +31,10 @@ use time::OffsetDateTime;
 use crate::config::OutboxSettings;
 use crate::domain::{Party, Referral, Side};
 use crate::domain::{RecordId, RecordKind};
-use crate::fhir::auth::PartnerCredentials;
 use crate::fhir::capabilities::Capabilities;
 use crate::fhir::client::{FhirClient, matches};
 use crate::mapping::{MapError, Mappings, Related, RequestKind};
-use crate::outbound::{Failure, Reply, RetryPolicy, server_words};
+use crate::outbound::{Failure, Reply, server_words};
 use crate::partners::{PartnerSettings, Partners};
 use crate::policy::{self, Decision, Facts, Policy, Profile, Recipient};
 use crate::store::{AttemptRow, CrosswalkEntry, DeliveryRow, Settle, Settlement, Store, StoreError};
@@ -375,11 +374,7 @@ impl Worker {
                 .profile(p.policy_profile())
                 .cloned()
                 .ok_or_else(|| format!("partner `{}`: no policy profile `{}`", p.name, p.policy_profile()))?;
-            let timeout = Duration::from_secs(p.timeout_secs.unwrap_or(settings.timeout_secs));
-            let credentials = PartnerCredentials::from_settings(p, timeout).map_err(|e| e.to_string())?;
-            let client =
-                FhirClient::new(&p.base_url, timeout, RetryPolicy::NONE, credentials.token, credentials.tls.as_ref())
-                    .map_err(|e| format!("partner `{}`: {e}", p.name))?;
+            let client = crate::fhir::auth::partner_client(p, Duration::from_secs(settings.timeout_secs))?;
             links.push(Link {
                 settings: p.clone(),
                 profile,

@@ -121,6 +121,9 @@ pub struct RecordWrite {
     /// The partners this version goes to: one outbox row each, in the write's transaction (none when the write
     /// changes nothing).
     pub deliver_to: Vec<String>,
+    /// What a partner holds of this record, kept in the same transaction (an inbound referral: the partner's own
+    /// Task, ServiceRequest and Patient).
+    pub crosswalk: Vec<CrosswalkEntry>,
     /// Whether the client's held deliveries are decided again at once (a new consent or referral may give a
     /// partner the grounds it lacked): the egress policy says which writes do.
     pub reopens_held: bool,

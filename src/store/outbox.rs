@@ -728,7 +728,7 @@ macro_rules! impl_outbox {
                 row.map(delivery_row).transpose()
             }
 
-            async fn put_crosswalk(
+            pub(super) async fn put_crosswalk(
                 tx: &mut <$db as sqlx::Database>::Connection,
                 entries: &[CrosswalkEntry],
                 now: i64,

@@ -291,6 +291,9 @@ macro_rules! impl_store {
                         .execute(&mut *tx)
                         .await?;
                     }
+                    if !write.crosswalk.is_empty() {
+                        Self::put_crosswalk(&mut *tx, &write.crosswalk, now).await?;
+                    }
                     // The client's held rows are looked at again at once when the policy says this write may
                     // change their decision (the worker decides anew; one still withheld is held again).
                     if write.reopens_held
