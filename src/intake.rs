@@ -201,7 +201,11 @@ pub async fn put_holding<T: AgencyRecord>(
     check_links(&record, intake.store).await?;
     let body = canonical(&record)?;
     let store = intake.store;
-    let deliver_to = crate::policy::recipients(&record, intake.partners);
+    let mut deliver_to = crate::policy::recipients(&record, intake.partners);
+    // What a partner wrote itself (a referral it sent in) is not sent back to it.
+    if let Some(mover) = &actor.partner {
+        deliver_to.retain(|p| p != mover);
+    }
 
     if !T::STATUS_HAS_ITS_OWN_ENDPOINT {
         let mut write = record_write(&record, &id, body, change, deliver_to);

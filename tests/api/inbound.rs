@@ -240,3 +240,29 @@ async fn a_task_alone_is_read_from_the_hospitals_server_and_the_agencys_answers_
     let (_, done) = send(&app, ST_MARYS_KEY, Method::GET, &format!("/fhir/Task/{referral_id}"), None).await;
     assert_eq!(done["status"], "completed");
 }
+
+#[tokio::test]
+async fn a_referral_a_partner_sent_is_not_owed_back_to_it_until_the_agency_answers() {
+    use carebridge::domain::RecordKind;
+    use carebridge::store::DeliveryFilter;
+    let app = app().await;
+    let (status, answer) =
+        send(&app, ST_MARYS_KEY, Method::POST, "/fhir", Some(&gravity_referral("H-REF-7", "OR8812345", "requested")))
+            .await;
+    assert_eq!(status, 200, "{answer}");
+    let id = inbound(&app).await[0]["id"].as_str().expect("id").to_owned();
+    let settings = crate::helpers::test_settings(app.dir.path());
+    let store =
+        carebridge::store::connect(&settings.database.url, 1, std::time::Duration::from_secs(5)).await.expect("store");
+    let rows = |store: std::sync::Arc<dyn carebridge::store::Store>, id: String| async move {
+        let filter = DeliveryFilter {
+            record: Some((RecordKind::Referral, carebridge::domain::RecordId::parse(&id).expect("id"))),
+            limit: 10,
+            ..DeliveryFilter::default()
+        };
+        store.list_deliveries(&filter).await.expect("rows").len()
+    };
+    assert_eq!(rows(store.clone(), id.clone()).await, 0, "what the hospital sent is not owed back to it");
+    assert_eq!(app.post(&format!("/api/v1/referrals/{id}/status"), &json!({"status": "accepted"})).await.status(), 200);
+    assert_eq!(rows(store, id).await, 1, "the agency's answer is owed to it");
+}
