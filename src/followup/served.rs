@@ -67,9 +67,9 @@ pub enum ServeError {
 
 /// A resource (a referral's Task, a client's Patient…) as one reader may see it.
 #[derive(Debug, Clone)]
-pub struct ServedTask {
+pub struct ServedResource {
     /// The resource (with `meta.versionId` and `meta.lastUpdated` of the record it comes from).
-    pub task: Value,
+    pub resource: Value,
     /// The version of the record it comes from.
     pub version: i64,
 }
@@ -107,7 +107,7 @@ impl Served<'_> {
         reader: Reader<'_>,
         id: &str,
         version: Option<i64>,
-    ) -> Result<Option<ServedTask>, ServeError> {
+    ) -> Result<Option<ServedResource>, ServeError> {
         self.resource(reader, "Task", id, version).await
     }
 
@@ -122,7 +122,7 @@ impl Served<'_> {
         resource_type: &str,
         id: &str,
         version: Option<i64>,
-    ) -> Result<Option<ServedTask>, ServeError> {
+    ) -> Result<Option<ServedResource>, ServeError> {
         for &kind in kinds_of(resource_type) {
             for source in source_ids(id) {
                 let stored = match version {
@@ -131,7 +131,7 @@ impl Served<'_> {
                 };
                 let Some(stored) = stored else { continue };
                 let found = self.render(reader, kind, &stored, resource_type).await?;
-                if let Some(t) = found.into_iter().find(|t| t.task.get("id").and_then(Value::as_str) == Some(id)) {
+                if let Some(t) = found.into_iter().find(|t| t.resource.get("id").and_then(Value::as_str) == Some(id)) {
                     return Ok(Some(t));
                 }
             }
@@ -148,7 +148,7 @@ impl Served<'_> {
         reader: Reader<'_>,
         client: Option<RecordId>,
         after: Option<OffsetDateTime>,
-    ) -> Result<Vec<ServedTask>, ServeError> {
+    ) -> Result<Vec<ServedResource>, ServeError> {
         self.resources(reader, "Task", client, after).await
     }
 
@@ -163,7 +163,7 @@ impl Served<'_> {
         resource_type: &str,
         client: Option<RecordId>,
         after: Option<OffsetDateTime>,
-    ) -> Result<Vec<ServedTask>, ServeError> {
+    ) -> Result<Vec<ServedResource>, ServeError> {
         let mut out = Vec::new();
         for &kind in kinds_of(resource_type) {
             let mut cursor = None;
@@ -202,7 +202,7 @@ impl Served<'_> {
         kind: RecordKind,
         stored: &StoredRecord,
         resource_type: &str,
-    ) -> Result<Vec<ServedTask>, ServeError> {
+    ) -> Result<Vec<ServedResource>, ServeError> {
         let corrupt = |e: serde_json::Error| ServeError::Render(format!("stored {kind}: {e}"));
         let record: Value = serde_json::from_str(&stored.body).map_err(corrupt)?;
         let (related, facts) = crate::outbox::context_now(self.store, kind, &record).await?;
@@ -243,7 +243,7 @@ impl Served<'_> {
                         meta.insert("lastUpdated".into(), Value::String(at.clone()));
                     }
                 }
-                ServedTask { task: r, version: stored.meta.version }
+                ServedResource { resource: r, version: stored.meta.version }
             })
             .collect())
     }

@@ -24,7 +24,7 @@ use super::problem::{ApiError, Problem, ProblemType};
 use super::public_url::RequestBase;
 use crate::domain::RecordId;
 use crate::followup::inbound::{Inbound, InboundError, Received};
-use crate::followup::served::{Reader, ServeError, Served, ServedTask};
+use crate::followup::served::{Reader, ServeError, Served, ServedResource};
 use crate::intake::IntakeError;
 use crate::keys::Caller;
 use crate::partners::PartnerSettings;
@@ -67,13 +67,13 @@ fn serve_problem(e: ServeError) -> ApiError {
     }
 }
 
-/// A Task answer with its `ETag` and `Last-Modified`.
-fn task_response(status: StatusCode, t: &ServedTask) -> Response {
-    let mut response = fhir(status, &t.task);
+/// A resource answer with its `ETag` (the version of the record it comes from) and `Last-Modified`.
+fn resource_response(status: StatusCode, t: &ServedResource) -> Response {
+    let mut response = fhir(status, &t.resource);
     if let Ok(tag) = HeaderValue::from_str(&format!("W/\"{}\"", t.version)) {
         response.headers_mut().insert(header::ETAG, tag);
     }
-    if let Some(at) = t.task.pointer("/meta/lastUpdated").and_then(Value::as_str)
+    if let Some(at) = t.resource.pointer("/meta/lastUpdated").and_then(Value::as_str)
         && let Ok(at) = OffsetDateTime::parse(at, &Rfc3339)
         && let Ok(text) = at.to_offset(time::UtcOffset::UTC).format(&time::format_description::well_known::Rfc2822)
         && let Ok(value) = HeaderValue::from_str(&text.replace("+0000", "GMT"))
@@ -93,7 +93,7 @@ pub async fn read(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let t = served(&state).task(reader(&caller), &id, None).await.map_err(serve_problem)?;
-    Ok(task_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task"))?))
+    Ok(resource_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task"))?))
 }
 
 /// `GET /fhir/Task/{id}/_history/{version}`.
@@ -107,7 +107,7 @@ pub async fn vread(
 ) -> Result<Response, ApiError> {
     let version = version.parse::<i64>().map_err(|_| not_found("Task version"))?;
     let t = served(&state).task(reader(&caller), &id, Some(version)).await.map_err(serve_problem)?;
-    Ok(task_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task version"))?))
+    Ok(resource_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task version"))?))
 }
 
 /// `PUT /fhir/Task/{id}` (with `If-Match: W/"<version>"` to update only that version): sets the referral's status
@@ -151,7 +151,7 @@ pub async fn update(
     served.set_status(reader, &id, &sent, pre, &actor, OffsetDateTime::now_utc()).await.map_err(serve_problem)?;
     let after =
         served.task(reader, id.as_str(), None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
-    Ok(task_response(StatusCode::OK, &after))
+    Ok(resource_response(StatusCode::OK, &after))
 }
 
 fn inbound_problem(e: InboundError) -> ApiError {
@@ -203,7 +203,7 @@ async fn take_in(
     caller: &Caller,
     actor: CallerActor,
     sent: &Value,
-) -> Result<(Received, ServedTask), ApiError> {
+) -> Result<(Received, ServedResource), ApiError> {
     let partner = sending_partner(state, caller)?;
     let inbound = Inbound { store: &*state.store, mappings: &state.mappings, partners: &state.partners };
     let mut actor = actor.0;
@@ -276,7 +276,7 @@ pub async fn create(
     }
     let (received, task) = take_in(&state, &caller, actor, &sent).await?;
     let status = if received.created { StatusCode::CREATED } else { StatusCode::OK };
-    let mut response = task_response(status, &task);
+    let mut response = resource_response(status, &task);
     if let Ok(location) = HeaderValue::from_str(&format!("Task/{}/_history/{}", received.referral, task.version)) {
         response.headers_mut().insert(header::LOCATION, location);
     }
@@ -383,7 +383,7 @@ async fn search_of(
     let all = served(state).resources(reader(caller), resource_type, client, after).await.map_err(serve_problem)?;
     let hits: Vec<Value> = all
         .into_iter()
-        .map(|t| t.task)
+        .map(|t| t.resource)
         .filter(|r| {
             let at = r
                 .pointer("/meta/lastUpdated")
@@ -401,7 +401,7 @@ async fn search_of(
 /// `GET /fhir/<type>/{id}` for the agency's records.
 async fn read_of(state: &AppState, caller: &Caller, resource_type: &str, id: &str) -> Result<Response, ApiError> {
     let t = served(state).resource(reader(caller), resource_type, id, None).await.map_err(serve_problem)?;
-    Ok(task_response(StatusCode::OK, &t.ok_or_else(|| not_found(resource_type))?))
+    Ok(resource_response(StatusCode::OK, &t.ok_or_else(|| not_found(resource_type))?))
 }
 
 /// `GET /fhir/Task?_id=&identifier=&_lastUpdated=&status=&owner=&requester=&focus=&patient=&_count=&_offset=`.
