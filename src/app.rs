@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use crate::config::Settings;
 use crate::directories::jobs::SyncRunner;
 use crate::directories::{self, schedule};
+use crate::followup::subscription::{Hook, Wakes};
 use crate::http::public_url::PublicUrl;
 use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, AppState, Limits};
@@ -119,6 +120,7 @@ impl Application {
         for (name, interval) in schedules {
             workers.spawn(schedule::run_worker(syncs.clone(), name, interval, stopping.clone()));
         }
+        let mut wakes = Arc::new(Wakes::default());
         if settings.outbox.enabled && partners.iter().next().is_some() {
             let worker = crate::outbox::Worker::new(store.clone(), mappings.clone(), &partners, &settings.outbox)
                 .map_err(|e| StartError::Partners(vec![e]))?;
@@ -133,6 +135,8 @@ impl Application {
             )
             .map_err(|e| StartError::Partners(vec![e]))?;
             if poller.followed().next().is_some() {
+                wakes = Arc::new(Wakes::new(poller.followed()));
+                let poller = poller.with_subscriptions(wakes.clone(), settings.server.public_base_url.clone());
                 workers.spawn(poller.run(stopping.clone()));
             }
         }
@@ -163,6 +167,7 @@ impl Application {
             partners,
             policy,
             search: search.clone(),
+            hook: Arc::new(Hook::new(store.clone(), wakes)),
         };
         let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
         if settings.api_keys.is_empty() {

@@ -559,6 +559,15 @@ impl Settings {
         if let Some(Err(e)) = self.server.public_base_url.as_deref().map(check_public_base_url) {
             errors.push(format!("server.public_base_url: {e}"));
         }
+        // A partner calls the gateway back at its public address; without one there is nowhere to send to.
+        for (i, p) in self.partners.iter().enumerate() {
+            if p.subscription.is_some() && self.server.public_base_url.is_none() {
+                errors.push(format!(
+                    "partners[{i}].subscription: set server.public_base_url, the address the partner sends \
+                     notifications to"
+                ));
+            }
+        }
         for (i, proxy) in self.server.trusted_proxies.iter().enumerate() {
             if parse_network(proxy).is_none() {
                 errors.push(format!("server.trusted_proxies[{i}]: not an IP address or CIDR range (e.g. 10.0.0.0/8)"));

@@ -52,6 +52,30 @@ pub struct PartnerSettings {
     /// its server (one `_lastUpdated` search a sweep); 0: never (the partner reports on `/fhir` instead).
     #[serde(default = "default_poll_secs")]
     pub poll_secs: u64,
+    /// A topic-based Subscription (R4 backport, rest-hook, `id-only`) the gateway keeps at the partner, so the
+    /// referrals it sent there are followed as their Tasks change instead of at the next sweep. Used only where the
+    /// partner's CapabilityStatement declares the backport; sweeps recover what notifications miss.
+    #[serde(default)]
+    pub subscription: Option<SubscriptionSettings>,
+}
+
+/// `[partners.subscription]`: what the gateway subscribes to at a partner.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSettings {
+    /// The canonical URL of the partner's SubscriptionTopic for Task changes (`Subscription.criteria`).
+    pub topic: String,
+    /// Filter criteria the partner applies to the topic (`Task?requester=Organization/…`), when it needs one.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// How often the partner is asked to send a heartbeat, in seconds (default 300). Two heartbeat periods
+    /// without a word from the partner and the subscription is no longer trusted: sweeps resume at `poll_secs`.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+}
+
+fn default_heartbeat_secs() -> u64 {
+    300
 }
 
 fn default_poll_secs() -> u64 {
@@ -209,6 +233,17 @@ pub fn check(partners: &[PartnerSettings], errors: &mut Vec<String>) {
         }
         if let Some(tls) = &p.tls {
             check_tls(tls, &at, errors);
+        }
+        if let Some(sub) = &p.subscription {
+            if reqwest::Url::parse(&sub.topic).is_err() {
+                errors.push(format!("{at}.subscription.topic: expected the canonical URL of the partner's topic"));
+            }
+            if sub.filter.as_deref().is_some_and(|f| !f.starts_with("Task?")) {
+                errors.push(format!("{at}.subscription.filter: expected criteria on Task (Task?name=value)"));
+            }
+            if !(10..=86_400).contains(&sub.heartbeat_secs) {
+                errors.push(format!("{at}.subscription.heartbeat_secs: between 10 and 86400"));
+            }
         }
     }
 }

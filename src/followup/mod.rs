@@ -9,4 +9,5 @@
 pub mod inbound;
 pub mod poll;
 pub mod served;
+pub mod subscription;
 pub mod task;

@@ -22,6 +22,8 @@ use crate::mapping::Mappings;
 use crate::partners::{PartnerSettings, Partners};
 use crate::store::{Actor, CrosswalkEntry, Precondition, Store, StoreError, SweepClaim};
 
+use super::subscription::{Token, Wakes};
+
 /// How long a sweep may hold a partner before another replica may take it over.
 const SWEEP_LEASE: Duration = Duration::from_secs(300);
 /// How far before the first Task the gateway kept at a partner a first sweep starts (the partner's clock may be
@@ -47,6 +49,23 @@ pub struct SweepReport {
     pub busy: bool,
     /// The search failed (the cursor stays; the next sweep reads the same Tasks again).
     pub failed: Option<String>,
+    /// Tasks named by notifications, read one by one.
+    pub notified: usize,
+    /// The round swept (a search by `_lastUpdated`), not only read what notifications named.
+    pub swept: bool,
+}
+
+/// How often the store is looked at for notifications (which another replica may have received) and owed sweeps,
+/// for a partner that takes subscriptions.
+const CHECK_EVERY: Duration = Duration::from_secs(15);
+
+/// What the worker knows of a partner's subscription between rounds.
+#[derive(Default)]
+struct Upkeep {
+    /// Whether the partner declares the backport (`None`: its CapabilityStatement not read yet).
+    takes_subscriptions: Option<bool>,
+    /// Not before this is the partner asked again (its capabilities, its subscription).
+    next_check: Option<OffsetDateTime>,
 }
 
 /// A partner followed: its settings and its FHIR client.
@@ -62,10 +81,18 @@ pub struct Poller {
     partners: Arc<Partners>,
     followed: Vec<Followed>,
     holder: String,
+    subscribing: Option<Subscribing>,
+}
+
+/// What subscribing at partners needs: where they send notifications, and the wakes the hook rings.
+struct Subscribing {
+    wakes: Arc<Wakes>,
+    public_base_url: String,
 }
 
 impl Poller {
-    /// A poller of the configured partners that receive referrals and are polled (`poll_secs` > 0).
+    /// A poller of the configured partners that receive referrals and are polled (`poll_secs` > 0) or subscribed
+    /// to (`[partners.subscription]`).
     ///
     /// # Errors
     /// A partner whose HTTP client or credentials cannot be built.
@@ -76,11 +103,22 @@ impl Poller {
         default_timeout: Duration,
     ) -> Result<Self, String> {
         let mut followed = Vec::new();
-        for p in partners.receiving(crate::domain::RecordKind::Referral).filter(|p| p.poll_secs > 0) {
+        for p in partners
+            .receiving(crate::domain::RecordKind::Referral)
+            .filter(|p| p.poll_secs > 0 || p.subscription.is_some())
+        {
             let client = crate::fhir::auth::partner_client(p, default_timeout)?;
             followed.push(Followed { settings: p.clone(), client });
         }
-        Ok(Poller { store, mappings, partners, followed, holder: uuid::Uuid::new_v4().to_string() })
+        Ok(Poller { store, mappings, partners, followed, holder: uuid::Uuid::new_v4().to_string(), subscribing: None })
+    }
+
+    /// Subscribes at the followed partners that have a `[partners.subscription]` and declare the backport, with
+    /// notifications sent to `public_base_url` (no subscriptions without one) and rung on `wakes`.
+    #[must_use]
+    pub fn with_subscriptions(mut self, wakes: Arc<Wakes>, public_base_url: Option<String>) -> Self {
+        self.subscribing = public_base_url.map(|public_base_url| Subscribing { wakes, public_base_url });
+        self
     }
 
     /// The partners this poller follows, by name.
@@ -95,32 +133,204 @@ impl Poller {
     pub async fn sweep_all(&self, now: OffsetDateTime) -> Result<Vec<(String, SweepReport)>, StoreError> {
         let mut out = Vec::new();
         for f in &self.followed {
-            out.push((f.settings.name.clone(), self.sweep(f, now).await?));
+            out.push((f.settings.name.clone(), self.round(f, true, now).await?));
         }
         Ok(out)
     }
 
-    /// Sweeps each followed partner every `poll_secs` until `stopping` turns true.
+    /// Follows each partner until `stopping` turns true: a sweep every `poll_secs`, or, while a subscription there
+    /// is healthy, the Tasks its notifications name as they come, and a sweep only when some were missed.
     pub async fn run(self, stopping: tokio::sync::watch::Receiver<bool>) {
         let this = &self;
-        futures_util::future::join_all(self.followed.iter().map(|f| {
-            let mut stopping = stopping.clone();
-            async move {
-                let every = Duration::from_secs(f.settings.poll_secs);
-                while !*stopping.borrow() {
-                    match this.sweep(f, OffsetDateTime::now_utc()).await {
-                        Ok(r) => this.observe(&f.settings.name, &r),
-                        Err(e) => tracing::error!(partner = %f.settings.name, error = %e,
-                            "The follow-up sweep could not reach the store; it tries again."),
+        futures_util::future::join_all(self.followed.iter().map(|f| this.follow(f, stopping.clone()))).await;
+    }
+
+    async fn follow(&self, f: &Followed, mut stopping: tokio::sync::watch::Receiver<bool>) {
+        let name = f.settings.name.as_str();
+        let every = Duration::from_secs(f.settings.poll_secs);
+        let wake = self.subscribing.as_ref().and_then(|s| s.wakes.of(name));
+        let mut upkeep = Upkeep::default();
+        let mut next_sweep = OffsetDateTime::now_utc();
+        while !*stopping.borrow() {
+            let now = OffsetDateTime::now_utc();
+            let healthy = match self.keep_subscription(f, &mut upkeep, now).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(partner = %name, error = %e, "The subscription's state could not be read.");
+                    false
+                }
+            };
+            let sweep_due = !healthy && f.settings.poll_secs > 0 && now >= next_sweep;
+            match self.round(f, sweep_due, now).await {
+                Ok(r) => {
+                    if r.swept {
+                        next_sweep = now + every;
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(every) => {}
-                        _ = stopping.changed() => {}
-                    }
+                    self.observe(name, &r);
+                }
+                Err(e) => tracing::error!(partner = %name, error = %e,
+                    "The follow-up round could not reach the store; it tries again."),
+            }
+            // A subscribed partner's notifications may reach another replica: the store is looked at often.
+            let wait = if upkeep.takes_subscriptions == Some(true) {
+                CHECK_EVERY.min(if every.is_zero() { CHECK_EVERY } else { every })
+            } else if every.is_zero() {
+                CHECK_EVERY
+            } else {
+                every
+            };
+            let woken = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = woken => {}
+                _ = stopping.changed() => {}
+            }
+        }
+    }
+
+    /// Keeps the partner's subscription: asks for one where the partner takes them and none is kept, checks it at
+    /// the partner when it has gone quiet or failed (and asks again when it is gone), and says whether it is
+    /// healthy (active, and heard from within two heartbeat periods). A sweep is owed whenever it is not.
+    async fn keep_subscription(
+        &self,
+        f: &Followed,
+        upkeep: &mut Upkeep,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let (Some(settings), Some(subscribing)) = (&f.settings.subscription, &self.subscribing) else {
+            return Ok(false);
+        };
+        let name = f.settings.name.as_str();
+        if upkeep.next_check.is_some_and(|at| now < at) && upkeep.takes_subscriptions != Some(true) {
+            return Ok(false);
+        }
+        let period = Duration::from_secs(settings.heartbeat_secs);
+        if upkeep.takes_subscriptions.is_none() {
+            match crate::outbox::read_capabilities(&f.client).await {
+                Ok(c) if c.subscriptions => upkeep.takes_subscriptions = Some(true),
+                Ok(_) => {
+                    tracing::warn!(
+                        partner = name,
+                        "The partner declares no topic-based Subscriptions; it is followed by sweeps."
+                    );
+                    upkeep.takes_subscriptions = Some(false);
+                    return Ok(false);
+                }
+                Err(why) => {
+                    tracing::warn!(partner = name, error = %why,
+                        "The partner's CapabilityStatement could not be read; sweeps until it can.");
+                    upkeep.next_check = Some(now + period);
+                    return Ok(false);
                 }
             }
-        }))
-        .await;
+        }
+        if upkeep.takes_subscriptions != Some(true) {
+            return Ok(false);
+        }
+        let Some(row) = self.store.subscription(name).await? else {
+            self.subscribe(f, settings, subscribing, upkeep, now).await?;
+            return Ok(false);
+        };
+        let quiet_for = now - row.heard_at.unwrap_or(row.created_at);
+        let late = quiet_for > period * super::subscription::LATE_AFTER_HEARTBEATS;
+        if row.status == "active" && !late {
+            return Ok(true);
+        }
+        if row.status == "requested" && !late {
+            // Waiting for the partner's handshake.
+            return Ok(false);
+        }
+        if !row.owed_sweep {
+            tracing::warn!(partner = name, status = %row.status, quiet_secs = quiet_for.whole_seconds(),
+                "The partner's subscription is not healthy; notifications may have been missed, the partner is swept.");
+            self.store.owe_sweep(name, true).await?;
+        }
+        if upkeep.next_check.is_some_and(|at| now < at) {
+            return Ok(false);
+        }
+        upkeep.next_check = Some(now + period);
+        let there = match &row.remote_id {
+            None => None,
+            Some(id) => match f.client.read("Subscription", id).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(partner = name, error = %crate::outbox::cause(&e.to_string()),
+                        "The partner's subscription could not be read; checked again later.");
+                    return Ok(false);
+                }
+            },
+        };
+        match there.as_ref().and_then(|s| s.get("status")).and_then(Value::as_str) {
+            Some("active" | "requested") => {
+                tracing::warn!(
+                    partner = name,
+                    "The partner keeps the subscription active but sends nothing: check that it reaches the gateway's \
+                     public_base_url."
+                );
+            }
+            _ => self.subscribe(f, settings, subscribing, upkeep, now).await?,
+        }
+        Ok(false)
+    }
+
+    /// Asks the partner for a new Subscription with a new token (the one it replaces stops being accepted).
+    async fn subscribe(
+        &self,
+        f: &Followed,
+        settings: &crate::partners::SubscriptionSettings,
+        subscribing: &Subscribing,
+        upkeep: &mut Upkeep,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let name = f.settings.name.as_str();
+        upkeep.next_check = Some(now + Duration::from_secs(settings.heartbeat_secs));
+        let token = match Token::new() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(partner = name, error = %e, "No subscription token could be made.");
+                return Ok(());
+            }
+        };
+        self.store.begin_subscription(name, &token.hash, now).await?;
+        let body = super::subscription::resource(
+            settings,
+            &super::subscription::endpoint(&subscribing.public_base_url, name),
+            &token.secret,
+        );
+        match f.client.write(reqwest::Method::POST, "Subscription", &[], &body).await {
+            Ok(reply) if (200..300).contains(&reply.status) => {
+                let made: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+                let id = made
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .or_else(|| reply.location.as_deref().and_then(id_in_location));
+                let status = made.get("status").and_then(Value::as_str).unwrap_or("requested");
+                match id {
+                    Some(id) => {
+                        self.store.subscription_created(name, &token.hash, &id, status).await?;
+                        tracing::info!(partner = name, subscription = %id, status, "Subscribed at the partner.");
+                    }
+                    None => tracing::warn!(
+                        partner = name,
+                        "The partner took the subscription but gave no id; it is checked again later."
+                    ),
+                }
+            }
+            Ok(reply) => tracing::warn!(
+                partner = name,
+                status = reply.status,
+                "The partner refused the subscription; it is followed by sweeps and asked again later."
+            ),
+            Err(e) => tracing::warn!(partner = name, error = %crate::outbox::cause(&e.to_string()),
+                "The subscription could not be asked for; it is followed by sweeps and asked again later."),
+        }
+        Ok(())
     }
 
     fn observe(&self, partner: &str, r: &SweepReport) {
@@ -135,9 +345,10 @@ impl Poller {
             Some(why) => {
                 tracing::warn!(partner, error = %why, "Following the partner's Tasks failed; the next sweep reads them again.")
             }
-            None if r.changed > 0 => tracing::info!(
+            None if r.changed > 0 || r.notified > 0 => tracing::info!(
                 partner,
                 read = r.read,
+                notified = r.notified,
                 changed = r.changed,
                 applied = r.applied,
                 refused = r.refused,
@@ -147,10 +358,18 @@ impl Poller {
         }
     }
 
-    /// One sweep of one partner: its Tasks changed since the last sweep, each of ours applied.
-    async fn sweep(&self, f: &Followed, now: OffsetDateTime) -> Result<SweepReport, StoreError> {
+    /// One round at one partner: the Tasks its notifications named, each read and applied, then, when `sweep` is
+    /// asked or a sweep is owed, its Tasks changed since the last sweep, each of ours applied. Nothing to do: no
+    /// lease taken.
+    async fn round(&self, f: &Followed, sweep: bool, now: OffsetDateTime) -> Result<SweepReport, StoreError> {
         let name = f.settings.name.as_str();
         let mut report = SweepReport::default();
+        let subscribed = self.subscribing.is_some() && f.settings.subscription.is_some();
+        let owed = subscribed && self.store.subscription(name).await?.is_some_and(|s| s.owed_sweep);
+        let notified = subscribed && !self.store.pending_events(name, 1).await?.is_empty();
+        if !(sweep || owed || notified) {
+            return Ok(report);
+        }
         let last_seen = match self.store.claim_sweep(name, &self.holder, now, now + SWEEP_LEASE).await? {
             SweepClaim::Busy => {
                 report.busy = true;
@@ -158,6 +377,25 @@ impl Poller {
             }
             SweepClaim::Taken { last_seen } => last_seen,
         };
+        let request_id = format!("followup-{}", uuid::Uuid::new_v4());
+        if notified && let Err(failed) = self.read_notified(f, &mut report, &request_id, now).await {
+            match failed {
+                Failed::Partner(why) => report.failed = Some(why),
+                Failed::Store(e) => {
+                    self.store.finish_sweep(name, &self.holder, None, now).await?;
+                    return Err(e);
+                }
+            }
+        }
+        if !(sweep || owed) {
+            self.store.finish_sweep(name, &self.holder, None, now).await?;
+            return Ok(report);
+        }
+        if owed {
+            // Paid now: a gap found while this sweep runs owes another.
+            self.store.owe_sweep(name, false).await?;
+        }
+        report.swept = true;
         let since = match last_seen {
             Some(s) => s,
             None => match self.store.first_crosswalk(name, "Task").await? {
@@ -170,11 +408,14 @@ impl Poller {
             },
         };
         let mut newest = since.clone();
-        let result = self.read_changes(f, &since, &mut newest, &mut report, now).await;
+        let result = self.read_changes(f, &since, &mut newest, &mut report, &request_id, now).await;
         let reached = match result {
             Ok(()) => Some(newest.as_str()),
             Err(Failed::Partner(why)) => {
                 report.failed = Some(why);
+                if owed {
+                    self.store.owe_sweep(name, true).await?;
+                }
                 // What was applied stays applied; the cursor moves only over a whole sweep.
                 None
             }
@@ -187,12 +428,44 @@ impl Poller {
         Ok(report)
     }
 
+    /// Reads each Task a notification named (oldest event first) and applies it as a sweep would; a Task read is
+    /// forgotten, one the partner could not give stays for the next round.
+    async fn read_notified(
+        &self,
+        f: &Followed,
+        report: &mut SweepReport,
+        request_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), Failed> {
+        let name = f.settings.name.as_str();
+        loop {
+            let batch = self.store.pending_events(name, PAGE).await.map_err(Failed::Store)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (focus, number) in batch {
+                report.notified += 1;
+                let task = f
+                    .client
+                    .read("Task", &focus)
+                    .await
+                    .map_err(|e| Failed::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
+                if let Some(task) = task {
+                    report.read += 1;
+                    self.take(f, &[task], report, request_id, now).await?;
+                }
+                self.store.forget_event(name, &focus, number).await.map_err(Failed::Store)?;
+            }
+        }
+    }
+
     async fn read_changes(
         &self,
         f: &Followed,
         since: &str,
         newest: &mut String,
         report: &mut SweepReport,
+        request_id: &str,
         now: OffsetDateTime,
     ) -> Result<(), Failed> {
         let query = [("_lastUpdated", format!("ge{since}")), ("_count", PAGE.to_string())];
@@ -201,7 +474,6 @@ impl Poller {
             .search("Task", &query)
             .await
             .map_err(|e| Failed::Partner(crate::outbox::cause(&e.to_string()).to_owned()))?;
-        let request_id = format!("followup-{}", uuid::Uuid::new_v4());
         loop {
             report.pages += 1;
             let tasks: Vec<Value> = matches(&page)
@@ -211,31 +483,14 @@ impl Poller {
                 .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("Task"))
                 .collect();
             report.read += tasks.len();
-            let ids: Vec<String> =
-                tasks.iter().filter_map(|t| t.get("id").and_then(Value::as_str)).map(str::to_owned).collect();
-            let ours = self.store.crosswalk_by_remote(&f.settings.name, "Task", &ids).await.map_err(Failed::Store)?;
             for task in &tasks {
                 if let Some(at) = task.pointer("/meta/lastUpdated").and_then(Value::as_str)
                     && later(at, newest)
                 {
                     at.clone_into(newest);
                 }
-                let id = task.get("id").and_then(Value::as_str).unwrap_or_default();
-                let Some(entry) = ours.iter().find(|e| e.remote_id == id) else { continue };
-                let version = task.pointer("/meta/versionId").and_then(Value::as_str);
-                if version.is_some() && version == entry.version_id.as_deref() {
-                    continue;
-                }
-                report.changed += 1;
-                match self.apply(&f.settings.name, entry, task, &request_id, now).await.map_err(Failed::Store)? {
-                    Applied::Moved => report.applied += 1,
-                    Applied::Refused => report.refused += 1,
-                    Applied::Same => {}
-                }
-                let mut seen = entry.clone();
-                seen.version_id = version.map(str::to_owned);
-                self.store.save_crosswalk(&[seen], now).await.map_err(Failed::Store)?;
             }
+            self.take(f, &tasks, report, request_id, now).await?;
             match f
                 .client
                 .next_page(&page)
@@ -246,6 +501,39 @@ impl Poller {
                 None => return Ok(()),
             }
         }
+    }
+
+    /// Takes Tasks read at the partner: each of ours (the crosswalk knows its id) at a version not seen before is
+    /// applied to its referral, and its version kept as seen.
+    async fn take(
+        &self,
+        f: &Followed,
+        tasks: &[Value],
+        report: &mut SweepReport,
+        request_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), Failed> {
+        let ids: Vec<String> =
+            tasks.iter().filter_map(|t| t.get("id").and_then(Value::as_str)).map(str::to_owned).collect();
+        let ours = self.store.crosswalk_by_remote(&f.settings.name, "Task", &ids).await.map_err(Failed::Store)?;
+        for task in tasks {
+            let id = task.get("id").and_then(Value::as_str).unwrap_or_default();
+            let Some(entry) = ours.iter().find(|e| e.remote_id == id) else { continue };
+            let version = task.pointer("/meta/versionId").and_then(Value::as_str);
+            if version.is_some() && version == entry.version_id.as_deref() {
+                continue;
+            }
+            report.changed += 1;
+            match self.apply(&f.settings.name, entry, task, request_id, now).await.map_err(Failed::Store)? {
+                Applied::Moved => report.applied += 1,
+                Applied::Refused => report.refused += 1,
+                Applied::Same => {}
+            }
+            let mut seen = entry.clone();
+            seen.version_id = version.map(str::to_owned);
+            self.store.save_crosswalk(&[seen], now).await.map_err(Failed::Store)?;
+        }
+        Ok(())
     }
 
     /// Applies one changed Task of ours to its referral as the partner's move.
@@ -325,6 +613,13 @@ enum Applied {
     Moved,
     Refused,
     Same,
+}
+
+/// The id in a `Location` (`…/Subscription/<id>/_history/<v>` or `…/Subscription/<id>`).
+fn id_in_location(location: &str) -> Option<String> {
+    let parts: Vec<&str> = location.split('/').collect();
+    let at = parts.iter().rposition(|p| *p == "Subscription")?;
+    parts.get(at + 1).filter(|id| !id.is_empty()).map(|id| (*id).to_owned())
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {

@@ -25,6 +25,7 @@ use super::public_url::RequestBase;
 use crate::domain::RecordId;
 use crate::followup::inbound::{Inbound, InboundError, Received};
 use crate::followup::served::{Reader, ServeError, Served, ServedResource};
+use crate::followup::subscription::HookError;
 use crate::intake::IntakeError;
 use crate::keys::Caller;
 use crate::partners::PartnerSettings;
@@ -452,6 +453,36 @@ read_only_routes!(read_patient, search_patients, "Patient");
 read_only_routes!(read_care_plan, search_care_plans, "CarePlan");
 read_only_routes!(read_goal, search_goals, "Goal");
 read_only_routes!(read_consent, search_consents, "Consent");
+
+/// `POST /fhir/subscription-notifications/{partner}`: a notification from a partner's topic-based Subscription
+/// (handshake, heartbeat, events), authenticated by the bearer token the gateway put in that Subscription. Kept
+/// before the answer; the Tasks it names are read by the follow-up worker.
+pub async fn subscription_notification(
+    State(state): State<AppState>,
+    Path(partner): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if authorization.is_none() {
+        return Err(Problem::new(ProblemType::Unauthorized)
+            .detail("send the token of the subscription (Authorization: Bearer …)")
+            .into());
+    }
+    let sent = fhir_body(&headers, &body)?;
+    match state.hook.receive(&partner, authorization, &sent, OffsetDateTime::now_utc()).await {
+        Ok(_) => Ok(fhir(
+            StatusCode::OK,
+            &serde_json::json!({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "information", "code": "informational", "diagnostics": "notification kept"}]}),
+        )),
+        Err(HookError::Unauthorized) => Err(Problem::new(ProblemType::Unauthorized)
+            .detail("no subscription of this partner sends with this token")
+            .into()),
+        Err(HookError::Invalid(why)) => Err(invalid(&why)),
+        Err(HookError::Store(e)) => Err(store_problem(e)),
+    }
+}
 
 #[cfg(test)]
 mod tests {

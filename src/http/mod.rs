@@ -66,6 +66,8 @@ pub struct AppState {
     pub policy: Arc<crate::policy::Policy>,
     /// How `/api/v1/services` searches the catalog (the in-memory index, or SQL).
     pub search: crate::directories::index::ServiceSearch,
+    /// Where partners' subscription notifications are kept.
+    pub hook: Arc<crate::followup::subscription::Hook>,
 }
 
 /// How many mapping jobs may run at once on this machine: every core but one, and at least one.
@@ -154,7 +156,10 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/fhir/Consent/{id}", get(fhir_records::read_consent))
         .route_layer(middleware::from_fn_with_state(fhir_callers, auth::require_key));
     // What the endpoint offers is public (FHIR clients read it before they authenticate).
-    let public = Router::new().route("/fhir/metadata", get(fhir::capability_statement));
+    // Partners' notifications carry the token of their subscription instead of an API key.
+    let public = Router::new()
+        .route("/fhir/metadata", get(fhir::capability_statement))
+        .route("/fhir/subscription-notifications/{partner}", post(fhir_records::subscription_notification));
     let audit = Router::new()
         .route("/api/v1/audit-events", get(api::audit_events))
         .route("/api/v1/directories/{source}/sync", post(directory::sync_now))

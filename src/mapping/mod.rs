@@ -904,7 +904,7 @@ fn render_mapping<'v>(
 }
 
 /// Whether `s` is a FHIR `id` (letters, digits, `-` and `.`, 1 to 64).
-fn is_fhir_id(s: &str) -> bool {
+pub(crate) fn is_fhir_id(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use crate::domain::{RecordId, RecordKind};
 
 pub use catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
-pub use followup::{Followup, SweepClaim};
+pub use followup::{Followup, Notified, NotifiedOutcome, SubscriptionRow, SweepClaim};
 pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};
 pub use sql::{SqlStore, connect};
 pub use sync_jobs::{ABANDONED, Begun, NewSyncJob, SyncJobEnd, SyncJobRow, SyncJobs};

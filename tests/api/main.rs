@@ -32,4 +32,5 @@ mod records;
 mod referrals_fhir;
 mod search_fuzz;
 mod store_contract;
+mod subscriptions;
 mod sync_jobs;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use carebridge::domain::{RecordId, RecordKind};
 use carebridge::store::{
-    Actor, AttemptRow, Begun, Change, CrosswalkEntry, DeliveryFilter, ListQuery, NewSyncJob, Precondition, RecordWrite,
-    SaveOutcome, Settle, Settlement, Store, StoreError, SyncJobEnd, connect,
+    Actor, AttemptRow, Begun, Change, CrosswalkEntry, DeliveryFilter, ListQuery, NewSyncJob, Notified, NotifiedOutcome,
+    Precondition, RecordWrite, SaveOutcome, Settle, Settlement, Store, StoreError, SyncJobEnd, connect,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -638,6 +638,73 @@ async fn a_delivery_reads_its_version_and_its_clients_records_at_once(store: Arc
     assert_eq!((others[0].1.meta.version, others[0].1.body.as_str()), (2, r#"{"n":2}"#));
 }
 
+fn notified(kind: &str, since: Option<i64>, events: &[(i64, &str)]) -> Notified {
+    Notified {
+        kind: kind.into(),
+        status: "active".into(),
+        events_since: since,
+        events: events.iter().map(|(n, f)| (*n, (*f).to_owned())).collect(),
+    }
+}
+
+/// A partner's subscription: only its token is accepted; a handshake makes it active; events are kept once per
+/// Task (the newest number), a skipped number or a heartbeat counting more is a gap that owes a sweep; a Task read
+/// is forgotten unless a newer event named it; a new subscription forgets the old one's token and events.
+async fn subscription_notifications_are_kept_counted_and_forgotten(store: Arc<dyn Store>) {
+    let p = "hospital";
+    assert_eq!(store.subscription(p).await.expect("read"), None);
+    assert_eq!(
+        store.record_notification(p, "h1", &notified("handshake", Some(0), &[]), t0()).await.expect("kept"),
+        NotifiedOutcome::Unknown,
+        "no subscription, nothing accepted"
+    );
+    store.begin_subscription(p, "h1", t0()).await.expect("begun");
+    let row = store.subscription(p).await.expect("read").expect("row");
+    assert_eq!((row.status.as_str(), row.remote_id, row.owed_sweep), ("requested", None, true));
+    store.owe_sweep(p, false).await.expect("paid");
+    assert_eq!(
+        store.record_notification(p, "h2", &notified("handshake", Some(0), &[]), t0()).await.expect("kept"),
+        NotifiedOutcome::Unknown,
+        "another token"
+    );
+    let handshake = store.record_notification(p, "h1", &notified("handshake", Some(0), &[]), t0()).await;
+    assert_eq!(handshake.expect("kept"), NotifiedOutcome::Recorded { gap: false });
+    // The partner's answer comes after its handshake: the handshake's `active` stays.
+    store.subscription_created(p, "h1", "sub-1", "requested").await.expect("created");
+    let row = store.subscription(p).await.expect("read").expect("row");
+    assert_eq!((row.status.as_str(), row.remote_id.as_deref(), row.heard_at), ("active", Some("sub-1"), Some(t0())));
+
+    let one = notified("event-notification", Some(2), &[(1, "t-1"), (2, "t-2")]);
+    assert_eq!(
+        store.record_notification(p, "h1", &one, t0()).await.expect("kept"),
+        NotifiedOutcome::Recorded { gap: false }
+    );
+    let again = notified("event-notification", Some(4), &[(4, "t-1"), (5, "")]);
+    assert_eq!(
+        store.record_notification(p, "h1", &again, t0()).await.expect("kept"),
+        NotifiedOutcome::Recorded { gap: true }
+    );
+    assert!(store.subscription(p).await.expect("read").expect("row").owed_sweep);
+    let pending = store.pending_events(p, 10).await.expect("pending");
+    assert_eq!(pending, vec![("t-2".to_owned(), 2), ("t-1".to_owned(), 4)]);
+    // t-1 was read after event 1 only: event 4 keeps it.
+    store.forget_event(p, "t-1", 1).await.expect("forgot");
+    store.forget_event(p, "t-2", 2).await.expect("forgot");
+    assert_eq!(store.pending_events(p, 10).await.expect("pending"), vec![("t-1".to_owned(), 4)]);
+
+    store.owe_sweep(p, false).await.expect("paid");
+    let beat = store.record_notification(p, "h1", &notified("heartbeat", Some(5), &[]), t0()).await;
+    assert_eq!(beat.expect("kept"), NotifiedOutcome::Recorded { gap: false }, "5 were seen");
+    let beat = store.record_notification(p, "h1", &notified("heartbeat", Some(7), &[]), t0()).await;
+    assert_eq!(beat.expect("kept"), NotifiedOutcome::Recorded { gap: true });
+    assert_eq!(store.subscription(p).await.expect("read").expect("row").events_seen, 7);
+
+    store.begin_subscription(p, "h3", t0() + Duration::minutes(1)).await.expect("again");
+    assert_eq!(store.pending_events(p, 10).await.expect("pending"), vec![]);
+    let old = store.record_notification(p, "h1", &notified("heartbeat", Some(8), &[]), t0()).await;
+    assert_eq!(old.expect("kept"), NotifiedOutcome::Unknown, "the replaced token is refused");
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -674,6 +741,7 @@ contract!(
     outbox_claims_take_each_row_once_in_order,
     a_wait_recorded_after_its_target_arrived_goes_again_at_once,
     a_delivery_reads_its_version_and_its_clients_records_at_once,
+    subscription_notifications_are_kept_counted_and_forgotten,
 );
 
 /// The whole API on PostgreSQL: the fixtures go in and come back, and readiness follows the database.
