@@ -383,7 +383,7 @@ macro_rules! impl_followup {
                      FROM partner_subscriptions WHERE partner = $1",
                 )
                 .bind(partner)
-                .fetch_optional(self.writer())
+                .fetch_optional(self.reader())
                 .await?;
                 Ok(row.map(|(remote_id, status, events_seen, heard_at, owed_sweep, created_at)| SubscriptionRow {
                     remote_id,
@@ -402,6 +402,16 @@ macro_rules! impl_followup {
                 notified: &Notified,
                 now: OffsetDateTime,
             ) -> Result<NotifiedOutcome, StoreError> {
+                // A wrong token costs a read, never the writer: anyone may call the endpoint.
+                let kept: Option<(String,)> =
+                    sqlx::query_as("SELECT token_hash FROM partner_subscriptions WHERE partner = $1")
+                        .bind(partner)
+                        .fetch_optional(self.reader())
+                        .await?;
+                if !kept.is_some_and(|(k,)| bool::from(subtle::ConstantTimeEq::ct_eq(k.as_bytes(), token_hash.as_bytes())))
+                {
+                    return Ok(NotifiedOutcome::Unknown);
+                }
                 let mut tx = self.writer().begin_with($begin).await?;
                 let row: Option<(String, i64)> = sqlx::query_as(
                     "SELECT token_hash, events_seen FROM partner_subscriptions WHERE partner = $1",
@@ -459,7 +469,7 @@ macro_rules! impl_followup {
                 )
                 .bind(partner)
                 .bind(i64::from(limit))
-                .fetch_all(self.writer())
+                .fetch_all(self.reader())
                 .await?)
             }
 
