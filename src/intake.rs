@@ -233,6 +233,9 @@ pub async fn put_holding<T: AgencyRecord>(
                 return Err(IntakeError::PreconditionFailed { current: Some(version) });
             }
             (Some((current, version)), _) => {
+                let mut v = Validator::new();
+                record.check_replace(&current, &mut v);
+                v.finish().map_err(IntakeError::Invalid)?;
                 if current.status_code() != record.status_code() {
                     return Err(IntakeError::StatusChangeNotAllowed {
                         current: current.status_code().unwrap_or("none").to_owned(),
@@ -290,6 +293,42 @@ pub async fn change_referral_status(
             result => {
                 return Ok(Saved { outcome: result?, body });
             }
+        }
+    }
+    Err(IntakeError::PreconditionFailed { current: None })
+}
+
+/// Links a partner's referral that waits for it to `client`, one of its `client_candidates` (see
+/// [`Referral::link`]); the referral is then the agency's to take on.
+///
+/// # Errors
+/// `NotFound`; `Invalid` at `$.client_id` when nothing waits or `client` is not a candidate;
+/// `PreconditionFailed`; `Store`.
+pub async fn link_referral(
+    intake: Intake<'_>,
+    id: &RecordId,
+    client: &RecordId,
+    pre: Precondition,
+    actor: &Actor,
+    now: OffsetDateTime,
+) -> Result<Saved, IntakeError> {
+    let store = intake.store;
+    for attempt in 1..=CONFLICT_ATTEMPTS {
+        let (mut referral, version) = load::<Referral>(store, id).await?.ok_or(IntakeError::NotFound)?;
+        if let Precondition::Version(expected) = pre
+            && expected != version
+        {
+            return Err(IntakeError::PreconditionFailed { current: Some(version) });
+        }
+        referral
+            .link(client)
+            .map_err(|why| IntakeError::Invalid(vec![FieldError { path: "$.client_id".into(), detail: why }]))?;
+        let body = canonical(&referral)?;
+        let deliver_to = crate::policy::recipients(&referral, intake.partners);
+        let write = record_write(&referral, id, body.clone(), Change::Linked, deliver_to);
+        match store.save_record(&write, Precondition::Version(version), actor, now).await {
+            Err(StoreError::PreconditionFailed { .. }) if retryable(pre) && attempt < CONFLICT_ATTEMPTS => {}
+            result => return Ok(Saved { outcome: result?, body }),
         }
     }
     Err(IntakeError::PreconditionFailed { current: None })

@@ -157,6 +157,9 @@ pub trait AgencyRecord: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// violation to `v`.
     fn check_new(&self, _v: &mut Validator) {}
 
+    /// Rules a replacement of `current` must keep (the fields the gateway sets and no `PUT` changes).
+    fn check_replace(&self, _current: &Self, _v: &mut Validator) {}
+
     /// The directory service this record names as its target (referrals), checked against the catalog on write.
     fn directory_service(&self) -> Option<&RecordId> {
         None

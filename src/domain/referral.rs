@@ -74,6 +74,13 @@ pub struct Referral {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(max_items = 200)]
     pub notes: Vec<ReferralNote>,
+    /// On a partner's referral whose patient identifiers matched several of the agency's clients: those clients.
+    /// The referral waits for the agency to link it to one (`POST /api/v1/referrals/{id}/link`); meanwhile
+    /// `client_id` is the client made from the partner's Patient, and the agency may only decline it. Set by the
+    /// gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 20)]
+    pub client_candidates: Vec<RecordId>,
     /// Categories of sensitive data the case manager marks this record as holding, on top of what its codes say
     /// (a note naming a medication used in substance-use treatment: `substance_use`); each at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -250,6 +257,10 @@ impl Referral {
     /// [`IllegalMove`], naming the statuses `by` may set instead; the referral is then unchanged.
     pub fn move_status(&mut self, change: &StatusChange, by: Party<'_>, now: Timestamp) -> Result<(), IllegalMove> {
         self.status.check_move(change.status, &self.sides_of(by))?;
+        // Whom the referral is for is not known yet: the agency cannot take it on, only turn it down.
+        if !self.client_candidates.is_empty() && by == Party::Agency && change.status != ReferralStatus::Declined {
+            return Err(IllegalMove::Unlinked { to: change.status, allowed: vec![ReferralStatus::Declined] });
+        }
         if change.status.is_final() && (self.closed_at.is_none() || !self.status.is_final()) {
             self.closed_at = Some(now);
         }
@@ -258,6 +269,25 @@ impl Referral {
         if change.outcome.is_some() {
             self.outcome.clone_from(&change.outcome);
         }
+        Ok(())
+    }
+}
+
+impl Referral {
+    /// Links a partner's referral that waits for it to `client` (one of `client_candidates`).
+    ///
+    /// # Errors
+    /// The sentence for the caller: the referral waits for no link, or `client` is not a candidate.
+    pub fn link(&mut self, client: &RecordId) -> Result<(), String> {
+        if self.client_candidates.is_empty() {
+            return Err(format!("the referral is linked to client {} already; nothing waits", self.client_id));
+        }
+        if !self.client_candidates.contains(client) {
+            let names: Vec<&str> = self.client_candidates.iter().map(RecordId::as_str).collect();
+            return Err(format!("{client} is not one of the clients it matched: {}", names.join(", ")));
+        }
+        self.client_id = client.clone();
+        self.client_candidates.clear();
         Ok(())
     }
 }
@@ -324,6 +354,19 @@ impl AgencyRecord for Referral {
         }
     }
 
+    fn check_replace(&self, current: &Self, v: &mut Validator) {
+        v.check(
+            self.client_candidates == current.client_candidates,
+            "$.client_candidates",
+            "set by the gateway: a referral that waits is linked with POST /api/v1/referrals/{id}/link",
+        );
+        v.check(
+            current.client_candidates.is_empty() || self.client_id == current.client_id,
+            "$.client_id",
+            "the referral waits to be linked: POST /api/v1/referrals/{id}/link names its client",
+        );
+    }
+
     fn check_new(&self, v: &mut Validator) {
         v.check(
             self.status.may_begin(),
@@ -353,6 +396,13 @@ impl AgencyRecord for Referral {
             "$.requester.partner",
             "a referral to the agency (target agency) names the partner that sent it, and only such a referral does",
         );
+        v.check(
+            self.client_candidates.is_empty() || matches!(self.target, ReferralTarget::Agency),
+            "$.client_candidates",
+            "only a partner's referral to the agency waits to be linked to a client",
+        );
+        v.at_most(self.client_candidates.len(), "$.client_candidates", 20);
+        v.no_repeats(&self.client_candidates, "$.client_candidates");
         v.check(
             self.closed_at.is_none() || self.status.is_final(),
             "$.closed_at",

@@ -94,6 +94,15 @@ pub enum IllegalMove {
         /// The statuses the mover may set from here.
         allowed: Vec<ReferralStatus>,
     },
+    /// A partner's referral whose client is not settled yet (several of the agency's clients matched): the agency
+    /// links it before it takes it on.
+    #[error("the referral waits to be linked to a client")]
+    Unlinked {
+        /// Where the move would take it.
+        to: ReferralStatus,
+        /// The statuses the agency may set meanwhile.
+        allowed: Vec<ReferralStatus>,
+    },
 }
 
 impl std::fmt::Display for ReferralStatusMoves<'_> {
@@ -114,7 +123,9 @@ impl IllegalMove {
     #[must_use]
     pub fn allowed(&self) -> &[ReferralStatus] {
         match self {
-            IllegalMove::NoSuchMove { allowed, .. } | IllegalMove::NotYourSide { allowed, .. } => allowed,
+            IllegalMove::NoSuchMove { allowed, .. }
+            | IllegalMove::NotYourSide { allowed, .. }
+            | IllegalMove::Unlinked { allowed, .. } => allowed,
         }
     }
 
@@ -129,6 +140,11 @@ impl IllegalMove {
             IllegalMove::NotYourSide { from, to, owner, allowed } => format!(
                 "{to} is set by the referral's {}, not by you; from {from} you may set: {}",
                 owner.as_str(),
+                ReferralStatusMoves(allowed)
+            ),
+            IllegalMove::Unlinked { to, allowed } => format!(
+                "the referral cannot become {to} before it is linked to a client (POST \
+                 /api/v1/referrals/{{id}}/link, one of client_candidates); meanwhile you may set: {}",
                 ReferralStatusMoves(allowed)
             ),
         }

@@ -40,9 +40,6 @@ pub enum InboundError {
     /// What was sent is not a referral the gateway can take (each problem by FHIR path).
     #[error("the referral cannot be taken in")]
     Invalid(Vec<String>),
-    /// The patient matches several of the agency's clients.
-    #[error("the patient matches {0} clients")]
-    Ambiguous(usize),
     /// The partner's server could not be read (the focus or the patient it references).
     #[error("the partner's server could not be read: {0}")]
     Partner(String),
@@ -136,7 +133,7 @@ impl Inbound<'_> {
     /// Takes in the referral of `body` (a transaction Bundle, or a Task alone) from `partner`.
     ///
     /// # Errors
-    /// `Invalid`, `Ambiguous`, `Partner`, `Intake` or `Store` (see [`InboundError`]).
+    /// `Invalid`, `Partner`, `Intake` or `Store` (see [`InboundError`]).
     pub async fn receive(
         &self,
         partner: &PartnerSettings,
@@ -186,7 +183,7 @@ impl Inbound<'_> {
             .to_owned();
         let patient = self.find(partner, &mut all, &patient_ref, "Patient").await?;
         let request = self.mappings.read_foreign_request(&sr).map_err(InboundError::Invalid)?;
-        let (client_id, client_created) = self.client(partner, &patient, actor, now).await?;
+        let (client_id, client_created, candidates) = self.client(partner, &patient, actor, now).await?;
         let requester = sr.get("requester").or_else(|| task.get("requester"));
         let referral = json!({
             "client_id": client_id,
@@ -204,6 +201,7 @@ impl Inbound<'_> {
             "authored_on": text(&task, "/authoredOn").or_else(|| text(&sr, "/authoredOn"))
                 .map_or_else(|| now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(), str::to_owned),
             "reason": request.reason,
+            "client_candidates": candidates,
         });
         let mut referral: Value = referral;
         if referral["reason"].is_null()
@@ -290,14 +288,16 @@ impl Inbound<'_> {
         Ok(r)
     }
 
-    /// The client the Patient is: matched on the partner's `patient_match` identifiers, or made from it.
+    /// The client the Patient is: matched on the partner's `patient_match` identifiers, or made from it (and
+    /// whether it was made now). Several matches are not guessed between: the client made from the Patient stands in,
+    /// with the clients matched as the candidates the agency links the referral to.
     async fn client(
         &self,
         partner: &PartnerSettings,
         patient: &Value,
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<(RecordId, bool), InboundError> {
+    ) -> Result<(RecordId, bool, Vec<RecordId>), InboundError> {
         let wanted: Vec<(String, String)> = patient
             .get("identifier")
             .and_then(Value::as_array)
@@ -308,19 +308,22 @@ impl Inbound<'_> {
                     .collect()
             })
             .unwrap_or_default();
-        if !wanted.is_empty() {
-            let matched = self.clients_with(&wanted).await?;
-            match matched.as_slice() {
-                [one] => return Ok((one.clone(), false)),
-                [] => {}
-                more => return Err(InboundError::Ambiguous(more.len())),
-            }
-        }
         let key =
             key_of(patient).ok_or_else(|| InboundError::Invalid(vec!["Patient: no identifier and no id".into()]))?;
         let id = derived_id("cl-in", &partner.name, &key)?;
+        let mut candidates = Vec::new();
+        if !wanted.is_empty() {
+            // The client made from this very Patient before is no other candidate.
+            let mut matched = self.clients_with(&wanted).await?;
+            matched.retain(|m| *m != id);
+            match matched.as_slice() {
+                [one] => return Ok((one.clone(), false, candidates)),
+                [] => {}
+                more => candidates = more.to_vec(),
+            }
+        }
         if self.store.get_record(RecordKind::Client, &id).await?.is_some() {
-            return Ok((id, false));
+            return Ok((id, false, candidates));
         }
         let read = self
             .mappings
@@ -334,8 +337,8 @@ impl Inbound<'_> {
             .map_err(|e| InboundError::Invalid(vec![format!("the client read from the Patient: {e}")]))?;
         let intake = Intake { store: self.store, partners: self.partners };
         match intake::put(intake, id.clone(), client, Precondition::Absent, actor, Change::Put, now).await {
-            Ok(_) => Ok((id, true)),
-            Err(IntakeError::PreconditionFailed { .. }) => Ok((id, false)),
+            Ok(_) => Ok((id, true, candidates)),
+            Err(IntakeError::PreconditionFailed { .. }) => Ok((id, false, candidates)),
             Err(e) => Err(InboundError::Intake(e)),
         }
     }

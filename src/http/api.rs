@@ -86,7 +86,7 @@ pub struct History {
 pub struct HistoryEntry {
     /// Version number, from 1.
     version: i64,
-    /// `created`, `replaced`, `status_changed` or `seeded`.
+    /// `created`, `replaced`, `status_changed`, `linked` or `seeded`.
     action: String,
     /// When.
     #[schema(value_type = String, format = DateTime)]
@@ -137,7 +137,7 @@ pub struct AuditEntry {
     at: String,
     /// Name of the API key.
     actor: String,
-    /// `created`, `replaced`, `unchanged`, `status_changed` or `seeded`.
+    /// `created`, `replaced`, `unchanged`, `status_changed`, `linked` or `seeded`.
     action: String,
     /// Kind of record.
     kind: String,
@@ -577,6 +577,41 @@ pub async fn change_referral_status(
     Ok(record_response(StatusCode::OK, RecordKind::Referral, path.id.as_str(), saved.outcome.meta(), saved.body))
 }
 
+/// Which client a partner's referral is for.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLink {
+    /// One of the referral's `client_candidates`.
+    #[schema(value_type = String)]
+    pub client_id: domain::RecordId,
+}
+
+/// Links a partner's referral whose patient matched several clients to the one it is for (one of its
+/// `client_candidates`). Until then the agency may only decline it.
+#[utoipa::path(post, path = "/api/v1/referrals/{id}/link", tag = "referrals", request_body = ClientLink,
+    params(("id" = String, Path, description = "The agency's id of the referral"),
+           ("If-Match" = Option<String>, Header, description = "Only change this version (its ETag)")),
+    responses(
+        (status = 200, description = "The referral, linked", body = domain::Referral, headers(("ETag" = String))),
+        (status = 404, description = "No such referral", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "The referral is not at the expected version", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The referral waits for no link, or the client is not one of its candidates", body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = ["write"])))]
+pub async fn link_referral(
+    State(state): State<AppState>,
+    actor: CallerActor,
+    path: IdPath,
+    pre: Conditions,
+    JsonBody(link): JsonBody<ClientLink>,
+) -> Result<Response, ApiError> {
+    let pre = precondition(&state, RecordKind::Referral, &path.id, pre).await?;
+    let saved =
+        intake::link_referral(intake_of(&state), &path.id, &link.client_id, pre, &actor.0, OffsetDateTime::now_utc())
+            .await
+            .map_err(intake_problem)?;
+    Ok(record_response(StatusCode::OK, RecordKind::Referral, path.id.as_str(), saved.outcome.meta(), saved.body))
+}
+
 /// Reads the audit log: every write, by which key, in which request.
 #[utoipa::path(get, path = "/api/v1/audit-events", tag = "audit", params(AuditParams),
     responses((status = 200, description = "Entries, oldest first", body = AuditPage),
@@ -643,6 +678,7 @@ impl Modify for BearerKey {
         care_plans::put, care_plans::get, care_plans::list, care_plans::history, care_plans::version,
         referrals::put, referrals::get, referrals::list, referrals::history, referrals::version,
         change_referral_status,
+        link_referral,
         consents::put, consents::get, consents::list, consents::history, consents::version,
         audit_events, openapi_json,
         super::directory::search, super::directory::service, super::directory::sync_now, super::directory::sync_job,

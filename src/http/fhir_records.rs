@@ -171,12 +171,6 @@ fn inbound_problem(e: InboundError) -> ApiError {
                     .collect(),
             )
             .into(),
-        InboundError::Ambiguous(n) => Problem::new(ProblemType::BusinessRule)
-            .detail(format!(
-                "the patient's identifiers match {n} of the agency's clients: the agency must resolve the duplicate \
-                 before this referral can be taken in"
-            ))
-            .into(),
         InboundError::Partner(why) => {
             Problem::new(ProblemType::Unavailable).detail(format!("reading the partner's server: {why}")).into()
         }

@@ -118,6 +118,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
         .route("/api/v1/referrals", get(api::referrals::list))
         .route("/api/v1/referrals/{id}", put(api::referrals::put).get(api::referrals::get))
         .route("/api/v1/referrals/{id}/status", post(api::change_referral_status))
+        .route("/api/v1/referrals/{id}/link", post(api::link_referral))
         .route("/api/v1/referrals/{id}/history", get(api::referrals::history))
         .route("/api/v1/referrals/{id}/history/{version}", get(api::referrals::version))
         .route("/api/v1/consents", get(api::consents::list))

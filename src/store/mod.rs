@@ -83,6 +83,8 @@ pub enum Change {
     Put,
     /// A referral's status moved through the status endpoint.
     StatusChanged,
+    /// A partner's referral linked to the client it is for (`POST /api/v1/referrals/{id}/link`).
+    Linked,
     /// Loaded from the demo seed directory at start.
     Seeded,
 }
@@ -94,6 +96,7 @@ impl Change {
         match self {
             Change::Put => "put",
             Change::StatusChanged => "status_changed",
+            Change::Linked => "linked",
             Change::Seeded => "seeded",
         }
     }

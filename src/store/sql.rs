@@ -122,6 +122,7 @@ fn audit_action(change: Change, outcome: &SaveOutcome) -> &'static str {
         (SaveOutcome::Created(_), Change::Seeded) => "seeded",
         (SaveOutcome::Created(_), _) => "created",
         (SaveOutcome::Replaced(_), Change::StatusChanged) => "status_changed",
+        (SaveOutcome::Replaced(_), Change::Linked) => "linked",
         (SaveOutcome::Replaced(_), _) => "replaced",
     }
 }

@@ -266,3 +266,69 @@ async fn a_referral_a_partner_sent_is_not_owed_back_to_it_until_the_agency_answe
     assert_eq!(app.post(&format!("/api/v1/referrals/{id}/status"), &json!({"status": "accepted"})).await.status(), 200);
     assert_eq!(rows(store, id).await, 1, "the agency's answer is owed to it");
 }
+
+#[tokio::test]
+async fn a_patient_matching_several_clients_waits_unlinked_until_the_agency_links_it() {
+    let app = app().await;
+    // A second client holding cl-1001's Medicaid number: the hospital's patient matches both.
+    let mut twin = crate::helpers::fixture("client", "cl-1001");
+    twin["id"] = json!("cl-1099");
+    let put = app.put("/api/v1/clients/cl-1099", &twin).await;
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap_or_default());
+
+    let bundle = gravity_referral("H-REF-TWIN", "OR8812345", "requested");
+    let (status, answer) = send(&app, ST_MARYS_KEY, Method::POST, "/fhir", Some(&bundle)).await;
+    assert_eq!((status, answer["entry"][2]["response"]["status"].as_str()), (200, Some("201 Created")), "{answer}");
+    let referrals = inbound(&app).await;
+    let r = &referrals[0];
+    let id = r["id"].as_str().expect("id").to_owned();
+    let mut candidates: Vec<&str> =
+        r["client_candidates"].as_array().expect("candidates").iter().filter_map(Value::as_str).collect();
+    candidates.sort_unstable();
+    assert_eq!(candidates, ["cl-1001", "cl-1099"], "{r}");
+    // Meanwhile it is for the client made from the hospital's Patient, never a guess between the two.
+    let stand_in = r["client_id"].as_str().expect("client").to_owned();
+    assert!(stand_in.starts_with("cl-in-"), "{r}");
+
+    // The same patient again: still those two candidates, the stand-in is not a third.
+    let again = gravity_referral("H-REF-TWIN-2", "OR8812345", "requested");
+    assert_eq!(send(&app, ST_MARYS_KEY, Method::POST, "/fhir", Some(&again)).await.0, 200);
+    let second = inbound(&app).await.into_iter().find(|x| x["id"] != id.as_str()).expect("second");
+    assert_eq!(second["client_candidates"].as_array().map(Vec::len), Some(2), "{second}");
+    assert_eq!(second["client_id"], stand_in.as_str());
+
+    // The agency cannot take it on before it is linked: only decline.
+    let accept = app.post(&format!("/api/v1/referrals/{id}/status"), &json!({"status": "accepted"})).await;
+    assert_eq!(accept.status(), 409);
+    let problem: Value = accept.json().await.expect("JSON");
+    assert_eq!(problem["allowed_next"], json!(["declined"]), "{problem}");
+    assert!(problem["detail"].as_str().expect("detail").contains("/link"), "{problem}");
+    // A PUT does not link it either.
+    let mut replaced: Value = r.clone();
+    replaced["client_id"] = json!("cl-1001");
+    let put = app.put(&format!("/api/v1/referrals/{id}"), &replaced).await;
+    assert_eq!(put.status(), 422);
+    assert!(put.text().await.expect("body").contains("$.client_id"));
+    // Only one of the candidates.
+    let wrong = app.post(&format!("/api/v1/referrals/{id}/link"), &json!({"client_id": "cl-1002"})).await;
+    assert_eq!(wrong.status(), 422);
+    assert!(wrong.text().await.expect("body").contains("cl-1099"));
+
+    let linked = app.post(&format!("/api/v1/referrals/{id}/link"), &json!({"client_id": "cl-1099"})).await;
+    assert_eq!(linked.status(), 200);
+    let linked: Value = linked.json().await.expect("JSON");
+    assert_eq!(linked["client_id"], "cl-1099");
+    assert!(linked.get("client_candidates").is_none(), "{linked}");
+    let done = app.post(&format!("/api/v1/referrals/{id}/link"), &json!({"client_id": "cl-1099"})).await;
+    assert_eq!(done.status(), 422, "nothing waits any more");
+    let accept = app.post(&format!("/api/v1/referrals/{id}/status"), &json!({"status": "accepted"})).await;
+    assert_eq!(accept.status(), 200);
+    let history: Value = app.get_json(&format!("/api/v1/referrals/{id}/history")).await;
+    let actions: Vec<&str> =
+        history["versions"].as_array().expect("versions").iter().filter_map(|v| v["action"].as_str()).collect();
+    assert_eq!(actions, ["created", "linked", "status_changed"], "{history}");
+    // The hospital reads its referral answered, for the client the agency linked.
+    let (_, task) = send(&app, ST_MARYS_KEY, Method::GET, &format!("/fhir/Task/{id}"), None).await;
+    assert_eq!(task["status"], "accepted", "{task}");
+    app.stop().await;
+}
