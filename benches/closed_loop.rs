@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench closed_loop -- --mode inbound --seconds 20 --concurrency 16
 //! cargo bench --bench closed_loop -- --mode sweep --open 10000
+//! cargo bench --bench closed_loop -- --mode fhir-search --open 2000
 //! ```
 //!
 //! `inbound` starts the release binary on a fresh SQLite file and keeps `--concurrency` hospitals (connections with
@@ -14,6 +15,9 @@
 //! server (an axum fake) whose `_lastUpdated` search returns the Tasks changed since the last sweep, and one sweep
 //! timed for 0, 10 and 100 changed Tasks, with `--open` open referrals and with 200: the cost should follow the
 //! changed Tasks, not the open ones.
+//!
+//! `fhir-search` starts the release binary, takes in `--open` referrals from two hospitals, and times the `/fhir/Task`
+//! searches one hospital makes (by `_id`, by status, by a recent `_lastUpdated`, and a page of all).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -56,11 +60,12 @@ fn main() -> anyhow::Result<()> {
     let o = options()?;
     match o.mode.as_str() {
         "inbound" => inbound(&o),
+        "fhir-search" => fhir_search(&o),
         "sweep" => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(sweep(&o))
         }
-        other => bail!("--mode is inbound or sweep, not {other}"),
+        other => bail!("--mode is inbound, sweep or fhir-search, not {other}"),
     }
 }
 
@@ -100,23 +105,42 @@ fn referral(worker: usize, n: u64) -> Value {
     ]})
 }
 
-fn inbound(o: &Options) -> anyhow::Result<()> {
+/// The release gateway on a fresh SQLite file with hospital keys (the first `hospitals` of `HOSPITALS`) and an
+/// agency key; its address.
+struct Gateway {
+    server: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+const HOSPITALS: [(&str, &str); 2] = [("st-marys-ehr", HOSPITAL_KEY), ("county-hospital", "bench-county-key")];
+const AGENCY_KEY: &str = "bench-agency-key";
+
+fn start_gateway() -> anyhow::Result<Gateway> {
     let dir = tempfile::tempdir()?;
     let url = format!("sqlite:{}", dir.path().join("bench.db").display());
-    let hash = KeyHash::generate(HOSPITAL_KEY).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{url}\"\nmax_connections = 16\n[log]\nformat = \"json\"\nfilter = \"info\"\n\
-             [[api_keys]]\nname = \"hospital\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\"]\npartner = \"st-marys-ehr\"\n\
-             [[partners]]\nname = \"st-marys-ehr\"\nbase_url = \"https://fhir.stmarys.example/r4\"\n\
+    let mut config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{url}\"\nmax_connections = 16\n[log]\nformat = \"json\"\nfilter = \"info\"\n\
+         [[api_keys]]\nname = \"agency\"\nhash = \"{}\"\nscopes = [\"read\", \"write\"]\n",
+        KeyHash::generate(AGENCY_KEY).map_err(|e| anyhow::anyhow!("{e}"))?
+    );
+    for (name, key) in HOSPITALS {
+        let hash = KeyHash::generate(key).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.push_str(&format!(
+            "[[api_keys]]\nname = \"{name}\"\nhash = \"{hash}\"\nscopes = [\"read\", \"write\"]\npartner = \"{name}\"\n"
+        ));
+    }
+    for (name, _) in HOSPITALS {
+        config.push_str(&format!(
+            "[[partners]]\nname = \"{name}\"\nbase_url = \"https://fhir.{name}.example/r4\"\n\
              receives = [\"referral\"]\npatient_match = [\"{MEDICAID}\"]\n"
-        ),
-    )?;
+        ));
+    }
+    let file = dir.path().join("bench.toml");
+    std::fs::write(&file, config)?;
     let mut server = Command::new(env!("CARGO_BIN_EXE_carebridge"))
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(&file)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -129,6 +153,19 @@ fn inbound(o: &Options) -> anyhow::Result<()> {
         }
     };
     std::thread::spawn(move || for _ in lines.by_ref() {});
+    Ok(Gateway { server, addr, _dir: dir })
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.server.id().to_string()]).status();
+        let _ = self.server.wait();
+    }
+}
+
+fn inbound(o: &Options) -> anyhow::Result<()> {
+    let gateway = start_gateway()?;
+    let addr = gateway.addr.clone();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let result = rt.block_on(async {
         let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency + 2).build()?;
@@ -186,9 +223,66 @@ fn inbound(o: &Options) -> anyhow::Result<()> {
         );
         Ok(())
     });
-    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
-    let _ = server.wait();
+    drop(gateway);
     result
+}
+
+/// `/fhir` searches a hospital makes, over `--open` inbound referrals from two hospitals (half each), each timed
+/// 50 times in a row: by `_id`, by a Task status none has, by a recent `_lastUpdated`, and a page of all its Tasks
+/// (every candidate rendered: the cost the narrowed searches avoid).
+fn fhir_search(o: &Options) -> anyhow::Result<()> {
+    let gateway = start_gateway()?;
+    let addr = gateway.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(8).build()?;
+        let mut first_id = String::new();
+        for n in 0..o.open {
+            let (_, key) = HOSPITALS[n % 2];
+            let r = client
+                .post(format!("http://{addr}/fhir"))
+                .bearer_auth(key)
+                .header("content-type", "application/fhir+json")
+                .body(referral(n % 2, n as u64).to_string())
+                .send()
+                .await?;
+            anyhow::ensure!(r.status() == 200, "seeding: {}", r.status());
+            if n == 0 {
+                let answer: Value = r.json().await?;
+                first_id = answer["entry"][2]["response"]["location"]
+                    .as_str()
+                    .and_then(|l| l.split('/').nth(1))
+                    .context("location")?
+                    .to_owned();
+            }
+        }
+        let recent = (time::OffsetDateTime::now_utc() - time::Duration::seconds(1))
+            .format(&time::format_description::well_known::Rfc3339)?;
+        let queries = [
+            ("_id", format!("_id={first_id}")),
+            ("status (none)", "status=completed".to_owned()),
+            ("_lastUpdated (recent)", format!("_lastUpdated=gt{recent}")),
+            ("all, _count=50", "_count=50".to_owned()),
+        ];
+        for (label, q) in queries {
+            let mut times = Vec::new();
+            let mut total = 0;
+            for _ in 0..50 {
+                let started = Instant::now();
+                let r = client.get(format!("http://{addr}/fhir/Task?{q}")).bearer_auth(HOSPITAL_KEY).send().await?;
+                anyhow::ensure!(r.status() == 200, "{q}: {}", r.status());
+                let page: Value = r.json().await?;
+                times.push(started.elapsed());
+                total = page["total"].as_u64().unwrap_or(0);
+            }
+            let (p50, p99, max) = percentiles(times);
+            println!(
+                "fhir search open={} (two hospitals) {label}: total {total}, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+                o.open
+            );
+        }
+        Ok(())
+    })
 }
 
 /// What the fake partner answers from: the first and the end of the Tasks changed, the searches seen, its base.

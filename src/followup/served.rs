@@ -149,11 +149,11 @@ impl Served<'_> {
         client: Option<RecordId>,
         after: Option<OffsetDateTime>,
     ) -> Result<Vec<ServedResource>, ServeError> {
-        self.resources(reader, "Task", client, after).await
+        self.resources(reader, "Task", client, after, &[]).await
     }
 
     /// Every resource of `resource_type` `reader` may see, from the records (of `client`, when given) changed after
-    /// `after`: the candidates a search filters.
+    /// `after`, referrals only in `referral_statuses` (all when empty): the candidates a search filters.
     ///
     /// # Errors
     /// The store failed, or a record does not render.
@@ -163,31 +163,38 @@ impl Served<'_> {
         resource_type: &str,
         client: Option<RecordId>,
         after: Option<OffsetDateTime>,
+        referral_statuses: &[&str],
     ) -> Result<Vec<ServedResource>, ServeError> {
         let mut out = Vec::new();
+        let any: [Option<&str>; 1] = [None];
+        let statuses: Vec<Option<&str>> = referral_statuses.iter().map(|s| Some(*s)).collect();
         for &kind in kinds_of(resource_type) {
-            let mut cursor = None;
-            loop {
-                let q = ListQuery {
-                    kind,
-                    // A client's own record is found by its id, not by `client_id`.
-                    client_id: if kind == RecordKind::Client { None } else { client.clone() },
-                    status: None,
-                    direction: None,
-                    updated_since: after,
-                    after: cursor.take(),
-                    limit: 500,
-                };
-                let page = self.store.list_records(&q).await?;
-                for stored in &page.items {
-                    if kind == RecordKind::Client && client.as_ref().is_some_and(|c| c.as_str() != stored.id) {
-                        continue;
+            // Referrals in the statuses asked for only (each a query on the indexed status); other kinds: all.
+            let wanted = if kind == RecordKind::Referral && !statuses.is_empty() { &statuses[..] } else { &any[..] };
+            for status in wanted {
+                let mut cursor = None;
+                loop {
+                    let q = ListQuery {
+                        kind,
+                        // A client's own record is found by its id, not by `client_id`.
+                        client_id: if kind == RecordKind::Client { None } else { client.clone() },
+                        status: status.map(str::to_owned),
+                        direction: None,
+                        updated_since: after,
+                        after: cursor.take(),
+                        limit: 500,
+                    };
+                    let page = self.store.list_records(&q).await?;
+                    for stored in &page.items {
+                        if kind == RecordKind::Client && client.as_ref().is_some_and(|c| c.as_str() != stored.id) {
+                            continue;
+                        }
+                        out.extend(self.render(reader, kind, stored, resource_type).await?);
                     }
-                    out.extend(self.render(reader, kind, stored, resource_type).await?);
-                }
-                match page.next_after {
-                    Some(next) => cursor = Some(next),
-                    None => break,
+                    match page.next_after {
+                        Some(next) => cursor = Some(next),
+                        None => break,
+                    }
                 }
             }
         }
@@ -204,17 +211,20 @@ impl Served<'_> {
         resource_type: &str,
     ) -> Result<Vec<ServedResource>, ServeError> {
         let corrupt = |e: serde_json::Error| ServeError::Render(format!("stored {kind}: {e}"));
+        // Another partner's referral is left before anything is read or rendered for it.
+        if let Reader::Partner(name) = reader
+            && kind == RecordKind::Referral
+        {
+            let referral: Referral = serde_json::from_str(&stored.body).map_err(corrupt)?;
+            if referral.counterpart().is_none_or(|c| c.as_str() != name) {
+                return Ok(Vec::new());
+            }
+        }
         let record: Value = serde_json::from_str(&stored.body).map_err(corrupt)?;
         let (related, facts) = crate::outbox::context_now(self.store, kind, &record).await?;
         let (record, related, overlay) = match reader {
             Reader::Agency => (record, related, None),
             Reader::Partner(name) => {
-                if kind == RecordKind::Referral {
-                    let referral: Referral = serde_json::from_str(&stored.body).map_err(corrupt)?;
-                    if referral.counterpart().is_none_or(|c| c.as_str() != name) {
-                        return Ok(Vec::new());
-                    }
-                }
                 let Some(settings) = self.partners.get(name) else { return Ok(Vec::new()) };
                 let Some(profile) = self.policy.profile(settings.policy_profile()) else { return Ok(Vec::new()) };
                 let Ok(id) = RecordId::parse(&stored.id) else { return Ok(Vec::new()) };

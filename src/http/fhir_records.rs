@@ -375,7 +375,45 @@ async fn search_of(
         .iter()
         .find(|(k, _)| k == "patient" || k == "subject")
         .and_then(|(_, v)| RecordId::parse(v.strip_prefix("Patient/").unwrap_or(v)).ok());
-    let all = served(state).resources(reader(caller), resource_type, client, after).await.map_err(serve_problem)?;
+    let served = served(state);
+    // `_id` names the candidates; Task `status` narrows the referrals read (each Task code back to the referral
+    // statuses it stands for); everything else is filtered on what renders.
+    let ids: Option<Vec<&str>> = used
+        .iter()
+        .filter(|(k, _)| k == "_id")
+        .map(|(_, v)| v.split(',').map(str::trim).filter(|id| !id.is_empty()).collect::<Vec<_>>())
+        .reduce(|a, b| a.into_iter().filter(|id| b.contains(id)).collect());
+    let all = match ids {
+        Some(mut ids) => {
+            let mut seen = std::collections::HashSet::new();
+            ids.retain(|id| seen.insert(*id));
+            let mut found = Vec::new();
+            for id in ids.iter().take(MAX_COUNT as usize) {
+                found.extend(served.resource(reader(caller), resource_type, id, None).await.map_err(serve_problem)?);
+            }
+            found
+        }
+        None => {
+            let statuses = match used.iter().rfind(|(k, _)| k == "status") {
+                Some((_, codes)) if resource_type == "Task" => codes
+                    .split(',')
+                    .filter_map(|c| state.mappings.referral_status_of_task(c.trim()))
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>(),
+                _ => Vec::new(),
+            };
+            let asked_status = resource_type == "Task" && used.iter().any(|(k, _)| k == "status");
+            if asked_status && statuses.is_empty() {
+                // No referral status stands for the codes asked: nothing matches.
+                Vec::new()
+            } else {
+                served
+                    .resources(reader(caller), resource_type, client, after, &statuses)
+                    .await
+                    .map_err(serve_problem)?
+            }
+        }
+    };
     let hits: Vec<Value> = all
         .into_iter()
         .map(|t| t.resource)

@@ -110,8 +110,13 @@ async fn task_search_combines_repeated_last_updated_bounds_and_token_parameters(
     assert!(search("_lastUpdated=gt2020-01-01&_lastUpdated=lt2021-01-01").await.is_empty(), "both bounds count");
     assert!(search("_lastUpdated=ge2999-01-01").await.is_empty());
     assert_eq!(search("_id=ref-4003,ref-9999").await, ["ref-4003"]);
+    assert_eq!(search("_id=ref-4003,ref-4003&_id=ref-4003,ref-4001").await, ["ref-4003"], "repeated _id: AND");
+    assert_eq!(search("_id=ref-4001&status=accepted").await, Vec::<String>::new());
     assert_eq!(search("status=requested").await.len(), 2);
+    assert_eq!(search("status=accepted,requested").await.len(), 2);
     assert!(search("status=accepted").await.is_empty());
+    assert!(search("status=received").await.is_empty(), "no referral status stands for it");
+    assert!(search("status=requested&status=accepted").await.is_empty(), "repeated status: AND");
     assert_eq!(search("patient=Patient/cl-1001").await, ["ref-4001"]);
     assert_eq!(search("owner=county-crisis-team").await, ["ref-4003"]);
     assert_eq!(search("focus=ServiceRequest/ref-4001").await, ["ref-4001"]);
