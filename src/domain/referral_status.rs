@@ -105,19 +105,6 @@ pub enum IllegalMove {
     },
 }
 
-impl std::fmt::Display for ReferralStatusMoves<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_empty() {
-            return f.write_str("none");
-        }
-        let names: Vec<&str> = self.0.iter().map(|s| s.as_str()).collect();
-        f.write_str(&names.join(", "))
-    }
-}
-
-/// A list of statuses, written `a, b, c` (or `none`).
-pub struct ReferralStatusMoves<'a>(pub &'a [ReferralStatus]);
-
 impl IllegalMove {
     /// The statuses the mover may set from where the referral stands.
     #[must_use]
@@ -129,23 +116,36 @@ impl IllegalMove {
         }
     }
 
-    /// One sentence for the caller: what was refused and what is allowed instead.
+    /// One sentence for the caller: what was refused and what is allowed instead, in the agency's codes.
     #[must_use]
     pub fn explain(&self) -> String {
+        self.explain_in(|s| s.as_str().to_owned())
+    }
+
+    /// The same sentence with each status written by `name` (a FHIR caller reads Task codes: `in-progress`,
+    /// `rejected`).
+    #[must_use]
+    pub fn explain_in(&self, name: impl Fn(ReferralStatus) -> String) -> String {
+        let list = |all: &[ReferralStatus]| {
+            if all.is_empty() { "none".to_owned() } else { all.iter().map(|s| name(*s)).collect::<Vec<_>>().join(", ") }
+        };
         match self {
-            IllegalMove::NoSuchMove { from, to, allowed } => format!(
-                "a referral that is {from} cannot become {to}; from {from} you may set: {}",
-                ReferralStatusMoves(allowed)
-            ),
+            IllegalMove::NoSuchMove { from, to, allowed } => {
+                let (from, to) = (name(*from), name(*to));
+                format!("a referral that is {from} cannot become {to}; from {from} you may set: {}", list(allowed))
+            }
             IllegalMove::NotYourSide { from, to, owner, allowed } => format!(
-                "{to} is set by the referral's {}, not by you; from {from} you may set: {}",
+                "{} is set by the referral's {}, not by you; from {} you may set: {}",
+                name(*to),
                 owner.as_str(),
-                ReferralStatusMoves(allowed)
+                name(*from),
+                list(allowed)
             ),
             IllegalMove::Unlinked { to, allowed } => format!(
-                "the referral cannot become {to} before it is linked to a client (POST \
+                "the referral cannot become {} before it is linked to a client (POST \
                  /api/v1/referrals/{{id}}/link, one of client_candidates); meanwhile you may set: {}",
-                ReferralStatusMoves(allowed)
+                name(*to),
+                list(allowed)
             ),
         }
     }

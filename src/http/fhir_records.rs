@@ -43,13 +43,21 @@ fn reader(caller: &Caller) -> Reader<'_> {
 }
 
 fn serve_problem(e: ServeError) -> ApiError {
+    serve_problem_in(e, None)
+}
+
+/// As [`serve_problem`], a refused move written in Task codes (through the `referral-status-task` ConceptMap).
+fn serve_problem_in(e: ServeError, mappings: Option<&crate::mapping::Mappings>) -> ApiError {
+    let task_code = |s: crate::domain::ReferralStatus| {
+        mappings.and_then(|m| m.task_status_of(s)).unwrap_or_else(|| s.as_str().to_owned())
+    };
     match e {
         ServeError::Store(e) => store_problem(e),
         ServeError::Render(_) => ApiError::internal(ProblemType::Internal, e),
         ServeError::Invalid(detail) => Problem::new(ProblemType::InvalidRecord).detail(detail).into(),
         ServeError::Intake(IntakeError::IllegalMove(m)) => Problem::new(ProblemType::BusinessRule)
-            .detail(m.explain())
-            .allowed_next(m.allowed().iter().map(|s| s.as_str().to_owned()).collect())
+            .detail(m.explain_in(task_code))
+            .allowed_next(m.allowed().iter().map(|s| task_code(*s)).collect())
             .into(),
         ServeError::Intake(IntakeError::PreconditionFailed { current }) => {
             Problem::new(ProblemType::PreconditionFailed)
@@ -149,7 +157,10 @@ pub async fn update(
     let id = RecordId::parse(&id).map_err(|_| not_found("Task"))?;
     let mut actor = actor.0;
     actor.partner = caller.partner.as_deref().map(str::to_owned);
-    served.set_status(reader, &id, &sent, pre, &actor, OffsetDateTime::now_utc()).await.map_err(serve_problem)?;
+    served
+        .set_status(reader, &id, &sent, pre, &actor, OffsetDateTime::now_utc())
+        .await
+        .map_err(|e| serve_problem_in(e, Some(&state.mappings)))?;
     let after =
         served.task(reader, id.as_str(), None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
     Ok(resource_response(StatusCode::OK, &after))

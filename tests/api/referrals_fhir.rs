@@ -174,7 +174,10 @@ async fn the_hospital_moves_its_referral_through_its_side_of_the_state_machine_w
     // Back to requested is no move from accepted; entered-in-error is the requester's, not the hospital's.
     let (status, outcome) = put(ST_MARYS_KEY, None, with("requested", None)).await;
     assert_eq!((status, issue_code(&outcome)), (422, "business-rule"));
-    assert!(outcome["issue"][0]["diagnostics"].as_str().is_some_and(|d| d.contains("cannot become")), "{outcome}");
+    // In the caller's words: Task codes, not the agency's.
+    let said = outcome["issue"][0]["diagnostics"].as_str().expect("diagnostics");
+    assert!(said.contains("a referral that is accepted cannot become requested"), "{outcome}");
+    assert!(said.contains("in-progress") && !said.contains("in_progress"), "{outcome}");
     let (status, outcome) = put(ST_MARYS_KEY, None, with("entered-in-error", None)).await;
     assert_eq!((status, issue_code(&outcome)), (422, "business-rule"));
     assert!(outcome["issue"][0]["diagnostics"].as_str().is_some_and(|d| d.contains("requester")), "{outcome}");
