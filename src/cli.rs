@@ -85,12 +85,26 @@ pub enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// Check the audit trail.
+    Audit {
+        /// Which audit command.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Make API keys.
     Keys {
         /// Which key command.
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// Audit subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain of the audit trail from its first entry: exit 0 when every entry holds, 1 naming the
+    /// first entry that does not (edited, deleted before it, or inserted).
+    Verify,
 }
 
 /// Outbox subcommands.
@@ -437,6 +451,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store.close().await;
             Ok(code)
         }
+        Command::Audit { command: AuditCommand::Verify } => {
+            let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
+                return Ok(ExitCode::from(2));
+            };
+            let store = open_store(&settings).await?;
+            let verified = verify_audit(&*store).await;
+            store.close().await;
+            match verified? {
+                Ok((entries, head)) => {
+                    println!("audit chain holds: {entries} entries, head {head}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    println!("{broken}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::Outbox { command } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {
                 return Ok(ExitCode::from(2));
@@ -472,6 +504,24 @@ async fn open_store(settings: &Settings) -> anyhow::Result<std::sync::Arc<dyn St
     store::connect(&settings.database.url, settings.database.max_connections, settings.acquire_timeout())
         .await
         .context("cannot open the database")
+}
+
+/// Reads the whole audit chain in order and verifies it: the entries and the head hash, or where it breaks.
+///
+/// # Errors
+/// When the store cannot be read.
+pub async fn verify_audit(store: &dyn Store) -> anyhow::Result<Result<(i64, String), crate::audit::Broken>> {
+    let mut at = (0, crate::audit::GENESIS.to_owned());
+    loop {
+        let page = store.audit_chain(at.0, 1000).await.context("reading the audit trail")?;
+        if page.is_empty() {
+            return Ok(Ok(at));
+        }
+        match crate::audit::verify(at, &page) {
+            Ok(next) => at = next,
+            Err(broken) => return Ok(Err(broken)),
+        }
+    }
 }
 
 /// Runs one `outbox` subcommand.

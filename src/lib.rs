@@ -27,6 +27,7 @@
 //! - [`telemetry`]: JSON logs without PHI, and the Prometheus recorder.
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod directories;

@@ -147,6 +147,12 @@ pub struct AuditEntry {
     version: i64,
     /// Request id of the call.
     request_id: String,
+    /// Facts particular to the action (the partner that made it…), ids and codes only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    detail: Option<serde_json::Value>,
+    /// The entry's hash in the audit chain (SHA-256 of its fields and the previous entry's hash).
+    hash: String,
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -623,19 +629,21 @@ pub async fn audit_events(
 ) -> Result<Json<AuditPage>, ApiError> {
     let limit = page_limit(&state, params.limit)?;
     let after = params.after.unwrap_or(0);
-    let events = state.store.audit_events(after, limit).await.map_err(store_problem)?;
+    let events = state.store.audit_chain(after, limit).await.map_err(store_problem)?;
     let next_after = events.last().map_or(after, |e| e.seq);
     let events = events
         .into_iter()
         .map(|e| AuditEntry {
             seq: e.seq,
-            at: rfc3339(e.at),
-            actor: e.actor,
-            action: e.action,
-            kind: e.kind,
-            record_id: e.record_id,
-            version: e.version,
-            request_id: e.request_id,
+            at: rfc3339(crate::store::from_micros(e.entry.at)),
+            actor: e.entry.actor,
+            action: e.entry.action,
+            kind: e.entry.kind,
+            record_id: e.entry.record_id,
+            version: e.entry.version,
+            request_id: e.entry.request_id,
+            detail: e.entry.detail.and_then(|d| serde_json::from_str(&d).ok()),
+            hash: e.hash,
         })
         .collect();
     Ok(Json(AuditPage { events, next_after }))

@@ -317,17 +317,21 @@ macro_rules! impl_followup {
                 actor: &Actor,
                 now: OffsetDateTime,
             ) -> Result<(), StoreError> {
-                sqlx::query(
-                    "INSERT INTO audit_events (at, actor, action, kind, record_id, version, request_id) \
-                     VALUES ($1, $2, 'partner_move_refused', 'referral', $3, $4, $5)",
-                )
-                .bind(to_micros(now))
-                .bind(&actor.key_name)
-                .bind(id.as_str())
-                .bind(version)
-                .bind(&actor.request_id)
-                .execute(self.writer())
-                .await?;
+                let mut tx = self.writer().begin_with($begin).await?;
+                let mut entry = crate::audit::Entry::new(
+                    now,
+                    &actor.key_name,
+                    "partner_move_refused",
+                    "referral",
+                    id.as_str(),
+                    version,
+                    &actor.request_id,
+                );
+                if let Some(partner) = &actor.partner {
+                    entry = entry.with_detail(&serde_json::json!({"partner": partner}));
+                }
+                Self::append_audit(&mut *tx, &entry).await?;
+                tx.commit().await?;
                 Ok(())
             }
 

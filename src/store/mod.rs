@@ -4,6 +4,7 @@
 //! [`Store`] offers whole use cases; [`sql::SqlStore`] implements them on SQLite (embedded default, WAL, one
 //! writer connection) and PostgreSQL (several replicas), chosen by the database URL in [`connect`].
 
+mod audit;
 mod catalog;
 pub(crate) mod catalog_sql;
 pub(crate) mod followup;
@@ -17,6 +18,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{RecordId, RecordKind};
 
+pub use audit::{AuditChain, CHAIN_LOCK};
 pub use catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
 pub use followup::{Followup, Notified, NotifiedOutcome, SubscriptionRow, SweepClaim};
 pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};
@@ -261,27 +263,6 @@ pub struct VersionInfo {
     pub body: String,
 }
 
-/// One audit entry: a write (or an idempotent no-op) by an API key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEvent {
-    /// Position in the audit log, increasing.
-    pub seq: i64,
-    /// When.
-    pub at: OffsetDateTime,
-    /// Name of the API key used.
-    pub actor: String,
-    /// `created`, `replaced`, `unchanged`, `status_changed` or `seeded`.
-    pub action: String,
-    /// Kind of record.
-    pub kind: String,
-    /// Agency id of the record.
-    pub record_id: String,
-    /// Version after the action.
-    pub version: i64,
-    /// Request id of the call.
-    pub request_id: String,
-}
-
 /// Connection-pool gauges for `/metrics`.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolStats {
@@ -296,7 +277,7 @@ pub struct PoolStats {
 /// The gateway's durable state, as whole use cases (agency records here, the service catalog in [`Catalog`],
 /// directory sync jobs and their leases in [`SyncJobs`]).
 #[async_trait]
-pub trait Store: Catalog + SyncJobs + Outbox + Followup + Send + Sync + 'static {
+pub trait Store: Catalog + SyncJobs + Outbox + Followup + AuditChain + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 
@@ -361,12 +342,6 @@ pub trait Store: Catalog + SyncJobs + Outbox + Followup + Send + Sync + 'static 
     /// # Errors
     /// `Database`.
     async fn find_by_key(&self, kind: RecordKind, system: &str, value: &str) -> Result<Vec<String>, StoreError>;
-
-    /// Audit entries after `after_seq`, oldest first.
-    ///
-    /// # Errors
-    /// `Database` when they could not be read.
-    async fn audit_events(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// Whether the database answers and carries every migration this build needs.
     ///

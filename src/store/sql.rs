@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use super::catalog::Catalog;
 use super::group_commit::GroupCommit;
 use super::{
-    Actor, AuditEvent, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store,
-    StoreError, StoredRecord, VersionInfo, from_micros, to_micros,
+    Actor, Change, ListQuery, Page, PoolStats, Precondition, RecordMeta, RecordWrite, SaveOutcome, Store, StoreError,
+    StoredRecord, VersionInfo, from_micros, to_micros,
 };
 use crate::domain::{RecordId, RecordKind};
 
@@ -81,6 +81,7 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
         let store = Arc::new(SqlStore::<Sqlite> { writer, reader, migrator: &SQLITE_MIGRATIONS, batcher });
         store.fill_public_ids().await?;
         store.reindex_search_words().await?;
+        store.seal_audit_chain().await?;
         Ok(store)
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
@@ -98,6 +99,7 @@ pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration)
         });
         store.fill_public_ids().await?;
         store.reindex_search_words().await?;
+        store.seal_audit_chain().await?;
         Ok(store)
     } else {
         Err(StoreError::UnsupportedUrl)
@@ -309,19 +311,21 @@ macro_rules! impl_store {
                         .await?;
                     }
                 }
-                sqlx::query(
-                    "INSERT INTO audit_events (at, actor, action, kind, record_id, version, request_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(now)
-                .bind(&actor.key_name)
-                .bind(action)
-                .bind(write.kind.as_str())
-                .bind(write.id.as_str())
-                .bind(version)
-                .bind(&actor.request_id)
-                .execute(&mut *tx)
-                .await?;
+                // Last: the chain's lock (PostgreSQL) is held from here to the commit only.
+                let mut entry = crate::audit::Entry {
+                    at: now,
+                    actor: actor.key_name.clone(),
+                    action: action.to_owned(),
+                    kind: write.kind.as_str().to_owned(),
+                    record_id: write.id.as_str().to_owned(),
+                    version,
+                    request_id: actor.request_id.clone(),
+                    detail: None,
+                };
+                if let Some(partner) = &actor.partner {
+                    entry = entry.with_detail(&serde_json::json!({"partner": partner}));
+                }
+                Self::append_audit(&mut *tx, &entry).await?;
                 Ok(Some(outcome))
             }
         }
@@ -497,31 +501,6 @@ macro_rules! impl_store {
                         .fetch_all(&self.reader)
                         .await?;
                 Ok(rows.into_iter().map(|(id,)| id).collect())
-            }
-
-            async fn audit_events(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT seq, at, actor, action, kind, record_id, version, request_id FROM audit_events \
-                     WHERE seq > $1 ORDER BY seq LIMIT $2",
-                )
-                .bind(after_seq)
-                .bind(i64::from(limit))
-                .fetch_all(&self.reader)
-                .await?;
-                rows.iter()
-                    .map(|r| {
-                        Ok(AuditEvent {
-                            seq: r.try_get(0)?,
-                            at: from_micros(r.try_get(1)?),
-                            actor: r.try_get(2)?,
-                            action: r.try_get(3)?,
-                            kind: r.try_get(4)?,
-                            record_id: r.try_get(5)?,
-                            version: r.try_get(6)?,
-                            request_id: r.try_get(7)?,
-                        })
-                    })
-                    .collect()
             }
 
             async fn readiness(&self) -> Result<(), StoreError> {

@@ -201,8 +201,11 @@ async fn the_hospital_performs_on_its_own_server_and_the_agency_referral_follows
     let refused = w.sweep().await;
     assert_eq!((refused.changed, refused.refused, refused.applied), (1, 1, 0), "{refused:?}");
     assert_eq!(w.referral().await["status"], "completed");
-    let audit = w.store.audit_events(0, 1000).await.expect("audit");
-    assert!(audit.iter().any(|e| e.action == "partner_move_refused" && e.record_id == "ref-4001"), "{audit:?}");
+    let audit = w.store.audit_chain(0, 1000).await.expect("audit");
+    assert!(
+        audit.iter().any(|e| e.entry.action == "partner_move_refused" && e.entry.record_id == "ref-4001"),
+        "{audit:?}"
+    );
 
     // The history says who moved the referral: the agency created it, the hospital moved it three times.
     let history = w

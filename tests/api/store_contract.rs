@@ -122,11 +122,11 @@ async fn writes_create_replace_and_leave_identical_bodies_unchanged(store: Arc<d
     let history = s.history(RecordKind::Referral, &r).await.expect("history");
     let actions: Vec<_> = history.iter().map(|h| (h.version, h.change.as_str(), h.changed_by.as_str())).collect();
     assert_eq!(actions, [(1, "created", "contract"), (2, "replaced", "contract")]);
-    let audit = s.audit_events(0, 100).await.expect("audit");
-    let actions: Vec<_> = audit.iter().map(|a| (a.action.as_str(), a.version)).collect();
+    let audit = s.audit_chain(0, 100).await.expect("audit");
+    let actions: Vec<_> = audit.iter().map(|a| (a.entry.action.as_str(), a.entry.version)).collect();
     assert_eq!(actions, [("created", 1), ("unchanged", 1), ("replaced", 2)]);
     assert!(audit.windows(2).all(|w| w[0].seq < w[1].seq));
-    let after_first = s.audit_events(audit[0].seq, 100).await.expect("audit");
+    let after_first = s.audit_chain(audit[0].seq, 100).await.expect("audit");
     assert_eq!(after_first.len(), 2);
 }
 
@@ -919,4 +919,110 @@ async fn open_now_is_answered_the_same_way_on_postgres() {
     let (app, _packages) = crate::directories_open_now::open_now_app(Some(db.url.clone())).await;
     crate::directories_open_now::open_now_follows_hours_zones_and_the_instant(&app).await;
     app.stop().await;
+}
+
+/// Writes `n` clients through `store` (each one audit entry).
+async fn audited_writes(store: &dyn Store, prefix: &str, n: usize) {
+    for i in 0..n {
+        let rid = id(&format!("{prefix}-{i}"));
+        save(store, RecordKind::Client, &rid, r#"{"n":1}"#, None, None, Precondition::None, t0()).await.expect("saved");
+    }
+}
+
+/// Runs one statement on the database behind `url` (as someone with the database file or a SQL console would).
+async fn tamper(url: &str, sql: &str) {
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.expect("tampered");
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("postgres");
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.expect("tampered");
+        pool.close().await;
+    }
+}
+
+async fn broken_at(store: &dyn Store) -> Option<i64> {
+    carebridge::cli::verify_audit(store).await.expect("read").err().map(|b| b.seq)
+}
+
+/// The audit chain verifies on an honest store and names the entry where an edit, a deletion or an insertion
+/// breaks it.
+async fn the_audit_chain_names_the_first_tampered_entry(url: &str) {
+    let store = connect(url, 4, std::time::Duration::from_secs(5)).await.expect("store");
+    audited_writes(&*store, "cl-chain", 6).await;
+    let (entries, _) = carebridge::cli::verify_audit(&*store).await.expect("read").expect("an honest chain holds");
+    assert_eq!(entries, 6);
+
+    tamper(url, "UPDATE audit_events SET actor = 'someone-else' WHERE seq = 3").await;
+    assert_eq!(broken_at(&*store).await, Some(3), "an edited entry");
+    tamper(url, "UPDATE audit_events SET actor = 'contract' WHERE seq = 3").await;
+    assert_eq!(broken_at(&*store).await, None, "put back, it holds again");
+
+    tamper(
+        url,
+        "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, request_id, prev_hash, hash) \
+         SELECT 100, at, actor, action, kind, 'cl-forged', version, request_id, hash, hash FROM audit_events WHERE seq = 6",
+    )
+    .await;
+    assert_eq!(broken_at(&*store).await, Some(100), "an entry slipped in after the head");
+    tamper(url, "DELETE FROM audit_events WHERE seq = 100").await;
+
+    tamper(url, "DELETE FROM audit_events WHERE seq = 4").await;
+    assert_eq!(broken_at(&*store).await, Some(5), "the entry after a deleted one");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_names_the_first_tampered_entry_on_sqlite() {
+    let (store, dir) = sqlite_store().await;
+    store.close().await;
+    the_audit_chain_names_the_first_tampered_entry(&format!("sqlite:{}", dir.path().join("contract.db").display()))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_names_the_first_tampered_entry_on_postgres() {
+    let Some(db) = postgres_store().await else { return };
+    the_audit_chain_names_the_first_tampered_entry(&db.url).await;
+}
+
+/// Two gateways on one PostgreSQL database, writing at once, keep one chain: numbered without gaps, each entry
+/// linked to the one before, whichever gateway wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_writing_at_once_keep_one_verifiable_chain_on_postgres() {
+    let Some(db) = postgres_store().await else { return };
+    let other = connect(&db.url, 8, std::time::Duration::from_secs(10)).await.expect("a second gateway");
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = if w % 2 == 0 { db.store.clone() } else { other.clone() };
+            tokio::spawn(async move { audited_writes(&*store, &format!("cl-w{w}"), 25).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let (entries, _) = carebridge::cli::verify_audit(&*db.store).await.expect("read").expect("one chain holds");
+    assert_eq!(entries, 200);
+    other.close().await;
+}
+
+/// Entries kept before the chain existed (no hash) are sealed, in order, when the store opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_kept_before_the_chain_are_sealed_when_the_store_opens() {
+    let (store, dir) = sqlite_store().await;
+    audited_writes(&*store, "cl-old", 2).await;
+    store.close().await;
+    let url = format!("sqlite:{}", dir.path().join("contract.db").display());
+    tamper(
+        &url,
+        "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, request_id) VALUES \
+         (3, 1, 'legacy', 'created', 'client', 'cl-a', 1, 'r-a'), (4, 2, 'legacy', 'created', 'client', 'cl-b', 1, 'r-b')",
+    )
+    .await;
+    let store = connect(&url, 2, std::time::Duration::from_secs(5)).await.expect("reopened");
+    audited_writes(&*store, "cl-new", 1).await;
+    let (entries, _) = carebridge::cli::verify_audit(&*store).await.expect("read").expect("sealed in order");
+    assert_eq!(entries, 5);
+    store.close().await;
 }

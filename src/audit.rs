@@ -1,0 +1,223 @@
+//! The audit trail: one append-only, hash-chained sequence of what the gateway did and who made it do it.
+//!
+//! Every entry is appended by the one appender (`SqlStore::append_audit` in `store/audit.rs`) inside the transaction of the
+//! effect it records, so an effect and its entry commit together or not at all. Entries are numbered 1, 2, 3… with
+//! no gaps, and each carries the SHA-256 of the one before ([`GENESIS`] for the first) and its own hash over its
+//! number, its fields and that previous hash ([`seal`]). Editing an entry breaks its hash; deleting one leaves a
+//! gap in the numbers and a `prev_hash` that points nowhere; inserting one breaks the link of the next. [`verify`]
+//! names the first entry where the chain breaks.
+//!
+//! Order: the appender takes the chain's head under a lock held until its transaction commits (SQLite: the one
+//! write transaction; PostgreSQL: a transaction-scoped advisory lock, shared by every replica on the database), so
+//! numbers are given in commit order and a reader paging with `seq > cursor` never skips an entry that commits
+//! late.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// The `prev_hash` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What one entry says (its number and hashes are the appender's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// When, in microseconds since the epoch (as stored).
+    pub at: i64,
+    /// Who: the API key's name (or `followup`, `outbox`, `cli:…` for the gateway's own workers).
+    pub actor: String,
+    /// What was done (`created`, `replaced`, `status_changed`, `partner_move_refused`…).
+    pub action: String,
+    /// The kind of record it was done to.
+    pub kind: String,
+    /// The agency id of that record.
+    pub record_id: String,
+    /// The record's version after it.
+    pub version: i64,
+    /// The request (or worker run) it was done in.
+    pub request_id: String,
+    /// Facts particular to the action (a partner, resources, labels, a decision), as compact JSON; ids and codes
+    /// only, never PHI.
+    pub detail: Option<String>,
+}
+
+impl Entry {
+    /// An entry at `at` with no detail.
+    #[must_use]
+    pub fn new(
+        at: OffsetDateTime,
+        actor: &str,
+        action: &str,
+        kind: &str,
+        record_id: &str,
+        version: i64,
+        request_id: &str,
+    ) -> Entry {
+        Entry {
+            at: crate::store::to_micros(at),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            kind: kind.to_owned(),
+            record_id: record_id.to_owned(),
+            version,
+            request_id: request_id.to_owned(),
+            detail: None,
+        }
+    }
+
+    /// The same entry with `detail` (compact JSON).
+    #[must_use]
+    pub fn with_detail(mut self, detail: &Value) -> Entry {
+        self.detail = Some(detail.to_string());
+        self
+    }
+}
+
+/// An entry as kept: its number, what it says, and its links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Its number, from 1, without gaps.
+    pub seq: i64,
+    /// What it says.
+    pub entry: Entry,
+    /// The hash of the entry before it ([`GENESIS`] for the first).
+    pub prev_hash: String,
+    /// Its own hash ([`seal`]).
+    pub hash: String,
+}
+
+/// The hash of entry `seq` saying `entry` after `prev_hash`: SHA-256 over every field, each length-prefixed so no
+/// two different entries write the same bytes, hex.
+#[must_use]
+pub fn seal(seq: i64, entry: &Entry, prev_hash: &str) -> String {
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(b"carebridge-audit-v1");
+    field(&seq.to_be_bytes());
+    field(&entry.at.to_be_bytes());
+    field(entry.actor.as_bytes());
+    field(entry.action.as_bytes());
+    field(entry.kind.as_bytes());
+    field(entry.record_id.as_bytes());
+    field(&entry.version.to_be_bytes());
+    field(entry.request_id.as_bytes());
+    match &entry.detail {
+        Some(d) => {
+            field(b"1");
+            field(d.as_bytes());
+        }
+        None => field(b"0"),
+    }
+    field(prev_hash.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Where the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the audit chain breaks at entry {seq}: {why}")]
+pub struct Broken {
+    /// The first entry that does not hold (the one after a deleted entry, an inserted one, an edited one).
+    pub seq: i64,
+    /// What does not hold, in words.
+    pub why: String,
+}
+
+/// Checks entries read in order, continuing from `(last seq, last hash)` (`(0, GENESIS)` from the start); the
+/// position reached.
+///
+/// # Errors
+/// The first entry that breaks the chain.
+pub fn verify<'a>(from: (i64, String), entries: impl IntoIterator<Item = &'a Sealed>) -> Result<(i64, String), Broken> {
+    let (mut seq, mut hash) = from;
+    for e in entries {
+        if e.seq != seq + 1 {
+            return Err(Broken {
+                seq: e.seq,
+                why: format!("entry {} follows entry {seq}: {} missing", e.seq, missing(seq, e.seq)),
+            });
+        }
+        if e.prev_hash != hash {
+            return Err(Broken { seq: e.seq, why: "it does not name the hash of the entry before it".into() });
+        }
+        if seal(e.seq, &e.entry, &e.prev_hash) != e.hash {
+            return Err(Broken { seq: e.seq, why: "its content does not match its hash (edited)".into() });
+        }
+        seq = e.seq;
+        hash.clone_from(&e.hash);
+    }
+    Ok((seq, hash))
+}
+
+fn missing(last: i64, next: i64) -> String {
+    if next <= last {
+        format!("numbers go back (entry {next} again or out of order)")
+    } else if next == last + 2 {
+        format!("entry {} is", last + 1)
+    } else {
+        format!("entries {} to {} are", last + 1, next - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: i64) -> Vec<Sealed> {
+        let mut out = Vec::new();
+        let mut prev = GENESIS.to_owned();
+        for seq in 1..=n {
+            let entry = Entry::new(
+                OffsetDateTime::UNIX_EPOCH,
+                "agency",
+                "created",
+                "client",
+                &format!("cl-{seq}"),
+                1,
+                &format!("req-{seq}"),
+            );
+            let hash = seal(seq, &entry, &prev);
+            out.push(Sealed { seq, entry, prev_hash: prev, hash: hash.clone() });
+            prev = hash;
+        }
+        out
+    }
+
+    #[test]
+    fn an_honest_chain_verifies_and_each_tampering_is_named_where_it_is() {
+        let honest = chain(5);
+        assert_eq!(verify((0, GENESIS.into()), &honest).map(|(s, _)| s), Ok(5));
+
+        let mut edited = honest.clone();
+        edited[2].entry.actor = "someone-else".into();
+        assert_eq!(verify((0, GENESIS.into()), &edited).unwrap_err().seq, 3);
+
+        let mut deleted = honest.clone();
+        deleted.remove(1);
+        let broken = verify((0, GENESIS.into()), &deleted).unwrap_err();
+        assert_eq!(broken.seq, 3);
+        assert!(broken.why.contains("entry 2 is"), "{broken}");
+
+        // An entry slipped in with the right number and link, the ones after renumbered: the next link breaks.
+        let mut inserted = honest.clone();
+        let mut forged = inserted[1].clone();
+        forged.entry.record_id = "cl-forged".into();
+        forged.hash = seal(forged.seq, &forged.entry, &forged.prev_hash);
+        inserted[1] = forged;
+        assert_eq!(verify((0, GENESIS.into()), &inserted).unwrap_err().seq, 3);
+
+        // A detail is part of what is sealed.
+        let mut detailed = honest;
+        detailed[0].entry.detail = Some("{}".into());
+        assert_eq!(verify((0, GENESIS.into()), &detailed).unwrap_err().seq, 1);
+    }
+
+    #[test]
+    fn fields_cannot_run_into_each_other() {
+        let a = Entry::new(OffsetDateTime::UNIX_EPOCH, "ab", "c", "k", "r", 1, "q");
+        let b = Entry::new(OffsetDateTime::UNIX_EPOCH, "a", "bc", "k", "r", 1, "q");
+        assert_ne!(seal(1, &a, GENESIS), seal(1, &b, GENESIS));
+    }
+}

@@ -1,0 +1,151 @@
+//! The one audit appender (see [`crate::audit`]): every entry goes in through [`SqlStore::append_audit`], on the
+//! connection of the transaction whose effect it records, as that transaction's last statement.
+//!
+//! The head of the chain is read and extended under a lock held until the transaction commits: on SQLite the one
+//! write transaction (`BEGIN IMMEDIATE`, a single writer connection) is that lock; on PostgreSQL a
+//! transaction-scoped advisory lock ([`CHAIN_LOCK`]) that every replica on the database takes. So the chain is one
+//! sequence on any number of replicas, its numbers are given in commit order, and the lock is held only from the
+//! append to the commit.
+
+use async_trait::async_trait;
+use sqlx::{Postgres, Sqlite};
+
+use super::StoreError;
+use super::sql::SqlStore;
+use crate::audit::{Entry, GENESIS, Sealed, seal};
+
+/// The PostgreSQL advisory lock key of the audit chain (any constant the gateway uses for nothing else).
+pub const CHAIN_LOCK: i64 = 0x6361_7265_6175_6431; // "careaud1"
+
+/// Rows of `audit_events` as read for the chain.
+type ChainRow = (i64, i64, String, String, String, String, i64, String, Option<String>, Option<String>, Option<String>);
+
+const CHAIN_COLUMNS: &str = "seq, at, actor, action, kind, record_id, version, request_id, detail, prev_hash, hash";
+
+fn sealed(row: ChainRow) -> Sealed {
+    let (seq, at, actor, action, kind, record_id, version, request_id, detail, prev_hash, hash) = row;
+    Sealed {
+        seq,
+        entry: Entry { at, actor, action, kind, record_id, version, request_id, detail },
+        prev_hash: prev_hash.unwrap_or_default(),
+        hash: hash.unwrap_or_default(),
+    }
+}
+
+/// Reading the chain whole, in order, to verify it.
+#[async_trait]
+pub trait AuditChain: Send + Sync {
+    /// Up to `limit` entries after `after_seq`, in order, with their links.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<Sealed>, StoreError>;
+}
+
+macro_rules! impl_audit {
+    ($db:ty, $begin:literal, $lock:literal) => {
+        impl SqlStore<$db> {
+            /// Appends `entry` to the chain on `conn`, inside the caller's transaction (which commits it with its
+            /// effect); its number.
+            ///
+            /// # Errors
+            /// `Database`.
+            pub(crate) async fn append_audit(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                entry: &Entry,
+            ) -> Result<i64, StoreError> {
+                if !$lock.is_empty() {
+                    sqlx::query($lock).bind(CHAIN_LOCK).execute(&mut *conn).await?;
+                }
+                let head: Option<(i64, Option<String>)> =
+                    sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                let (last, prev) = match head {
+                    None => (0, GENESIS.to_owned()),
+                    Some((seq, Some(hash))) => (seq, hash),
+                    // Entries kept before the chain, not sealed yet (the store seals them when it opens).
+                    Some((seq, None)) => (seq, Self::seal_unsealed(&mut *conn).await?.unwrap_or_default()),
+                };
+                let seq = last + 1;
+                let hash = seal(seq, entry, &prev);
+                sqlx::query(
+                    "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, request_id, detail, \
+                     prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                )
+                .bind(seq)
+                .bind(entry.at)
+                .bind(&entry.actor)
+                .bind(&entry.action)
+                .bind(&entry.kind)
+                .bind(&entry.record_id)
+                .bind(entry.version)
+                .bind(&entry.request_id)
+                .bind(entry.detail.as_deref())
+                .bind(&prev)
+                .bind(&hash)
+                .execute(&mut *conn)
+                .await?;
+                Ok(seq)
+            }
+
+            /// Seals the entries kept before the chain (no hash yet), in order; the hash of the last.
+            async fn seal_unsealed(
+                conn: &mut <$db as sqlx::Database>::Connection,
+            ) -> Result<Option<String>, StoreError> {
+                let before: Option<(i64, Option<String>)> = sqlx::query_as(
+                    "SELECT seq, hash FROM audit_events WHERE hash IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                )
+                .fetch_optional(&mut *conn)
+                .await?;
+                let (_, mut prev) = before.map_or((0, Some(GENESIS.to_owned())), |(s, h)| (s, h));
+                let rows: Vec<ChainRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CHAIN_COLUMNS} FROM audit_events WHERE hash IS NULL ORDER BY seq"
+                )))
+                .fetch_all(&mut *conn)
+                .await?;
+                for row in rows {
+                    let e = sealed(row);
+                    let p = prev.clone().unwrap_or_default();
+                    let hash = seal(e.seq, &e.entry, &p);
+                    sqlx::query("UPDATE audit_events SET prev_hash = $2, hash = $3 WHERE seq = $1")
+                        .bind(e.seq)
+                        .bind(&p)
+                        .bind(&hash)
+                        .execute(&mut *conn)
+                        .await?;
+                    prev = Some(hash);
+                }
+                Ok(prev)
+            }
+
+            /// Seals entries kept before the chain existed, once, when the store opens.
+            pub(super) async fn seal_audit_chain(&self) -> Result<(), StoreError> {
+                let mut tx = self.writer().begin_with($begin).await?;
+                if !$lock.is_empty() {
+                    sqlx::query($lock).bind(CHAIN_LOCK).execute(&mut *tx).await?;
+                }
+                Self::seal_unsealed(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl AuditChain for SqlStore<$db> {
+            async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<Sealed>, StoreError> {
+                let rows: Vec<ChainRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CHAIN_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+                )))
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(self.reader())
+                .await?;
+                Ok(rows.into_iter().map(sealed).collect())
+            }
+        }
+    };
+}
+
+impl_audit!(Sqlite, "BEGIN IMMEDIATE", "");
+impl_audit!(Postgres, "BEGIN", "SELECT pg_advisory_xact_lock($1)");
