@@ -24,45 +24,57 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub struct Entry {
     /// When, in microseconds since the epoch (as stored).
     pub at: i64,
-    /// Who: the API key's name (or `followup`, `outbox`, `cli:…` for the gateway's own workers).
+    /// Who: the API key's name (or `outbox`, `followup`, `cli` for the gateway's own workers and its command line;
+    /// `anonymous` for a caller that presented no valid key).
     pub actor: String,
-    /// What was done (`created`, `replaced`, `status_changed`, `partner_move_refused`…).
+    /// What was done (`created`, `replaced`, `read`, `delivered`, `delivery_replayed`, `authentication_refused`…).
     pub action: String,
-    /// The kind of record it was done to.
-    pub kind: String,
+    /// The kind of record it was done to, when it was done to one.
+    pub kind: Option<String>,
     /// The agency id of that record.
-    pub record_id: String,
-    /// The record's version after it.
-    pub version: i64,
+    pub record_id: Option<String>,
+    /// The record's version after it (or the version read, or delivered).
+    pub version: Option<i64>,
+    /// The client whose data it was, when it was a client's.
+    pub client: Option<String>,
     /// The request (or worker run) it was done in.
     pub request_id: String,
-    /// Facts particular to the action (a partner, resources, labels, a decision), as compact JSON; ids and codes
-    /// only, never PHI.
+    /// Facts particular to the action (a partner, resources, labels, a decision, a peer address), as compact JSON;
+    /// ids and codes only, never PHI.
     pub detail: Option<String>,
 }
 
 impl Entry {
-    /// An entry at `at` with no detail.
+    /// An entry at `at`, about no record yet, with no detail.
     #[must_use]
-    pub fn new(
-        at: OffsetDateTime,
-        actor: &str,
-        action: &str,
-        kind: &str,
-        record_id: &str,
-        version: i64,
-        request_id: &str,
-    ) -> Entry {
+    pub fn new(at: OffsetDateTime, actor: &str, action: &str, request_id: &str) -> Entry {
         Entry {
             at: crate::store::to_micros(at),
             actor: actor.to_owned(),
             action: action.to_owned(),
-            kind: kind.to_owned(),
-            record_id: record_id.to_owned(),
-            version,
+            kind: None,
+            record_id: None,
+            version: None,
+            client: None,
             request_id: request_id.to_owned(),
             detail: None,
         }
+    }
+
+    /// The same entry about version `version` of record `kind`/`record_id`.
+    #[must_use]
+    pub fn on(mut self, kind: &str, record_id: &str, version: i64) -> Entry {
+        self.kind = Some(kind.to_owned());
+        self.record_id = Some(record_id.to_owned());
+        self.version = Some(version);
+        self
+    }
+
+    /// The same entry about `client`'s data (when known).
+    #[must_use]
+    pub fn of_client(mut self, client: Option<&str>) -> Entry {
+        self.client = client.map(str::to_owned);
+        self
     }
 
     /// The same entry with `detail` (compact JSON).
@@ -71,6 +83,54 @@ impl Entry {
         self.detail = Some(detail.to_string());
         self
     }
+}
+
+/// Who read client data, through which door: the facts every read entry carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader<'a> {
+    /// The API key's name.
+    pub actor: &'a str,
+    /// The request.
+    pub request_id: &'a str,
+    /// The partner the key acts as, if it is a partner's.
+    pub partner: Option<&'a str>,
+    /// `api` (`/api/v1`) or `fhir` (`/fhir`).
+    pub via: &'static str,
+}
+
+/// The entry of `reader` reading version `version` of record `kind`/`record_id` (`client`'s data) at `at`; `what`
+/// names a read other than the record itself (`history`).
+#[must_use]
+pub fn read(
+    at: OffsetDateTime,
+    reader: Reader<'_>,
+    kind: &str,
+    record_id: &str,
+    version: i64,
+    client: Option<&str>,
+    what: Option<&str>,
+) -> Entry {
+    let mut detail = serde_json::json!({"via": reader.via});
+    if let Some(partner) = reader.partner {
+        detail["partner"] = partner.into();
+    }
+    if let Some(what) = what {
+        detail["what"] = what.into();
+    }
+    Entry::new(at, reader.actor, "read", reader.request_id)
+        .on(kind, record_id, version)
+        .of_client(client.or((kind == "client").then_some(record_id)))
+        .with_detail(&detail)
+}
+
+/// The client a stored agency record belongs to (its `client_id`), read without parsing the rest of it.
+#[must_use]
+pub fn client_of(body: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Owner {
+        client_id: Option<String>,
+    }
+    serde_json::from_str::<Owner>(body).ok().and_then(|o| o.client_id)
 }
 
 /// An entry as kept: its number, what it says, and its links.
@@ -100,17 +160,19 @@ pub fn seal(seq: i64, entry: &Entry, prev_hash: &str) -> String {
     field(&entry.at.to_be_bytes());
     field(entry.actor.as_bytes());
     field(entry.action.as_bytes());
-    field(entry.kind.as_bytes());
-    field(entry.record_id.as_bytes());
-    field(&entry.version.to_be_bytes());
-    field(entry.request_id.as_bytes());
-    match &entry.detail {
-        Some(d) => {
+    let mut optional = |value: Option<&[u8]>| match value {
+        Some(v) => {
             field(b"1");
-            field(d.as_bytes());
+            field(v);
         }
         None => field(b"0"),
-    }
+    };
+    optional(entry.kind.as_deref().map(str::as_bytes));
+    optional(entry.record_id.as_deref().map(str::as_bytes));
+    optional(entry.version.map(i64::to_be_bytes).as_ref().map(<[u8; 8]>::as_slice));
+    optional(entry.client.as_deref().map(str::as_bytes));
+    optional(Some(entry.request_id.as_bytes()));
+    optional(entry.detail.as_deref().map(str::as_bytes));
     field(prev_hash.as_bytes());
     hex::encode(h.finalize())
 }
@@ -169,15 +231,9 @@ mod tests {
         let mut out = Vec::new();
         let mut prev = GENESIS.to_owned();
         for seq in 1..=n {
-            let entry = Entry::new(
-                OffsetDateTime::UNIX_EPOCH,
-                "agency",
-                "created",
-                "client",
-                &format!("cl-{seq}"),
-                1,
-                &format!("req-{seq}"),
-            );
+            let entry = Entry::new(OffsetDateTime::UNIX_EPOCH, "agency", "created", &format!("req-{seq}"))
+                .on("client", &format!("cl-{seq}"), 1)
+                .of_client(Some(&format!("cl-{seq}")));
             let hash = seal(seq, &entry, &prev);
             out.push(Sealed { seq, entry, prev_hash: prev, hash: hash.clone() });
             prev = hash;
@@ -203,7 +259,7 @@ mod tests {
         // An entry slipped in with the right number and link, the ones after renumbered: the next link breaks.
         let mut inserted = honest.clone();
         let mut forged = inserted[1].clone();
-        forged.entry.record_id = "cl-forged".into();
+        forged.entry.record_id = Some("cl-forged".into());
         forged.hash = seal(forged.seq, &forged.entry, &forged.prev_hash);
         inserted[1] = forged;
         assert_eq!(verify((0, GENESIS.into()), &inserted).unwrap_err().seq, 3);
@@ -216,8 +272,13 @@ mod tests {
 
     #[test]
     fn fields_cannot_run_into_each_other() {
-        let a = Entry::new(OffsetDateTime::UNIX_EPOCH, "ab", "c", "k", "r", 1, "q");
-        let b = Entry::new(OffsetDateTime::UNIX_EPOCH, "a", "bc", "k", "r", 1, "q");
+        let a = Entry::new(OffsetDateTime::UNIX_EPOCH, "ab", "c", "q").on("k", "r", 1);
+        let b = Entry::new(OffsetDateTime::UNIX_EPOCH, "a", "bc", "q").on("k", "r", 1);
         assert_ne!(seal(1, &a, GENESIS), seal(1, &b, GENESIS));
+        // A field left out is not the same as an empty one.
+        let none = Entry::new(OffsetDateTime::UNIX_EPOCH, "a", "b", "q");
+        let mut empty = none.clone();
+        empty.client = Some(String::new());
+        assert_ne!(seal(1, &none, GENESIS), seal(1, &empty, GENESIS));
     }
 }

@@ -611,8 +611,12 @@ async fn outbox_command(
         OutboxCommand::Replay { seq } | OutboxCommand::Discard { seq } => {
             let replay = matches!(command, OutboxCommand::Replay { .. });
             let now = OffsetDateTime::now_utc();
-            let row =
-                if replay { store.replay_delivery(seq, now).await? } else { store.discard_delivery(seq, now).await? };
+            let actor = cli_actor(if replay { "replay" } else { "discard" });
+            let row = if replay {
+                store.replay_delivery(seq, &actor, now).await?
+            } else {
+                store.discard_delivery(seq, &actor, now).await?
+            };
             let Some((row, changed)) = row else {
                 eprintln!("no delivery {seq}");
                 return Ok(ExitCode::from(1));
@@ -632,6 +636,17 @@ async fn outbox_command(
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Who an operator's command-line action is audited as: `cli:` and the operating-system user who ran it (the
+/// command line holds no API key; whoever can run it can open the database).
+fn cli_actor(what: &str) -> crate::store::Actor {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    crate::store::Actor {
+        key_name: format!("cli:{user}"),
+        request_id: format!("cli-{what}-{}", uuid::Uuid::new_v4()),
+        partner: None,
     }
 }
 
@@ -674,15 +689,17 @@ async fn directory_sync(
     let runner = SyncRunner::new(store.clone(), std::sync::Arc::new(sources), stopping);
     let (mut failed, mut busy) = (false, false);
     for d in chosen {
-        let claimed = match runner.claim(d.name(), mode, force, StartedBy::Cli, OffsetDateTime::now_utc()).await {
-            Ok(claimed) => claimed,
-            Err(StartError::Busy { running, .. }) => {
-                eprintln!("{}: a sync of this directory is already running (job {running}); not started", d.name());
-                busy = true;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let by = cli_actor("sync");
+        let claimed =
+            match runner.claim(d.name(), mode, force, StartedBy::Cli, Some(&by), OffsetDateTime::now_utc()).await {
+                Ok(claimed) => claimed,
+                Err(StartError::Busy { running, .. }) => {
+                    eprintln!("{}: a sync of this directory is already running (job {running}); not started", d.name());
+                    busy = true;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
         let bar = ProgressBar::new_spinner().with_message(format!("{}: syncing (job {})", d.name(), claimed.id));
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} {pos} records read")

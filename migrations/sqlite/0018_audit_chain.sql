@@ -1,22 +1,28 @@
 -- The audit trail becomes a hash chain (src/audit.rs): entries numbered 1, 2, 3… without gaps, given by the
 -- appender under the chain's lock (no longer by AUTOINCREMENT / IDENTITY, which may skip numbers a rolled-back
 -- transaction took), each with the hash of the one before and its own. Entries kept so far are renumbered in
--- their order (the same numbers wherever none was skipped) and sealed when the store opens.
+-- their order (the same numbers wherever none was skipped) and sealed when the store opens. Entries now also
+-- record what is not a record write (a read, a delivery, a refused key), so the record columns may be empty, and
+-- name the client whose data it was (searched by client: AuditEvent?patient=).
 CREATE TABLE audit_chain (
     seq         INTEGER PRIMARY KEY,
     at          BIGINT  NOT NULL,
     actor       TEXT    NOT NULL,
     action      TEXT    NOT NULL,
-    kind        TEXT    NOT NULL,
-    record_id   TEXT    NOT NULL,
-    version     BIGINT  NOT NULL,
+    kind        TEXT,
+    record_id   TEXT,
+    version     BIGINT,
+    client_id   TEXT,
     request_id  TEXT    NOT NULL,
     detail      TEXT,
     prev_hash   TEXT,
     hash        TEXT
 );
-INSERT INTO audit_chain (seq, at, actor, action, kind, record_id, version, request_id)
-    SELECT ROW_NUMBER() OVER (ORDER BY seq), at, actor, action, kind, record_id, version, request_id
-    FROM audit_events;
+INSERT INTO audit_chain (seq, at, actor, action, kind, record_id, version, client_id, request_id)
+    SELECT ROW_NUMBER() OVER (ORDER BY a.seq), a.at, a.actor, a.action, a.kind, a.record_id, a.version,
+           CASE WHEN a.kind = 'client' THEN a.record_id ELSE r.client_id END, a.request_id
+    FROM audit_events a LEFT JOIN records r ON r.kind = a.kind AND r.id = a.record_id;
 DROP TABLE audit_events;
 ALTER TABLE audit_chain RENAME TO audit_events;
+CREATE INDEX audit_events_client ON audit_events (client_id, seq);
+CREATE INDEX audit_events_at ON audit_events (at);

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use super::{DirectorySource, SyncError, SyncMode, SyncOptions, SyncReport};
-use crate::store::{Begun, NewSyncJob, Store, StoreError, SyncJobEnd, SyncJobRow};
+use crate::store::{Actor, Begun, NewSyncJob, Store, StoreError, SyncJobEnd, SyncJobRow};
 
 /// How long a lease lasts without renewal: a crashed holder blocks its source at most this long.
 pub const LEASE: time::Duration = time::Duration::seconds(60);
@@ -267,6 +267,7 @@ impl SyncRunner {
         mode: SyncMode,
         force: bool,
         started_by: StartedBy,
+        by: Option<&Actor>,
         now: OffsetDateTime,
     ) -> Result<Claimed, StartError> {
         let found = self.sources.get(source).ok_or(StartError::UnknownSource)?.clone();
@@ -278,6 +279,7 @@ impl SyncRunner {
             force,
             started_by: started_by.as_str().to_owned(),
             progress: progress_json(&SyncProgress::default()),
+            by: by.cloned(),
         };
         match self.store.begin_directory_sync(&job, now, now + LEASE).await? {
             Begun::Started => {
@@ -302,9 +304,10 @@ impl SyncRunner {
         mode: SyncMode,
         force: bool,
         started_by: StartedBy,
+        by: Option<&Actor>,
         now: OffsetDateTime,
     ) -> Result<SyncJob, StartError> {
-        let claimed = self.claim(source, mode, force, started_by, now).await?;
+        let claimed = self.claim(source, mode, force, started_by, by, now).await?;
         // Read before the job runs, so the answer shows it as it was accepted (`queued`).
         let queued = match self.store.directory_sync_job(&claimed.id).await {
             Ok(Some(row)) => SyncJob::from_row(row),

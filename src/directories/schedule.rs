@@ -48,7 +48,7 @@ pub async fn tick(runner: &SyncRunner, source: &str, now: OffsetDateTime) -> Tic
         Err(e) => return Tick::Unavailable(e),
     };
     let mode = scheduled_mode(state.as_ref(), now, FULL_SYNC_EVERY);
-    match runner.claim(source, mode, false, StartedBy::Schedule, now).await {
+    match runner.claim(source, mode, false, StartedBy::Schedule, None, now).await {
         Ok(claimed) => Tick::Ran(runner.run(claimed, &|_| {}).await),
         Err(StartError::Busy { running, .. }) => Tick::Skipped { running },
         Err(StartError::Store(e)) => Tick::Unavailable(e),

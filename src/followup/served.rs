@@ -72,6 +72,12 @@ pub struct ServedResource {
     pub resource: Value,
     /// The version of the record it comes from.
     pub version: i64,
+    /// The kind of that record.
+    pub kind: RecordKind,
+    /// Its agency id.
+    pub record_id: String,
+    /// The client whose data it is.
+    pub client: Option<String>,
 }
 
 /// The record kinds a FHIR resource type on `/fhir` is rendered from.
@@ -241,6 +247,10 @@ impl Served<'_> {
         let mut resources = self.mappings.render(kind, &record, overlay.as_deref(), &related).map_err(render)?;
         self.mappings.label(&mut resources);
         let at = stored.meta.updated_at.format(&Rfc3339).unwrap_or_default();
+        let client = match kind {
+            RecordKind::Client => Some(stored.id.clone()),
+            _ => crate::audit::client_of(&stored.body),
+        };
         Ok(resources
             .into_iter()
             .map(|e| e.resource)
@@ -253,7 +263,13 @@ impl Served<'_> {
                         meta.insert("lastUpdated".into(), Value::String(at.clone()));
                     }
                 }
-                ServedResource { resource: r, version: stored.meta.version }
+                ServedResource {
+                    resource: r,
+                    version: stored.meta.version,
+                    kind,
+                    record_id: stored.id.clone(),
+                    client: client.clone(),
+                }
             })
             .collect())
     }

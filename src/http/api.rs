@@ -20,10 +20,11 @@ use super::AppState;
 use super::auth::Caller;
 use super::extract::{ApiQuery, CallerActor, Conditions, IdPath, JsonBody, etag};
 use super::problem::{ApiError, Problem, ProblemType};
+use crate::audit;
 use crate::config::Scope;
 use crate::domain::{self, AgencyRecord, RecordId, RecordKind, StatusChange, Timestamp};
 use crate::intake::{self, IntakeError};
-use crate::store::{Change, ListQuery, Precondition, RecordMeta, SaveOutcome, StoreError, StoredRecord};
+use crate::store::{Actor, Change, ListQuery, Precondition, RecordMeta, SaveOutcome, StoreError, StoredRecord};
 
 /// Query of a list request.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -127,24 +128,33 @@ pub struct AuditPage {
     next_after: i64,
 }
 
-/// One audited write.
+/// One entry of the audit chain.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AuditEntry {
-    /// Position in the log.
+    /// Position in the chain.
     seq: i64,
     /// When.
     #[schema(value_type = String, format = DateTime)]
     at: String,
-    /// Name of the API key.
+    /// Name of the API key (or `outbox`, `followup`, `cli:<user>`, `anonymous`).
     actor: String,
-    /// `created`, `replaced`, `unchanged`, `status_changed`, `linked` or `seeded`.
+    /// What was done: a write (`created`, `replaced`, `unchanged`, `status_changed`, `linked`, `seeded`), a read
+    /// (`read`), a delivery attempt (`delivered`, `delivery_unchanged`, `delivery_retry`, `delivery_dead`,
+    /// `delivery_held`), an operator's action (`delivery_replayed`, `delivery_discarded`, `sync_started`), a refusal
+    /// (`authentication_refused`, `inbound_refused`, `partner_move_refused`).
     action: String,
-    /// Kind of record.
-    kind: String,
+    /// Kind of record, when it was about one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
     /// Record id.
-    record_id: String,
-    /// Version after the action.
-    version: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_id: Option<String>,
+    /// Version after the action (or read, or delivered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<i64>,
+    /// The client whose data it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
     /// Request id of the call.
     request_id: String,
     /// Facts particular to the action (the partner that made it…), ids and codes only.
@@ -320,12 +330,34 @@ async fn put_record<T: AgencyRecord>(
     Ok(record_response(status, T::KIND, path.id.as_str(), saved.outcome.meta(), saved.body))
 }
 
-async fn get_record(state: &AppState, kind: RecordKind, path: IdPath) -> Result<Response, ApiError> {
+/// Who reads through `/api/v1`, for the audit.
+fn api_reader(actor: &Actor) -> audit::Reader<'_> {
+    audit::Reader { actor: &actor.key_name, request_id: &actor.request_id, partner: None, via: "api" }
+}
+
+/// Keeps the audit entries of a read before its answer goes (an answer whose read could not be audited is not
+/// sent: 503).
+async fn audit_reads(state: &AppState, entries: Vec<audit::Entry>) -> Result<(), ApiError> {
+    state.store.audit(entries).await.map_err(store_problem)
+}
+
+async fn get_record(state: &AppState, actor: &Actor, kind: RecordKind, path: IdPath) -> Result<Response, ApiError> {
     let found = match path.version {
         None => state.store.get_record(kind, &path.id).await,
         Some(v) => state.store.get_version(kind, &path.id, v).await,
     };
     let stored = found.map_err(store_problem)?.ok_or_else(not_found)?;
+    let client = audit::client_of(&stored.body);
+    let entry = audit::read(
+        OffsetDateTime::now_utc(),
+        api_reader(actor),
+        kind.as_str(),
+        &stored.id,
+        stored.meta.version,
+        client.as_deref(),
+        None,
+    );
+    audit_reads(state, vec![entry]).await?;
     Ok(record_response(StatusCode::OK, kind, &stored.id, stored.meta, stored.body))
 }
 
@@ -380,18 +412,48 @@ fn listed(record: StoredRecord) -> Result<ListedRecord, ApiError> {
     })
 }
 
-async fn list_records<T: AgencyRecord>(state: &AppState, params: ListParams) -> Result<Json<RecordPage>, ApiError> {
+async fn list_records<T: AgencyRecord>(
+    state: &AppState,
+    actor: &Actor,
+    params: ListParams,
+) -> Result<Json<RecordPage>, ApiError> {
     let query = list_query::<T>(state, params)?;
     let page = state.store.list_records(&query).await.map_err(store_problem)?;
+    let now = OffsetDateTime::now_utc();
+    let entries = page
+        .items
+        .iter()
+        .map(|r| {
+            let client = audit::client_of(&r.body);
+            audit::read(now, api_reader(actor), T::KIND.as_str(), &r.id, r.meta.version, client.as_deref(), None)
+        })
+        .collect();
+    audit_reads(state, entries).await?;
     let items = page.items.into_iter().map(listed).collect::<Result<_, _>>()?;
     Ok(Json(RecordPage { items, next_cursor: page.next_after.map(hex::encode) }))
 }
 
-async fn record_history(state: &AppState, kind: RecordKind, path: IdPath) -> Result<Json<History>, ApiError> {
+async fn record_history(
+    state: &AppState,
+    actor: &Actor,
+    kind: RecordKind,
+    path: IdPath,
+) -> Result<Json<History>, ApiError> {
     let versions = state.store.history(kind, &path.id).await.map_err(store_problem)?;
-    if versions.is_empty() {
+    let Some(last) = versions.last() else {
         return Err(not_found());
-    }
+    };
+    let client = audit::client_of(&last.body);
+    let entry = audit::read(
+        OffsetDateTime::now_utc(),
+        api_reader(actor),
+        kind.as_str(),
+        path.id.as_str(),
+        last.version,
+        client.as_deref(),
+        Some("history"),
+    );
+    audit_reads(state, vec![entry]).await?;
     let versions = versions
         .into_iter()
         .map(|v| {
@@ -451,8 +513,12 @@ macro_rules! record_routes {
                     (status = 200, description = "The record", body = $ty, headers(("ETag" = String), ("Last-Modified" = String))),
                     (status = 404, description = "No such record", body = Problem, content_type = "application/problem+json")),
                 security(("api_key" = ["read"])))]
-            pub async fn get(State(state): State<AppState>, path: IdPath) -> Result<Response, ApiError> {
-                get_record(&state, <$ty as AgencyRecord>::KIND, path).await
+            pub async fn get(
+                State(state): State<AppState>,
+                actor: CallerActor,
+                path: IdPath,
+            ) -> Result<Response, ApiError> {
+                get_record(&state, &actor.0, <$ty as AgencyRecord>::KIND, path).await
             }
 
             /// Lists records in id order, a page at a time.
@@ -463,9 +529,10 @@ macro_rules! record_routes {
                 security(("api_key" = ["read"])))]
             pub async fn list(
                 State(state): State<AppState>,
+                actor: CallerActor,
                 ApiQuery(params): ApiQuery<ListParams>,
             ) -> Result<Json<RecordPage>, ApiError> {
-                list_records::<$ty>(&state, params).await
+                list_records::<$ty>(&state, &actor.0, params).await
             }
 
             /// Lists every version of the record: who changed it, when, in which request.
@@ -475,8 +542,12 @@ macro_rules! record_routes {
                     (status = 200, description = "The versions, oldest first", body = History),
                     (status = 404, description = "No such record", body = Problem, content_type = "application/problem+json")),
                 security(("api_key" = ["read"])))]
-            pub async fn history(State(state): State<AppState>, path: IdPath) -> Result<Json<History>, ApiError> {
-                record_history(&state, <$ty as AgencyRecord>::KIND, path).await
+            pub async fn history(
+                State(state): State<AppState>,
+                actor: CallerActor,
+                path: IdPath,
+            ) -> Result<Json<History>, ApiError> {
+                record_history(&state, &actor.0, <$ty as AgencyRecord>::KIND, path).await
             }
 
             /// Reads one past version of the record.
@@ -487,8 +558,12 @@ macro_rules! record_routes {
                     (status = 200, description = "That version", body = $ty, headers(("ETag" = String))),
                     (status = 404, description = "No such record or version", body = Problem, content_type = "application/problem+json")),
                 security(("api_key" = ["read"])))]
-            pub async fn version(State(state): State<AppState>, path: IdPath) -> Result<Response, ApiError> {
-                get_record(&state, <$ty as AgencyRecord>::KIND, path).await
+            pub async fn version(
+                State(state): State<AppState>,
+                actor: CallerActor,
+                path: IdPath,
+            ) -> Result<Response, ApiError> {
+                get_record(&state, &actor.0, <$ty as AgencyRecord>::KIND, path).await
             }
         }
     };
@@ -641,6 +716,7 @@ pub async fn audit_events(
             kind: e.entry.kind,
             record_id: e.entry.record_id,
             version: e.entry.version,
+            client_id: e.entry.client,
             request_id: e.entry.request_id,
             detail: e.entry.detail.and_then(|d| serde_json::from_str(&d).ok()),
             hash: e.hash,

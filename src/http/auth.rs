@@ -1,8 +1,13 @@
 //! API keys for `/api/v1`: the middleware that reads `Authorization: Bearer <key>`, finds its caller in the
 //! [`KeyRing`] (see [`crate::keys`] for the hashes) and checks the scope per route (read for GET, write for
-//! changes, admin for the audit log).
+//! changes, admin for the audit log). Every refusal is audited: who knocked (the peer address; never the key they
+//! presented), on which route, and why.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, MatchedPath};
+use time::OffsetDateTime;
 
 use super::problem::{Problem, ProblemType};
 use crate::config::Scope;
@@ -21,34 +26,82 @@ pub struct Guard {
     pub scope: Option<Scope>,
     /// Whether a partner's key may use these routes (`/fhir` only).
     pub partners: bool,
+    /// Where refusals are audited.
+    pub store: Arc<dyn crate::store::Store>,
 }
+
+/// The audit entry of a refused request: `actor` (the key's name when it was valid, `anonymous` otherwise), the
+/// peer address, the route pattern, why.
+fn refusal(request: &Request, actor: &str, action: &str, reason: &str) -> crate::audit::Entry {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_string());
+    let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let request_id = request.headers().get(super::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    crate::audit::Entry::new(OffsetDateTime::now_utc(), actor, action, request_id).with_detail(
+        &serde_json::json!({"peer": peer, "route": route, "method": request.method().as_str(), "reason": reason}),
+    )
+}
+
+/// Keeps a refusal's entry and answers `problem`; a failure to audit is logged, and the refusal stands.
+async fn refuse(guard: &Guard, entry: crate::audit::Entry, problem: Problem) -> Response {
+    if let Err(e) = guard.store.audit(vec![entry]).await {
+        tracing::warn!(error = %e, "A refused request could not be audited.");
+    }
+    problem.into_response()
+}
+
+/// Who a request without a valid key is audited as.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// Middleware: authenticates the bearer key and checks the scope, then passes the [`Caller`] on.
 pub async fn require_key(State(guard): State<Guard>, mut request: Request, next: Next) -> Response {
-    let presented = match bearer_key(request.headers()) {
-        Ok(presented) => presented,
-        Err(problem) => return problem.into_response(),
+    // Decided without holding the request across an await (it is not shared between threads).
+    let decided = match bearer_key(request.headers()) {
+        Err(problem) => {
+            Err((refusal(&request, ANONYMOUS, "authentication_refused", "several_authorization_headers"), problem))
+        }
+        Ok(presented) => match presented.and_then(|key| guard.keys.authenticate(key)) {
+            None => {
+                let (detail, reason) = if presented.is_some() {
+                    ("the API key is not valid", "invalid_key")
+                } else {
+                    ("send Authorization: Bearer <api key>", "no_key")
+                };
+                Err((
+                    refusal(&request, ANONYMOUS, "authentication_refused", reason),
+                    Problem::new(ProblemType::Unauthorized).detail(detail),
+                ))
+            }
+            Some(caller) => allowed(&guard, &request, caller),
+        },
     };
-    let Some(caller) = presented.and_then(|key| guard.keys.authenticate(key)) else {
-        let detail =
-            if presented.is_some() { "the API key is not valid" } else { "send Authorization: Bearer <api key>" };
-        return Problem::new(ProblemType::Unauthorized).detail(detail).into_response();
+    let caller = match decided {
+        Ok(caller) => caller,
+        Err((entry, problem)) => return refuse(&guard, entry, problem).await,
     };
+    tracing::Span::current().record("caller", &*caller.name);
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// Whether `caller` may use the route `request` asks for (its scope; a partner's key on `/fhir` only).
+fn allowed(guard: &Guard, request: &Request, caller: Caller) -> Result<Caller, (crate::audit::Entry, Problem)> {
     let scope = guard.scope.unwrap_or(match *request.method() {
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
     });
     if caller.partner.is_some() && !guard.partners {
-        return Problem::new(ProblemType::Forbidden).detail("a partner's key acts on /fhir only").into_response();
+        return Err((
+            refusal(request, &caller.name, "access_refused", "partner_key_outside_fhir"),
+            Problem::new(ProblemType::Forbidden).detail("a partner's key acts on /fhir only"),
+        ));
     }
     if !caller.may(scope) {
-        return Problem::new(ProblemType::Forbidden)
-            .detail(format!("this call needs the {} scope", scope.as_str()))
-            .into_response();
+        return Err((
+            refusal(request, &caller.name, "access_refused", &format!("needs_{}_scope", scope.as_str())),
+            Problem::new(ProblemType::Forbidden).detail(format!("this call needs the {} scope", scope.as_str())),
+        ));
     }
-    tracing::Span::current().record("caller", &*caller.name);
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    Ok(caller)
 }
 
 /// The key of `Authorization: Bearer <key>` (the scheme in any case, RFC 9110 §11.1); `None` without one, or with

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::extract::ApiQuery;
+use super::extract::{ApiQuery, CallerActor};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::domain::{RecordId, RecordKind};
 use crate::store::outbox::state;
@@ -189,11 +189,15 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
               (status = 404, description = "No such delivery", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "It cannot go again", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = ["admin"])))]
-pub async fn replay(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Delivery>, ApiError> {
+pub async fn replay(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    CallerActor(actor): CallerActor,
+) -> Result<Json<Delivery>, ApiError> {
     let seq: i64 = id.parse().map_err(|_| not_found())?;
     let (row, changed) = state
         .store
-        .replay_delivery(seq, OffsetDateTime::now_utc())
+        .replay_delivery(seq, &actor, OffsetDateTime::now_utc())
         .await
         .map_err(super::api::store_problem)?
         .ok_or_else(not_found)?;
@@ -213,11 +217,15 @@ pub async fn replay(State(state): State<AppState>, Path(id): Path<String>) -> Re
               (status = 404, description = "No such delivery", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "It cannot be discarded", body = Problem, content_type = "application/problem+json")),
     security(("api_key" = ["admin"])))]
-pub async fn discard(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Delivery>, ApiError> {
+pub async fn discard(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    CallerActor(actor): CallerActor,
+) -> Result<Json<Delivery>, ApiError> {
     let seq: i64 = id.parse().map_err(|_| not_found())?;
     let (row, changed) = state
         .store
-        .discard_delivery(seq, OffsetDateTime::now_utc())
+        .discard_delivery(seq, &actor, OffsetDateTime::now_utc())
         .await
         .map_err(super::api::store_problem)?
         .ok_or_else(not_found)?;

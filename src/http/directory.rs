@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::extract::{ApiQuery, PathText, paging};
+use super::extract::{ApiQuery, CallerActor, PathText, paging};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::directories::jobs::{StartError, StartedBy, SyncJob};
 use crate::directories::{CatalogService, DirectorySource, ServiceHit, ServiceQuery, SyncMode};
@@ -203,6 +203,7 @@ pub struct SyncParams {
     security(("api_key" = ["admin"])))]
 pub async fn sync_now(
     State(state): State<AppState>,
+    CallerActor(actor): CallerActor,
     PathText(source): PathText,
     ApiQuery(params): ApiQuery<SyncParams>,
 ) -> Result<Response, ApiError> {
@@ -212,8 +213,11 @@ pub async fn sync_now(
         Some(_) => return Err(bad_query("mode: full or incremental")),
     };
     let force = params.force.unwrap_or(false);
-    let job = state.syncs.start(&source, mode, force, StartedBy::Api, OffsetDateTime::now_utc()).await.map_err(
-        |e| match e {
+    let job = state
+        .syncs
+        .start(&source, mode, force, StartedBy::Api, Some(&actor), OffsetDateTime::now_utc())
+        .await
+        .map_err(|e| match e {
             StartError::UnknownSource => Problem::new(ProblemType::NotFound).detail("no directory of that name").into(),
             StartError::Busy { running, .. } => Problem::new(ProblemType::SyncRunning)
                 .detail(format!(
@@ -221,8 +225,7 @@ pub async fn sync_now(
                 ))
                 .into(),
             StartError::Store(e) => super::api::store_problem(e),
-        },
-    )?;
+        })?;
     let location = format!("/api/v1/directories/{source}/sync/{}", job.id);
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job)).into_response())
 }

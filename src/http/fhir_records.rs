@@ -42,6 +42,30 @@ fn reader(caller: &Caller) -> Reader<'_> {
     caller.partner.as_deref().map_or(Reader::Agency, Reader::Partner)
 }
 
+/// Keeps the audit entries of what `caller` is about to be shown, one per record version, before the answer goes
+/// (an answer whose read could not be audited is not sent).
+async fn audit_served(
+    state: &AppState,
+    caller: &Caller,
+    actor: &CallerActor,
+    shown: &[&ServedResource],
+) -> Result<(), ApiError> {
+    let reader = crate::audit::Reader {
+        actor: &actor.0.key_name,
+        request_id: &actor.0.request_id,
+        partner: caller.partner.as_deref(),
+        via: "fhir",
+    };
+    let now = OffsetDateTime::now_utc();
+    let mut seen = std::collections::HashSet::new();
+    let entries = shown
+        .iter()
+        .filter(|r| seen.insert((r.kind, r.record_id.as_str(), r.version)))
+        .map(|r| crate::audit::read(now, reader, r.kind.as_str(), &r.record_id, r.version, r.client.as_deref(), None))
+        .collect();
+    state.store.audit(entries).await.map_err(|e| serve_problem(ServeError::Store(e)))
+}
+
 fn serve_problem(e: ServeError) -> ApiError {
     serve_problem_in(e, None)
 }
@@ -99,10 +123,13 @@ fn resource_response(status: StatusCode, t: &ServedResource) -> Response {
 pub async fn read(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    actor: CallerActor,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let t = served(&state).task(reader(&caller), &id, None).await.map_err(serve_problem)?;
-    Ok(resource_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task"))?))
+    let t = t.ok_or_else(|| not_found("Task"))?;
+    audit_served(&state, &caller, &actor, &[&t]).await?;
+    Ok(resource_response(StatusCode::OK, &t))
 }
 
 /// `GET /fhir/Task/{id}/_history/{version}`.
@@ -112,11 +139,14 @@ pub async fn read(
 pub async fn vread(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    actor: CallerActor,
     Path((id, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let version = version.parse::<i64>().map_err(|_| not_found("Task version"))?;
     let t = served(&state).task(reader(&caller), &id, Some(version)).await.map_err(serve_problem)?;
-    Ok(resource_response(StatusCode::OK, &t.ok_or_else(|| not_found("Task version"))?))
+    let t = t.ok_or_else(|| not_found("Task version"))?;
+    audit_served(&state, &caller, &actor, &[&t]).await?;
+    Ok(resource_response(StatusCode::OK, &t))
 }
 
 /// `PUT /fhir/Task/{id}` (with `If-Match: W/"<version>"` to update only that version): sets the referral's status
@@ -133,17 +163,31 @@ pub async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let sent = fhir_body(&headers, &body)?;
+    let write = InboundWrite::of(&caller, &actor, "PUT /fhir/Task/{id}");
+    let result = update_task(&state, &caller, actor, &id, conditions, &headers, &body).await;
+    write.audited(&state, result).await
+}
+
+async fn update_task(
+    state: &AppState,
+    caller: &Caller,
+    actor: CallerActor,
+    id: &str,
+    conditions: Conditions,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let sent = fhir_body(headers, body)?;
     if sent.get("resourceType").and_then(Value::as_str) != Some("Task") {
         return Err(invalid("the body must be a Task"));
     }
     if sent.get("id").and_then(Value::as_str).is_some_and(|b| b != id) {
         return Err(invalid("the Task's id must be the id in the URL"));
     }
-    let served = served(&state);
-    let reader = reader(&caller);
+    let served = served(state);
+    let reader = reader(caller);
     // A Task the caller may not see does not exist for it, whatever it sends.
-    let current = served.task(reader, &id, None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
+    let current = served.task(reader, id, None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
     let pre = match conditions {
         Conditions::Store(Precondition::Absent) => {
             return Err(invalid("If-None-Match does not apply to a Task update"));
@@ -154,7 +198,7 @@ pub async fn update(
         }
         Conditions::AnyVersion(_) => Precondition::Version(-1),
     };
-    let id = RecordId::parse(&id).map_err(|_| not_found("Task"))?;
+    let id = RecordId::parse(id).map_err(|_| not_found("Task"))?;
     let mut actor = actor.0;
     actor.partner = caller.partner.as_deref().map(str::to_owned);
     served
@@ -164,6 +208,45 @@ pub async fn update(
     let after =
         served.task(reader, id.as_str(), None).await.map_err(serve_problem)?.ok_or_else(|| not_found("Task"))?;
     Ok(resource_response(StatusCode::OK, &after))
+}
+
+/// A write on `/fhir` (a referral sent in, a Task moved), audited when it is refused: who sent it (key, partner),
+/// where, the status and the kind of problem, never the body. An accepted one is audited by the writes it makes.
+struct InboundWrite {
+    actor: String,
+    request_id: String,
+    partner: Option<String>,
+    route: &'static str,
+}
+
+impl InboundWrite {
+    fn of(caller: &Caller, actor: &CallerActor, route: &'static str) -> Self {
+        InboundWrite {
+            actor: actor.0.key_name.clone(),
+            request_id: actor.0.request_id.clone(),
+            partner: caller.partner.as_deref().map(str::to_owned),
+            route,
+        }
+    }
+
+    /// `result`, after auditing it when it is a refusal.
+    async fn audited(self, state: &AppState, result: Result<Response, ApiError>) -> Result<Response, ApiError> {
+        if let Err(e) = &result {
+            let entry =
+                crate::audit::Entry::new(OffsetDateTime::now_utc(), &self.actor, "inbound_refused", &self.request_id)
+                    .with_detail(&serde_json::json!({
+                        "via": "fhir",
+                        "partner": self.partner,
+                        "route": self.route,
+                        "status": e.status(),
+                        "problem": e.kind().map(super::problem::ProblemType::slug),
+                    }));
+            if let Err(e) = state.store.audit(vec![entry]).await {
+                tracing::warn!(error = %e, "A refused inbound write could not be audited.");
+            }
+        }
+        result
+    }
 }
 
 fn inbound_problem(e: InboundError) -> ApiError {
@@ -238,13 +321,25 @@ pub async fn transaction(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let sent = fhir_body(&headers, &body)?;
+    let write = InboundWrite::of(&caller, &actor, "POST /fhir");
+    let result = take_in_transaction(&state, &caller, actor, &headers, &body).await;
+    write.audited(&state, result).await
+}
+
+async fn take_in_transaction(
+    state: &AppState,
+    caller: &Caller,
+    actor: CallerActor,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let sent = fhir_body(headers, body)?;
     if sent.get("resourceType").and_then(Value::as_str) != Some("Bundle")
         || sent.get("type").and_then(Value::as_str) != Some("transaction")
     {
         return Err(invalid("POST /fhir takes a transaction Bundle"));
     }
-    let (received, task) = take_in(&state, &caller, actor, &sent).await?;
+    let (received, task) = take_in(state, caller, actor, &sent).await?;
     let location = format!("Task/{}/_history/{}", received.referral, task.version);
     let entries: Vec<Value> = sent["entry"]
         .as_array()
@@ -276,11 +371,23 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let sent = fhir_body(&headers, &body)?;
+    let write = InboundWrite::of(&caller, &actor, "POST /fhir/Task");
+    let result = take_in_task(&state, &caller, actor, &headers, &body).await;
+    write.audited(&state, result).await
+}
+
+async fn take_in_task(
+    state: &AppState,
+    caller: &Caller,
+    actor: CallerActor,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let sent = fhir_body(headers, body)?;
     if sent.get("resourceType").and_then(Value::as_str) != Some("Task") {
         return Err(invalid("POST /fhir/Task takes a Task"));
     }
-    let (received, task) = take_in(&state, &caller, actor, &sent).await?;
+    let (received, task) = take_in(state, caller, actor, &sent).await?;
     let status = if received.created { StatusCode::CREATED } else { StatusCode::OK };
     let mut response = resource_response(status, &task);
     if let Ok(location) = HeaderValue::from_str(&format!("Task/{}/_history/{}", received.referral, task.version)) {
@@ -370,6 +477,7 @@ fn passes(resource: &Value, name: &str, value: &str) -> bool {
 async fn search_of(
     state: &AppState,
     caller: &Caller,
+    actor: &CallerActor,
     public: &RequestBase,
     raw: Option<&str>,
     resource_type: &str,
@@ -425,10 +533,10 @@ async fn search_of(
             }
         }
     };
-    let hits: Vec<Value> = all
+    let hits: Vec<ServedResource> = all
         .into_iter()
-        .map(|t| t.resource)
-        .filter(|r| {
+        .filter(|t| {
+            let r = &t.resource;
             let at = r
                 .pointer("/meta/lastUpdated")
                 .and_then(Value::as_str)
@@ -438,14 +546,24 @@ async fn search_of(
         })
         .collect();
     let total = hits.len();
-    let page: Vec<Value> = hits.into_iter().skip(offset as usize).take(count as usize).collect();
+    let page: Vec<ServedResource> = hits.into_iter().skip(offset as usize).take(count as usize).collect();
+    audit_served(state, caller, actor, &page.iter().collect::<Vec<_>>()).await?;
+    let page: Vec<Value> = page.into_iter().map(|t| t.resource).collect();
     Ok(fhir(StatusCode::OK, &searchset(&base(public), resource_type, &used, page, total, offset, count)))
 }
 
 /// `GET /fhir/<type>/{id}` for the agency's records.
-async fn read_of(state: &AppState, caller: &Caller, resource_type: &str, id: &str) -> Result<Response, ApiError> {
+async fn read_of(
+    state: &AppState,
+    caller: &Caller,
+    actor: &CallerActor,
+    resource_type: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
     let t = served(state).resource(reader(caller), resource_type, id, None).await.map_err(serve_problem)?;
-    Ok(resource_response(StatusCode::OK, &t.ok_or_else(|| not_found(resource_type))?))
+    let t = t.ok_or_else(|| not_found(resource_type))?;
+    audit_served(state, caller, actor, &[&t]).await?;
+    Ok(resource_response(StatusCode::OK, &t))
 }
 
 /// `GET /fhir/Task?_id=&identifier=&_lastUpdated=&status=&owner=&requester=&focus=&patient=&_count=&_offset=`.
@@ -455,10 +573,11 @@ async fn read_of(state: &AppState, caller: &Caller, resource_type: &str, id: &st
 pub async fn search(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    actor: CallerActor,
     public: RequestBase,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    search_of(&state, &caller, &public, raw.as_deref(), "Task").await
+    search_of(&state, &caller, &actor, &public, raw.as_deref(), "Task").await
 }
 
 /// Read and search handlers of one resource type of the agency's records.
@@ -471,9 +590,10 @@ macro_rules! read_only_routes {
         pub async fn $read(
             State(state): State<AppState>,
             Extension(caller): Extension<Caller>,
+            actor: CallerActor,
             Path(id): Path<String>,
         ) -> Result<Response, ApiError> {
-            read_of(&state, &caller, $ty, &id).await
+            read_of(&state, &caller, &actor, $ty, &id).await
         }
 
         #[doc = concat!("`GET /fhir/", $ty, "?_id=&identifier=&_lastUpdated=&patient=&_count=&_offset=`.")]
@@ -483,10 +603,11 @@ macro_rules! read_only_routes {
         pub async fn $search(
             State(state): State<AppState>,
             Extension(caller): Extension<Caller>,
+            actor: CallerActor,
             public: RequestBase,
             RawQuery(raw): RawQuery,
         ) -> Result<Response, ApiError> {
-            search_of(&state, &caller, &public, raw.as_deref(), $ty).await
+            search_of(&state, &caller, &actor, &public, raw.as_deref(), $ty).await
         }
     };
 }

@@ -99,9 +99,10 @@ impl Limits {
 /// Builds the whole HTTP application.
 pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
     fhir::note_start();
-    let by_method = Guard { keys: keys.clone(), scope: None, partners: false };
-    let fhir_callers = Guard { keys: keys.clone(), scope: None, partners: true };
-    let admin = Guard { keys, scope: Some(Scope::Admin), partners: false };
+    let guard = |keys: Arc<KeyRing>, scope, partners| Guard { keys, scope, partners, store: state.store.clone() };
+    let by_method = guard(keys.clone(), None, false);
+    let fhir_callers = guard(keys.clone(), None, true);
+    let admin = guard(keys, Some(Scope::Admin), false);
     let records = Router::new()
         .route("/api/v1/clients", get(api::clients::list))
         .route("/api/v1/clients/{id}", put(api::clients::put).get(api::clients::get))

@@ -306,6 +306,18 @@ impl IntoResponse for Problem {
 }
 
 impl ApiError {
+    /// The kind of problem.
+    #[must_use]
+    pub fn kind(&self) -> Option<ProblemType> {
+        self.problem.kind()
+    }
+
+    /// The HTTP status it answers with.
+    #[must_use]
+    pub fn status(&self) -> u16 {
+        self.problem.status
+    }
+
     /// A 5xx for a fault of ours (or of the database), keeping the source for the log.
     pub fn internal(kind: ProblemType, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         ApiError { problem: Box::new(Problem::new(kind)), source: Some(Arc::new(source)) }

@@ -684,7 +684,7 @@ impl Worker {
         let span = tracing::info_span!("delivery", seq = row.seq, kind = row.kind.as_str(), record = %row.id,
             version = row.version, partner = %row.partner);
         let started = Instant::now();
-        let verdict = tracing::Instrument::instrument(self.attempt(link, row, now), span.clone()).await;
+        let (verdict, decided) = tracing::Instrument::instrument(self.attempt(link, row, now), span.clone()).await;
         let elapsed = started.elapsed();
         metrics::histogram!("carebridge_delivery_attempt_seconds", "partner" => row.partner.clone())
             .record(elapsed.as_secs_f64());
@@ -761,6 +761,8 @@ impl Worker {
                 }
             }
         };
+        // The audit keeps what the history keeps: each attempt, and a hold once, not each look at it again.
+        let audit = (!repeat).then(|| delivery_audit(row, &attempt, decided, now));
         Settlement {
             seq: row.seq,
             settle,
@@ -769,16 +771,25 @@ impl Worker {
             waits_for: waits,
             keep_attempt: !repeat,
             partner_answered,
+            audit,
         }
     }
 
-    async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Verdict {
-        match self.try_attempt(link, row, now).await {
-            Ok(v) | Err(v) => v,
+    /// One attempt's verdict, and what the egress decision said (for the audit entry), once one was made.
+    async fn attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> (Verdict, Option<Value>) {
+        let mut decided = None;
+        match self.try_attempt(link, row, now, &mut decided).await {
+            Ok(v) | Err(v) => (v, decided),
         }
     }
 
-    async fn try_attempt(&self, link: &Link, row: &DeliveryRow, now: OffsetDateTime) -> Result<Verdict, Verdict> {
+    async fn try_attempt(
+        &self,
+        link: &Link,
+        row: &DeliveryRow,
+        now: OffsetDateTime,
+        decided: &mut Option<Value>,
+    ) -> Result<Verdict, Verdict> {
         let store_failed = |e: StoreError| Verdict::store_failed("", &e);
         // The version owed and what the policy and the mapping read beside it, in one read.
         let client = row.client_id.as_deref().and_then(|c| RecordId::parse(c).ok());
@@ -804,6 +815,7 @@ impl Worker {
             && let Ok(body) = serde_json::from_str::<Value>(&current.body)
             && let Some(reason) = policy::withdrawn(row.kind, row.version, &body, current.meta.version, &row.partner)
         {
+            *decided = Some(serde_json::json!({"decision": "hold", "reason": reason}));
             return Ok(Verdict::Held { reason });
         }
         let (related, facts) = context(row.kind, &others);
@@ -813,13 +825,27 @@ impl Worker {
         let recipient = Recipient { name: &link.settings.name, profile: &link.profile, holds_record };
         let release =
             match policy::decide(self.mappings.labels(), recipient, row.kind, &record, &related, &facts, now.date()) {
-                Decision::Hold(reason) => return Ok(Verdict::Held { reason }),
+                Decision::Hold(reason) => {
+                    *decided = Some(serde_json::json!({"decision": "hold", "reason": reason}));
+                    return Ok(Verdict::Held { reason });
+                }
                 Decision::Send(release) => release,
             };
+        let redacted = !release.left_out.is_empty();
+        *decided = Some(serde_json::json!({
+            "decision": if redacted { "redact" } else { "send" },
+            "consents": release.consents,
+            "left_out": release.left_out.iter().map(|l| l.what.as_str()).collect::<Vec<_>>(),
+        }));
         let overlay = link.settings.overlay.as_deref();
         let dead = |e: MapError| Verdict::Dead { detail: map_error(&e), status: None, operation_outcome: None };
         let mut resources = self.mappings.render(row.kind, &release.record, overlay, &release.related).map_err(dead)?;
         self.mappings.label(&mut resources);
+        if let Some(Value::Object(d)) = decided.as_mut() {
+            let (sent, labels) = resources_and_labels(&resources);
+            d.insert("resources".into(), sent.into());
+            d.insert("labels".into(), labels.into());
+        }
         let violations = self.mappings.check(overlay, &resources).map_err(dead)?;
         if !violations.is_empty() {
             let first: Vec<String> =
@@ -1323,6 +1349,50 @@ fn jittered(wait: Duration) -> Duration {
     let r = uuid::Uuid::new_v4().as_u128() % 4001;
     let factor = 0.8 + (r as f64) / 10_000.0;
     wait.mul_f64(factor)
+}
+
+/// The audit entry of one delivery attempt: the partner, the row, how it ended (the partner's status, never its
+/// words), and what the egress decision said (send, redact or hold; the consents it rested on; the resources and
+/// the security labels they carried).
+fn delivery_audit(
+    row: &DeliveryRow,
+    attempt: &AttemptRow,
+    decided: Option<Value>,
+    now: OffsetDateTime,
+) -> crate::audit::Entry {
+    let action = match attempt.outcome.as_str() {
+        "delivered" => "delivered".to_owned(),
+        other => format!("delivery_{other}"),
+    };
+    let mut detail = serde_json::json!({"partner": row.partner, "delivery": row.seq, "outcome": attempt.outcome});
+    if let Some(status) = attempt.status {
+        detail["status"] = status.into();
+    }
+    if let (Value::Object(d), Some(Value::Object(decided))) = (&mut detail, decided) {
+        d.extend(decided);
+    }
+    crate::audit::Entry::new(now, "outbox", &action, &format!("delivery-{}", row.seq))
+        .on(row.kind.as_str(), row.id.as_str(), row.version)
+        .of_client(if row.kind == RecordKind::Client { Some(row.id.as_str()) } else { row.client_id.as_deref() })
+        .with_detail(&detail)
+}
+
+/// The resources (`Type/id` as mapped) and the distinct security label codes they carry, for the audit.
+fn resources_and_labels(resources: &[crate::mapping::Emitted]) -> (Vec<String>, Vec<String>) {
+    let mut sent = Vec::with_capacity(resources.len());
+    let mut labels = std::collections::BTreeSet::new();
+    for e in resources {
+        let r = &e.resource;
+        if let (Some(t), Some(id)) = (r["resourceType"].as_str(), r["id"].as_str()) {
+            sent.push(format!("{t}/{id}"));
+        }
+        for label in r["meta"]["security"].as_array().into_iter().flatten() {
+            if let Some(code) = label["code"].as_str() {
+                labels.insert(code.to_owned());
+            }
+        }
+    }
+    (sent, labels.into_iter().collect())
 }
 
 /// The kinds of the client's records a delivery of `kind` reads: its consents and referrals (the policy's facts),

@@ -18,15 +18,29 @@ use crate::audit::{Entry, GENESIS, Sealed, seal};
 pub const CHAIN_LOCK: i64 = 0x6361_7265_6175_6431; // "careaud1"
 
 /// Rows of `audit_events` as read for the chain.
-type ChainRow = (i64, i64, String, String, String, String, i64, String, Option<String>, Option<String>, Option<String>);
+type ChainRow = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
-const CHAIN_COLUMNS: &str = "seq, at, actor, action, kind, record_id, version, request_id, detail, prev_hash, hash";
+const CHAIN_COLUMNS: &str =
+    "seq, at, actor, action, kind, record_id, version, client_id, request_id, detail, prev_hash, hash";
 
 fn sealed(row: ChainRow) -> Sealed {
-    let (seq, at, actor, action, kind, record_id, version, request_id, detail, prev_hash, hash) = row;
+    let (seq, at, actor, action, kind, record_id, version, client, request_id, detail, prev_hash, hash) = row;
     Sealed {
         seq,
-        entry: Entry { at, actor, action, kind, record_id, version, request_id, detail },
+        entry: Entry { at, actor, action, kind, record_id, version, client, request_id, detail },
         prev_hash: prev_hash.unwrap_or_default(),
         hash: hash.unwrap_or_default(),
     }
@@ -40,6 +54,14 @@ pub trait AuditChain: Send + Sync {
     /// # Errors
     /// `Database`.
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<Sealed>, StoreError>;
+
+    /// Appends entries of an exchange that wrote nothing else (a read of client data, a refused key, a refused
+    /// inbound request), durable before it returns. An exchange that writes appends its entries in its own
+    /// transaction instead.
+    ///
+    /// # Errors
+    /// `Database`, `WriterStopped`.
+    async fn audit(&self, entries: Vec<Entry>) -> Result<(), StoreError>;
 }
 
 macro_rules! impl_audit {
@@ -54,6 +76,18 @@ macro_rules! impl_audit {
                 conn: &mut <$db as sqlx::Database>::Connection,
                 entry: &Entry,
             ) -> Result<i64, StoreError> {
+                Self::append_audits(conn, std::slice::from_ref(entry)).await
+            }
+
+            /// Appends `entries`, in order, to the chain on `conn` inside the caller's transaction (the head read
+            /// once); the number of the last (the head's when there are none).
+            ///
+            /// # Errors
+            /// `Database`.
+            pub(crate) async fn append_audits(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                entries: &[Entry],
+            ) -> Result<i64, StoreError> {
                 if !$lock.is_empty() {
                     sqlx::query($lock).bind(CHAIN_LOCK).execute(&mut *conn).await?;
                 }
@@ -61,31 +95,35 @@ macro_rules! impl_audit {
                     sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
                         .fetch_optional(&mut *conn)
                         .await?;
-                let (last, prev) = match head {
+                let (mut seq, mut prev) = match head {
                     None => (0, GENESIS.to_owned()),
                     Some((seq, Some(hash))) => (seq, hash),
                     // Entries kept before the chain, not sealed yet (the store seals them when it opens).
                     Some((seq, None)) => (seq, Self::seal_unsealed(&mut *conn).await?.unwrap_or_default()),
                 };
-                let seq = last + 1;
-                let hash = seal(seq, entry, &prev);
-                sqlx::query(
-                    "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, request_id, detail, \
-                     prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                )
-                .bind(seq)
-                .bind(entry.at)
-                .bind(&entry.actor)
-                .bind(&entry.action)
-                .bind(&entry.kind)
-                .bind(&entry.record_id)
-                .bind(entry.version)
-                .bind(&entry.request_id)
-                .bind(entry.detail.as_deref())
-                .bind(&prev)
-                .bind(&hash)
-                .execute(&mut *conn)
-                .await?;
+                for entry in entries {
+                    seq += 1;
+                    let hash = seal(seq, entry, &prev);
+                    sqlx::query(
+                        "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, client_id, \
+                         request_id, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    )
+                    .bind(seq)
+                    .bind(entry.at)
+                    .bind(&entry.actor)
+                    .bind(&entry.action)
+                    .bind(entry.kind.as_deref())
+                    .bind(entry.record_id.as_deref())
+                    .bind(entry.version)
+                    .bind(entry.client.as_deref())
+                    .bind(&entry.request_id)
+                    .bind(entry.detail.as_deref())
+                    .bind(&prev)
+                    .bind(&hash)
+                    .execute(&mut *conn)
+                    .await?;
+                    prev = hash;
+                }
                 Ok(seq)
             }
 
@@ -142,6 +180,19 @@ macro_rules! impl_audit {
                 .fetch_all(self.reader())
                 .await?;
                 Ok(rows.into_iter().map(sealed).collect())
+            }
+
+            async fn audit(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+                if entries.is_empty() {
+                    return Ok(());
+                }
+                if let Some(batcher) = self.batcher() {
+                    return batcher.audit(entries).await;
+                }
+                let mut tx = self.writer().begin_with($begin).await?;
+                Self::append_audits(&mut *tx, &entries).await?;
+                tx.commit().await?;
+                Ok(())
             }
         }
     };

@@ -317,22 +317,12 @@ macro_rules! impl_followup {
                 actor: &Actor,
                 now: OffsetDateTime,
             ) -> Result<(), StoreError> {
-                let mut tx = self.writer().begin_with($begin).await?;
-                let mut entry = crate::audit::Entry::new(
-                    now,
-                    &actor.key_name,
-                    "partner_move_refused",
-                    "referral",
-                    id.as_str(),
-                    version,
-                    &actor.request_id,
-                );
+                let mut entry = crate::audit::Entry::new(now, &actor.key_name, "partner_move_refused", &actor.request_id)
+                    .on("referral", id.as_str(), version);
                 if let Some(partner) = &actor.partner {
                     entry = entry.with_detail(&serde_json::json!({"partner": partner}));
                 }
-                Self::append_audit(&mut *tx, &entry).await?;
-                tx.commit().await?;
-                Ok(())
+                crate::store::AuditChain::audit(self, vec![entry]).await
             }
 
             async fn begin_subscription(

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::sql::SqlStore;
 use super::{Actor, Precondition, RecordWrite, SaveOutcome, StoreError};
+use crate::audit::Entry;
 
 /// Most writes committed in one transaction; keeps a batch's lock time (and the latency of its first write) short.
 const MAX_BATCH: usize = 64;
@@ -35,12 +36,41 @@ pub(super) struct GroupCommit {
     ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
-struct Job {
-    write: RecordWrite,
-    pre: Precondition,
-    actor: Actor,
-    now: i64,
-    reply: oneshot::Sender<Result<SaveOutcome, StoreError>>,
+/// One write the thread commits.
+enum Job {
+    /// A record write (with its history row, outbox rows and audit entry).
+    Record {
+        write: RecordWrite,
+        pre: Precondition,
+        actor: Actor,
+        now: i64,
+        reply: oneshot::Sender<Result<SaveOutcome, StoreError>>,
+    },
+    /// Audit entries of something that wrote nothing else (a read, a refused key).
+    Audit { entries: Vec<Entry>, reply: oneshot::Sender<Result<(), StoreError>> },
+}
+
+/// What one job came to, before its caller hears it.
+enum Done {
+    Saved(Result<SaveOutcome, StoreError>),
+    Audited,
+}
+
+impl Job {
+    fn answer(self, done: Result<Done, StoreError>) {
+        match self {
+            Job::Record { reply, .. } => {
+                let _ = reply.send(match done {
+                    Ok(Done::Saved(outcome)) => outcome,
+                    Ok(Done::Audited) => Err(StoreError::WriterStopped),
+                    Err(e) => Err(e),
+                });
+            }
+            Job::Audit { reply, .. } => {
+                let _ = reply.send(done.map(|_| ()));
+            }
+        }
+    }
 }
 
 impl GroupCommit {
@@ -84,7 +114,14 @@ impl GroupCommit {
         now: i64,
     ) -> Result<SaveOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { write, pre, actor, now, reply }).await.map_err(|_| StoreError::WriterStopped)?;
+        self.jobs.send(Job::Record { write, pre, actor, now, reply }).await.map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// Appends audit entries; answers after the transaction holding them has committed.
+    pub(super) async fn audit(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job::Audit { entries, reply }).await.map_err(|_| StoreError::WriterStopped)?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 }
@@ -109,14 +146,14 @@ async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, mut stopping: wat
         match together(&pool, &batch).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = job.reply.send(outcome);
+                    job.answer(Ok(outcome));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, writes = batch.len(), "A group commit failed; retrying its writes one by one.");
                 for job in batch.drain(..) {
                     let outcome = alone(&pool, &job).await;
-                    let _ = job.reply.send(outcome);
+                    job.answer(outcome);
                 }
             }
         }
@@ -125,19 +162,27 @@ async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, mut stopping: wat
 
 /// Every write of the batch in one transaction. A refused precondition writes nothing and is that write's answer;
 /// any other error rolls the whole batch back.
-async fn together(pool: &SqlitePool, batch: &[Job]) -> Result<Vec<Result<SaveOutcome, StoreError>>, StoreError> {
+async fn together(pool: &SqlitePool, batch: &[Job]) -> Result<Vec<Done>, StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
-        let mut applied = SqlStore::<Sqlite>::apply(&mut tx, &job.write, job.pre, &job.actor, job.now).await;
+        let (write, pre, actor, now) = match job {
+            Job::Record { write, pre, actor, now, .. } => (write, *pre, actor, *now),
+            Job::Audit { entries, .. } => {
+                SqlStore::<Sqlite>::append_audits(&mut tx, entries).await?;
+                outcomes.push(Done::Audited);
+                continue;
+            }
+        };
+        let mut applied = SqlStore::<Sqlite>::apply(&mut tx, write, pre, actor, now).await;
         if matches!(applied, Ok(None)) {
             // With one writer an insert cannot lose a race; should it ever, reading again settles it.
-            applied = SqlStore::<Sqlite>::apply(&mut tx, &job.write, job.pre, &job.actor, job.now).await;
+            applied = SqlStore::<Sqlite>::apply(&mut tx, write, pre, actor, now).await;
         }
         match applied {
-            Ok(Some(outcome)) => outcomes.push(Ok(outcome)),
-            Ok(None) => outcomes.push(Err(StoreError::PreconditionFailed { current: None })),
-            Err(refused @ StoreError::PreconditionFailed { .. }) => outcomes.push(Err(refused)),
+            Ok(Some(outcome)) => outcomes.push(Done::Saved(Ok(outcome))),
+            Ok(None) => outcomes.push(Done::Saved(Err(StoreError::PreconditionFailed { current: None }))),
+            Err(refused @ StoreError::PreconditionFailed { .. }) => outcomes.push(Done::Saved(Err(refused))),
             Err(e) => return Err(e),
         }
     }
@@ -146,13 +191,22 @@ async fn together(pool: &SqlitePool, batch: &[Job]) -> Result<Vec<Result<SaveOut
 }
 
 /// One write in a transaction of its own.
-async fn alone(pool: &SqlitePool, job: &Job) -> Result<SaveOutcome, StoreError> {
+async fn alone(pool: &SqlitePool, job: &Job) -> Result<Done, StoreError> {
+    let (write, pre, actor, now) = match job {
+        Job::Record { write, pre, actor, now, .. } => (write, *pre, actor, *now),
+        Job::Audit { entries, .. } => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            SqlStore::<Sqlite>::append_audits(&mut tx, entries).await?;
+            tx.commit().await?;
+            return Ok(Done::Audited);
+        }
+    };
     for _ in 0..2 {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(outcome) = SqlStore::<Sqlite>::apply(&mut tx, &job.write, job.pre, &job.actor, job.now).await? {
+        if let Some(outcome) = SqlStore::<Sqlite>::apply(&mut tx, write, pre, actor, now).await? {
             tx.commit().await?;
-            return Ok(outcome);
+            return Ok(Done::Saved(Ok(outcome)));
         }
     }
-    Err(StoreError::PreconditionFailed { current: None })
+    Ok(Done::Saved(Err(StoreError::PreconditionFailed { current: None })))
 }

@@ -16,7 +16,7 @@ use sqlx::{Postgres, Sqlite};
 use time::OffsetDateTime;
 
 use super::sql::SqlStore;
-use super::{StoreError, from_micros, to_micros};
+use super::{Actor, StoreError, from_micros, to_micros};
 use crate::domain::{RecordId, RecordKind};
 
 /// The rank of a kind in a client's delivery order: lower ranks go first.
@@ -156,6 +156,8 @@ pub struct Settlement {
     /// timeout, a refused connection, 408, 429, 5xx), `None` nothing was asked of it (held, unmappable, our own
     /// failure).
     pub partner_answered: Option<bool>,
+    /// The attempt's audit entry, appended with the settlement (none for a hold that only repeats itself).
+    pub audit: Option<crate::audit::Entry>,
 }
 
 /// Which rows to list.
@@ -258,18 +260,29 @@ pub trait Outbox: Send + Sync {
 
     /// Puts a row back in the queue (due now) from any state but `pending`; a row of an older version than one
     /// already delivered cannot come back (it would overwrite the newer one). The row as it is afterwards, and
-    /// whether it changed (`None`: no such row).
+    /// whether it changed (`None`: no such row); a change is audited (`delivery_replayed`) naming `actor`.
     ///
     /// # Errors
     /// `Database`.
-    async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError>;
+    async fn replay_delivery(
+        &self,
+        seq: i64,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Option<(DeliveryRow, bool)>, StoreError>;
 
     /// Gives a waiting row up (`pending` and not in flight, `held` or `dead` → `discarded`). The row as it is
-    /// afterwards, and whether it changed (`None`: no such row).
+    /// afterwards, and whether it changed (`None`: no such row); a change is audited (`delivery_discarded`) naming
+    /// `actor`.
     ///
     /// # Errors
     /// `Database`.
-    async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError>;
+    async fn discard_delivery(
+        &self,
+        seq: i64,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Option<(DeliveryRow, bool)>, StoreError>;
 
     /// Rows per partner and state, with the oldest of each, for the states that wait (`pending`, `held`, `dead`).
     ///
@@ -283,6 +296,14 @@ pub trait Outbox: Send + Sync {
     /// # Errors
     /// `Database`.
     async fn analyze_outbox(&self) -> Result<(), StoreError>;
+}
+
+/// The audit entry of an operator's action on a delivery.
+fn operator_entry(row: &DeliveryRow, action: &str, actor: &Actor, at: OffsetDateTime) -> crate::audit::Entry {
+    crate::audit::Entry::new(at, &actor.key_name, action, &actor.request_id)
+        .on(row.kind.as_str(), row.id.as_str(), row.version)
+        .of_client(if row.kind == RecordKind::Client { Some(row.id.as_str()) } else { row.client_id.as_deref() })
+        .with_detail(&serde_json::json!({"partner": row.partner, "delivery": row.seq}))
 }
 
 type Row = (i64, String, String, i64, String, Option<String>, String, i64, i64, i64, i64, Option<String>);
@@ -433,6 +454,7 @@ macro_rules! impl_outbox {
                 let now_us = to_micros(now);
                 let mut tx = self.writer().begin_with($begin).await?;
                 let mut settled = 0;
+                let mut audit = Vec::new();
                 for s in settlements {
                     let (state, not_before) = match &s.settle {
                         Settle::Delivered => (state::DELIVERED, now_us),
@@ -459,6 +481,7 @@ macro_rules! impl_outbox {
                         continue;
                     }
                     settled += 1;
+                    audit.extend(s.audit.clone());
                     if s.keep_attempt {
                         sqlx::query(
                             "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
@@ -523,6 +546,10 @@ macro_rules! impl_outbox {
                             }
                         }
                     }
+                }
+                // Last: the chain's lock (PostgreSQL) is held from here to the commit only.
+                if !audit.is_empty() {
+                    Self::append_audits(&mut *tx, &audit).await?;
                 }
                 tx.commit().await?;
                 Ok(settled)
@@ -641,8 +668,13 @@ macro_rules! impl_outbox {
                 rows.into_iter().map(delivery_row).collect()
             }
 
-            async fn replay_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError> {
-                let now = to_micros(now);
+            async fn replay_delivery(
+                &self,
+                seq: i64,
+                actor: &Actor,
+                at: OffsetDateTime,
+            ) -> Result<Option<(DeliveryRow, bool)>, StoreError> {
+                let now = to_micros(at);
                 let mut tx = self.writer().begin_with($begin).await?;
                 let changed = sqlx::query(
                     "UPDATE outbox SET state = 'pending', not_before = $2, updated_at = $2, lease_owner = NULL, \
@@ -657,12 +689,20 @@ macro_rules! impl_outbox {
                 .rows_affected()
                     == 1;
                 let row = Self::row_in(&mut tx, seq).await?;
+                if changed && let Some(r) = &row {
+                    Self::append_audit(&mut *tx, &operator_entry(r, "delivery_replayed", actor, at)).await?;
+                }
                 tx.commit().await?;
                 Ok(row.map(|r| (r, changed)))
             }
 
-            async fn discard_delivery(&self, seq: i64, now: OffsetDateTime) -> Result<Option<(DeliveryRow, bool)>, StoreError> {
-                let now = to_micros(now);
+            async fn discard_delivery(
+                &self,
+                seq: i64,
+                actor: &Actor,
+                at: OffsetDateTime,
+            ) -> Result<Option<(DeliveryRow, bool)>, StoreError> {
+                let now = to_micros(at);
                 let mut tx = self.writer().begin_with($begin).await?;
                 let changed = sqlx::query(
                     "UPDATE outbox SET state = 'discarded', updated_at = $2, lease_owner = NULL, lease_until = NULL, \
@@ -676,6 +716,9 @@ macro_rules! impl_outbox {
                 .rows_affected()
                     == 1;
                 let row = Self::row_in(&mut tx, seq).await?;
+                if changed && let Some(r) = &row {
+                    Self::append_audit(&mut *tx, &operator_entry(r, "delivery_discarded", actor, at)).await?;
+                }
                 tx.commit().await?;
                 Ok(row.map(|r| (r, changed)))
             }

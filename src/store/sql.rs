@@ -116,6 +116,11 @@ impl<DB: Database> SqlStore<DB> {
     pub(super) fn reader(&self) -> &Pool<DB> {
         &self.reader
     }
+
+    /// SQLite: the writer thread, which commits writes queued together.
+    pub(super) fn batcher(&self) -> Option<&GroupCommit> {
+        self.batcher.as_ref()
+    }
 }
 
 fn audit_action(change: Change, outcome: &SaveOutcome) -> &'static str {
@@ -312,16 +317,10 @@ macro_rules! impl_store {
                     }
                 }
                 // Last: the chain's lock (PostgreSQL) is held from here to the commit only.
-                let mut entry = crate::audit::Entry {
-                    at: now,
-                    actor: actor.key_name.clone(),
-                    action: action.to_owned(),
-                    kind: write.kind.as_str().to_owned(),
-                    record_id: write.id.as_str().to_owned(),
-                    version,
-                    request_id: actor.request_id.clone(),
-                    detail: None,
-                };
+                let client_of = if write.kind == RecordKind::Client { Some(&write.id) } else { write.client_id.as_ref() };
+                let mut entry = crate::audit::Entry::new(from_micros(now), &actor.key_name, action, &actor.request_id)
+                    .on(write.kind.as_str(), write.id.as_str(), version)
+                    .of_client(client_of.map(RecordId::as_str));
                 if let Some(partner) = &actor.partner {
                     entry = entry.with_detail(&serde_json::json!({"partner": partner}));
                 }

@@ -12,7 +12,7 @@ use sqlx::{Postgres, Sqlite};
 use time::OffsetDateTime;
 
 use super::sql::SqlStore;
-use super::{StoreError, from_micros, to_micros};
+use super::{Actor, StoreError, from_micros, to_micros};
 
 /// A sync job to record as it starts.
 #[derive(Debug, Clone)]
@@ -29,6 +29,9 @@ pub struct NewSyncJob {
     pub started_by: String,
     /// Counts so far (all zero), as JSON.
     pub progress: Value,
+    /// The operator who asked for it (an API key, the command line), audited as `sync_started` when it starts;
+    /// `None` for the schedule.
+    pub by: Option<Actor>,
 }
 
 /// What taking a source's lease for a new job did.
@@ -251,6 +254,14 @@ macro_rules! impl_sync_jobs {
                 .bind(job.progress.to_string())
                 .execute(&mut *tx)
                 .await?;
+                if let Some(by) = &job.by {
+                    let entry = crate::audit::Entry::new(from_micros(now), &by.key_name, "sync_started", &by.request_id)
+                        .with_detail(&serde_json::json!({
+                            "source": job.source, "job": job.id, "mode": job.mode, "force": job.force,
+                            "started_by": job.started_by,
+                        }));
+                    Self::append_audit(&mut *tx, &entry).await?;
+                }
                 tx.commit().await?;
                 Ok(Begun::Started)
             }

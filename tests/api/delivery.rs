@@ -331,7 +331,7 @@ async fn failures_retry_on_the_schedule_honour_retry_after_and_end_delivered() {
     // Three attempts in a row got no answer: the partner's circuit is open, and the next probe goes 15 s after the
     // last. An operator replays the row meanwhile; it waits for that probe; the partner is back: delivered, with
     // every attempt on record.
-    w.store.replay_delivery(row.seq, t3).await.expect("replay");
+    w.store.replay_delivery(row.seq, &operator(), t3).await.expect("replay");
     assert_eq!(w.worker.run_once(t3).await.expect("pass").claimed, 0, "the circuit is open");
     let r = w.worker.run_once(t3 + Duration::from_secs(15)).await.expect("pass");
     assert_eq!(r.delivered, 1, "{r:?}");
@@ -421,7 +421,7 @@ async fn versions_written_before_a_delivery_go_as_one_the_newest() {
     assert_eq!(phone.expect("phone")["value"], "+1-503-555-0103");
     // A superseded version cannot be replayed over the newer one.
     let v1 = w.rows(RecordKind::Client, "cl-1001").await.remove(0);
-    let (after, changed) = w.store.replay_delivery(v1.seq, T0).await.expect("replay").expect("row");
+    let (after, changed) = w.store.replay_delivery(v1.seq, &operator(), T0).await.expect("replay").expect("row");
     assert_eq!(after.state, "superseded");
     assert!(!changed);
 }
@@ -622,4 +622,62 @@ async fn a_server_that_cannot_find_goals_by_identifier_gets_them_created_once_an
         "{:?}",
         again.iter().map(|g| format!("{} {}", g.method, g.path)).collect::<Vec<_>>()
     );
+}
+
+/// An operator acting on a delivery in a test.
+fn operator() -> Actor {
+    Actor { key_name: "test-operator".into(), request_id: "req-operator".into(), partner: None }
+}
+
+#[tokio::test]
+async fn every_attempt_is_audited_with_the_partner_the_decision_its_consent_and_what_was_sent() {
+    let w = world(0, &["client"]).await;
+    // No consent yet: held, audited once however often it is looked at again.
+    w.put("cl-1001", fixture::<Client>("client/cl-1001.json")).await;
+    assert_eq!(w.worker.run_once(T0).await.expect("pass").held, 1);
+    assert_eq!(w.worker.run_once(T0 + Duration::from_secs(3600)).await.expect("pass").held, 1);
+    // Consented, the partner refuses once (the data reached it: audited with the status), then takes it.
+    w.consent_for("cl-1001").await;
+    let outcome = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+        "diagnostics": "Missing required property"}]});
+    w.fake.play([Act::Answer(400, vec![], outcome)]);
+    assert_eq!(w.worker.run_once(T0 + Duration::from_secs(7200)).await.expect("pass").dead, 1);
+    let row = w.only_row(RecordKind::Client, "cl-1001").await;
+    w.store.replay_delivery(row.seq, &operator(), T0 + Duration::from_secs(7201)).await.expect("replay");
+    assert_eq!(w.worker.run_once(T0 + Duration::from_secs(7202)).await.expect("pass").delivered, 1);
+
+    let chain = w.store.audit_chain(0, 1000).await.expect("chain");
+    let of = |action: &str| chain.iter().filter(|e| e.entry.action == action).collect::<Vec<_>>();
+    let detail = |e: &carebridge::audit::Sealed| -> Value {
+        serde_json::from_str(e.entry.detail.as_deref().expect("detail")).expect("json")
+    };
+    let held = of("delivery_held");
+    assert_eq!(held.len(), 1, "a hold that only repeats itself is not audited again");
+    assert_eq!(held[0].entry.actor, "outbox");
+    assert_eq!(held[0].entry.client.as_deref(), Some("cl-1001"));
+    let d = detail(held[0]);
+    assert_eq!((d["partner"].as_str(), d["decision"].as_str()), (Some("st-marys-ehr"), Some("hold")));
+    assert!(d["reason"].as_str().is_some_and(|r| !r.is_empty()), "{d}");
+
+    let dead = of("delivery_dead");
+    assert_eq!(dead.len(), 1);
+    let d = detail(dead[0]);
+    assert_eq!((d["status"].as_i64(), d["decision"].as_str()), (Some(400), Some("send")), "{d}");
+    assert_eq!(d["consents"], json!(["co-cl-1001"]));
+    assert_eq!(d["resources"], json!(["Patient/cl-1001"]));
+    assert!(d["labels"].as_array().is_some_and(|l| !l.is_empty()), "what was sent carried its labels: {d}");
+    assert!(
+        !dead[0].entry.detail.as_deref().unwrap_or_default().contains("Missing required"),
+        "never the partner's words"
+    );
+
+    assert_eq!(of("delivery_replayed")[0].entry.actor, "test-operator");
+    let delivered = of("delivered");
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].entry.record_id.as_deref(), Some("cl-1001"));
+    assert_eq!(detail(delivered[0])["delivery"], row.seq);
+    // In the order it happened: the hold, the refusal, the replay, the delivery.
+    let order: Vec<&str> = chain.iter().map(|e| e.entry.action.as_str()).filter(|a| a.starts_with("deliver")).collect();
+    assert_eq!(order, ["delivery_held", "delivery_dead", "delivery_replayed", "delivered"]);
+    assert!(carebridge::cli::verify_audit(&*w.store).await.expect("read").is_ok());
 }

@@ -254,7 +254,7 @@ async fn every_fixture_reaches_a_real_fhir_server_once_with_references_that_reso
     let before = stmarys.requests().await.len();
     let rows = w.store.list_deliveries(&DeliveryFilter { limit: 10_000, ..DeliveryFilter::default() }).await;
     for r in rows.expect("rows").iter().filter(|r| r.partner == "st-marys-ehr" && r.state == "delivered") {
-        w.store.replay_delivery(r.seq, OffsetDateTime::now_utc()).await.expect("replay");
+        w.store.replay_delivery(r.seq, &actor(), OffsetDateTime::now_utc()).await.expect("replay");
     }
     let again = w.drain().await;
     assert_eq!(again.dead + again.retried, 0, "{again:?}");

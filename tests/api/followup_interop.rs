@@ -203,7 +203,9 @@ async fn the_hospital_performs_on_its_own_server_and_the_agency_referral_follows
     assert_eq!(w.referral().await["status"], "completed");
     let audit = w.store.audit_chain(0, 1000).await.expect("audit");
     assert!(
-        audit.iter().any(|e| e.entry.action == "partner_move_refused" && e.entry.record_id == "ref-4001"),
+        audit
+            .iter()
+            .any(|e| e.entry.action == "partner_move_refused" && e.entry.record_id.as_deref() == Some("ref-4001")),
         "{audit:?}"
     );
 

@@ -1,5 +1,6 @@
 //! Integration tests of the gateway, in one binary so it links once.
 
+mod audit;
 mod connections;
 mod delivery;
 mod delivery_crash;

@@ -124,7 +124,7 @@ async fn writes_create_replace_and_leave_identical_bodies_unchanged(store: Arc<d
     assert_eq!(actions, [(1, "created", "contract"), (2, "replaced", "contract")]);
     let audit = s.audit_chain(0, 100).await.expect("audit");
     let actions: Vec<_> = audit.iter().map(|a| (a.entry.action.as_str(), a.entry.version)).collect();
-    assert_eq!(actions, [("created", 1), ("unchanged", 1), ("replaced", 2)]);
+    assert_eq!(actions, [("created", Some(1)), ("unchanged", Some(1)), ("replaced", Some(2))]);
     assert!(audit.windows(2).all(|w| w[0].seq < w[1].seq));
     let after_first = s.audit_chain(audit[0].seq, 100).await.expect("audit");
     assert_eq!(after_first.len(), 2);
@@ -287,6 +287,7 @@ fn job(id: &str, source: &str) -> NewSyncJob {
         force: false,
         started_by: "api".into(),
         progress: serde_json::json!({"read": 0}),
+        by: None,
     }
 }
 
@@ -504,6 +505,7 @@ async fn outbox_claims_take_each_row_once_in_order(store: Arc<dyn Store>) {
         waits_for: Vec::new(),
         keep_attempt: true,
         partner_answered: None,
+        audit: None,
     };
     assert_eq!(s.settle_deliveries("worker-a", &[settle(b[0].seq)], later).await.expect("settle"), 0);
     assert_eq!(s.settle_deliveries("worker-b", &[settle(b[0].seq)], later).await.expect("settle"), 1);
@@ -581,6 +583,7 @@ async fn a_wait_recorded_after_its_target_arrived_goes_again_at_once(store: Arc<
         waits_for: waits.iter().map(|w| (*w).to_owned()).collect(),
         keep_attempt: true,
         partner_answered: None,
+        audit: None,
     };
     // `ref-early` settles while its target is still missing: it waits.
     s.settle_deliveries("worker-a", &[delivered(seq("ref-early"), &["ServiceRequest/ref-target"])], t0())

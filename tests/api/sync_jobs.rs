@@ -198,6 +198,7 @@ async fn stopping_the_gateway_stops_its_running_sync_and_gives_the_lease_back() 
         force: false,
         started_by: "cli".into(),
         progress: json!({}),
+        by: None,
     };
     let begun = store.begin_directory_sync(&next, now, now + time::Duration::seconds(60)).await.expect("begin");
     assert_eq!(begun, carebridge::store::Begun::Started, "the stopped sync gave its lease back");
@@ -232,6 +233,7 @@ async fn a_scheduled_turn_skips_while_another_replica_syncs_and_is_incremental_u
             carebridge::directories::SyncMode::Incremental,
             false,
             carebridge::directories::jobs::StartedBy::Schedule,
+            None,
             t0,
         )
         .await
@@ -270,6 +272,7 @@ async fn the_cli_refuses_to_sync_a_directory_a_gateway_is_syncing() {
         force: false,
         started_by: "api".into(),
         progress: json!({}),
+        by: None,
     };
     store.begin_directory_sync(&running, now, now + time::Duration::seconds(60)).await.expect("begin");
     let cli = |args: &[&str]| {
@@ -373,6 +376,7 @@ async fn a_sync_whose_lease_another_job_took_over_stops_and_says_so() {
             carebridge::directories::SyncMode::Full,
             false,
             carebridge::directories::jobs::StartedBy::Api,
+            None,
             now,
         )
         .await
@@ -389,6 +393,7 @@ async fn a_sync_whose_lease_another_job_took_over_stops_and_says_so() {
         force: false,
         started_by: "schedule".into(),
         progress: json!({}),
+        by: None,
     };
     let taken = store.begin_directory_sync(&other, later, later + time::Duration::seconds(60)).await.expect("begin");
     assert_eq!(taken, carebridge::store::Begun::Started);

@@ -1,0 +1,132 @@
+//! The audit trail seen from outside: reads through `/api/v1` and `/fhir`, refused keys, and an operator's replay
+//! and discard through the API and the command line each leave an entry naming who; the chain verifies.
+
+use std::process::Command;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{READER_KEY, ST_MARYS_KEY, TestApp, WRITER_KEY, spawn_app};
+
+async fn as_key(app: &TestApp, key: &str, method: Method, path: &str) -> reqwest::Response {
+    app.client.request(method, format!("{}{path}", app.base)).bearer_auth(key).send().await.expect("sent")
+}
+
+/// The whole chain, as the API pages it.
+async fn chain(app: &TestApp) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = app.get_json(&format!("/api/v1/audit-events?after={after}&limit=500")).await;
+        let events = page["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            return all;
+        }
+        after = page["next_after"].as_i64().expect("cursor");
+        all.extend(events);
+    }
+}
+
+fn entries<'a>(all: &'a [Value], action: &str) -> Vec<&'a Value> {
+    all.iter().filter(|e| e["action"] == action).collect()
+}
+
+fn carebridge(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let db = format!("sqlite:{}", app.dir.path().join("carebridge.db").display());
+    Command::new(env!("CARGO_BIN_EXE_carebridge"))
+        .env("USER", "night-operator")
+        .args(["--database", &db])
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+#[tokio::test]
+async fn reads_refusals_and_operator_actions_are_audited_naming_who_and_the_chain_verifies() {
+    let app = spawn_app().await;
+    app.load_fixtures().await;
+
+    // A read through /api/v1: who, which record and version, whose data.
+    assert_eq!(as_key(&app, READER_KEY, Method::GET, "/api/v1/care-plans/cp-3001").await.status(), 200);
+    let listed = as_key(&app, READER_KEY, Method::GET, "/api/v1/clients?limit=2").await;
+    assert_eq!(listed.status(), 200);
+    // A read through /fhir by a partner.
+    assert_eq!(as_key(&app, ST_MARYS_KEY, Method::GET, "/fhir/Task/ref-4001").await.status(), 200);
+    // A partner's referral the gateway cannot take.
+    let refused = app
+        .client
+        .post(format!("{}/fhir/Task", app.base))
+        .bearer_auth(ST_MARYS_KEY)
+        .header("content-type", "application/fhir+json")
+        .body(json!({"resourceType": "Task", "status": "requested"}).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert!(refused.status().is_client_error(), "{}", refused.status());
+    let refused_status = refused.status().as_u16();
+    // A key that is not one, and a key without the scope.
+    let planted = "sk-planted-secret-0123456789";
+    assert_eq!(as_key(&app, planted, Method::GET, "/api/v1/clients/cl-1001").await.status(), 401);
+    assert_eq!(as_key(&app, WRITER_KEY, Method::GET, "/api/v1/deliveries").await.status(), 403);
+
+    // An operator discards a delivery through the API, and replays it from the command line.
+    let one = app.get_json("/api/v1/deliveries?record=referral/ref-4001").await;
+    let id = one["items"][0]["id"].as_i64().expect("a delivery");
+    assert_eq!(app.post(&format!("/api/v1/deliveries/{id}/discard"), &json!({})).await.status(), 200);
+    let replayed = carebridge(&app, &["outbox", "replay", &id.to_string()]);
+    assert!(replayed.status.success(), "{}", String::from_utf8_lossy(&replayed.stderr));
+
+    let all = chain(&app).await;
+    let reads = entries(&all, "read");
+    let plan = reads.iter().find(|e| e["kind"] == "care-plan").expect("the care plan read");
+    assert_eq!((plan["actor"].as_str(), plan["record_id"].as_str()), (Some("reader"), Some("cp-3001")));
+    assert_eq!(plan["client_id"], "cl-1001");
+    assert_eq!(plan["detail"]["via"], "api");
+    assert_eq!(reads.iter().filter(|e| e["kind"] == "client" && e["actor"] == "reader").count(), 2, "one per listed");
+    let task = reads.iter().find(|e| e["detail"]["via"] == "fhir").expect("the /fhir read");
+    assert_eq!(
+        (task["actor"].as_str(), task["detail"]["partner"].as_str()),
+        (Some("st-marys-key"), Some("st-marys-ehr"))
+    );
+    assert_eq!((task["kind"].as_str(), task["record_id"].as_str()), (Some("referral"), Some("ref-4001")));
+
+    let refused = entries(&all, "authentication_refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["actor"], "anonymous");
+    assert_eq!(refused[0]["detail"]["peer"], "127.0.0.1");
+    assert_eq!(refused[0]["detail"]["reason"], "invalid_key");
+    assert_eq!(refused[0]["detail"]["route"], "/api/v1/clients/{id}");
+    assert!(!all.iter().any(|e| e.to_string().contains(planted)), "the key presented is never kept");
+    let scope = entries(&all, "access_refused");
+    assert_eq!(
+        (scope[0]["actor"].as_str(), scope[0]["detail"]["reason"].as_str()),
+        (Some("writer"), Some("needs_admin_scope"))
+    );
+
+    let inbound = entries(&all, "inbound_refused");
+    assert_eq!(inbound.len(), 1, "{inbound:?}");
+    assert_eq!(
+        (inbound[0]["actor"].as_str(), inbound[0]["detail"]["partner"].as_str()),
+        (Some("st-marys-key"), Some("st-marys-ehr"))
+    );
+    assert_eq!(inbound[0]["detail"]["status"], refused_status);
+    assert_eq!(inbound[0]["detail"]["route"], "POST /fhir/Task");
+
+    let discarded = entries(&all, "delivery_discarded");
+    assert_eq!(discarded.len(), 1);
+    assert_eq!(discarded[0]["actor"], "admin");
+    assert_eq!(discarded[0]["detail"]["delivery"], id);
+    assert_eq!(discarded[0]["detail"]["partner"], "st-marys-ehr");
+    let replayed = entries(&all, "delivery_replayed");
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["actor"], "cli:night-operator");
+    assert_eq!(replayed[0]["record_id"], "ref-4001");
+
+    // Numbered without gaps, each linked to the one before; the command line agrees.
+    assert!(all.windows(2).all(|w| w[1]["seq"].as_i64() == w[0]["seq"].as_i64().map(|s| s + 1)));
+    let verify = carebridge(&app, &["audit", "verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains(&format!("{} entries", all.len())));
+    // The audit log itself is for admins only.
+    assert_eq!(as_key(&app, READER_KEY, Method::GET, "/api/v1/audit-events").await.status(), 403);
+}
