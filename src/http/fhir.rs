@@ -345,7 +345,7 @@ pub async fn capability_statement() -> Response {
                 "description": "Every call but this one needs Authorization: Bearer <API key>. An agency key reads \
                     every referral's Task; a partner's key acts as that partner: it sees the Tasks of the referrals \
                     it sent or received, as the client's consents allow, and moves their status as its side of \
-                    the referral may (Gravity SDOH Clinical Care state machine)."
+                    the referral may (Gravity SDOH Clinical Care state machine). AuditEvent is for admin keys only."
             },
             "resource": [
                 task,
@@ -357,6 +357,8 @@ pub async fn capability_statement() -> Response {
                 read_only("HealthcareService", search(&[("name", "string"), ("service-category", "token"), ("organization", "reference"), ("location", "reference"), ("active", "token"), ("_lastUpdated", "date")])),
                 read_only("Organization", search(&[("name", "string")])),
                 read_only("Location", search(&[("name", "string")])),
+                read_only("AuditEvent", search(&[("patient", "reference"), ("date", "date"), ("agent", "reference"),
+                    ("entity", "reference"), ("outcome", "token"), ("type", "token"), ("subtype", "token")])),
             ]
         }]
     });

@@ -9,6 +9,7 @@ pub mod deliveries;
 pub mod directory;
 pub mod extract;
 pub mod fhir;
+pub mod fhir_audit;
 pub mod fhir_records;
 pub mod hsds;
 pub mod ops;
@@ -103,6 +104,11 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
     let by_method = guard(keys.clone(), None, false);
     let fhir_callers = guard(keys.clone(), None, true);
     let admin = guard(keys, Some(Scope::Admin), false);
+    // The audit trail as AuditEvents: admin keys only, never a partner's.
+    let audit_events = Router::new()
+        .route("/fhir/AuditEvent", get(fhir_audit::search))
+        .route("/fhir/AuditEvent/{id}", get(fhir_audit::read))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), auth::require_key));
     let records = Router::new()
         .route("/api/v1/clients", get(api::clients::list))
         .route("/api/v1/clients/{id}", put(api::clients::put).get(api::clients::get))
@@ -179,6 +185,7 @@ pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     records
         .merge(fhir_routes)
+        .merge(audit_events)
         .merge(public)
         .merge(audit)
         .merge(ops)

@@ -46,6 +46,29 @@ fn sealed(row: ChainRow) -> Sealed {
     }
 }
 
+/// Which entries an audit search wants (every field set must hold).
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// The client whose data it was.
+    pub client: Option<String>,
+    /// Who acted (a key's name, `outbox`…).
+    pub actor: Option<String>,
+    /// The record (`kind`, `id`).
+    pub record: Option<(String, String)>,
+    /// One of these actions (`None`: any).
+    pub actions: Option<Vec<&'static str>>,
+    /// Strictly after this instant (microseconds).
+    pub after: Option<i64>,
+    /// Strictly before this instant (microseconds).
+    pub before: Option<i64>,
+    /// Newest first.
+    pub newest_first: bool,
+    /// Entries skipped (paging).
+    pub offset: u32,
+    /// Most entries.
+    pub limit: u32,
+}
+
 /// Reading the chain whole, in order, to verify it.
 #[async_trait]
 pub trait AuditChain: Send + Sync {
@@ -62,6 +85,58 @@ pub trait AuditChain: Send + Sync {
     /// # Errors
     /// `Database`, `WriterStopped`.
     async fn audit(&self, entries: Vec<Entry>) -> Result<(), StoreError>;
+
+    /// The entries `query` wants, a page of them, and how many there are in all.
+    ///
+    /// # Errors
+    /// `Database`.
+    async fn search_audit(&self, query: &AuditQuery) -> Result<(Vec<Sealed>, u64), StoreError>;
+}
+
+/// Appends `query`'s conditions (` WHERE …` or nothing) to `sql`.
+fn conditions<DB: sqlx::Database>(sql: &mut sqlx::QueryBuilder<DB>, query: &AuditQuery)
+where
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut first = true;
+    let mut and = |sql: &mut sqlx::QueryBuilder<DB>| {
+        sql.push(if first { " WHERE " } else { " AND " });
+        first = false;
+    };
+    if let Some(client) = &query.client {
+        and(sql);
+        sql.push("client_id = ").push_bind(client.clone());
+    }
+    if let Some(actor) = &query.actor {
+        and(sql);
+        sql.push("actor = ").push_bind(actor.clone());
+    }
+    if let Some((kind, id)) = &query.record {
+        and(sql);
+        sql.push("kind = ").push_bind(kind.clone()).push(" AND record_id = ").push_bind(id.clone());
+    }
+    if let Some(actions) = &query.actions {
+        and(sql);
+        if actions.is_empty() {
+            sql.push("1 = 0");
+        } else {
+            sql.push("action IN (");
+            let mut list = sql.separated(", ");
+            for a in actions {
+                list.push_bind((*a).to_owned());
+            }
+            sql.push(")");
+        }
+    }
+    if let Some(after) = query.after {
+        and(sql);
+        sql.push("at > ").push_bind(after);
+    }
+    if let Some(before) = query.before {
+        and(sql);
+        sql.push("at < ").push_bind(before);
+    }
 }
 
 macro_rules! impl_audit {
@@ -180,6 +255,19 @@ macro_rules! impl_audit {
                 .fetch_all(self.reader())
                 .await?;
                 Ok(rows.into_iter().map(sealed).collect())
+            }
+
+            async fn search_audit(&self, query: &AuditQuery) -> Result<(Vec<Sealed>, u64), StoreError> {
+                let mut count = sqlx::QueryBuilder::<$db>::new("SELECT COUNT(*) FROM audit_events");
+                conditions(&mut count, query);
+                let (total,): (i64,) = count.build_query_as().fetch_one(self.reader()).await?;
+                let mut page = sqlx::QueryBuilder::<$db>::new(format!("SELECT {CHAIN_COLUMNS} FROM audit_events"));
+                conditions(&mut page, query);
+                page.push(if query.newest_first { " ORDER BY seq DESC" } else { " ORDER BY seq" });
+                page.push(" LIMIT ").push_bind(i64::from(query.limit));
+                page.push(" OFFSET ").push_bind(i64::from(query.offset));
+                let rows: Vec<ChainRow> = page.build_query_as().fetch_all(self.reader()).await?;
+                Ok((rows.into_iter().map(sealed).collect(), u64::try_from(total).unwrap_or(0)))
             }
 
             async fn audit(&self, entries: Vec<Entry>) -> Result<(), StoreError> {

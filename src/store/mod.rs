@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{RecordId, RecordKind};
 
-pub use audit::{AuditChain, CHAIN_LOCK};
+pub use audit::{AuditChain, AuditQuery, CHAIN_LOCK};
 pub use catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
 pub use followup::{Followup, Notified, NotifiedOutcome, SubscriptionRow, SweepClaim};
 pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};

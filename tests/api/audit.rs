@@ -130,3 +130,79 @@ async fn reads_refusals_and_operator_actions_are_audited_naming_who_and_the_chai
     // The audit log itself is for admins only.
     assert_eq!(as_key(&app, READER_KEY, Method::GET, "/api/v1/audit-events").await.status(), 403);
 }
+
+#[tokio::test]
+async fn audit_events_are_valid_fhir_searchable_and_for_admin_keys_only() {
+    let app = spawn_app().await;
+    app.load_fixtures().await;
+    assert_eq!(as_key(&app, READER_KEY, Method::GET, "/api/v1/care-plans/cp-3001").await.status(), 200);
+    assert_eq!(as_key(&app, "not-a-key", Method::GET, "/fhir/Patient/cl-1001").await.status(), 401);
+    let one = app.get_json("/api/v1/deliveries?record=referral/ref-4001").await;
+    let id = one["items"][0]["id"].as_i64().expect("a delivery");
+    assert_eq!(app.post(&format!("/api/v1/deliveries/{id}/discard"), &json!({})).await.status(), 200);
+
+    // Not for a reader, not for a partner: an OperationOutcome.
+    for key in [READER_KEY, ST_MARYS_KEY] {
+        let refused = as_key(&app, key, Method::GET, "/fhir/AuditEvent").await;
+        assert_eq!(refused.status(), 403);
+        assert_eq!(refused.json::<Value>().await.expect("json")["resourceType"], "OperationOutcome");
+    }
+
+    let search = |q: String| {
+        let app = &app;
+        async move {
+            let r = app.get(&format!("/fhir/AuditEvent?{q}")).await;
+            assert_eq!(r.status(), 200, "{q}");
+            r.json::<Value>().await.expect("json")
+        }
+    };
+    let events = |b: &Value| -> Vec<Value> {
+        b["entry"].as_array().map(|e| e.iter().map(|e| e["resource"].clone()).collect()).unwrap_or_default()
+    };
+    let all = search("_count=500".into()).await;
+    let total = all["total"].as_u64().expect("total");
+    assert!(total > 10, "{total}");
+    // One of each kind of event, as an independent validator reads it.
+    let mut seen = std::collections::HashSet::new();
+    let samples: Vec<Value> = events(&all)
+        .into_iter()
+        .filter(|e| seen.insert(e["subtype"].as_array().and_then(|s| s.last()).map(|c| c["code"].clone())))
+        .collect();
+    assert!(samples.len() >= 4, "{samples:?}");
+    crate::delivery_interop::validate(&samples);
+
+    let mine = events(&search("patient=Patient/cl-1001&_count=500".into()).await);
+    assert!(!mine.is_empty());
+    assert!(mine.iter().all(|e| e["entity"][0]["what"]["reference"] == "Patient/cl-1001"), "{mine:?}");
+    let by_reader = events(&search("agent=reader".into()).await);
+    assert!(!by_reader.is_empty() && by_reader.iter().all(|e| e["agent"][0]["who"]["identifier"]["value"] == "reader"));
+    let logins = events(&search("type=http://dicom.nema.org/resources/ontology/DCM|110114&outcome=4".into()).await);
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    assert_eq!(logins[0]["agent"][0]["network"]["address"], "127.0.0.1");
+    let read_plan = events(&search("subtype=read&entity=care-plan/cp-3001".into()).await);
+    assert_eq!(read_plan.len(), 1, "{read_plan:?}");
+    assert_eq!(read_plan[0]["action"], "R");
+    let discarded = events(&search("subtype=urn:carebridge:audit-action|delivery_discarded".into()).await);
+    assert_eq!(discarded[0]["agent"][0]["who"]["identifier"]["value"], "admin");
+    assert_eq!(discarded[0]["agent"][1]["who"]["identifier"]["value"], "st-marys-ehr");
+    let today = time::OffsetDateTime::now_utc().date();
+    assert_eq!(search(format!("date={today}&_count=1")).await["total"].as_u64(), Some(total));
+    assert_eq!(search("date=lt2000-01-01".into()).await["total"], 0);
+    assert_eq!(search(format!("date=ge{today}&date=lt2000-01-01")).await["total"], 0, "both bounds hold");
+
+    // Paging: next links, newest first on asking.
+    let first = search("_count=3".into()).await;
+    let next = first["link"].as_array().expect("links").iter().find(|l| l["relation"] == "next").expect("a next link");
+    let path = next["url"].as_str().expect("url").split_once("/fhir/").expect("a /fhir link").1.to_owned();
+    let second: Value = app.get_json(&format!("/fhir/{path}")).await;
+    let ids = |b: &Value| events(b).iter().map(|e| e["id"].as_str().expect("id").to_owned()).collect::<Vec<_>>();
+    assert_eq!(ids(&first), ["1", "2", "3"]);
+    assert_eq!(ids(&second), ["4", "5", "6"]);
+    let newest = search("_sort=-date&_count=1".into()).await;
+    assert_eq!(ids(&newest), [total.to_string()]);
+
+    let read = app.get_json("/fhir/AuditEvent/2").await;
+    assert_eq!((read["resourceType"].as_str(), read["id"].as_str()), (Some("AuditEvent"), Some("2")));
+    assert_eq!(app.get("/fhir/AuditEvent/999999").await.status(), 404);
+    assert_eq!(app.get("/fhir/AuditEvent?date=someday").await.status(), 400);
+}

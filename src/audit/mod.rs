@@ -12,6 +12,8 @@
 //! numbers are given in commit order and a reader paging with `seq > cursor` never skips an entry that commits
 //! late.
 
+pub mod event;
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
