@@ -29,6 +29,7 @@ use crate::partners::Partners;
 use crate::policy::Policy;
 use crate::store::{self, Store, StoreError};
 use crate::telemetry;
+use crate::tls::ServerTls;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,9 @@ pub enum StartError {
     /// The directory search index could not be set up.
     #[error("cannot set up the directory search index: {0}")]
     SearchIndex(#[source] StoreError),
+    /// The listener's TLS files could not be used.
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -72,9 +76,17 @@ pub struct Application {
     workers: tokio::task::JoinSet<()>,
     syncs: SyncRunner,
     search: crate::directories::index::ServiceSearch,
+    /// The listener's TLS, when it speaks TLS.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Application {
+    /// The listener's TLS, when it speaks TLS (to reload it, as SIGHUP does).
+    #[must_use]
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.clone()
+    }
+
     /// How the gateway searches its directory catalog (to wait for the index's first build).
     #[must_use]
     pub fn search(&self) -> crate::directories::index::ServiceSearch {
@@ -140,11 +152,19 @@ impl Application {
                 workers.spawn(poller.run(stopping.clone()));
             }
         }
+        let tls = match &settings.server.tls {
+            Some(t) => Some(Arc::new(ServerTls::load(t.files()).map_err(StartError::Tls)?)),
+            None => None,
+        };
         let addr = settings.listen_addr();
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-        let public_url =
-            PublicUrl::new(settings.server.public_base_url.as_deref(), bound, settings.server.trusted_networks());
+        let public_url = PublicUrl::new(
+            settings.server.public_base_url.as_deref(),
+            bound,
+            tls.is_some(),
+            settings.server.trusted_networks(),
+        );
         let search = match settings.search.engine {
             crate::config::SearchEngine::Index => {
                 let search = crate::directories::index::ServiceSearch::indexed(
@@ -169,7 +189,9 @@ impl Application {
             search: search.clone(),
             hook: Arc::new(Hook::new(store.clone(), wakes)),
         };
-        let keys = Arc::new(KeyRing::from_settings(&settings.api_keys));
+        let certified =
+            settings.partners.iter().filter_map(|p| p.client_cert_name.clone().map(|n| (p.name.clone(), n))).collect();
+        let keys = Arc::new(KeyRing::from_settings(&settings.api_keys).with_certified_partners(certified));
         if settings.api_keys.is_empty() {
             tracing::warn!("No API keys are configured; every /api/v1 call will be refused.");
         }
@@ -183,6 +205,7 @@ impl Application {
             workers,
             syncs,
             search,
+            tls,
         })
     }
 
@@ -201,18 +224,51 @@ impl Application {
     /// # Errors
     /// None today (a failed accept is logged and retried); kept so a caller handles a future listener failure.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Application { listener, router, store, limits, stop, mut workers, syncs, search: _ } = self;
+        let Application { listener, router, store, limits, stop, mut workers, syncs, search: _, tls } = self;
+        if let Some(tls) = &tls {
+            workers.spawn(reload_on_hangup(tls.clone(), stop.subscribe()));
+        }
         let shutdown = async move {
             shutdown.await;
             // Syncs are not requests: they stop at once rather than hold the grace period.
             let _ = stop.send(true);
         };
-        serve::serve(listener, router, limits, shutdown).await;
+        serve::serve(listener, router, limits, tls, shutdown).await;
         while workers.join_next().await.is_some() {}
         syncs.wait_for_background().await;
         store.close().await;
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+/// Reads the listener's TLS files again on each SIGHUP until the gateway stops; a file that cannot be used is
+/// logged and the certificate in use stays.
+async fn reload_on_hangup(tls: Arc<ServerTls>, mut stopping: tokio::sync::watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be caught; TLS certificates are read at start only.");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => return,
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("TLS certificates reloaded; new handshakes use them."),
+                        Err(e) => tracing::error!(error = %e, "TLS certificates not reloaded; the ones in use stay."),
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tls, stopping.wait_for(|stop| *stop).await);
     }
 }
 

@@ -346,6 +346,35 @@ pub struct ServerSettings {
     /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-Proto` / `X-Forwarded-Host` are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// TLS on the listener (unset: plain HTTP, for a gateway behind a TLS-terminating proxy).
+    #[serde(default)]
+    pub tls: Option<ServerTlsSettings>,
+}
+
+/// `[server.tls]`: the listener speaks TLS (HTTP/2 or HTTP/1.1 by ALPN), optionally requiring client certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsSettings {
+    /// The server's certificate chain, PEM (its own certificate first).
+    pub cert_file: String,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1), unencrypted.
+    pub key_file: String,
+    /// CA certificates, PEM: set, every client must present a certificate one of them issued, or the handshake
+    /// fails (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+}
+
+impl ServerTlsSettings {
+    /// The files, as the TLS module reads them.
+    #[must_use]
+    pub fn files(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            client_ca_file: self.client_ca_file.clone(),
+        }
+    }
 }
 
 impl ServerSettings {
@@ -556,8 +585,31 @@ impl Settings {
                 errors.push(format!("server.{key}: must be at least 1"));
             }
         }
+        if let Some(tls) = &self.server.tls
+            && let Err(e) = crate::tls::server_config(&tls.files())
+        {
+            errors.push(format!("server.tls: {e}"));
+        }
         if let Some(Err(e)) = self.server.public_base_url.as_deref().map(check_public_base_url) {
             errors.push(format!("server.public_base_url: {e}"));
+        }
+        // A partner known by its client certificate needs the listener to ask for one.
+        let mutual = self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        let mut cert_names = std::collections::HashSet::new();
+        for (i, p) in self.partners.iter().enumerate() {
+            let Some(name) = &p.client_cert_name else { continue };
+            if !mutual {
+                errors.push(format!(
+                    "partners[{i}].client_cert_name: set server.tls.client_ca_file (mutual TLS), or the gateway \
+                     never sees a client certificate"
+                ));
+            }
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                errors.push(format!("partners[{i}].client_cert_name: not a DNS name or an IP address"));
+            }
+            if !cert_names.insert(name.to_ascii_lowercase()) {
+                errors.push(format!("partners[{i}].client_cert_name: another partner has the same name"));
+            }
         }
         // A partner calls the gateway back at its public address; without one there is nowhere to send to.
         for (i, p) in self.partners.iter().enumerate() {
@@ -916,5 +968,23 @@ mod tests {
     fn a_malformed_file_names_its_line() {
         let e = load("[server]\nlisten = \n", &[]).expect_err("bad toml");
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_that_cannot_be_used_and_a_certificate_name_without_mutual_tls_are_named() {
+        let errors = load(
+            "[server.tls]\ncert_file = \"/nonexistent/server.pem\"\nkey_file = \"/nonexistent/server.key\"\n\
+             [[partners]]\nname = \"a\"\nbase_url = \"https://a.example/fhir\"\nreceives = [\"client\"]\n\
+             client_cert_name = \"ehr.a.example\"\n\
+             [[partners]]\nname = \"b\"\nbase_url = \"https://b.example/fhir\"\nreceives = [\"client\"]\n\
+             client_cert_name = \"not a name\"\n",
+            &[],
+        )
+        .expect_err("refused")
+        .0;
+        let all = errors.join("\n");
+        assert!(all.contains("server.tls: /nonexistent/server.pem could not be read"), "{all}");
+        assert!(all.contains("partners[0].client_cert_name: set server.tls.client_ca_file"), "{all}");
+        assert!(all.contains("partners[1].client_cert_name: not a DNS name"), "{all}");
     }
 }

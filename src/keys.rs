@@ -115,6 +115,8 @@ impl Caller {
 #[derive(Debug, Default)]
 pub struct KeyRing {
     keys: Vec<(KeyHash, Caller)>,
+    /// Partners known by their client certificate: (partner, a name in the certificate).
+    certified: Vec<(String, String)>,
 }
 
 impl KeyRing {
@@ -135,13 +137,32 @@ impl KeyRing {
                 ))
             })
             .collect();
-        KeyRing { keys }
+        KeyRing { keys, certified: Vec::new() }
     }
 
     /// The caller holding `key`, if any.
     #[must_use]
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
         self.keys.iter().find(|(hash, _)| hash.matches(key)).map(|(_, caller)| caller.clone())
+    }
+
+    /// The same ring, knowing the partners that mutual TLS identifies: (partner, name in its certificate).
+    #[must_use]
+    pub fn with_certified_partners(mut self, partners: Vec<(String, String)>) -> Self {
+        self.certified = partners;
+        self
+    }
+
+    /// The partner whose client certificate `der` is (verified by the handshake; matched on the names
+    /// configured), as a caller: `cert:<partner>`, reading and writing on `/fhir` as that partner.
+    #[must_use]
+    pub fn authenticate_certificate(&self, der: &rustls::pki_types::CertificateDer<'_>) -> Option<Caller> {
+        let (partner, _) = self.certified.iter().find(|(_, name)| crate::tls::certificate_names(der, name))?;
+        Some(Caller {
+            name: Arc::from(format!("cert:{partner}").as_str()),
+            partner: Some(Arc::from(partner.as_str())),
+            scopes: [Scope::Read, Scope::Write].into_iter().collect(),
+        })
     }
 }
 

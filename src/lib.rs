@@ -24,6 +24,8 @@
 //! - [`policy`]: the egress decision (send, redact, hold) for one record version, one partner, one moment.
 //! - [`domain`]: the agency's records as validated types (client, assessment, care plan, referral, consent).
 //! - [`store`]: the `Store` trait and its SQLite/PostgreSQL implementation, with migrations.
+//! - [`audit`]: the audit chain (entries, hashes, verification) and its `AuditEvent` rendering.
+//! - [`tls`]: PEM certificates and keys, and the listener's TLS (mutual TLS, reloaded on SIGHUP).
 //! - [`telemetry`]: JSON logs without PHI, and the Prometheus recorder.
 
 pub mod app;
@@ -44,3 +46,4 @@ pub mod partners;
 pub mod policy;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -57,6 +57,11 @@ pub struct PartnerSettings {
     /// partner's CapabilityStatement declares the backport; sweeps recover what notifications miss.
     #[serde(default)]
     pub subscription: Option<SubscriptionSettings>,
+    /// A name (DNS name or IP address) among the subject alternative names of the client certificate the partner
+    /// presents to the gateway over mutual TLS (`server.tls.client_ca_file`): a request on `/fhir` with that
+    /// certificate and no API key acts as this partner.
+    #[serde(default)]
+    pub client_cert_name: Option<String>,
 }
 
 /// `[partners.subscription]`: what the gateway subscribes to at a partner.

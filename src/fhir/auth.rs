@@ -19,8 +19,6 @@ use std::fmt;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -28,6 +26,7 @@ use tokio::sync::Mutex;
 
 use crate::outbound::{Failure, USER_AGENT};
 use crate::partners::{PartnerAuth, PartnerSettings, PartnerTls};
+pub(crate) use crate::tls::{key_matches, read, read_certificates, read_private_key};
 
 /// The OAuth client assertion type of a JWT bearer assertion (RFC 7523).
 const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -232,53 +231,6 @@ impl ClientTls {
 
 /// What a lone certificate or key file is told.
 pub(crate) const BOTH_OR_NEITHER: &str = "client_cert_file and client_key_file go together (set both, or neither)";
-
-fn read(path: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{path} could not be read: {e}"))
-}
-
-/// The certificates of a PEM file (a chain: the client's first).
-///
-/// # Errors
-/// The file is unreadable, not PEM, or holds no certificate.
-pub(crate) fn read_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read(path)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{path} is not PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("{path} holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)"));
-    }
-    Ok(certs)
-}
-
-/// The private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC).
-///
-/// # Errors
-/// The file is unreadable or holds no unencrypted private key.
-pub(crate) fn read_private_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = read(path)?;
-    if String::from_utf8_lossy(&pem).contains("BEGIN ENCRYPTED PRIVATE KEY") {
-        return Err(format!(
-            "{path} holds an encrypted key; the gateway reads an unencrypted one (keep the file \
-                            readable by the gateway only)"
-        ));
-    }
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| format!("{path} holds no private key (expected PEM)"))
-}
-
-/// Whether the key is the one the first certificate certifies, and of a type rustls can sign with.
-///
-/// # Errors
-/// The key is not usable, or belongs to another certificate.
-pub(crate) fn key_matches(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<(), String> {
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    match rustls::sign::CertifiedKey::from_der(chain, key, &provider) {
-        Ok(_) => Ok(()),
-        Err(rustls::Error::InconsistentKeys(_)) => Err("the key does not match the client certificate".into()),
-        Err(e) => Err(format!("the key cannot be used for TLS: {e}")),
-    }
-}
 
 /// The CA certificates of a PEM bundle, each checked to be usable as a trust anchor.
 ///

@@ -10,6 +10,7 @@ use axum::extract::{ConnectInfo, MatchedPath};
 use time::OffsetDateTime;
 
 use super::problem::{Problem, ProblemType};
+use super::serve::ClientCertificate;
 use crate::config::Scope;
 pub use crate::keys::{Caller, KeyRing};
 use axum::extract::{Request, State};
@@ -58,6 +59,21 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
     let decided = match bearer_key(request.headers()) {
         Err(problem) => {
             Err((refusal(&request, ANONYMOUS, "authentication_refused", "several_authorization_headers"), problem))
+        }
+        // No key on /fhir over mutual TLS: the client certificate may name a partner.
+        Ok(None) if guard.partners && request.extensions().get::<ClientCertificate>().is_some() => {
+            match request
+                .extensions()
+                .get::<ClientCertificate>()
+                .and_then(|c| guard.keys.authenticate_certificate(&c.0))
+            {
+                Some(caller) => allowed(&guard, &request, caller),
+                None => Err((
+                    refusal(&request, ANONYMOUS, "authentication_refused", "certificate_names_no_partner"),
+                    Problem::new(ProblemType::Unauthorized)
+                        .detail("the client certificate names no partner; send Authorization: Bearer <api key>"),
+                )),
+            }
         }
         Ok(presented) => match presented.and_then(|key| guard.keys.authenticate(key)) {
             None => {

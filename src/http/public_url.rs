@@ -20,7 +20,7 @@ use super::AppState;
 pub struct PublicUrl {
     /// `server.public_base_url` without its trailing `/`.
     configured: Option<String>,
-    /// `http://<bound address>`, without a trailing `/`.
+    /// `http://<bound address>` (`https://` when the listener speaks TLS), without a trailing `/`.
     bound: String,
     /// Peers whose forwarded headers are believed.
     trusted: Vec<IpNet>,
@@ -29,10 +29,10 @@ pub struct PublicUrl {
 impl PublicUrl {
     /// The configured base (already checked at load), the address actually bound, and the trusted proxies.
     #[must_use]
-    pub fn new(configured: Option<&str>, bound: SocketAddr, trusted: Vec<IpNet>) -> Self {
+    pub fn new(configured: Option<&str>, bound: SocketAddr, tls: bool, trusted: Vec<IpNet>) -> Self {
         PublicUrl {
             configured: configured.map(|u| u.trim_end_matches('/').to_owned()),
-            bound: format!("http://{bound}"),
+            bound: format!("{}://{bound}", if tls { "https" } else { "http" }),
             trusted,
         }
     }
@@ -120,7 +120,7 @@ mod tests {
     }
 
     fn proxy_at(net: &str) -> PublicUrl {
-        PublicUrl::new(None, "127.0.0.1:8080".parse().expect("addr"), vec![net.parse().expect("net")])
+        PublicUrl::new(None, "127.0.0.1:8080".parse().expect("addr"), false, vec![net.parse().expect("net")])
     }
 
     const FORWARDED: &[(&str, &str)] =
@@ -128,7 +128,7 @@ mod tests {
 
     #[test]
     fn the_host_header_is_never_the_base() {
-        let url = PublicUrl::new(None, "127.0.0.1:8080".parse().expect("addr"), Vec::new());
+        let url = PublicUrl::new(None, "127.0.0.1:8080".parse().expect("addr"), false, Vec::new());
         assert_eq!(url.resolve(Some([127, 0, 0, 1].into()), &headers(FORWARDED)), "http://127.0.0.1:8080");
         assert_eq!(url.resolve(None, &headers(FORWARDED)), "http://127.0.0.1:8080");
     }
@@ -138,6 +138,7 @@ mod tests {
         let url = PublicUrl::new(
             Some("https://gw.example/carebridge/"),
             "127.0.0.1:8080".parse().expect("addr"),
+            false,
             vec!["127.0.0.0/8".parse().expect("net")],
         );
         assert_eq!(url.resolve(Some([127, 0, 0, 1].into()), &headers(FORWARDED)), "https://gw.example/carebridge");

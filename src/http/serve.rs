@@ -12,7 +12,14 @@
 //! - On shutdown the listener is closed at once, each connection finishes the requests it is handling and is
 //!   closed, and whatever is still open after the grace period is abandoned.
 //!
-//! Every request carries the peer address as `ConnectInfo<SocketAddr>`, as with axum's own `serve`.
+//! - With TLS ([`crate::tls::ServerTls`]), the handshake runs in the connection's task, bounded by the header-read
+//!   timeout (a client that opens a socket and never says hello holds no more than a plain one would); ALPN
+//!   offers `h2` and `http/1.1`; the configuration is read at each handshake, so a reloaded certificate is used by
+//!   the next one. A failed handshake (no client certificate where mutual TLS is required, an unknown CA, plain
+//!   HTTP on the TLS port) is counted in `carebridge_tls_handshake_failures_total`.
+//!
+//! Every request carries the peer address as `ConnectInfo<SocketAddr>`, as with axum's own `serve`, and, over
+//! mutual TLS, the client's verified certificate as [`ClientCertificate`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,6 +45,8 @@ use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
 use crate::config::Settings;
+use crate::tls::ServerTls;
+use rustls::pki_types::CertificateDer;
 
 /// How long the accept loop waits after an accept error that is ours (out of file descriptors, of memory) before
 /// it tries again: such errors last a moment, and retrying at once would only spin.
@@ -66,12 +75,18 @@ impl ConnectionLimits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes; then stops accepting and gives the open connections
-/// up to the grace period to finish the requests they are handling. Returns when they have, or when it is over.
+/// The certificate a client presented and the handshake verified (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ClientCertificate(pub Arc<CertificateDer<'static>>);
+
+/// Serves `router` on `listener` (over TLS when `tls` is set) until `shutdown` completes; then stops accepting and
+/// gives the open connections up to the grace period to finish the requests they are handling. Returns when they
+/// have, or when it is over.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -92,12 +107,31 @@ pub async fn serve(
             },
         };
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout, activity.clone()));
-        let service = ConnectionService { router: router.clone(), peer, activity };
+        let socket = IdleTimeout::new(stream, limits.idle_timeout, activity.clone());
+        let mut service = ConnectionService { router: router.clone(), peer, activity, client_certificate: None };
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = watcher.watch(builder.serve_connection(io, service)).await {
+            let served = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(socket), service)).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                    let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => return handshake_failed(&e.to_string(), "refused"),
+                        Err(_) => return handshake_failed("no handshake in time", "timeout"),
+                    };
+                    service.client_certificate = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(<[_]>::first)
+                        .map(|c| ClientCertificate(Arc::new(c.clone().into_owned())));
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                }
+            };
+            if let Err(e) = served {
                 // Timeouts, resets and malformed requests end here; they are the client's, and not news.
                 tracing::debug!(error = %e, "Connection closed.");
             }
@@ -112,6 +146,12 @@ pub async fn serve(
             "Requests still in flight after the grace period; stopping anyway."
         ),
     }
+}
+
+/// Counts a failed TLS handshake (the client's doing: a debug line, not news).
+fn handshake_failed(error: &str, reason: &'static str) {
+    metrics::counter!("carebridge_tls_handshake_failures_total", "reason" => reason).increment(1);
+    tracing::debug!(error, reason, "TLS handshake failed.");
 }
 
 /// Logs a failed accept; backs off when the failure is ours rather than one peer's.
@@ -183,6 +223,7 @@ struct ConnectionService {
     router: Router,
     peer: SocketAddr,
     activity: Arc<Activity>,
+    client_certificate: Option<ClientCertificate>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
@@ -192,6 +233,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));
+        if let Some(certificate) = &self.client_certificate {
+            request.extensions_mut().insert(certificate.clone());
+        }
         let in_flight = InFlight::begin(&self.activity);
         let router = self.router.clone();
         Box::pin(async move {

@@ -32,6 +32,7 @@ mod publication;
 mod records;
 mod referrals_fhir;
 mod search_fuzz;
+mod server_tls;
 mod store_contract;
 mod subscriptions;
 mod sync_jobs;
