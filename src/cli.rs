@@ -85,6 +85,12 @@ pub enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// Show the configuration.
+    Config {
+        /// Which config command.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Check the audit trail.
     Audit {
         /// Which audit command.
@@ -97,6 +103,14 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// Config subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration after every layer (defaults, file, environment, flags) as TOML, every
+    /// secret shown as [redacted]; exit 2 with the errors when it is not valid.
+    Show,
 }
 
 /// Audit subcommands.
@@ -450,6 +464,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             store.close().await;
             Ok(code)
+        }
+        Command::Config { command: ConfigCommand::Show } => {
+            match Settings::effective_with_env(cli.config.as_deref(), &overrides(None), std::env::vars()) {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => {
+                    eprintln!("carebridge: invalid configuration:");
+                    for e in &errors.0 {
+                        eprintln!("  - {e}");
+                    }
+                    Ok(ExitCode::from(2))
+                }
+            }
         }
         Command::Audit { command: AuditCommand::Verify } => {
             let Some(settings) = load(cli.config.as_deref(), &overrides(None)) else {

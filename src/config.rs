@@ -532,40 +532,36 @@ impl Settings {
         overrides: &Overrides,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigErrors> {
-        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigErrors(vec![format!("{}: no such configuration file", path.display())]));
-            }
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
-        }
-        // Only CAREBRIDGE_<SECTION>__<KEY> belongs to the settings tree; CAREBRIDGE_LISTEN and friends are flags.
-        let section_vars: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| {
-                k.strip_prefix(ENV_PREFIX).and_then(|r| r.strip_prefix('_')).is_some_and(|r| r.contains("__"))
-            })
-            .collect();
-        builder = builder.add_source(
-            Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(section_vars)),
-        );
-        let set = |b: config::ConfigBuilder<_>, key: &str, v: &Option<String>| match v {
-            Some(v) => b.set_override(key, v.as_str()),
-            None => Ok(b),
-        };
-        let built = set(builder, "server.listen", &overrides.listen)
-            .and_then(|b| set(b, "database.url", &overrides.database))
-            .and_then(|b| b.build())
-            .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let built = layered(file, overrides, env)?;
         let settings: Settings = built.try_deserialize().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
         settings.check()?;
         Ok(settings)
     }
 
+    /// The effective configuration after every layer, as TOML, every secret shown as `[redacted]`: API key
+    /// hashes, passwords in URLs (the database's, any other), and any value under a key named like a secret
+    /// (`*secret*`, `*password*`, `token`, `hash`). A partner's bearer token is never in the file (only the name of
+    /// its variable, shown with whether it is set); key files are shown by path, never their contents. Refused when
+    /// the configuration is not valid (the errors, as `check` gives them).
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn effective_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<String, ConfigErrors> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let set: HashSet<String> = env.iter().map(|(k, _)| k.clone()).collect();
+        Settings::load_with_env(file, overrides, env.clone())?;
+        let built = layered(file, overrides, env)?;
+        let mut tree: toml::Table = built.try_deserialize().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        redact_table(&mut tree, &|var| set.contains(var));
+        toml::to_string_pretty(&tree).map_err(|e| ConfigErrors(vec![e.to_string()]))
+    }
+}
+
+impl Settings {
     /// Checks the values serde cannot, collecting every problem.
     fn check(&self) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
@@ -775,6 +771,88 @@ impl Settings {
     #[must_use]
     pub fn acquire_timeout(&self) -> Duration {
         Duration::from_secs(self.database.acquire_timeout_secs)
+    }
+}
+
+/// The layers merged: defaults → file → `CAREBRIDGE_<SECTION>__<KEY>` → flags.
+fn layered(
+    file: Option<&Path>,
+    overrides: &Overrides,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigErrors> {
+    let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigErrors(vec![format!("{}: no such configuration file", path.display())]));
+        }
+        builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+    }
+    // Only CAREBRIDGE_<SECTION>__<KEY> belongs to the settings tree; CAREBRIDGE_LISTEN and friends are flags.
+    let section_vars: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.strip_prefix(ENV_PREFIX).and_then(|r| r.strip_prefix('_')).is_some_and(|r| r.contains("__")))
+        .collect();
+    builder = builder.add_source(
+        Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(section_vars)),
+    );
+    let set = |b: config::ConfigBuilder<_>, key: &str, v: &Option<String>| match v {
+        Some(v) => b.set_override(key, v.as_str()),
+        None => Ok(b),
+    };
+    set(builder, "server.listen", &overrides.listen)
+        .and_then(|b| set(b, "database.url", &overrides.database))
+        .and_then(|b| b.build())
+        .map_err(|e| ConfigErrors(vec![e.to_string()]))
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// Whether a key names a secret.
+fn secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k == "hash" || k == "token" || k.contains("secret") || k.contains("password") || k.ends_with("_token")
+}
+
+/// Redacts the secrets of `table` in place (see [`Settings::effective_with_env`]); `is_set` says whether an
+/// environment variable is set.
+fn redact_table(table: &mut toml::Table, is_set: &dyn Fn(&str) -> bool) {
+    let names: Vec<String> = table.keys().cloned().collect();
+    for key in names {
+        let Some(value) = table.get_mut(&key) else { continue };
+        if secret_key(&key) {
+            *value = toml::Value::String(REDACTED.into());
+            continue;
+        }
+        if key == "token_env"
+            && let toml::Value::String(var) = value
+        {
+            let shown = format!("{var} ({})", if is_set(var) { "set" } else { "not set" });
+            *value = toml::Value::String(shown);
+            continue;
+        }
+        redact_value(value, is_set);
+    }
+}
+
+fn redact_value(value: &mut toml::Value, is_set: &dyn Fn(&str) -> bool) {
+    match value {
+        toml::Value::Table(t) => redact_table(t, is_set),
+        toml::Value::Array(items) => items.iter_mut().for_each(|v| redact_value(v, is_set)),
+        toml::Value::String(text) => {
+            // A placeholder URLs take as it is, then the mark shown (brackets would be percent-encoded).
+            const PLACEHOLDER: &str = "carebridge-redacted-password";
+            if let Ok(mut url) = url::Url::parse(text)
+                && url.password().is_some()
+                && url.set_password(Some(PLACEHOLDER)).is_ok()
+            {
+                *text = url.to_string().replace(PLACEHOLDER, REDACTED);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -502,3 +502,42 @@ fn check_refuses_a_bearer_token_sent_over_plain_http_to_another_host() {
         }
     }
 }
+
+#[test]
+fn config_show_prints_every_layer_and_never_a_secret() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bearer = "[[partners]]\nname = \"bearer-ehr\"\nbase_url = \"https://ehr.example/fhir\"\nreceives = [\"client\"]\n\
+                  auth = { type = \"bearer\", token_env = \"BEARER_EHR_TOKEN\" }\n";
+    let config = crate::helpers::write_config_with_partners(dir.path(), bearer, "[outbox]\nenabled = false\n");
+    let hashes: Vec<String> = crate::helpers::test_keys().into_iter().map(|k| k.hash).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_carebridge"))
+        .args(["config", "show", "--config"])
+        .arg(&config)
+        .env("CAREBRIDGE_DATABASE__URL", "postgres://carebridge:hunter2-db-password@db.example:5432/carebridge")
+        .env("CAREBRIDGE_SERVER__IDLE_TIMEOUT_SECS", "42")
+        .env("BEARER_EHR_TOKEN", "the-partners-bearer-token")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    // Every layer: a default, the file, the environment.
+    assert!(shown.contains("header_read_timeout_secs = 10"), "{shown}");
+    assert!(shown.contains("name = \"bearer-ehr\""), "{shown}");
+    assert!(shown.contains("idle_timeout_secs = 42"), "{shown}");
+    // No secret: key hashes, the database password, the partner's token.
+    for secret in hashes.iter().map(String::as_str).chain(["hunter2-db-password", "the-partners-bearer-token"]) {
+        assert!(!shown.contains(secret), "{secret} shown");
+    }
+    assert!(shown.contains("postgres://carebridge:[redacted]@db.example:5432/carebridge"), "{shown}");
+    assert!(shown.contains("hash = \"[redacted]\""));
+    assert!(shown.contains("BEARER_EHR_TOKEN (set)"), "{shown}");
+    // An invalid configuration is refused as `check` refuses it.
+    let bad = Command::new(env!("CARGO_BIN_EXE_carebridge"))
+        .args(["config", "show", "--config"])
+        .arg(&config)
+        .env("CAREBRIDGE_SERVER__LISTEN", "nowhere")
+        .output()
+        .expect("runs");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("server.listen"));
+}
