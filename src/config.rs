@@ -346,6 +346,13 @@ pub struct ServerSettings {
     /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-Proto` / `X-Forwarded-Host` are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Failed authentications (no key, a key that is not one) one address may make in a window before it gets 429
+    /// until the window ends; 0: never slowed.
+    pub auth_failure_limit: u32,
+    /// That window, in seconds.
+    pub auth_failure_window_secs: u64,
+    /// Most connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
     /// TLS on the listener (unset: plain HTTP, for a gateway behind a TLS-terminating proxy).
     #[serde(default)]
     pub tls: Option<ServerTlsSettings>,

@@ -3,8 +3,9 @@
 //! changes, admin for the audit log). Every refusal is audited: who knocked (the peer address; never the key they
 //! presented), on which route, and why.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath};
 use time::OffsetDateTime;
@@ -14,7 +15,7 @@ use super::serve::ClientCertificate;
 use crate::config::Scope;
 pub use crate::keys::{Caller, KeyRing};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -29,25 +30,55 @@ pub struct Guard {
     pub partners: bool,
     /// Where refusals are audited.
     pub store: Arc<dyn crate::store::Store>,
+    /// Failed authentications per peer address (shared by every route group).
+    pub failed: Arc<super::throttle::FailedAuth>,
 }
 
 /// The audit entry of a refused request: `actor` (the key's name when it was valid, `anonymous` otherwise), the
 /// peer address, the route pattern, why.
-fn refusal(request: &Request, actor: &str, action: &str, reason: &str) -> crate::audit::Entry {
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_string());
+fn refusal(request: &Request, actor: &str, action: &str, reason: &'static str) -> Refused {
+    let peer = peer_of(request);
     let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
     let request_id = request.headers().get(super::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    crate::audit::Entry::new(OffsetDateTime::now_utc(), actor, action, request_id).with_detail(
-        &serde_json::json!({"peer": peer, "route": route, "method": request.method().as_str(), "reason": reason}),
-    )
+    let detail = serde_json::json!({
+        "peer": peer.map(|p| p.to_string()), "route": route, "method": request.method().as_str(), "reason": reason,
+    });
+    let entry = crate::audit::Entry::new(OffsetDateTime::now_utc(), actor, action, request_id).with_detail(&detail);
+    Refused { entry, peer, route: route_of(request), reason }
 }
 
-/// Keeps a refusal's entry and answers `problem`; a failure to audit is logged, and the refusal stands.
-async fn refuse(guard: &Guard, entry: crate::audit::Entry, problem: Problem) -> Response {
-    if let Err(e) = guard.store.audit(vec![entry]).await {
+/// Keeps a refusal's entry, counts it (by route and reason; a failed authentication also against the peer) and
+/// answers `problem`; a failure to audit is logged, and the refusal stands.
+async fn refuse(guard: &Guard, refused: Refused, problem: Problem) -> Response {
+    metrics::counter!("carebridge_auth_failures_total", "route" => refused.route, "reason" => refused.reason)
+        .increment(1);
+    if problem.kind() == Some(ProblemType::Unauthorized)
+        && let Some(peer) = refused.peer
+    {
+        guard.failed.failed(peer, Instant::now());
+    }
+    if let Err(e) = guard.store.audit(vec![refused.entry]).await {
         tracing::warn!(error = %e, "A refused request could not be audited.");
     }
     problem.into_response()
+}
+
+/// A refusal, before it is kept and answered.
+struct Refused {
+    entry: crate::audit::Entry,
+    peer: Option<IpAddr>,
+    /// The route pattern (a metric label: never the path with its ids).
+    route: String,
+    reason: &'static str,
+}
+
+/// The route pattern of `request`, for metrics (`unmatched` when there is none).
+fn route_of(request: &Request) -> String {
+    request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned())
+}
+
+fn peer_of(request: &Request) -> Option<IpAddr> {
+    request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip())
 }
 
 /// Who a request without a valid key is audited as.
@@ -55,6 +86,21 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// Middleware: authenticates the bearer key and checks the scope, then passes the [`Caller`] on.
 pub async fn require_key(State(guard): State<Guard>, mut request: Request, next: Next) -> Response {
+    // An address that failed too often lately waits, whatever it sends now (its keys are not looked at).
+    if let Some(peer) = peer_of(&request)
+        && let Some(wait) = guard.failed.wait(peer, Instant::now())
+    {
+        metrics::counter!("carebridge_auth_failures_total", "route" => route_of(&request), "reason" => "throttled")
+            .increment(1);
+        let retry = wait.as_secs() + 1;
+        let mut response = Problem::new(ProblemType::TooManyFailures)
+            .detail(format!("too many failed authentications from this address; try again in {retry} s"))
+            .into_response();
+        if let Ok(after) = HeaderValue::from_str(&retry.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, after);
+        }
+        return response;
+    }
     // Decided without holding the request across an await (it is not shared between threads).
     let decided = match bearer_key(request.headers()) {
         Err(problem) => {
@@ -100,7 +146,7 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
 }
 
 /// Whether `caller` may use the route `request` asks for (its scope; a partner's key on `/fhir` only).
-fn allowed(guard: &Guard, request: &Request, caller: Caller) -> Result<Caller, (crate::audit::Entry, Problem)> {
+fn allowed(guard: &Guard, request: &Request, caller: Caller) -> Result<Caller, (Refused, Problem)> {
     let scope = guard.scope.unwrap_or(match *request.method() {
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
@@ -113,11 +159,20 @@ fn allowed(guard: &Guard, request: &Request, caller: Caller) -> Result<Caller, (
     }
     if !caller.may(scope) {
         return Err((
-            refusal(request, &caller.name, "access_refused", &format!("needs_{}_scope", scope.as_str())),
+            refusal(request, &caller.name, "access_refused", scope_reason(scope)),
             Problem::new(ProblemType::Forbidden).detail(format!("this call needs the {} scope", scope.as_str())),
         ));
     }
     Ok(caller)
+}
+
+/// Why a key without `scope` is refused (a fixed set: a metric label).
+fn scope_reason(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Read => "needs_read_scope",
+        Scope::Write => "needs_write_scope",
+        Scope::Admin => "needs_admin_scope",
+    }
 }
 
 /// The key of `Authorization: Bearer <key>` (the scheme in any case, RFC 9110 §11.1); `None` without one, or with

@@ -17,6 +17,7 @@ pub mod preview;
 pub mod problem;
 pub mod public_url;
 pub mod serve;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +85,10 @@ pub struct Limits {
     pub body_limit_bytes: usize,
     /// Longest a request may take.
     pub request_timeout: Duration,
+    /// Failed authentications from one address before it is slowed (0: never).
+    pub auth_failure_limit: u32,
+    /// The window they are counted in.
+    pub auth_failure_window: Duration,
 }
 
 impl Limits {
@@ -93,6 +98,8 @@ impl Limits {
         Limits {
             body_limit_bytes: settings.server.body_limit_bytes,
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs),
+            auth_failure_limit: settings.server.auth_failure_limit,
+            auth_failure_window: Duration::from_secs(settings.server.auth_failure_window_secs),
         }
     }
 }
@@ -100,7 +107,14 @@ impl Limits {
 /// Builds the whole HTTP application.
 pub fn router(state: AppState, keys: Arc<KeyRing>, limits: Limits) -> Router {
     fhir::note_start();
-    let guard = |keys: Arc<KeyRing>, scope, partners| Guard { keys, scope, partners, store: state.store.clone() };
+    let failed = Arc::new(throttle::FailedAuth::new(limits.auth_failure_limit, limits.auth_failure_window));
+    let guard = |keys: Arc<KeyRing>, scope, partners| Guard {
+        keys,
+        scope,
+        partners,
+        store: state.store.clone(),
+        failed: failed.clone(),
+    };
     let by_method = guard(keys.clone(), None, false);
     let fhir_callers = guard(keys.clone(), None, true);
     let admin = guard(keys, Some(Scope::Admin), false);

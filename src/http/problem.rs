@@ -65,6 +65,8 @@ pub enum ProblemType {
     Timeout,
     /// The database is unreachable or overloaded.
     Unavailable,
+    /// Too many failed authentications from this address lately: slowed down (429, `Retry-After`).
+    TooManyFailures,
     /// A fault of ours.
     Internal,
 }
@@ -95,6 +97,7 @@ impl ProblemType {
             Self::DeliveryState => "delivery-state",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
+            Self::TooManyFailures => "too-many-failures",
             Self::Internal => "internal",
         }
     }
@@ -120,6 +123,7 @@ impl ProblemType {
                 StatusCode::CONFLICT
             }
             Self::Timeout | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -149,6 +153,7 @@ impl ProblemType {
             Self::DeliveryState => "The delivery's state does not allow this",
             Self::Timeout => "The request took too long",
             Self::Unavailable => "The service is temporarily unavailable",
+            Self::TooManyFailures => "Too many failed authentications from this address; wait and try again",
             Self::Internal => "Internal error",
         }
     }
@@ -262,6 +267,7 @@ impl Problem {
             Some(ProblemType::NotFound) => "not-found",
             Some(ProblemType::MethodNotAllowed | ProblemType::UnsupportedMediaType) => "not-supported",
             Some(ProblemType::Timeout) => "timeout",
+            Some(ProblemType::TooManyFailures) => "throttled",
             Some(ProblemType::Unavailable) => "transient",
             Some(ProblemType::Internal) | None => "exception",
             Some(ProblemType::PayloadTooLarge) => "too-costly",

@@ -3,12 +3,18 @@
 //!
 //! - A request head must arrive within `header_read_timeout` (hyper's HTTP/1 timer; hyper also runs it while an
 //!   HTTP/1.1 keep-alive connection waits for its next request).
-//! - A connection on which no byte moves for `idle_timeout`, while no request on it is being handled, is closed.
+//! - A connection on which no request has been in flight for `idle_timeout` is closed, whatever bytes move on it.
 //!   hyper has no such timeout, and hyper-util's protocol detection runs no timer at all, so a client that
-//!   connects and sends nothing would be kept forever. The socket is therefore wrapped in [`IdleTimeout`], whose
-//!   deadline moves with every byte read or written and which fails a pending read or write with
-//!   `io::ErrorKind::TimedOut` once it has passed, unless a request is in flight ([`Activity`], shared with the
-//!   connection's service). A slow handler is bounded by the request timeout of the router, never by this one.
+//!   connects and sends nothing would be kept forever, and an HTTP/2 client that sends no request but PINGs
+//!   every 20 s would be too. The socket is therefore wrapped in [`IdleTimeout`], which fails a pending read or
+//!   write with `io::ErrorKind::TimedOut` once `idle_timeout` has passed since the connection opened or its last
+//!   request ended, unless a request is in flight ([`Activity`], shared with the connection's service). A request
+//!   is in flight from its head until its response body has been sent, so a slow handler is bounded by the
+//!   request timeout of the router and a slow download by nothing here.
+//! - HTTP/2: the server PINGs a connection every 30 s and closes it when the PING is not answered within 20 s (a
+//!   peer gone without a word), and allows 100 concurrent streams a connection.
+//! - At most `max_connections` are open at once; one more is closed as soon as it is accepted (counted in
+//!   `carebridge_connections_refused_total`), so a flood of sockets cannot take every file descriptor.
 //! - On shutdown the listener is closed at once, each connection finishes the requests it is handling and is
 //!   closed, and whatever is still open after the grace period is abandoned.
 //!
@@ -61,6 +67,8 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// How long connections get to finish their requests after the shutdown signal.
     pub shutdown_grace: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
 }
 
 impl ConnectionLimits {
@@ -71,6 +79,7 @@ impl ConnectionLimits {
             header_read_timeout: Duration::from_secs(settings.server.header_read_timeout_secs),
             idle_timeout: Duration::from_secs(settings.server.idle_timeout_secs),
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+            max_connections: settings.server.max_connections.max(1),
         }
     }
 }
@@ -91,7 +100,13 @@ pub async fn serve(
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_EVERY))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -106,6 +121,13 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            metrics::counter!("carebridge_connections_refused_total").increment(1);
+            tracing::debug!(%peer, max = limits.max_connections, "Connection refused: too many open.");
+            drop(stream);
+            continue;
+        };
+        metrics::gauge!("carebridge_connections_open").increment(1.0);
         let activity = Arc::new(Activity::new());
         let socket = IdleTimeout::new(stream, limits.idle_timeout, activity.clone());
         let mut service = ConnectionService { router: router.clone(), peer, activity, client_certificate: None };
@@ -113,6 +135,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _open = Open(permit);
             let served = match tls {
                 None => watcher.watch(builder.serve_connection(TokioIo::new(socket), service)).await,
                 Some(tls) => {
@@ -145,6 +168,21 @@ pub async fn serve(
             grace_secs = limits.shutdown_grace.as_secs(),
             "Requests still in flight after the grace period; stopping anyway."
         ),
+    }
+}
+
+/// HTTP/2: how often the server PINGs a connection, and how long it waits for the answer before closing it.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2: most streams (requests) open at once on one connection.
+const H2_MAX_STREAMS: u32 = 100;
+
+/// An open connection's place under `max_connections`, given back (and the gauge lowered) when it closes.
+struct Open(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::gauge!("carebridge_connections_open").decrement(1.0);
     }
 }
 
@@ -239,17 +277,43 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         let in_flight = InFlight::begin(&self.activity);
         let router = self.router.clone();
         Box::pin(async move {
+            // The request stays in flight until its response body has been sent (or dropped).
             let response = router.oneshot(request).await;
-            drop(in_flight);
-            response
+            Ok(response?.map(|body| axum::body::Body::new(Sending { body, _in_flight: in_flight })))
         })
     }
 }
 
-/// A socket that fails once nothing has moved on it for `limit` while no request was in flight.
+/// A response body being sent: its request is in flight until the last frame (or the body is dropped).
+struct Sending {
+    body: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Sending {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A socket that fails once `limit` has passed since its last request ended (or it opened) while no request was
+/// in flight; bytes moving do not keep it open (HTTP/2 PINGs, a head trickled in are not requests).
 ///
-/// The timer is lazy: a read or write only records the time, and when the timer fires it is set again to the
-/// real deadline if something moved meanwhile, so busy connections cost no timer updates per read.
+/// The timer is lazy: when it fires it is set again to the real deadline if a request began or ended meanwhile.
 struct IdleTimeout {
     stream: TcpStream,
     limit: Duration,
@@ -280,15 +344,9 @@ impl IdleTimeout {
 impl AsyncRead for IdleTimeout {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Pending => this.poll_idle(cx).map(Err),
-            Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    this.activity.touch();
-                }
-                Poll::Ready(result)
-            }
+            Poll::Ready(result) => Poll::Ready(result),
         }
     }
 }
@@ -298,7 +356,7 @@ impl AsyncWrite for IdleTimeout {
         let this = self.get_mut();
         match Pin::new(&mut this.stream).poll_write(cx, buf) {
             Poll::Pending => this.poll_idle(cx).map(Err),
-            Poll::Ready(result) => Poll::Ready(this.wrote(result)),
+            Poll::Ready(result) => Poll::Ready(result),
         }
     }
 
@@ -310,7 +368,7 @@ impl AsyncWrite for IdleTimeout {
         let this = self.get_mut();
         match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
             Poll::Pending => this.poll_idle(cx).map(Err),
-            Poll::Ready(result) => Poll::Ready(this.wrote(result)),
+            Poll::Ready(result) => Poll::Ready(result),
         }
     }
 
@@ -324,15 +382,6 @@ impl AsyncWrite for IdleTimeout {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-impl IdleTimeout {
-    fn wrote(&self, result: io::Result<usize>) -> io::Result<usize> {
-        if matches!(result, Ok(n) if n > 0) {
-            self.activity.touch();
-        }
-        result
     }
 }
 
@@ -362,15 +411,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_read_move_the_deadline() {
+    async fn bytes_moving_without_a_request_do_not_keep_the_connection_open() {
         let (mut server, mut client, _) = pair(LIMIT).await;
-        tokio::time::sleep(LIMIT * 2 / 3).await;
-        client.write_all(b"x").await.expect("write");
-        assert_eq!(server.read(&mut [0; 8]).await.expect("a byte"), 1);
-        let read_at = Instant::now();
-        let e = server.read(&mut [0; 8]).await.expect_err("times out");
+        let opened = Instant::now();
+        // A ping now and then, as an HTTP/2 client that never asks for anything would send.
+        let pinger = tokio::spawn(async move {
+            for _ in 0..8 {
+                tokio::time::sleep(LIMIT / 4).await;
+                if client.write_all(b"p").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = [0; 8];
+        let e = loop {
+            if let Err(e) = server.read(&mut buf).await {
+                break e;
+            }
+        };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-        assert!(read_at.elapsed() >= LIMIT * 9 / 10, "{:?}", read_at.elapsed());
+        let after = opened.elapsed();
+        assert!(after >= LIMIT * 9 / 10 && after < LIMIT * 2, "{after:?}");
+        pinger.abort();
     }
 
     #[tokio::test]

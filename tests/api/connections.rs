@@ -183,3 +183,110 @@ async fn a_declared_body_over_the_limit_is_refused_with_413_before_it_is_sent() 
     }
     app.stop().await;
 }
+
+/// An HTTP/2 frame: length, type, flags, stream 0, payload.
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small").to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn an_http2_connection_that_only_pings_is_closed_after_the_idle_timeout() {
+    let app = app_with_timeouts(30, 1).await;
+    let mut h2 = connect(&app).await;
+    // The client preface and empty SETTINGS (h2c with prior knowledge), then a PING every 300 ms and never a request.
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("preface");
+    h2.write_all(&h2_frame(0x4, 0, &[])).await.expect("settings");
+    let started = Instant::now();
+    let (mut reader, mut writer) = h2.into_split();
+    let pinger = tokio::spawn(async move {
+        for n in 0u64..40 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if writer.write_all(&h2_frame(0x6, 0, &n.to_be_bytes())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(BOUND, reader.read(&mut buf)).await {
+            Err(_) => break None,
+            Ok(Ok(0) | Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    };
+    pinger.abort();
+    let after = closed.expect("closed despite its PINGs");
+    assert!(after >= NOT_BEFORE && after < BOUND, "closed after {after:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once_and_a_freed_place_is_taken_again() {
+    let app = spawn_app_with(|s| s.server.max_connections = 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect(&app).await);
+    }
+    // Accepted and closed: the fourth hears nothing and is closed well before any timeout.
+    let mut extra = connect(&app).await;
+    let (after, received) = closed_within(&mut extra, BOUND).await;
+    assert!(after < Duration::from_secs(2) && received.is_empty(), "{after:?} {received}");
+    // One place freed: a request goes through again.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect(&app).await;
+    again.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+    let (_, answer) = closed_within(&mut again, BOUND).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(held);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_failed_keys_from_one_address_are_slowed_with_429_and_counted() {
+    let app = spawn_app_with(|s| {
+        s.server.auth_failure_limit = 5;
+        s.server.auth_failure_window_secs = 60;
+    })
+    .await;
+    let with_key =
+        |key: &str| app.client.get(format!("{}/api/v1/clients/cl-1001", app.base)).bearer_auth(key.to_owned()).send();
+    // /metrics: by route and reason, never the key. The recorder is the process's: counted as differences.
+    let counted = |reason: &'static str| {
+        let url = format!("{}/metrics", app.base);
+        async move {
+            let metrics = reqwest::get(url).await.expect("sent").text().await.expect("text");
+            let n = metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("carebridge_auth_failures_total")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                        && l.contains("route=\"/api/v1/clients/{id}\"")
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            (n, metrics)
+        }
+    };
+    let (invalid_before, _) = counted("invalid_key").await;
+    let (throttled_before, _) = counted("throttled").await;
+    for n in 0..5 {
+        assert_eq!(with_key(&format!("guess-{n}")).await.expect("sent").status(), 401, "guess {n}");
+    }
+    let slowed = with_key("guess-5").await.expect("sent");
+    assert_eq!(slowed.status(), 429);
+    let wait: u64 = slowed.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=60).contains(&wait), "{wait}");
+    // Even a good key waits: the address is slowed, not the key.
+    assert_eq!(with_key(ADMIN_KEY).await.expect("sent").status(), 429);
+    let (invalid, _) = counted("invalid_key").await;
+    let (throttled, metrics) = counted("throttled").await;
+    assert!(invalid - invalid_before >= 5.0, "{metrics}");
+    assert!(throttled - throttled_before >= 2.0, "{metrics}");
+    assert!(!metrics.contains("guess-"));
+    app.stop().await;
+}
