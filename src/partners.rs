@@ -62,6 +62,14 @@ pub struct PartnerSettings {
     /// certificate and no API key acts as this partner.
     #[serde(default)]
     pub client_cert_name: Option<String>,
+    /// Whether every transaction to it carries a `Provenance` (the agency as author, the gateway as transmitter,
+    /// the transaction's resources as targets); on by default, for a server that refuses Provenance turn it off.
+    #[serde(default = "default_provenance")]
+    pub provenance: bool,
+}
+
+fn default_provenance() -> bool {
+    true
 }
 
 /// `[partners.subscription]`: what the gateway subscribes to at a partner.

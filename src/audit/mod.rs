@@ -13,6 +13,7 @@
 //! late.
 
 pub mod event;
+pub mod provenance;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -33,3 +33,10 @@ pub const CAREBRIDGE_API_KEY: &str = "urn:carebridge:api-key";
 pub const CAREBRIDGE_PARTNER: &str = "urn:carebridge:partner";
 /// The identifier system of an agency record (`care-plan/cp-3001`), as an audited entity.
 pub const CAREBRIDGE_RECORD: &str = "urn:carebridge:record";
+/// Provenance participant types (`author`).
+pub const PROVENANCE_PARTICIPANT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
+/// US Core's provenance participant types (`transmitter`).
+pub const US_CORE_PROVENANCE_PARTICIPANT_TYPE: &str =
+    "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type";
+/// HL7 v3 DataOperation (`CREATE`, `UPDATE`): what a Provenance's activity did.
+pub const V3_DATA_OPERATION: &str = "http://terminology.hl7.org/CodeSystem/v3-DataOperation";

@@ -115,6 +115,18 @@ impl Link {
         if caps.transaction { self.settings.max_transaction_entries } else { 0 }
     }
 
+    /// Whether its transactions carry a Provenance: configured so (the default), and room for one beside a
+    /// resource.
+    fn provenance(&self) -> bool {
+        self.settings.provenance && self.transaction_limit() >= 2
+    }
+
+    /// Most of our resources one transaction to it holds: its limit, less the Provenance's entry.
+    fn resources_per_transaction(&self) -> u32 {
+        let limit = self.transaction_limit();
+        if self.provenance() { limit - 1 } else { limit }
+    }
+
     /// What may be claimed at `now`; a probe admitted moves the next one `probe` later.
     fn admit(&self, now: OffsetDateTime, probe: Duration) -> Admit {
         let mut c = self.circuit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -885,14 +897,14 @@ impl Worker {
         };
         self.match_patients(&mut s, now).await?;
         let groups = plan::groups(&entries);
-        let parts = plan::parts(&groups, link.transaction_limit());
+        let parts = plan::parts(&groups, link.resources_per_transaction());
         let mut deferred = Vec::new();
         for part in &parts {
             self.send_part(&mut s, part, &mut deferred, now).await?;
         }
         // Resources sent without a reference to one of this record's later parts go again, now that it landed.
         if !deferred.is_empty() {
-            let again: Vec<Vec<usize>> = plan::parts(&[deferred.clone()], link.transaction_limit());
+            let again: Vec<Vec<usize>> = plan::parts(&[deferred.clone()], link.resources_per_transaction());
             let mut still = Vec::new();
             for part in &again {
                 self.send_part(&mut s, part, &mut still, now).await?;
@@ -1066,7 +1078,7 @@ impl Worker {
                 items.push((i, plan::body(resource, held), request));
             }
             let answer = if transaction {
-                self.send_transaction(s, &items).await
+                self.send_transaction(s, &items, now).await
             } else {
                 let (i, body, request) = &items[0];
                 self.send_single(s, *i, body, request).await.map(|a| vec![(*i, a)])
@@ -1190,10 +1202,30 @@ impl Worker {
         &self,
         s: &mut Sending<'_>,
         items: &[(usize, Value, plan::Request)],
+        now: OffsetDateTime,
     ) -> Result<Vec<(usize, plan::Assigned)>, Sent> {
-        let bundle = plan::transaction(
+        let mut bundle = plan::transaction(
             items.iter().map(|(i, b, r)| (s.entries[*i].local_ref.clone(), b.clone(), r.clone())).collect(),
         );
+        let provenance = s.link.provenance();
+        if provenance {
+            let targets: Vec<String> = items
+                .iter()
+                .map(|(i, _, r)| {
+                    // Updated by its id there: named by it; created (or matched) here: by its entry's full URL.
+                    if r.method == "PUT" && !r.url.contains('?') {
+                        r.url.clone()
+                    } else {
+                        crate::mapping::bundle::full_url(&s.entries[*i].local_ref)
+                    }
+                })
+                .collect();
+            if let (Some(entry), Some(entries)) =
+                (self.provenance_entry(s, &targets, now), bundle["entry"].as_array_mut())
+            {
+                entries.push(entry);
+            }
+        }
         let reply = s
             .link
             .client
@@ -1215,7 +1247,8 @@ impl Worker {
                 operation_outcome: None,
             })
         })?;
-        let answers = plan::transaction_answers(&body, items.len()).map_err(|detail| {
+        let sent = bundle["entry"].as_array().map_or(0, Vec::len);
+        let answers = plan::transaction_answers(&body, sent).map_err(|detail| {
             Sent::Failed(Verdict::Retry {
                 detail,
                 status: Some(reply.status),
@@ -1239,6 +1272,29 @@ impl Worker {
             }
         }
         Ok(out)
+    }
+
+    /// The transaction entry of the Provenance of `targets` (see [`crate::audit::provenance`]), as the partner's
+    /// mapping layer names the agency; `None` when the layer lacks the names (then nothing is claimed).
+    fn provenance_entry(&self, s: &Sending<'_>, targets: &[String], now: OffsetDateTime) -> Option<Value> {
+        let vars = &self.mappings.set(s.link.settings.overlay.as_deref()).ok()?.vars;
+        let base = vars.get("system_base")?.trim_end_matches('/');
+        let organization = format!("{base}/organization");
+        let device = format!("{base}/device");
+        let parties = crate::audit::provenance::Parties {
+            agency: (&organization, vars.get("agency_id")?),
+            agency_name: vars.get("agency_name")?,
+            device_system: &device,
+        };
+        let recorded = crate::domain::Timestamp(now).to_string();
+        let resource = crate::audit::provenance::render(targets, &recorded, parties);
+        // A full URL of its own: the delivery, the version and the first target make it one per transaction.
+        let key = format!("Provenance/{}-{}-{}", s.row.seq, s.row.version, targets.first().map_or("", String::as_str));
+        Some(serde_json::json!({
+            "fullUrl": crate::mapping::bundle::full_url(&key),
+            "resource": resource,
+            "request": {"method": "POST", "url": "Provenance"},
+        }))
     }
 
     async fn send_single(

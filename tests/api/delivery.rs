@@ -474,8 +474,18 @@ async fn a_referral_waits_for_its_client_and_is_held_while_its_consent_withholds
         .filter_map(|e| e["resource"]["resourceType"].as_str())
         .collect();
     // Only what changed goes: the ServiceRequest with its new reason (the Task and the Patient the partner holds at
-    // this content are not sent again; the Patient is referenced by the partner's id).
-    assert_eq!(types, ["ServiceRequest"], "{types:?}");
+    // this content are not sent again; the Patient is referenced by the partner's id), and the transaction's
+    // Provenance, whose target is that ServiceRequest as the partner knows it.
+    assert_eq!(types, ["ServiceRequest", "Provenance"], "{types:?}");
+    let entries = last.body["entry"].as_array().expect("entries");
+    let provenance = &entries[1]["resource"];
+    assert_eq!(entries[1]["request"]["method"], "POST");
+    let target = provenance["target"][0]["reference"].as_str().expect("a target");
+    let updated = entries[0]["request"]["url"].as_str().expect("url");
+    assert_eq!(target, updated, "{provenance}");
+    assert_eq!(provenance["agent"][0]["type"]["coding"][0]["code"], "author");
+    assert_eq!(provenance["agent"][0]["who"]["identifier"]["value"], "riverside-cmh");
+    assert_eq!(provenance["agent"][1]["type"]["coding"][0]["code"], "transmitter");
     let sr = last.body["entry"]
         .as_array()
         .expect("entries")

@@ -246,6 +246,22 @@ async fn every_fixture_reaches_a_real_fhir_server_once_with_references_that_reso
             }
         }
         everything.extend(held.into_values());
+        // Every transaction came with its Provenance: the agency as author, the gateway as transmitter, and targets
+        // the partner resolved to what it holds.
+        let provenances = peer.all("Provenance").await;
+        assert!(!provenances.is_empty(), "{name} holds no Provenance");
+        for p in &provenances {
+            let targets = p["target"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{p}");
+            for t in targets {
+                let reference = t["reference"].as_str().expect("a reference");
+                assert!(!reference.starts_with("urn:"), "{name}: a target left unresolved: {p}");
+                let (status, _) = peer.send(reqwest::Method::GET, reference, None).await;
+                assert_eq!(status, 200, "{name}: Provenance target {reference} does not resolve");
+            }
+            assert_eq!(p["agent"][0]["who"]["identifier"]["value"], "riverside-cmh", "{p}");
+        }
+        everything.extend(provenances);
     }
     validate(&everything);
 
