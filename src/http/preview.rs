@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::extract::{ApiQuery, JsonBytes, PathText, parse_json};
+use super::extract::{ApiQuery, CallerActor, JsonBytes, PathText, parse_json};
 use super::problem::{ApiError, Problem, ProblemType};
 use crate::config::Scope;
 use crate::domain::{AgencyRecord, KindJob, RecordKind, canonical_value};
@@ -104,6 +104,7 @@ pub struct LabelledResource {
 pub async fn preview(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    CallerActor(actor): CallerActor,
     PathText(kind): PathText,
     ApiQuery(params): ApiQuery<PreviewParams>,
     JsonBytes(body): JsonBytes,
@@ -126,6 +127,13 @@ pub async fn preview(
     // referral Bundles, the client's other assessments and care plans for the needs of an assessment or a care plan.
     let readable = caller.may(Scope::Read);
     let (related, facts) = if readable {
+        // The stored records read here (the client's among them) are client data read: audited before the answer.
+        let client = if kind == RecordKind::Client { record.get("id") } else { record.get("client_id") };
+        let entry =
+            crate::audit::Entry::new(time::OffsetDateTime::now_utc(), &actor.key_name, "read", &actor.request_id)
+                .of_client(client.and_then(Value::as_str))
+                .with_detail(&serde_json::json!({"via": "api", "what": "preview", "kind": kind.as_str()}));
+        state.store.audit(vec![entry]).await.map_err(super::api::store_problem)?;
         crate::outbox::context_now(&*state.store, kind, &record).await.map_err(super::api::store_problem)?
     } else {
         (Related::default(), Facts::default())

@@ -52,6 +52,17 @@ async fn reads_refusals_and_operator_actions_are_audited_naming_who_and_the_chai
     assert_eq!(listed.status(), 200);
     // A read through /fhir by a partner.
     assert_eq!(as_key(&app, ST_MARYS_KEY, Method::GET, "/fhir/Task/ref-4001").await.status(), 200);
+    // A preview reads the client's stored records for a key that may read them.
+    let plan = crate::helpers::fixture("care-plan", "cp-3001");
+    let previewed = app
+        .client
+        .post(format!("{}/api/v1/preview/care-plan", app.base))
+        .bearer_auth(WRITER_KEY)
+        .json(&plan)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(previewed.status(), 200);
     // A partner's referral the gateway cannot take.
     let refused = app
         .client
@@ -89,6 +100,9 @@ async fn reads_refusals_and_operator_actions_are_audited_naming_who_and_the_chai
         (Some("st-marys-key"), Some("st-marys-ehr"))
     );
     assert_eq!((task["kind"].as_str(), task["record_id"].as_str()), (Some("referral"), Some("ref-4001")));
+
+    let preview = reads.iter().find(|e| e["detail"]["what"] == "preview").expect("the preview's read");
+    assert_eq!((preview["actor"].as_str(), preview["client_id"].as_str()), (Some("writer"), Some("cl-1001")));
 
     let refused = entries(&all, "authentication_refused");
     assert_eq!(refused.len(), 1, "{refused:?}");
