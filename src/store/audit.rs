@@ -176,29 +176,18 @@ macro_rules! impl_audit {
                     // Entries kept before the chain, not sealed yet (the store seals them when it opens).
                     Some((seq, None)) => (seq, Self::seal_unsealed(&mut *conn).await?.unwrap_or_default()),
                 };
+                let mut sealed = Vec::with_capacity(entries.len());
                 for entry in entries {
                     seq += 1;
                     let hash = seal(seq, entry, &prev);
-                    sqlx::query(
-                        "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, client_id, \
-                         request_id, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                    )
-                    .bind(seq)
-                    .bind(entry.at)
-                    .bind(&entry.actor)
-                    .bind(&entry.action)
-                    .bind(entry.kind.as_deref())
-                    .bind(entry.record_id.as_deref())
-                    .bind(entry.version)
-                    .bind(entry.client.as_deref())
-                    .bind(&entry.request_id)
-                    .bind(entry.detail.as_deref())
-                    .bind(&prev)
-                    .bind(&hash)
-                    .execute(&mut *conn)
-                    .await?;
-                    prev = hash;
+                    sealed.push(Sealed {
+                        seq,
+                        entry: entry.clone(),
+                        prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                        hash,
+                    });
                 }
+                Self::insert_sealed(conn, &sealed).await?;
                 Ok(seq)
             }
 
@@ -288,3 +277,65 @@ macro_rules! impl_audit {
 
 impl_audit!(Sqlite, "BEGIN IMMEDIATE", "");
 impl_audit!(Postgres, "BEGIN", "SELECT pg_advisory_xact_lock($1)");
+
+const INSERT_ONE: &str = "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, client_id, \
+     request_id, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// SQLite: a statement per entry (in-process).
+impl SqlStore<Sqlite> {
+    async fn insert_sealed(conn: &mut sqlx::SqliteConnection, sealed: &[Sealed]) -> Result<(), StoreError> {
+        for s in sealed {
+            let e = &s.entry;
+            sqlx::query(INSERT_ONE)
+                .bind(s.seq)
+                .bind(e.at)
+                .bind(&e.actor)
+                .bind(&e.action)
+                .bind(e.kind.as_deref())
+                .bind(e.record_id.as_deref())
+                .bind(e.version)
+                .bind(e.client.as_deref())
+                .bind(&e.request_id)
+                .bind(e.detail.as_deref())
+                .bind(&s.prev_hash)
+                .bind(&s.hash)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// PostgreSQL: one statement for every entry of a transaction (`unnest`): a settlement's entries cost one round
+/// trip, not one each.
+impl SqlStore<Postgres> {
+    async fn insert_sealed(conn: &mut sqlx::PgConnection, sealed: &[Sealed]) -> Result<(), StoreError> {
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let column = |f: &dyn Fn(&Sealed) -> Option<String>| sealed.iter().map(f).collect::<Vec<Option<String>>>();
+        let seqs: Vec<i64> = sealed.iter().map(|s| s.seq).collect();
+        let at: Vec<i64> = sealed.iter().map(|s| s.entry.at).collect();
+        let versions: Vec<Option<i64>> = sealed.iter().map(|s| s.entry.version).collect();
+        sqlx::query(
+            "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, client_id, request_id, \
+             detail, prev_hash, hash) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])",
+        )
+        .bind(&seqs)
+        .bind(&at)
+        .bind(column(&|s| Some(s.entry.actor.clone())))
+        .bind(column(&|s| Some(s.entry.action.clone())))
+        .bind(column(&|s| s.entry.kind.clone()))
+        .bind(column(&|s| s.entry.record_id.clone()))
+        .bind(&versions)
+        .bind(column(&|s| s.entry.client.clone()))
+        .bind(column(&|s| Some(s.entry.request_id.clone())))
+        .bind(column(&|s| s.entry.detail.clone()))
+        .bind(column(&|s| Some(s.prev_hash.clone())))
+        .bind(column(&|s| Some(s.hash.clone())))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}

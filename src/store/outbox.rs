@@ -411,36 +411,11 @@ macro_rules! impl_outbox {
                         .await?;
                     seqs.extend(more);
                 }
-                let mut rows = Vec::with_capacity(seqs.len());
-                for (seq,) in seqs {
-                    let row: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "UPDATE outbox SET lease_owner = $2, lease_until = $3 WHERE seq = $1 RETURNING {COLUMNS}"
-                    )))
-                    .bind(seq)
-                    .bind(owner)
-                    .bind(until)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let row = delivery_row(row)?;
-                    if row.version == 1 {
-                        // Versions start at 1: nothing older to supersede.
-                        rows.push(row);
-                        continue;
-                    }
-                    sqlx::query(
-                        "UPDATE outbox SET state = 'superseded', updated_at = $5, lease_owner = NULL, \
-                         lease_until = NULL, detail = 'a newer version went instead' \
-                         WHERE kind = $1 AND id = $2 AND partner = $3 AND version < $4 AND state IN ('pending', 'held')",
-                    )
-                    .bind(row.kind.as_str())
-                    .bind(row.id.as_str())
-                    .bind(&row.partner)
-                    .bind(row.version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    rows.push(row);
-                }
+                let seqs: Vec<i64> = seqs.into_iter().map(|(seq,)| seq).collect();
+                let rows = Self::lease_rows(&mut tx, &seqs, owner, until).await?;
+                // Versions start at 1: a version 1 has nothing older to supersede.
+                let newer: Vec<&DeliveryRow> = rows.iter().filter(|r| r.version > 1).collect();
+                Self::supersede_older(&mut tx, &newer, now).await?;
                 tx.commit().await?;
                 Ok(rows)
             }
@@ -453,50 +428,13 @@ macro_rules! impl_outbox {
             ) -> Result<usize, StoreError> {
                 let now_us = to_micros(now);
                 let mut tx = self.writer().begin_with($begin).await?;
-                let mut settled = 0;
-                let mut audit = Vec::new();
-                for s in settlements {
-                    let (state, not_before) = match &s.settle {
-                        Settle::Delivered => (state::DELIVERED, now_us),
-                        Settle::Retry { not_before } => (state::PENDING, to_micros(*not_before)),
-                        Settle::Held { recheck_at } => (state::HELD, to_micros(*recheck_at)),
-                        Settle::Dead => (state::DEAD, now_us),
-                    };
-                    let counted = i64::from(!matches!(s.settle, Settle::Held { .. }));
-                    let done = sqlx::query(
-                        "UPDATE outbox SET state = $3, not_before = $4, attempts = attempts + $5, updated_at = $6, \
-                         detail = $7, lease_owner = NULL, lease_until = NULL WHERE seq = $1 AND lease_owner = $2",
-                    )
-                    .bind(s.seq)
-                    .bind(owner)
-                    .bind(state)
-                    .bind(not_before)
-                    .bind(counted)
-                    .bind(now_us)
-                    .bind(&s.attempt.detail)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if done == 0 {
-                        continue;
-                    }
-                    settled += 1;
-                    audit.extend(s.audit.clone());
-                    if s.keep_attempt {
-                        sqlx::query(
-                            "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        )
-                        .bind(s.seq)
-                        .bind(to_micros(s.attempt.at))
-                        .bind(s.attempt.ms)
-                        .bind(&s.attempt.outcome)
-                        .bind(s.attempt.status)
-                        .bind(&s.attempt.detail)
-                        .bind(&s.attempt.operation_outcome)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
+                let done = Self::mark_settled(&mut tx, owner, settlements, now_us).await?;
+                let settled_now: Vec<&Settlement> = settlements.iter().filter(|s| done.contains(&s.seq)).collect();
+                let settled = settled_now.len();
+                let kept: Vec<&Settlement> = settled_now.iter().copied().filter(|s| s.keep_attempt).collect();
+                Self::insert_attempts(&mut tx, &kept).await?;
+                let audit: Vec<crate::audit::Entry> = settled_now.iter().filter_map(|s| s.audit.clone()).collect();
+                for s in settled_now {
                     Self::put_crosswalk(&mut tx, &s.crosswalk, now_us).await?;
                     if s.settle == Settle::Delivered && !s.waits_for.is_empty() {
                         let row: Option<(String, String, String)> =
@@ -845,3 +783,231 @@ impl_outbox!(
     "SELECT pg_advisory_xact_lock(hashtext($1))",
     "ANALYZE outbox"
 );
+
+/// How a settlement leaves its row: state, when it is next due, whether the attempt counts against the schedule.
+fn settled_state(s: &Settlement, now_us: i64) -> (&'static str, i64, i64) {
+    let (state, not_before) = match &s.settle {
+        Settle::Delivered => (state::DELIVERED, now_us),
+        Settle::Retry { not_before } => (state::PENDING, to_micros(*not_before)),
+        Settle::Held { recheck_at } => (state::HELD, to_micros(*recheck_at)),
+        Settle::Dead => (state::DEAD, now_us),
+    };
+    (state, not_before, i64::from(!matches!(s.settle, Settle::Held { .. })))
+}
+
+const SUPERSEDED: &str = "UPDATE outbox SET state = 'superseded', updated_at = $5, lease_owner = NULL, \
+     lease_until = NULL, detail = 'a newer version went instead' \
+     WHERE kind = $1 AND id = $2 AND partner = $3 AND version < $4 AND state IN ('pending', 'held')";
+
+const ATTEMPT: &str = "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// SQLite: one statement per row (in-process, each costs microseconds; the one writer holds the lock anyway).
+impl SqlStore<Sqlite> {
+    async fn lease_rows(
+        tx: &mut sqlx::SqliteConnection,
+        seqs: &[i64],
+        owner: &str,
+        until: i64,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        let mut rows = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let row: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE outbox SET lease_owner = $2, lease_until = $3 WHERE seq = $1 RETURNING {COLUMNS}"
+            )))
+            .bind(seq)
+            .bind(owner)
+            .bind(until)
+            .fetch_one(&mut *tx)
+            .await?;
+            rows.push(delivery_row(row)?);
+        }
+        Ok(rows)
+    }
+
+    async fn supersede_older(
+        tx: &mut sqlx::SqliteConnection,
+        rows: &[&DeliveryRow],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for row in rows {
+            sqlx::query(SUPERSEDED)
+                .bind(row.kind.as_str())
+                .bind(row.id.as_str())
+                .bind(&row.partner)
+                .bind(row.version)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_settled(
+        tx: &mut sqlx::SqliteConnection,
+        owner: &str,
+        settlements: &[Settlement],
+        now_us: i64,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let mut done = std::collections::HashSet::new();
+        for s in settlements {
+            let (state, not_before, counted) = settled_state(s, now_us);
+            let changed = sqlx::query(
+                "UPDATE outbox SET state = $3, not_before = $4, attempts = attempts + $5, updated_at = $6, \
+                 detail = $7, lease_owner = NULL, lease_until = NULL WHERE seq = $1 AND lease_owner = $2",
+            )
+            .bind(s.seq)
+            .bind(owner)
+            .bind(state)
+            .bind(not_before)
+            .bind(counted)
+            .bind(now_us)
+            .bind(&s.attempt.detail)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed > 0 {
+                done.insert(s.seq);
+            }
+        }
+        Ok(done)
+    }
+
+    async fn insert_attempts(tx: &mut sqlx::SqliteConnection, kept: &[&Settlement]) -> Result<(), StoreError> {
+        for s in kept {
+            sqlx::query(ATTEMPT)
+                .bind(s.seq)
+                .bind(to_micros(s.attempt.at))
+                .bind(s.attempt.ms)
+                .bind(&s.attempt.outcome)
+                .bind(s.attempt.status)
+                .bind(&s.attempt.detail)
+                .bind(&s.attempt.operation_outcome)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// PostgreSQL: one statement for a whole claim or settlement (`UPDATE … FROM unnest(…)`): each statement is a round
+/// trip to the server, and a claim of 64 rows made 128 of them.
+impl SqlStore<Postgres> {
+    async fn lease_rows(
+        tx: &mut sqlx::PgConnection,
+        seqs: &[i64],
+        owner: &str,
+        until: i64,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbox SET lease_owner = $2, lease_until = $3 WHERE seq = ANY($1) RETURNING {COLUMNS}"
+        )))
+        .bind(seqs)
+        .bind(owner)
+        .bind(until)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rows = rows.into_iter().map(delivery_row).collect::<Result<Vec<_>, _>>()?;
+        // In the order claimed (oldest first), which RETURNING does not keep.
+        let place: HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        rows.sort_by_key(|r| place.get(&r.seq).copied().unwrap_or(usize::MAX));
+        Ok(rows)
+    }
+
+    async fn supersede_older(tx: &mut sqlx::PgConnection, rows: &[&DeliveryRow], now: i64) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let partners: Vec<&str> = rows.iter().map(|r| r.partner.as_str()).collect();
+        let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+        sqlx::query(
+            "UPDATE outbox o SET state = 'superseded', updated_at = $5, lease_owner = NULL, lease_until = NULL, \
+             detail = 'a newer version went instead' \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(kind, id, partner, version) \
+             WHERE o.kind = u.kind AND o.id = u.id AND o.partner = u.partner AND o.version < u.version \
+             AND o.state IN ('pending', 'held')",
+        )
+        .bind(&kinds)
+        .bind(&ids)
+        .bind(&partners)
+        .bind(&versions)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_settled(
+        tx: &mut sqlx::PgConnection,
+        owner: &str,
+        settlements: &[Settlement],
+        now_us: i64,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        if settlements.is_empty() {
+            return Ok(std::collections::HashSet::new());
+        }
+        let mut seqs = Vec::with_capacity(settlements.len());
+        let mut states = Vec::with_capacity(settlements.len());
+        let mut due = Vec::with_capacity(settlements.len());
+        let mut counted = Vec::with_capacity(settlements.len());
+        let mut details = Vec::with_capacity(settlements.len());
+        for s in settlements {
+            let (state, not_before, count) = settled_state(s, now_us);
+            seqs.push(s.seq);
+            states.push(state);
+            due.push(not_before);
+            counted.push(count);
+            details.push(s.attempt.detail.as_str());
+        }
+        let done: Vec<(i64,)> = sqlx::query_as(
+            "UPDATE outbox o SET state = u.state, not_before = u.not_before, attempts = o.attempts + u.counted, \
+             updated_at = $2, detail = u.detail, lease_owner = NULL, lease_until = NULL \
+             FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::text[]) \
+                 AS u(seq, state, not_before, counted, detail) \
+             WHERE o.seq = u.seq AND o.lease_owner = $1 RETURNING o.seq",
+        )
+        .bind(owner)
+        .bind(now_us)
+        .bind(&seqs)
+        .bind(&states)
+        .bind(&due)
+        .bind(&counted)
+        .bind(&details)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok(done.into_iter().map(|(seq,)| seq).collect())
+    }
+
+    async fn insert_attempts(tx: &mut sqlx::PgConnection, kept: &[&Settlement]) -> Result<(), StoreError> {
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<i64> = kept.iter().map(|s| s.seq).collect();
+        let at: Vec<i64> = kept.iter().map(|s| to_micros(s.attempt.at)).collect();
+        let ms: Vec<i64> = kept.iter().map(|s| s.attempt.ms).collect();
+        let outcome: Vec<&str> = kept.iter().map(|s| s.attempt.outcome.as_str()).collect();
+        let status: Vec<Option<i64>> = kept.iter().map(|s| s.attempt.status).collect();
+        let detail: Vec<&str> = kept.iter().map(|s| s.attempt.detail.as_str()).collect();
+        let oo: Vec<Option<&str>> = kept.iter().map(|s| s.attempt.operation_outcome.as_deref()).collect();
+        sqlx::query(
+            "INSERT INTO outbox_attempts (delivery, at, ms, outcome, status, detail, operation_outcome) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], \
+             $7::text[])",
+        )
+        .bind(&seqs)
+        .bind(&at)
+        .bind(&ms)
+        .bind(&outcome)
+        .bind(&status)
+        .bind(&detail)
+        .bind(&oo)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
