@@ -11,6 +11,8 @@
 //! # the gateway's own ceiling against a fast fake partner (canned transaction-responses)
 //! cargo bench --bench delivery -- --backend sqlite   --count 10000 --batch 64 --concurrency 8
 //! cargo bench --bench delivery -- --backend postgres --count 10000 --batch 64 --concurrency 8
+//! # two gateways on one PostgreSQL database sharing the queue
+//! cargo bench --bench delivery -- --backend postgres --count 10000 --batch 64 --concurrency 8 --gateways 2
 //! # a backlog: 100,000 deliveries while the partner answers 503 for 60 s, then the drain when it is back
 //! cargo bench --bench delivery -- --backend sqlite --count 100000 --down-secs 60
 //! # the real FHIR server of ../shared/interop: through the gateway, then the same requests sent directly
@@ -48,6 +50,8 @@ struct Options {
     concurrency: u32,
     down_secs: u64,
     partner: String,
+    /// Gateways draining the queue together (PostgreSQL: replicas sharing one database).
+    gateways: usize,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -59,6 +63,7 @@ fn options() -> anyhow::Result<Options> {
         concurrency: 8,
         down_secs: 0,
         partner: "fake".into(),
+        gateways: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -71,6 +76,7 @@ fn options() -> anyhow::Result<Options> {
             "--concurrency" => o.concurrency = value()?.parse()?,
             "--down-secs" => o.down_secs = value()?.parse()?,
             "--partner" => o.partner = value()?,
+            "--gateways" => o.gateways = value()?.parse()?,
             // cargo bench passes --bench to every bench target.
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -78,6 +84,10 @@ fn options() -> anyhow::Result<Options> {
     }
     anyhow::ensure!(["sqlite", "postgres"].contains(&o.backend.as_str()), "--backend sqlite|postgres");
     anyhow::ensure!(["fake", "interop"].contains(&o.partner.as_str()), "--partner fake|interop");
+    anyhow::ensure!(
+        o.gateways >= 1 && (o.gateways == 1 || o.backend == "postgres"),
+        "--gateways N needs --backend postgres"
+    );
     Ok(o)
 }
 
@@ -438,8 +448,11 @@ async fn drain(
     already: usize,
     fake: Option<&Fake>,
     down_secs: u64,
+    gateways: usize,
 ) -> anyhow::Result<f64> {
     let gateway = Gateway::start(config)?;
+    // Replicas beside it, on the same database: they share the queue (FOR UPDATE SKIP LOCKED, leases).
+    let replicas = (1..gateways).map(|_| Gateway::start(config)).collect::<anyhow::Result<Vec<_>>>()?;
     let started = Instant::now();
     // The most anonymous memory seen (sampled at every poll): the gateway's own, apart from mapped files.
     let mut peak_anon: f64 = 0.0;
@@ -467,7 +480,7 @@ async fn drain(
         println!("partner back");
     }
     let back = Instant::now();
-    let cpu_at_back = gateway.cpu_seconds();
+    let cpu_at_back = gateway.cpu_seconds() + replicas.iter().map(Gateway::cpu_seconds).sum::<f64>();
     let mut last_print = Instant::now();
     loop {
         let pending = count_state(http, &gateway.base, "pending", 1).await?;
@@ -484,9 +497,9 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = back.elapsed().as_secs_f64();
-    let cpu = gateway.cpu_seconds() - cpu_at_back;
+    let cpu = gateway.cpu_seconds() + replicas.iter().map(Gateway::cpu_seconds).sum::<f64>() - cpu_at_back;
     println!(
-        "the gateway used {cpu:.2} CPU-s while draining ({:.0} % of one core; {:.2} ms a delivery)",
+        "the {gateways} gateway(s) used {cpu:.2} CPU-s while draining ({:.0} % of one core; {:.2} ms a delivery)",
         cpu / seconds * 100.0,
         cpu * 1000.0 / deliveries as f64
     );
@@ -502,6 +515,9 @@ async fn drain(
     );
     anyhow::ensure!(delivered == already + deliveries && dead == 0, "not every delivery was delivered");
     gateway.stop();
+    for r in replicas {
+        r.stop();
+    }
     Ok(seconds)
 }
 
@@ -605,7 +621,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
         let writer = Gateway::start(&config(dir.path(), &o, &db.url, &base, false)?)?;
         let rehearsed = write_records(&http, &writer.base, &o, o.count).await?;
         writer.stop();
-        drain(&http, &config(dir.path(), &o, &db.url, &base, true)?, rehearsed, 0, None, 0).await?;
+        drain(&http, &config(dir.path(), &o, &db.url, &base, true)?, rehearsed, 0, None, 0, 1).await?;
         let status = http.post(peer.harness("reset")).send().await?.status();
         anyhow::ensure!(status.is_success(), "reset: {status}");
         println!("(rehearsal above: {rehearsed} deliveries to warm the peer; it was reset after)");
@@ -623,7 +639,7 @@ async fn run(o: Options) -> anyhow::Result<()> {
     let deliver = config(dir.path(), &o, &db.url, &base, true)?;
     // The rehearsal delivered as many records as this run writes.
     let already = if peer.is_some() { deliveries } else { 0 };
-    let through = drain(&http, &deliver, deliveries, already, fake.as_deref(), o.down_secs).await?;
+    let through = drain(&http, &deliver, deliveries, already, fake.as_deref(), o.down_secs, o.gateways).await?;
     if let Some(fake) = &fake {
         println!("the fake partner answered {} requests", fake.requests.load(Ordering::Relaxed));
     }
