@@ -132,6 +132,11 @@ impl Application {
         for (name, interval) in schedules {
             workers.spawn(schedule::run_worker(syncs.clone(), name, interval, stopping.clone()));
         }
+        // PostgreSQL: entries are appended unsealed and sealed in rounds (see store/audit.rs); every replica runs a
+        // sealer, one at a time holds the chain's lock.
+        if store.backend() == "postgres" {
+            workers.spawn(seal_audit(store.clone(), stopping.clone()));
+        }
         let mut wakes = Arc::new(Wakes::default());
         if settings.outbox.enabled && partners.iter().next().is_some() {
             let worker = crate::outbox::Worker::new(store.clone(), mappings.clone(), &partners, &settings.outbox)
@@ -239,6 +244,25 @@ impl Application {
         store.close().await;
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+/// How often a replica seals the audit entries committed since (PostgreSQL).
+const SEAL_EVERY: Duration = Duration::from_millis(200);
+
+/// Seals the audit chain's new entries every [`SEAL_EVERY`] until the gateway stops, then once more.
+async fn seal_audit(store: Arc<dyn Store>, mut stopping: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => break,
+            () = tokio::time::sleep(SEAL_EVERY) => {}
+        }
+        if let Err(e) = store.seal_pending().await {
+            tracing::warn!(error = %e, "Audit entries not sealed this round; the next round takes them.");
+        }
+    }
+    if let Err(e) = store.seal_pending().await {
+        tracing::warn!(error = %e, "Audit entries not sealed at stop; the next start seals them.");
     }
 }
 

@@ -1,16 +1,16 @@
 //! The audit trail: one append-only, hash-chained sequence of what the gateway did and who made it do it.
 //!
-//! Every entry is appended by the one appender (`SqlStore::append_audit` in `store/audit.rs`) inside the transaction of the
+//! Every entry is appended by the one appender (`SqlStore::append_audits` in `store/audit.rs`) inside the transaction of the
 //! effect it records, so an effect and its entry commit together or not at all. Entries are numbered 1, 2, 3… with
 //! no gaps, and each carries the SHA-256 of the one before ([`GENESIS`] for the first) and its own hash over its
 //! number, its fields and that previous hash ([`seal`]). Editing an entry breaks its hash; deleting one leaves a
 //! gap in the numbers and a `prev_hash` that points nowhere; inserting one breaks the link of the next. [`verify`]
 //! names the first entry where the chain breaks.
 //!
-//! Order: the appender takes the chain's head under a lock held until its transaction commits (SQLite: the one
-//! write transaction; PostgreSQL: a transaction-scoped advisory lock, shared by every replica on the database), so
-//! numbers are given in commit order and a reader paging with `seq > cursor` never skips an entry that commits
-//! late.
+//! Order: entries are numbered and linked under the chain's lock, in the order they are sealed (SQLite: by the one
+//! writer as it appends them; PostgreSQL: by a sealer, after their transactions committed, under an advisory lock
+//! every replica takes; see `store/audit.rs`), so numbers are given only to committed entries and a reader paging
+//! with `seq > cursor` never skips an entry that commits late.
 
 pub mod event;
 pub mod provenance;

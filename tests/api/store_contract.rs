@@ -1010,7 +1010,8 @@ async fn two_gateways_writing_at_once_keep_one_verifiable_chain_on_postgres() {
     other.close().await;
 }
 
-/// Entries kept before the chain existed (no hash) are sealed, in order, when the store opens.
+/// Entries kept before the chain existed (copied unsealed by the migration) are sealed, in order, when the store
+/// opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_kept_before_the_chain_are_sealed_when_the_store_opens() {
     let (store, dir) = sqlite_store().await;
@@ -1019,8 +1020,8 @@ async fn entries_kept_before_the_chain_are_sealed_when_the_store_opens() {
     let url = format!("sqlite:{}", dir.path().join("contract.db").display());
     tamper(
         &url,
-        "INSERT INTO audit_events (seq, at, actor, action, kind, record_id, version, request_id) VALUES \
-         (3, 1, 'legacy', 'created', 'client', 'cl-a', 1, 'r-a'), (4, 2, 'legacy', 'created', 'client', 'cl-b', 1, 'r-b')",
+        "INSERT INTO audit_events (at, actor, action, kind, record_id, version, request_id) VALUES \
+         (1, 'legacy', 'created', 'client', 'cl-a', 1, 'r-a'), (2, 'legacy', 'created', 'client', 'cl-b', 1, 'r-b')",
     )
     .await;
     let store = connect(&url, 2, std::time::Duration::from_secs(5)).await.expect("reopened");
@@ -1028,4 +1029,32 @@ async fn entries_kept_before_the_chain_are_sealed_when_the_store_opens() {
     let (entries, _) = carebridge::cli::verify_audit(&*store).await.expect("read").expect("sealed in order");
     assert_eq!(entries, 5);
     store.close().await;
+}
+
+/// On PostgreSQL an entry whose transaction commits after later ones were sealed is sealed in the next round, with
+/// the next number: a reader paging with a cursor sees it after the cursor, never skips it, and the chain holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_committed_late_is_sealed_after_the_cursor_and_never_skipped() {
+    let Some(db) = postgres_store().await else { return };
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("postgres");
+    // A writer appends its entry (as the appender does, unsealed) and has not committed yet.
+    let mut late = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO audit_events (at, actor, action, request_id) VALUES (1, 'slow-writer', 'created', 'r-late')",
+    )
+    .execute(&mut *late)
+    .await
+    .expect("appended");
+    // Meanwhile others commit theirs, and a reader pages up to the head.
+    audited_writes(&*db.store, "cl-early", 3).await;
+    let first = db.store.audit_chain(0, 100).await.expect("read");
+    assert_eq!(first.len(), 3, "only committed entries are sealed");
+    let cursor = first.last().expect("entries").seq;
+    late.commit().await.expect("commit");
+    let next = db.store.audit_chain(cursor, 100).await.expect("read");
+    assert_eq!(next.len(), 1);
+    assert_eq!((next[0].seq, next[0].entry.actor.as_str()), (cursor + 1, "slow-writer"));
+    let (entries, _) = carebridge::cli::verify_audit(&*db.store).await.expect("read").expect("the chain holds");
+    assert_eq!(entries, 4);
+    pool.close().await;
 }
