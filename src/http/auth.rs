@@ -103,9 +103,10 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
     }
     // Decided without holding the request across an await (it is not shared between threads).
     let decided = match bearer_key(request.headers()) {
-        Err(problem) => {
-            Err((refusal(&request, ANONYMOUS, "authentication_refused", "several_authorization_headers"), problem))
-        }
+        Err(problem) => Err(Box::new((
+            refusal(&request, ANONYMOUS, "authentication_refused", "several_authorization_headers"),
+            problem,
+        ))),
         // No key on /fhir over mutual TLS: the client certificate may name a partner.
         Ok(None) if guard.partners && request.extensions().get::<ClientCertificate>().is_some() => {
             match request
@@ -114,11 +115,11 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
                 .and_then(|c| guard.keys.authenticate_certificate(&c.0))
             {
                 Some(caller) => allowed(&guard, &request, caller),
-                None => Err((
+                None => Err(Box::new((
                     refusal(&request, ANONYMOUS, "authentication_refused", "certificate_names_no_partner"),
                     Problem::new(ProblemType::Unauthorized)
                         .detail("the client certificate names no partner; send Authorization: Bearer <api key>"),
-                )),
+                ))),
             }
         }
         Ok(presented) => match presented.and_then(|key| guard.keys.authenticate(key)) {
@@ -128,17 +129,20 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
                 } else {
                     ("send Authorization: Bearer <api key>", "no_key")
                 };
-                Err((
+                Err(Box::new((
                     refusal(&request, ANONYMOUS, "authentication_refused", reason),
                     Problem::new(ProblemType::Unauthorized).detail(detail),
-                ))
+                )))
             }
             Some(caller) => allowed(&guard, &request, caller),
         },
     };
     let caller = match decided {
         Ok(caller) => caller,
-        Err((entry, problem)) => return refuse(&guard, entry, problem).await,
+        Err(refused) => {
+            let (entry, problem) = *refused;
+            return refuse(&guard, entry, problem).await;
+        }
     };
     tracing::Span::current().record("caller", &*caller.name);
     request.extensions_mut().insert(caller);
@@ -146,22 +150,22 @@ pub async fn require_key(State(guard): State<Guard>, mut request: Request, next:
 }
 
 /// Whether `caller` may use the route `request` asks for (its scope; a partner's key on `/fhir` only).
-fn allowed(guard: &Guard, request: &Request, caller: Caller) -> Result<Caller, (Refused, Problem)> {
+fn allowed(guard: &Guard, request: &Request, caller: Caller) -> Result<Caller, Box<(Refused, Problem)>> {
     let scope = guard.scope.unwrap_or(match *request.method() {
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
     });
     if caller.partner.is_some() && !guard.partners {
-        return Err((
+        return Err(Box::new((
             refusal(request, &caller.name, "access_refused", "partner_key_outside_fhir"),
             Problem::new(ProblemType::Forbidden).detail("a partner's key acts on /fhir only"),
-        ));
+        )));
     }
     if !caller.may(scope) {
-        return Err((
+        return Err(Box::new((
             refusal(request, &caller.name, "access_refused", scope_reason(scope)),
             Problem::new(ProblemType::Forbidden).detail(format!("this call needs the {} scope", scope.as_str())),
-        ));
+        )));
     }
     Ok(caller)
 }

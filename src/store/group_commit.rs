@@ -40,7 +40,7 @@ pub(super) struct GroupCommit {
 enum Job {
     /// A record write (with its history row, outbox rows and audit entry).
     Record {
-        write: RecordWrite,
+        write: Box<RecordWrite>,
         pre: Precondition,
         actor: Actor,
         now: i64,
@@ -114,7 +114,10 @@ impl GroupCommit {
         now: i64,
     ) -> Result<SaveOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job::Record { write, pre, actor, now, reply }).await.map_err(|_| StoreError::WriterStopped)?;
+        self.jobs
+            .send(Job::Record { write: Box::new(write), pre, actor, now, reply })
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 
