@@ -57,12 +57,6 @@ impl ServerTls {
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
-
-    /// Whether clients must present a certificate.
-    #[must_use]
-    pub fn mutual(&self) -> bool {
-        self.files.client_ca_file.is_some()
-    }
 }
 
 /// The rustls server configuration of `files`.

@@ -1429,7 +1429,7 @@ fn delivery_audit(
     }
     crate::audit::Entry::new(now, "outbox", &action, &format!("delivery-{}", row.seq))
         .on(row.kind.as_str(), row.id.as_str(), row.version)
-        .of_client(if row.kind == RecordKind::Client { Some(row.id.as_str()) } else { row.client_id.as_deref() })
+        .of_client(row.client_id.as_deref())
         .with_detail(&detail)
 }
 

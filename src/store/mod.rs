@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{RecordId, RecordKind};
 
-pub use audit::{AuditChain, AuditQuery, CHAIN_LOCK};
+pub use audit::{AuditChain, AuditQuery};
 pub use catalog::{Catalog, CatalogChange, CatalogListing, DirectorySyncState, Listed};
 pub use followup::{Followup, Notified, NotifiedOutcome, SubscriptionRow, SweepClaim};
 pub use outbox::{AttemptRow, CrosswalkEntry, DeliveryFilter, DeliveryRow, Outbox, QueueDepth, Settle, Settlement};
@@ -132,6 +132,17 @@ pub struct RecordWrite {
     /// Whether the client's held deliveries are decided again at once (a new consent or referral may give a
     /// partner the grounds it lacked): the egress policy says which writes do.
     pub reopens_held: bool,
+}
+
+impl RecordWrite {
+    /// The client whose record this is: the client itself for a client record.
+    #[must_use]
+    pub fn client(&self) -> Option<&RecordId> {
+        match self.kind {
+            RecordKind::Client => Some(&self.id),
+            _ => self.client_id.as_ref(),
+        }
+    }
 }
 
 /// Who made a change, and in which request.

@@ -62,7 +62,7 @@ pub struct DeliveryRow {
     pub version: i64,
     /// The partner.
     pub partner: String,
-    /// The record's client.
+    /// The record's client (the client itself for a client's row).
     pub client_id: Option<String>,
     /// See [`state`].
     pub state: String,
@@ -302,7 +302,7 @@ pub trait Outbox: Send + Sync {
 fn operator_entry(row: &DeliveryRow, action: &str, actor: &Actor, at: OffsetDateTime) -> crate::audit::Entry {
     crate::audit::Entry::new(at, &actor.key_name, action, &actor.request_id)
         .on(row.kind.as_str(), row.id.as_str(), row.version)
-        .of_client(if row.kind == RecordKind::Client { Some(row.id.as_str()) } else { row.client_id.as_deref() })
+        .of_client(row.client_id.as_deref())
         .with_detail(&serde_json::json!({"partner": row.partner, "delivery": row.seq}))
 }
 
@@ -485,7 +485,6 @@ macro_rules! impl_outbox {
                         }
                     }
                 }
-                // Last: the chain's lock (PostgreSQL) is held from here to the commit only.
                 if !audit.is_empty() {
                     Self::append_audits(&mut *tx, &audit).await?;
                 }

@@ -280,10 +280,7 @@ macro_rules! impl_store {
                 }
                 if !matches!(outcome, SaveOutcome::Unchanged(_)) {
                     // A client's own rows carry its id: the client's other kinds wait for them.
-                    let client = match write.kind {
-                        RecordKind::Client => Some(&write.id),
-                        _ => write.client_id.as_ref(),
-                    };
+                    let client = write.client();
                     for partner in &write.deliver_to {
                         sqlx::query(
                             "INSERT INTO outbox (kind, id, version, partner, client_id, rank, state, not_before, \
@@ -316,11 +313,9 @@ macro_rules! impl_store {
                         .await?;
                     }
                 }
-                // Last: the chain's lock (PostgreSQL) is held from here to the commit only.
-                let client_of = if write.kind == RecordKind::Client { Some(&write.id) } else { write.client_id.as_ref() };
                 let mut entry = crate::audit::Entry::new(from_micros(now), &actor.key_name, action, &actor.request_id)
                     .on(write.kind.as_str(), write.id.as_str(), version)
-                    .of_client(client_of.map(RecordId::as_str));
+                    .of_client(write.client().map(RecordId::as_str));
                 if let Some(partner) = &actor.partner {
                     entry = entry.with_detail(&serde_json::json!({"partner": partner}));
                 }
